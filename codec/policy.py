@@ -1,0 +1,201 @@
+"""Choosing a codec per link: the fastest one that both ends can run and that meets the quality floor.
+
+The cost of sending a tensor of ``S`` bytes with codec ``c`` over a link of ``B`` bytes/s is modelled
+from calibrated figures: encode time ``S / enc(c)``, wire time ``S / (ratio(c) * B)``, decode time
+``S / dec(c)``. Chunks overlap the three stages, so with ``k`` chunks the total is the slowest stage
+plus a ``1/k`` share of the other two (``k = 1``: their plain sum).
+
+Speeds are bytes of *input tensor* per second, so the three terms add up; they depend on where the
+work runs (``cuda`` or ``cpu`` for the quantisers, ``nvenc``/``x265`` and ``nvdec``/``ffmpeg`` for
+HEVC). The defaults come from ``bench/codec_bench.py`` (docs/benchmarks.md); :meth:`Calibration.observe`
+folds in what a running system measures.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+from .errors import CodecError, CodecUnavailable
+from .probe import Capabilities
+from .spec import CodecSpec
+
+#: Codecs the policy considers unless told otherwise.
+DEFAULT_CANDIDATES = ("raw", "fp8", "u8", "hevc-lossless", "hevc-qp18")
+
+#: Default quality floor: the smallest acceptable cosine similarity per hop.
+DEFAULT_QUALITY_FLOOR = 0.999
+
+
+@dataclass(frozen=True)
+class CodecFigures:
+    """Calibrated figures of one codec setting."""
+
+    ratio: float  # raw bytes / wire bytes
+    cosine: float  # worst cosine seen on the benchmark fixtures (1.0 = bit-exact)
+    encode_bps: dict[str, float]  # by engine: input bytes per second
+    decode_bps: dict[str, float]
+
+
+def _figures() -> dict[str, CodecFigures]:
+    # Measured by bench/codec_bench.py on the [1, 4608, 4096] bf16 fixtures (docs/benchmarks.md):
+    # ratios and cosines from the structured fixture's worst case, speeds rounded down.
+    return {
+        "raw": CodecFigures(1.0, 1.0, {"cuda": 12e9, "cpu": 4e9}, {"cuda": 12e9, "cpu": 4e9}),
+        "fp8": CodecFigures(1.99, 0.9993, {"cuda": 8e9, "cpu": 0.25e9}, {"cuda": 8e9, "cpu": 0.4e9}),
+        "u8": CodecFigures(1.99, 0.9998, {"cuda": 8e9, "cpu": 0.2e9}, {"cuda": 8e9, "cpu": 0.4e9}),
+        "hevc-lossless": CodecFigures(2.3, 0.9998, {"nvenc": 1.0e9, "x265": 0.02e9}, {"nvdec": 1.5e9, "ffmpeg": 0.04e9}),
+        "hevc-qp18": CodecFigures(5.0, 0.995, {"nvenc": 1.5e9, "x265": 0.03e9}, {"nvdec": 2.5e9, "ffmpeg": 0.06e9}),
+    }
+
+
+@dataclass
+class Calibration:
+    """Per-codec figures, updated as real transfers are measured (exponential moving average)."""
+
+    figures: dict[str, CodecFigures] = field(default_factory=_figures)
+    alpha: float = 0.3
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def get(self, label: str) -> CodecFigures:
+        try:
+            return self.figures[label]
+        except KeyError:
+            raise CodecError(f"no calibration for codec {label!r}") from None
+
+    def observe(self, label: str, engine: str, direction: str, nbytes: int, seconds: float) -> None:
+        """Fold a measured encode or decode (``direction``) of ``nbytes`` input bytes into the figures."""
+        if seconds <= 0 or nbytes <= 0 or label not in self.figures:
+            return
+        with self._lock:
+            fig = self.figures[label]
+            table = dict(fig.encode_bps if direction == "encode" else fig.decode_bps)
+            rate = nbytes / seconds
+            old = table.get(engine)
+            table[engine] = rate if old is None else (1 - self.alpha) * old + self.alpha * rate
+            if direction == "encode":
+                self.figures[label] = CodecFigures(fig.ratio, fig.cosine, table, fig.decode_bps)
+            else:
+                self.figures[label] = CodecFigures(fig.ratio, fig.cosine, fig.encode_bps, table)
+
+    def observe_ratio(self, label: str, ratio: float) -> None:
+        if label in self.figures and ratio > 0:
+            with self._lock:
+                fig = self.figures[label]
+                new = (1 - self.alpha) * fig.ratio + self.alpha * ratio
+                self.figures[label] = CodecFigures(new, fig.cosine, fig.encode_bps, fig.decode_bps)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    label: str
+    encode_ms: float
+    wire_ms: float
+    decode_ms: float
+    total_ms: float
+    wire_bytes: int
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The chosen codec, its predicted cost, and why the others lost."""
+
+    spec: CodecSpec
+    estimate: Estimate
+    reason: str
+    considered: tuple[Estimate, ...] = ()
+    excluded: tuple[tuple[str, str], ...] = ()
+
+
+def engines(caps: Capabilities, codec: str, direction: str) -> str | None:
+    """Which engine runs ``codec``'s ``direction`` on a host with ``caps`` (None: it cannot)."""
+    if direction == "encode" and not caps.can_encode(codec):
+        return None
+    if direction == "decode" and not caps.can_decode(codec):
+        return None
+    on_gpu = caps.device.startswith("cuda")
+    if codec == "hevc":
+        return caps.hevc_encoder if direction == "encode" else caps.hevc_decoder
+    return "cuda" if on_gpu else "cpu"
+
+
+def estimate(label: str, tensor_bytes: int, link_bps: float, enc_engine: str, dec_engine: str,
+             chunks: int, calibration: Calibration) -> Estimate:
+    fig = calibration.get(label)
+    enc_bps = fig.encode_bps.get(enc_engine)
+    dec_bps = fig.decode_bps.get(dec_engine)
+    if not enc_bps or not dec_bps:
+        raise CodecError(f"no speed figures for {label} on {enc_engine}->{dec_engine}")
+    wire_bytes = int(tensor_bytes / fig.ratio)
+    enc = tensor_bytes / enc_bps * 1e3
+    wire = wire_bytes / link_bps * 1e3
+    dec = tensor_bytes / dec_bps * 1e3
+    slowest = max(enc, wire, dec)
+    total = slowest + (enc + wire + dec - slowest) / max(1, chunks)
+    return Estimate(label, enc, wire, dec, total, wire_bytes)
+
+
+def choose_codec(
+    tensor_bytes: int,
+    link_bps: float,
+    sender: Capabilities,
+    receiver: Capabilities,
+    *,
+    quality_floor: float = DEFAULT_QUALITY_FLOOR,
+    chunks: int = 4,
+    force: CodecSpec | str | None = None,
+    candidates: tuple[str, ...] = DEFAULT_CANDIDATES,
+    calibration: Calibration | None = None,
+) -> Choice:
+    """Pick the codec that minimises encode + wire + decode time for one hop.
+
+    ``quality_floor`` is the smallest acceptable cosine (1.0 allows only bit-exact ``raw``).
+    ``force`` overrides the choice, after checking both ends can run it.
+    """
+    calibration = calibration or Calibration()
+    if link_bps <= 0:
+        raise CodecError(f"link bandwidth must be positive, got {link_bps}")
+    if force is not None:
+        spec = CodecSpec.parse(force) if isinstance(force, str) else force
+        enc = engines(sender, spec.name, "encode")
+        dec = engines(receiver, spec.name, "decode")
+        if enc is None:
+            raise CodecUnavailable(f"{sender.device} cannot encode {spec.label}: {_why(sender, spec.name, 'encode')}")
+        if dec is None:
+            raise CodecUnavailable(f"{receiver.device} cannot decode {spec.label}: {_why(receiver, spec.name, 'decode')}")
+        try:
+            est = estimate(spec.label, tensor_bytes, link_bps, enc, dec, chunks, calibration)
+        except CodecError:
+            est = Estimate(spec.label, 0.0, 0.0, 0.0, 0.0, tensor_bytes)
+        return Choice(spec, est, "forced by the user")
+    considered: list[Estimate] = []
+    excluded: list[tuple[str, str]] = []
+    for label in candidates:
+        spec = CodecSpec.parse(label)
+        fig = calibration.get(label)
+        if fig.cosine < quality_floor:
+            excluded.append((label, f"cosine {fig.cosine:.4f} is below the floor {quality_floor}"))
+            continue
+        enc = engines(sender, spec.name, "encode")
+        dec = engines(receiver, spec.name, "decode")
+        if enc is None or dec is None:
+            side = sender if enc is None else receiver
+            excluded.append((label, f"{side.device} cannot {'encode' if enc is None else 'decode'} it"))
+            continue
+        considered.append(estimate(label, tensor_bytes, link_bps, enc, dec, chunks, calibration))
+    if not considered:
+        raise CodecError("no codec meets the quality floor on both ends: " + "; ".join(f"{l}: {r}" for l, r in excluded))
+    best = min(considered, key=lambda e: e.total_ms)
+    reason = (
+        f"{best.label}: {best.total_ms:.1f} ms predicted (encode {best.encode_ms:.1f}, wire {best.wire_ms:.1f}, "
+        f"decode {best.decode_ms:.1f}) at {link_bps * 8 / 1e9:.2f} Gbit/s"
+    )
+    return Choice(CodecSpec.parse(best.label), best, reason, tuple(considered), tuple(excluded))
+
+
+def _why(caps: Capabilities, codec: str, direction: str) -> str:
+    if codec == "hevc":
+        return f"{caps.nvenc_reason if direction == 'encode' else caps.nvdec_reason}; {caps.cpu_hevc_reason}"
+    if codec == "fp8":
+        return "this torch has no float8_e4m3fn"
+    return "unsupported"
