@@ -356,6 +356,12 @@ def decode(encoded: Encoded, device: str | torch.device = "cpu", *,
     h = encoded.header if isinstance(encoded.header, Header) else Header.from_dict(encoded.header)
     if len(encoded.buffers) != h.buffer_count:
         raise CodecError(f"header declares {h.buffer_count} buffers; {len(encoded.buffers)} were given")
+    if h.codec != "hevc":  # sizes are fixed by the header: check them before allocating the output
+        declared = sum(memoryview(b).nbytes for b in encoded.buffers)
+        expected = sum(h.params_bytes(i) if h.codec != "raw" else 0 for i in range(len(h.chunks)))
+        expected += h.tokens * h.channels * (h.itemsize if h.codec == "raw" else 1)
+        if declared != expected:
+            raise CodecError(f"buffers hold {declared} bytes; the header implies {expected}")
     decoder = ChunkDecoder(h, device, expect_shape=expect_shape)
     pos = 0
     for index in range(len(h.chunks)):

@@ -1,8 +1,249 @@
-"""The ``meshtui`` command."""
+"""The ``meshtui`` command: the dashboard, ``generate`` (headless), ``demo``."""
 
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
 import sys
+import time
+from pathlib import Path
+
+from . import __version__
+
+
+def _size(text: str) -> tuple[int, int]:
+    a, _, b = text.lower().partition("x")
+    try:
+        w = int(a)
+        h = int(b) if b else w
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size {text!r} must be N or WxH") from None
+    return w, h
+
+
+def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt", default="a lighthouse on a cliff at dawn, oil painting")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
+    p.add_argument("--size", type=_size, help="N or WxH pixels (default: the model's)")
+    p.add_argument("--guidance", type=float, help="guidance scale (default: the model's)")
+    p.add_argument("--codec", default="auto", help="auto (policy per link), raw, fp8, u8, hevc-lossless, hevc-qpN")
+    p.add_argument("--quality-floor", type=float, help="smallest acceptable cosine per hop for the policy (0.999)")
+    p.add_argument("--no-error", dest="measure_error", action="store_false",
+                   help="do not measure per-hop reconstruction error (saves a decode per hop)")
+    p.add_argument("--out", type=Path, help="write the PNG here")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
 
 
 def main(argv: list[str] | None = None) -> int:
-    print("meshtui: not built yet", file=sys.stderr)
+    parser = argparse.ArgumentParser(prog="meshtui", description="flux-mesh dashboard and client")
+    parser.add_argument("--version", action="version", version=f"meshtui {__version__}")
+    sub = parser.add_subparsers(dest="command")
+
+    g = sub.add_parser("generate", help="run one generation without the UI")
+    g.add_argument("--peer", action="append", default=[], help="HOST:PORT of a daemon (repeatable; first = head)")
+    g.add_argument("--key-file", type=Path, help="cluster key (default: the user's flux-mesh key)")
+    g.add_argument("--split", default="auto", help="auto, or SPEC like A:0-15,B:16-31 (A, B = --peer order)")
+    g.add_argument("--local", action="store_true", help="everything in this process, no daemons (the reference)")
+    g.add_argument("--model", default="tiny", help="--local only: preset or model folder name")
+    g.add_argument("--models-dir", type=Path, action="append", help="--local only: model folder (repeatable)")
+    g.add_argument("--device", default="auto", help="--local only: cuda, cuda:N or cpu")
+    g.add_argument("--random-weights", action="store_true", help="--local only: seeded weights (benchmarks)")
+    g.add_argument("--count", type=int, default=1, help="generate N images (seeds seed..seed+N-1), pipelined")
+    _add_generation_args(g)
+
+    d = sub.add_parser("demo", help="two local tiny daemons on loopback and one split generation")
+    d.add_argument("--headless", action="store_true", help="no UI: run one generation, print its summary, exit")
+    _add_generation_args(d)
+    args = parser.parse_args(argv)
+    if args.command == "generate":
+        return asyncio.run(generate_command(args))
+    if args.command == "demo":
+        return demo_command(args)
+    parser.print_help()
     return 2
+
+
+def _log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _params(args, preset) -> dict:
+    width, height = args.size or (preset.default_size, preset.default_size)
+    return {
+        "prompt": args.prompt,
+        "seed": args.seed,
+        "width": width,
+        "height": height,
+        "steps": args.steps or preset.default_steps,
+        "guidance": preset.default_guidance if args.guidance is None else args.guidance,
+    }
+
+
+def _finish(args, png: bytes, summary: dict) -> int:
+    from .report import hop_totals  # noqa: PLC0415
+
+    summary = {**summary, "hops": hop_totals(summary)}
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_bytes(png)
+        summary["out"] = str(args.out)
+    _log(f"done in {summary.get('total_s', 0):.2f} s" + (f"; wrote {args.out}" if args.out else ""))
+    for hop in summary["hops"]:
+        err = hop.get("error_worst")
+        _log(f"  {hop['link']}: {hop['codec']} {hop['bytes_per_step']} B/step, encode {hop['encode_ms']} ms, "
+             f"wire {hop['wire_ms']} ms, decode {hop['decode_ms']} ms"
+             + (f", worst cosine {err['cosine']:.5f}" if err else ""))
+    if args.json:
+        print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+async def _on_event(event: dict) -> None:
+    from .report import step_line  # noqa: PLC0415
+
+    kind = event.get("kind")
+    if kind == "step":
+        _log(step_line(event))
+    elif kind == "prepared":
+        _log(f"plan {event.get('plan')}")
+        for stage in event.get("stages", []):
+            link = stage.get("link") or {}
+            if link:
+                bw = link.get("bandwidth_bps", 0) * 8 / 1e9
+                _log(f"  {stage.get('node')} -> {link.get('to')}: {link.get('codec')} ({bw:.2f} Gbit/s measured"
+                     + (", emulated" if link.get("emulated") else "") + ")")
+    elif kind in ("load-start", "load-done"):
+        _log(f"{event.get('peer')}: {'loading blocks ' + str(event.get('blocks')) if kind == 'load-start' else 'loaded'}")
+    elif kind == "decode":
+        _log("decoding image")
+    elif kind == "queued" and event.get("position", 0) > 1:
+        _log(f"queued at position {event.get('position')}")
+
+
+async def generate_command(args) -> int:
+    from meshd.errors import MeshError  # noqa: PLC0415
+
+    try:
+        if args.local:
+            png, summary = await run_local(args)
+            return _finish(args, png, summary)
+        return await run_split(args)
+    except MeshError as exc:
+        _log(f"meshtui: {exc}")
+        return 1
+    except Exception as exc:  # noqa: BLE001 - PlanError, ModelError, AuthError...: one line, not a traceback
+        _log(f"meshtui: {type(exc).__name__}: {exc}")
+        return 1
+
+
+async def run_local(args) -> tuple[bytes, dict]:
+    import torch  # noqa: PLC0415
+
+    from meshd.config import default_models_dir  # noqa: PLC0415
+    from meshd.generation import GenerationParams, LocalRunner, run_generation  # noqa: PLC0415
+    from meshd.gpu import GpuWorker  # noqa: PLC0415
+    from meshd.model.files import ModelStore  # noqa: PLC0415
+    from meshd.model.runtime import HostedModel, open_source  # noqa: PLC0415
+
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    store = ModelStore(args.models_dir or [default_models_dir()])
+    source = open_source(args.model, store, random_weights=args.random_weights)
+    model = HostedModel(source, device, torch.bfloat16)
+    worker = GpuWorker(device)
+    n = model.preset.num_blocks
+    await worker.run(model.load, range(n), True, True)
+    params = GenerationParams.from_wire(_params(args, model.preset), multiple=model.preset.size_multiple)
+    result = await run_generation(model, worker, params, LocalRunner(worker), metadata={"plan": "local"},
+                                  progress=_on_event)
+    worker.shutdown()
+    return result.png, {**result.summary, "mode": "local"}
+
+
+async def run_split(args) -> int:
+    from meshd.auth import read_key  # noqa: PLC0415
+    from meshd.config import default_key_file  # noqa: PLC0415
+    from meshd.plan import PeerAddress  # noqa: PLC0415
+
+    from .mesh import Mesh  # noqa: PLC0415
+
+    if not args.peer:
+        _log("meshtui generate: give at least one --peer HOST:PORT (or --local)")
+        return 2
+    key = read_key(args.key_file or default_key_file())
+    mesh = Mesh(key)
+    try:
+        for text in args.peer:
+            mesh.add(PeerAddress.parse(text))
+        for peer in await mesh.connect_all():
+            if peer.online:
+                _log(f"{peer.label} {peer.address}: {peer.name}, {peer.info['model']['model_id']}, "
+                     f"{peer.info['device']}, rtt {peer.rtt_ms:.1f} ms")
+        preset, _ = mesh.model()
+        params = _params(args, preset)
+        tokens = preset.max_sequence_length + (params["width"] // preset.size_multiple) * (params["height"] // preset.size_multiple)
+        plan = mesh.plan(args.split, tokens)
+        await mesh.apply(plan, on_event=_on_event)
+        outcomes = await asyncio.gather(*(
+            mesh.generate(plan, {**params, "seed": params["seed"] + i}, codec=args.codec,
+                          quality_floor=args.quality_floor, measure_error=args.measure_error, on_event=_on_event)
+            for i in range(max(1, args.count))
+        ))
+        summary = {**outcomes[0].summary, "mode": "split"}
+        if len(outcomes) > 1:
+            summary["images"] = [o.summary for o in outcomes]
+            if args.out:
+                for i, o in enumerate(outcomes[1:], start=1):
+                    args.out.with_name(f"{args.out.stem}-{i}{args.out.suffix}").write_bytes(o.png)
+        return _finish(args, outcomes[0].png, summary)
+    finally:
+        await mesh.close()
+
+
+def demo_command(args) -> int:
+    if not args.headless:
+        try:
+            from .app import run_demo_app  # noqa: PLC0415
+        except ImportError:
+            run_demo_app = None
+        if run_demo_app is not None and sys.stdout.isatty():
+            return run_demo_app(args)
+    try:
+        return asyncio.run(demo_headless(args))
+    except Exception as exc:  # noqa: BLE001 - one line for the user, not a traceback
+        _log(f"meshtui demo: {type(exc).__name__}: {exc}")
+        return 1
+
+
+async def demo_headless(args) -> int:
+    from meshd.auth import read_key  # noqa: PLC0415
+    from meshd.config import default_models_dir  # noqa: PLC0415
+
+    from .local import LocalCluster  # noqa: PLC0415
+    from .mesh import Mesh  # noqa: PLC0415
+
+    start = time.perf_counter()
+    _log("starting two meshd daemons on loopback (tiny model, fresh cluster key)...")
+    with LocalCluster(models_dir=default_models_dir(), common_args=["--model", "tiny", "--device", "cpu"]) as cluster:
+        cluster.add("demo-a")
+        cluster.add("demo-b")
+        addresses = cluster.start()
+        _log("daemons up: " + ", ".join(str(a) for a in addresses) + f" ({time.perf_counter() - start:.1f} s)")
+        mesh = Mesh(read_key(cluster.key_file))
+        try:
+            for address in addresses:
+                mesh.add(address)
+            await mesh.connect_all()
+            preset, _ = mesh.model()
+            params = _params(args, preset)
+            tokens = preset.max_sequence_length + (params["width"] // preset.size_multiple) * (params["height"] // preset.size_multiple)
+            plan = mesh.plan("auto", tokens)
+            _log(f"split: {plan.describe()}")
+            await mesh.apply(plan, on_event=_on_event)
+            outcome = await mesh.generate(plan, params, codec=args.codec, quality_floor=args.quality_floor,
+                                          measure_error=args.measure_error, on_event=_on_event)
+        finally:
+            await mesh.close()
+        return _finish(args, outcome.png, {**outcome.summary, "mode": "demo"})

@@ -1,0 +1,501 @@
+"""The asyncio side of the protocol: a framed connection, the handshake, and request channels.
+
+:class:`Connection` only moves frames (reads are sliced so that progress is observable and a
+stalled peer times out). :func:`client_handshake` / :func:`server_handshake` run the mutual HMAC
+exchange of :mod:`meshd.auth` under the pre-auth size cap. :class:`Channel` (client side) and
+:class:`ServerSession` (server side) carry requests, chunk streams, events and replies, matched by
+request id, with keep-alive pings so that a dead peer becomes an error within seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import auth, limits
+from .errors import MeshError, PeerLost
+from .link import LinkEmulation, LinkStats, TokenBucket
+from .protocol import DEFAULT_LIMITS, PREAUTH_LIMITS, Frame, FrameLimits, FrameReader, ProtocolError, encode_frame
+
+log = logging.getLogger(__name__)
+
+READ_SLICE = 1 << 20
+WRITE_SLICE = 1 << 20
+STREAM_LIMIT = 1 << 22
+
+
+class Connection:
+    """One TCP connection carrying frames. Writes are serialised; reads happen in one task."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, name: str, *,
+                 stats: LinkStats | None = None, emulation: LinkEmulation | None = None) -> None:
+        self.reader, self.writer, self.name = reader, writer, name
+        self.stats = stats
+        self.emulation = emulation
+        self._bucket = TokenBucket(emulation.rate_bps) if emulation else None
+        self._write_lock = asyncio.Lock()
+        self.last_rx = time.monotonic()
+        self.reading = False  # True while a frame is partly read
+        self.closed = False
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    async def send(self, header: dict[str, Any], segments: Iterable = ()) -> int:
+        """Send one frame; returns its size in bytes."""
+        buffers = encode_frame(header, list(segments))
+        size = sum(memoryview(b).nbytes for b in buffers)
+        async with self._write_lock:
+            if self.closed:
+                raise PeerLost(self.name, "connection is closed")
+            try:
+                if self._bucket is not None and self.emulation.delay_s:
+                    await asyncio.sleep(self.emulation.delay_s)
+                # Slices, so that progress (the peer accepting bytes) is visible during big frames.
+                for buf in buffers:
+                    view = memoryview(buf).cast("B")
+                    for start in range(0, len(view), WRITE_SLICE):
+                        piece = view[start : start + WRITE_SLICE]
+                        if self._bucket is not None:
+                            await self._bucket.consume(len(piece))
+                        self.writer.write(piece)
+                        await self.writer.drain()
+            except (ConnectionError, OSError) as exc:
+                self.closed = True
+                raise PeerLost(self.name, f"connection lost while sending: {exc}") from None
+        if self.stats:
+            self.stats.sent(size)
+        return size
+
+    async def _read(self, n: int, idle_timeout: float | None) -> bytearray:
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        while got < n:
+            timeout = idle_timeout if got == 0 else limits.FRAME_PROGRESS_TIMEOUT_S
+            try:
+                chunk = await asyncio.wait_for(self.reader.read(min(n - got, READ_SLICE)), timeout)
+            except asyncio.TimeoutError:
+                raise PeerLost(self.name, f"no data for {timeout:.0f} s") from None
+            except (ConnectionError, OSError) as exc:
+                raise PeerLost(self.name, f"connection lost: {exc}") from None
+            if not chunk:
+                raise PeerLost(self.name, "connection closed by peer")
+            view[got : got + len(chunk)] = chunk
+            got += len(chunk)
+            self.last_rx = time.monotonic()
+        if self.stats:
+            self.stats.received(n)
+        return buf
+
+    async def recv(self, frame_limits: FrameLimits = DEFAULT_LIMITS, idle_timeout: float | None = None) -> Frame:
+        """Read one frame (ProtocolError on a bad one, PeerLost on a closed or stalled link)."""
+        reader = FrameReader(frame_limits)
+        started = 0.0
+        try:
+            while True:
+                data = await self._read(reader.needed(), idle_timeout if not reader.in_frame else None)
+                if not reader.in_frame:
+                    started = time.perf_counter()
+                self.reading = True
+                frame = reader.push(data)
+                if frame is not None:
+                    frame.started_at, frame.finished_at = started, time.perf_counter()
+                    return frame
+        finally:
+            self.reading = False
+
+    async def heartbeat(self, active: Callable[[], bool], on_silence: Callable[[float], Awaitable[None]]) -> None:
+        """While ``active()``, ping the peer every PING_INTERVAL_S and call ``on_silence`` once no byte
+        has arrived for PEER_SILENCE_TIMEOUT_S. The peer does the same, so a live link never goes quiet
+        for long even while one side is busy reading a big frame."""
+        with contextlib.suppress(asyncio.CancelledError):
+            was_active = False
+            while not self.closed:
+                await asyncio.sleep(limits.PING_INTERVAL_S)
+                now_active = active() or self.reading
+                if not now_active:
+                    was_active = False
+                    continue
+                if not was_active:  # do not blame the peer for time we were idle
+                    self.last_rx = max(self.last_rx, time.monotonic() - limits.PING_INTERVAL_S)
+                    was_active = True
+                silent = time.monotonic() - self.last_rx
+                if silent > limits.PEER_SILENCE_TIMEOUT_S:
+                    await on_silence(silent)
+                    return
+                with contextlib.suppress(MeshError):
+                    await self.send({"op": "ping", "id": 0})
+
+    async def close(self) -> None:
+        self.closed = True
+        with contextlib.suppress(Exception):
+            self.writer.close()
+            await asyncio.wait_for(self.writer.wait_closed(), 2.0)
+
+
+def _peer_name(writer: asyncio.StreamWriter) -> str:
+    addr = writer.get_extra_info("peername")
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        host = addr[0]
+        return f"[{host}]:{addr[1]}" if ":" in host else f"{host}:{addr[1]}"
+    return str(addr)
+
+
+# --- handshake -----------------------------------------------------------------------------------
+
+
+async def client_handshake(conn: Connection, key: bytes | None, hello: dict | None = None) -> dict:
+    """Prove the key to the server and check its proof; return the server's welcome fields."""
+
+    async def step() -> dict:
+        nonce_c = auth.new_nonce()
+        await conn.send({"op": "hello", "proto": limits.PROTOCOL_VERSION, "nonce": nonce_c,
+                         "insecure": key is None, **(hello or {})})
+        frame = await conn.recv(PREAUTH_LIMITS)
+        if frame.op == "error":
+            raise MeshError.from_wire(frame.header, conn.name)
+        if frame.op != "challenge":
+            raise MeshError("protocol", f"expected a challenge, got {frame.op!r}", peer=conn.name)
+        if key is None:
+            proof = b""
+        else:
+            nonce_s = auth.check_nonce(frame.header.get("nonce"), conn.name)
+            if not auth.verify(auth.server_proof(key, nonce_c, nonce_s), frame.header.get("proof")):
+                raise MeshError("auth", "the server does not hold our cluster key (wrong key file?)", peer=conn.name)
+            proof = auth.client_proof(key, nonce_c, nonce_s)
+        await conn.send({"op": "proof", "proof": proof})
+        welcome = await conn.recv(DEFAULT_LIMITS)
+        if welcome.op == "error":
+            raise MeshError.from_wire(welcome.header, conn.name)
+        if welcome.op != "welcome":
+            raise MeshError("protocol", f"expected welcome, got {welcome.op!r}", peer=conn.name)
+        return welcome.header.get("node") or {}
+
+    try:
+        return await asyncio.wait_for(step(), limits.HANDSHAKE_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        raise PeerLost(conn.name, f"handshake did not finish within {limits.HANDSHAKE_TIMEOUT_S:.0f} s") from None
+    except ProtocolError as exc:
+        raise MeshError(exc.code if exc.code in ("version",) else "protocol", str(exc), peer=conn.name) from None
+    except auth.AuthError as exc:
+        raise MeshError("auth", str(exc), peer=conn.name) from None
+
+
+async def server_handshake(conn: Connection, key: bytes | None, welcome: Callable[[], dict]) -> dict:
+    """Authenticate a client; on failure send it an error naming the cause and raise.
+
+    ``key`` None means the daemon runs ``--insecure`` (loudly): any client is let in.
+    """
+
+    async def refuse(code: str, message: str) -> None:
+        with contextlib.suppress(Exception):
+            await conn.send({"op": "error", "code": code, "message": message})
+        raise MeshError(code, message, peer=conn.name)
+
+    async def step() -> dict:
+        hello = await conn.recv(PREAUTH_LIMITS)
+        if hello.op != "hello":
+            await refuse("protocol", f"expected hello, got {hello.op[:32]!r}")
+        proto = hello.header.get("proto")
+        if proto != limits.PROTOCOL_VERSION:
+            await refuse("version", f"client speaks meshd protocol {proto!r:.16}; this daemon speaks "
+                                    f"{limits.PROTOCOL_VERSION}: upgrade the older side")
+        if key is None:
+            await conn.send({"op": "challenge", "proto": limits.PROTOCOL_VERSION, "insecure": True})
+            await conn.recv(PREAUTH_LIMITS)
+        else:
+            if hello.header.get("insecure"):
+                await refuse("auth", "this daemon requires the cluster key; the client connected without one")
+            try:
+                nonce_c = auth.check_nonce(hello.header.get("nonce"), conn.name)
+            except auth.AuthError as exc:
+                await refuse("protocol", str(exc))
+            nonce_s = auth.new_nonce()
+            await conn.send({"op": "challenge", "proto": limits.PROTOCOL_VERSION, "nonce": nonce_s,
+                             "proof": auth.server_proof(key, nonce_c, nonce_s)})
+            proof = await conn.recv(PREAUTH_LIMITS)
+            if proof.op != "proof" or not auth.verify(auth.client_proof(key, nonce_c, nonce_s), proof.header.get("proof")):
+                await refuse("auth", "authentication failed: the client does not hold this cluster's key")
+        await conn.send({"op": "welcome", "node": welcome()})
+        return hello.header
+
+    try:
+        return await asyncio.wait_for(step(), limits.HANDSHAKE_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        raise MeshError("auth", f"handshake not finished within {limits.HANDSHAKE_TIMEOUT_S:.0f} s", peer=conn.name) from None
+    except ProtocolError as exc:
+        with contextlib.suppress(Exception):
+            await conn.send({"op": "error", "code": exc.code, "message": str(exc)})
+        raise MeshError("protocol", str(exc), peer=conn.name) from None
+
+
+async def open_connection(host: str, port: int, key: bytes | None, *, stats: LinkStats | None = None,
+                          emulation: LinkEmulation | None = None, hello: dict | None = None) -> tuple[Connection, dict]:
+    """Connect and authenticate; returns the connection and the server's node info."""
+    name = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, port, limit=STREAM_LIMIT), limits.CONNECT_TIMEOUT_S
+        )
+    except asyncio.TimeoutError:
+        raise PeerLost(name, f"no answer within {limits.CONNECT_TIMEOUT_S:.0f} s") from None
+    except OSError as exc:
+        raise PeerLost(name, f"cannot connect: {exc.strerror or exc}") from None
+    conn = Connection(reader, writer, name, stats=stats, emulation=emulation)
+    try:
+        node = await client_handshake(conn, key, hello)
+    except BaseException:
+        await conn.close()
+        raise
+    return conn, node
+
+
+# --- client channel ------------------------------------------------------------------------------
+
+
+@dataclass
+class _Pending:
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+
+
+class Channel:
+    """Client side of a connection: concurrent requests, their events and replies.
+
+    While requests are outstanding it pings the server; if nothing at all arrives for
+    :data:`limits.PEER_SILENCE_TIMEOUT_S`, every outstanding request fails with :class:`PeerLost`.
+    """
+
+    def __init__(self, conn: Connection, node: dict | None = None) -> None:
+        self.conn = conn
+        self.node = node or {}
+        self.name = conn.name
+        self._ids = itertools.count(1)
+        self._pending: dict[int, _Pending] = {}
+        self._error: MeshError | None = None
+        self._reader = asyncio.ensure_future(self._read_loop())
+        self._pinger = asyncio.ensure_future(self._keepalive())
+
+    @classmethod
+    async def connect(cls, host: str, port: int, key: bytes | None, **kw) -> Channel:
+        conn, node = await open_connection(host, port, key, **kw)
+        return cls(conn, node)
+
+    @property
+    def alive(self) -> bool:
+        return self._error is None and not self.conn.closed
+
+    async def _read_loop(self) -> None:
+        try:
+            while True:
+                frame = await self.conn.recv()
+                rid = frame.header.get("id")
+                if frame.op == "pong":
+                    continue
+                if frame.op == "ping":
+                    await self.conn.send({"op": "pong", "id": 0})
+                    continue
+                pending = self._pending.get(rid) if isinstance(rid, int) else None
+                if pending is not None:
+                    pending.queue.put_nowait(frame)
+        except MeshError as exc:
+            self._fail(exc)
+        except ProtocolError as exc:
+            self._fail(MeshError("protocol", str(exc), peer=self.name))
+        except asyncio.CancelledError:
+            self._fail(PeerLost(self.name, "connection closed"))
+            raise
+
+    async def _keepalive(self) -> None:
+        async def silent(seconds: float) -> None:
+            self._fail(PeerLost(self.name, f"peer stopped answering ({seconds:.0f} s without a byte)"))
+            await self.conn.close()
+
+        await self.conn.heartbeat(lambda: bool(self._pending), silent)
+
+    def _fail(self, exc: MeshError) -> None:
+        if self._error is None:
+            self._error = exc
+        for pending in self._pending.values():
+            pending.queue.put_nowait(exc)
+
+    async def request(self, op: str, fields: dict | None = None, segments: Iterable = (), *,
+                      chunks: AsyncIterator[tuple[int, list]] | None = None,
+                      on_event: Callable[[Frame], Awaitable[None] | None] | None = None,
+                      timeout: float | None = limits.REQUEST_TIMEOUT_S) -> Frame:
+        """Send a request (and its chunk stream); return the reply frame or raise MeshError."""
+        if self._error is not None:
+            raise self._error
+        rid = next(self._ids)
+        pending = self._pending[rid] = _Pending()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            await self.conn.send({"op": op, "id": rid, **(fields or {})}, segments)
+            if chunks is not None:
+                async for index, buffers in chunks:
+                    await self.conn.send({"op": "chunk", "id": rid, "index": index}, buffers)
+            while True:
+                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+                try:
+                    item = await asyncio.wait_for(pending.queue.get(), remaining)
+                except asyncio.TimeoutError:
+                    raise MeshError("peer-lost", f"{op} got no reply within {timeout:.0f} s", peer=self.name) from None
+                if isinstance(item, MeshError):
+                    raise item
+                if item.op == "event":
+                    if on_event is not None:
+                        result = on_event(item)
+                        if asyncio.iscoroutine(result):
+                            await result
+                    continue
+                if item.op == "error":
+                    raise MeshError.from_wire(item.header, self.name)
+                return item
+        except asyncio.CancelledError:
+            if self.alive:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self.conn.send({"op": "cancel", "id": rid}))
+            raise
+        finally:
+            self._pending.pop(rid, None)
+
+    async def close(self) -> None:
+        self._pinger.cancel()
+        self._reader.cancel()
+        await self.conn.close()
+        with contextlib.suppress(BaseException):
+            await asyncio.gather(self._reader, self._pinger, return_exceptions=True)
+
+
+# --- server session ------------------------------------------------------------------------------
+
+
+class Request:
+    """One request being handled on the server: its frame, its chunk stream, and a way to send events."""
+
+    def __init__(self, session: ServerSession, frame: Frame) -> None:
+        self.session = session
+        self.frame = frame
+        self.header = frame.header
+        self.id = frame.header["id"]
+        self.op = frame.op
+        self._chunks: asyncio.Queue = asyncio.Queue()
+        self.first_chunk_at: float | None = None
+        self.last_chunk_at: float | None = None
+
+    @property
+    def peer(self) -> str:
+        return self.session.conn.name
+
+    def _push_chunk(self, frame: Frame) -> None:
+        now = time.perf_counter()
+        if self.first_chunk_at is None:
+            self.first_chunk_at = now
+        self.last_chunk_at = now
+        self._chunks.put_nowait(frame)
+
+    async def chunks(self, count: int) -> AsyncIterator[Frame]:
+        """The ``count`` chunk frames that follow this request, as they arrive."""
+        for _ in range(count):
+            item = await self._chunks.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    async def event(self, fields: dict, segments: Iterable = ()) -> None:
+        await self.session.conn.send({"op": "event", "id": self.id, **fields}, segments)
+
+
+Handler = Callable[[Request], Awaitable[tuple[dict, list]]]
+
+
+class ServerSession:
+    """Server side of one authenticated connection: runs a handler task per request.
+
+    A client that disconnects, or goes silent while its requests run, has them cancelled.
+    """
+
+    def __init__(self, conn: Connection, handler: Handler, client: dict) -> None:
+        self.conn = conn
+        self.handler = handler
+        self.client = client
+        self.tasks: dict[int, asyncio.Task] = {}
+        self.requests: dict[int, Request] = {}
+
+    async def run(self) -> None:
+        watchdog = asyncio.ensure_future(self._watch_silence())
+        try:
+            while True:
+                frame = await self.conn.recv(idle_timeout=limits.IDLE_TIMEOUT_S)
+                rid = frame.header.get("id")
+                if not isinstance(rid, int) or isinstance(rid, bool):
+                    raise ProtocolError(f"{frame.op!r} frame has no integer id")
+                if frame.op == "ping":
+                    await self.conn.send({"op": "pong", "id": rid})
+                elif frame.op == "pong":
+                    pass
+                elif frame.op == "cancel":
+                    task = self.tasks.get(rid)
+                    if task:
+                        task.cancel()
+                elif frame.op == "chunk":
+                    request = self.requests.get(rid)
+                    if request is not None:
+                        request._push_chunk(frame)
+                elif rid in self.tasks:
+                    raise ProtocolError(f"request id {rid} is already in use")
+                else:
+                    request = Request(self, frame)
+                    self.requests[rid] = request
+                    self.tasks[rid] = asyncio.ensure_future(self._handle(request))
+        except (MeshError, ProtocolError) as exc:
+            if not isinstance(exc, PeerLost):
+                log.warning("closing connection from %s: %s", self.conn.name, exc)
+                with contextlib.suppress(Exception):
+                    await self.conn.send({"op": "error", "id": 0, "code": getattr(exc, "code", "protocol"),
+                                          "message": str(exc)})
+        finally:
+            watchdog.cancel()
+            for request in self.requests.values():
+                request._chunks.put_nowait(PeerLost(self.conn.name, "client disconnected"))
+            for task in list(self.tasks.values()):
+                task.cancel()
+            if self.tasks:
+                await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+            await self.conn.close()
+
+    async def _watch_silence(self) -> None:
+        async def silent(seconds: float) -> None:
+            log.warning("client %s went silent (%.0f s) with %d request(s) running; cancelling them",
+                        self.conn.name, seconds, len(self.tasks))
+            for task in list(self.tasks.values()):
+                task.cancel()
+            self.conn.writer.transport.abort()
+
+        await self.conn.heartbeat(lambda: bool(self.tasks), silent)
+
+    async def _handle(self, request: Request) -> None:
+        try:
+            fields, segments = await self.handler(request)
+            await self.conn.send({"op": "reply", "id": request.id, **fields}, segments)
+        except asyncio.CancelledError:
+            pass
+        except MeshError as exc:
+            with contextlib.suppress(MeshError):
+                await self.conn.send({"op": "error", "id": request.id, **exc.to_wire()})
+        except Exception as exc:  # noqa: BLE001 - a bug must not kill the daemon
+            log.exception("request %s from %s failed", request.op, self.conn.name)
+            with contextlib.suppress(MeshError):
+                await self.conn.send({"op": "error", "id": request.id, "code": "internal",
+                                      "message": f"{type(exc).__name__}: {exc}"})
+        finally:
+            self.tasks.pop(request.id, None)
+            self.requests.pop(request.id, None)

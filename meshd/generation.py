@@ -1,0 +1,260 @@
+"""One text-to-image generation, from prompt to PNG, with the transformer forward left pluggable.
+
+:class:`Sampler` is everything around the transformer — prompt embeddings, latents, the FLUX.2
+scheduler, the VAE — done exactly as diffusers' ``Flux2KleinPipeline`` / ``Flux2Pipeline`` do it
+(the tests compare). :func:`run_generation` drives it step by step and hands each step's transformer
+forward to a runner: :class:`LocalRunner` runs every block in this process (``meshtui generate
+--local``, the reference); the head daemon's split runner sends the stream across the mesh.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers.pipelines.flux2.image_processor import Flux2ImageProcessor
+from diffusers.pipelines.flux2.pipeline_flux2_klein import (
+    Flux2KleinPipeline,
+    compute_empirical_mu,
+    retrieve_timesteps,
+)
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from . import limits
+from .errors import MeshError
+from .gpu import GpuWorker
+from .model.runtime import HostedModel
+from .model.span import Conditioning, Stream
+
+_pipe = Flux2KleinPipeline  # its static helpers are the reference implementation
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    prompt: str
+    seed: int = 0
+    width: int = 1024
+    height: int = 1024
+    steps: int = 4
+    guidance: float = 1.0
+
+    def to_wire(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_wire(cls, data: object, multiple: int = 16) -> GenerationParams:
+        """Validate untrusted parameters; MeshError("bad-request") names the first bad field."""
+        if not isinstance(data, dict):
+            raise MeshError("bad-request", "generation parameters must be a map")
+        prompt = data.get("prompt")
+        if not isinstance(prompt, str) or len(prompt.encode()) > limits.MAX_PROMPT_BYTES:
+            raise MeshError("bad-request", f"prompt must be text of at most {limits.MAX_PROMPT_BYTES} bytes")
+        out = {"prompt": prompt}
+        for name, lo, hi in (("seed", 0, 2**63 - 1), ("width", multiple, limits.MAX_IMAGE_SIDE),
+                             ("height", multiple, limits.MAX_IMAGE_SIDE), ("steps", 1, limits.MAX_STEPS)):
+            value = data.get(name)
+            if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+                raise MeshError("bad-request", f"{name}={value!r:.20} must be an integer in [{lo}, {hi}]")
+            out[name] = value
+        for side in ("width", "height"):
+            if out[side] % multiple:
+                raise MeshError("bad-request", f"{side} {out[side]} must be a multiple of {multiple} for this model")
+        guidance = data.get("guidance")
+        if not isinstance(guidance, (int, float)) or isinstance(guidance, bool) or not 0 <= guidance <= 100:
+            raise MeshError("bad-request", f"guidance={guidance!r:.20} must be a number in [0, 100]")
+        out["guidance"] = float(guidance)
+        return cls(**out)
+
+
+class Sampler:
+    """The per-generation state around the transformer. Methods run on the GPU thread."""
+
+    def __init__(self, model: HostedModel, params: GenerationParams) -> None:
+        self.model = model
+        self.params = params
+        self.device = model.device
+        self.dtype = model.dtype
+        preset = model.preset
+        self.guidance_embeds = bool(preset.transformer["guidance_embeds"])
+        self.cfg = not model.source.distilled() and not self.guidance_embeds and params.guidance > 1.0
+
+    def prepare(self) -> None:
+        """Prompt embeddings, latent noise, position ids, timesteps; embed the text once."""
+        p, span = self.params, self.model.span
+        embeds = self.model.encode_prompt(p.prompt)
+        self.text_ids = _pipe._prepare_text_ids(embeds).to(self.device)
+        self.txt_len = embeds.shape[1]
+        self.contexts = [span.embed_text(embeds)]
+        if self.cfg:
+            self.contexts.append(span.embed_text(self.model.encode_prompt("")))
+        scale = self.model.preset.vae_scale_factor
+        height, width = 2 * (p.height // (scale * 2)), 2 * (p.width // (scale * 2))
+        self.latent_hw = (height // 2, width // 2)
+        channels = int(self.model.preset.transformer["in_channels"])
+        generator = torch.Generator("cpu").manual_seed(p.seed)
+        noise = randn_tensor((1, channels, height // 2, width // 2), generator=generator, device=self.device,
+                             dtype=self.dtype)
+        self.latent_ids = _pipe._prepare_latent_ids(noise).to(self.device)
+        self.latents = _pipe._pack_latents(noise)
+        self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.model.source.scheduler_config())
+        sigmas = np.linspace(1.0, 1 / p.steps, p.steps)
+        if getattr(self.scheduler.config, "use_flow_sigmas", False):
+            sigmas = None
+        mu = compute_empirical_mu(image_seq_len=self.latents.shape[1], num_steps=p.steps)
+        self.timesteps, _ = retrieve_timesteps(self.scheduler, p.steps, self.device, sigmas=sigmas, mu=mu)
+        self.scheduler.set_begin_index(0)
+        self.rotary = span.rotary(self.text_ids, self.latent_ids)
+        self.guidance = (
+            torch.full([1], p.guidance, device=self.device, dtype=torch.float32).expand(1)
+            if self.guidance_embeds else None
+        )
+
+    @property
+    def passes(self) -> int:
+        """Transformer forwards per step: 2 with classifier-free guidance, else 1."""
+        return len(self.contexts)
+
+    @property
+    def image_tokens(self) -> int:
+        return self.latents.shape[1]
+
+    def conditioning(self, step: int) -> Conditioning:
+        t = self.timesteps[step]
+        timestep = t.expand(self.latents.shape[0]).to(self.latents.dtype)
+        return self.model.span.conditioning(timestep / 1000, self.guidance, self.latents.dtype)
+
+    def embed(self, pass_index: int) -> Stream:
+        image = self.model.span.embed_image(self.latents.to(self.dtype))
+        return Stream(txt_len=self.txt_len, pair=(self.contexts[pass_index], image))
+
+    def apply(self, step: int, predictions: list[torch.Tensor]) -> None:
+        """The scheduler step, combining the passes' predictions (CFG) first."""
+        n = self.latents.shape[1]
+        noise = predictions[0][:, :n]
+        if self.cfg:
+            uncond = predictions[1][:, :n]
+            noise = uncond + self.params.guidance * (noise - uncond)
+        self.latents = self.scheduler.step(noise, self.timesteps[step], self.latents, return_dict=False)[0]
+
+    def final_latents(self) -> torch.Tensor:
+        """Unpacked, de-normalised, unpatchified latents (what the VAE decodes)."""
+        h, w = self.latent_hw
+        vae = self.model.vae()
+        latents = _pipe._unpack_latents_with_ids(self.latents, self.latent_ids, h, w)
+        mean = vae.bn.running_mean.view(1, -1, 1, 1).to(latents.device, latents.dtype)
+        std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(latents.device,
+                                                                                                  latents.dtype)
+        return _pipe._unpatchify_latents(latents * std + mean)
+
+    def decode(self) -> tuple[torch.Tensor, Image.Image]:
+        """VAE-decode; returns (final latents, PIL image)."""
+        latents = self.final_latents()
+        vae = self.model.vae()
+        image = vae.decode(latents.to(self.device), return_dict=False)[0]
+        processor = Flux2ImageProcessor(vae_scale_factor=self.model.preset.vae_scale_factor * 2)
+        return latents, processor.postprocess(image, output_type="pil")[0]
+
+
+class StepRunner(Protocol):
+    """Runs one transformer forward of a step (all blocks, wherever they are)."""
+
+    async def forward(self, sampler: Sampler, step: int, pass_index: int, cond: Conditioning) -> tuple[torch.Tensor, dict]:
+        """Return the noise prediction and this forward's timing record."""
+
+
+class LocalRunner:
+    """Every block in this process: the all-local reference."""
+
+    def __init__(self, worker: GpuWorker) -> None:
+        self.worker = worker
+
+    async def forward(self, sampler: Sampler, step: int, pass_index: int, cond: Conditioning):
+        model = sampler.model
+
+        def compute() -> torch.Tensor:
+            stream = model.span.run(0, model.preset.num_blocks, sampler.embed(pass_index), cond, sampler.rotary)
+            return model.span.final(stream, cond.temb)
+
+        prediction, seconds = await self.worker.run(compute)
+        return prediction, {"compute_ms": seconds * 1e3, "hops": []}
+
+
+@dataclass
+class GenerationResult:
+    png: bytes
+    image: Image.Image
+    latents: torch.Tensor
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+ProgressFn = Callable[[dict], Awaitable[None] | None]
+
+
+async def run_generation(model: HostedModel, worker: GpuWorker, params: GenerationParams, runner: StepRunner,
+                         *, metadata: dict | None = None, progress: ProgressFn | None = None) -> GenerationResult:
+    """Prompt -> PNG. ``progress`` receives one event per step (and one when decoding starts)."""
+    start = time.perf_counter()
+    sampler = Sampler(model, params)
+    _, prep_s = await worker.run(sampler.prepare)
+    steps = []
+    for step in range(params.steps):
+        step_start = time.perf_counter()
+        cond, cond_s = await worker.run(sampler.conditioning, step)
+        predictions, records = [], []
+        for pass_index in range(sampler.passes):
+            prediction, record = await runner.forward(sampler, step, pass_index, cond)
+            predictions.append(prediction)
+            records.append(record)
+        _, apply_s = await worker.run(sampler.apply, step, predictions)
+        record = {
+            "step": step,
+            "ms": (time.perf_counter() - step_start) * 1e3,
+            "head_ms": (cond_s + apply_s) * 1e3,
+            "passes": records,
+        }
+        steps.append(record)
+        if progress is not None:
+            result = progress({**record, "kind": "step", "step": step + 1, "steps": params.steps})
+            if hasattr(result, "__await__"):
+                await result
+    if progress is not None:
+        result = progress({"kind": "decode"})
+        if hasattr(result, "__await__"):
+            await result
+    (latents, image), decode_s = await worker.run(sampler.decode)
+    total = time.perf_counter() - start
+    info = {
+        "flux-mesh": "1",
+        "model": model.identity.to_dict(),
+        "params": params.to_wire(),
+        **(metadata or {}),
+    }
+    summary = {
+        "params": params.to_wire(),
+        "model": model.identity.to_dict(),
+        "prepare_ms": prep_s * 1e3,
+        "decode_ms": decode_s * 1e3,
+        "total_s": total,
+        "steps": steps,
+        **(metadata or {}),
+    }
+    return GenerationResult(png=png_bytes(image, info), image=image, latents=latents.float().cpu(), summary=summary)
+
+
+def png_bytes(image: Image.Image, info: dict) -> bytes:
+    """The image as PNG with the generation parameters in a ``flux-mesh`` text chunk."""
+    meta = PngInfo()
+    meta.add_text("flux-mesh", json.dumps(info, sort_keys=True))
+    meta.add_text("parameters", f"{info.get('params', {}).get('prompt', '')}")
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=meta)
+    return buf.getvalue()

@@ -1,0 +1,73 @@
+"""Every limit and timeout of the meshd protocol and daemon, in one place.
+
+A peer that exceeds one gets an error naming the limit and, for framing limits, a closed
+connection; the daemon itself keeps serving.
+"""
+
+#: Protocol version, exchanged in the handshake; peers with another version are refused with an
+#: error naming both versions.
+PROTOCOL_VERSION = 1
+
+#: Frame format version, in every frame prefix (changes only if the framing itself changes).
+FRAME_FORMAT = 1
+
+#: First bytes of every frame.
+MAGIC = b"FXMH"
+
+# --- framing -------------------------------------------------------------------------------------
+#: Largest msgpack header of one frame.
+MAX_HEADER_BYTES = 256 * 1024
+#: Most binary segments (tensor buffers) one frame may carry.
+MAX_SEGMENTS = 1024
+#: Largest single segment: one activation chunk or a whole prediction.
+MAX_SEGMENT_BYTES = 1 << 30
+#: Largest total of one frame's segments.
+MAX_FRAME_BYTES = 2 << 30
+#: Largest msgpack container (array or map) inside a header.
+MAX_HEADER_CONTAINER = 4096
+#: Largest string or bytes value inside a header.
+MAX_HEADER_STRING = 64 * 1024
+
+# --- before authentication ---------------------------------------------------------------------
+#: A frame received before the peer has proven the key may be at most this big (header only).
+PREAUTH_MAX_FRAME_BYTES = 512
+#: The whole handshake must finish within this many seconds.
+HANDSHAKE_TIMEOUT_S = 10.0
+#: At most this many connections may be in their handshake at once; more are closed at once.
+MAX_PREAUTH_CONNECTIONS = 32
+#: At most this many authenticated connections at once.
+MAX_CONNECTIONS = 64
+
+# --- after authentication ----------------------------------------------------------------------
+#: Once a frame has started, bytes must keep arriving: no progress for this long closes the link
+#: (a slow-loris client cannot hold a connection open by trickling a frame).
+FRAME_PROGRESS_TIMEOUT_S = 10.0
+#: A connection with no frame at all for this long is closed (clients ping to stay alive).
+IDLE_TIMEOUT_S = 600.0
+#: A request to a peer that gets no answer at all within this long fails (a generation sets its own,
+#: longer deadline for whole steps).
+REQUEST_TIMEOUT_S = 60.0
+#: A link on which no byte arrives for this long while a request on it is outstanding is
+#: considered dead: the request fails with "peer-lost". Both ends ping every PING_INTERVAL_S
+#: while busy, so a live peer is never this quiet.
+PEER_SILENCE_TIMEOUT_S = 4.0
+#: Interval of keep-alive pings while requests are outstanding.
+PING_INTERVAL_S = 1.0
+#: Connecting to a peer must succeed within this long.
+CONNECT_TIMEOUT_S = 5.0
+
+# --- jobs --------------------------------------------------------------------------------------
+#: Generations a head runs at once (steps interleave on the GPU queue); more wait in line.
+MAX_ACTIVE_GENERATIONS = 4
+#: Generations that may wait in line at a head; beyond that new ones are refused as busy.
+MAX_QUEUED_GENERATIONS = 32
+#: Prepared jobs a stage holds at once.
+MAX_JOBS_PER_STAGE = 64
+#: Largest image side, in pixels.
+MAX_IMAGE_SIDE = 4096
+#: Most denoising steps.
+MAX_STEPS = 200
+#: Longest prompt, in bytes.
+MAX_PROMPT_BYTES = 16 * 1024
+#: Bytes sent by the link bandwidth probe.
+BANDWIDTH_PROBE_BYTES = 8 << 20

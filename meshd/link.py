@@ -1,0 +1,133 @@
+"""Link accounting and emulation.
+
+:class:`LinkStats` counts bytes and recent hop times per peer (telemetry reads it).
+:class:`LinkEmulation` shapes what a connection sends — a token bucket on bytes plus a fixed delay —
+to measure a split over a slow link on a machine without one (figures so made are labelled
+"emulated").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+_RATE = re.compile(r"^\s*([\d.]+)\s*([kmg]?)(bit|byte)?(?:/s|ps)?\s*$", re.IGNORECASE)
+_DELAY = re.compile(r"^\s*([\d.]+)\s*(us|ms|s)\s*$", re.IGNORECASE)
+_SCALE = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}
+
+
+@dataclass(frozen=True)
+class LinkEmulation:
+    """A link of ``rate_bps`` bytes per second that delivers each frame ``delay_s`` late."""
+
+    rate_bps: float
+    delay_s: float = 0.0
+
+    @classmethod
+    def parse(cls, text: str) -> LinkEmulation:
+        """``"1gbit,0.3ms"``, ``"100mbit"``, ``"2.5gbit,1ms"``, ``"500mbyte"`` (bits unless it says byte)."""
+        parts = [p for p in text.split(",") if p.strip()]
+        if not parts or len(parts) > 2:
+            raise ValueError(f"link emulation {text!r} must be RATE[,DELAY], e.g. 1gbit,0.3ms")
+        m = _RATE.match(parts[0])
+        if not m:
+            raise ValueError(f"cannot read link rate {parts[0]!r} (try 1gbit, 100mbit, 500mbyte)")
+        value = float(m.group(1)) * _SCALE[m.group(2).lower()]
+        unit = (m.group(3) or "bit").lower()
+        rate = value if unit == "byte" else value / 8
+        delay = 0.0
+        if len(parts) == 2:
+            d = _DELAY.match(parts[1])
+            if not d:
+                raise ValueError(f"cannot read link delay {parts[1]!r} (try 0.3ms)")
+            delay = float(d.group(1)) * {"us": 1e-6, "ms": 1e-3, "s": 1.0}[d.group(2).lower()]
+        if rate <= 0:
+            raise ValueError("link rate must be positive")
+        return cls(rate, delay)
+
+    def describe(self) -> str:
+        return f"{self.rate_bps * 8 / 1e9:g} Gbit/s, {self.delay_s * 1e3:g} ms (emulated)"
+
+
+class TokenBucket:
+    """Paces bytes to ``rate`` bytes/s with a small burst allowance."""
+
+    def __init__(self, rate: float, burst: float | None = None) -> None:
+        self.rate = rate
+        self.burst = burst if burst is not None else max(64 * 1024, rate * 0.002)
+        self._tokens = self.burst
+        self._stamp = time.monotonic()
+
+    async def consume(self, nbytes: int) -> None:
+        while nbytes > 0:
+            now = time.monotonic()
+            self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
+            self._stamp = now
+            take = min(nbytes, self.burst)
+            if self._tokens >= take:
+                self._tokens -= take
+                nbytes -= take
+                continue
+            await asyncio.sleep((take - self._tokens) / self.rate)
+
+
+@dataclass
+class HopSample:
+    at: float
+    nbytes: int
+    ms: float
+
+
+@dataclass
+class LinkStats:
+    """Bytes moved to and from one peer, and its recent hop times (thread-safe)."""
+
+    peer: str
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    hops: deque = field(default_factory=lambda: deque(maxlen=64))
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def sent(self, n: int) -> None:
+        with self._lock:
+            self.bytes_sent += n
+
+    def received(self, n: int) -> None:
+        with self._lock:
+            self.bytes_received += n
+
+    def hop(self, nbytes: int, ms: float) -> None:
+        with self._lock:
+            self.hops.append(HopSample(time.time(), nbytes, ms))
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return {
+                "peer": self.peer,
+                "bytes_sent": self.bytes_sent,
+                "bytes_received": self.bytes_received,
+                "recent_hop_ms": [round(h.ms, 3) for h in list(self.hops)[-8:]],
+            }
+
+
+class LinkRegistry:
+    """Per-peer LinkStats of one daemon or client."""
+
+    def __init__(self) -> None:
+        self._links: dict[str, LinkStats] = {}
+        self._lock = threading.Lock()
+
+    def get(self, peer: str) -> LinkStats:
+        with self._lock:
+            if peer not in self._links:
+                self._links[peer] = LinkStats(peer)
+            return self._links[peer]
+
+    def snapshot(self) -> list[dict]:
+        with self._lock:
+            links = list(self._links.values())
+        return [link.snapshot() for link in links]

@@ -1,0 +1,70 @@
+"""Authenticated channels from this process to other daemons, reused across jobs, with measured
+link bandwidth per peer."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+from . import limits
+from .connection import Channel
+from .link import LinkEmulation, LinkRegistry
+from .plan import PeerAddress
+
+BANDWIDTH_MAX_AGE_S = 300.0
+
+
+@dataclass
+class Bandwidth:
+    bytes_per_s: float
+    rtt_ms: float
+    measured_at: float
+
+
+class PeerPool:
+    def __init__(self, key: bytes | None, links: LinkRegistry, emulation: LinkEmulation | None = None,
+                 hello: dict | None = None) -> None:
+        self.key = key
+        self.links = links
+        self.emulation = emulation
+        self.hello = hello or {}
+        self._channels: dict[str, Channel] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._bandwidth: dict[str, Bandwidth] = {}
+
+    async def get(self, address: PeerAddress) -> Channel:
+        key = str(address)
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            channel = self._channels.get(key)
+            if channel is None or not channel.alive:
+                if channel is not None:
+                    await channel.close()
+                    self._bandwidth.pop(key, None)
+                channel = await Channel.connect(address.host, address.port, self.key, stats=self.links.get(key),
+                                                emulation=self.emulation, hello=self.hello)
+                self._channels[key] = channel
+            return channel
+
+    async def bandwidth(self, address: PeerAddress) -> Bandwidth:
+        """Measured bytes/s to ``address`` (a probe of BANDWIDTH_PROBE_BYTES, re-measured every 5 min)."""
+        key = str(address)
+        known = self._bandwidth.get(key)
+        if known and time.monotonic() - known.measured_at < BANDWIDTH_MAX_AGE_S:
+            return known
+        channel = await self.get(address)
+        t0 = time.perf_counter()
+        await channel.request("echo")
+        rtt = time.perf_counter() - t0
+        payload = bytes(limits.BANDWIDTH_PROBE_BYTES)
+        t0 = time.perf_counter()
+        await channel.request("probe", {}, [payload])
+        elapsed = max(time.perf_counter() - t0 - rtt, 1e-6)
+        measured = Bandwidth(len(payload) / elapsed, rtt * 1e3, time.monotonic())
+        self._bandwidth[key] = measured
+        return measured
+
+    async def close(self) -> None:
+        channels, self._channels = list(self._channels.values()), {}
+        await asyncio.gather(*(c.close() for c in channels), return_exceptions=True)

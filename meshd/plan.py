@@ -1,0 +1,235 @@
+"""Split plans: which peer runs which contiguous range of blocks, validated and proposed.
+
+Blocks are numbered in FLUX.2's flat order (double-stream blocks first). A plan's stages cover
+``0 .. N-1`` exactly, in order; stage 0 runs on the head. Users write ranges inclusively
+(``A:0-15,B:16-31``); internally a stage is ``[start, end)``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from codec import CodecSpec
+
+from .model.presets import ModelPreset
+
+_STAGE = re.compile(r"^\s*([^:\s]+)\s*:\s*(\d+)\s*-\s*(\d+)\s*(?:@\s*([\w:-]+))?\s*$")
+
+
+class PlanError(ValueError):
+    """A plan that is malformed or cannot work; the message says why."""
+
+
+@dataclass(frozen=True)
+class PeerAddress:
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str, default_port: int = 7777) -> PeerAddress:
+        """``host``, ``host:port``, ``[v6]:port``."""
+        text = text.strip()
+        if not text:
+            raise PlanError("empty peer address")
+        if text.startswith("["):
+            host, _, rest = text[1:].partition("]")
+            port = rest[1:] if rest.startswith(":") else ""
+        elif text.count(":") == 1:
+            host, port = text.split(":")
+        else:
+            host, port = text, ""
+        try:
+            number = int(port) if port else default_port
+        except ValueError:
+            raise PlanError(f"peer {text!r}: port {port!r} is not a number") from None
+        if not 0 < number < 65536 or not host:
+            raise PlanError(f"peer {text!r} is not HOST:PORT")
+        return cls(host, number)
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Stage:
+    peer: PeerAddress
+    start: int
+    end: int  # exclusive
+    codec: str = "auto"  # codec of the link out of this stage ("auto": chosen by policy)
+    label: str = ""
+
+    @property
+    def blocks(self) -> int:
+        return self.end - self.start
+
+    def describe(self) -> str:
+        name = self.label or str(self.peer)
+        return f"{name}:{self.start}-{self.end - 1}"
+
+    def to_wire(self) -> dict:
+        return {"peer": str(self.peer), "start": self.start, "end": self.end, "codec": self.codec, "label": self.label}
+
+    @classmethod
+    def from_wire(cls, data: object) -> Stage:
+        if not isinstance(data, dict):
+            raise PlanError("a stage must be a map")
+        peer, start, end = data.get("peer"), data.get("start"), data.get("end")
+        codec, label = data.get("codec", "auto"), data.get("label", "")
+        if not isinstance(peer, str) or not isinstance(codec, str) or not isinstance(label, str):
+            raise PlanError("stage peer, codec and label must be text")
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (start, end)):
+            raise PlanError("stage start and end must be integers")
+        if codec != "auto":
+            CodecSpec.parse(codec)
+        return cls(PeerAddress.parse(peer), start, end, codec, label[:32])
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    stages: tuple[Stage, ...]
+
+    def validate(self, num_blocks: int) -> SplitPlan:
+        if not self.stages:
+            raise PlanError("a plan needs at least one stage")
+        expected = 0
+        for i, stage in enumerate(self.stages):
+            if stage.start != expected:
+                raise PlanError(
+                    f"stage {i} ({stage.describe()}) starts at block {stage.start}; expected {expected} "
+                    "(stages must cover the blocks contiguously, in order)"
+                )
+            if stage.end <= stage.start:
+                raise PlanError(f"stage {i} ({stage.describe()}) holds no blocks")
+            expected = stage.end
+        if expected != num_blocks:
+            raise PlanError(f"the plan covers blocks 0-{expected - 1}; the model has {num_blocks} (0-{num_blocks - 1})")
+        return self
+
+    def describe(self) -> str:
+        return " -> ".join(s.describe() for s in self.stages)
+
+    def to_wire(self) -> list[dict]:
+        return [s.to_wire() for s in self.stages]
+
+    @classmethod
+    def from_wire(cls, data: object) -> SplitPlan:
+        if not isinstance(data, list) or not 1 <= len(data) <= 64:
+            raise PlanError("a plan must be a list of 1-64 stages")
+        return cls(tuple(Stage.from_wire(s) for s in data))
+
+
+def parse_split(spec: str, peers: dict[str, PeerAddress], num_blocks: int) -> SplitPlan:
+    """``A:0-15,B:16-31`` (inclusive ranges; ``@codec`` after a range forces its outgoing link's codec).
+
+    Labels are the keys of ``peers`` (``A``, ``B``, ... in ``--peer`` order) or a ``host:port``.
+    """
+    stages = []
+    for part in spec.split(","):
+        m = _STAGE.match(part)
+        if not m:
+            raise PlanError(f"cannot read stage {part.strip()!r}: write LABEL:FIRST-LAST, e.g. A:0-15")
+        label, first, last, codec = m.group(1), int(m.group(2)), int(m.group(3)), m.group(4) or "auto"
+        if label in peers:
+            peer = peers[label]
+        else:
+            try:
+                peer = PeerAddress.parse(label)
+            except PlanError:
+                raise PlanError(f"unknown peer {label!r} in split; known: {', '.join(peers)}") from None
+        if last < first:
+            raise PlanError(f"stage {part.strip()!r}: last block {last} is before first block {first}")
+        if codec != "auto":
+            codec = CodecSpec.parse(codec).label
+        stages.append(Stage(peer, first, last + 1, codec, label))
+    return SplitPlan(tuple(stages)).validate(num_blocks)
+
+
+# --- proposing a plan ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PeerResources:
+    """What the planner knows of a peer."""
+
+    peer: PeerAddress
+    label: str
+    free_bytes: int
+    speed: float = 1.0  # relative compute speed (higher is faster)
+
+
+def span_bytes(preset: ModelPreset, start: int, end: int, itemsize: int = 2) -> int:
+    return sum(preset.block_params(i) for i in range(start, end)) * itemsize
+
+
+def head_extra_bytes(preset: ModelPreset, itemsize: int = 2) -> int:
+    """Embedders, modulation and VAE (~354 M params on klein-9B); the text encoder is placed apart."""
+    d = preset.hidden
+    cfg = preset.transformer
+    params = (
+        d * int(cfg["in_channels"]) + d * int(cfg["joint_attention_dim"])  # x / context embedders
+        + 2 * d * int(cfg["timestep_guidance_channels"]) + 2 * d * d  # timestep (+ guidance) MLPs
+        + 15 * d * d  # double img/txt (6D each) and single (3D) modulation
+    )
+    vae = 84_000_000 if preset.name != "tiny" else 50_000
+    return (params + vae) * itemsize
+
+
+def workspace_bytes(preset: ModelPreset, tokens: int, itemsize: int = 2) -> int:
+    """Activations of one block at ``tokens`` tokens (attention + MLP intermediates), with margin."""
+    return int(tokens * preset.hidden * itemsize * 40)
+
+
+def propose(preset: ModelPreset, peers: Sequence[PeerResources], tokens: int, itemsize: int = 2) -> SplitPlan:
+    """Use every peer, in order (the first is the head), each for one contiguous range, so that the
+    slowest stage is as fast as possible without exceeding any peer's free memory.
+
+    One step runs the stages one after another, so a split pools memory rather than making one image
+    faster; balanced stages matter when several images are in flight (pipelining).
+    """
+    n, p = preset.num_blocks, len(peers)
+    if p == 0:
+        raise PlanError("no peers to plan over")
+    if p > n:
+        raise PlanError(f"{p} peers for {n} blocks: every peer needs at least one block")
+    cost = [preset.block_params(i) for i in range(n)]
+    prefix_cost = [0]
+    for c in cost:
+        prefix_cost.append(prefix_cost[-1] + c)
+    work = workspace_bytes(preset, tokens, itemsize)
+
+    def stage_cost(k: int, s: int, e: int) -> float:
+        mem = span_bytes(preset, s, e, itemsize) + work
+        if k == 0:
+            mem += head_extra_bytes(preset, itemsize)
+        if mem > peers[k].free_bytes:
+            return math.inf
+        return (prefix_cost[e] - prefix_cost[s]) / max(peers[k].speed, 1e-9)
+
+    # best[k][e]: minimal max-stage-cost covering blocks [0, e) with peers 0..k.
+    best = [[math.inf] * (n + 1) for _ in range(p)]
+    cut = [[0] * (n + 1) for _ in range(p)]
+    for e in range(1, n + 1):
+        best[0][e] = stage_cost(0, 0, e)
+    for k in range(1, p):
+        for e in range(k + 1, n + 1):
+            for s in range(k, e):
+                value = max(best[k - 1][s], stage_cost(k, s, e))
+                if value < best[k][e]:
+                    best[k][e], cut[k][e] = value, s
+    if math.isinf(best[p - 1][n]):
+        need = span_bytes(preset, 0, n, itemsize) + head_extra_bytes(preset, itemsize) + p * work
+        have = sum(x.free_bytes for x in peers)
+        raise PlanError(
+            f"{preset.name} does not fit: it needs about {need / 2**30:.1f} GiB across the peers "
+            f"(weights + workspace); they have {have / 2**30:.1f} GiB free together"
+        )
+    bounds, e = [], n
+    for k in range(p - 1, -1, -1):
+        s = cut[k][e] if k else 0
+        bounds.append((s, e))
+        e = s
+    bounds.reverse()
+    return SplitPlan(tuple(Stage(peers[k].peer, s, e, "auto", peers[k].label) for k, (s, e) in enumerate(bounds)))

@@ -1,0 +1,623 @@
+"""The daemon: accepts authenticated connections and serves a span of FLUX.2 blocks.
+
+Requests (see docs/protocol.md): ``info``, ``echo``, ``probe``, ``load``, ``prepare``, ``forward``,
+``release`` and, on the head, ``generate``. GPU work goes through the one :class:`GpuWorker` queue;
+codec work runs on codec threads; the event loop only moves bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import psutil
+import torch
+
+import codec
+from codec import Capabilities, CodecSpec, TokenLayout, choose_codec
+
+from . import __version__, auth, limits
+from .config import DaemonConfig, describe_ranges, ranges
+from .connection import Connection, Request, ServerSession, server_handshake
+from .errors import MeshError
+from .generation import GenerationParams, LocalRunner, Sampler, run_generation
+from .gpu import GpuWorker
+from .link import LinkEmulation, LinkRegistry
+from .model.runtime import HostedModel
+from .model.span import Conditioning, Stream
+from .peers import PeerPool
+from .plan import PlanError, SplitPlan, Stage
+from .streaming import pack_raw, receive_stream, send_stream, unpack_raw
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH = 8
+MAX_TEXT_TOKENS = 4096
+MAX_GRID = 512
+
+
+def cond_needs(preset, start: int, end: int) -> set[str]:
+    """Which per-step vectors blocks ``[start, end)`` (and, at the end, the final layer) use."""
+    needs = set()
+    if start < preset.num_double:
+        needs |= {"mod_img", "mod_txt"}
+    if end > preset.num_double:
+        needs.add("mod_single")
+    if end == preset.num_blocks:
+        needs.add("temb")
+    return needs
+
+
+@dataclass
+class Geometry:
+    batch: int
+    txt_len: int
+    img_h: int
+    img_w: int
+
+    @property
+    def tokens(self) -> int:
+        return self.txt_len + self.img_h * self.img_w
+
+    def to_wire(self) -> dict:
+        return {"batch": self.batch, "txt_len": self.txt_len, "img_h": self.img_h, "img_w": self.img_w}
+
+    @classmethod
+    def from_wire(cls, data: object) -> Geometry:
+        if not isinstance(data, dict):
+            raise MeshError("bad-request", "geometry must be a map")
+        values = {}
+        for name, hi in (("batch", MAX_BATCH), ("txt_len", MAX_TEXT_TOKENS), ("img_h", MAX_GRID), ("img_w", MAX_GRID)):
+            v = data.get(name)
+            if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= hi:
+                raise MeshError("bad-request", f"geometry {name}={v!r:.20} must be in 1..{hi}")
+            values[name] = v
+        return cls(**values)
+
+
+@dataclass
+class StageJob:
+    """A generation as one non-head stage sees it."""
+
+    id: str
+    owner: ServerSession | None
+    start: int
+    end: int
+    tail: bool
+    geometry: Geometry
+    rotary: tuple
+    needs: set[str]
+    downstream_needs: set[str]
+    next_peer: Stage | None = None
+    next_spec: CodecSpec | None = None
+    measure_error: bool = False
+    created: float = field(default_factory=time.monotonic)
+
+
+class Daemon:
+    def __init__(self, config: DaemonConfig, model: HostedModel, key: bytes | None, *,
+                 node_id: str | None = None) -> None:
+        self.config = config
+        self.model = model
+        self.key = key
+        self.device = model.device
+        self.worker = GpuWorker(self.device)
+        self.links = LinkRegistry()
+        self.emulation = LinkEmulation.parse(config.emulate_link) if config.emulate_link else None
+        self.node_id = node_id or uuid.uuid4().hex[:16]
+        self.name = config.node_name or socket.gethostname()
+        self.pool = PeerPool(key, self.links, self.emulation, hello={"node": self.name})
+        self.caps: Capabilities = codec.probe(self.device)
+        self.jobs: dict[str, StageJob] = {}
+        self.sessions: set[ServerSession] = set()
+        self.draining = False
+        self._server: asyncio.base_events.Server | None = None
+        self._preauth = 0
+        self._generation_slots = asyncio.Semaphore(limits.MAX_ACTIVE_GENERATIONS)
+        self._waiting_generations = 0
+        self._inflight: set[asyncio.Task] = set()
+        self.started = time.time()
+        self.on_change: list[Callable[[], None]] = []  # discovery re-announces when holdings change
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> tuple[str, int]:
+        self._server = await asyncio.start_server(self._on_client, self.config.host, self.config.port,
+                                                  limit=1 << 22, reuse_address=True)
+        sock = self._server.sockets[0].getsockname()
+        self.bound = (sock[0], sock[1])
+        log.info("meshd %s listening on %s:%s (%s, blocks %s, device %s)", __version__, sock[0], sock[1],
+                 self.model.identity.describe(), describe_ranges(self.model.blocks), self.device)
+        return self.bound
+
+    async def stop(self, grace: float = 30.0) -> None:
+        """Stop accepting, let running requests finish (up to ``grace`` s), then close everything."""
+        self.draining = True
+        if self._server is not None:
+            self._server.close()
+        deadline = time.monotonic() + grace
+        while any(s.tasks for s in self.sessions) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for session in list(self.sessions):
+            session.conn.writer.transport.abort()
+        for task in list(self._inflight):
+            task.cancel()
+        await asyncio.gather(*self._inflight, return_exceptions=True)
+        await self.pool.close()
+        self.worker.shutdown()
+
+    # --- connections --------------------------------------------------------------------------
+
+    async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        self._inflight.add(task)
+        try:
+            await self._serve_client(reader, writer)
+        finally:
+            self._inflight.discard(task)
+
+    async def _serve_client(self, reader, writer) -> None:
+        addr = writer.get_extra_info("peername")
+        name = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
+        conn = Connection(reader, writer, name, stats=self.links.get(name), emulation=self.emulation)
+        if self.draining or self._preauth >= limits.MAX_PREAUTH_CONNECTIONS or len(self.sessions) >= limits.MAX_CONNECTIONS:
+            writer.transport.abort()  # refuse cheaply: no read, no allocation
+            return
+        self._preauth += 1
+        try:
+            hello = await server_handshake(conn, self.key, self.node_info)
+        except MeshError as exc:
+            log.warning("refused %s: %s", name, exc.message)
+            await conn.close()
+            return
+        except Exception:  # noqa: BLE001 - never let one client take the daemon down
+            log.exception("handshake with %s failed", name)
+            await conn.close()
+            return
+        finally:
+            self._preauth -= 1
+        session = ServerSession(conn, self.handle, hello)
+        self.sessions.add(session)
+        try:
+            await session.run()
+        finally:
+            self.sessions.discard(session)
+            self._release_owned(session)
+
+    def _release_owned(self, session: ServerSession) -> None:
+        for job in [j for j in self.jobs.values() if j.owner is session]:
+            self._drop_job(job.id, relay=True)
+
+    # --- dispatch -----------------------------------------------------------------------------
+
+    async def handle(self, request: Request) -> tuple[dict, list]:
+        op = request.op
+        if self.draining and op in ("prepare", "generate", "load"):
+            raise MeshError("draining", f"{self.name} is shutting down")
+        handler = {
+            "info": self._info,
+            "echo": self._echo,
+            "probe": self._probe,
+            "load": self._load,
+            "prepare": self._prepare,
+            "forward": self._forward,
+            "release": self._release,
+            "generate": self._generate,
+        }.get(op)
+        if handler is None:
+            raise MeshError("bad-request", f"unknown request {op[:40]!r}")
+        return await handler(request)
+
+    def memory(self) -> dict:
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            return {"kind": "gpu", "free": free, "total": total}
+        vm = psutil.virtual_memory()
+        return {"kind": "host", "free": vm.available, "total": vm.total}
+
+    def node_info(self) -> dict:
+        preset = self.model.preset
+        return {
+            "node_id": self.node_id,
+            "name": self.name,
+            "version": __version__,
+            "proto": limits.PROTOCOL_VERSION,
+            "model": {**self.model.identity.to_dict(), "num_blocks": preset.num_blocks, "num_double": preset.num_double},
+            "blocks": ranges(self.model.blocks),
+            "head": self.model.has_head,
+            "tail": self.model.has_tail,
+            "device": str(self.device),
+            "gpu_name": self.caps.gpu_name,
+            "caps": self.caps.to_dict(),
+            "memory": self.memory(),
+            "jobs": len(self.jobs),
+            "queue": self.worker.queued,
+            "key_fingerprint": auth.fingerprint(self.key) if self.key else None,
+            "emulated_link": self.emulation.describe() if self.emulation else None,
+            "uptime_s": round(time.time() - self.started, 1),
+        }
+
+    async def _info(self, request: Request):
+        return {"node": self.node_info(), "links": self.links.snapshot()}, []
+
+    async def _echo(self, request: Request):
+        return {"t": time.time()}, []
+
+    async def _probe(self, request: Request):
+        return {"bytes": request.frame.payload_bytes}, []
+
+    # --- loading spans ------------------------------------------------------------------------
+
+    async def _load(self, request: Request):
+        preset = self.model.preset
+        wanted = request.header.get("blocks")
+        if not isinstance(wanted, list) or len(wanted) > preset.num_blocks:
+            raise MeshError("bad-request", "load needs blocks: a list of [start, end) ranges")
+        blocks: set[int] = set()
+        for item in wanted:
+            if (not isinstance(item, list) or len(item) != 2 or not all(isinstance(v, int) for v in item)
+                    or not 0 <= item[0] < item[1] <= preset.num_blocks):
+                raise MeshError("bad-request", f"block range {item!r:.40} is not within 0..{preset.num_blocks}")
+            blocks.update(range(item[0], item[1]))
+        head, tail = 0 in blocks, preset.num_blocks - 1 in blocks
+        loop = asyncio.get_running_loop()
+
+        def progress(done: int, total: int) -> None:
+            fut = asyncio.run_coroutine_threadsafe(request.event({"kind": "load", "done": done, "total": total}), loop)
+            fut.add_done_callback(lambda f: f.exception())
+
+        try:
+            _, seconds = await self.worker.run(self.model.load, blocks, head, tail, progress)
+        except MeshError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - ModelError and I/O errors go back to the client
+            raise MeshError("not-found", f"{self.name} could not load blocks {describe_ranges(blocks)}: {exc}") from None
+        for callback in self.on_change:
+            callback()
+        log.info("now holding blocks %s (loaded in %.1f s)", describe_ranges(self.model.blocks), seconds)
+        return {"blocks": ranges(self.model.blocks), "seconds": seconds, "node": self.node_info()}, []
+
+    # --- stages -------------------------------------------------------------------------------
+
+    def _check_model(self, expected: object) -> None:
+        mine = self.model.identity
+        if not isinstance(expected, dict):
+            raise MeshError("bad-request", "prepare needs the plan's model identity")
+        if (expected.get("preset"), expected.get("hash"), expected.get("dtype")) != (mine.preset, mine.content_hash, mine.dtype):
+            theirs = (f"{expected.get('model_id')!s:.40} ({expected.get('preset')!s:.20}, {expected.get('dtype')!s:.10}, "
+                      f"sha256 {str(expected.get('hash'))[:12]})")
+            raise MeshError("mismatch", f"{self.name} holds {mine.describe()}; the plan expects {theirs}")
+
+    def _check_holds(self, stage: Stage) -> None:
+        if not self.model.holds(stage.start, stage.end):
+            raise MeshError(
+                "mismatch",
+                f"{self.name} holds blocks {describe_ranges(self.model.blocks)} of {self.model.identity.model_id}; "
+                f"the plan asks it for blocks {stage.start}-{stage.end - 1} (apply the plan to load them)",
+            )
+
+    async def _prepare(self, request: Request):
+        h = request.header
+        job_id = h.get("job")
+        if not isinstance(job_id, str) or not 1 <= len(job_id) <= 64:
+            raise MeshError("bad-request", "prepare needs a job id")
+        if job_id in self.jobs:
+            raise MeshError("bad-request", f"job {job_id} is already prepared here")
+        if len(self.jobs) >= limits.MAX_JOBS_PER_STAGE:
+            raise MeshError("busy", f"{self.name} already holds {len(self.jobs)} jobs")
+        self._check_model(h.get("model"))
+        try:
+            stages = SplitPlan.from_wire(h.get("stages")).stages
+        except (PlanError, codec.CodecError) as exc:
+            raise MeshError("bad-request", f"plan: {exc}") from None
+        preset = self.model.preset
+        me = stages[0]
+        if me.start <= 0 or me.end > preset.num_blocks or me.end <= me.start:
+            raise MeshError("bad-request", f"stage blocks {me.start}-{me.end - 1} are not a non-head range of "
+                                           f"0-{preset.num_blocks - 1}")
+        for a, b in zip(stages, stages[1:]):
+            if b.start != a.end:
+                raise MeshError("bad-request", "plan stages are not contiguous")
+        if stages[-1].end != preset.num_blocks:
+            raise MeshError("bad-request", "plan does not reach the last block")
+        self._check_holds(me)
+        tail = me.end == preset.num_blocks
+        if tail and not self.model.has_tail:
+            raise MeshError("mismatch", f"{self.name} lacks the final layer the last stage runs")
+        geometry = Geometry.from_wire(h.get("geometry"))
+        floor = h.get("quality_floor", self.config.quality_floor)
+        if not isinstance(floor, (int, float)) or not 0 <= floor <= 1:
+            raise MeshError("bad-request", "quality_floor must be in [0, 1]")
+        txt_ids, img_ids = unpack_raw(h.get("ids"), request.frame.segments, torch.device("cpu"),
+                                      [(1, geometry.txt_len, 4), (1, geometry.img_h * geometry.img_w, 4)])
+        rotary, _ = await self.worker.run(self.model.span.rotary, txt_ids.to(self.device), img_ids.to(self.device))
+        downstream = set().union(*(cond_needs(preset, s.start, s.end) for s in stages[1:])) if len(stages) > 1 else set()
+        job = StageJob(job_id, request.session, me.start, me.end, tail, geometry, rotary,
+                       cond_needs(preset, me.start, me.end), downstream, measure_error=bool(h.get("measure_error")))
+        infos = []
+        if len(stages) > 1:
+            job.next_peer = stages[1]
+            channel = await self.pool.get(stages[1].peer)
+            reply = await channel.request("prepare", {**h, "stages": [s.to_wire() for s in stages[1:]]},
+                                          request.frame.segments)
+            infos = reply.header.get("stages")
+            if not isinstance(infos, list) or not infos:
+                raise MeshError("protocol", "downstream prepare reply lacks stage infos", peer=channel.name)
+            job.next_spec, link = await self.choose_link(stages[1], infos[0], geometry, me.codec, floor)
+        else:
+            link = None
+        self.jobs[job_id] = job
+        mine = {"peer": str(me.peer), "node": self.name, "node_id": self.node_id, "blocks": [me.start, me.end],
+                "caps": self.caps.to_dict(), "codec_out": job.next_spec.label if job.next_spec else None, "link": link}
+        return {"stages": [mine, *infos]}, []
+
+    async def choose_link(self, nxt: Stage, next_info: dict, geometry: Geometry, forced: str,
+                          floor: float) -> tuple[CodecSpec, dict]:
+        """Pick the codec for the link to ``nxt`` from its measured bandwidth and both ends' caps."""
+        try:
+            next_caps = Capabilities.from_dict(next_info.get("caps"))
+        except ValueError as exc:
+            raise MeshError("protocol", f"peer {nxt.peer} sent bad capabilities: {exc}") from None
+        bandwidth = await self.pool.bandwidth(nxt.peer)
+        stream_bytes = geometry.batch * geometry.tokens * self.model.preset.hidden * self.model.dtype.itemsize
+        try:
+            choice = choose_codec(stream_bytes, bandwidth.bytes_per_s, self.caps, next_caps, quality_floor=floor,
+                                  force=None if forced == "auto" else forced)
+        except codec.CodecError as exc:
+            raise MeshError("mismatch", f"link {self.name} -> {nxt.peer}: {exc}") from None
+        spec = CodecSpec(choice.spec.name, qp=choice.spec.qp,
+                         layout=TokenLayout(geometry.txt_len, geometry.img_h, geometry.img_w))
+        link = {"to": str(nxt.peer), "bandwidth_bps": bandwidth.bytes_per_s, "rtt_ms": bandwidth.rtt_ms,
+                "codec": spec.label, "why": choice.reason,
+                "emulated": self.emulation.describe() if self.emulation else None}
+        return spec, link
+
+    def _job(self, job_id: object) -> StageJob:
+        job = self.jobs.get(job_id) if isinstance(job_id, str) else None
+        if job is None:
+            raise MeshError("not-found", f"{self.name} has no job {job_id!r:.40} (never prepared, or released)")
+        return job
+
+    async def _forward(self, request: Request):
+        h = request.header
+        job = self._job(h.get("job"))
+        preset, g = self.model.preset, job.geometry
+        cond = self._unpack_cond(h, request.frame.segments, job.needs | job.downstream_needs, g.batch)
+        stream, rx = await receive_stream(request, self.device, (g.batch, g.tokens, preset.hidden), self.model.dtype)
+        if not self.model.holds(job.start, job.end):
+            raise MeshError("mismatch", f"{self.name} no longer holds blocks {job.start}-{job.end - 1}")
+        span = self.model.span
+
+        def compute() -> torch.Tensor:
+            c = Conditioning(**{n: cond.get(n) for n in Conditioning.NAMES})
+            s = span.run(job.start, job.end, Stream(g.txt_len, joint=stream), c, job.rotary)
+            return span.final(s, c.temb) if job.tail else s.as_joint()
+
+        out, seconds = await self.worker.run(compute)
+        del stream
+        record = {"node": self.name, "blocks": [job.start, job.end - 1], "codec": rx.codec, "bytes": rx.bytes,
+                  "wire_ms": round(rx.wire_ms, 3), "decode_ms": round(rx.decode_ms, 3),
+                  "compute_ms": round(seconds * 1e3, 3)}
+        self.links.get(request.peer).hop(rx.bytes, rx.wire_ms + rx.decode_ms)
+        if job.tail:
+            headers, buffers = pack_raw([out])
+            return {"prediction": headers[0], "hops": [record]}, buffers
+        names = sorted(job.downstream_needs)
+        headers, buffers = pack_raw([cond[n] for n in names])
+        channel = await self.pool.get(job.next_peer.peer)
+        reply, sent = await send_stream(
+            channel, "forward", {"job": job.id, "step": h.get("step"), "cond": headers, "cond_names": names},
+            buffers, out, job.next_spec, measure_error=job.measure_error, timeout=None,
+        )
+        hops = reply.header.get("hops")
+        if not isinstance(hops, list) or not hops or not isinstance(hops[0], dict):
+            raise MeshError("protocol", "downstream reply lacks hop records", peer=channel.name)
+        hops[0].update(sent.to_dict())
+        return {"prediction": reply.header.get("prediction"), "hops": [record, *hops]}, reply.segments
+
+    def _unpack_cond(self, h: dict, segments: list, needs: set[str], batch: int) -> dict[str, torch.Tensor]:
+        names = h.get("cond_names")
+        if not isinstance(names, list) or set(names) != needs or len(names) != len(needs):
+            raise MeshError("bad-request", f"forward must carry exactly the vectors {sorted(needs)}, got {names!r:.80}")
+        d = self.model.preset.hidden
+        widths = {"temb": d, "mod_img": 6 * d, "mod_txt": 6 * d, "mod_single": 3 * d}
+        tensors = unpack_raw(h.get("cond"), segments, self.device, [(batch, widths[n]) for n in names])
+        out = {}
+        for name, t in zip(names, tensors):
+            if t.dtype != self.model.dtype:
+                raise MeshError("bad-request", f"vector {name} is {t.dtype}; this stage computes in {self.model.dtype}")
+            out[name] = t
+        return out
+
+    def _drop_job(self, job_id: str, relay: bool) -> None:
+        job = self.jobs.pop(job_id, None)
+        if job is None:
+            return
+        if relay and job.next_peer is not None:
+            task = asyncio.ensure_future(self._relay_release(job))
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
+        self.worker.free_memory()
+
+    async def _relay_release(self, job: StageJob) -> None:
+        with contextlib.suppress(Exception):
+            channel = await self.pool.get(job.next_peer.peer)
+            await channel.request("release", {"job": job.id}, timeout=10)
+
+    async def _release(self, request: Request):
+        job_id = request.header.get("job")
+        known = isinstance(job_id, str) and job_id in self.jobs
+        if known:
+            job = self.jobs[job_id]
+            self._drop_job(job_id, relay=False)
+            if job.next_peer is not None:
+                await self._relay_release(job)
+        return {"released": known}, []
+
+    # --- the head: whole generations ----------------------------------------------------------
+
+    async def _generate(self, request: Request):
+        h = request.header
+        preset = self.model.preset
+        params = GenerationParams.from_wire(h.get("params"), multiple=preset.size_multiple)
+        try:
+            plan = SplitPlan.from_wire(h.get("plan")).validate(preset.num_blocks)
+        except (PlanError, codec.CodecError) as exc:
+            raise MeshError("bad-request", f"plan: {exc}") from None
+        head = plan.stages[0]
+        self._check_holds(head)
+        if not self.model.has_head:
+            raise MeshError("mismatch", f"{self.name} lacks the input layers the head runs (it must hold block 0)")
+        if len(plan.stages) == 1 and not self.model.has_tail:
+            raise MeshError("mismatch", f"{self.name} lacks the final layer")
+        floor = h.get("quality_floor", self.config.quality_floor)
+        codec_default = h.get("codec", "auto")
+        if not isinstance(codec_default, str):
+            raise MeshError("bad-request", "codec must be text")
+        if codec_default != "auto":
+            try:
+                codec_default = CodecSpec.parse(codec_default).label
+            except codec.CodecError as exc:
+                raise MeshError("bad-request", str(exc)) from None
+            plan = SplitPlan(tuple(s if s.codec != "auto" else Stage(s.peer, s.start, s.end, codec_default, s.label)
+                                   for s in plan.stages))
+        if self._waiting_generations >= limits.MAX_QUEUED_GENERATIONS:
+            raise MeshError("busy", f"{self.name} has {self._waiting_generations} generations waiting")
+        self._waiting_generations += 1
+        try:
+            await request.event({"kind": "queued", "position": self._waiting_generations})
+            await self._generation_slots.acquire()
+        finally:
+            self._waiting_generations -= 1
+        try:
+            return await self._run_generation(request, params, plan, floor, bool(h.get("measure_error", True)),
+                                              bool(h.get("return_latents", False)))
+        finally:
+            self._generation_slots.release()
+
+    async def _run_generation(self, request: Request, params: GenerationParams, plan: SplitPlan, floor,
+                              measure_error: bool, return_latents: bool):
+        if len(plan.stages) == 1:
+            runner = LocalRunner(self.worker)
+            stages_info = [{"node": self.name, "blocks": [0, self.model.preset.num_blocks]}]
+        else:
+            runner = SplitRunner(self, plan, params, floor, measure_error)
+            stages_info = await runner.prepare()
+        await request.event({"kind": "prepared", "plan": plan.describe(), "stages": stages_info})
+        try:
+            result = await run_generation(
+                self.model, self.worker, params, runner,
+                metadata={"plan": plan.describe(), "stages": stages_info, "head": self.name},
+                progress=lambda event: request.event(event),
+            )
+        finally:
+            if isinstance(runner, SplitRunner):
+                await runner.release()
+        if return_latents:
+            headers, buffers = pack_raw([result.latents])
+            return {"summary": result.summary, "latents": headers[0]}, [result.png, *buffers]
+        return {"summary": result.summary}, [result.png]
+
+
+class SplitRunner:
+    """The head's side of a split generation: its own blocks here, the rest across the mesh."""
+
+    def __init__(self, daemon: Daemon, plan: SplitPlan, params: GenerationParams, floor: float,
+                 measure_error: bool) -> None:
+        self.daemon = daemon
+        self.plan = plan
+        self.params = params
+        self.floor = floor
+        self.measure_error = measure_error
+        self.job_id = uuid.uuid4().hex
+        preset = daemon.model.preset
+        scale = preset.size_multiple
+        self.geometry = Geometry(1, preset.max_sequence_length, params.height // scale, params.width // scale)
+        self.head = plan.stages[0]
+        self.downstream = set().union(*(cond_needs(preset, s.start, s.end) for s in plan.stages[1:]))
+        self.channel = None
+        self.spec: CodecSpec | None = None
+        self.prepared = False
+
+    async def prepare(self) -> list[dict]:
+        d = self.daemon
+        g = self.geometry
+        from diffusers.pipelines.flux2.pipeline_flux2_klein import Flux2KleinPipeline as P  # noqa: PLC0415
+
+        txt_ids = P._prepare_text_ids(torch.zeros(1, g.txt_len, 1))
+        img_ids = P._prepare_latent_ids(torch.zeros(1, 1, g.img_h, g.img_w))
+        headers, buffers = pack_raw([txt_ids.contiguous(), img_ids.contiguous()])
+        self.channel = await d.pool.get(self.plan.stages[1].peer)
+        fields = {
+            "job": self.job_id,
+            "model": d.model.identity.to_dict(),
+            "stages": [s.to_wire() for s in self.plan.stages[1:]],
+            "geometry": g.to_wire(),
+            "quality_floor": self.floor,
+            "measure_error": self.measure_error,
+            "ids": headers,
+        }
+        reply = await self.channel.request("prepare", fields, buffers)
+        self.prepared = True
+        infos = reply.header.get("stages")
+        if not isinstance(infos, list) or not infos:
+            raise MeshError("protocol", "prepare reply lacks stage infos", peer=self.channel.name)
+        self.spec, link = await d.choose_link(self.plan.stages[1], infos[0], g, self.head.codec, self.floor)
+        mine = {"peer": str(self.head.peer), "node": d.name, "node_id": d.node_id,
+                "blocks": [self.head.start, self.head.end], "caps": d.caps.to_dict(),
+                "codec_out": self.spec.label, "link": link}
+        return [mine, *infos]
+
+    async def forward(self, sampler: Sampler, step: int, pass_index: int, cond: Conditioning):
+        d = self.daemon
+        span = d.model.span
+
+        def head_compute() -> torch.Tensor:
+            return span.run(0, self.head.end, sampler.embed(pass_index), cond, sampler.rotary).as_joint()
+
+        joint, seconds = await d.worker.run(head_compute)
+        names = sorted(self.downstream)
+        headers, buffers = pack_raw([getattr(cond, n) for n in names])
+        reply, sent = await send_stream(
+            self.channel, "forward", {"job": self.job_id, "step": step, "cond": headers, "cond_names": names},
+            buffers, joint, self.spec, measure_error=self.measure_error, timeout=None,
+        )
+        preset = d.model.preset
+        out_channels = int(preset.transformer.get("out_channels") or preset.transformer["in_channels"])
+        (prediction,) = unpack_raw([reply.header.get("prediction")], reply.segments, d.device,
+                                   [(1, sampler.image_tokens, out_channels)])
+        hops = reply.header.get("hops")
+        if not isinstance(hops, list) or not hops:
+            raise MeshError("protocol", "forward reply lacks hop records", peer=self.channel.name)
+        hops[0].update(sent.to_dict())
+        hops[0]["from"] = d.name
+        d.links.get(self.channel.name).hop(sent.wire_bytes, hops[0].get("wire_ms", 0.0))
+        return prediction, {"compute_ms": seconds * 1e3, "hops": hops,
+                            "return_bytes": sum(memoryview(b).nbytes for b in reply.segments)}
+
+    async def release(self) -> None:
+        if self.prepared and self.channel is not None and self.channel.alive:
+            with contextlib.suppress(Exception):
+                await self.channel.request("release", {"job": self.job_id}, timeout=10)
+
+
+def node_id_file(state_dir) -> str:
+    """A stable node id kept in the state directory (created on first start)."""
+    path = state_dir / "node-id"
+    try:
+        value = path.read_text().strip()
+        if len(value) == 16 and all(c in "0123456789abcdef" for c in value):
+            return value
+    except OSError:
+        pass
+    value = uuid.uuid4().hex[:16]
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(value + "\n")
+    return value

@@ -1,0 +1,172 @@
+"""Moving tensors over a channel: the big stream chunk by chunk through the codec, small tensors raw.
+
+The sender encodes chunk ``i + 1`` on a codec thread while chunk ``i`` is on the wire; the receiver
+decodes each chunk as it lands. Both ends time their part; the per-hop figures come from here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+import codec
+from codec import CodecError, CodecSpec
+
+from .connection import Channel, Request
+from .errors import MeshError
+
+#: Codec work (quantise, D2H/H2D copies, HEVC) runs here, off the event loop and off the GPU queue.
+CODEC_THREADS = ThreadPoolExecutor(4, thread_name_prefix="codec")
+
+
+def pack_raw(tensors: Sequence[torch.Tensor]) -> tuple[list[dict], list]:
+    """Small tensors (modulation vectors, ids, predictions) as raw codec headers + buffers."""
+    headers, buffers = [], []
+    for t in tensors:
+        enc = codec.encode(t.contiguous(), CodecSpec("raw", chunk_tokens=0))
+        headers.append(enc.header.to_dict())
+        buffers.extend(enc.buffers)
+    return headers, buffers
+
+
+def unpack_raw(headers: object, buffers: Sequence, device: torch.device, shapes: Sequence | None = None) -> list[torch.Tensor]:
+    """Inverse of :func:`pack_raw`, validating each header (and shape, when ``shapes`` is given)."""
+    if not isinstance(headers, list) or len(headers) != len(buffers):
+        raise MeshError("bad-request", f"{len(buffers)} tensor buffers do not match their headers")
+    out = []
+    for i, (header, buf) in enumerate(zip(headers, buffers)):
+        try:
+            parsed = codec.Header.from_dict(header)
+            if parsed.codec != "raw" or len(parsed.chunks) != 1:
+                raise CodecError("small tensors travel raw, in one chunk")
+            expect = None if shapes is None or shapes[i] is None else shapes[i]
+            out.append(codec.decode(codec.Encoded(parsed, [buf]), device, expect_shape=expect))
+        except CodecError as exc:
+            raise MeshError("codec", f"tensor {i}: {exc}") from None
+    return out
+
+
+@dataclass
+class SendStats:
+    codec: str = "raw"
+    raw_bytes: int = 0
+    wire_bytes: int = 0
+    encode_ms: float = 0.0
+    error: dict | None = None
+    chunks: int = 0
+
+    def to_dict(self) -> dict:
+        out = {"codec": self.codec, "raw_bytes": self.raw_bytes, "bytes": self.wire_bytes,
+               "encode_ms": round(self.encode_ms, 3), "chunks": self.chunks}
+        if self.error is not None:
+            out["error"] = self.error
+        return out
+
+
+@dataclass
+class ReceiveStats:
+    wire_ms: float = 0.0
+    decode_ms: float = 0.0
+    bytes: int = 0
+    codec: str = ""
+
+
+async def send_stream(channel: Channel, op: str, fields: dict, segments: list, tensor: torch.Tensor,
+                      spec: CodecSpec, *, measure_error: bool = False, timeout: float | None = None):
+    """Send ``tensor`` as a chunked codec stream after a request; returns (reply frame, SendStats)."""
+    loop = asyncio.get_running_loop()
+    header, chunk_iter = codec.encode_chunks(tensor, spec)
+    stats = SendStats(codec=header.label, raw_bytes=header.raw_bytes, chunks=len(header.chunks))
+    queue: asyncio.Queue = asyncio.Queue()
+    produced: list = []
+
+    def produce() -> float:
+        t0 = time.perf_counter()
+        try:
+            for chunk in chunk_iter:
+                if measure_error:
+                    produced.append(chunk)
+                loop.call_soon_threadsafe(queue.put_nowait, chunk)
+            loop.call_soon_threadsafe(queue.put_nowait, None)
+        except BaseException as exc:  # noqa: BLE001 - surfaced to the sender below
+            loop.call_soon_threadsafe(queue.put_nowait, exc)
+        return time.perf_counter() - t0
+
+    async def chunks():
+        while True:
+            item = await queue.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise MeshError("codec", f"encoding the stream failed: {item}") from item
+            stats.wire_bytes += sum(memoryview(b).nbytes for b in item.buffers)
+            yield item.index, item.buffers
+
+    producer = loop.run_in_executor(CODEC_THREADS, produce)
+    request_fields = {**fields, "stream": header.to_dict(), "chunks": len(header.chunks)}
+    try:
+        reply = await channel.request(op, request_fields, segments, chunks=chunks(), timeout=timeout)
+    finally:
+        stats.encode_ms = (await producer) * 1e3
+    if measure_error and header.codec != "raw":
+        stats.error = await loop.run_in_executor(CODEC_THREADS, _measure, tensor, header, produced)
+    return reply, stats
+
+
+def _measure(tensor: torch.Tensor, header: codec.Header, chunks: list) -> dict:
+    decoder = codec.ChunkDecoder(header, tensor.device)
+    for chunk in chunks:
+        decoder.feed(chunk.index, chunk.buffers)
+    return codec.reconstruction_error(tensor, decoder.result()).to_dict()
+
+
+async def receive_stream(request: Request, device: torch.device, expect_shape: Sequence[int],
+                         expect_dtype: torch.dtype) -> tuple[torch.Tensor, ReceiveStats]:
+    """Decode the chunked stream that follows ``request`` into a tensor on ``device``.
+
+    ``wire_ms`` is the time the chunk frames spent arriving (first byte to last byte of each, summed):
+    the link's share, without the sender's encoding gaps.
+    """
+    loop = asyncio.get_running_loop()
+    count = request.header.get("chunks")
+    try:
+        decoder = codec.ChunkDecoder(request.header.get("stream"), device, expect_shape=expect_shape)
+    except CodecError as exc:
+        raise MeshError("codec", f"stream header: {exc}") from None
+    if decoder.header.torch_dtype != expect_dtype:
+        raise MeshError("mismatch", f"stream is {decoder.header.dtype}; this stage computes in {expect_dtype}")
+    if count != len(decoder.header.chunks):
+        raise MeshError("bad-request", f"request announces {count!r} chunks; the stream header has "
+                                       f"{len(decoder.header.chunks)}")
+    stats = ReceiveStats(codec=decoder.header.label)
+    decode_s = 0.0
+    wire_s = 0.0
+
+    def feed(index: int, buffers: list) -> float:
+        t0 = time.perf_counter()
+        decoder.feed(index, buffers)
+        return time.perf_counter() - t0
+
+    def finish() -> tuple[torch.Tensor, float]:
+        t0 = time.perf_counter()
+        out = decoder.result()
+        if out.device.type == "cuda":
+            torch.cuda.current_stream(out.device).synchronize()
+        return out, time.perf_counter() - t0
+
+    try:
+        async for frame in request.chunks(count):
+            stats.bytes += frame.payload_bytes
+            wire_s += frame.finished_at - frame.started_at
+            decode_s += await loop.run_in_executor(CODEC_THREADS, feed, frame.header.get("index"), frame.segments)
+        tensor, finish_s = await loop.run_in_executor(CODEC_THREADS, finish)
+    except CodecError as exc:
+        raise MeshError("codec", f"stream: {exc}") from None
+    stats.wire_ms = wire_s * 1e3
+    stats.decode_ms = (decode_s + finish_s) * 1e3
+    return tensor, stats

@@ -1,0 +1,67 @@
+"""Turning a generation summary into the per-hop table people read (and ``--json`` prints)."""
+
+from __future__ import annotations
+
+import statistics
+from collections import OrderedDict
+
+
+def hop_totals(summary: dict) -> list[dict]:
+    """Per link (in plan order): codec, bytes per step, mean encode/wire/decode/compute ms, worst error."""
+    table: OrderedDict[str, dict] = OrderedDict()
+    for step in summary.get("steps", []):
+        for p in step.get("passes", []):
+            for hop in p.get("hops", []):
+                key = f"{hop.get('from', '?')} -> {hop.get('node', '?')}"
+                row = table.setdefault(key, {"link": key, "codec": hop.get("codec"), "blocks": hop.get("blocks"),
+                                             "bytes": [], "raw_bytes": [], "encode_ms": [], "wire_ms": [],
+                                             "decode_ms": [], "compute_ms": [], "errors": []})
+                for name in ("bytes", "raw_bytes", "encode_ms", "wire_ms", "decode_ms", "compute_ms"):
+                    if isinstance(hop.get(name), (int, float)):
+                        row[name].append(hop[name])
+                if isinstance(hop.get("error"), dict):
+                    row["errors"].append(hop["error"])
+    out = []
+    for row in table.values():
+        errors = row.pop("errors")
+        entry = {"link": row["link"], "codec": row["codec"], "blocks": row["blocks"]}
+        for name in ("bytes", "raw_bytes"):
+            entry[f"{name}_per_step"] = int(statistics.mean(row[name])) if row[name] else None
+        for name in ("encode_ms", "wire_ms", "decode_ms", "compute_ms"):
+            entry[name] = round(statistics.mean(row[name]), 3) if row[name] else None
+        if errors:
+            entry["error_worst"] = {
+                "cosine": min(e["cosine"] for e in errors),
+                "rel_l2": max(e["rel_l2"] for e in errors),
+                "max_abs": max(e["max_abs"] for e in errors),
+            }
+        out.append(entry)
+    return out
+
+
+def human_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def step_line(event: dict) -> str:
+    """One progress line for a step event."""
+    parts = [f"step {event.get('step')}/{event.get('steps')}", f"{event.get('ms', 0):7.1f} ms"]
+    for p in event.get("passes", []):
+        if "hops" not in p or not p["hops"]:
+            parts.append(f"local compute {p.get('compute_ms', 0):.1f} ms")
+            continue
+        parts.append(f"head {p.get('compute_ms', 0):.1f} ms")
+        for hop in p["hops"]:
+            text = (f"-> {hop.get('node')} {hop.get('codec')} {human_bytes(hop.get('bytes'))} "
+                    f"enc {hop.get('encode_ms', 0):.1f} wire {hop.get('wire_ms', 0):.1f} dec {hop.get('decode_ms', 0):.1f} "
+                    f"run {hop.get('compute_ms', 0):.1f} ms")
+            if isinstance(hop.get("error"), dict):
+                text += f" cos {hop['error']['cosine']:.5f}"
+            parts.append(text)
+    return "  ".join(parts)
