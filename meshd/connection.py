@@ -338,7 +338,7 @@ class Channel:
         pending = self._pending[rid] = _Pending()
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            await self.conn.send({"op": op, "id": rid, **(fields or {})}, segments)
+            await self.conn.send({**(fields or {}), "op": op, "id": rid}, segments)
             if chunks is not None:
                 async for index, buffers in chunks:
                     await self.conn.send({"op": "chunk", "id": rid, "index": index}, buffers)
@@ -411,7 +411,7 @@ class Request:
             yield item
 
     async def event(self, fields: dict, segments: Iterable = ()) -> None:
-        await self.session.conn.send({"op": "event", "id": self.id, **fields}, segments)
+        await self.session.conn.send({**fields, "op": "event", "id": self.id}, segments)
 
 
 Handler = Callable[[Request], Awaitable[tuple[dict, list]]]
@@ -485,7 +485,7 @@ class ServerSession:
     async def _handle(self, request: Request) -> None:
         try:
             fields, segments = await self.handler(request)
-            await self.conn.send({"op": "reply", "id": request.id, **fields}, segments)
+            await self.conn.send({**fields, "op": "reply", "id": request.id}, segments)
         except asyncio.CancelledError:
             pass
         except MeshError as exc:

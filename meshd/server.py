@@ -122,6 +122,7 @@ class Daemon:
         self._generation_slots = asyncio.Semaphore(limits.MAX_ACTIVE_GENERATIONS)
         self._waiting_generations = 0
         self._inflight: set[asyncio.Task] = set()
+        self._connections: set[Connection] = set()
         self.started = time.time()
         self.on_change: list[Callable[[], None]] = []  # discovery re-announces when holdings change
 
@@ -144,11 +145,13 @@ class Daemon:
         deadline = time.monotonic() + grace
         while any(s.tasks for s in self.sessions) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        for session in list(self.sessions):
-            session.conn.writer.transport.abort()
-        for task in list(self._inflight):
-            task.cancel()
-        await asyncio.gather(*self._inflight, return_exceptions=True)
+        # Closing the sockets ends every session's read loop; the tasks then finish by themselves.
+        for conn in list(self._connections):
+            conn.writer.transport.abort()
+        if self._inflight:
+            _, late = await asyncio.wait(set(self._inflight), timeout=5)
+            for task in late:
+                task.cancel()
         await self.pool.close()
         self.worker.shutdown()
 
@@ -166,6 +169,14 @@ class Daemon:
         addr = writer.get_extra_info("peername")
         name = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
         conn = Connection(reader, writer, name, stats=self.links.get(name), emulation=self.emulation)
+        self._connections.add(conn)
+        try:
+            await self._serve_connection(conn, name)
+        finally:
+            self._connections.discard(conn)
+
+    async def _serve_connection(self, conn: Connection, name: str) -> None:
+        writer = conn.writer
         if self.draining or self._preauth >= limits.MAX_PREAUTH_CONNECTIONS or len(self.sessions) >= limits.MAX_CONNECTIONS:
             writer.transport.abort()  # refuse cheaply: no read, no allocation
             return
@@ -212,7 +223,11 @@ class Daemon:
         }.get(op)
         if handler is None:
             raise MeshError("bad-request", f"unknown request {op[:40]!r}")
-        return await handler(request)
+        log.debug("%s %s from %s", op, request.id, request.peer)
+        try:
+            return await handler(request)
+        finally:
+            log.debug("%s %s from %s done", op, request.id, request.peer)
 
     def memory(self) -> dict:
         if self.device.type == "cuda":
@@ -344,7 +359,8 @@ class Daemon:
         if len(stages) > 1:
             job.next_peer = stages[1]
             channel = await self.pool.get(stages[1].peer)
-            reply = await channel.request("prepare", {**h, "stages": [s.to_wire() for s in stages[1:]]},
+            onward = {k: v for k, v in h.items() if k not in ("op", "id")}
+            reply = await channel.request("prepare", {**onward, "stages": [s.to_wire() for s in stages[1:]]},
                                           request.frame.segments)
             infos = reply.header.get("stages")
             if not isinstance(infos, list) or not infos:
