@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .errors import CodecError, CodecUnavailable
+from .hevc_cpu import check_crc
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +256,9 @@ class NvDecoder:
         )
         return dec, stream
 
-    def _decode_one(self, bitstream, slot: torch.Tensor) -> None:
+    def _decode_one(self, bitstream, slot: torch.Tensor, crc: int | None, index: int) -> None:
+        if crc is not None:
+            check_crc(bitstream, crc, index)
         nvc = self._nvc
         width, height = slot.shape[1], slot.shape[0] // 3
         key = (width, height)
@@ -292,10 +295,12 @@ class NvDecoder:
             if reusable:
                 self._pool.release(key, (dec, stream))
 
-    def submit(self, bitstreams: Sequence, width: int, height: int) -> PendingFrames:
-        """Start decoding ``bitstreams`` (one frame each) on the session threads."""
+    def submit(self, bitstreams: Sequence, width: int, height: int, crcs: Sequence[int] | None = None) -> PendingFrames:
+        """Start decoding ``bitstreams`` (one frame each) on the session threads; each frame's CRC-32
+        (when given) is checked on its thread before the frame reaches NVDEC."""
         out = torch.empty((len(bitstreams), 3 * height, width), dtype=torch.uint8, device=self._device)
-        futures = [self._threads.submit(self._decode_one, b, out[i]) for i, b in enumerate(bitstreams)]
+        futures = [self._threads.submit(self._decode_one, b, out[i], None if crcs is None else crcs[i], i)
+                   for i, b in enumerate(bitstreams)]
         return PendingFrames(out, futures)
 
     def decode(self, bitstreams: Sequence, width: int, height: int, device: torch.device) -> torch.Tensor:

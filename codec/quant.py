@@ -1,7 +1,9 @@
 """Per-channel quantisation to 8 bits: affine uint8 and fp8 e4m3.
 
 Everything is plain torch arithmetic on float32, one rounding per operation and no fused
-multiply-add, so a GPU computes exactly the bytes the CPU reference does.
+multiply-add, so a GPU computes exactly the bytes the CPU reference does. (Division by a Python
+scalar is avoided: CUDA turns it into a multiplication by the reciprocal and the CPU does not, which
+changes the last bit. Multiplying by the float32 reciprocal explicitly is the same on both.)
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ import torch
 
 #: Largest finite float8 e4m3fn value.
 FP8_MAX = 448.0
+_INV_FP8_MAX = 1.0 / FP8_MAX
+_INV_255 = 1.0 / 255.0
 
 
 def u8_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -21,7 +25,7 @@ def u8_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     xf = x.float()
     low = xf.amin(dim=0)
     high = xf.amax(dim=0)
-    step = (high - low) / 255.0
+    step = (high - low) * _INV_255
     divisor = torch.where(step > 0, step, torch.ones_like(step))
     codes = torch.round((xf - low) / divisor).clamp_(0, 255).to(torch.uint8)
     return codes, torch.stack((low, step))
@@ -41,7 +45,7 @@ def fp8_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     xf = x.float()
     absmax = xf.abs().amax(dim=0)
-    scale = torch.where(absmax > 0, absmax / FP8_MAX, torch.ones_like(absmax))
+    scale = torch.where(absmax > 0, absmax * _INV_FP8_MAX, torch.ones_like(absmax))
     # Division can land a hair above FP8_MAX, which float8 would turn into NaN: clamp first.
     scaled = (xf / scale).clamp_(-FP8_MAX, FP8_MAX)
     return scaled.to(torch.float8_e4m3fn).view(torch.uint8), scale

@@ -119,16 +119,21 @@ class Connection:
         for long even while one side is busy reading a big frame."""
         with contextlib.suppress(asyncio.CancelledError):
             was_active = False
+            woke = time.monotonic()
             while not self.closed:
                 await asyncio.sleep(limits.PING_INTERVAL_S)
+                now = time.monotonic()
+                lag, woke = now - woke - limits.PING_INTERVAL_S, now
                 now_active = active() or self.reading
                 if not now_active:
                     was_active = False
                     continue
-                if not was_active:  # do not blame the peer for time we were idle
-                    self.last_rx = max(self.last_rx, time.monotonic() - limits.PING_INTERVAL_S)
+                if not was_active or lag > 0.5:
+                    # Do not blame the peer for time we were idle, or for time our own event loop
+                    # could not run (its bytes may be sitting unread in the socket).
+                    self.last_rx = max(self.last_rx, now - limits.PING_INTERVAL_S)
                     was_active = True
-                silent = time.monotonic() - self.last_rx
+                silent = now - self.last_rx
                 if silent > limits.PEER_SILENCE_TIMEOUT_S:
                     await on_silence(silent)
                     return
@@ -474,7 +479,7 @@ class ServerSession:
 
     async def _watch_silence(self) -> None:
         async def silent(seconds: float) -> None:
-            log.warning("client %s went silent (%.0f s) with %d request(s) running; cancelling them",
+            log.warning("client %s went silent (%.1f s without a byte) with %d request(s) running; cancelling them",
                         self.conn.name, seconds, len(self.tasks))
             for task in list(self.tasks.values()):
                 task.cancel()

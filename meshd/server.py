@@ -13,7 +13,7 @@ import logging
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import psutil
@@ -124,7 +124,10 @@ class Daemon:
         self._inflight: set[asyncio.Task] = set()
         self._connections: set[Connection] = set()
         self.started = time.time()
-        self.on_change: list[Callable[[], None]] = []  # discovery re-announces when holdings change
+        # Extension points for the parts that live in their own modules (telemetry, discovery, ...):
+        self.on_change: list[Callable[[], None]] = []  # called when the held blocks change
+        self.extra_ops: dict[str, Callable[[Request], Awaitable[tuple[dict, list]]]] = {}  # more request ops
+        self.info_providers: list[Callable[[], dict]] = []  # merged into node_info()
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -211,7 +214,7 @@ class Daemon:
         op = request.op
         if self.draining and op in ("prepare", "generate", "load"):
             raise MeshError("draining", f"{self.name} is shutting down")
-        handler = {
+        handler = self.extra_ops.get(op) or {
             "info": self._info,
             "echo": self._echo,
             "probe": self._probe,
@@ -232,7 +235,9 @@ class Daemon:
     def memory(self) -> dict:
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
-            return {"kind": "gpu", "free": free, "total": total}
+            return {"kind": "gpu", "free": free, "total": total,
+                    "allocated": torch.cuda.memory_allocated(self.device),
+                    "peak_allocated": torch.cuda.max_memory_allocated(self.device)}
         vm = psutil.virtual_memory()
         return {"kind": "host", "free": vm.available, "total": vm.total}
 
@@ -256,6 +261,7 @@ class Daemon:
             "key_fingerprint": auth.fingerprint(self.key) if self.key else None,
             "emulated_link": self.emulation.describe() if self.emulation else None,
             "uptime_s": round(time.time() - self.started, 1),
+            **{k: v for provider in self.info_providers for k, v in provider().items()},
         }
 
     async def _info(self, request: Request):
