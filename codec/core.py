@@ -287,6 +287,8 @@ class ChunkDecoder:
         self._out = torch.empty((h.tokens, h.channels), dtype=h.torch_dtype, device=self.device)
         self._done = [False] * len(h.chunks)
         self._pending: list[tuple[ChunkInfo, torch.Tensor, object]] = []
+        self._keep: list = []  # received buffers stay alive until their async copies to the GPU finish
+        self._async = self.device.type == "cuda"
         self._decoder = hevc_decoder(self.device) if h.codec == "hevc" else None
 
     def feed(self, index: int, buffers: Sequence) -> None:
@@ -305,12 +307,12 @@ class ChunkDecoder:
         if h.codec == "raw":
             self._expect(index, sizes[0], count * channels * h.itemsize, "tensor data")
             data = _host_view(buffers[0], torch.uint8).view(h.torch_dtype).view(count, channels)
-            out.copy_(data)
+            out.copy_(data, non_blocking=self._pinned(data))
         elif h.codec in ("fp8", "u8"):
             self._expect(index, sizes[0], h.params_bytes(index), "channel parameters")
             self._expect(index, sizes[1], count * channels, "codes")
-            params = _host_view(buffers[0], torch.float32).to(self.device)
-            codes = _host_view(buffers[1], torch.uint8).view(count, channels).to(self.device)
+            params = self._to_device(_host_view(buffers[0], torch.float32))
+            codes = self._to_device(_host_view(buffers[1], torch.uint8).view(count, channels))
             if h.codec == "fp8":
                 out.copy_(fp8_dequantize(codes, params, h.torch_dtype))
             else:
@@ -319,7 +321,7 @@ class ChunkDecoder:
             g = info.geometry
             self._expect(index, sizes[0], h.params_bytes(index), "channel parameters and frame table")
             params_bytes = _host_view(buffers[0], torch.uint8)
-            params = params_bytes[: 8 * channels].view(torch.float32).view(2, channels).to(self.device)
+            params = self._to_device(params_bytes[: 8 * channels].view(torch.float32).view(2, channels))
             table = np.frombuffer(memoryview(buffers[0])[8 * channels :], dtype="<u4").reshape(-1, 2)
             bound = int(g.frame_bytes * MAX_FRAME_EXPANSION) + FRAME_SLACK_BYTES
             for f, (declared, actual) in enumerate(zip(table[:, 0].tolist(), sizes[1:])):
@@ -333,6 +335,17 @@ class ChunkDecoder:
             pending = self._decoder.submit(list(buffers[1:]), g.width, g.height, crcs=table[:, 1].tolist())
             self._pending.append((info, params, pending))
         self._done[index] = True
+        if self._async:
+            self._keep.append(buffers)
+
+    def _pinned(self, host: torch.Tensor) -> bool:
+        return self._async and host.is_pinned()
+
+    def _to_device(self, host: torch.Tensor) -> torch.Tensor:
+        """Copy to the device; asynchronously from pinned buffers (``result`` synchronises)."""
+        if self.device.type == "cpu":
+            return host
+        return host.to(self.device, non_blocking=self._pinned(host))
 
     @staticmethod
     def _expect(index: int, actual: int, expected: int, what: str) -> None:
@@ -353,6 +366,9 @@ class ChunkDecoder:
             decoded = frames.result().to(self.device)
             codes = framing.untile(decoded, info.geometry, info.count, h.channels)
             self._out[info.start : info.start + info.count].copy_(u8_dequantize(codes, params, h.torch_dtype))
+        if self._async:
+            torch.cuda.current_stream(self.device).synchronize()
+            self._keep.clear()
         return self._out.view(h.shape)
 
 

@@ -13,8 +13,10 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import select
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,28 +28,84 @@ from .protocol import DEFAULT_LIMITS, PREAUTH_LIMITS, Frame, FrameLimits, FrameR
 
 log = logging.getLogger(__name__)
 
-READ_SLICE = 1 << 20
-WRITE_SLICE = 1 << 20
-STREAM_LIMIT = 1 << 22
+#: Largest piece handed to one send call under link emulation (pacing granularity).
+PACE_SLICE = 256 * 1024
+#: Segments at least this big are received into buffers from the connection's allocator
+#: (pinned host memory on a GPU daemon), smaller ones into plain bytearrays.
+BIG_SEGMENT = 1 << 20
+
+Allocator = Callable[[int], Any]
+
+#: Big segments move on these threads with plain blocking-style system calls: several times the
+#: throughput of the event loop's per-call overhead (loopback: ~3 GB/s vs ~1.2 GB/s measured on a
+#: 2-core machine), and the loop stays free meanwhile. Only the connection's single reader (or the
+#: holder of its write lock) touches the socket at a time, so this never races the loop.
+BULK_IO = ThreadPoolExecutor(8, thread_name_prefix="bulk-io")
+
+
+def _bulk_recv_into(sock: socket.socket, view: memoryview, progress: Callable[[], None], timeout: float) -> int:
+    poller = select.poll()
+    poller.register(sock, select.POLLIN | select.POLLERR | select.POLLHUP)
+    got, n = 0, len(view)
+    while got < n:
+        try:
+            count = sock.recv_into(view[got:])
+        except BlockingIOError:
+            if not poller.poll(timeout * 1000):
+                raise TimeoutError from None
+            continue
+        if count == 0:
+            return got
+        got += count
+        progress()
+    return got
+
+
+def _bulk_send(sock: socket.socket, view: memoryview, timeout: float) -> None:
+    poller = select.poll()
+    poller.register(sock, select.POLLOUT | select.POLLERR | select.POLLHUP)
+    sent, n = 0, len(view)
+    while sent < n:
+        try:
+            sent += sock.send(view[sent:])
+        except BlockingIOError:
+            if not poller.poll(timeout * 1000):
+                raise TimeoutError from None
+
+
+def _bytearray(n: int) -> bytearray:
+    return bytearray(n)
 
 
 class Connection:
-    """One TCP connection carrying frames. Writes are serialised; reads happen in one task."""
+    """One TCP connection carrying frames, on a non-blocking socket driven by the event loop.
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, name: str, *,
-                 stats: LinkStats | None = None, emulation: LinkEmulation | None = None) -> None:
-        self.reader, self.writer, self.name = reader, writer, name
+    Segments are sent straight from the caller's buffers and received straight into buffers from
+    ``allocator`` (for a GPU daemon: pinned host memory, so the copy to the GPU runs at full speed):
+    no copies in between. Writes are serialised; reads happen in one task.
+    """
+
+    def __init__(self, sock: socket.socket, name: str, *, stats: LinkStats | None = None,
+                 emulation: LinkEmulation | None = None, allocator: Allocator | None = None) -> None:
+        self.sock, self.name = sock, name
         self.stats = stats
         self.emulation = emulation
+        self.allocator = allocator or _bytearray
         self._bucket = TokenBucket(emulation.rate_bps) if emulation else None
         self._write_lock = asyncio.Lock()
+        self._loop = asyncio.get_running_loop()
         self.last_rx = time.monotonic()
         self.reading = False  # True while a frame is partly read
         self.closed = False
-        sock = writer.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setblocking(False)
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    @property
+    def peer_address(self) -> tuple | None:
+        with contextlib.suppress(OSError):
+            return self.sock.getpeername()
+        return None
 
     async def send(self, header: dict[str, Any], segments: Iterable = ()) -> int:
         """Send one frame; returns its size in bytes."""
@@ -57,44 +115,71 @@ class Connection:
             if self.closed:
                 raise PeerLost(self.name, "connection is closed")
             try:
-                if self._bucket is not None and self.emulation.delay_s:
-                    await asyncio.sleep(self.emulation.delay_s)
-                # Slices, so that progress (the peer accepting bytes) is visible during big frames.
-                for buf in buffers:
-                    view = memoryview(buf).cast("B")
-                    for start in range(0, len(view), WRITE_SLICE):
-                        piece = view[start : start + WRITE_SLICE]
-                        if self._bucket is not None:
+                if self._bucket is None:
+                    for buf in buffers:
+                        view = memoryview(buf).cast("B")
+                        if len(view) >= BIG_SEGMENT:
+                            await self._loop.run_in_executor(BULK_IO, _bulk_send, self.sock, view,
+                                                             limits.FRAME_PROGRESS_TIMEOUT_S)
+                        else:
+                            await self._loop.sock_sendall(self.sock, view)
+                else:
+                    if self.emulation.delay_s:
+                        await asyncio.sleep(self.emulation.delay_s)
+                    for buf in buffers:
+                        view = memoryview(buf).cast("B")
+                        for start in range(0, len(view), PACE_SLICE):
+                            piece = view[start : start + PACE_SLICE]
                             await self._bucket.consume(len(piece))
-                        self.writer.write(piece)
-                        await self.writer.drain()
-            except (ConnectionError, OSError) as exc:
+                            await self._loop.sock_sendall(self.sock, piece)
+            except TimeoutError:
+                self.closed = True
+                raise PeerLost(self.name, f"peer took nothing for {limits.FRAME_PROGRESS_TIMEOUT_S:.0f} s") from None
+            except (ConnectionError, OSError, ValueError) as exc:
                 self.closed = True
                 raise PeerLost(self.name, f"connection lost while sending: {exc}") from None
         if self.stats:
             self.stats.sent(size)
         return size
 
-    async def _read(self, n: int, idle_timeout: float | None) -> bytearray:
-        buf = bytearray(n)
-        view = memoryview(buf)
-        got = 0
-        while got < n:
-            timeout = idle_timeout if got == 0 else limits.FRAME_PROGRESS_TIMEOUT_S
+    def _progress(self) -> None:
+        self.last_rx = time.monotonic()
+
+    async def _read_into(self, buf, idle_timeout: float | None) -> None:
+        view = memoryview(buf).cast("B")
+        n, got = len(view), 0
+        loop = self._loop
+        if n >= BIG_SEGMENT and idle_timeout is None:  # inside a frame: a big segment
             try:
-                chunk = await asyncio.wait_for(self.reader.read(min(n - got, READ_SLICE)), timeout)
-            except asyncio.TimeoutError:
-                raise PeerLost(self.name, f"no data for {timeout:.0f} s") from None
-            except (ConnectionError, OSError) as exc:
+                got = await loop.run_in_executor(BULK_IO, _bulk_recv_into, self.sock, view, self._progress,
+                                                 limits.FRAME_PROGRESS_TIMEOUT_S)
+            except TimeoutError:
+                raise PeerLost(self.name, f"no data for {limits.FRAME_PROGRESS_TIMEOUT_S:.0f} s") from None
+            except (ConnectionError, OSError, ValueError) as exc:
                 raise PeerLost(self.name, f"connection lost: {exc}") from None
-            if not chunk:
+            if got < n:
                 raise PeerLost(self.name, "connection closed by peer")
-            view[got : got + len(chunk)] = chunk
-            got += len(chunk)
-            self.last_rx = time.monotonic()
+            if self.stats:
+                self.stats.received(n)
+            return
+        timeout = idle_timeout
+        try:
+            # One timeout per read, moved forward on every bit of progress (no task per recv call).
+            async with asyncio.timeout(None if idle_timeout is None else loop.time() + idle_timeout) as deadline:
+                while got < n:
+                    count = await loop.sock_recv_into(self.sock, view[got:])
+                    if count == 0:
+                        raise PeerLost(self.name, "connection closed by peer")
+                    got += count
+                    self.last_rx = time.monotonic()
+                    timeout = limits.FRAME_PROGRESS_TIMEOUT_S
+                    deadline.reschedule(loop.time() + timeout)
+        except TimeoutError:
+            raise PeerLost(self.name, f"no data for {timeout:.0f} s") from None
+        except (ConnectionError, OSError) as exc:
+            raise PeerLost(self.name, f"connection lost: {exc}") from None
         if self.stats:
             self.stats.received(n)
-        return buf
 
     async def recv(self, frame_limits: FrameLimits = DEFAULT_LIMITS, idle_timeout: float | None = None) -> Frame:
         """Read one frame (ProtocolError on a bad one, PeerLost on a closed or stalled link)."""
@@ -102,11 +187,16 @@ class Connection:
         started = 0.0
         try:
             while True:
-                data = await self._read(reader.needed(), idle_timeout if not reader.in_frame else None)
+                n = reader.needed()
+                if reader.expecting_segment and n >= BIG_SEGMENT:
+                    buf = self.allocator(n)
+                else:
+                    buf = bytearray(n)
+                await self._read_into(buf, idle_timeout if not reader.in_frame else None)
                 if not reader.in_frame:
                     started = time.perf_counter()
                 self.reading = True
-                frame = reader.push(data)
+                frame = reader.push(buf)
                 if frame is not None:
                     frame.started_at, frame.finished_at = started, time.perf_counter()
                     return frame
@@ -140,17 +230,21 @@ class Connection:
                 with contextlib.suppress(MeshError):
                     await self.send({"op": "ping", "id": 0})
 
-    async def close(self) -> None:
+    def abort(self) -> None:
+        """Close at once: pending reads and writes on this socket fail."""
         self.closed = True
-        with contextlib.suppress(Exception):
-            self.writer.close()
-            await asyncio.wait_for(self.writer.wait_closed(), 2.0)
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+    async def close(self) -> None:
+        self.abort()
 
 
-def _peer_name(writer: asyncio.StreamWriter) -> str:
-    addr = writer.get_extra_info("peername")
+def address_name(addr: object) -> str:
     if isinstance(addr, tuple) and len(addr) >= 2:
-        host = addr[0]
+        host = str(addr[0])
         return f"[{host}]:{addr[1]}" if ":" in host else f"{host}:{addr[1]}"
     return str(addr)
 
@@ -243,19 +337,38 @@ async def server_handshake(conn: Connection, key: bytes | None, welcome: Callabl
         raise MeshError("protocol", str(exc), peer=conn.name) from None
 
 
-async def open_connection(host: str, port: int, key: bytes | None, *, stats: LinkStats | None = None,
-                          emulation: LinkEmulation | None = None, hello: dict | None = None) -> tuple[Connection, dict]:
-    """Connect and authenticate; returns the connection and the server's node info."""
-    name = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+async def connect_socket(host: str, port: int) -> socket.socket:
+    """A connected non-blocking TCP socket to ``host:port`` (every address of the name is tried)."""
+    loop = asyncio.get_running_loop()
+    name = address_name((host, port))
     try:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(host, port, limit=STREAM_LIMIT), limits.CONNECT_TIMEOUT_S
-        )
-    except asyncio.TimeoutError:
-        raise PeerLost(name, f"no answer within {limits.CONNECT_TIMEOUT_S:.0f} s") from None
-    except OSError as exc:
-        raise PeerLost(name, f"cannot connect: {exc.strerror or exc}") from None
-    conn = Connection(reader, writer, name, stats=stats, emulation=emulation)
+        infos = await asyncio.wait_for(loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), limits.CONNECT_TIMEOUT_S)
+    except (OSError, asyncio.TimeoutError) as exc:
+        raise PeerLost(name, f"cannot resolve {host}: {exc}") from None
+    error: Exception | None = None
+    for family, kind, proto, _, addr in infos:
+        sock = socket.socket(family, kind, proto)
+        sock.setblocking(False)
+        try:
+            await asyncio.wait_for(loop.sock_connect(sock, addr), limits.CONNECT_TIMEOUT_S)
+            return sock
+        except asyncio.TimeoutError:
+            sock.close()
+            error = TimeoutError(f"no answer within {limits.CONNECT_TIMEOUT_S:.0f} s")
+        except OSError as exc:
+            sock.close()
+            error = exc
+    detail = getattr(error, "strerror", None) or str(error)
+    raise PeerLost(name, f"cannot connect: {detail}")
+
+
+async def open_connection(host: str, port: int, key: bytes | None, *, stats: LinkStats | None = None,
+                          emulation: LinkEmulation | None = None, hello: dict | None = None,
+                          allocator: Allocator | None = None) -> tuple[Connection, dict]:
+    """Connect and authenticate; returns the connection and the server's node info."""
+    name = address_name((host, port))
+    sock = await connect_socket(host, port)
+    conn = Connection(sock, name, stats=stats, emulation=emulation, allocator=allocator)
     try:
         node = await client_handshake(conn, key, hello)
     except BaseException:
@@ -483,7 +596,7 @@ class ServerSession:
                         self.conn.name, seconds, len(self.tasks))
             for task in list(self.tasks.values()):
                 task.cancel()
-            self.conn.writer.transport.abort()
+            self.conn.abort()
 
         await self.conn.heartbeat(lambda: bool(self.tasks), silent)
 

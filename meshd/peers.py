@@ -24,8 +24,9 @@ class Bandwidth:
 
 class PeerPool:
     def __init__(self, key: bytes | None, links: LinkRegistry, emulation: LinkEmulation | None = None,
-                 hello: dict | None = None) -> None:
+                 hello: dict | None = None, allocator=None) -> None:
         self.key = key
+        self.allocator = allocator
         self.links = links
         self.emulation = emulation
         self.hello = hello or {}
@@ -43,7 +44,7 @@ class PeerPool:
                     await channel.close()
                     self._bandwidth.pop(key, None)
                 channel = await Channel.connect(address.host, address.port, self.key, stats=self.links.get(key),
-                                                emulation=self.emulation, hello=self.hello)
+                                                emulation=self.emulation, hello=self.hello, allocator=self.allocator)
                 self._channels[key] = channel
             return channel
 

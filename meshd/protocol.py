@@ -132,6 +132,11 @@ class FrameReader:
         self.flags = 0
 
     @property
+    def expecting_segment(self) -> bool:
+        """True when the next :meth:`needed` bytes are a segment's payload (not prefix or header)."""
+        return self._state == "segment"
+
+    @property
     def in_frame(self) -> bool:
         """True once a frame's prefix has arrived and before the frame is complete."""
         return self._state != "prefix"

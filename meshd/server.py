@@ -24,7 +24,7 @@ from codec import Capabilities, CodecSpec, TokenLayout, choose_codec
 
 from . import __version__, auth, limits
 from .config import DaemonConfig, describe_ranges, ranges
-from .connection import Connection, Request, ServerSession, server_handshake
+from .connection import Connection, Request, ServerSession, address_name, server_handshake
 from .errors import MeshError
 from .generation import GenerationParams, LocalRunner, Sampler, run_generation
 from .gpu import GpuWorker
@@ -112,12 +112,13 @@ class Daemon:
         self.emulation = LinkEmulation.parse(config.emulate_link) if config.emulate_link else None
         self.node_id = node_id or uuid.uuid4().hex[:16]
         self.name = config.node_name or socket.gethostname()
-        self.pool = PeerPool(key, self.links, self.emulation, hello={"node": self.name})
+        self.pool = PeerPool(key, self.links, self.emulation, hello={"node": self.name}, allocator=self.allocator)
         self.caps: Capabilities = codec.probe(self.device)
         self.jobs: dict[str, StageJob] = {}
         self.sessions: set[ServerSession] = set()
         self.draining = False
-        self._server: asyncio.base_events.Server | None = None
+        self._listener: socket.socket | None = None
+        self._accepting: asyncio.Task | None = None
         self._preauth = 0
         self._generation_slots = asyncio.Semaphore(limits.MAX_ACTIVE_GENERATIONS)
         self._waiting_generations = 0
@@ -132,25 +133,41 @@ class Daemon:
     # --- lifecycle ----------------------------------------------------------------------------
 
     async def start(self) -> tuple[str, int]:
-        self._server = await asyncio.start_server(self._on_client, self.config.host, self.config.port,
-                                                  limit=1 << 22, reuse_address=True)
-        sock = self._server.sockets[0].getsockname()
-        self.bound = (sock[0], sock[1])
-        log.info("meshd %s listening on %s:%s (%s, blocks %s, device %s)", __version__, sock[0], sock[1],
+        """Bind and start accepting connections; returns the bound (host, port)."""
+        infos = socket.getaddrinfo(self.config.host, self.config.port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+        family, kind, proto, _, addr = infos[0]
+        listener = socket.socket(family, kind, proto)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            listener.bind(addr)
+        except OSError as exc:
+            listener.close()
+            raise OSError(exc.errno, f"cannot listen on {self.config.host}:{self.config.port}: {exc.strerror}") from None
+        listener.listen(128)
+        listener.setblocking(False)
+        self._listener = listener
+        name = listener.getsockname()
+        self.bound = (name[0], name[1])
+        self._accepting = asyncio.ensure_future(self._accept_loop())
+        log.info("meshd %s listening on %s:%s (%s, blocks %s, device %s)", __version__, name[0], name[1],
                  self.model.identity.describe(), describe_ranges(self.model.blocks), self.device)
         return self.bound
 
     async def stop(self, grace: float = 30.0) -> None:
         """Stop accepting, let running requests finish (up to ``grace`` s), then close everything."""
         self.draining = True
-        if self._server is not None:
-            self._server.close()
+        if self._accepting is not None:
+            self._accepting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._accepting
+            self._listener.close()
         deadline = time.monotonic() + grace
         while any(s.tasks for s in self.sessions) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         # Closing the sockets ends every session's read loop; the tasks then finish by themselves.
         for conn in list(self._connections):
-            conn.writer.transport.abort()
+            conn.abort()
         if self._inflight:
             _, late = await asyncio.wait(set(self._inflight), timeout=5)
             for task in late:
@@ -160,49 +177,55 @@ class Daemon:
 
     # --- connections --------------------------------------------------------------------------
 
-    async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        self._inflight.add(task)
-        try:
-            await self._serve_client(reader, writer)
-        finally:
-            self._inflight.discard(task)
+    def allocator(self, n: int):
+        """Where big received segments land: pinned host memory on a GPU daemon (fast copy to the GPU)."""
+        if self.device.type == "cuda":
+            return torch.empty(n, dtype=torch.uint8, pin_memory=True).numpy()
+        return bytearray(n)
 
-    async def _serve_client(self, reader, writer) -> None:
-        addr = writer.get_extra_info("peername")
-        name = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
-        conn = Connection(reader, writer, name, stats=self.links.get(name), emulation=self.emulation)
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, addr = await loop.sock_accept(self._listener)
+            except asyncio.CancelledError:
+                raise
+            except OSError as exc:  # EMFILE and friends: back off, keep serving the rest
+                log.warning("accept failed: %s", exc)
+                await asyncio.sleep(0.1)
+                continue
+            if self.draining or self._preauth >= limits.MAX_PREAUTH_CONNECTIONS or len(self.sessions) >= limits.MAX_CONNECTIONS:
+                sock.close()  # refuse cheaply: no read, no allocation
+                continue
+            task = asyncio.ensure_future(self._serve_socket(sock, address_name(addr)))
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
+
+    async def _serve_socket(self, sock: socket.socket, name: str) -> None:
+        conn = Connection(sock, name, stats=self.links.get(name), emulation=self.emulation, allocator=self.allocator)
         self._connections.add(conn)
-        try:
-            await self._serve_connection(conn, name)
-        finally:
-            self._connections.discard(conn)
-
-    async def _serve_connection(self, conn: Connection, name: str) -> None:
-        writer = conn.writer
-        if self.draining or self._preauth >= limits.MAX_PREAUTH_CONNECTIONS or len(self.sessions) >= limits.MAX_CONNECTIONS:
-            writer.transport.abort()  # refuse cheaply: no read, no allocation
-            return
         self._preauth += 1
         try:
-            hello = await server_handshake(conn, self.key, self.node_info)
-        except MeshError as exc:
-            log.warning("refused %s: %s", name, exc.message)
-            await conn.close()
-            return
-        except Exception:  # noqa: BLE001 - never let one client take the daemon down
-            log.exception("handshake with %s failed", name)
-            await conn.close()
-            return
+            try:
+                hello = await server_handshake(conn, self.key, self.node_info)
+            except MeshError as exc:
+                log.warning("refused %s: %s", name, exc.message)
+                return
+            except Exception:  # noqa: BLE001 - never let one client take the daemon down
+                log.exception("handshake with %s failed", name)
+                return
+            finally:
+                self._preauth -= 1
+            session = ServerSession(conn, self.handle, hello)
+            self.sessions.add(session)
+            try:
+                await session.run()
+            finally:
+                self.sessions.discard(session)
+                self._release_owned(session)
         finally:
-            self._preauth -= 1
-        session = ServerSession(conn, self.handle, hello)
-        self.sessions.add(session)
-        try:
-            await session.run()
-        finally:
-            self.sessions.discard(session)
-            self._release_owned(session)
+            conn.abort()
+            self._connections.discard(conn)
 
     def _release_owned(self, session: ServerSession) -> None:
         for job in [j for j in self.jobs.values() if j.owner is session]:

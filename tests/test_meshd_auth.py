@@ -6,7 +6,7 @@ import asyncio
 import pytest
 
 from meshd import auth, limits
-from meshd.connection import Channel, Connection, client_handshake
+from meshd.connection import Channel, Connection, client_handshake, connect_socket
 from meshd.errors import MeshError
 from meshd.protocol import frame_bytes
 from tests.daemons import running_daemon
@@ -55,8 +55,7 @@ async def test_server_without_our_key_cannot_fake_the_handshake(tmp_path):
 
 async def test_wrong_protocol_version_names_both_versions(tmp_path):
     async with running_daemon(tmp_path, KEY) as daemon:
-        reader, writer = await asyncio.open_connection(*daemon.bound)
-        conn = Connection(reader, writer, "test")
+        conn = Connection(await connect_socket(*daemon.bound), "test")
         with pytest.raises(MeshError, match=r"protocol 99.*speaks 1") as info:
             await client_handshake(conn, KEY, {"proto": 99})
         assert info.value.code == "version"
