@@ -1,12 +1,18 @@
 #!/usr/bin/env python3
-"""Split vs all-local on one machine: seconds, bytes per step, per-hop times, error, peak VRAM.
+"""Split vs all-local on one machine: seconds, bytes per step, per-hop times, error, peak VRAM,
+pipelined queues.
 
     python bench/split_bench.py --model klein-9b --random-weights --size 1024 --steps 4 --json
-    python bench/split_bench.py ... --emulate-link 1gbit,0.3ms      # figures labelled "emulated"
+    python bench/split_bench.py ... --emulate-link 1gbit,0.3ms --queue 4   # figures labelled "emulated"
 
-The all-local reference runs in this process (every block on the device); the split runs over two
-``meshd`` daemons on the same machine (both on --device), joined by loopback TCP or by a link emulated
-inside the transport (token bucket + fixed delay). The first generation of each kind is a warm-up.
+The all-local reference runs in this process (every block on --device); the split runs over two
+``meshd`` daemons on the same machine (both on --device) joined by loopback TCP, or by a link
+emulated inside the transport (token bucket on bytes sent + a fixed delay, both directions). The
+first generation of each kind is a warm-up and is not timed.
+
+HEVC on a GPU without NVENC: with --hevc-ahead the daemons keep the libx265 frames of the warm-up
+run and replay them in the timed runs (codec.core.ReplayCache), i.e. HEVC "encoded ahead of time by
+x265": the timed figures then exclude encoding. Without it, HEVC is encoded live on the CPU.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import gc
 import io
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -30,14 +37,20 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from meshd.auth import read_key  # noqa: E402
-from meshd.generation import GenerationParams, LocalRunner, run_generation  # noqa: E402
+from meshd.generation import GenerationParams, LocalRunner, Sampler, run_generation  # noqa: E402
 from meshd.gpu import GpuWorker  # noqa: E402
+from meshd.link import LinkEmulation  # noqa: E402
 from meshd.model.files import ModelStore  # noqa: E402
 from meshd.model.runtime import HostedModel, open_source  # noqa: E402
 from meshd.plan import parse_split  # noqa: E402
+from meshd.server import HEVC_REPLAY_ENV  # noqa: E402
 from meshtui.local import LocalCluster  # noqa: E402
 from meshtui.mesh import Mesh  # noqa: E402
 from meshtui.report import hop_totals  # noqa: E402
+
+
+def log(text: str) -> None:
+    print(f"# {text}", file=sys.stderr, flush=True)
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -45,13 +58,67 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
 
 
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_forward_vs_diffusers(model: HostedModel, params: GenerationParams, repeat: int = 5) -> dict:
+    """Our span forward (all blocks) vs diffusers' own Flux2Transformer2DModel.forward, same weights."""
+    from diffusers import Flux2Transformer2DModel
+
+    device, preset = model.device, model.preset
+    with torch.device("meta"):
+        ref = Flux2Transformer2DModel(**preset.transformer)
+    state = model.span.state_dict()
+    ref.load_state_dict(state, strict=False, assign=True)  # same tensors, shared storage
+    missing = [n for n, p in ref.named_parameters() if p.device.type == "meta"]
+    if missing:
+        return {"skipped": f"weights missing for {missing[:3]}"}
+    ref.eval()
+    sampler = Sampler(model, params)
+    with torch.inference_mode():
+        sampler.prepare()
+        cond = sampler.conditioning(0)
+        timestep = (sampler.timesteps[0].expand(1).to(sampler.latents.dtype)) / 1000
+        latents = sampler.latents.to(model.dtype)
+        embeds = model.encode_prompt(params.prompt)
+
+        def ours():
+            s = model.span.run(0, preset.num_blocks, sampler.embed(0), cond, sampler.rotary)
+            return model.span.final(s, cond.temb)
+
+        def theirs():
+            return ref(hidden_states=latents, encoder_hidden_states=embeds, timestep=timestep, img_ids=sampler.latent_ids,
+                       txt_ids=sampler.text_ids, guidance=None, return_dict=False)[0]
+
+        out = {}
+        for name, fn in (("ours", ours), ("diffusers", theirs), ("ours_again", ours)):
+            fn()
+            times = []
+            for _ in range(repeat):
+                sync(device)
+                t0 = time.perf_counter()
+                result = fn()
+                sync(device)
+                times.append((time.perf_counter() - t0) * 1e3)
+            out[f"{name}_forward_ms"] = statistics.median(times)
+            out[f"{name}_result"] = result
+        same = torch.equal(out.pop("ours_result"), out.pop("diffusers_result"))
+        out.pop("ours_again_result")
+    out["identical_output"] = same
+    out["ours_over_diffusers"] = out["ours_forward_ms"] / out["diffusers_forward_ms"]
+    del ref
+    return out
+
+
 async def run_local(args, device, params) -> dict:
     store = ModelStore([args.models_dir])
     model = HostedModel(open_source(args.model, store, random_weights=args.random_weights), device, torch.bfloat16)
     worker = GpuWorker(device)
+    await worker.run(model.load, range(model.preset.num_blocks), True, True)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    await worker.run(model.load, range(model.preset.num_blocks), True, True)
     times, result = [], None
     for i in range(args.repeat + 1):
         t0 = time.perf_counter()
@@ -66,7 +133,11 @@ async def run_local(args, device, params) -> dict:
         "latents": result.latents,
         "pixels": np.asarray(Image.open(io.BytesIO(result.png))),
         "step_ms": [s["ms"] for s in result.summary["steps"]],
+        "decode_ms": result.summary["decode_ms"],
     }
+    if args.compare_diffusers:
+        out["forward_vs_diffusers"] = await worker.run(time_forward_vs_diffusers, model, params)
+        out["forward_vs_diffusers"] = out["forward_vs_diffusers"][0]
     worker.shutdown()
     del model, result
     gc.collect()
@@ -75,59 +146,101 @@ async def run_local(args, device, params) -> dict:
     return out
 
 
-async def run_split(args, cluster, params, local) -> list[dict]:
+def wire_bytes(summary: dict) -> int:
+    """Bytes that crossed the links in one generation (streams out, predictions back)."""
+    total = 0
+    for step in summary["steps"]:
+        for p in step["passes"]:
+            total += sum(h.get("bytes", 0) for h in p["hops"]) + p.get("return_bytes", 0)
+    return total
+
+
+async def timed_generations(mesh, plan, params, codec_name, repeat):
+    times, outcome = [], None
+    for i in range(repeat + 1):
+        t0 = time.perf_counter()
+        outcome = await mesh.generate(plan, params.to_wire(), codec=codec_name, measure_error=False, return_latents=True)
+        if i:
+            times.append(time.perf_counter() - t0)
+    return times, outcome
+
+
+async def run_split(args, cluster, params, local, emulation) -> dict:
     mesh = Mesh(read_key(cluster.key_file))
-    rows = []
+    result = {"runs": []}
     try:
         for d in cluster.daemons:
             mesh.add(d.address)
         await mesh.connect_all()
         preset, _ = mesh.model()
-        plan = parse_split(args.split or f"A:0-{preset.num_blocks // 2 - 1},B:{preset.num_blocks // 2}-{preset.num_blocks - 1}",
-                           {p.label: p.address for p in mesh.peers.values()}, preset.num_blocks)
+        tokens = preset.max_sequence_length + (params.width // preset.size_multiple) * (params.height // preset.size_multiple)
+        plan = (parse_split(args.split, {p.label: p.address for p in mesh.peers.values()}, preset.num_blocks)
+                if args.split else mesh.plan("auto", tokens))
         t0 = time.perf_counter()
         await mesh.apply(plan)
-        load_s = time.perf_counter() - t0
+        result["plan"] = plan.describe()
+        result["load_s"] = time.perf_counter() - t0
+        head = mesh.peers["A"]
         for codec_name in args.codecs.split(","):
-            times, outcome = [], None
-            for i in range(args.repeat + 1):
-                t0 = time.perf_counter()
-                outcome = await mesh.generate(plan, params.to_wire(), codec=codec_name, measure_error=False,
-                                              return_latents=True)
-                if i:
-                    times.append(time.perf_counter() - t0)
-            # One more run measuring per-hop reconstruction error (it costs a decode per hop).
+            await head.channel.request("info", {"reset_peak": True})
+            times, outcome = await timed_generations(mesh, plan, params, codec_name, args.repeat)
+            peaks = {}
+            for p in mesh.peers.values():
+                reply = await p.channel.request("info")
+                peaks[p.label] = reply.header["node"]["memory"].get("peak_allocated")
             measured = outcome if codec_name == "raw" else await mesh.generate(
                 plan, params.to_wire(), codec=codec_name, measure_error=True, return_latents=True)
             pixels = np.asarray(Image.open(io.BytesIO(outcome.png)))
             ref = local["latents"]
-            rel = float((outcome.latents - ref).norm() / ref.norm())
-            hops = hop_totals(measured.summary)
             split_s = statistics.median(times)
-            await mesh.connect_all()
-            rows.append({
+            hops = hop_totals(measured.summary)
+            row = {
                 "codec": codec_name,
                 "chosen": [h["codec"] for h in hops],
-                "plan": plan.describe(),
                 "split_seconds": times,
                 "split_median_s": split_s,
                 "local_median_s": local["median_s"],
                 "split_over_local": split_s / local["median_s"],
                 "bit_identical_latents": bool(torch.equal(outcome.latents, ref)),
                 "identical_pixels": bool(np.array_equal(pixels, local["pixels"])),
-                "final_latent_rel_l2": rel,
+                "final_latent_rel_l2": float((outcome.latents - ref).norm() / ref.norm()),
                 "image_psnr_db": psnr(pixels, local["pixels"]),
                 "hops": hops,
+                "stream_bytes_per_step": [h["bytes_per_step"] for h in hops],
                 "return_bytes_per_step": measured.summary["steps"][0]["passes"][0].get("return_bytes"),
-                "step_ms": [s["ms"] for s in outcome.summary["steps"]],
-                "peak_vram_bytes": {p.label: (p.info.get("memory") or {}).get("peak_allocated") for p in mesh.peers.values()},
-                "load_s": load_s,
-            })
-            print(f"# {codec_name}: split {split_s:.3f} s vs local {local['median_s']:.3f} s, "
-                  f"bit-identical={rows[-1]['bit_identical_latents']}, rel_l2={rel:.2e}", file=sys.stderr, flush=True)
+                "wire_bytes_total": wire_bytes(outcome.summary),
+                "step_ms": [round(s["ms"], 2) for s in outcome.summary["steps"]],
+                "peak_vram_bytes": peaks,
+            }
+            if emulation:
+                wire_s = row["wire_bytes_total"] / emulation.rate_bps
+                row["emulated_wire_s"] = wire_s
+                row["overhead_over_wire"] = (split_s - local["median_s"]) / wire_s
+            if local.get("peak_vram_bytes"):
+                row["head_peak_over_local_peak"] = (peaks.get("A") or 0) / local["peak_vram_bytes"]
+            result["runs"].append(row)
+            log(f"{codec_name} ({'/'.join(row['chosen'])}): split {split_s:.3f} s vs local {local['median_s']:.3f} s "
+                f"(x{row['split_over_local']:.3f}), bit-identical={row['bit_identical_latents']}, "
+                f"rel_l2={row['final_latent_rel_l2']:.2e}, bytes/step={row['stream_bytes_per_step']}"
+                + (f", overhead/wire={row['overhead_over_wire']:.3f}" if emulation else ""))
+        if args.queue:
+            codec_name = args.queue_codec
+            await timed_generations(mesh, plan, params, codec_name, 0)  # warm-up
+            t0 = time.perf_counter()
+            for i in range(args.queue):
+                await mesh.generate(plan, {**params.to_wire(), "seed": params.seed + i}, codec=codec_name, measure_error=False)
+            sequential = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            await asyncio.gather(*(mesh.generate(plan, {**params.to_wire(), "seed": params.seed + i}, codec=codec_name,
+                                                 measure_error=False) for i in range(args.queue)))
+            pipelined = time.perf_counter() - t0
+            result["queue"] = {"images": args.queue, "codec": codec_name, "sequential_s": sequential,
+                               "pipelined_s": pipelined, "speedup": sequential / pipelined}
+            log(f"queue of {args.queue}: sequential {sequential:.2f} s, pipelined {pipelined:.2f} s "
+                f"(x{sequential / pipelined:.2f})")
     finally:
         await mesh.close()
-    return rows
+    return result
 
 
 def main() -> int:
@@ -138,9 +251,13 @@ def main() -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--split", help="plan SPEC (default: half the blocks on each daemon)")
+    parser.add_argument("--split", help="plan SPEC (default: the planner's balanced split over the two daemons)")
     parser.add_argument("--codecs", default="raw,fp8,u8,hevc-lossless,hevc-qp18,auto")
     parser.add_argument("--emulate-link", default="", help="e.g. 1gbit,0.3ms (figures are labelled emulated)")
+    parser.add_argument("--hevc-ahead", action="store_true", help="replay libx265 frames from the warm-up run")
+    parser.add_argument("--queue", type=int, default=0, help="also time N images sequential vs pipelined")
+    parser.add_argument("--queue-codec", default="auto")
+    parser.add_argument("--compare-diffusers", action="store_true", help="time our forward vs diffusers' own")
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--workdir", type=Path, help="keep the daemons' key, state and logs here")
     parser.add_argument("--json", action="store_true")
@@ -151,29 +268,34 @@ def main() -> int:
     params = GenerationParams(prompt="a lighthouse on a cliff at dawn", seed=1, width=args.size, height=args.size,
                               steps=args.steps, guidance=1.0)
     local = asyncio.run(run_local(args, device, params))
-    print(f"# local {local['median_s']:.3f} s", file=sys.stderr, flush=True)
+    log(f"local {local['median_s']:.3f} s, peak VRAM {local['peak_vram_bytes']}")
     common = ["--model", args.model, "--device", str(device)]
     if args.random_weights:
         common.append("--random-weights")
     if args.emulate_link:
         common += ["--emulate-link", args.emulate_link]
+    env = {HEVC_REPLAY_ENV: "4096"} if args.hevc_ahead else {}
     if args.workdir:
         args.workdir.mkdir(parents=True, exist_ok=True)
+    emulation = LinkEmulation.parse(args.emulate_link) if args.emulate_link else None
     with LocalCluster(workdir=args.workdir, models_dir=args.models_dir, common_args=common) as cluster:
-        cluster.add("A")
-        cluster.add("B")
+        cluster.add("A", env=env)
+        cluster.add("B", env=env)
         cluster.start(timeout=300)
-        rows = asyncio.run(run_split(args, cluster, params, local))
+        split = asyncio.run(run_split(args, cluster, params, local, emulation))
     result = {
         "bench": "split",
         "machine": {"host": platform.node(), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-                    "torch": torch.__version__},
+                    "cpus": os.cpu_count(), "torch": torch.__version__},
         "config": {"model": args.model, "random_weights": args.random_weights, "size": args.size, "steps": args.steps,
-                   "link": (args.emulate_link + " (emulated)") if args.emulate_link else "loopback TCP"},
+                   "link": (emulation.describe() if emulation else "loopback TCP"),
+                   "hevc_encoding": ("libx265 ahead of time (replayed)" if args.hevc_ahead else "libx265 live (CPU)")
+                   + " where the GPU has no NVENC",
+                   "text_encoder": "stand-in on the head's CPU (random weights have no real text encoder)"},
         "local": {k: v for k, v in local.items() if k not in ("latents", "pixels")},
-        "runs": rows,
+        **split,
     }
-    print(json.dumps(result, indent=1, default=str) if args.json else json.dumps(result, default=str))
+    print(json.dumps(result, indent=1 if args.json else None, default=str))
     return 0
 
 

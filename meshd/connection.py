@@ -93,6 +93,7 @@ class Connection:
         self.allocator = allocator or _bytearray
         self._bucket = TokenBucket(emulation.rate_bps) if emulation else None
         self._write_lock = asyncio.Lock()
+        self._last_send = 0.0
         self._loop = asyncio.get_running_loop()
         self.last_rx = time.monotonic()
         self.reading = False  # True while a frame is partly read
@@ -124,7 +125,8 @@ class Connection:
                         else:
                             await self._loop.sock_sendall(self.sock, view)
                 else:
-                    if self.emulation.delay_s:
+                    # Latency delays the start of a burst; frames sent back to back share it.
+                    if self.emulation.delay_s and time.monotonic() - self._last_send > self.emulation.delay_s:
                         await asyncio.sleep(self.emulation.delay_s)
                     for buf in buffers:
                         view = memoryview(buf).cast("B")
@@ -132,6 +134,7 @@ class Connection:
                             piece = view[start : start + PACE_SLICE]
                             await self._bucket.consume(len(piece))
                             await self._loop.sock_sendall(self.sock, piece)
+                self._last_send = time.monotonic()
             except TimeoutError:
                 self.closed = True
                 raise PeerLost(self.name, f"peer took nothing for {limits.FRAME_PROGRESS_TIMEOUT_S:.0f} s") from None

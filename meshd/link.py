@@ -56,6 +56,7 @@ class LinkEmulation:
 class TokenBucket:
     """Paces bytes to ``rate`` bytes/s with a small burst allowance."""
 
+
     def __init__(self, rate: float, burst: float | None = None) -> None:
         self.rate = rate
         self.burst = burst if burst is not None else max(64 * 1024, rate * 0.002)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 import time
 import uuid
@@ -38,6 +39,9 @@ from .streaming import pack_raw, receive_stream, send_stream, unpack_raw
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 8
+#: Benchmarks on GPUs without NVENC set this (MiB) to measure HEVC "encoded ahead of time" by libx265:
+#: see codec.core.ReplayCache. Never set in production.
+HEVC_REPLAY_ENV = "MESHD_BENCH_HEVC_REPLAY_MB"
 MAX_TEXT_TOKENS = 4096
 MAX_GRID = 512
 
@@ -114,6 +118,10 @@ class Daemon:
         self.name = config.node_name or socket.gethostname()
         self.pool = PeerPool(key, self.links, self.emulation, hello={"node": self.name}, allocator=self.allocator)
         self.caps: Capabilities = codec.probe(self.device)
+        replay_mb = os.environ.get(HEVC_REPLAY_ENV)
+        if replay_mb:
+            codec.core.enable_hevc_replay(int(replay_mb) << 20)
+            log.warning("%s is set: libx265 frames are replayed from a cache (benchmarks only)", HEVC_REPLAY_ENV)
         self.jobs: dict[str, StageJob] = {}
         self.sessions: set[ServerSession] = set()
         self.draining = False
@@ -288,7 +296,10 @@ class Daemon:
         }
 
     async def _info(self, request: Request):
-        return {"node": self.node_info(), "links": self.links.snapshot()}, []
+        info = {"node": self.node_info(), "links": self.links.snapshot()}
+        if request.header.get("reset_peak") is True and self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)  # benchmarks measure one phase at a time
+        return info, []
 
     async def _echo(self, request: Request):
         return {"t": time.time()}, []

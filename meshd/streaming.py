@@ -7,6 +7,7 @@ decodes each chunk as it lands. Both ends time their part; the per-hop figures c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +23,16 @@ from .errors import MeshError
 
 #: Codec work (quantise, D2H/H2D copies, HEVC) runs here, off the event loop and off the GPU queue.
 CODEC_THREADS = ThreadPoolExecutor(4, thread_name_prefix="codec")
+
+
+def side_stream(device: torch.device):
+    """A CUDA stream for one tensor's codec work, so its copies overlap the compute queue's kernels
+    (None on the CPU). The tensor handed over is complete: the GPU worker synchronises every job."""
+    return torch.cuda.Stream(device) if device.type == "cuda" else None
+
+
+def on_stream(stream):
+    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
 
 
 def pack_raw(tensors: Sequence[torch.Tensor]) -> tuple[list[dict], list]:
@@ -84,14 +95,16 @@ async def send_stream(channel: Channel, op: str, fields: dict, segments: list, t
     stats = SendStats(codec=header.label, raw_bytes=header.raw_bytes, chunks=len(header.chunks))
     queue: asyncio.Queue = asyncio.Queue()
     produced: list = []
+    stream = side_stream(tensor.device)
 
     def produce() -> float:
         t0 = time.perf_counter()
         try:
-            for chunk in chunk_iter:
-                if measure_error:
-                    produced.append(chunk)
-                loop.call_soon_threadsafe(queue.put_nowait, chunk)
+            with on_stream(stream):
+                for chunk in chunk_iter:
+                    if measure_error:
+                        produced.append(chunk)
+                    loop.call_soon_threadsafe(queue.put_nowait, chunk)
             loop.call_soon_threadsafe(queue.put_nowait, None)
         except BaseException as exc:  # noqa: BLE001 - surfaced to the sender below
             loop.call_soon_threadsafe(queue.put_nowait, exc)
@@ -114,15 +127,16 @@ async def send_stream(channel: Channel, op: str, fields: dict, segments: list, t
     finally:
         stats.encode_ms = (await producer) * 1e3
     if measure_error and header.codec != "raw":
-        stats.error = await loop.run_in_executor(CODEC_THREADS, _measure, tensor, header, produced)
+        stats.error = await loop.run_in_executor(CODEC_THREADS, _measure, tensor, header, produced, stream)
     return reply, stats
 
 
-def _measure(tensor: torch.Tensor, header: codec.Header, chunks: list) -> dict:
-    decoder = codec.ChunkDecoder(header, tensor.device)
-    for chunk in chunks:
-        decoder.feed(chunk.index, chunk.buffers)
-    return codec.reconstruction_error(tensor, decoder.result()).to_dict()
+def _measure(tensor: torch.Tensor, header: codec.Header, chunks: list, stream) -> dict:
+    with on_stream(stream):
+        decoder = codec.ChunkDecoder(header, tensor.device)
+        for chunk in chunks:
+            decoder.feed(chunk.index, chunk.buffers)
+        return codec.reconstruction_error(tensor, decoder.result()).to_dict()
 
 
 async def receive_stream(request: Request, device: torch.device, expect_shape: Sequence[int],
@@ -146,17 +160,18 @@ async def receive_stream(request: Request, device: torch.device, expect_shape: S
     stats = ReceiveStats(codec=decoder.header.label)
     decode_s = 0.0
     wire_s = 0.0
+    stream = side_stream(device)
 
     def feed(index: int, buffers: list) -> float:
         t0 = time.perf_counter()
-        decoder.feed(index, buffers)
+        with on_stream(stream):
+            decoder.feed(index, buffers)
         return time.perf_counter() - t0
 
     def finish() -> tuple[torch.Tensor, float]:
         t0 = time.perf_counter()
-        out = decoder.result()
-        if out.device.type == "cuda":
-            torch.cuda.current_stream(out.device).synchronize()
+        with on_stream(stream):
+            out = decoder.result()  # synchronises its stream: the tensor is complete for the compute queue
         return out, time.perf_counter() - t0
 
     try:
