@@ -234,10 +234,29 @@ def _host_bytes(t: torch.Tensor) -> memoryview:
     flat = t.contiguous().view(torch.uint8).reshape(-1)
     if flat.device.type == "cpu":
         return memoryview(flat.numpy())
-    host = torch.empty(flat.numel(), dtype=torch.uint8, pin_memory=True)
+    host = pinned_empty(flat.numel())
     host.copy_(flat, non_blocking=True)
     torch.cuda.current_stream(flat.device).synchronize()
     return memoryview(host.numpy())
+
+
+_pinning_failed = False
+
+
+def pinned_empty(nbytes: int) -> torch.Tensor:
+    """A uint8 host buffer in pinned memory, or in ordinary memory where pinning fails (some VMs and
+    containers cannot lock pages: copies are then slower but still correct)."""
+    global _pinning_failed
+    if not _pinning_failed:
+        try:
+            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        except RuntimeError as exc:
+            _pinning_failed = True
+            import logging  # noqa: PLC0415
+
+            logging.getLogger(__name__).warning("pinned host memory unavailable (%s); using pageable memory",
+                                                str(exc).splitlines()[0])
+    return torch.empty(nbytes, dtype=torch.uint8)
 
 
 def encode_chunks(tensor: torch.Tensor, spec: CodecSpec) -> tuple[Header, Iterator[EncodedChunk]]:

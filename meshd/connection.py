@@ -434,6 +434,10 @@ class Channel:
         except asyncio.CancelledError:
             self._fail(PeerLost(self.name, "connection closed"))
             raise
+        except Exception as exc:  # noqa: BLE001 - e.g. no memory for a segment: fail the link, loudly
+            log.exception("reading from %s failed", self.name)
+            self._fail(PeerLost(self.name, f"reading failed: {type(exc).__name__}: {str(exc).splitlines()[0]}"))
+            self.conn.abort()
 
     async def _keepalive(self) -> None:
         async def silent(seconds: float) -> None:
@@ -583,6 +587,8 @@ class ServerSession:
                 with contextlib.suppress(Exception):
                     await self.conn.send({"op": "error", "id": 0, "code": getattr(exc, "code", "protocol"),
                                           "message": str(exc)})
+        except Exception:  # noqa: BLE001 - a bug or resource failure: this connection ends, the daemon lives
+            log.exception("connection from %s failed", self.conn.name)
         finally:
             watchdog.cancel()
             for request in self.requests.values():

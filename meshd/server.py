@@ -188,7 +188,7 @@ class Daemon:
     def allocator(self, n: int):
         """Where big received segments land: pinned host memory on a GPU daemon (fast copy to the GPU)."""
         if self.device.type == "cuda":
-            return torch.empty(n, dtype=torch.uint8, pin_memory=True).numpy()
+            return codec.core.pinned_empty(n).numpy()
         return bytearray(n)
 
     async def _accept_loop(self) -> None:
