@@ -229,34 +229,14 @@ def hevc_decoder(device: torch.device):
 
 
 def _host_bytes(t: torch.Tensor) -> memoryview:
-    """A tensor's bytes in host memory: no copy on CPU; on a GPU a copy into pinned memory (torch
-    caches pinned blocks, so steady-state transfers allocate nothing and run at full PCIe speed)."""
+    """A tensor's bytes in host memory (no copy on CPU; a device-to-host copy for GPU tensors).
+
+    Pageable memory on purpose: pinned blocks from torch's caching host allocator crashed the
+    daemons on the H200 VM (cudaErrorInvalidResourceHandle when blocks freed on I/O threads were
+    recycled), and the synchronous copy costs ~3 ms per 36 MiB there.
+    """
     flat = t.contiguous().view(torch.uint8).reshape(-1)
-    if flat.device.type == "cpu":
-        return memoryview(flat.numpy())
-    host = pinned_empty(flat.numel())
-    host.copy_(flat, non_blocking=True)
-    torch.cuda.current_stream(flat.device).synchronize()
-    return memoryview(host.numpy())
-
-
-_pinning_failed = False
-
-
-def pinned_empty(nbytes: int) -> torch.Tensor:
-    """A uint8 host buffer in pinned memory, or in ordinary memory where pinning fails (some VMs and
-    containers cannot lock pages: copies are then slower but still correct)."""
-    global _pinning_failed
-    if not _pinning_failed:
-        try:
-            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-        except RuntimeError as exc:
-            _pinning_failed = True
-            import logging  # noqa: PLC0415
-
-            logging.getLogger(__name__).warning("pinned host memory unavailable (%s); using pageable memory",
-                                                str(exc).splitlines()[0])
-    return torch.empty(nbytes, dtype=torch.uint8)
+    return memoryview(flat.cpu().numpy())
 
 
 def encode_chunks(tensor: torch.Tensor, spec: CodecSpec) -> tuple[Header, Iterator[EncodedChunk]]:

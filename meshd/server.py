@@ -186,9 +186,7 @@ class Daemon:
     # --- connections --------------------------------------------------------------------------
 
     def allocator(self, n: int):
-        """Where big received segments land: pinned host memory on a GPU daemon (fast copy to the GPU)."""
-        if self.device.type == "cuda":
-            return codec.core.pinned_empty(n).numpy()
+        """Where big received segments land (straight from the socket, no intermediate copy)."""
         return bytearray(n)
 
     async def _accept_loop(self) -> None:
