@@ -248,7 +248,10 @@ def main() -> int:
     parser.add_argument("--model", default="klein-9b")
     parser.add_argument("--random-weights", action="store_true")
     parser.add_argument("--models-dir", type=Path, default=Path("/tmp/flux-mesh-models"))
-    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--device", default="cuda", help="device of the all-local reference")
+    parser.add_argument("--devices", default="", help="devices of daemons A,B (default: --device for both)")
+    parser.add_argument("--transport", choices=["auto", "tcp"], default="auto",
+                        help="auto: CUDA IPC between stages of one host when it works; tcp: always loopback TCP")
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--split", help="plan SPEC (default: the planner's balanced split over the two daemons)")
@@ -269,7 +272,7 @@ def main() -> int:
                               steps=args.steps, guidance=1.0)
     local = asyncio.run(run_local(args, device, params))
     log(f"local {local['median_s']:.3f} s, peak VRAM {local['peak_vram_bytes']}")
-    common = ["--model", args.model, "--device", str(device)]
+    common = ["--model", args.model]
     if args.random_weights:
         common.append("--random-weights")
     if args.emulate_link:
@@ -278,9 +281,14 @@ def main() -> int:
     if args.workdir:
         args.workdir.mkdir(parents=True, exist_ok=True)
     emulation = LinkEmulation.parse(args.emulate_link) if args.emulate_link else None
+    devices = args.devices.split(",") if args.devices else [str(device), str(device)]
     with LocalCluster(workdir=args.workdir, models_dir=args.models_dir, common_args=common) as cluster:
-        cluster.add("A", env=env)
-        cluster.add("B", env=env)
+        if args.transport == "tcp":
+            config = cluster.workdir / "tcp-only.toml"
+            config.write_text("[meshd]\nsame_host_ipc = false\n")
+            common += ["--config", str(config)]
+        cluster.add("A", "--device", devices[0], env=env)
+        cluster.add("B", "--device", devices[1], env=env)
         cluster.start(timeout=300)
         split = asyncio.run(run_split(args, cluster, params, local, emulation))
     result = {
@@ -288,7 +296,9 @@ def main() -> int:
         "machine": {"host": platform.node(), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                     "cpus": os.cpu_count(), "torch": torch.__version__},
         "config": {"model": args.model, "random_weights": args.random_weights, "size": args.size, "steps": args.steps,
-                   "link": (emulation.describe() if emulation else "loopback TCP"),
+                   "link": (emulation.describe() if emulation else
+                            "loopback TCP" if args.transport == "tcp" else "same host (CUDA IPC where it works)"),
+                   "devices": devices,
                    "hevc_encoding": ("libx265 ahead of time (replayed)" if args.hevc_ahead else "libx265 live (CPU)")
                    + " where the GPU has no NVENC",
                    "text_encoder": "stand-in on the head's CPU (random weights have no real text encoder)"},

@@ -65,6 +65,7 @@ class DaemonConfig:
     advertise_address: str = ""
     interfaces: tuple[str, ...] = ()
     quality_floor: float = 0.999
+    same_host_ipc: bool = True  # CUDA IPC between stages on GPUs of one host (when it works)
     telemetry_interval: float = 1.0
 
     @property

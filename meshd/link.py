@@ -54,26 +54,24 @@ class LinkEmulation:
 
 
 class TokenBucket:
-    """Paces bytes to ``rate`` bytes/s with a small burst allowance."""
+    """Paces bytes to exactly ``rate`` bytes/s on average.
 
+    Virtual-clock pacing: each send is due when the link would have finished everything before it;
+    oversleeping delays one send but not the average rate (a plain bucket with sleeps ran ~8% slow
+    at 1 Gbit/s). Up to ``window`` seconds of data may be handed to the kernel early.
+    """
 
-    def __init__(self, rate: float, burst: float | None = None) -> None:
+    def __init__(self, rate: float, window: float = 0.005) -> None:
         self.rate = rate
-        self.burst = burst if burst is not None else max(64 * 1024, rate * 0.002)
-        self._tokens = self.burst
-        self._stamp = time.monotonic()
+        self.window = window
+        self._done = 0.0
 
     async def consume(self, nbytes: int) -> None:
-        while nbytes > 0:
-            now = time.monotonic()
-            self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
-            self._stamp = now
-            take = min(nbytes, self.burst)
-            if self._tokens >= take:
-                self._tokens -= take
-                nbytes -= take
-                continue
-            await asyncio.sleep((take - self._tokens) / self.rate)
+        now = time.monotonic()
+        self._done = max(self._done, now) + nbytes / self.rate
+        delay = self._done - now - self.window
+        if delay > 0:
+            await asyncio.sleep(delay)
 
 
 @dataclass

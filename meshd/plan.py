@@ -186,40 +186,40 @@ def propose(preset: ModelPreset, peers: Sequence[PeerResources], tokens: int, it
     """Use every peer, in order (the first is the head), each for one contiguous range, so that the
     slowest stage is as fast as possible without exceeding any peer's free memory.
 
-    One step runs the stages one after another, so a split pools memory rather than making one image
-    faster; balanced stages matter when several images are in flight (pipelining).
+    Time is counted in blocks (FLUX.2's double and single blocks cost about the same FLOPs per
+    token, research/flux2.md 1.6) over the peer's relative speed; memory in parameters (a double
+    block holds twice a single one's). Among equally fast plans the one that keeps the weights most
+    even wins. One step runs the stages one after another, so a split pools memory rather than
+    making one image faster; balanced stages matter when several images are in flight.
     """
     n, p = preset.num_blocks, len(peers)
     if p == 0:
         raise PlanError("no peers to plan over")
     if p > n:
         raise PlanError(f"{p} peers for {n} blocks: every peer needs at least one block")
-    cost = [preset.block_params(i) for i in range(n)]
-    prefix_cost = [0]
-    for c in cost:
-        prefix_cost.append(prefix_cost[-1] + c)
     work = workspace_bytes(preset, tokens, itemsize)
 
-    def stage_cost(k: int, s: int, e: int) -> float:
+    def stage_cost(k: int, s: int, e: int) -> tuple[float, float]:
         mem = span_bytes(preset, s, e, itemsize) + work
         if k == 0:
             mem += head_extra_bytes(preset, itemsize)
         if mem > peers[k].free_bytes:
-            return math.inf
-        return (prefix_cost[e] - prefix_cost[s]) / max(peers[k].speed, 1e-9)
+            return (math.inf, math.inf)
+        return ((e - s) / max(peers[k].speed, 1e-9), mem / max(peers[k].free_bytes, 1))
 
-    # best[k][e]: minimal max-stage-cost covering blocks [0, e) with peers 0..k.
-    best = [[math.inf] * (n + 1) for _ in range(p)]
+    # best[k][e]: minimal (max stage time, max memory fraction) covering blocks [0, e) with peers 0..k.
+    best = [[(math.inf, math.inf)] * (n + 1) for _ in range(p)]
     cut = [[0] * (n + 1) for _ in range(p)]
     for e in range(1, n + 1):
         best[0][e] = stage_cost(0, 0, e)
     for k in range(1, p):
         for e in range(k + 1, n + 1):
             for s in range(k, e):
-                value = max(best[k - 1][s], stage_cost(k, s, e))
+                here = stage_cost(k, s, e)
+                value = (max(best[k - 1][s][0], here[0]), max(best[k - 1][s][1], here[1]))
                 if value < best[k][e]:
                     best[k][e], cut[k][e] = value, s
-    if math.isinf(best[p - 1][n]):
+    if math.isinf(best[p - 1][n][0]):
         need = span_bytes(preset, 0, n, itemsize) + head_extra_bytes(preset, itemsize) + p * work
         have = sum(x.free_bytes for x in peers)
         raise PlanError(

@@ -23,7 +23,7 @@ import torch
 import codec
 from codec import Capabilities, CodecSpec, TokenLayout, choose_codec
 
-from . import __version__, auth, limits
+from . import __version__, auth, ipc, limits
 from .config import DaemonConfig, describe_ranges, ranges
 from .connection import Connection, Request, ServerSession, address_name, server_handshake
 from .errors import MeshError
@@ -34,7 +34,7 @@ from .model.runtime import HostedModel
 from .model.span import Conditioning, Stream
 from .peers import PeerPool
 from .plan import PlanError, SplitPlan, Stage
-from .streaming import pack_raw, receive_stream, send_stream, unpack_raw
+from .streaming import LinkPlan, pack_raw, receive_activation, send_activation, unpack_raw
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class StageJob:
     needs: set[str]
     downstream_needs: set[str]
     next_peer: Stage | None = None
-    next_spec: CodecSpec | None = None
+    next_link: LinkPlan | None = None
     measure_error: bool = False
     created: float = field(default_factory=time.monotonic)
 
@@ -132,6 +132,7 @@ class Daemon:
         self._waiting_generations = 0
         self._inflight: set[asyncio.Task] = set()
         self._connections: set[Connection] = set()
+        self._ipc_ok: dict[str, bool] = {}
         self.started = time.time()
         # Extension points for the parts that live in their own modules (telemetry, discovery, ...):
         self.on_change: list[Callable[[], None]] = []  # called when the held blocks change
@@ -247,6 +248,7 @@ class Daemon:
             "info": self._info,
             "echo": self._echo,
             "probe": self._probe,
+            "ipc-probe": self._ipc_probe,
             "load": self._load,
             "prepare": self._prepare,
             "forward": self._forward,
@@ -283,6 +285,7 @@ class Daemon:
             "tail": self.model.has_tail,
             "device": str(self.device),
             "gpu_name": self.caps.gpu_name,
+            "host_id": ipc.host_id(),
             "caps": self.caps.to_dict(),
             "memory": self.memory(),
             "jobs": len(self.jobs),
@@ -403,17 +406,21 @@ class Daemon:
             infos = reply.header.get("stages")
             if not isinstance(infos, list) or not infos:
                 raise MeshError("protocol", "downstream prepare reply lacks stage infos", peer=channel.name)
-            job.next_spec, link = await self.choose_link(stages[1], infos[0], geometry, me.codec, floor)
-        else:
-            link = None
+            job.next_link = await self.choose_link(stages[1], infos[0], geometry, me.codec, floor)
         self.jobs[job_id] = job
         mine = {"peer": str(me.peer), "node": self.name, "node_id": self.node_id, "blocks": [me.start, me.end],
-                "caps": self.caps.to_dict(), "codec_out": job.next_spec.label if job.next_spec else None, "link": link}
+                "caps": self.caps.to_dict(), "codec_out": job.next_link.label if job.next_link else None,
+                "link": job.next_link.info if job.next_link else None}
         return {"stages": [mine, *infos]}, []
 
     async def choose_link(self, nxt: Stage, next_info: dict, geometry: Geometry, forced: str,
-                          floor: float) -> tuple[CodecSpec, dict]:
-        """Pick the codec for the link to ``nxt`` from its measured bandwidth and both ends' caps."""
+                          floor: float) -> LinkPlan:
+        """How this stage's output reaches ``nxt``: CUDA IPC when both are GPUs of this host and mapping
+        the memory works (tried, not assumed), else the codec the policy picks from the measured
+        bandwidth and both ends' capabilities (or the one the plan forces)."""
+        if await self._ipc_works(nxt, next_info) and forced in ("auto", "raw"):
+            return LinkPlan("cuda-ipc", None, {"to": str(nxt.peer), "transport": "cuda-ipc", "codec": "cuda-ipc",
+                                              "why": "same host: the stream moves GPU to GPU, no TCP"})
         try:
             next_caps = Capabilities.from_dict(next_info.get("caps"))
         except ValueError as exc:
@@ -427,10 +434,37 @@ class Daemon:
             raise MeshError("mismatch", f"link {self.name} -> {nxt.peer}: {exc}") from None
         spec = CodecSpec(choice.spec.name, qp=choice.spec.qp,
                          layout=TokenLayout(geometry.txt_len, geometry.img_h, geometry.img_w))
-        link = {"to": str(nxt.peer), "bandwidth_bps": bandwidth.bytes_per_s, "rtt_ms": bandwidth.rtt_ms,
-                "codec": spec.label, "why": choice.reason,
-                "emulated": self.emulation.describe() if self.emulation else None}
-        return spec, link
+        return LinkPlan("tcp", spec, {"to": str(nxt.peer), "transport": "tcp", "bandwidth_bps": bandwidth.bytes_per_s,
+                                      "rtt_ms": bandwidth.rtt_ms, "codec": spec.label, "why": choice.reason,
+                                      "emulated": self.emulation.describe() if self.emulation else None})
+
+    async def _ipc_works(self, nxt: Stage, next_info: dict) -> bool:
+        """Try the same-host path once per peer: the peer maps a probe tensor of ours and checks it."""
+        if self.device.type != "cuda" or self.emulation is not None or not self.config.same_host_ipc:
+            return False
+        if next_info.get("host_id") != ipc.host_id() or not str(next_info.get("device", "")).startswith("cuda"):
+            return False
+        key = str(nxt.peer)
+        if key not in self._ipc_ok:
+            probe = ipc.probe_tensor(self.device)
+            torch.cuda.synchronize(self.device)
+            try:
+                channel = await self.pool.get(nxt.peer)
+                reply = await channel.request("ipc-probe", {"ipc": ipc.export(probe)}, timeout=30)
+                self._ipc_ok[key] = reply.header.get("ok") is True
+            except MeshError as exc:
+                log.info("same-host path to %s unavailable: %s", key, exc.message)
+                self._ipc_ok[key] = False
+            del probe
+            ipc.collect()
+        return self._ipc_ok[key]
+
+    async def _ipc_probe(self, request: Request):
+        if self.device.type != "cuda":
+            return {"ok": False}, []
+        loop = asyncio.get_running_loop()
+        ok = await loop.run_in_executor(None, ipc.check_probe, request.header.get("ipc"), self.device)
+        return {"ok": ok}, []
 
     def _job(self, job_id: object) -> StageJob:
         job = self.jobs.get(job_id) if isinstance(job_id, str) else None
@@ -443,7 +477,8 @@ class Daemon:
         job = self._job(h.get("job"))
         preset, g = self.model.preset, job.geometry
         cond = self._unpack_cond(h, request.frame.segments, job.needs | job.downstream_needs, g.batch)
-        stream, rx = await receive_stream(request, self.device, (g.batch, g.tokens, preset.hidden), self.model.dtype)
+        stream, rx = await receive_activation(request, self.device, (g.batch, g.tokens, preset.hidden),
+                                              self.model.dtype)
         if not self.model.holds(job.start, job.end):
             raise MeshError("mismatch", f"{self.name} no longer holds blocks {job.start}-{job.end - 1}")
         span = self.model.span
@@ -465,9 +500,9 @@ class Daemon:
         names = sorted(job.downstream_needs)
         headers, buffers = pack_raw([cond[n] for n in names])
         channel = await self.pool.get(job.next_peer.peer)
-        reply, sent = await send_stream(
-            channel, "forward", {"job": job.id, "step": h.get("step"), "cond": headers, "cond_names": names},
-            buffers, out, job.next_spec, measure_error=job.measure_error, timeout=None,
+        reply, sent = await send_activation(
+            channel, {"job": job.id, "step": h.get("step"), "cond": headers, "cond_names": names},
+            buffers, out, job.next_link, measure_error=job.measure_error,
         )
         hops = reply.header.get("hops")
         if not isinstance(hops, list) or not hops or not isinstance(hops[0], dict):
@@ -596,7 +631,7 @@ class SplitRunner:
         self.head = plan.stages[0]
         self.downstream = set().union(*(cond_needs(preset, s.start, s.end) for s in plan.stages[1:]))
         self.channel = None
-        self.spec: CodecSpec | None = None
+        self.link: LinkPlan | None = None
         self.prepared = False
 
     async def prepare(self) -> list[dict]:
@@ -622,10 +657,10 @@ class SplitRunner:
         infos = reply.header.get("stages")
         if not isinstance(infos, list) or not infos:
             raise MeshError("protocol", "prepare reply lacks stage infos", peer=self.channel.name)
-        self.spec, link = await d.choose_link(self.plan.stages[1], infos[0], g, self.head.codec, self.floor)
+        self.link = await d.choose_link(self.plan.stages[1], infos[0], g, self.head.codec, self.floor)
         mine = {"peer": str(self.head.peer), "node": d.name, "node_id": d.node_id,
                 "blocks": [self.head.start, self.head.end], "caps": d.caps.to_dict(),
-                "codec_out": self.spec.label, "link": link}
+                "codec_out": self.link.label, "link": self.link.info}
         return [mine, *infos]
 
     async def forward(self, sampler: Sampler, step: int, pass_index: int, cond: Conditioning):
@@ -638,9 +673,9 @@ class SplitRunner:
         joint, seconds = await d.worker.run(head_compute)
         names = sorted(self.downstream)
         headers, buffers = pack_raw([getattr(cond, n) for n in names])
-        reply, sent = await send_stream(
-            self.channel, "forward", {"job": self.job_id, "step": step, "cond": headers, "cond_names": names},
-            buffers, joint, self.spec, measure_error=self.measure_error, timeout=None,
+        reply, sent = await send_activation(
+            self.channel, {"job": self.job_id, "step": step, "cond": headers, "cond_names": names},
+            buffers, joint, self.link, measure_error=self.measure_error,
         )
         preset = d.model.preset
         out_channels = int(preset.transformer.get("out_channels") or preset.transformer["in_channels"])

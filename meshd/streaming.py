@@ -131,6 +131,54 @@ async def send_stream(channel: Channel, op: str, fields: dict, segments: list, t
     return reply, stats
 
 
+@dataclass(frozen=True)
+class LinkPlan:
+    """How a stage's output reaches the next stage: the codec over TCP, or CUDA IPC on one host."""
+
+    transport: str  # "tcp" or "cuda-ipc"
+    spec: CodecSpec | None  # the codec, for tcp
+    info: dict  # what the plan shows: bandwidth, why this codec, ...
+
+    @property
+    def label(self) -> str:
+        return "cuda-ipc" if self.transport == "cuda-ipc" else self.spec.label
+
+
+async def send_activation(channel: Channel, fields: dict, segments: list, tensor: torch.Tensor, link: LinkPlan,
+                          *, measure_error: bool = False):
+    """Send a stage's output to the next stage the way ``link`` says; returns (reply, SendStats)."""
+    if link.transport != "cuda-ipc":
+        return await send_stream(channel, "forward", fields, segments, tensor, link.spec,
+                                 measure_error=measure_error, timeout=None)
+    from . import ipc  # noqa: PLC0415
+
+    t0 = time.perf_counter()
+    desc = ipc.export(tensor)
+    stats = SendStats(codec="cuda-ipc", raw_bytes=tensor.numel() * tensor.element_size(),
+                      encode_ms=(time.perf_counter() - t0) * 1e3)
+    # ``tensor`` stays referenced until the reply: the receiver maps its memory meanwhile.
+    reply = await channel.request("forward", {**fields, "ipc": desc}, segments, timeout=None)
+    del tensor
+    ipc.collect()
+    return reply, stats
+
+
+async def receive_activation(request: Request, device: torch.device, expect_shape: Sequence[int],
+                             expect_dtype: torch.dtype) -> tuple[torch.Tensor, ReceiveStats]:
+    """The stage input that came with ``request``: mapped over CUDA IPC or decoded from its stream."""
+    if "ipc" not in request.header:
+        return await receive_stream(request, device, expect_shape, expect_dtype)
+    if device.type != "cuda":
+        raise MeshError("bad-request", "CUDA IPC input sent to a CPU stage")
+    from . import ipc  # noqa: PLC0415
+
+    loop = asyncio.get_running_loop()
+    t0 = time.perf_counter()
+    tensor = await loop.run_in_executor(CODEC_THREADS, ipc.import_copy, request.header["ipc"], device,
+                                        expect_shape, expect_dtype)
+    return tensor, ReceiveStats(wire_ms=(time.perf_counter() - t0) * 1e3, codec="cuda-ipc")
+
+
 def _measure(tensor: torch.Tensor, header: codec.Header, chunks: list, stream) -> dict:
     with on_stream(stream):
         decoder = codec.ChunkDecoder(header, tensor.device)
