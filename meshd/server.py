@@ -409,7 +409,8 @@ class Daemon:
             job.next_link = await self.choose_link(stages[1], infos[0], geometry, me.codec, floor)
         self.jobs[job_id] = job
         mine = {"peer": str(me.peer), "node": self.name, "node_id": self.node_id, "blocks": [me.start, me.end],
-                "caps": self.caps.to_dict(), "codec_out": job.next_link.label if job.next_link else None,
+                "caps": self.caps.to_dict(), "device": str(self.device), "host_id": ipc.host_id(),
+                "codec_out": job.next_link.label if job.next_link else None,
                 "link": job.next_link.info if job.next_link else None}
         return {"stages": [mine, *infos]}, []
 
@@ -659,8 +660,8 @@ class SplitRunner:
             raise MeshError("protocol", "prepare reply lacks stage infos", peer=self.channel.name)
         self.link = await d.choose_link(self.plan.stages[1], infos[0], g, self.head.codec, self.floor)
         mine = {"peer": str(self.head.peer), "node": d.name, "node_id": d.node_id,
-                "blocks": [self.head.start, self.head.end], "caps": d.caps.to_dict(),
-                "codec_out": self.link.label, "link": self.link.info}
+                "blocks": [self.head.start, self.head.end], "caps": d.caps.to_dict(), "device": str(d.device),
+                "host_id": ipc.host_id(), "codec_out": self.link.label, "link": self.link.info}
         return [mine, *infos]
 
     async def forward(self, sampler: Sampler, step: int, pass_index: int, cond: Conditioning):
