@@ -16,16 +16,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
+import functools
+from types import SimpleNamespace
+
 import numpy as np
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
-from diffusers.pipelines.flux2.image_processor import Flux2ImageProcessor
-from diffusers.pipelines.flux2.pipeline_flux2_klein import (
-    Flux2KleinPipeline,
-    compute_empirical_mu,
-    retrieve_timesteps,
-)
-from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
@@ -35,7 +30,24 @@ from .gpu import GpuWorker
 from .model.runtime import HostedModel
 from .model.span import Conditioning, Stream
 
-_pipe = Flux2KleinPipeline  # its static helpers are the reference implementation
+@functools.cache
+def _diffusers() -> SimpleNamespace:
+    """diffusers' pipeline helpers, imported on first use: the pipeline module pulls in transformers
+    (~2 s), which a daemon that never runs the head does not need."""
+    from diffusers import FlowMatchEulerDiscreteScheduler  # noqa: PLC0415
+    from diffusers.pipelines.flux2.image_processor import Flux2ImageProcessor  # noqa: PLC0415
+    from diffusers.pipelines.flux2.pipeline_flux2_klein import (  # noqa: PLC0415
+        Flux2KleinPipeline,
+        compute_empirical_mu,
+        retrieve_timesteps,
+    )
+    from diffusers.utils.torch_utils import randn_tensor  # noqa: PLC0415
+
+    # Flux2KleinPipeline's static helpers are the reference implementation of everything around
+    # the transformer.
+    return SimpleNamespace(pipe=Flux2KleinPipeline, scheduler=FlowMatchEulerDiscreteScheduler,
+                           image_processor=Flux2ImageProcessor, mu=compute_empirical_mu,
+                           timesteps=retrieve_timesteps, randn=randn_tensor)
 
 
 @dataclass(frozen=True)
@@ -89,9 +101,9 @@ class Sampler:
 
     def prepare(self) -> None:
         """Prompt embeddings, latent noise, position ids, timesteps; embed the text once."""
-        p, span = self.params, self.model.span
+        p, span, d = self.params, self.model.span, _diffusers()
         embeds = self.model.encode_prompt(p.prompt)
-        self.text_ids = _pipe._prepare_text_ids(embeds).to(self.device)
+        self.text_ids = d.pipe._prepare_text_ids(embeds).to(self.device)
         self.txt_len = embeds.shape[1]
         self.contexts = [span.embed_text(embeds)]
         if self.cfg:
@@ -101,16 +113,16 @@ class Sampler:
         self.latent_hw = (height // 2, width // 2)
         channels = int(self.model.preset.transformer["in_channels"])
         generator = torch.Generator("cpu").manual_seed(p.seed)
-        noise = randn_tensor((1, channels, height // 2, width // 2), generator=generator, device=self.device,
-                             dtype=self.dtype)
-        self.latent_ids = _pipe._prepare_latent_ids(noise).to(self.device)
-        self.latents = _pipe._pack_latents(noise)
-        self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.model.source.scheduler_config())
+        noise = d.randn((1, channels, height // 2, width // 2), generator=generator, device=self.device,
+                        dtype=self.dtype)
+        self.latent_ids = d.pipe._prepare_latent_ids(noise).to(self.device)
+        self.latents = d.pipe._pack_latents(noise)
+        self.scheduler = d.scheduler.from_config(self.model.source.scheduler_config())
         sigmas = np.linspace(1.0, 1 / p.steps, p.steps)
         if getattr(self.scheduler.config, "use_flow_sigmas", False):
             sigmas = None
-        mu = compute_empirical_mu(image_seq_len=self.latents.shape[1], num_steps=p.steps)
-        self.timesteps, _ = retrieve_timesteps(self.scheduler, p.steps, self.device, sigmas=sigmas, mu=mu)
+        mu = d.mu(image_seq_len=self.latents.shape[1], num_steps=p.steps)
+        self.timesteps, _ = d.timesteps(self.scheduler, p.steps, self.device, sigmas=sigmas, mu=mu)
         self.scheduler.set_begin_index(0)
         self.rotary = span.rotary(self.text_ids, self.latent_ids)
         self.guidance = (
@@ -148,19 +160,19 @@ class Sampler:
     def final_latents(self) -> torch.Tensor:
         """Unpacked, de-normalised, unpatchified latents (what the VAE decodes)."""
         h, w = self.latent_hw
-        vae = self.model.vae()
-        latents = _pipe._unpack_latents_with_ids(self.latents, self.latent_ids, h, w)
+        vae, pipe = self.model.vae(), _diffusers().pipe
+        latents = pipe._unpack_latents_with_ids(self.latents, self.latent_ids, h, w)
         mean = vae.bn.running_mean.view(1, -1, 1, 1).to(latents.device, latents.dtype)
         std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(latents.device,
                                                                                                   latents.dtype)
-        return _pipe._unpatchify_latents(latents * std + mean)
+        return pipe._unpatchify_latents(latents * std + mean)
 
     def decode(self) -> tuple[torch.Tensor, Image.Image]:
         """VAE-decode; returns (final latents, PIL image)."""
         latents = self.final_latents()
         vae = self.model.vae()
         image = vae.decode(latents.to(self.device), return_dict=False)[0]
-        processor = Flux2ImageProcessor(vae_scale_factor=self.model.preset.vae_scale_factor * 2)
+        processor = _diffusers().image_processor(vae_scale_factor=self.model.preset.vae_scale_factor * 2)
         return latents, processor.postprocess(image, output_type="pil")[0]
 
 

@@ -89,15 +89,18 @@ class LinkStats:
     bytes_sent: int = 0
     bytes_received: int = 0
     hops: deque = field(default_factory=lambda: deque(maxlen=64))
+    last_active: float = field(default_factory=time.monotonic)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def sent(self, n: int) -> None:
         with self._lock:
             self.bytes_sent += n
+            self.last_active = time.monotonic()
 
     def received(self, n: int) -> None:
         with self._lock:
             self.bytes_received += n
+            self.last_active = time.monotonic()
 
     def hop(self, nbytes: int, ms: float) -> None:
         with self._lock:
@@ -114,15 +117,19 @@ class LinkStats:
 
 
 class LinkRegistry:
-    """Per-peer LinkStats of one daemon or client."""
+    """Per-peer LinkStats of one daemon or client; peers idle for ``max_idle`` seconds are forgotten."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_idle: float = 3600.0) -> None:
         self._links: dict[str, LinkStats] = {}
         self._lock = threading.Lock()
+        self.max_idle = max_idle
 
     def get(self, peer: str) -> LinkStats:
         with self._lock:
             if peer not in self._links:
+                now = time.monotonic()
+                for name in [n for n, link in self._links.items() if now - link.last_active > self.max_idle]:
+                    del self._links[name]
                 self._links[peer] = LinkStats(peer)
             return self._links[peer]
 

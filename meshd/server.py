@@ -209,7 +209,7 @@ class Daemon:
             task.add_done_callback(self._inflight.discard)
 
     async def _serve_socket(self, sock: socket.socket, name: str) -> None:
-        conn = Connection(sock, name, stats=self.links.get(name), emulation=self.emulation, allocator=self.allocator)
+        conn = Connection(sock, name, emulation=self.emulation, allocator=self.allocator)
         self._connections.add(conn)
         self._preauth += 1
         try:
@@ -223,6 +223,10 @@ class Daemon:
                 return
             finally:
                 self._preauth -= 1
+            # Count traffic per peer (its node name and address), not per ephemeral client port.
+            node = hello.get("node")
+            host = name.rsplit(":", 1)[0]
+            conn.stats = self.links.get(f"{node[:64]}@{host}" if isinstance(node, str) and node else host)
             session = ServerSession(conn, self.handle, hello)
             self.sessions.add(session)
             try:
@@ -695,19 +699,3 @@ class SplitRunner:
         if self.prepared and self.channel is not None and self.channel.alive:
             with contextlib.suppress(Exception):
                 await self.channel.request("release", {"job": self.job_id}, timeout=10)
-
-
-def node_id_file(state_dir) -> str:
-    """A stable node id kept in the state directory (created on first start)."""
-    path = state_dir / "node-id"
-    try:
-        value = path.read_text().strip()
-        if len(value) == 16 and all(c in "0123456789abcdef" for c in value):
-            return value
-    except OSError:
-        pass
-    value = uuid.uuid4().hex[:16]
-    with contextlib.suppress(OSError):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(value + "\n")
-    return value

@@ -56,11 +56,17 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("demo", help="two local tiny daemons on loopback and one split generation")
     d.add_argument("--headless", action="store_true", help="no UI: run one generation, print its summary, exit")
     _add_generation_args(d)
+
+    from .peers_cmd import add_peers_parser, peers_command  # noqa: PLC0415
+
+    add_peers_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "generate":
         return asyncio.run(generate_command(args))
     if args.command == "demo":
         return demo_command(args)
+    if args.command == "peers":
+        return peers_command(args)
     parser.print_help()
     return 2
 

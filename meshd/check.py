@@ -1,0 +1,217 @@
+"""``meshd check``: what this box can do, in plain words, before anything is served.
+
+Each check yields :class:`Finding` lines: ``ok`` (works), ``note`` (worth knowing: no GPU, NVENC
+missing, mDNS off) or ``problem`` (meshd will not work as configured: unreadable key, no interface
+for mDNS, a configured model that is not there). Nothing here changes the box.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .config import DaemonConfig
+
+OK, NOTE, PROBLEM = "ok", "note", "problem"
+UNIT_NAME = "meshd.service"
+#: systemctl queries are local and quick; a hung D-Bus must not hang ``meshd check``.
+SYSTEMCTL_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True)
+class Finding:
+    topic: str
+    level: str  # OK, NOTE or PROBLEM
+    text: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_gpus(nvml=None) -> Iterator[Finding]:
+    from .telemetry import NvmlGpus  # noqa: PLC0415
+
+    gpus = NvmlGpus(nvml).open()
+    try:
+        if gpus.reason:
+            yield Finding("GPU", NOTE, f"no NVIDIA GPU readings: {gpus.reason}. meshd still runs, on the CPU "
+                                       "(fine for the tiny demo, far too slow for real models)")
+        for gpu in gpus.gpus:
+            if gpu.lost:
+                yield Finding("GPU", PROBLEM, f"GPU {gpu.index} ({gpu.uuid}) is lost: it fell off the bus or the "
+                                              "driver reset it; reboot or reseat it")
+                continue
+            vram = f"{gpu.vram_total_bytes / (1 << 30):.0f} GiB" if gpu.vram_total_bytes else "VRAM n/a"
+            yield Finding("GPU", OK, f"GPU {gpu.index}: {gpu.name}, {vram} ({gpu.uuid})")
+            if gpu.unsupported:
+                yield Finding("GPU", NOTE, f"GPU {gpu.index} cannot report: "
+                                           + "; ".join(f"{what} ({why})" for what, why in gpu.unsupported.items())
+                                           + " (shown as n/a)")
+    finally:
+        gpus.close()
+
+
+def check_codecs() -> Iterator[Finding]:
+    """NVENC/NVDEC as probed (a tiny encode and decode on each GPU), and the codecs each device speaks."""
+    import torch  # noqa: PLC0415
+
+    import codec  # noqa: PLC0415
+    from codec.spec import CODEC_NAMES  # noqa: PLC0415
+
+    devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else ["cpu"]
+    for device in devices:
+        caps = codec.probe(device)
+        label = f"{device}" + (f" ({caps.gpu_name})" if caps.gpu_name else "")
+        if device.startswith("cuda"):
+            yield Finding("NVENC", OK if caps.nvenc else NOTE, f"{label}: " + (
+                caps.nvenc_reason if caps.nvenc else f"no NVENC ({caps.nvenc_reason}); HEVC is encoded by libx265 "
+                                                     "on the CPU instead"))
+            yield Finding("NVDEC", OK if caps.nvdec else NOTE, f"{label}: " + (
+                caps.nvdec_reason if caps.nvdec else f"no NVDEC ({caps.nvdec_reason}); HEVC is decoded by FFmpeg "
+                                                     "on the CPU instead"))
+        else:
+            yield Finding("NVENC", NOTE, "no CUDA device: no NVENC/NVDEC; HEVC goes through libx265/FFmpeg on the CPU")
+        speaks = []
+        for name in CODEC_NAMES:
+            send, receive = caps.can_encode(name), caps.can_decode(name)
+            if name == "hevc" and (send or receive):
+                speaks.append(f"hevc (encode {caps.hevc_encoder or 'no'}, decode {caps.hevc_decoder or 'no'})")
+            elif send and receive:
+                speaks.append(name)
+        missing = [n for n in CODEC_NAMES if not (caps.can_encode(n) or caps.can_decode(n))]
+        yield Finding("codecs", OK, f"{label}: {', '.join(speaks)}"
+                      + (f"; not here: {', '.join(missing)}" if missing else ""))
+        if not caps.cpu_hevc:
+            yield Finding("codecs", NOTE, f"CPU HEVC: {caps.cpu_hevc_reason}")
+
+
+def check_models(config: DaemonConfig) -> Iterator[Finding]:
+    from .model.files import ModelError, ModelStore  # noqa: PLC0415
+    from .model.presets import PRESETS  # noqa: PLC0415
+
+    store = ModelStore(config.models_dir, config.cache_dir)
+    found = store.available()
+    folders = ", ".join(str(d) for d in store.dirs) or "none configured"
+    if found:
+        yield Finding("models", OK, f"found {', '.join(name for name, _ in found)} in {folders}")
+    else:
+        yield Finding("models", NOTE, f"no model folders in {folders} (the tiny demo model is written there on "
+                                      "first use; real checkpoints are your local files)")
+    if config.random_weights:
+        known = config.model in PRESETS
+        yield Finding("models", OK if known else PROBLEM,
+                      f"configured: {config.model} with seeded random weights (benchmarks)" if known else
+                      f"configured random_weights for {config.model!r}, which is not a preset ({', '.join(PRESETS)})")
+    elif config.model != "tiny":
+        try:
+            yield Finding("models", OK, f"configured model {config.model}: {store.resolve(config.model)}")
+        except ModelError as exc:
+            yield Finding("models", PROBLEM, f"configured model {config.model!r}: {exc}")
+
+
+def check_mdns(config: DaemonConfig) -> Iterator[Finding]:
+    from .discovery import MdnsUnavailable, choose_for, require_zeroconf  # noqa: PLC0415
+
+    if not config.mdns:
+        yield Finding("mDNS", NOTE, "off (mdns = false): peers must add this box by hand (host:port)")
+        return
+    try:
+        require_zeroconf()
+    except MdnsUnavailable as exc:
+        yield Finding("mDNS", PROBLEM, str(exc))
+        return
+    try:
+        choice = choose_for(config)
+    except ValueError as exc:
+        yield Finding("mDNS", PROBLEM, str(exc))
+        return
+    if choice.advertise:
+        yield Finding("mDNS", OK, f"will advertise {', '.join(choice.advertise)} port {config.port} "
+                                  f"({choice.reason}); allow UDP 5353 and TCP {config.port} there")
+    else:
+        yield Finding("mDNS", PROBLEM, f"nothing to advertise on: {choice.reason}")
+    if choice.skipped:
+        yield Finding("mDNS", NOTE, f"not used: {', '.join(choice.skipped)}")
+
+
+def check_key(config: DaemonConfig) -> Iterator[Finding]:
+    from .auth import AuthError, fingerprint, key_is_private, read_key  # noqa: PLC0415
+
+    if config.insecure:
+        yield Finding("key", PROBLEM, "authentication is OFF (insecure = true): anyone who reaches the port can "
+                                      "use this GPU")
+        return
+    try:
+        key = read_key(config.key_file)
+    except AuthError as exc:
+        yield Finding("key", PROBLEM, str(exc))
+        return
+    yield Finding("key", OK, f"cluster key {config.key_file} is readable (fingerprint {fingerprint(key)})")
+    if not key_is_private(config.key_file):
+        yield Finding("key", PROBLEM, f"{config.key_file} is readable by group or others: chmod 600 it")
+
+
+def _systemctl(*args: str) -> str | None:
+    """The first line systemctl prints (``enabled``, ``active``, ...), or None if it cannot be asked."""
+    try:
+        result = subprocess.run(["systemctl", *args], capture_output=True, text=True, timeout=SYSTEMCTL_TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    lines = (result.stdout.strip() or result.stderr.strip()).splitlines()
+    return lines[0] if lines else ""
+
+
+def check_systemd() -> Iterator[Finding]:
+    if shutil.which("systemctl") is None:
+        yield Finding("systemd", NOTE, "no systemctl here: run meshd serve under your own supervisor")
+        return
+    if not Path("/run/systemd/system").is_dir():
+        yield Finding("systemd", NOTE, "systemd is installed but not running this box (a container?)")
+        return
+    enabled = _systemctl("is-enabled", UNIT_NAME)
+    active = _systemctl("is-active", UNIT_NAME)
+    if enabled in (None, "", "not-found") or (enabled or "").startswith("Failed"):
+        yield Finding("systemd", NOTE, f"{UNIT_NAME} is not installed (sudo meshd install-unit)")
+        return
+    level = OK if active == "active" else PROBLEM if active == "failed" else NOTE
+    yield Finding("systemd", level, f"{UNIT_NAME}: {enabled}, {active}"
+                  + ("" if active == "active" else " (journalctl -u meshd for why)"))
+
+
+def check_node_id(config: DaemonConfig) -> Iterator[Finding]:
+    from .nodeid import read_node_id  # noqa: PLC0415
+
+    node_id = read_node_id(config.state_dir)
+    yield Finding("node", OK if node_id else NOTE,
+                  f"node id {node_id} (in {config.state_dir})" if node_id else
+                  f"no node id in {config.state_dir} yet: one is made on first start")
+
+
+def run_checks(config: DaemonConfig, *, codecs: bool = True, nvml=None) -> list[Finding]:
+    """Every check; ``codecs=False`` skips the NVENC/NVDEC probe (it imports torch and opens encoders)."""
+    findings: list[Finding] = []
+    findings += check_gpus(nvml)
+    if codecs:
+        findings += check_codecs()
+    findings += check_models(config)
+    findings += check_mdns(config)
+    findings += check_key(config)
+    findings += check_systemd()
+    findings += check_node_id(config)
+    return findings
+
+
+def render(findings: list[Finding]) -> str:
+    marks = {OK: "ok  ", NOTE: "note", PROBLEM: "FAIL"}
+    width = max((len(f.topic) for f in findings), default=0)
+    lines = [f"[{marks[f.level]}] {f.topic.ljust(width)}  {f.text}" for f in findings]
+    problems = sum(f.level == PROBLEM for f in findings)
+    lines.append(f"{problems} problem{'s' if problems != 1 else ''}" if problems else "no problems found")
+    return "\n".join(lines)
+
+
+def exit_status(findings: list[Finding]) -> int:
+    return 1 if any(f.level == PROBLEM for f in findings) else 0
