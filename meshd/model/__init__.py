@@ -1,1 +1,2 @@
-"""FLUX.2 model spans: presets, files on disk, and the modules a span of blocks needs."""
+"""FLUX.2 model spans: presets, checkpoints on disk in the layouts users have, the modules a span of
+blocks needs, the LoRAs they carry, and the text encoder (docs/models.md)."""

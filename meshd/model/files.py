@@ -1,202 +1,165 @@
-"""Model files on disk: finding them (only inside configured folders), hashing them, and reading
-exactly the tensors a span needs.
+"""Models in the configured model folders: finding them (nowhere else), and pairing a transformer
+checkpoint with the folder that holds the head's other parts.
 
-A model is a diffusers-style folder::
+A model is either a diffusers-style folder::
 
     <name>/model_index.json
     <name>/transformer/config.json + *.safetensors (+ diffusion_pytorch_model.safetensors.index.json)
     <name>/vae/config.json + *.safetensors
-    <name>/text_encoder/...             (optional; the tiny model has a stand-in)
+    <name>/text_encoder/ + <name>/tokenizer/   (Qwen3 for klein, Mistral Small for dev; tiny has a stand-in)
     <name>/scheduler/scheduler_config.json
 
-Tensors are read with ``safetensors.safe_open``, one by one, so a peer holding 8 of 32 blocks never
-reads (or allocates) the other 24.
+or a single-file checkpoint (BFL or ComfyUI, bf16 / fp8 / scaled fp8), ``<name>.safetensors``, directly in a
+model folder or in a folder of its own. A single file holds only the transformer: that is all a peer
+holding blocks needs. The head also needs the VAE and the text encoder, which it takes from the file's
+own folder when that has ``vae/``, else from a diffusers folder of the same model in the model folders
+(FLUX.2's VAE is shared by all members, the text encoder by each size).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import threading
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from safetensors import safe_open
+from .checkpoints import Checkpoint, match_preset
+from .presets import ModelPreset
+from .tensorfiles import SAFETENSORS_SUFFIX, FileHashes, ModelError, open_safetensors, read_json, refuse_pickle
 
-from .presets import PRESETS, ModelPreset
-
-HASH_CHUNK = 8 << 20
-
-
-class ModelError(Exception):
-    """A model that cannot be found, is outside the model folders, or does not match its preset."""
+__all__ = ["FileHashes", "ModelError", "ModelFiles", "ModelStore", "match_preset"]
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ModelError(f"{path} is missing") from None
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{path} is not readable JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ModelError(f"{path} does not hold a JSON object")
-    return data
-
-
-def match_preset(config: dict, vae_config: dict | None = None) -> ModelPreset:
-    """The preset whose block structure ``config`` has (a transformer config.json)."""
-    keys = ("num_layers", "num_single_layers", "num_attention_heads", "attention_head_dim", "joint_attention_dim",
-            "in_channels")
-    for preset in PRESETS.values():
-        if all(int(config.get(k, -1)) == int(preset.transformer[k]) for k in keys):
-            return preset
-    shape = {k: config.get(k) for k in keys}
-    raise ModelError(f"transformer config {shape} matches no known FLUX.2 model ({', '.join(PRESETS)})")
-
-
-@dataclass
+@dataclass(frozen=True)
 class ModelFiles:
-    """One model folder: its preset, weight files and content hash."""
+    """One model: its transformer checkpoint and the folder with the head's VAE, text encoder and scheduler."""
 
-    root: Path
-    preset: ModelPreset
-    transformer_files: list[Path]
-    weight_map: dict[str, Path]  # tensor name -> file
-    tensors_read: int = 0
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    name: str
+    checkpoint: Checkpoint
+    components: Path | None  # None: a single file with no diffusers folder of its model to borrow from
+    own_components: bool  # the components folder belongs to this model (its model_index.json applies)
+
+    @property
+    def root(self) -> Path:
+        return self.checkpoint.path
+
+    @property
+    def preset(self) -> ModelPreset:
+        return self.checkpoint.preset
 
     @property
     def model_id(self) -> str:
-        return self.root.name
+        return self.name
 
-    @classmethod
-    def open(cls, root: Path) -> ModelFiles:
-        transformer = root / "transformer"
-        config = _read_json(transformer / "config.json")
-        preset = match_preset(config)
-        index = transformer / "diffusion_pytorch_model.safetensors.index.json"
-        weight_map: dict[str, Path] = {}
-        if index.exists():
-            mapping = _read_json(index).get("weight_map")
-            if not isinstance(mapping, dict):
-                raise ModelError(f"{index} has no weight_map")
-            for name, file in mapping.items():
-                path = (transformer / str(file)).resolve()
-                if path.parent != transformer.resolve():
-                    raise ModelError(f"{index} points outside its folder: {file}")
-                weight_map[name] = path
-        else:
-            files = sorted(transformer.glob("*.safetensors"))
-            if not files:
-                raise ModelError(f"{transformer} holds no .safetensors file")
-            for path in files:
-                with safe_open(str(path), framework="pt") as f:
-                    for name in f.keys():
-                        weight_map[name] = path
-        files = sorted(set(weight_map.values()))
-        for path in files:
-            if not path.is_file():
-                raise ModelError(f"weight file {path} is missing")
-        return cls(root=root, preset=preset, transformer_files=files, weight_map=weight_map)
-
-    def read(self, names: Iterable[str], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """Read exactly the tensors ``names`` (cast to ``dtype``), and nothing else."""
-        wanted: dict[Path, list[str]] = {}
-        for name in names:
-            wanted.setdefault(self.weight_map[name], []).append(name)
-        out: dict[str, torch.Tensor] = {}
-        for path, names in wanted.items():
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                for name in names:
-                    tensor = f.get_tensor(name)
-                    out[name] = tensor.to(device=device, dtype=dtype if tensor.dtype.is_floating_point else tensor.dtype)
-                    with self._lock:
-                        self.tensors_read += 1
-        return out
-
-    def content_hash(self, cache_dir: Path | None = None) -> str:
-        """sha256 over the transformer weight files (cached by path, size and mtime)."""
-        cache = _HashCache(cache_dir)
-        digest = hashlib.sha256()
-        for path in self.transformer_files:
-            digest.update(path.name.encode() + b"\0" + cache.file_hash(path).encode() + b"\n")
-        return digest.hexdigest()
-
-
-class _HashCache:
-    """File hashes remembered across runs, so an 18 GB checkpoint is hashed once, not at every start."""
-
-    def __init__(self, cache_dir: Path | None) -> None:
-        self.path = cache_dir / "file-hashes.json" if cache_dir else None
-
-    def file_hash(self, path: Path) -> str:
-        st = path.stat()
-        key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
-        table = {}
-        if self.path and self.path.exists():
-            try:
-                table = json.loads(self.path.read_text())
-            except ValueError:
-                table = {}
-        if key in table:
-            return table[key]
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            while block := f.read(HASH_CHUNK):
-                digest.update(block)
-        value = digest.hexdigest()
-        if self.path:
-            table[key] = value
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(table))
-            os.replace(tmp, self.path)
-        return value
+    def component(self, sub: str) -> Path:
+        """The head's ``vae``/``text_encoder``/``tokenizer``/``scheduler`` folder, or a ModelError that says
+        where to put it."""
+        if self.components is None:
+            raise ModelError(
+                f"{self.root} is a single-file checkpoint with no {sub}/ beside it, and no diffusers folder of "
+                f"{self.preset.name} in the model folders to take it from; the head needs one (see docs/models.md)"
+            )
+        return self.components / sub
 
 
 class ModelStore:
-    """The configured model folders. A model is found by preset or folder name, or by a path that
-    lies inside one of them; nothing outside them is ever read."""
+    """The configured model folders. A model is found by folder or file name, or by a path that lies
+    inside one of them; nothing outside them is ever read."""
 
     def __init__(self, dirs: Iterable[Path], cache_dir: Path | None = None) -> None:
         self.dirs = [Path(d).expanduser().resolve() for d in dirs]
         self.cache_dir = cache_dir
 
+    def _inside(self, path: Path) -> bool:
+        return any(path == d or d in path.parents for d in self.dirs)
+
     def resolve(self, name: str) -> Path:
-        """The folder of model ``name`` (a name under a model folder, or a path inside one)."""
+        """The folder or single file of model ``name`` (a name in a model folder, or a path inside one)."""
         if not self.dirs:
             raise ModelError("no model folders are configured (models_dir)")
         candidate = Path(name).expanduser()
         if candidate.is_absolute() or os.sep in name or name.startswith("."):
             path = candidate.resolve()
-            if not any(path == d or d in path.parents for d in self.dirs):
+            if not self._inside(path):
                 raise ModelError(
                     f"{path} is outside the configured model folders ({', '.join(map(str, self.dirs))}); "
                     "meshd reads model files only from there"
                 )
-            if not path.is_dir():
-                raise ModelError(f"model folder {path} does not exist")
+            if not path.exists():
+                raise ModelError(f"model {path} does not exist")
             return path
-        if name in ("", ".", "..") or "/" in name:
+        if name in ("", ".", "..") or "/" in name or "\\" in name:
             raise ModelError(f"invalid model name {name!r}")
         for d in self.dirs:
-            if (d / name).is_dir():
-                return d / name
+            for path in (d / name, d / f"{name}{SAFETENSORS_SUFFIX}"):
+                if path.is_dir() or path.is_file():
+                    return path
         raise ModelError(f"model {name!r} not found in {', '.join(map(str, self.dirs))}")
 
     def open(self, name: str) -> ModelFiles:
-        return ModelFiles.open(self.resolve(name))
+        """The model ``name``: its checkpoint opened (headers read and checked) and its head parts located."""
+        path = self.resolve(name)
+        if path.is_file():
+            refuse_pickle(path)
+            checkpoint = Checkpoint.open_file(path)
+            model_name = path.name.removesuffix(SAFETENSORS_SUFFIX)
+            if (path.parent / "vae" / "config.json").is_file():
+                return ModelFiles(model_name, checkpoint, path.parent, own_components=True)
+            return ModelFiles(model_name, checkpoint, self._borrowed_components(checkpoint.preset),
+                              own_components=False)
+        transformer = path / "transformer"
+        if not (transformer / "config.json").is_file():
+            single = sorted(path.glob(f"*{SAFETENSORS_SUFFIX}"))
+            if len(single) == 1:  # a single file in a folder of its own, maybe with vae/ and text_encoder/
+                checkpoint = Checkpoint.open_file(single[0])
+                own = (path / "vae" / "config.json").is_file()
+                return ModelFiles(path.name, checkpoint, path if own else self._borrowed_components(checkpoint.preset),
+                                  own_components=own)
+            raise ModelError(f"{path} is neither a diffusers model folder (no transformer/config.json) nor a folder "
+                             f"with one single-file checkpoint ({len(single)} .safetensors files)")
+        return ModelFiles(path.name, Checkpoint.open_folder(transformer), path, own_components=True)
+
+    def _borrowed_components(self, preset: ModelPreset) -> Path | None:
+        """A diffusers folder of ``preset`` in the model folders, whose VAE and text encoder a single file
+        can use (first by folder order, then name)."""
+        for d in self.dirs:
+            if not d.is_dir():
+                continue
+            for sub in sorted(d.iterdir()):
+                config = sub / "transformer" / "config.json"
+                if config.is_file() and (sub / "vae" / "config.json").is_file():
+                    try:
+                        if match_preset(read_json(config)) == preset:
+                            return sub
+                    except ModelError:
+                        continue
+        return None
 
     def available(self) -> list[tuple[str, Path]]:
-        """(name, folder) of every model folder found, for ``meshd check``."""
+        """(name, path) of every model found in the model folders (diffusers folders and single files),
+        for ``meshd check``. Files are recognised by their tensor names, not opened in full."""
         found = []
         for d in self.dirs:
-            if d.is_dir():
-                for sub in sorted(d.iterdir()):
-                    if (sub / "transformer" / "config.json").is_file():
+            if not d.is_dir():
+                continue
+            for sub in sorted(d.iterdir()):
+                if (sub / "transformer" / "config.json").is_file():
+                    found.append((sub.name, sub))
+                elif sub.is_file() and sub.suffix == SAFETENSORS_SUFFIX and _is_candidate(sub):
+                    found.append((sub.name.removesuffix(SAFETENSORS_SUFFIX), sub))
+                elif sub.is_dir():
+                    single = sorted(sub.glob(f"*{SAFETENSORS_SUFFIX}"))
+                    if len(single) == 1 and _is_candidate(single[0]):
                         found.append((sub.name, sub))
         return found
+
+
+def _is_candidate(path: Path) -> bool:
+    """A file that holds a FLUX.2 transformer, or cannot be read at all (so ``meshd check`` shows why);
+    readable VAE, text-encoder and LoRA files sharing the folder are skipped."""
+    try:
+        with open_safetensors(path) as f:
+            return any(k.endswith(("single_stream_modulation.lin.weight", "single_stream_modulation.linear.weight"))
+                       for k in f.keys())
+    except ModelError:
+        return True

@@ -166,6 +166,8 @@ PRESETS: dict[str, ModelPreset] = {
         default_guidance=1.0,
         default_size=64,
         max_sequence_length=32,
+        # The stand-in ignores this; a test-sized real Qwen3 (3 layers of width 16) reads these.
+        text_encoder_layers=(1, 2, 3),
     ),
 }
 

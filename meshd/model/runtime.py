@@ -1,5 +1,5 @@
-"""A model as one peer hosts it: where its weights come from, the blocks it holds, and (on the head)
-the VAE, text encoder and scheduler."""
+"""A model as one peer hosts it: where its weights come from, the blocks it holds with the LoRAs
+they carry, and (on the head, or a peer placed to encode prompts) the VAE, text encoder and scheduler."""
 
 from __future__ import annotations
 
@@ -14,10 +14,19 @@ from pathlib import Path
 import torch
 
 from .files import ModelError, ModelFiles, ModelStore
+from .lora import LoraError, LoraPatch, LoraSpec, LoraStore, held_linears, stack_factors
 from .presets import ModelPreset, get_preset
 from .seeded import seeded_value
 from .span import HEAD_MODULES, TAIL_MODULES, SpanModel, block_prefix, span_modules
-from .text_encoder import StandInTextEncoder
+from .tensorfiles import FileHashes
+from .text_encoder import (
+    STAND_IN_CLASS,
+    LanguageModelEncoder,
+    PromptEmbedder,
+    PromptEncoder,
+    StandInTextEncoder,
+    TextEncoderOptions,
+)
 from .tiny import write_tiny
 
 log = logging.getLogger(__name__)
@@ -56,8 +65,19 @@ class WeightSource:
     def vae(self, device: torch.device, dtype: torch.dtype):
         raise NotImplementedError
 
-    def text_encoder(self):
+    def text_encoder(self, device: torch.device, dtype: torch.dtype) -> PromptEncoder:
+        """The prompt encoder, loaded on ``device``; ModelError when this source has none."""
         raise NotImplementedError
+
+    def has_text_encoder(self) -> bool:
+        return True
+
+    def text_encoder_identity(self) -> str:
+        """What two peers compare before one uses the other's prompt embeddings."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return self.model_id
 
     def scheduler_config(self) -> dict:
         return {"_class_name": "FlowMatchEulerDiscreteScheduler", **self.preset.scheduler}
@@ -67,63 +87,88 @@ class WeightSource:
 
 
 class FolderSource(WeightSource):
-    """A model folder inside the configured model folders."""
+    """A model in the configured model folders: a diffusers folder or a single-file checkpoint."""
 
     def __init__(self, files: ModelFiles, cache_dir: Path | None = None) -> None:
         self.files = files
+        self.checkpoint = files.checkpoint
         self.preset = files.preset
         self.model_id = files.model_id
         self._cache_dir = cache_dir
         self._hash: str | None = None
+        self._te_hash: str | None = None
 
     def content_hash(self) -> str:
         if self._hash is None:
-            self._hash = self.files.content_hash(self._cache_dir)
+            self._hash = self.checkpoint.content_hash(self._cache_dir)
         return self._hash
 
     def read(self, expected, device, dtype):
-        missing = [n for n in expected if n not in self.files.weight_map]
-        if missing:
-            raise ModelError(f"{self.files.root} lacks {len(missing)} tensors this span needs, e.g. {missing[0]}")
-        tensors = self.files.read(expected, device, dtype)
-        for name, shape in expected.items():
-            if tuple(tensors[name].shape) != tuple(shape):
-                raise ModelError(
-                    f"{self.files.root}: tensor {name} has shape {tuple(tensors[name].shape)}; "
-                    f"{self.preset.name} needs {tuple(shape)}"
-                )
-        return tensors
+        return self.checkpoint.read(expected, device, dtype)
+
+    def describe(self) -> str:
+        return self.checkpoint.describe()
 
     def vae(self, device, dtype):
         from diffusers import AutoencoderKLFlux2  # noqa: PLC0415
 
-        folder = self.files.root / "vae"
+        folder = self.files.component("vae")
         if not (folder / "config.json").is_file():
             raise ModelError(f"{folder} is missing: the head needs the VAE")
-        return AutoencoderKLFlux2.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True).to(device).eval()
+        if not any(folder.glob("*.safetensors")):
+            raise ModelError(f"{folder} holds no .safetensors weights (meshd never loads pickle files)")
+        return AutoencoderKLFlux2.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True,
+                                                  use_safetensors=True).to(device).eval()
 
-    def text_encoder(self):
-        folder = self.files.root / "text_encoder"
+    def has_text_encoder(self) -> bool:
+        try:
+            return (self.files.component("text_encoder") / "config.json").is_file()
+        except ModelError:
+            return False
+
+    def text_encoder(self, device, dtype):
+        if not self.has_text_encoder():
+            where = self.files.components or self.files.root
+            raise ModelError(f"{where} has no text_encoder/; encode prompts on a peer that has it (a plan can "
+                             "place the text encoder there), or add text_encoder/ and tokenizer/ from the "
+                             "diffusers release")
+        folder = self.files.component("text_encoder")
         config = folder / "config.json"
-        if config.is_file() and json.loads(config.read_text()).get("_class_name") == "StandInTextEncoder":
-            return StandInTextEncoder.load(folder)
-        raise ModelError(
-            f"{self.files.root} has no text encoder this version can run; pass prompt embeddings or use "
-            "a model folder with its text_encoder"
-        )
+        if json.loads(config.read_text()).get("_class_name") == STAND_IN_CLASS:
+            return StandInTextEncoder.load(folder).to(device)
+        return LanguageModelEncoder.load(folder, self.files.component("tokenizer"), self.preset, device, dtype)
+
+    def text_encoder_identity(self) -> str:
+        """sha256 over the text encoder's and tokenizer's files (hashed once, then remembered)."""
+        if not self.has_text_encoder():
+            raise ModelError(f"{self.files.root} has no text encoder")
+        if self._te_hash is None:
+            hashes = FileHashes(self._cache_dir)
+            digest = hashlib.sha256()
+            for sub in ("text_encoder", "tokenizer"):
+                folder = self.files.component(sub)
+                for path in sorted(folder.glob("*")) if folder.is_dir() else []:
+                    if path.is_file():
+                        digest.update(f"{sub}/{path.name}\0{hashes.sha256(path)}\n".encode())
+            self._te_hash = digest.hexdigest()
+        return self._te_hash
 
     def scheduler_config(self) -> dict:
-        path = self.files.root / "scheduler" / "scheduler_config.json"
-        if path.is_file():
-            return json.loads(path.read_text())
+        if self.files.components is not None:
+            path = self.files.components / "scheduler" / "scheduler_config.json"
+            if path.is_file():
+                return json.loads(path.read_text())
         return super().scheduler_config()
 
     def distilled(self) -> bool:
-        path = self.files.root / "model_index.json"
-        if path.is_file():
-            data = json.loads(path.read_text())
-            if "is_distilled" in data:
-                return bool(data["is_distilled"])
+        """model_index.json's ``is_distilled`` when the model has its own; else the preset's default (klein's
+        released checkpoints are the step-distilled ones)."""
+        if self.files.own_components:
+            path = self.files.components / "model_index.json"
+            if path.is_file():
+                data = json.loads(path.read_text())
+                if "is_distilled" in data:
+                    return bool(data["is_distilled"])
         return self.preset.distilled
 
 
@@ -157,8 +202,12 @@ class RandomSource(WeightSource):
         vae.load_state_dict(state, assign=True)
         return vae.eval()
 
-    def text_encoder(self):
-        return StandInTextEncoder.create(int(self.preset.transformer["joint_attention_dim"]), self.preset.max_sequence_length)
+    def text_encoder(self, device, dtype):
+        joint = int(self.preset.transformer["joint_attention_dim"])
+        return StandInTextEncoder.create(joint, self.preset.max_sequence_length).to(device)
+
+    def text_encoder_identity(self) -> str:
+        return hashlib.sha256(f"flux-mesh stand-in text encoder v1|{self.preset.name}".encode()).hexdigest()
 
 
 def open_source(model: str, store: ModelStore, *, random_weights: bool = False, seed: int = 0) -> WeightSource:
@@ -177,18 +226,24 @@ def open_source(model: str, store: ModelStore, *, random_weights: bool = False, 
 
 
 class HostedModel:
-    """The blocks (and head/tail modules) one daemon holds, loaded from a weight source."""
+    """The blocks (and head/tail modules) one daemon holds, loaded from a weight source, with the LoRAs
+    they carry; and the head-side parts (VAE, prompt embeddings) loaded when first needed."""
 
-    def __init__(self, source: WeightSource, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, source: WeightSource, device: torch.device, dtype: torch.dtype,
+                 text_encoder: TextEncoderOptions | None = None) -> None:
         self.source = source
         self.preset = source.preset
         self.device = device
         self.dtype = dtype
         self.span: SpanModel | None = None
+        self.loras: tuple[LoraSpec, ...] = ()
+        self._lora_store: LoraStore | None = None
+        self._lora_patch: LoraPatch | None = None
         self._vae = None
-        self._text_encoder = None
-        self._prompt_cache: dict[str, torch.Tensor] = {}
         self._lock = threading.Lock()
+        shape = (self.preset.max_sequence_length, int(self.preset.transformer["joint_attention_dim"]))
+        self.prompts = PromptEmbedder(lambda d: source.text_encoder(d, dtype), text_encoder or TextEncoderOptions(),
+                                      device, dtype, shape)
         self.identity = ModelIdentity(source.model_id, self.preset.name, source.content_hash(),
                                       next(k for k, v in DTYPES.items() if v == dtype))
 
@@ -210,7 +265,7 @@ class HostedModel:
     def load(self, blocks: Iterable[int], head: bool, tail: bool,
              progress: Callable[[int, int], None] | None = None) -> None:
         """Hold exactly ``blocks`` (+ head/tail modules): keep what is loaded, read what is missing,
-        free the rest. Runs on the GPU thread."""
+        free the rest. The current LoRAs are applied to the new set of layers. Runs on the GPU thread."""
         blocks = sorted(set(blocks))
         new = span_modules(self.preset, blocks, head, tail)
         old = self.span
@@ -232,10 +287,47 @@ class HostedModel:
                 progress(done, len(groups))
         new.load_state_dict(loaded, strict=True, assign=True)
         new.requires_grad_(False).eval()
+        self._drop_lora_patch()
         self.span = new
         del old, kept, loaded
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+        if self.loras:
+            try:
+                self._lora_patch = self._patch_for(self.loras, self._lora_store)
+            except LoraError as exc:
+                self.loras = ()
+                raise LoraError(f"blocks loaded, but without LoRAs: {exc}") from None
+
+    # --- LoRAs ----------------------------------------------------------------------------------
+
+    def set_loras(self, specs: Iterable[LoraSpec], store: LoraStore) -> None:
+        """Make the held layers carry exactly ``specs`` (in order), each from this peer's own copy found by
+        hash in ``store``. Idempotent; the previous set is removed exactly (the weights are never written).
+        On a LoraError nothing changes. Runs on the GPU thread."""
+        specs = tuple(specs)
+        if specs == self.loras:  # load() keeps the current set applied, so equal means already carried
+            return
+        patch = self._patch_for(specs, store)  # raises before anything changes
+        self._drop_lora_patch()
+        self._lora_patch = patch
+        self.loras = specs
+        self._lora_store = store
+
+    def _patch_for(self, specs: tuple[LoraSpec, ...], store: LoraStore | None) -> LoraPatch | None:
+        if not specs:
+            return None
+        files = [(spec, store.open(spec, self.preset)) for spec in specs]
+        if self.span is None:
+            return None
+        held = held_linears(self.span)
+        loaded = [(spec, lora.factors(held)) for spec, lora in files]
+        return LoraPatch(self.span, stack_factors(loaded, self.device, self.dtype))
+
+    def _drop_lora_patch(self) -> None:
+        if self._lora_patch is not None:
+            self._lora_patch.remove()
+            self._lora_patch = None
 
     # --- head-only parts ------------------------------------------------------------------------
 
@@ -246,21 +338,20 @@ class HostedModel:
             return self._vae
 
     def encode_prompt(self, prompt: str) -> torch.Tensor:
-        """Prompt embeddings ``[1, L, joint_dim]`` in the model dtype, cached by prompt hash."""
-        key = hashlib.sha256(prompt.encode()).hexdigest()
-        with self._lock:
-            cached = self._prompt_cache.get(key)
-            if cached is not None:
-                return cached
-            if self._text_encoder is None:
-                self._text_encoder = self.source.text_encoder()
-            encoder = self._text_encoder
-        embeds = encoder(prompt).to(device=self.device, dtype=self.dtype)
-        with self._lock:
-            if len(self._prompt_cache) > 64:
-                self._prompt_cache.pop(next(iter(self._prompt_cache)))
-            self._prompt_cache[key] = embeds
-        return embeds
+        """Prompt embeddings ``[1, L, joint_dim]`` on the model's device and dtype, cached by prompt hash."""
+        return self.encode_prompts([prompt])[0]
+
+    def encode_prompts(self, prompts: list[str]) -> list[torch.Tensor]:
+        """Several prompts' embeddings, loading the text encoder at most once for all that are not cached
+        (a prompt and CFG's empty negative prompt, say)."""
+        return [e.to(self.device) for e in self.prompts.embeds(list(prompts))]
+
+    def remember_prompt(self, prompt: str, embeds: torch.Tensor) -> None:
+        """Cache ``prompt``'s embeddings computed on another peer (checked for shape)."""
+        self.prompts.remember(prompt, embeds)
+
+    def release_text_encoder(self) -> None:
+        self.prompts.release()
 
 
 def _group_by_module(preset: ModelPreset, names: dict[str, torch.Size]) -> list[dict[str, torch.Size]]:
