@@ -55,6 +55,7 @@ def _serve_parser(sub) -> None:
     p.add_argument("--insecure", action="store_true", default=None,
                    help="no authentication at all (isolated experiments only; loud)")
     p.add_argument("--models-dir", type=Path, action="append", help="model folder (repeatable)")
+    p.add_argument("--lora-dir", type=Path, action="append", help="LoRA folder (repeatable)")
     p.add_argument("--state-dir", type=Path, help="node id, caches (default /var/lib/meshd or user state dir)")
     p.add_argument("--name", dest="node_name", help="node name shown to peers (default: hostname)")
     p.add_argument("--emulate-link", help="shape what this daemon sends, e.g. 1gbit,0.3ms (benchmarks)")
@@ -168,6 +169,8 @@ async def _serve_async(args) -> int:
                                                "emulate_link", "mdns", "advertise_address", "telemetry_interval")}
     if args.models_dir:
         overrides["models_dir"] = tuple(p.expanduser().resolve() for p in args.models_dir)
+    if args.lora_dir:
+        overrides["lora_dir"] = tuple(p.expanduser().resolve() for p in args.lora_dir)
     if args.interfaces:
         overrides["interfaces"] = tuple(args.interfaces)
     try:

@@ -27,6 +27,7 @@ from PIL.PngImagePlugin import PngInfo
 from . import limits
 from .errors import MeshError
 from .gpu import GpuWorker
+from .model.lora import LoraSpec, loras_from_wire, loras_to_wire
 from .model.runtime import HostedModel
 from .model.span import Conditioning, Stream
 
@@ -58,9 +59,12 @@ class GenerationParams:
     height: int = 1024
     steps: int = 4
     guidance: float = 1.0
+    loras: tuple[LoraSpec, ...] = ()  # applied on every peer from its own copy (found by hash)
 
     def to_wire(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        out["loras"] = loras_to_wire(self.loras)
+        return out
 
     @classmethod
     def from_wire(cls, data: object, multiple: int = 16) -> GenerationParams:
@@ -84,6 +88,7 @@ class GenerationParams:
         if not isinstance(guidance, (int, float)) or isinstance(guidance, bool) or not 0 <= guidance <= 100:
             raise MeshError("bad-request", f"guidance={guidance!r:.20} must be a number in [0, 100]")
         out["guidance"] = float(guidance)
+        out["loras"] = loras_from_wire(data.get("loras"))
         return cls(**out)
 
 
@@ -102,6 +107,7 @@ class Sampler:
     def prepare(self) -> None:
         """Prompt embeddings, latent noise, position ids, timesteps; embed the text once."""
         p, span, d = self.params, self.model.span, _diffusers()
+        self.model.use_loras(p.loras)  # the embedders carry LoRAs too
         embeds = self.model.encode_prompt(p.prompt)
         self.text_ids = d.pipe._prepare_text_ids(embeds).to(self.device)
         self.txt_len = embeds.shape[1]
@@ -140,6 +146,7 @@ class Sampler:
         return self.latents.shape[1]
 
     def conditioning(self, step: int) -> Conditioning:
+        self.model.use_loras(self.params.loras)  # other jobs' LoRAs may be on the model meanwhile
         t = self.timesteps[step]
         timestep = t.expand(self.latents.shape[0]).to(self.latents.dtype)
         return self.model.span.conditioning(timestep / 1000, self.guidance, self.latents.dtype)
@@ -193,6 +200,7 @@ class LocalRunner:
         model = sampler.model
 
         def compute() -> torch.Tensor:
+            model.use_loras(sampler.params.loras)  # jobs with other LoRAs may have run in between
             stream = model.span.run(0, model.preset.num_blocks, sampler.embed(pass_index), cond, sampler.rotary)
             return model.span.final(stream, cond.temb)
 

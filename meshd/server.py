@@ -30,6 +30,7 @@ from .errors import MeshError
 from .generation import GenerationParams, LocalRunner, Sampler, run_generation
 from .gpu import GpuWorker
 from .link import LinkEmulation, LinkRegistry
+from .model.lora import LoraError, LoraSpec, LoraStore, loras_from_wire, loras_to_wire
 from .model.runtime import HostedModel
 from .model.span import Conditioning, Stream
 from .peers import PeerPool
@@ -100,6 +101,7 @@ class StageJob:
     downstream_needs: set[str]
     next_peer: Stage | None = None
     next_link: LinkPlan | None = None
+    loras: tuple[LoraSpec, ...] = ()
     measure_error: bool = False
     created: float = field(default_factory=time.monotonic)
 
@@ -123,6 +125,8 @@ class Daemon:
             codec.core.enable_hevc_replay(int(replay_mb) << 20)
             log.warning("%s is set: libx265 frames are replayed from a cache (benchmarks only)", HEVC_REPLAY_ENV)
         self.jobs: dict[str, StageJob] = {}
+        self.lora_store = LoraStore(config.lora_dir, config.cache_dir)
+        model.lora_store = self.lora_store
         self.sessions: set[ServerSession] = set()
         self.draining = False
         self._listener: socket.socket | None = None
@@ -396,10 +400,13 @@ class Daemon:
             raise MeshError("bad-request", "quality_floor must be in [0, 1]")
         txt_ids, img_ids = unpack_raw(h.get("ids"), request.frame.segments, torch.device("cpu"),
                                       [(1, geometry.txt_len, 4), (1, geometry.img_h * geometry.img_w, 4)])
+        loras = loras_from_wire(h.get("loras"))
         rotary, _ = await self.worker.run(self.model.span.rotary, txt_ids.to(self.device), img_ids.to(self.device))
+        await self._check_loras(loras)
         downstream = set().union(*(cond_needs(preset, s.start, s.end) for s in stages[1:])) if len(stages) > 1 else set()
         job = StageJob(job_id, request.session, me.start, me.end, tail, geometry, rotary,
-                       cond_needs(preset, me.start, me.end), downstream, measure_error=bool(h.get("measure_error")))
+                       cond_needs(preset, me.start, me.end), downstream, measure_error=bool(h.get("measure_error")),
+                       loras=loras)
         infos = []
         if len(stages) > 1:
             job.next_peer = stages[1]
@@ -471,6 +478,34 @@ class Daemon:
         ok = await loop.run_in_executor(None, ipc.check_probe, request.header.get("ipc"), self.device)
         return {"ok": ok}, []
 
+    async def _check_loras(self, loras: tuple[LoraSpec, ...]) -> None:
+        """Make sure this peer can apply ``loras`` from its own files (loads their factors once)."""
+        if not loras:
+            return
+        try:
+            await self.worker.run(self.model.use_loras, loras)
+        except LoraError as exc:
+            raise MeshError("not-found", f"{self.name} cannot apply the LoRAs: {exc}") from None
+
+    def resolve_loras(self, data: object) -> list:
+        """LoRAs named by the client without a hash get the hash of the head's own copy."""
+        if data is None:
+            return []
+        if not isinstance(data, list) or len(data) > 8:
+            raise MeshError("bad-request", "loras must be a list of at most 8 entries")
+        out = []
+        for item in data:
+            if isinstance(item, dict) and not item.get("sha256"):
+                name, strength = item.get("name"), item.get("strength", 1.0)
+                if not isinstance(name, str) or not isinstance(strength, (int, float)) or isinstance(strength, bool):
+                    raise MeshError("bad-request", "a LoRA needs a name and a numeric strength")
+                try:
+                    item = self.lora_store.spec(name, float(strength)).to_wire()
+                except LoraError as exc:
+                    raise MeshError("not-found", f"{self.name}: {exc}") from None
+            out.append(item)
+        return out
+
     def _job(self, job_id: object) -> StageJob:
         job = self.jobs.get(job_id) if isinstance(job_id, str) else None
         if job is None:
@@ -489,6 +524,7 @@ class Daemon:
         span = self.model.span
 
         def compute() -> torch.Tensor:
+            self.model.use_loras(job.loras)  # jobs with other LoRAs may have run in between
             c = Conditioning(**{n: cond.get(n) for n in Conditioning.NAMES})
             s = span.run(job.start, job.end, Stream(g.txt_len, joint=stream), c, job.rotary)
             return span.final(s, c.temb) if job.tail else s.as_joint()
@@ -559,7 +595,11 @@ class Daemon:
     async def _generate(self, request: Request):
         h = request.header
         preset = self.model.preset
-        params = GenerationParams.from_wire(h.get("params"), multiple=preset.size_multiple)
+        raw_params = h.get("params")
+        if isinstance(raw_params, dict) and "loras" in raw_params:
+            raw_params = {**raw_params, "loras": self.resolve_loras(raw_params["loras"])}
+        params = GenerationParams.from_wire(raw_params, multiple=preset.size_multiple)
+        await self._check_loras(params.loras)
         try:
             plan = SplitPlan.from_wire(h.get("plan")).validate(preset.num_blocks)
         except (PlanError, codec.CodecError) as exc:
@@ -656,6 +696,7 @@ class SplitRunner:
             "quality_floor": self.floor,
             "measure_error": self.measure_error,
             "ids": headers,
+            "loras": loras_to_wire(self.params.loras),
         }
         reply = await self.channel.request("prepare", fields, buffers)
         self.prepared = True
@@ -673,6 +714,7 @@ class SplitRunner:
         span = d.model.span
 
         def head_compute() -> torch.Tensor:
+            d.model.use_loras(self.params.loras)  # jobs with other LoRAs may have run in between
             return span.run(0, self.head.end, sampler.embed(pass_index), cond, sampler.rotary).as_joint()
 
         joint, seconds = await d.worker.run(head_compute)

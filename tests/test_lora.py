@@ -244,14 +244,14 @@ def peer_folder(world, tmp_path, name, files):
 
 async def test_a_split_generation_with_loras_equals_the_all_local_one(world, tmp_path):
     specs = [spec(world, "style-bfl", 0.9), spec(world, "more/detail", -0.6)]  # two LoRAs stacked
-    params = GenerationParams(prompt="a lighthouse at dawn", seed=3, width=64, height=64, steps=3)
+    plain_params = GenerationParams(prompt="a lighthouse at dawn", seed=3, width=64, height=64, steps=3)
+    params = GenerationParams(**{**plain_params.__dict__, "loras": tuple(specs)})
     worker = GpuWorker(CPU)
     try:
         local = model(world)
-        local.set_loras(specs, LoraStore([world["loras"]]))
+        local.lora_store = LoraStore([world["loras"]])  # the job's params say which LoRAs to carry
         reference = await run_generation(local, worker, params, LocalRunner(worker))
-        local.set_loras([], LoraStore([]))
-        plain = await run_generation(local, worker, params, LocalRunner(worker))
+        plain = await run_generation(local, worker, plain_params, LocalRunner(worker))
 
         files = ["style-bfl.safetensors", "more/detail.safetensors"]
         head, mid, tail = model(world, [0], True, False), model(world, [1, 2, 3], False, False), \

@@ -237,8 +237,12 @@ class HostedModel:
         self.dtype = dtype
         self.span: SpanModel | None = None
         self.loras: tuple[LoraSpec, ...] = ()
+        self.lora_store: LoraStore | None = None  # this peer's LoRA folders (set by its owner)
         self._lora_store: LoraStore | None = None
         self._lora_patch: LoraPatch | None = None
+        # Stacked factors of recently used LoRA sets: jobs with different sets take turns on the GPU
+        # queue, and switching then costs hook registration, not file reads.
+        self._lora_factors: dict[tuple[LoraSpec, ...], dict] = {}
         self._vae = None
         self._lock = threading.Lock()
         shape = (self.preset.max_sequence_length, int(self.preset.transformer["joint_attention_dim"]))
@@ -288,6 +292,7 @@ class HostedModel:
         new.load_state_dict(loaded, strict=True, assign=True)
         new.requires_grad_(False).eval()
         self._drop_lora_patch()
+        self._lora_factors.clear()  # they were cut to the old set of layers
         self.span = new
         del old, kept, loaded
         if self.device.type == "cuda":
@@ -314,15 +319,29 @@ class HostedModel:
         self.loras = specs
         self._lora_store = store
 
+    def use_loras(self, specs: Iterable[LoraSpec]) -> None:
+        """:meth:`set_loras` from this peer's own LoRA folders (``lora_store``). GPU thread."""
+        specs = tuple(specs)
+        if specs != self.loras:
+            if specs and self.lora_store is None:
+                raise LoraError("this peer has no LoRA folder configured (lora_dir)")
+            self.set_loras(specs, self.lora_store)
+
     def _patch_for(self, specs: tuple[LoraSpec, ...], store: LoraStore | None) -> LoraPatch | None:
         if not specs:
             return None
-        files = [(spec, store.open(spec, self.preset)) for spec in specs]
-        if self.span is None:
-            return None
-        held = held_linears(self.span)
-        loaded = [(spec, lora.factors(held)) for spec, lora in files]
-        return LoraPatch(self.span, stack_factors(loaded, self.device, self.dtype))
+        factors = self._lora_factors.get(specs)
+        if factors is None:
+            files = [(spec, store.open(spec, self.preset)) for spec in specs]
+            if self.span is None:
+                return None
+            held = held_linears(self.span)
+            loaded = [(spec, lora.factors(held)) for spec, lora in files]
+            factors = stack_factors(loaded, self.device, self.dtype)
+            while len(self._lora_factors) >= 4:
+                self._lora_factors.pop(next(iter(self._lora_factors)))
+            self._lora_factors[specs] = factors
+        return LoraPatch(self.span, factors)
 
     def _drop_lora_patch(self) -> None:
         if self._lora_patch is not None:
