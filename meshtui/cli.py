@@ -28,6 +28,8 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
     p.add_argument("--size", type=_size, help="N or WxH pixels (default: the model's)")
     p.add_argument("--guidance", type=float, help="guidance scale (default: the model's)")
+    p.add_argument("--lora", action="append", default=[], metavar="NAME[:STRENGTH]",
+                   help="apply a LoRA (repeatable; every peer needs its own copy, found by hash)")
     p.add_argument("--codec", default="auto", help="auto (policy per link), raw, fp8, u8, hevc-lossless, hevc-qpN")
     p.add_argument("--quality-floor", type=float, help="smallest acceptable cosine per hop for the policy (0.999)")
     p.add_argument("--no-error", dest="measure_error", action="store_false",
@@ -39,6 +41,14 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="meshtui", description="flux-mesh dashboard and client")
     parser.add_argument("--version", action="version", version=f"meshtui {__version__}")
+    # With no subcommand, meshtui opens the dashboard; these options are the dashboard's.
+    parser.add_argument("--peer", action="append", default=[], metavar="HOST:PORT",
+                        help="dashboard: also show this daemon (repeatable; remembered ones are added anyway)")
+    parser.add_argument("--key-file", type=Path, help="dashboard: cluster key (default: the config's, else meshd's)")
+    parser.add_argument("--peers-file", type=Path,
+                        help="dashboard: manual peers, one host:port per line (default ~/.config/flux-mesh/peers)")
+    parser.add_argument("--config", type=Path,
+                        help="dashboard: settings file (default $MESHTUI_CONFIG or ~/.config/flux-mesh/meshtui.toml)")
     sub = parser.add_subparsers(dest="command")
 
     g = sub.add_parser("generate", help="run one generation without the UI")
@@ -48,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--local", action="store_true", help="everything in this process, no daemons (the reference)")
     g.add_argument("--model", default="tiny", help="--local only: preset or model folder name")
     g.add_argument("--models-dir", type=Path, action="append", help="--local only: model folder (repeatable)")
+    g.add_argument("--lora-dir", type=Path, action="append", help="--local only: LoRA folder (repeatable)")
     g.add_argument("--device", default="auto", help="--local only: cuda, cuda:N or cpu")
     g.add_argument("--random-weights", action="store_true", help="--local only: seeded weights (benchmarks)")
     g.add_argument("--count", type=int, default=1, help="generate N images (seeds seed..seed+N-1), pipelined")
@@ -67,12 +78,28 @@ def main(argv: list[str] | None = None) -> int:
         return demo_command(args)
     if args.command == "peers":
         return peers_command(args)
+    if sys.stdout.isatty():
+        from .app import run_app  # noqa: PLC0415
+
+        return run_app(args)
     parser.print_help()
     return 2
 
 
 def _log(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
+
+
+def _lora_entries(texts: list[str]) -> list[dict]:
+    """``NAME[:STRENGTH]`` -> wire entries without a hash (the head fills it in from its own copy)."""
+    out = []
+    for text in texts:
+        name, _, strength = text.rpartition(":") if ":" in text else (text, "", "")
+        try:
+            out.append({"name": name, "strength": float(strength) if strength else 1.0})
+        except ValueError:
+            raise SystemExit(f"meshtui: --lora {text!r}: strength must be a number") from None
+    return out
 
 
 def _params(args, preset) -> dict:
@@ -84,6 +111,7 @@ def _params(args, preset) -> dict:
         "height": height,
         "steps": args.steps or preset.default_steps,
         "guidance": preset.default_guidance if args.guidance is None else args.guidance,
+        "loras": _lora_entries(getattr(args, "lora", [])),
     }
 
 
@@ -151,6 +179,7 @@ async def run_local(args) -> tuple[bytes, dict]:
     from meshd.generation import GenerationParams, LocalRunner, run_generation  # noqa: PLC0415
     from meshd.gpu import GpuWorker  # noqa: PLC0415
     from meshd.model.files import ModelStore  # noqa: PLC0415
+    from meshd.model.lora import LoraStore  # noqa: PLC0415
     from meshd.model.runtime import HostedModel, open_source  # noqa: PLC0415
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -158,10 +187,13 @@ async def run_local(args) -> tuple[bytes, dict]:
     store = ModelStore(args.models_dir or [default_models_dir()])
     source = open_source(args.model, store, random_weights=args.random_weights)
     model = HostedModel(source, device, torch.bfloat16)
+    model.lora_store = LoraStore(getattr(args, "lora_dir", None) or [])
     worker = GpuWorker(device)
     n = model.preset.num_blocks
     await worker.run(model.load, range(n), True, True)
-    params = GenerationParams.from_wire(_params(args, model.preset), multiple=model.preset.size_multiple)
+    wire = _params(args, model.preset)
+    wire["loras"] = [model.lora_store.spec(e["name"], e["strength"]).to_wire() for e in wire["loras"]]
+    params = GenerationParams.from_wire(wire, multiple=model.preset.size_multiple)
     result = await run_generation(model, worker, params, LocalRunner(worker), metadata={"plan": "local"},
                                   progress=_on_event)
     worker.shutdown()

@@ -27,6 +27,8 @@ class Peer:
     channel: Channel | None = None
     info: dict | None = None
     error: str | None = None
+    error_code: str | None = None  # the MeshError code: "auth" (wrong key) vs "peer-lost" (unreachable)...
+    links: list = field(default_factory=list)  # the daemon's per-peer link counters from its last info
     rtt_ms: float | None = None
     seen: float = 0.0
 
@@ -72,7 +74,8 @@ class Mesh:
         for peer in self.peers.values():
             if peer.address == address:
                 return peer
-        label = label or labels(len(self.peers) + 1)[-1]
+        # The first free label: after a removal, len(peers) + 1 may name a peer that is still here.
+        label = label or next(x for x in labels(len(self.peers) + 1) if x not in self.peers)
         peer = Peer(label, address)
         self.peers[label] = peer
         return peer
@@ -82,7 +85,7 @@ class Mesh:
         if peer and peer.channel:
             await peer.channel.close()
 
-    async def connect(self, peer: Peer) -> Peer:
+    async def connect(self, peer: Peer, timeout: float = 10) -> Peer:
         """(Re)connect, authenticate and read the peer's info; errors are kept on the peer."""
         try:
             if peer.channel is None or not peer.channel.alive:
@@ -91,13 +94,14 @@ class Mesh:
                 peer.channel = await Channel.connect(peer.address.host, peer.address.port, self.key,
                                                      emulation=self.emulation, hello={"node": "meshtui"})
             t0 = time.perf_counter()
-            reply = await peer.channel.request("info", timeout=10)
+            reply = await peer.channel.request("info", timeout=timeout)
             peer.rtt_ms = (time.perf_counter() - t0) * 1e3
             peer.info = reply.header.get("node") or {}
-            peer.error = None
+            peer.links = reply.header.get("links") if isinstance(reply.header.get("links"), list) else []
+            peer.error = peer.error_code = None
             peer.seen = time.time()
         except MeshError as exc:
-            peer.error = exc.message
+            peer.error, peer.error_code = exc.message, exc.code
             peer.info = None
         return peer
 

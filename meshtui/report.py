@@ -11,8 +11,10 @@ def hop_totals(summary: dict) -> list[dict]:
     table: OrderedDict[str, dict] = OrderedDict()
     for step in summary.get("steps", []):
         for p in step.get("passes", []):
+            sender = None  # only the first hop names its sender; each later one leaves the previous stage
             for hop in p.get("hops", []):
-                key = f"{hop.get('from', '?')} -> {hop.get('node', '?')}"
+                key = f"{hop.get('from') or sender or '?'} -> {hop.get('node', '?')}"
+                sender = hop.get("node")
                 row = table.setdefault(key, {"link": key, "codec": hop.get("codec"), "blocks": hop.get("blocks"),
                                              "bytes": [], "raw_bytes": [], "encode_ms": [], "wire_ms": [],
                                              "decode_ms": [], "compute_ms": [], "errors": []})

@@ -1,0 +1,206 @@
+"""Generation runs as the dashboard records them: parameters, live per-step progress, the saved image.
+
+A :class:`RunRecord` is immutable; each event from the head gives a new one (:func:`apply_event`).
+Finished runs are appended to ``runs.jsonl`` beside the saved images, so the history survives a
+restart. The PNG itself carries its parameters (the head writes them into a ``flux-mesh`` text chunk).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field, replace
+from enum import StrEnum
+from pathlib import Path
+
+from .report import hop_totals
+
+HISTORY_FILE = "runs.jsonl"
+HISTORY_KEPT = 50
+
+
+class RunState(StrEnum):
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True)
+class RunParams:
+    prompt: str
+    seed: int
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    codec: str = "auto"
+
+    def to_wire(self) -> dict:
+        """The ``params`` of a generate request (the codec travels apart)."""
+        return {"prompt": self.prompt, "seed": self.seed, "width": self.width, "height": self.height,
+                "steps": self.steps, "guidance": self.guidance}
+
+
+@dataclass(frozen=True)
+class HopRow:
+    """One hop of one step: the activations crossing from one stage to the next."""
+
+    link: str
+    codec: str
+    bytes: int | None
+    encode_ms: float | None
+    wire_ms: float | None
+    decode_ms: float | None
+    compute_ms: float | None  # the receiving stage's blocks
+    cosine: float | None  # reconstruction error (None: not measured, or bit-exact codec)
+    rel_l2: float | None
+
+
+@dataclass(frozen=True)
+class StepRow:
+    step: int
+    steps: int
+    ms: float
+    head_ms: float  # the head's own blocks (and embedding) of the first pass
+    hops: tuple[HopRow, ...]
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    id: int
+    started: float
+    params: RunParams
+    plan: str
+    state: RunState = RunState.RUNNING
+    phase: str = "sending"  # queued, preparing, step n/N, decoding, ...
+    steps: tuple[StepRow, ...] = ()
+    stages: tuple[tuple[str, int, int], ...] = ()  # (address, start, end) as the head prepared them
+    hops: tuple[dict, ...] = ()  # per-link totals once done (report.hop_totals)
+    total_s: float | None = None
+    path: Path | None = None
+    error: str | None = None
+    summary: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def done_steps(self) -> int:
+        return self.steps[-1].step if self.steps else 0
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data.pop("steps")
+        data.pop("summary")
+        data["path"] = str(self.path) if self.path else None
+        return json.dumps(data, sort_keys=True, default=str)
+
+    @classmethod
+    def from_json(cls, text: str) -> RunRecord:
+        data = json.loads(text)
+        return cls(
+            id=int(data["id"]), started=float(data["started"]), params=RunParams(**data["params"]),
+            plan=str(data["plan"]), state=RunState(data["state"]), phase=str(data.get("phase", "")),
+            stages=tuple(tuple(s) for s in data.get("stages", ())), hops=tuple(data.get("hops", ())),
+            total_s=data.get("total_s"), path=Path(data["path"]) if data.get("path") else None,
+            error=data.get("error"),
+        )
+
+
+def _num(value: object) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def hop_row(hop: dict) -> HopRow:
+    error = hop.get("error") if isinstance(hop.get("error"), dict) else {}
+    size = hop.get("bytes")
+    return HopRow(
+        link=f"{hop.get('from', '?')}→{hop.get('node', '?')}", codec=str(hop.get("codec", "?")),
+        bytes=size if isinstance(size, int) else None, encode_ms=_num(hop.get("encode_ms")),
+        wire_ms=_num(hop.get("wire_ms")), decode_ms=_num(hop.get("decode_ms")),
+        compute_ms=_num(hop.get("compute_ms")), cosine=_num(error.get("cosine")), rel_l2=_num(error.get("rel_l2")),
+    )
+
+
+def hop_rows(hops: object) -> list[HopRow]:
+    """The hops of one pass; only the first names its sender, the others leave the previous stage."""
+    rows: list[HopRow] = []
+    sender = None
+    for hop in hops if isinstance(hops, list) else ():
+        if isinstance(hop, dict):
+            rows.append(hop_row({**hop, "from": hop.get("from") or sender or "?"}))
+            sender = hop.get("node")
+    return rows
+
+
+def apply_event(record: RunRecord, event: dict) -> RunRecord:
+    """The record after one event from the head (untrusted: unknown kinds and fields are ignored)."""
+    kind = event.get("kind")
+    if kind == "queued":
+        position = event.get("position")
+        return replace(record, phase=f"queued at position {position}" if isinstance(position, int) and position > 1
+                       else "starting")
+    if kind == "prepared":
+        stages = []
+        for s in event.get("stages") or ():
+            blocks = s.get("blocks") if isinstance(s, dict) else None
+            if (isinstance(blocks, list) and len(blocks) == 2 and all(isinstance(b, int) for b in blocks)
+                    and isinstance(s.get("peer"), str)):
+                stages.append((s["peer"], blocks[0], blocks[1]))
+        return replace(record, phase="prepared", stages=tuple(stages), plan=str(event.get("plan") or record.plan))
+    if kind == "step":
+        passes = [p for p in event.get("passes") or () if isinstance(p, dict)]
+        first = passes[0] if passes else {}
+        hops = tuple(row for p in passes for row in hop_rows(p.get("hops")))
+        step, steps = event.get("step"), event.get("steps")
+        if not isinstance(step, int) or not isinstance(steps, int):
+            return record
+        row = StepRow(step, steps, _num(event.get("ms")) or 0.0, _num(first.get("compute_ms")) or 0.0, hops)
+        return replace(record, phase=f"step {step}/{steps}", steps=(*record.steps, row))
+    if kind == "decode":
+        return replace(record, phase="decoding the image")
+    return record
+
+
+def finish(record: RunRecord, summary: dict, path: Path | None) -> RunRecord:
+    total = _num(summary.get("total_s"))
+    return replace(record, state=RunState.DONE, phase="done", hops=tuple(hop_totals(summary)), total_s=total,
+                   path=path, summary=summary)
+
+
+def fail(record: RunRecord, state: RunState, message: str) -> RunRecord:
+    return replace(record, state=state, phase=str(state), error=message, total_s=time.time() - record.started)
+
+
+def save_png(directory: Path, png: bytes, record: RunRecord) -> Path:
+    """Write the image as ``flux-mesh-YYYYmmdd-HHMMSS-seedN.png`` (never over an existing file)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(record.started))
+    path = directory / f"flux-mesh-{stamp}-seed{record.params.seed}.png"
+    n = 1
+    while path.exists():
+        path = directory / f"flux-mesh-{stamp}-seed{record.params.seed}-{n}.png"
+        n += 1
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(png)
+    tmp.replace(path)
+    return path
+
+
+def append_history(directory: Path, record: RunRecord) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / HISTORY_FILE, "a", encoding="utf-8") as f:
+        f.write(record.to_json() + "\n")
+
+
+def load_history(directory: Path, keep: int = HISTORY_KEPT) -> list[RunRecord]:
+    """The last ``keep`` runs recorded in ``directory`` (unreadable lines are skipped)."""
+    try:
+        lines = (directory / HISTORY_FILE).read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines[-keep:]:
+        try:
+            out.append(RunRecord.from_json(line))
+        except (ValueError, KeyError, TypeError):
+            continue
+    return out
