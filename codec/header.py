@@ -138,10 +138,10 @@ class Header:
         if version != FORMAT_VERSION:
             raise CodecError(f"codec header version {version!r} is not supported (this side speaks {FORMAT_VERSION})")
         codec = data.get("codec")
-        if codec not in CODEC_NAMES:
+        if not isinstance(codec, str) or codec not in CODEC_NAMES:
             raise CodecError(f"unknown codec {codec!r:.40} in header; known: {', '.join(CODEC_NAMES)}")
         dtype = data.get("dtype")
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:  # (a list or map would not even hash)
             raise CodecError(f"unknown dtype {dtype!r:.40} in header; known: {', '.join(DTYPES)}")
         if codec != "raw" and dtype not in FLOAT_DTYPES:
             raise CodecError(f"codec {codec} carries floating-point tensors only, not {dtype}")
@@ -156,7 +156,7 @@ class Header:
         if qp is not None and (codec != "hevc" or not isinstance(qp, int) or isinstance(qp, bool) or not 0 <= qp <= 51):
             raise CodecError(f"QP {qp!r:.20} is not valid for codec {codec}")
         encoder = data.get("encoder")
-        if encoder is not None and encoder not in ("nvenc", "x265"):
+        if encoder is not None and (not isinstance(encoder, str) or encoder not in ("nvenc", "x265")):
             raise CodecError(f"unknown encoder {encoder!r:.40} in header")
         raw_chunks = data.get("chunks")
         if not isinstance(raw_chunks, list) or not 1 <= len(raw_chunks) <= MAX_CHUNKS:

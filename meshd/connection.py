@@ -77,6 +77,11 @@ def _bytearray(n: int) -> bytearray:
     return bytearray(n)
 
 
+def _retrieve(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
 class Connection:
     """One TCP connection carrying frames, on a non-blocking socket driven by the event loop.
 
@@ -98,6 +103,7 @@ class Connection:
         self.last_rx = time.monotonic()
         self.reading = False  # True while a frame is partly read
         self.closed = False
+        self._users = 0  # socket operations in flight; the descriptor is closed once there are none
         sock.setblocking(False)
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -109,32 +115,37 @@ class Connection:
         return None
 
     async def send(self, header: dict[str, Any], segments: Iterable = ()) -> int:
-        """Send one frame; returns its size in bytes."""
+        """Send one frame; returns its size in bytes.
+
+        A frame is written whole even if the caller is cancelled meanwhile: a frame cut short (or a
+        bulk-I/O thread still writing after its caller left) would corrupt the stream for every other
+        request on this connection."""
         buffers = encode_frame(header, list(segments))
+        write = asyncio.ensure_future(self._write(buffers))
+        try:
+            return await asyncio.shield(write)
+        except asyncio.CancelledError:
+            write.add_done_callback(_retrieve)  # a failure there closes the connection; nobody waits for it
+            raise
+
+    @contextlib.contextmanager
+    def _using_socket(self):
+        self._users += 1
+        try:
+            yield
+        finally:
+            self._users -= 1
+            if self.closed and not self._users:
+                self._close_socket()
+
+    async def _write(self, buffers: list) -> int:
         size = sum(memoryview(b).nbytes for b in buffers)
         async with self._write_lock:
             if self.closed:
                 raise PeerLost(self.name, "connection is closed")
             try:
-                if self._bucket is None:
-                    for buf in buffers:
-                        view = memoryview(buf).cast("B")
-                        if len(view) >= BIG_SEGMENT:
-                            await self._loop.run_in_executor(BULK_IO, _bulk_send, self.sock, view,
-                                                             limits.FRAME_PROGRESS_TIMEOUT_S)
-                        else:
-                            await self._loop.sock_sendall(self.sock, view)
-                else:
-                    # Latency delays the start of a burst; frames sent back to back share it.
-                    if self.emulation.delay_s and time.monotonic() - self._last_send > self.emulation.delay_s:
-                        await asyncio.sleep(self.emulation.delay_s)
-                    for buf in buffers:
-                        view = memoryview(buf).cast("B")
-                        for start in range(0, len(view), PACE_SLICE):
-                            piece = view[start : start + PACE_SLICE]
-                            await self._bucket.consume(len(piece))
-                            await self._loop.sock_sendall(self.sock, piece)
-                self._last_send = time.monotonic()
+                with self._using_socket():
+                    await self._write_buffers(buffers)
             except TimeoutError:
                 self.closed = True
                 raise PeerLost(self.name, f"peer took nothing for {limits.FRAME_PROGRESS_TIMEOUT_S:.0f} s") from None
@@ -145,10 +156,35 @@ class Connection:
             self.stats.sent(size)
         return size
 
+    async def _write_buffers(self, buffers: list) -> None:
+        if self._bucket is None:
+            for buf in buffers:
+                view = memoryview(buf).cast("B")
+                if len(view) >= BIG_SEGMENT:
+                    await self._loop.run_in_executor(BULK_IO, _bulk_send, self.sock, view,
+                                                     limits.FRAME_PROGRESS_TIMEOUT_S)
+                else:
+                    await self._loop.sock_sendall(self.sock, view)
+        else:
+            # Latency delays the start of a burst; frames sent back to back share it.
+            if self.emulation.delay_s and time.monotonic() - self._last_send > self.emulation.delay_s:
+                await asyncio.sleep(self.emulation.delay_s)
+            for buf in buffers:
+                view = memoryview(buf).cast("B")
+                for start in range(0, len(view), PACE_SLICE):
+                    piece = view[start : start + PACE_SLICE]
+                    await self._bucket.consume(len(piece))
+                    await self._loop.sock_sendall(self.sock, piece)
+        self._last_send = time.monotonic()
+
     def _progress(self) -> None:
         self.last_rx = time.monotonic()
 
     async def _read_into(self, buf, idle_timeout: float | None) -> None:
+        with self._using_socket():
+            await self._read_socket(buf, idle_timeout)
+
+    async def _read_socket(self, buf, idle_timeout: float | None) -> None:
         view = memoryview(buf).cast("B")
         n, got = len(view), 0
         loop = self._loop
@@ -234,10 +270,16 @@ class Connection:
                     await self.send({"op": "ping", "id": 0})
 
     def abort(self) -> None:
-        """Close at once: pending reads and writes on this socket fail."""
+        """Close at once: the peer sees the connection end, pending reads and writes here fail."""
         self.closed = True
         with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes every read and write waiting on the socket
+        if not self._users:
+            self._close_socket()
+        # else the last of them closes it: a descriptor closed under a pending read leaves that read
+        # waiting forever (epoll forgets closed descriptors), and its number may be reused meanwhile.
+
+    def _close_socket(self) -> None:
         with contextlib.suppress(OSError):
             self.sock.close()
 
@@ -287,7 +329,7 @@ async def client_handshake(conn: Connection, key: bytes | None, hello: dict | No
     except asyncio.TimeoutError:
         raise PeerLost(conn.name, f"handshake did not finish within {limits.HANDSHAKE_TIMEOUT_S:.0f} s") from None
     except ProtocolError as exc:
-        raise MeshError(exc.code if exc.code in ("version",) else "protocol", str(exc), peer=conn.name) from None
+        raise MeshError(exc.wire_code, str(exc), peer=conn.name) from None
     except auth.AuthError as exc:
         raise MeshError("auth", str(exc), peer=conn.name) from None
 
@@ -304,7 +346,11 @@ async def server_handshake(conn: Connection, key: bytes | None, welcome: Callabl
         raise MeshError(code, message, peer=conn.name)
 
     async def step() -> dict:
-        hello = await conn.recv(PREAUTH_LIMITS)
+        try:
+            hello = await asyncio.wait_for(conn.recv(PREAUTH_LIMITS), limits.HELLO_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise MeshError("auth", f"no hello within {limits.HELLO_TIMEOUT_S:g} s of connecting",
+                            peer=conn.name) from None
         if hello.op != "hello":
             await refuse("protocol", f"expected hello, got {hello.op[:32]!r}")
         proto = hello.header.get("proto")
@@ -336,8 +382,8 @@ async def server_handshake(conn: Connection, key: bytes | None, welcome: Callabl
         raise MeshError("auth", f"handshake not finished within {limits.HANDSHAKE_TIMEOUT_S:.0f} s", peer=conn.name) from None
     except ProtocolError as exc:
         with contextlib.suppress(Exception):
-            await conn.send({"op": "error", "code": exc.code, "message": str(exc)})
-        raise MeshError("protocol", str(exc), peer=conn.name) from None
+            await conn.send({"op": "error", "code": exc.wire_code, "message": str(exc)})
+        raise MeshError(exc.wire_code, str(exc), peer=conn.name) from None
 
 
 async def connect_socket(host: str, port: int) -> socket.socket:
@@ -424,13 +470,17 @@ class Channel:
                 if frame.op == "ping":
                     await self.conn.send({"op": "pong", "id": 0})
                     continue
+                if frame.op == "error" and rid == 0:
+                    # The server's reason for closing this connection: what every request here fails with.
+                    self._fail(MeshError.from_wire(frame.header, self.name))
+                    continue
                 pending = self._pending.get(rid) if isinstance(rid, int) else None
                 if pending is not None:
                     pending.queue.put_nowait(frame)
         except MeshError as exc:
             self._fail(exc)
         except ProtocolError as exc:
-            self._fail(MeshError("protocol", str(exc), peer=self.name))
+            self._fail(MeshError(exc.wire_code, str(exc), peer=self.name))
         except asyncio.CancelledError:
             self._fail(PeerLost(self.name, "connection closed"))
             raise
@@ -462,8 +512,10 @@ class Channel:
         rid = next(self._ids)
         pending = self._pending[rid] = _Pending()
         deadline = None if timeout is None else time.monotonic() + timeout
+        sent = answered = False
         try:
             await self.conn.send({**(fields or {}), "op": op, "id": rid}, segments)
+            sent = True
             if chunks is not None:
                 async for index, buffers in chunks:
                     await self.conn.send({"op": "chunk", "id": rid, "index": index}, buffers)
@@ -481,11 +533,14 @@ class Channel:
                         if asyncio.iscoroutine(result):
                             await result
                     continue
+                answered = True
                 if item.op == "error":
                     raise MeshError.from_wire(item.header, self.name)
                 return item
-        except asyncio.CancelledError:
-            if self.alive:
+        except BaseException:
+            # We gave up (cancelled, timed out, our chunk stream failed): the server must not keep
+            # working, and holding memory, for a request nobody waits for.
+            if sent and not answered and self.alive:
                 with contextlib.suppress(Exception):
                     await asyncio.shield(self.conn.send({"op": "cancel", "id": rid}))
             raise
@@ -512,7 +567,12 @@ class Request:
         self.header = frame.header
         self.id = frame.header["id"]
         self.op = frame.op
+        announced = frame.header.get("chunks")
+        #: Chunk frames this request said will follow; no more are taken (the queue stays bounded).
+        self.announced_chunks = (announced if isinstance(announced, int) and not isinstance(announced, bool)
+                                 and 0 <= announced <= limits.MAX_STREAM_CHUNKS else 0)
         self._chunks: asyncio.Queue = asyncio.Queue()
+        self._received = 0
         self.first_chunk_at: float | None = None
         self.last_chunk_at: float | None = None
 
@@ -521,6 +581,10 @@ class Request:
         return self.session.conn.name
 
     def _push_chunk(self, frame: Frame) -> None:
+        if self._received >= self.announced_chunks:
+            raise ProtocolError(f"request {self.id} ({self.op[:32]}) announced {self.announced_chunks} chunk "
+                                "frames; more arrived")
+        self._received += 1
         now = time.perf_counter()
         if self.first_chunk_at is None:
             self.first_chunk_at = now
@@ -548,12 +612,17 @@ class ServerSession:
     A client that disconnects, or goes silent while its requests run, has them cancelled.
     """
 
-    def __init__(self, conn: Connection, handler: Handler, client: dict) -> None:
+    def __init__(self, conn: Connection, handler: Handler, client: dict,
+                 holds: Callable[[], bool] = lambda: False) -> None:
         self.conn = conn
         self.handler = handler
         self.client = client
+        #: True while the client owns state here (prepared jobs): its silence then counts too, even
+        #: between requests, so that a frozen client does not pin that state until IDLE_TIMEOUT_S.
+        self.holds = holds
         self.tasks: dict[int, asyncio.Task] = {}
         self.requests: dict[int, Request] = {}
+        self._last_id = 0  # highest request id seen (clients number requests upwards)
 
     async def run(self) -> None:
         watchdog = asyncio.ensure_future(self._watch_silence())
@@ -575,18 +644,27 @@ class ServerSession:
                     request = self.requests.get(rid)
                     if request is not None:
                         request._push_chunk(frame)
+                    elif rid > self._last_id:
+                        raise ProtocolError(f"chunk frame for request {rid}, which was never sent")
+                    # else: the rest of a stream whose request already ended (refused early): dropped
                 elif rid in self.tasks:
                     raise ProtocolError(f"request id {rid} is already in use")
+                elif len(self.tasks) >= limits.MAX_REQUESTS_PER_SESSION:
+                    self._last_id = max(self._last_id, rid)  # its chunk frames, if any, are dropped
+                    await self.conn.send({"op": "error", "id": rid, "code": "busy",
+                                          "message": f"{limits.MAX_REQUESTS_PER_SESSION} requests already run on "
+                                                     "this connection"})
                 else:
+                    self._last_id = max(self._last_id, rid)
                     request = Request(self, frame)
                     self.requests[rid] = request
                     self.tasks[rid] = asyncio.ensure_future(self._handle(request))
         except (MeshError, ProtocolError) as exc:
             if not isinstance(exc, PeerLost):
                 log.warning("closing connection from %s: %s", self.conn.name, exc)
+                code = exc.wire_code if isinstance(exc, ProtocolError) else exc.code
                 with contextlib.suppress(Exception):
-                    await self.conn.send({"op": "error", "id": 0, "code": getattr(exc, "code", "protocol"),
-                                          "message": str(exc)})
+                    await self.conn.send({"op": "error", "id": 0, "code": code, "message": str(exc)})
         except Exception:  # noqa: BLE001 - a bug or resource failure: this connection ends, the daemon lives
             log.exception("connection from %s failed", self.conn.name)
         finally:
@@ -601,13 +679,13 @@ class ServerSession:
 
     async def _watch_silence(self) -> None:
         async def silent(seconds: float) -> None:
-            log.warning("client %s went silent (%.1f s without a byte) with %d request(s) running; cancelling them",
-                        self.conn.name, seconds, len(self.tasks))
+            log.warning("client %s went silent (%.1f s without a byte) with %d request(s) running; closing its "
+                        "connection", self.conn.name, seconds, len(self.tasks))
             for task in list(self.tasks.values()):
                 task.cancel()
             self.conn.abort()
 
-        await self.conn.heartbeat(lambda: bool(self.tasks), silent)
+        await self.conn.heartbeat(lambda: bool(self.tasks) or self.holds(), silent)
 
     async def _handle(self, request: Request) -> None:
         try:

@@ -93,28 +93,48 @@ class GenerationParams:
         return cls(**out)
 
 
+def uses_cfg(model: HostedModel, params: GenerationParams) -> bool:
+    """True-CFG (a second pass on the empty prompt): base models without a guidance embedding only."""
+    return (not model.source.distilled() and not bool(model.preset.transformer["guidance_embeds"])
+            and params.guidance > 1.0)
+
+
+def prompts_needed(model: HostedModel, params: GenerationParams) -> list[str]:
+    """The prompts a generation embeds: its own, and the empty one when it runs CFG."""
+    return [params.prompt, ""] if uses_cfg(model, params) else [params.prompt]
+
+
 class Sampler:
     """The per-generation state around the transformer. Methods run on the GPU thread."""
 
-    def __init__(self, model: HostedModel, params: GenerationParams) -> None:
+    def __init__(self, model: HostedModel, params: GenerationParams,
+                 embeds: dict[str, torch.Tensor] | None = None) -> None:
         self.model = model
         self.params = params
         self.device = model.device
         self.dtype = model.dtype
         preset = model.preset
         self.guidance_embeds = bool(preset.transformer["guidance_embeds"])
-        self.cfg = not model.source.distilled() and not self.guidance_embeds and params.guidance > 1.0
+        self.cfg = uses_cfg(model, params)
+        #: Prompt embeddings computed elsewhere (the peer that holds the text encoder), by prompt.
+        self.embeds = embeds or {}
+
+    def _prompt_embeds(self, prompt: str) -> torch.Tensor:
+        given = self.embeds.get(prompt)
+        if given is not None:
+            return given.to(device=self.device, dtype=self.dtype)
+        return self.model.encode_prompt(prompt)
 
     def prepare(self) -> None:
         """Prompt embeddings, latent noise, position ids, timesteps; embed the text once."""
         p, span, d = self.params, self.model.span, _diffusers()
         self.model.use_loras(p.loras)  # the embedders carry LoRAs too
-        embeds = self.model.encode_prompt(p.prompt)
+        embeds = self._prompt_embeds(p.prompt)
         self.text_ids = d.pipe._prepare_text_ids(embeds).to(self.device)
         self.txt_len = embeds.shape[1]
         self.contexts = [span.embed_text(embeds)]
         if self.cfg:
-            self.contexts.append(span.embed_text(self.model.encode_prompt("")))
+            self.contexts.append(span.embed_text(self._prompt_embeds("")))
         scale = self.model.preset.vae_scale_factor
         height, width = 2 * (p.height // (scale * 2)), 2 * (p.width // (scale * 2))
         self.latent_hw = (height // 2, width // 2)
@@ -221,10 +241,12 @@ ProgressFn = Callable[[dict], Awaitable[None] | None]
 
 
 async def run_generation(model: HostedModel, worker: GpuWorker, params: GenerationParams, runner: StepRunner,
-                         *, metadata: dict | None = None, progress: ProgressFn | None = None) -> GenerationResult:
-    """Prompt -> PNG. ``progress`` receives one event per step (and one when decoding starts)."""
+                         *, metadata: dict | None = None, progress: ProgressFn | None = None,
+                         embeds: dict[str, torch.Tensor] | None = None) -> GenerationResult:
+    """Prompt -> PNG. ``progress`` receives one event per step (and one when decoding starts).
+    ``embeds``: prompt embeddings already computed (by the peer holding the text encoder)."""
     start = time.perf_counter()
-    sampler = Sampler(model, params)
+    sampler = Sampler(model, params, embeds)
     _, prep_s = await worker.run(sampler.prepare)
     steps = []
     for step in range(params.steps):

@@ -72,6 +72,7 @@ def import_copy(desc: object, device: torch.device, expect_shape, expect_dtype: 
         if tuple(shape) != tuple(expect_shape) or desc["dtype"] != str(expect_dtype).removeprefix("torch."):
             raise MeshError("bad-request", f"ipc tensor {shape} {desc['dtype']} is not the expected "
                                            f"{list(expect_shape)} {expect_dtype}")
+        _check_extent(shape, stride, int(desc["storage_offset"]), int(desc["size"]), expect_dtype)
         source = _device_for(str(desc["gpu"]))
         storage = torch.UntypedStorage._new_shared_cuda(
             source.index, bytes(desc["handle"]), int(desc["size"]), int(desc["offset"]), bytes(desc["ref_handle"]),
@@ -87,6 +88,24 @@ def import_copy(desc: object, device: torch.device, expect_shape, expect_dtype: 
         raise
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise MeshError("bad-request", f"cannot map the peer's CUDA memory: {str(exc).splitlines()[0]}") from None
+
+
+def _check_extent(shape: list[int], stride: list[int], storage_offset: int, size: int, dtype: torch.dtype) -> None:
+    """The view a descriptor asks for must be a dense, contiguous tensor lying wholly inside the memory
+    block the exporter shared: otherwise the copy would read GPU memory beyond it (a page fault kills
+    this process's CUDA context), whatever the peer claims."""
+    dense = [1] * len(shape)
+    for i in range(len(shape) - 2, -1, -1):
+        dense[i] = dense[i + 1] * shape[i + 1]
+    if any(st != d for n, st, d in zip(shape, stride, dense) if n > 1) or len(stride) != len(shape):
+        raise MeshError("bad-request", f"ipc tensor strides {stride} are not the contiguous {dense}")
+    numel = 1
+    for n in shape:
+        numel *= n
+    end = (storage_offset + numel) * dtype.itemsize
+    if storage_offset < 0 or size < 0 or end > size:
+        raise MeshError("bad-request", f"ipc tensor (offset {storage_offset}, {numel} elements of {dtype.itemsize} "
+                                       f"bytes) does not fit in the shared block of {size} bytes")
 
 
 def probe_tensor(device: torch.device) -> torch.Tensor:

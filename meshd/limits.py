@@ -33,10 +33,19 @@ MAX_HEADER_STRING = 64 * 1024
 PREAUTH_MAX_FRAME_BYTES = 512
 #: The whole handshake must finish within this many seconds.
 HANDSHAKE_TIMEOUT_S = 10.0
+#: The client's hello (its first frame, a few hundred bytes) must arrive within this long of
+#: connecting, so that a connection that says nothing, or trickles, gives its pre-auth slot back soon.
+HELLO_TIMEOUT_S = 3.0
 #: At most this many connections may be in their handshake at once; more are closed at once.
 MAX_PREAUTH_CONNECTIONS = 32
+#: ... and at most this many of them from one source (an IPv4 address or an IPv6 /64), so that one
+#: flooding host cannot lock the others out.
+MAX_PREAUTH_PER_SOURCE = 8
 #: At most this many authenticated connections at once.
 MAX_CONNECTIONS = 64
+#: At most this many requests run at once on one connection; more are answered ``busy`` (each request
+#: may hold memory, e.g. a forward's input tensor). Above the generations one client may queue.
+MAX_REQUESTS_PER_SESSION = 128
 
 # --- after authentication ----------------------------------------------------------------------
 #: Once a frame has started, bytes must keep arriving: no progress for this long closes the link
@@ -55,12 +64,20 @@ PEER_SILENCE_TIMEOUT_S = 4.0
 PING_INTERVAL_S = 1.0
 #: Connecting to a peer must succeed within this long.
 CONNECT_TIMEOUT_S = 5.0
+#: Most chunk frames one request may announce (its ``chunks`` field; a tensor has at most the codec's
+#: MAX_CHUNKS). A chunk beyond the announced count, or for a request never sent, closes the connection.
+MAX_STREAM_CHUNKS = 4096
 
 # --- jobs --------------------------------------------------------------------------------------
 #: Generations a head runs at once (steps interleave on the GPU queue); more wait in line.
 MAX_ACTIVE_GENERATIONS = 4
 #: Generations that may wait in line at a head; beyond that new ones are refused as busy.
 MAX_QUEUED_GENERATIONS = 32
+#: Prompts one ``encode-prompt`` request may carry (a prompt and CFG's empty one need two).
+MAX_PROMPTS_PER_ENCODE = 4
+#: A peer asked to encode prompts must answer within this long (loading a text encoder from disk
+#: the first time included).
+ENCODE_PROMPT_TIMEOUT_S = 600.0
 #: Prepared jobs a stage holds at once.
 MAX_JOBS_PER_STAGE = 64
 #: Largest image side, in pixels.

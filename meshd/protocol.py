@@ -30,7 +30,12 @@ class ProtocolError(Exception):
 
     def __init__(self, message: str, code: str = "protocol") -> None:
         super().__init__(message)
-        self.code = code
+        self.code = code  # the kind: "protocol", "magic", "version" or "too-large"
+
+    @property
+    def wire_code(self) -> str:
+        """The error code a peer is sent (meshd.errors.CODES): a version mismatch or a protocol error."""
+        return "version" if self.code == "version" else "protocol"
 
 
 @dataclass

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import socket
@@ -27,14 +28,15 @@ from . import __version__, auth, ipc, limits
 from .config import DaemonConfig, describe_ranges, ranges
 from .connection import Connection, Request, ServerSession, address_name, server_handshake
 from .errors import MeshError
-from .generation import GenerationParams, LocalRunner, Sampler, run_generation
+from .generation import GenerationParams, LocalRunner, Sampler, prompts_needed, run_generation
 from .gpu import GpuWorker
 from .link import LinkEmulation, LinkRegistry
 from .model.lora import LoraError, LoraSpec, LoraStore, loras_from_wire, loras_to_wire
 from .model.runtime import HostedModel
+from .model.tensorfiles import ModelError
 from .model.span import Conditioning, Stream
 from .peers import PeerPool
-from .plan import PlanError, SplitPlan, Stage
+from .plan import PeerAddress, PlanError, SplitPlan, Stage
 from .streaming import LinkPlan, pack_raw, receive_activation, send_activation, unpack_raw
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,24 @@ MAX_BATCH = 8
 HEVC_REPLAY_ENV = "MESHD_BENCH_HEVC_REPLAY_MB"
 MAX_TEXT_TOKENS = 4096
 MAX_GRID = 512
+#: Requests that are followed by a chunk stream; any other request announcing one is refused at once,
+#: so that no chunk frames queue up behind a long-running request.
+STREAM_OPS = ("forward",)
+
+
+def source_of(addr: object) -> str:
+    """Whom a connection counts against before it authenticates: its IPv4 address, or its IPv6 /64
+    (one host's share of a LAN; an attacker there holds many addresses of it)."""
+    host = str(addr[0]) if isinstance(addr, tuple) and addr else str(addr)
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if ip.version == 6:
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
 
 
 def cond_needs(preset, start: int, end: int) -> set[str]:
@@ -132,6 +152,7 @@ class Daemon:
         self._listener: socket.socket | None = None
         self._accepting: asyncio.Task | None = None
         self._preauth = 0
+        self._preauth_by_source: dict[str, int] = {}
         self._generation_slots = asyncio.Semaphore(limits.MAX_ACTIVE_GENERATIONS)
         self._waiting_generations = 0
         self._inflight: set[asyncio.Task] = set()
@@ -168,7 +189,10 @@ class Daemon:
         return self.bound
 
     async def stop(self, grace: float = 30.0) -> None:
-        """Stop accepting, let running requests finish (up to ``grace`` s), then close everything."""
+        """Stop accepting, let running work finish (up to ``grace`` s), then close everything.
+
+        Running work is every request in progress and, on a stage, every prepared job: between two
+        steps of a generation no request runs here, yet the generation is not over."""
         self.draining = True
         if self._accepting is not None:
             self._accepting.cancel()
@@ -176,7 +200,7 @@ class Daemon:
                 await self._accepting
             self._listener.close()
         deadline = time.monotonic() + grace
-        while any(s.tasks for s in self.sessions) and time.monotonic() < deadline:
+        while (self.jobs or any(s.tasks for s in self.sessions)) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         # Closing the sockets ends every session's read loop; the tasks then finish by themselves.
         for conn in list(self._connections):
@@ -205,17 +229,27 @@ class Daemon:
                 log.warning("accept failed: %s", exc)
                 await asyncio.sleep(0.1)
                 continue
-            if self.draining or self._preauth >= limits.MAX_PREAUTH_CONNECTIONS or len(self.sessions) >= limits.MAX_CONNECTIONS:
+            source = source_of(addr)
+            if (self.draining or self._preauth >= limits.MAX_PREAUTH_CONNECTIONS
+                    or self._preauth_by_source.get(source, 0) >= limits.MAX_PREAUTH_PER_SOURCE
+                    or len(self.sessions) >= limits.MAX_CONNECTIONS):
                 sock.close()  # refuse cheaply: no read, no allocation
                 continue
-            task = asyncio.ensure_future(self._serve_socket(sock, address_name(addr)))
+            self._preauth += 1
+            self._preauth_by_source[source] = self._preauth_by_source.get(source, 0) + 1
+            task = asyncio.ensure_future(self._serve_socket(sock, address_name(addr), source))
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
 
-    async def _serve_socket(self, sock: socket.socket, name: str) -> None:
+    def _preauth_done(self, source: str) -> None:
+        self._preauth -= 1
+        left = self._preauth_by_source.pop(source) - 1
+        if left:
+            self._preauth_by_source[source] = left
+
+    async def _serve_socket(self, sock: socket.socket, name: str, source: str) -> None:
         conn = Connection(sock, name, emulation=self.emulation, allocator=self.allocator)
         self._connections.add(conn)
-        self._preauth += 1
         try:
             try:
                 hello = await server_handshake(conn, self.key, self.node_info)
@@ -226,12 +260,13 @@ class Daemon:
                 log.exception("handshake with %s failed", name)
                 return
             finally:
-                self._preauth -= 1
+                self._preauth_done(source)
             # Count traffic per peer (its node name and address), not per ephemeral client port.
             node = hello.get("node")
             host = name.rsplit(":", 1)[0]
             conn.stats = self.links.get(f"{node[:64]}@{host}" if isinstance(node, str) and node else host)
             session = ServerSession(conn, self.handle, hello)
+            session.holds = lambda: any(job.owner is session for job in self.jobs.values())
             self.sessions.add(session)
             try:
                 await session.run()
@@ -262,9 +297,12 @@ class Daemon:
             "forward": self._forward,
             "release": self._release,
             "generate": self._generate,
+            "encode-prompt": self._encode_prompt,
         }.get(op)
         if handler is None:
             raise MeshError("bad-request", f"unknown request {op[:40]!r}")
+        if request.announced_chunks and op not in STREAM_OPS:
+            raise MeshError("bad-request", f"{op} takes no chunk stream")
         log.debug("%s %s from %s", op, request.id, request.peer)
         try:
             return await handler(request)
@@ -410,14 +448,18 @@ class Daemon:
         infos = []
         if len(stages) > 1:
             job.next_peer = stages[1]
-            channel = await self.pool.get(stages[1].peer)
-            onward = {k: v for k, v in h.items() if k not in ("op", "id")}
-            reply = await channel.request("prepare", {**onward, "stages": [s.to_wire() for s in stages[1:]]},
-                                          request.frame.segments)
-            infos = reply.header.get("stages")
-            if not isinstance(infos, list) or not infos:
-                raise MeshError("protocol", "downstream prepare reply lacks stage infos", peer=channel.name)
-            job.next_link = await self.choose_link(stages[1], infos[0], geometry, me.codec, floor)
+            try:
+                channel = await self.pool.get(stages[1].peer)
+                onward = {k: v for k, v in h.items() if k not in ("op", "id")}
+                reply = await channel.request("prepare", {**onward, "stages": [s.to_wire() for s in stages[1:]]},
+                                              request.frame.segments)
+                infos = reply.header.get("stages")
+                if not isinstance(infos, list) or not infos:
+                    raise MeshError("protocol", "downstream prepare reply lacks stage infos", peer=channel.name)
+                job.next_link = await self.choose_link(stages[1], infos[0], geometry, me.codec, floor)
+            except BaseException:
+                self._spawn(self._relay_release(job))  # what the stages after this one prepared goes too
+                raise
         self.jobs[job_id] = job
         mine = {"peer": str(me.peer), "node": self.name, "node_id": self.node_id, "blocks": [me.start, me.end],
                 "caps": self.caps.to_dict(), "device": str(self.device), "host_id": ipc.host_id(),
@@ -553,7 +595,8 @@ class Daemon:
 
     def _unpack_cond(self, h: dict, segments: list, needs: set[str], batch: int) -> dict[str, torch.Tensor]:
         names = h.get("cond_names")
-        if not isinstance(names, list) or set(names) != needs or len(names) != len(needs):
+        if (not isinstance(names, list) or not all(isinstance(n, str) for n in names) or set(names) != needs
+                or len(names) != len(needs)):
             raise MeshError("bad-request", f"forward must carry exactly the vectors {sorted(needs)}, got {names!r:.80}")
         d = self.model.preset.hidden
         widths = {"temb": d, "mod_img": 6 * d, "mod_txt": 6 * d, "mod_single": 3 * d}
@@ -570,10 +613,15 @@ class Daemon:
         if job is None:
             return
         if relay and job.next_peer is not None:
-            task = asyncio.ensure_future(self._relay_release(job))
-            self._inflight.add(task)
-            task.add_done_callback(self._inflight.discard)
+            self._spawn(self._relay_release(job))
         self.worker.free_memory()
+
+    def _spawn(self, work) -> None:
+        """Run clean-up work in the background (``stop`` waits for it): a reply, or an error, must not
+        wait on a peer further down the line that may itself be gone or frozen."""
+        task = asyncio.ensure_future(work)
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
 
     async def _relay_release(self, job: StageJob) -> None:
         with contextlib.suppress(Exception):
@@ -591,6 +639,60 @@ class Daemon:
         return {"released": known}, []
 
     # --- the head: whole generations ----------------------------------------------------------
+
+    # --- the text encoder, for a head that does not run its own --------------------------------
+
+    async def _encode_prompt(self, request: Request):
+        """Prompt embeddings from this peer's text encoder, for a head whose plan places it here.
+
+        Request ``{prompts: [text, ...]}`` (1..MAX_PROMPTS_PER_ENCODE, each at most MAX_PROMPT_BYTES);
+        reply ``{embeds: [raw tensor header, ...], text_encoder: identity, model: identity}`` + one
+        buffer per prompt. The head checks the identity against its own before it uses them."""
+        prompts = request.header.get("prompts")
+        if (not isinstance(prompts, list) or not 1 <= len(prompts) <= limits.MAX_PROMPTS_PER_ENCODE
+                or not all(isinstance(p, str) and len(p.encode()) <= limits.MAX_PROMPT_BYTES for p in prompts)):
+            raise MeshError("bad-request", f"encode-prompt needs prompts: 1 to {limits.MAX_PROMPTS_PER_ENCODE} texts "
+                                           f"of at most {limits.MAX_PROMPT_BYTES} bytes")
+        source = self.model.source
+        if not source.has_text_encoder():
+            raise MeshError("not-found", f"{self.name} has no text encoder for {self.model.identity.model_id}")
+        try:
+            embeds, seconds = await self.worker.run(self.model.prompts.embeds, prompts)
+            identity = await asyncio.get_running_loop().run_in_executor(None, source.text_encoder_identity)
+        except (ModelError, OSError) as exc:
+            raise MeshError("not-found", f"{self.name} could not encode the prompt: {exc}") from None
+        headers, buffers = pack_raw(embeds)
+        return {"embeds": headers, "text_encoder": identity, "model": self.model.identity.to_dict(),
+                "seconds": seconds}, buffers
+
+    async def _remote_prompt_embeds(self, where: object, params: GenerationParams) -> dict[str, torch.Tensor]:
+        """The embeddings a generation needs, from the peer its plan places the text encoder on."""
+        if not isinstance(where, str):
+            raise MeshError("bad-request", "text_encoder must be a peer's HOST:PORT")
+        try:
+            address = PeerAddress.parse(where)
+        except (PlanError, ValueError) as exc:
+            raise MeshError("bad-request", f"text_encoder: {exc}") from None
+        prompts = prompts_needed(self.model, params)
+        channel = await self.pool.get(address)
+        reply = await channel.request("encode-prompt", {"prompts": prompts}, timeout=limits.ENCODE_PROMPT_TIMEOUT_S)
+        h = reply.header
+        theirs, mine = h.get("model"), self.model.identity
+        their_preset = theirs.get("preset") if isinstance(theirs, dict) else None
+        if their_preset != mine.preset:
+            raise MeshError("mismatch", f"text encoder on {address} belongs to model preset {their_preset!r:.40}; "
+                                        f"this head runs {mine.preset!r}", peer=str(address))
+        if self.model.source.has_text_encoder():
+            own = await asyncio.get_running_loop().run_in_executor(None, self.model.source.text_encoder_identity)
+            if h.get("text_encoder") != own:
+                raise MeshError("mismatch", f"text encoder on {address} is {str(h.get('text_encoder'))[:16]}…; this "
+                                            f"head's own is {own[:16]}…: they would embed prompts differently",
+                                peer=str(address))
+        shape = (1, *self.model.prompts.shape)
+        embeds = unpack_raw(h.get("embeds"), reply.segments, torch.device("cpu"), [shape] * len(prompts))
+        for prompt, value in zip(prompts, embeds):
+            self.model.remember_prompt(prompt, value)  # the next generation with this prompt needs no trip
+        return dict(zip(prompts, embeds))
 
     async def _generate(self, request: Request):
         h = request.header
@@ -630,29 +732,37 @@ class Daemon:
         finally:
             self._waiting_generations -= 1
         try:
+            embeds = None
+            if h.get("text_encoder") is not None:
+                await request.event({"kind": "encoding", "text_encoder": str(h.get("text_encoder"))[:200]})
+                embeds = await self._remote_prompt_embeds(h.get("text_encoder"), params)
             return await self._run_generation(request, params, plan, floor, bool(h.get("measure_error", True)),
-                                              bool(h.get("return_latents", False)))
+                                              bool(h.get("return_latents", False)), embeds)
         finally:
             self._generation_slots.release()
 
     async def _run_generation(self, request: Request, params: GenerationParams, plan: SplitPlan, floor,
-                              measure_error: bool, return_latents: bool):
+                              measure_error: bool, return_latents: bool,
+                              embeds: dict[str, torch.Tensor] | None = None):
         if len(plan.stages) == 1:
             runner = LocalRunner(self.worker)
             stages_info = [{"node": self.name, "blocks": [0, self.model.preset.num_blocks]}]
         else:
             runner = SplitRunner(self, plan, params, floor, measure_error)
-            stages_info = await runner.prepare()
-        await request.event({"kind": "prepared", "plan": plan.describe(), "stages": stages_info})
         try:
+            if isinstance(runner, SplitRunner):
+                stages_info = await runner.prepare()
+            await request.event({"kind": "prepared", "plan": plan.describe(), "stages": stages_info})
             result = await run_generation(
                 self.model, self.worker, params, runner,
                 metadata={"plan": plan.describe(), "stages": stages_info, "head": self.name},
-                progress=lambda event: request.event(event),
+                progress=lambda event: request.event(event), embeds=embeds,
             )
+        except ModelError as exc:  # no text encoder here and none placed on a peer, say
+            raise MeshError("not-found", f"{self.name}: {exc}") from None
         finally:
             if isinstance(runner, SplitRunner):
-                await runner.release()
+                self._spawn(runner.release())
         if return_latents:
             headers, buffers = pack_raw([result.latents])
             return {"summary": result.summary, "latents": headers[0]}, [result.png, *buffers]
@@ -677,7 +787,6 @@ class SplitRunner:
         self.downstream = set().union(*(cond_needs(preset, s.start, s.end) for s in plan.stages[1:]))
         self.channel = None
         self.link: LinkPlan | None = None
-        self.prepared = False
 
     async def prepare(self) -> list[dict]:
         d = self.daemon
@@ -699,7 +808,6 @@ class SplitRunner:
             "loras": loras_to_wire(self.params.loras),
         }
         reply = await self.channel.request("prepare", fields, buffers)
-        self.prepared = True
         infos = reply.header.get("stages")
         if not isinstance(infos, list) or not infos:
             raise MeshError("protocol", "prepare reply lacks stage infos", peer=self.channel.name)
@@ -738,6 +846,8 @@ class SplitRunner:
                             "return_bytes": sum(memoryview(b).nbytes for b in reply.segments)}
 
     async def release(self) -> None:
-        if self.prepared and self.channel is not None and self.channel.alive:
+        """Release the job on every stage; also after a failed or cancelled prepare (the stages may have
+        prepared it anyway; releasing an unknown job is harmless)."""
+        if self.channel is not None and self.channel.alive:
             with contextlib.suppress(Exception):
                 await self.channel.request("release", {"job": self.job_id}, timeout=10)

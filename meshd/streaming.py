@@ -153,6 +153,7 @@ async def send_activation(channel: Channel, fields: dict, segments: list, tensor
     from . import ipc  # noqa: PLC0415
 
     t0 = time.perf_counter()
+    tensor = tensor.contiguous()  # the receiver maps dense tensors only (ipc._check_extent)
     desc = ipc.export(tensor)
     stats = SendStats(codec="cuda-ipc", raw_bytes=tensor.numel() * tensor.element_size(),
                       encode_ms=(time.perf_counter() - t0) * 1e3)

@@ -62,6 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--device", default="auto", help="--local only: cuda, cuda:N or cpu")
     g.add_argument("--random-weights", action="store_true", help="--local only: seeded weights (benchmarks)")
     g.add_argument("--count", type=int, default=1, help="generate N images (seeds seed..seed+N-1), pipelined")
+    g.add_argument("--text-encoder", metavar="PEER",
+                   help="encode the prompt on this peer (a --peer label A, B, ... or HOST:PORT) instead of the "
+                        "head, e.g. when the head has no text_encoder/ or no room for it")
+    g.add_argument("--retry", type=int, nargs="?", const=1, default=0, metavar="N",
+                   help="if a peer is lost mid-run, drop it, re-plan over the peers left and run again (N times; "
+                        "--retry alone: once)")
     _add_generation_args(g)
 
     d = sub.add_parser("demo", help="two local tiny daemons on loopback and one split generation")
@@ -154,6 +160,14 @@ async def _on_event(event: dict) -> None:
         _log("decoding image")
     elif kind == "queued" and event.get("position", 0) > 1:
         _log(f"queued at position {event.get('position')}")
+    elif kind == "encoding":
+        _log(f"encoding the prompt on {event.get('text_encoder')}")
+    elif kind == "retry":
+        _log(f"lost peer {event.get('lost')}: {event.get('reason')}; re-planning over the peers left")
+    elif kind == "dropped":
+        _log(f"dropped peer {event.get('peer')}: {event.get('reason')}")
+    elif kind == "replanned":
+        _log(f"new split: {event.get('plan')}")
 
 
 async def generate_command(args) -> int:
@@ -223,12 +237,20 @@ async def run_split(args) -> int:
         params = _params(args, preset)
         tokens = preset.max_sequence_length + (params["width"] // preset.size_multiple) * (params["height"] // preset.size_multiple)
         plan = mesh.plan(args.split, tokens)
+        text_encoder = None
+        if args.text_encoder:
+            known = mesh.peers.get(args.text_encoder)
+            text_encoder = known.address if known is not None else PeerAddress.parse(args.text_encoder)
+            _log(f"text encoder on {text_encoder}")
         await mesh.apply(plan, on_event=_on_event)
-        outcomes = await asyncio.gather(*(
-            mesh.generate(plan, {**params, "seed": params["seed"] + i}, codec=args.codec,
-                          quality_floor=args.quality_floor, measure_error=args.measure_error, on_event=_on_event)
+        runs = await asyncio.gather(*(
+            mesh.generate_with_retry(plan, {**params, "seed": params["seed"] + i}, retries=args.retry,
+                                     codec=args.codec, quality_floor=args.quality_floor,
+                                     measure_error=args.measure_error, text_encoder=text_encoder,
+                                     on_event=_on_event)
             for i in range(max(1, args.count))
         ))
+        outcomes = [outcome for outcome, _ in runs]
         summary = {**outcomes[0].summary, "mode": "split"}
         if len(outcomes) > 1:
             summary["images"] = [o.summary for o in outcomes]

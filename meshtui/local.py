@@ -26,16 +26,18 @@ class LocalDaemon:
     process: subprocess.Popen | None = None
     address: PeerAddress | None = None
     log_path: Path | None = None
+    port: int = 0  # 0: any free port
 
     def start(self) -> LocalDaemon:
         ready = self.workdir / f"{self.name}.ready"
         ready.unlink(missing_ok=True)
         self.log_path = self.workdir / f"{self.name}.log"
-        log = open(self.log_path, "wb")
-        cmd = [sys.executable, "-m", "meshd", "serve", "--host", "127.0.0.1", "--port", "0", "--name", self.name,
-               "--no-mdns", "--ready-file", str(ready), *self.args]
+        cmd = [sys.executable, "-m", "meshd", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+               "--name", self.name, "--no-mdns", "--ready-file", str(ready), *self.args]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
-        self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        with open(self.log_path, "ab") as log:  # appended: a restarted daemon keeps its earlier log
+            self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                            start_new_session=True)
         self._ready_file = ready
         return self
 
@@ -59,6 +61,13 @@ class LocalDaemon:
     def signal(self, sig: int) -> None:
         if self.process and self.process.poll() is None:
             os.kill(self.process.pid, sig)
+
+    def restart(self, timeout: float = 120.0) -> PeerAddress:
+        """Stop (if it still runs) and start again on the same port, as a service manager would."""
+        self.stop()
+        self.port = self.address.port
+        self.start()
+        return self.wait_ready(timeout)
 
     def stop(self, timeout: float = 20.0) -> int | None:
         """SIGTERM (drain), then SIGKILL if it does not exit in time; returns the exit code."""

@@ -19,6 +19,10 @@ from meshd.plan import PeerAddress, PeerResources, PlanError, SplitPlan, parse_s
 
 EventFn = Callable[[dict], Awaitable[None] | None]
 
+#: Errors after which a generation is worth running again on the peers left: one of them died, froze,
+#: was cut off, or is shutting down.
+RETRY_CODES = ("peer-lost", "draining")
+
 
 @dataclass
 class Peer:
@@ -69,6 +73,7 @@ class Mesh:
         self.key = key
         self.emulation = emulation
         self.peers: dict[str, Peer] = {}
+        self._replanning = asyncio.Lock()  # concurrent generations that lose a peer re-plan one at a time
 
     def add(self, address: PeerAddress, label: str | None = None) -> Peer:
         for peer in self.peers.values():
@@ -147,11 +152,21 @@ class Mesh:
                 return p
         raise PlanError(f"plan names {address}, which is not a known peer")
 
+    def peer_named(self, name: str | None) -> Peer | None:
+        """The peer an error names (daemons name peers ``host:port``, as plans do), if it is one of ours."""
+        return next((p for p in self.peers.values() if str(p.address) == name), None)
+
     async def apply(self, plan: SplitPlan, on_event: EventFn | None = None) -> None:
-        """Make every stage's peer hold exactly its blocks (loading with progress where needed)."""
+        """Make every stage's peer hold exactly its blocks (loading with progress where needed).
+
+        Each peer is asked what it holds now: one restarted since its last info holds nothing."""
         wanted: dict[str, set[int]] = {}
         for stage in plan.stages:
             wanted.setdefault(self.peer_at(stage.peer).label, set()).update(range(stage.start, stage.end))
+        await asyncio.gather(*(self.connect(self.peers[label]) for label in wanted))
+        down = [self.peers[label] for label in wanted if not self.peers[label].online]
+        if down:
+            raise MeshError("peer-lost", "; ".join(f"{p.label} {p.address}: {p.error or 'offline'}" for p in down))
 
         async def load(label: str, blocks: set[int]) -> None:
             peer = self.peers[label]
@@ -177,8 +192,12 @@ class Mesh:
 
     async def generate(self, plan: SplitPlan, params: dict, *, codec: str = "auto", quality_floor: float | None = None,
                        measure_error: bool = True, return_latents: bool = False,
+                       text_encoder: PeerAddress | None = None,
                        on_event: EventFn | None = None) -> GenerationOutcome:
-        """Run one generation on the plan's head; events (queued, prepared, step, decode) stream to ``on_event``."""
+        """Run one generation on the plan's head; events (queued, prepared, step, decode) stream to ``on_event``.
+
+        ``text_encoder``: the peer that encodes the prompt (its text encoder), when not the head; the
+        head fetches the embeddings from it and checks they come from the same text encoder."""
         head = self.peer_at(plan.stages[0].peer)
         if not head.online:
             await self.connect(head)
@@ -194,6 +213,8 @@ class Mesh:
                   "return_latents": return_latents}
         if quality_floor is not None:
             fields["quality_floor"] = quality_floor
+        if text_encoder is not None:
+            fields["text_encoder"] = str(text_encoder)
         reply = await head.channel.request("generate", fields, on_event=handle, timeout=None)
         if len(reply.segments) != (2 if return_latents else 1):
             raise MeshError("protocol", "generate reply must carry the PNG (and the latents if asked)", peer=head.name)
@@ -204,6 +225,44 @@ class Mesh:
 
             (latents,) = unpack_raw([reply.header.get("latents")], reply.segments[1:], torch.device("cpu"))
         return GenerationOutcome(bytes(reply.segments[0]), reply.header.get("summary") or {}, events, latents)
+
+    async def generate_with_retry(self, plan: SplitPlan, params: dict, *, retries: int = 1,
+                                  on_event: EventFn | None = None, **kw) -> tuple[GenerationOutcome, SplitPlan]:
+        """:meth:`generate`; when a peer is lost (killed, frozen, cut off, shutting down), drop it,
+        re-plan over the peers left, load that plan and run again, up to ``retries`` times. Returns the
+        outcome and the plan it ran on. Other errors (a bad request, an OOM, a model mismatch) are final."""
+        attempt = 0
+        while True:
+            try:
+                return await self.generate(plan, params, on_event=on_event, **kw), plan
+            except MeshError as exc:
+                if exc.code not in RETRY_CODES or attempt == retries:
+                    raise
+                attempt += 1
+                lost = self.peer_named(exc.peer)
+                if lost is not None and kw.get("text_encoder") == lost.address:
+                    kw["text_encoder"] = None  # gone with its peer: the head encodes, if it can
+                await _call(on_event, {"kind": "retry", "lost": lost.label if lost else exc.peer,
+                                       "reason": exc.message, "attempt": attempt})
+                plan = await self.replan(params, lost, on_event)
+
+    async def replan(self, params: dict, lost: Peer | None = None, on_event: EventFn | None = None) -> SplitPlan:
+        """Drop ``lost`` and every peer that no longer answers, propose a plan over the rest and load it."""
+        async with self._replanning:
+            if lost is not None and lost.label in self.peers:
+                await self.remove(lost.label)
+            await self.connect_all()
+            for peer in [p for p in self.peers.values() if not p.online]:
+                await self.remove(peer.label)
+                await _call(on_event, {"kind": "dropped", "peer": peer.label, "reason": peer.error})
+            if not self.peers:
+                raise MeshError("peer-lost", "no peer is left to run on")
+            preset, _ = self.model()
+            m = preset.size_multiple
+            plan = self.plan("auto", preset.max_sequence_length + (params["width"] // m) * (params["height"] // m))
+            await _call(on_event, {"kind": "replanned", "plan": plan.describe()})
+            await self.apply(plan, on_event)
+            return plan
 
     async def close(self) -> None:
         for peer in self.peers.values():

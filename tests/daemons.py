@@ -14,11 +14,12 @@ from meshd.server import Daemon
 
 
 @contextlib.asynccontextmanager
-async def running_daemon(tmp: Path, key: bytes | None, blocks=(), models_dir: Path | None = None, **config):
+async def running_daemon(tmp: Path, key: bytes | None, blocks=(), models_dir: Path | None = None, model: str = "tiny",
+                         **config):
     models = models_dir or tmp / "models"
     cfg = DaemonConfig(host="127.0.0.1", port=0, device="cpu", models_dir=(models,), state_dir=tmp / "state",
                        mdns=False, insecure=key is None, **config)
-    source = open_source("tiny", ModelStore([models]))
+    source = open_source(model, ModelStore([models]))
     model = HostedModel(source, torch.device("cpu"), torch.bfloat16)
     blocks = sorted(blocks)
     if blocks:
