@@ -30,8 +30,8 @@ log = logging.getLogger(__name__)
 
 #: Largest piece handed to one send call under link emulation (pacing granularity).
 PACE_SLICE = 256 * 1024
-#: Segments at least this big are received into buffers from the connection's allocator
-#: (pinned host memory on a GPU daemon), smaller ones into plain bytearrays.
+#: Segments at least this big are received into buffers from the connection's allocator (the
+#: daemon's hook for where big segments land), smaller ones into plain bytearrays.
 BIG_SEGMENT = 1 << 20
 
 Allocator = Callable[[int], Any]
@@ -86,8 +86,8 @@ class Connection:
     """One TCP connection carrying frames, on a non-blocking socket driven by the event loop.
 
     Segments are sent straight from the caller's buffers and received straight into buffers from
-    ``allocator`` (for a GPU daemon: pinned host memory, so the copy to the GPU runs at full speed):
-    no copies in between. Writes are serialised; reads happen in one task.
+    ``allocator`` (pageable bytearrays today: pinned blocks from torch's host allocator crashed
+    daemons on the GPU machine, see codec/core.py): no copies in between. Writes are serialised; reads happen in one task.
     """
 
     def __init__(self, sock: socket.socket, name: str, *, stats: LinkStats | None = None,
