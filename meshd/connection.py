@@ -147,10 +147,10 @@ class Connection:
                 with self._using_socket():
                     await self._write_buffers(buffers)
             except TimeoutError:
-                self.closed = True
+                self.abort()  # the stream is broken mid-frame: end it, so that every reader hears of it
                 raise PeerLost(self.name, f"peer took nothing for {limits.FRAME_PROGRESS_TIMEOUT_S:.0f} s") from None
             except (ConnectionError, OSError, ValueError) as exc:
-                self.closed = True
+                self.abort()
                 raise PeerLost(self.name, f"connection lost while sending: {exc}") from None
         if self.stats:
             self.stats.sent(size)
@@ -514,8 +514,10 @@ class Channel:
         deadline = None if timeout is None else time.monotonic() + timeout
         sent = answered = False
         try:
-            await self.conn.send({**(fields or {}), "op": op, "id": rid}, segments)
+            # Counted as sent from here: a send cancelled while it waits still goes out whole (see
+            # Connection.send), and then the server must hear ``cancel``.
             sent = True
+            await self.conn.send({**(fields or {}), "op": op, "id": rid}, segments)
             if chunks is not None:
                 async for index, buffers in chunks:
                     await self.conn.send({"op": "chunk", "id": rid, "index": index}, buffers)

@@ -13,7 +13,10 @@ valid while the sender holds the tensor, which it does until the receiver's repl
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import ipaddress
+import re
 from pathlib import Path
 
 import torch
@@ -21,6 +24,66 @@ import torch
 from .errors import MeshError
 
 PROBE_ELEMENTS = 4096
+#: torch's IPC handles: a CUDA memory/event handle is 64 bytes (torch may prefix a byte or two).
+MAX_HANDLE_BYTES = 128
+#: torch's reference-counter files are named by at::NewProcessWideShmHandle and hold this many slots
+#: (CUDA_IPC_REF_COUNTER_FILE_SIZE): torch decrements the slot when the mapping is let go, so a peer
+#: must not be able to point it at another file or beyond the file.
+REF_HANDLE = re.compile(rb"/torch_\d{1,10}_\d{1,20}_\d{1,20}")
+REF_COUNTER_SLOTS = 10000
+
+
+def is_local_peer(name: str) -> bool:
+    """True when a connection (``host:port``) comes from this host: a loopback address or one of this
+    host's own. CUDA memory handles are taken only from such connections."""
+    host = name.rsplit(":", 1)[0].strip("[]")
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback or str(ip) in _own_addresses()
+
+
+@functools.lru_cache(maxsize=1)
+def _own_addresses() -> frozenset[str]:
+    import psutil  # noqa: PLC0415
+
+    return frozenset(a.address.split("%", 1)[0] for addrs in psutil.net_if_addrs().values() for a in addrs)
+
+
+def _check_handles(desc: dict) -> None:
+    for name in ("handle", "ref_handle", "event_handle"):
+        value = desc[name]
+        if not isinstance(value, bytes) or len(value) > MAX_HANDLE_BYTES:
+            raise MeshError("bad-request", f"ipc {name} must be at most {MAX_HANDLE_BYTES} bytes")
+    if len(desc["handle"]) == 0 or REF_HANDLE.fullmatch(desc["ref_handle"]) is None:
+        raise MeshError("bad-request", "ipc descriptor does not name torch's own memory and reference-counter handles")
+    for name, top in (("ref_offset", REF_COUNTER_SLOTS), ("offset", 1 << 48), ("size", 1 << 48),
+                      ("storage_offset", 1 << 48)):
+        value = desc[name]
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < top:
+            raise MeshError("bad-request", f"ipc {name} {value!r:.30} is out of range")
+
+
+@functools.cache
+def _address_range():
+    fn = ctypes.CDLL("libcuda.so.1").cuMemGetAddressRange_v2
+    fn.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_size_t), ctypes.c_uint64]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _check_mapping(ptr: int, nbytes: int) -> None:
+    """The mapped block really spans ``nbytes`` from ``ptr`` (the driver's word, not the peer's)."""
+    base, size = ctypes.c_uint64(), ctypes.c_size_t()
+    rc = _address_range()(ctypes.byref(base), ctypes.byref(size), ctypes.c_uint64(ptr))
+    if rc != 0:
+        raise MeshError("bad-request", f"mapped ipc memory has no address range (CUDA driver error {rc})")
+    if not base.value <= ptr or ptr + nbytes > base.value + size.value:
+        raise MeshError("bad-request", f"ipc descriptor claims {nbytes} bytes; the shared block holds "
+                                       f"{base.value + size.value - ptr}")
 
 
 @functools.cache
@@ -72,13 +135,16 @@ def import_copy(desc: object, device: torch.device, expect_shape, expect_dtype: 
         if tuple(shape) != tuple(expect_shape) or desc["dtype"] != str(expect_dtype).removeprefix("torch."):
             raise MeshError("bad-request", f"ipc tensor {shape} {desc['dtype']} is not the expected "
                                            f"{list(expect_shape)} {expect_dtype}")
-        _check_extent(shape, stride, int(desc["storage_offset"]), int(desc["size"]), expect_dtype)
+        _check_handles(desc)
+        _check_extent(shape, stride, desc["storage_offset"], desc["size"], expect_dtype)
         source = _device_for(str(desc["gpu"]))
         storage = torch.UntypedStorage._new_shared_cuda(
-            source.index, bytes(desc["handle"]), int(desc["size"]), int(desc["offset"]), bytes(desc["ref_handle"]),
-            int(desc["ref_offset"]), bytes(desc["event_handle"]) or None, bool(desc["event_sync"]),
+            source.index, desc["handle"], desc["size"], desc["offset"], desc["ref_handle"],
+            desc["ref_offset"], desc["event_handle"] or None, desc["event_sync"] is True,
         )
-        remote = torch.empty(0, dtype=expect_dtype, device=source).set_(storage, int(desc["storage_offset"]), shape, stride)
+        with torch.cuda.device(source):
+            _check_mapping(storage.data_ptr(), desc["size"])
+        remote = torch.empty(0, dtype=expect_dtype, device=source).set_(storage, desc["storage_offset"], shape, stride)
         local = torch.empty(shape, dtype=expect_dtype, device=device)
         local.copy_(remote)
         torch.cuda.current_stream(device).synchronize()
@@ -86,7 +152,7 @@ def import_copy(desc: object, device: torch.device, expect_shape, expect_dtype: 
         return local
     except MeshError:
         raise
-    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+    except (KeyError, TypeError, ValueError, RuntimeError, OSError, AttributeError) as exc:
         raise MeshError("bad-request", f"cannot map the peer's CUDA memory: {str(exc).splitlines()[0]}") from None
 
 

@@ -153,6 +153,7 @@ class Daemon:
         self._accepting: asyncio.Task | None = None
         self._preauth = 0
         self._preauth_by_source: dict[str, int] = {}
+        self._preparing: set[str] = set()  # job ids whose prepare is in progress
         self._generation_slots = asyncio.Semaphore(limits.MAX_ACTIVE_GENERATIONS)
         self._waiting_generations = 0
         self._inflight: set[asyncio.Task] = set()
@@ -409,10 +410,19 @@ class Daemon:
         job_id = h.get("job")
         if not isinstance(job_id, str) or not 1 <= len(job_id) <= 64:
             raise MeshError("bad-request", "prepare needs a job id")
-        if job_id in self.jobs:
+        if job_id in self.jobs or job_id in self._preparing:
             raise MeshError("bad-request", f"job {job_id} is already prepared here")
-        if len(self.jobs) >= limits.MAX_JOBS_PER_STAGE:
+        if len(self.jobs) + len(self._preparing) >= limits.MAX_JOBS_PER_STAGE:
             raise MeshError("busy", f"{self.name} already holds {len(self.jobs)} jobs")
+        # Reserved before the first await: two prepares of one id, or a burst past the cap, are refused.
+        self._preparing.add(job_id)
+        try:
+            return await self._prepare_job(request, job_id)
+        finally:
+            self._preparing.discard(job_id)
+
+    async def _prepare_job(self, request: Request, job_id: str):
+        h = request.header
         self._check_model(h.get("model"))
         try:
             stages = SplitPlan.from_wire(h.get("stages")).stages
@@ -514,7 +524,7 @@ class Daemon:
         return self._ipc_ok[key]
 
     async def _ipc_probe(self, request: Request):
-        if self.device.type != "cuda":
+        if self.device.type != "cuda" or not self.config.same_host_ipc or not ipc.is_local_peer(request.peer):
             return {"ok": False}, []
         loop = asyncio.get_running_loop()
         ok = await loop.run_in_executor(None, ipc.check_probe, request.header.get("ipc"), self.device)
@@ -638,8 +648,6 @@ class Daemon:
                 await self._relay_release(job)
         return {"released": known}, []
 
-    # --- the head: whole generations ----------------------------------------------------------
-
     # --- the text encoder, for a head that does not run its own --------------------------------
 
     async def _encode_prompt(self, request: Request):
@@ -683,16 +691,27 @@ class Daemon:
             raise MeshError("mismatch", f"text encoder on {address} belongs to model preset {their_preset!r:.40}; "
                                         f"this head runs {mine.preset!r}", peer=str(address))
         if self.model.source.has_text_encoder():
-            own = await asyncio.get_running_loop().run_in_executor(None, self.model.source.text_encoder_identity)
+            try:
+                own = await asyncio.get_running_loop().run_in_executor(None, self.model.source.text_encoder_identity)
+            except (ModelError, OSError) as exc:
+                raise MeshError("not-found", f"{self.name} cannot read its own text encoder to compare: {exc}") from None
             if h.get("text_encoder") != own:
                 raise MeshError("mismatch", f"text encoder on {address} is {str(h.get('text_encoder'))[:16]}…; this "
                                             f"head's own is {own[:16]}…: they would embed prompts differently",
                                 peer=str(address))
+        headers = h.get("embeds")
+        if not isinstance(headers, list) or len(headers) != len(prompts):
+            raise MeshError("protocol", f"encode-prompt reply must carry {len(prompts)} embeddings", peer=str(address))
         shape = (1, *self.model.prompts.shape)
-        embeds = unpack_raw(h.get("embeds"), reply.segments, torch.device("cpu"), [shape] * len(prompts))
+        embeds = unpack_raw(headers, reply.segments, torch.device("cpu"), [shape] * len(prompts))
         for prompt, value in zip(prompts, embeds):
-            self.model.remember_prompt(prompt, value)  # the next generation with this prompt needs no trip
+            try:
+                self.model.remember_prompt(prompt, value)  # the next generation with this prompt needs no trip
+            except ModelError as exc:
+                raise MeshError("mismatch", f"embeddings from {address}: {exc}", peer=str(address)) from None
         return dict(zip(prompts, embeds))
+
+    # --- the head: whole generations ----------------------------------------------------------
 
     async def _generate(self, request: Request):
         h = request.header

@@ -169,9 +169,14 @@ async def receive_activation(request: Request, device: torch.device, expect_shap
     """The stage input that came with ``request``: mapped over CUDA IPC or decoded from its stream."""
     if "ipc" not in request.header:
         return await receive_stream(request, device, expect_shape, expect_dtype)
+    if request.announced_chunks:
+        raise MeshError("bad-request", "a forward carries its input either over CUDA IPC or as a chunk stream, not both")
     if device.type != "cuda":
         raise MeshError("bad-request", "CUDA IPC input sent to a CPU stage")
     from . import ipc  # noqa: PLC0415
+
+    if not ipc.is_local_peer(request.peer):
+        raise MeshError("bad-request", f"CUDA IPC input from {request.peer}, which is not this host")
 
     loop = asyncio.get_running_loop()
     t0 = time.perf_counter()
@@ -196,7 +201,7 @@ async def receive_stream(request: Request, device: torch.device, expect_shape: S
     the link's share, without the sender's encoding gaps.
     """
     loop = asyncio.get_running_loop()
-    count = request.header.get("chunks")
+    count = request.announced_chunks  # validated: an int within MAX_STREAM_CHUNKS, else 0
     try:
         decoder = codec.ChunkDecoder(request.header.get("stream"), device, expect_shape=expect_shape)
     except CodecError as exc:

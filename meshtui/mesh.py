@@ -74,6 +74,7 @@ class Mesh:
         self.emulation = emulation
         self.peers: dict[str, Peer] = {}
         self._replanning = asyncio.Lock()  # concurrent generations that lose a peer re-plan one at a time
+        self._replanned: SplitPlan | None = None  # the last plan a re-plan made (see replan)
 
     def add(self, address: PeerAddress, label: str | None = None) -> Peer:
         for peer in self.peers.values():
@@ -236,19 +237,32 @@ class Mesh:
             try:
                 return await self.generate(plan, params, on_event=on_event, **kw), plan
             except MeshError as exc:
-                if exc.code not in RETRY_CODES or attempt == retries:
+                if exc.code not in RETRY_CODES or attempt >= retries:
                     raise
                 attempt += 1
                 lost = self.peer_named(exc.peer)
-                if lost is not None and kw.get("text_encoder") == lost.address:
+                encoder = kw.get("text_encoder")
+                if encoder is not None and (str(encoder) == exc.peer or (lost is not None and lost.address == encoder)):
                     kw["text_encoder"] = None  # gone with its peer: the head encodes, if it can
                 await _call(on_event, {"kind": "retry", "lost": lost.label if lost else exc.peer,
                                        "reason": exc.message, "attempt": attempt})
-                plan = await self.replan(params, lost, on_event)
+                plan = await self.replan(params, lost, on_event, failed=plan)
 
-    async def replan(self, params: dict, lost: Peer | None = None, on_event: EventFn | None = None) -> SplitPlan:
-        """Drop ``lost`` and every peer that no longer answers, propose a plan over the rest and load it."""
+    async def replan(self, params: dict, lost: Peer | None = None, on_event: EventFn | None = None,
+                     failed: SplitPlan | None = None) -> SplitPlan:
+        """Drop ``lost`` and every peer that no longer answers, propose a plan over the rest and load it.
+
+        Several generations that lose the same peer re-plan once: a generation whose ``failed`` plan
+        is older than the last re-plan takes that one (loading yet another plan would pull blocks from
+        under the generations already running on it), as long as all its peers still answer."""
         async with self._replanning:
+            latest = self._replanned
+            if latest is not None and failed is not latest:
+                peers = [self.peer_named(str(s.peer)) for s in latest.stages]
+                if all(p is not None for p in peers):
+                    await asyncio.gather(*(self.connect(p) for p in peers))
+                    if all(p.online for p in peers):
+                        return latest
             if lost is not None and lost.label in self.peers:
                 await self.remove(lost.label)
             await self.connect_all()
@@ -262,6 +276,7 @@ class Mesh:
             plan = self.plan("auto", preset.max_sequence_length + (params["width"] // m) * (params["height"] // m))
             await _call(on_event, {"kind": "replanned", "plan": plan.describe()})
             await self.apply(plan, on_event)
+            self._replanned = plan
             return plan
 
     async def close(self) -> None:

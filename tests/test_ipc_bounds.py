@@ -12,15 +12,15 @@ def desc(shape, stride, storage_offset=0, size=None, dtype="bfloat16"):
     numel = 1
     for n in shape:
         numel *= n
-    return {"gpu": "GPU-none", "handle": b"h", "size": numel * 2 if size is None else size, "offset": 0,
-            "ref_handle": b"r", "ref_offset": 0, "event_handle": b"", "event_sync": False,
+    return {"gpu": "GPU-none", "handle": bytes(64), "size": numel * 2 if size is None else size, "offset": 0,
+            "ref_handle": b"/torch_4242_123456_0", "ref_offset": 0, "event_handle": b"", "event_sync": False,
             "shape": shape, "stride": stride, "storage_offset": storage_offset, "dtype": dtype}
 
 
 @pytest.mark.parametrize("bad, cause", [
     (desc([1, 16, 8], [128, 8, 1], size=255), "does not fit"),  # one byte short
     (desc([1, 16, 8], [128, 8, 1], storage_offset=1), "does not fit"),  # shifted past the end
-    (desc([1, 16, 8], [128, 8, 1], storage_offset=-4, size=10**9), "does not fit"),
+    (desc([1, 16, 8], [128, 8, 1], storage_offset=-4, size=10**9), "storage_offset -4 is out of range"),
     (desc([1, 16, 8], [128, 1, 16]), "not the contiguous"),  # transposed: same numel, other extent
     (desc([1, 16, 8], [128, 80, 1], size=10**6), "not the contiguous"),  # gaps between rows
     (desc([1, 16, 8], [8, 1]), "not the contiguous"),
@@ -38,3 +38,30 @@ def test_a_dense_view_inside_its_block_gets_past_the_bounds_check():
     with pytest.raises(MeshError) as info:
         ipc.import_copy(ok, torch.device("cpu"), (1, 16, 8), torch.bfloat16)
     assert "does not fit" not in info.value.message and "contiguous" not in info.value.message
+
+
+@pytest.mark.parametrize("field, value, cause", [
+    ("handle", 60_000_000_000, "handle must be at most"),  # bytes(int) would allocate that much
+    ("handle", bytes(4096), "handle must be at most"),
+    ("handle", b"", "does not name torch's own"),
+    ("ref_handle", b"/dev/shm/../etc/passwd", "does not name torch's own"),  # torch decrements a counter there
+    ("ref_handle", "/torch_1_2_3", "ref_handle must be at most"),
+    ("ref_offset", 10000, "ref_offset 10000 is out of range"),  # beyond the counter file
+    ("ref_offset", -1, "ref_offset -1 is out of range"),
+    ("offset", -8, "offset -8 is out of range"),
+    ("size", 1 << 60, "size 1152921504606846976 is out of range"),
+    ("size", True, "size True is out of range"),
+])
+def test_handles_and_offsets_a_peer_makes_up_are_refused_before_torch_sees_them(field, value, cause):
+    bad = {**desc([1, 16, 8], [128, 8, 1]), field: value}
+    with pytest.raises(MeshError, match=cause) as info:
+        ipc.import_copy(bad, torch.device("cpu"), (1, 16, 8), torch.bfloat16)
+    assert info.value.code == "bad-request"
+
+
+@pytest.mark.parametrize("name, local", [
+    ("127.0.0.1:5000", True), ("[::1]:5000", True), ("[::ffff:127.0.0.1]:7777", True),
+    ("192.0.2.7:7777", False), ("[2001:db8::1]:7777", False), ("not-an-address:1", False),
+])
+def test_cuda_handles_are_taken_only_from_this_host(name, local):
+    assert ipc.is_local_peer(name) is local
