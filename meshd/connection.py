@@ -502,6 +502,11 @@ class Channel:
         for pending in self._pending.values():
             pending.queue.put_nowait(exc)
 
+    @property
+    def idle(self) -> bool:
+        """No request of ours is waiting for its answer."""
+        return not self._pending
+
     async def request(self, op: str, fields: dict | None = None, segments: Iterable = (), *,
                       chunks: AsyncIterator[tuple[int, list]] | None = None,
                       on_event: Callable[[Frame], Awaitable[None] | None] | None = None,

@@ -13,6 +13,9 @@ from .link import LinkEmulation, LinkRegistry
 from .plan import PeerAddress
 
 BANDWIDTH_MAX_AGE_S = 300.0
+#: Channels kept open to other daemons; beyond that the least recently used idle one is closed (a
+#: plan names its peers, so a key holder could otherwise have a daemon hold a channel per address).
+MAX_POOLED_PEERS = 32
 
 
 @dataclass
@@ -38,15 +41,33 @@ class PeerPool:
         key = str(address)
         lock = self._locks.setdefault(key, asyncio.Lock())
         async with lock:
-            channel = self._channels.get(key)
+            channel = self._channels.pop(key, None)  # re-inserted last: the dict's order is recency
             if channel is None or not channel.alive:
                 if channel is not None:
                     await channel.close()
                     self._bandwidth.pop(key, None)
-                channel = await Channel.connect(address.host, address.port, self.key, stats=self.links.get(key),
-                                                emulation=self.emulation, hello=self.hello, allocator=self.allocator)
-                self._channels[key] = channel
-            return channel
+                try:
+                    channel = await Channel.connect(address.host, address.port, self.key, stats=self.links.get(key),
+                                                    emulation=self.emulation, hello=self.hello,
+                                                    allocator=self.allocator)
+                except BaseException:
+                    if not getattr(lock, "_waiters", None):  # nobody else waits for this address: forget it
+                        self._locks.pop(key, None)
+                    raise
+            self._channels[key] = channel
+        await self._evict()
+        return channel
+
+    async def _evict(self) -> None:
+        """Close the least recently used idle channels beyond MAX_POOLED_PEERS."""
+        for key in list(self._channels)[: max(0, len(self._channels) - MAX_POOLED_PEERS)]:
+            channel, lock = self._channels[key], self._locks.get(key)
+            if not channel.idle or (lock is not None and lock.locked()):
+                continue
+            del self._channels[key]
+            self._locks.pop(key, None)
+            self._bandwidth.pop(key, None)
+            await channel.close()
 
     async def bandwidth(self, address: PeerAddress) -> Bandwidth:
         """Measured bytes/s to ``address`` (a probe of BANDWIDTH_PROBE_BYTES, re-measured every 5 min)."""

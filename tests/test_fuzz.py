@@ -576,3 +576,29 @@ def test_codec_header_fields_of_the_wrong_type_are_codec_errors(field):
     header = {"v": 1, "codec": "raw", "dtype": "bfloat16", "shape": [2, 4], "chunks": [[0, 2]], field: ["raw"]}
     with pytest.raises(CodecError):
         codec.Header.from_dict(header)
+
+
+async def test_a_daemon_keeps_a_bounded_number_of_channels_to_other_daemons(tmp_path, monkeypatch):
+    """Plans name peers, so a key holder could make a head dial many addresses: idle channels beyond
+    MAX_POOLED_PEERS are closed, least recently used first; failed addresses leave nothing behind."""
+    from meshd import peers
+    from meshd.link import LinkRegistry
+    from meshd.plan import PeerAddress
+
+    monkeypatch.setattr(peers, "MAX_POOLED_PEERS", 2)
+    async with running_daemon(tmp_path / "a", KEY) as a, running_daemon(tmp_path / "b", KEY) as b, \
+               running_daemon(tmp_path / "c", KEY) as c:
+        pool = peers.PeerPool(KEY, LinkRegistry())
+        first = await pool.get(PeerAddress(*a.bound))
+        await pool.get(PeerAddress(*b.bound))
+        await pool.get(PeerAddress(*a.bound))  # a is now the most recent
+        await pool.get(PeerAddress(*c.bound))
+        assert set(pool._channels) == {"%s:%d" % a.bound, "%s:%d" % c.bound}
+        assert (await pool.get(PeerAddress(*a.bound))) is first and first.alive
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            closed_port = s.getsockname()[1]
+        with pytest.raises(MeshError):
+            await pool.get(PeerAddress("127.0.0.1", closed_port))
+        assert f"127.0.0.1:{closed_port}" not in pool._locks
+        await pool.close()
