@@ -330,6 +330,7 @@ class Daemon:
             "blocks": ranges(self.model.blocks),
             "head": self.model.has_head,
             "tail": self.model.has_tail,
+            "text_encoder": self.model.source.has_text_encoder(),  # can encode prompts (for itself or a head)
             "device": str(self.device),
             "gpu_name": self.caps.gpu_name,
             "host_id": ipc.host_id(),

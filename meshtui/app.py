@@ -111,6 +111,7 @@ class MeshApp(App[int]):
     runs: var[tuple[RunRecord, ...]] = var(())
     telemetry: var[TelemetryStore | None] = var(None)
     settings: var[GenerateSettings] = var(GenerateSettings())
+    text_encoder: var[str | None] = var(None)  # label of the peer that encodes prompts; None: the head
     banner: var[str] = var("")
     status: var[tuple[str, str]] = var(("", ""))
 
@@ -337,6 +338,34 @@ class MeshApp(App[int]):
             return
         self.notify(f"proposed {self.plan.describe()}")
 
+    def text_encoder_choices(self) -> list[str | None]:
+        """Where prompts can be encoded: the head (None), then every other online peer with a text encoder."""
+        head = self.plan.stages[0].peer if self.plan is not None else None
+        return [None, *(p.label for p in self.peers
+                        if p.status is PeerStatus.ONLINE and p.text_encoder and p.address != head)]
+
+    def action_cycle_text_encoder(self) -> None:
+        choices = self.text_encoder_choices()
+        if len(choices) == 1 and self.text_encoder is None:
+            self.notify("no other online peer has a text encoder: prompts are encoded on the head",
+                        severity="warning")
+            return
+        at = choices.index(self.text_encoder) if self.text_encoder in choices else 0
+        self.text_encoder = choices[(at + 1) % len(choices)]
+        self.notify(self.text_encoder_line())
+
+    def text_encoder_line(self) -> str:
+        """Where the next generation encodes its prompt, in words."""
+        head = self.peer_by_address(self.plan.stages[0].peer) if self.plan is not None else None
+        placed = next((p for p in self.peers if p.label == self.text_encoder), None)
+        if placed is not None:
+            return (f"Text encoder: on {placed.label} ({placed.address}); the head fetches the prompt's "
+                    "embeddings from it (t: change)")
+        if head is not None and head.text_encoder is False:
+            return (f"Text encoder: the head ({head.label}) has none; press t to place it on a peer that "
+                    "has one")
+        return "Text encoder: on the head (t: place it on another peer)"
+
     def action_validate_split(self) -> None:
         if self.plan is None:
             self.notify("no split to check: press p to propose one", severity="warning")
@@ -417,7 +446,10 @@ class MeshApp(App[int]):
         def save(png: bytes) -> Path:
             return run_log.save_png(self.config.images_dir, png, record)
 
-        self.run_worker(workers.generate(self.mesh, plan, params, record.id, self.post_message, save=save),
+        placed = next((p for p in self.peers if p.label == self.text_encoder), None)
+        encoder = placed.address if placed is not None and placed.address != plan.stages[0].peer else None
+        self.run_worker(workers.generate(self.mesh, plan, params, record.id, self.post_message, save=save,
+                                         text_encoder=encoder),
                         group="generate", exclusive=True, exit_on_error=False, description=f"run {record.id}")
 
     @property

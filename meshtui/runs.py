@@ -157,6 +157,10 @@ def apply_event(record: RunRecord, event: dict) -> RunRecord:
         return replace(record, phase=f"step {step}/{steps}", steps=(*record.steps, row))
     if kind == "decode":
         return replace(record, phase="decoding the image")
+    if kind == "encoding":
+        where = event.get("text_encoder")
+        return replace(record, phase=f"encoding the prompt on {where[:80]}" if isinstance(where, str)
+                       else "encoding the prompt")
     return record
 
 

@@ -63,6 +63,7 @@ class PeerView:
     key_fingerprint: str | None = None
     emulated_link: str | None = None
     jobs: int | None = None
+    text_encoder: bool | None = None  # its model folder has a text encoder (it can encode prompts)
     # Measured from this client:
     rtt_ms: float | None = None
     bandwidth_bps: float | None = None  # bytes/s
@@ -108,6 +109,7 @@ class PeerView:
             key_fingerprint=_text(info.get("key_fingerprint")),
             emulated_link=_text(info.get("emulated_link")),
             jobs=_int(info.get("jobs")),
+            text_encoder=info.get("text_encoder") if isinstance(info.get("text_encoder"), bool) else None,
             rtt_ms=rtt_ms,
             seen=time.time() if now is None else now,
         )

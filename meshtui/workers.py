@@ -260,11 +260,12 @@ def require_online(mesh: Mesh, plan: SplitPlan) -> None:
 
 
 async def generate(mesh: Mesh, plan: SplitPlan, params: RunParams, run_id: int, post: Post, *,
-                   save: Callable[[bytes], Path]) -> Path:
-    """Apply the plan if a peer lost its blocks, run the generation with live events, save the PNG."""
+                   save: Callable[[bytes], Path], text_encoder: PeerAddress | None = None) -> Path:
+    """Apply the plan if a peer lost its blocks, run the generation with live events, save the PNG.
+    ``text_encoder``: the peer that encodes the prompt, when not the head."""
     require_online(mesh, plan)
     await mesh.apply(plan)
-    outcome = await mesh.generate(plan, params.to_wire(), codec=params.codec,
+    outcome = await mesh.generate(plan, params.to_wire(), codec=params.codec, text_encoder=text_encoder,
                                   on_event=lambda event: post(GenerationEvent(run_id, event)))
     path = await asyncio.to_thread(save, outcome.png)
     post(GenerationDone(run_id, outcome.summary, outcome.png, path))

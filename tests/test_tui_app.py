@@ -24,7 +24,7 @@ from meshtui.app import MeshApp
 from meshtui.commands import palette_commands
 from meshtui.config import TuiConfig, load_config
 from meshtui.local import LocalCluster
-from meshtui.messages import PeerDiscovered, SpanLoading
+from meshtui.messages import GenerationEvent, PeerDiscovered, SpanLoading
 from meshtui.runs import RunState
 from meshtui.screens.generate import GenerateScreen
 from meshtui.screens.help import HelpScreen
@@ -287,3 +287,37 @@ async def test_an_older_daemon_without_telemetry_degrades_to_health_polls(models
             card = app.screen.query_one(NodeCard)
             await until(pilot, lambda: "health polls" in str(card.border_subtitle), "the card's source")
             assert "waiting for daemon support" in text(card.query_one(".card-note"))
+
+
+async def test_the_text_encoder_can_be_placed_on_another_peer(cluster, tmp_path):
+    """t on the split screen cycles where prompts are encoded; a run then fetches the embeddings
+    from that peer (the head's event says so), and the image is the one the head makes alone."""
+    a, b = daemon(cluster, "a"), daemon(cluster, "b")
+    app = make_app(tmp_path, read_key(cluster.key_file), [a.address, b.address])
+    messages = []
+    async with app.run_test(size=SIZE, message_hook=messages.append) as pilot:
+        await until(pilot, all_online(app, 2), "both peers online")
+        assert all(p.text_encoder for p in app.peers)  # tiny's stand-in counts
+        await pilot.press("2", "p")
+        assert app.text_encoder is None and "on the head" in text(app.screen.query_one("#forecast"))
+        await pilot.press("t")
+        assert app.text_encoder == "B"
+        assert "Text encoder: on B" in text(app.screen.query_one("#forecast"))
+        pixels = []
+        for placement in ("B", None):
+            for _ in range(3):
+                if app.text_encoder == placement:
+                    break
+                await pilot.press("t")
+            assert app.text_encoder == placement
+            await pilot.press("3", "ctrl+g")
+            await until(pilot, lambda: len(app.runs) == len(pixels) + 1 and app.runs[-1].state is not RunState.RUNNING,
+                        "the run to end", timeout=30)
+            run = app.runs[-1]
+            assert run.state is RunState.DONE, run.error
+            pixels.append(Image.open(run.path).tobytes())
+            await pilot.press("escape", "2")  # out of the prompt field, back to the split
+            assert isinstance(app.screen, SplitScreen)
+        assert pixels[0] == pixels[1]
+        encoding = [m.event for m in messages if isinstance(m, GenerationEvent) and m.event.get("kind") == "encoding"]
+        assert [e["text_encoder"] for e in encoding] == [str(b.address)]  # the first run only

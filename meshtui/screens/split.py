@@ -30,6 +30,11 @@ the codec of the link out of it (`auto` lets the head's policy choose from the l
 The table predicts memory per stage (weights + workspace; the head also holds embedders and the VAE),
 compute per step (once measured) and the time and bytes of each link. `v` checks the plan; `a` loads
 every peer's blocks, with progress.
+
+`t` places the **text encoder**: on the head (the default), or on another online peer whose model
+folder has one. The head then fetches the prompt's embeddings from that peer before each new prompt
+(and checks they come from the same text encoder as its own): useful when the head has no
+`text_encoder/` or no room for it next to its blocks.
 """
 
     BINDINGS = [
@@ -39,6 +44,8 @@ every peer's blocks, with progress.
                 id="split.validate"),
         Binding("a", "app.apply_split", "Apply", tooltip="Load every peer's blocks (progress below)",
                 id="split.apply"),
+        Binding("t", "app.cycle_text_encoder", "Text encoder", tooltip="Cycle where the prompt is encoded: the "
+                "head, or another online peer whose model folder has a text encoder", id="split.text_encoder"),
     ]
 
     def compose_body(self) -> ComposeResult:
@@ -53,6 +60,7 @@ every peer's blocks, with progress.
         self.watch(self.app, "forecast", self._show_forecast)
         self.watch(self.app, "loading", self._show_loading)
         self.watch(self.app, "applied", lambda _: self._show_forecast(self.mesh.forecast))
+        self.watch(self.app, "text_encoder", lambda _: self._show_forecast(self.mesh.forecast))
         self.query_one(SplitEditor).focus()
 
     def _show_plan(self, plan) -> None:
@@ -77,6 +85,9 @@ every peer's blocks, with progress.
                 if chosen is not None and chosen.why:
                     why = chosen.why if chosen.why.startswith(chosen.codec or "") else f"{chosen.codec} ({chosen.why})"
                     text.append(f"{a.label}→{b.label} last run: {why}\n", style="dim")
+        if plan is not None:
+            text.append(self.mesh.text_encoder_line(), style="dim")
+            text.append("\n")
         if forecast is not None and forecast.problems:
             for problem in forecast.problems:
                 text.append(f"✕ {problem}\n", style="bold red")
