@@ -87,7 +87,8 @@ class Connection:
 
     Segments are sent straight from the caller's buffers and received straight into buffers from
     ``allocator`` (pageable bytearrays today: pinned blocks from torch's host allocator crashed
-    daemons on the GPU machine, see codec/core.py): no copies in between. Writes are serialised; reads happen in one task.
+    daemons on the GPU machine, see codec/core.py): no copies in between. Writes are serialised;
+    reads happen in one task.
     """
 
     def __init__(self, sock: socket.socket, name: str, *, stats: LinkStats | None = None,

@@ -570,6 +570,8 @@ class Daemon:
         job = self._job(h.get("job"))
         preset, g = self.model.preset, job.geometry
         cond = self._unpack_cond(h, request.frame.segments, job.needs | job.downstream_needs, g.batch)
+        if "ipc" in h and not self.config.same_host_ipc:
+            raise MeshError("bad-request", f"{self.name} takes no CUDA IPC input (same_host_ipc = false)")
         stream, rx = await receive_activation(request, self.device, (g.batch, g.tokens, preset.hidden),
                                               self.model.dtype)
         if not self.model.holds(job.start, job.end):

@@ -358,7 +358,7 @@ class MeshApp(App[int]):
         """Where the next generation encodes its prompt, in words."""
         head = self.peer_by_address(self.plan.stages[0].peer) if self.plan is not None else None
         placed = next((p for p in self.peers if p.label == self.text_encoder), None)
-        if placed is not None:
+        if placed is not None and (head is None or placed.address != head.address):
             return (f"Text encoder: on {placed.label} ({placed.address}); the head fetches the prompt's "
                     "embeddings from it (t: change)")
         if head is not None and head.text_encoder is False:
