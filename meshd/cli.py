@@ -58,7 +58,7 @@ def _serve_parser(sub) -> None:
     p.add_argument("--lora-dir", type=Path, action="append", help="LoRA folder (repeatable)")
     p.add_argument("--state-dir", type=Path, help="node id, caches (default /var/lib/meshd or user state dir)")
     p.add_argument("--name", dest="node_name", help="node name shown to peers (default: hostname)")
-    p.add_argument("--emulate-link", help="shape what this daemon sends, e.g. 1gbit,0.3ms (benchmarks)")
+    p.add_argument("--emulate-link", help="shape what this daemon sends to other daemons, e.g. 1gbit,0.3ms (benchmarks)")
     p.add_argument("--mdns", action=argparse.BooleanOptionalAction, default=None,
                    help="advertise over mDNS (default on; --no-mdns on boxes without python-zeroconf)")
     p.add_argument("--advertise-address", help="IP to advertise over mDNS (default: the default route's interface)")

@@ -109,6 +109,11 @@ class Connection:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
+    def set_emulation(self, emulation: LinkEmulation | None) -> None:
+        """Shape (or stop shaping) what this connection sends from now on."""
+        self.emulation = emulation
+        self._bucket = TokenBucket(emulation.rate_bps) if emulation else None
+
     @property
     def peer_address(self) -> tuple | None:
         with contextlib.suppress(OSError):

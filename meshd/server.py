@@ -138,7 +138,9 @@ class Daemon:
         self.emulation = LinkEmulation.parse(config.emulate_link) if config.emulate_link else None
         self.node_id = node_id or uuid.uuid4().hex[:16]
         self.name = config.node_name or socket.gethostname()
-        self.pool = PeerPool(key, self.links, self.emulation, hello={"node": self.name}, allocator=self.allocator)
+        # ``daemon``: this connection is a link between daemons (the one --emulate-link shapes).
+        self.pool = PeerPool(key, self.links, self.emulation, hello={"node": self.name, "daemon": True},
+                             allocator=self.allocator)
         self.caps: Capabilities = codec.probe(self.device)
         replay_mb = os.environ.get(HEVC_REPLAY_ENV)
         if replay_mb:
@@ -262,6 +264,10 @@ class Daemon:
                 return
             finally:
                 self._preauth_done(source)
+            if self.emulation is not None and hello.get("daemon") is not True:
+                # --emulate-link shapes the links between daemons; a client's own connection (the
+                # dashboard, a benchmark fetching its PNG) is not part of the emulated link.
+                conn.set_emulation(None)
             # Count traffic per peer (its node name and address), not per ephemeral client port.
             node = hello.get("node")
             host = name.rsplit(":", 1)[0]
