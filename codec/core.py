@@ -384,6 +384,9 @@ class ChunkDecoder:
             # The decoder checks each frame's CRC-32 before decoding it (on its own threads).
             pending = self._decoder.submit(list(buffers[1:]), g.width, g.height, crcs=table[:, 1].tolist())
             self._pending.append((info, params, pending))
+            # Put away the chunks whose frames are decoded already, so that after the last chunk only
+            # its own frames are left to untile and dequantise (not the whole tensor's).
+            self._finish_chunks(wait=False)
         self._done[index] = True
         if self._async:
             self._keep.append(buffers)
@@ -396,6 +399,18 @@ class ChunkDecoder:
         if self.device.type == "cpu":
             return host
         return host.to(self.device, non_blocking=self._pinned(host))
+
+    def _finish_chunks(self, wait: bool) -> None:
+        """Untile and dequantise the HEVC chunks whose frames are decoded (all of them if ``wait``)."""
+        h, left = self.header, []
+        for info, params, frames in self._pending:
+            if not wait and not frames.done():
+                left.append((info, params, frames))
+                continue
+            decoded = frames.result().to(self.device)
+            codes = framing.untile(decoded, info.geometry, info.count, h.channels)
+            self._out[info.start : info.start + info.count].copy_(u8_dequantize(codes, params, h.torch_dtype))
+        self._pending = left
 
     @staticmethod
     def _expect(index: int, actual: int, expected: int, what: str) -> None:
@@ -410,16 +425,11 @@ class ChunkDecoder:
         missing = [i for i, done in enumerate(self._done) if not done]
         if missing:
             raise CodecError(f"chunks {missing[:8]} never arrived")
-        h = self.header
-        pending, self._pending = self._pending, []
-        for info, params, frames in pending:
-            decoded = frames.result().to(self.device)
-            codes = framing.untile(decoded, info.geometry, info.count, h.channels)
-            self._out[info.start : info.start + info.count].copy_(u8_dequantize(codes, params, h.torch_dtype))
+        self._finish_chunks(wait=True)
         if self._async:
             torch.cuda.current_stream(self.device).synchronize()
             self._keep.clear()
-        return self._out.view(h.shape)
+        return self._out.view(self.header.shape)
 
 
 def decode(encoded: Encoded, device: str | torch.device = "cpu", *,

@@ -108,6 +108,9 @@ class _Done:
     def result(self) -> torch.Tensor:
         return self._out
 
+    def done(self) -> bool:
+        return True
+
 
 class FFmpegDecoder:
     """Decodes Annex-B HEVC 4:4:4 frames on the CPU into ``[F, 3H, W]`` uint8."""

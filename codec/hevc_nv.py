@@ -177,6 +177,10 @@ class PendingFrames:
         self._out = out
         self._futures = futures
 
+    def done(self) -> bool:
+        """True once every frame is decoded (or failed): :meth:`result` will not wait."""
+        return all(future.done() for future in self._futures)
+
     def result(self) -> torch.Tensor:
         errors = []
         for future in self._futures:
