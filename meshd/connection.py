@@ -523,11 +523,10 @@ class Channel:
         rid = next(self._ids)
         pending = self._pending[rid] = _Pending()
         deadline = None if timeout is None else time.monotonic() + timeout
-        sent = answered = False
+        answered = False
         try:
-            # Counted as sent from here: a send cancelled while it waits still goes out whole (see
-            # Connection.send), and then the server must hear ``cancel``.
-            sent = True
+            # A send cancelled while it waits still goes out whole (see Connection.send), so from here
+            # on a failure must be followed by ``cancel``.
             await self.conn.send({**(fields or {}), "op": op, "id": rid}, segments)
             if chunks is not None:
                 async for index, buffers in chunks:
@@ -553,7 +552,7 @@ class Channel:
         except BaseException:
             # We gave up (cancelled, timed out, our chunk stream failed): the server must not keep
             # working, and holding memory, for a request nobody waits for.
-            if sent and not answered and self.alive:
+            if not answered and self.alive:
                 with contextlib.suppress(Exception):
                     await asyncio.shield(self.conn.send({"op": "cancel", "id": rid}))
             raise
@@ -633,6 +632,9 @@ class ServerSession:
         #: True while the client owns state here (prepared jobs): its silence then counts too, even
         #: between requests, so that a frozen client does not pin that state until IDLE_TIMEOUT_S.
         self.holds = holds
+        #: Whether requests on this connection may hand over CUDA memory (set by the daemon at the
+        #: handshake: a GPU daemon with same_host_ipc on, and a client of this same host).
+        self.ipc_ok = False
         self.tasks: dict[int, asyncio.Task] = {}
         self.requests: dict[int, Request] = {}
         self._last_id = 0  # highest request id seen (clients number requests upwards)

@@ -119,22 +119,23 @@ class Sampler:
         #: Prompt embeddings computed elsewhere (the peer that holds the text encoder), by prompt.
         self.embeds = embeds or {}
 
-    def _prompt_embeds(self, prompt: str) -> torch.Tensor:
-        given = self.embeds.get(prompt)
-        if given is not None:
-            return given.to(device=self.device, dtype=self.dtype)
-        return self.model.encode_prompt(prompt)
+    def _prompt_embeds(self) -> list[torch.Tensor]:
+        """The embeddings of :func:`prompts_needed`, in its order: given ones as they are, the rest from
+        the model in one call (so a CFG run loads the text encoder at most once for both prompts)."""
+        prompts = prompts_needed(self.model, self.params)
+        todo = [p for p in prompts if p not in self.embeds]
+        computed = dict(zip(todo, self.model.encode_prompts(todo))) if todo else {}
+        return [(self.embeds[p] if p in self.embeds else computed[p]).to(device=self.device, dtype=self.dtype)
+                for p in prompts]
 
     def prepare(self) -> None:
         """Prompt embeddings, latent noise, position ids, timesteps; embed the text once."""
         p, span, d = self.params, self.model.span, _diffusers()
         self.model.use_loras(p.loras)  # the embedders carry LoRAs too
-        embeds = self._prompt_embeds(p.prompt)
-        self.text_ids = d.pipe._prepare_text_ids(embeds).to(self.device)
-        self.txt_len = embeds.shape[1]
-        self.contexts = [span.embed_text(embeds)]
-        if self.cfg:
-            self.contexts.append(span.embed_text(self._prompt_embeds("")))
+        embeds = self._prompt_embeds()  # the prompt, then (CFG) the empty one
+        self.text_ids = d.pipe._prepare_text_ids(embeds[0]).to(self.device)
+        self.txt_len = embeds[0].shape[1]
+        self.contexts = [span.embed_text(e) for e in embeds]
         scale = self.model.preset.vae_scale_factor
         height, width = 2 * (p.height // (scale * 2)), 2 * (p.width // (scale * 2))
         self.latent_hw = (height // 2, width // 2)

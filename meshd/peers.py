@@ -35,27 +35,36 @@ class PeerPool:
         self.hello = hello or {}
         self._channels: dict[str, Channel] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._callers: dict[str, int] = {}  # get() calls in progress per address
         self._bandwidth: dict[str, Bandwidth] = {}
 
     async def get(self, address: PeerAddress) -> Channel:
         key = str(address)
         lock = self._locks.setdefault(key, asyncio.Lock())
-        async with lock:
-            channel = self._channels.pop(key, None)  # re-inserted last: the dict's order is recency
-            if channel is None or not channel.alive:
-                if channel is not None:
-                    await channel.close()
-                    self._bandwidth.pop(key, None)
-                try:
-                    channel = await Channel.connect(address.host, address.port, self.key, stats=self.links.get(key),
-                                                    emulation=self.emulation, hello=self.hello,
-                                                    allocator=self.allocator)
-                except BaseException:
-                    if not getattr(lock, "_waiters", None):  # nobody else waits for this address: forget it
-                        self._locks.pop(key, None)
-                    raise
-            self._channels[key] = channel
-        await self._evict()
+        self._callers[key] = self._callers.get(key, 0) + 1
+        try:
+            async with lock:
+                channel = self._channels.pop(key, None)  # re-inserted last: the dict's order is recency
+                fresh = channel is None or not channel.alive
+                if fresh:
+                    if channel is not None:
+                        await channel.close()
+                        self._bandwidth.pop(key, None)
+                    try:
+                        channel = await Channel.connect(address.host, address.port, self.key,
+                                                        stats=self.links.get(key), emulation=self.emulation,
+                                                        hello=self.hello, allocator=self.allocator)
+                    except BaseException:
+                        if self._callers[key] == 1:  # nobody else waits for this address: forget it
+                            self._locks.pop(key, None)
+                        raise
+                self._channels[key] = channel
+        finally:
+            self._callers[key] -= 1
+            if not self._callers[key]:
+                del self._callers[key]
+        if fresh:
+            await self._evict()
         return channel
 
     async def _evict(self) -> None:

@@ -272,8 +272,9 @@ class Daemon:
             node = hello.get("node")
             host = name.rsplit(":", 1)[0]
             conn.stats = self.links.get(f"{node[:64]}@{host}" if isinstance(node, str) and node else host)
-            session = ServerSession(conn, self.handle, hello)
-            session.holds = lambda: any(job.owner is session for job in self.jobs.values())
+            session = ServerSession(conn, self.handle, hello,
+                                    holds=lambda: any(job.owner is session for job in self.jobs.values()))
+            session.ipc_ok = self.device.type == "cuda" and self.config.same_host_ipc and ipc.is_local_peer(name)
             self.sessions.add(session)
             try:
                 await session.run()
@@ -531,7 +532,7 @@ class Daemon:
         return self._ipc_ok[key]
 
     async def _ipc_probe(self, request: Request):
-        if self.device.type != "cuda" or not self.config.same_host_ipc or not ipc.is_local_peer(request.peer):
+        if not request.session.ipc_ok:
             return {"ok": False}, []
         loop = asyncio.get_running_loop()
         ok = await loop.run_in_executor(None, ipc.check_probe, request.header.get("ipc"), self.device)
@@ -576,8 +577,9 @@ class Daemon:
         job = self._job(h.get("job"))
         preset, g = self.model.preset, job.geometry
         cond = self._unpack_cond(h, request.frame.segments, job.needs | job.downstream_needs, g.batch)
-        if "ipc" in h and not self.config.same_host_ipc:
-            raise MeshError("bad-request", f"{self.name} takes no CUDA IPC input (same_host_ipc = false)")
+        if "ipc" in h and not request.session.ipc_ok:
+            raise MeshError("bad-request", f"{self.name} takes no CUDA IPC input on this connection (a GPU daemon "
+                                           "takes it from daemons of its own host, unless same_host_ipc = false)")
         stream, rx = await receive_activation(request, self.device, (g.batch, g.tokens, preset.hidden),
                                               self.model.dtype)
         if not self.model.holds(job.start, job.end):
@@ -595,7 +597,8 @@ class Daemon:
         record = {"node": self.name, "blocks": [job.start, job.end - 1], "codec": rx.codec, "bytes": rx.bytes,
                   "wire_ms": round(rx.wire_ms, 3), "decode_ms": round(rx.decode_ms, 3),
                   "compute_ms": round(seconds * 1e3, 3)}
-        self.links.get(request.peer).hop(rx.bytes, rx.wire_ms + rx.decode_ms)
+        if request.session.conn.stats is not None:  # this peer's link, keyed once at the handshake
+            request.session.conn.stats.hop(rx.bytes, rx.wire_ms + rx.decode_ms)
         if job.tail:
             headers, buffers = pack_raw([out])
             return {"prediction": headers[0], "hops": [record]}, buffers

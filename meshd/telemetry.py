@@ -62,7 +62,6 @@ MAX_LINKS = 64
 #: A subscription re-checks whether the daemon is draining at least this often.
 DRAIN_CHECK_S = 1.0
 
-MIB = 1 << 20
 
 
 # --- NVML -----------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ import torch
 
 from .presets import PRESETS, ModelPreset
 from .span import span_modules
-from .tensorfiles import FileHashes, ModelError, TensorInfo, open_safetensors, read_header, read_json
+from .tensorfiles import FileHashes, ModelError, TensorInfo, open_safetensors, read_header, read_json, require_safetensors
 
 #: Prefixes single files put before the transformer's names (ComfyUI; some other exporters).
 PREFIXES = ("model.diffusion_model.", "diffusion_model.", "")
@@ -172,11 +172,7 @@ class Checkpoint:
                     raise ModelError(f"{index} points outside its folder: {file}")
                 files.append(path)
         else:
-            files = sorted(p for p in transformer.iterdir() if p.suffix == ".safetensors")
-            if not files:
-                pickles = sorted(p.name for p in transformer.iterdir() if p.suffix in (".bin", ".pt", ".ckpt"))
-                raise ModelError(f"{transformer} holds no .safetensors file"
-                                 + (f" (only {', '.join(pickles)}: meshd never loads pickle files)" if pickles else ""))
+            files = require_safetensors(transformer)
         header: dict[str, TensorInfo] = {}
         metadata: dict[str, str] = {}
         for path in files:

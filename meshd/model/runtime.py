@@ -18,7 +18,7 @@ from .lora import LoraError, LoraPatch, LoraSpec, LoraStore, held_linears, stack
 from .presets import ModelPreset, get_preset
 from .seeded import seeded_value
 from .span import HEAD_MODULES, TAIL_MODULES, SpanModel, block_prefix, span_modules
-from .tensorfiles import FileHashes
+from .tensorfiles import FileHashes, require_safetensors
 from .text_encoder import (
     STAND_IN_CLASS,
     LanguageModelEncoder,
@@ -115,8 +115,7 @@ class FolderSource(WeightSource):
         folder = self.files.component("vae")
         if not (folder / "config.json").is_file():
             raise ModelError(f"{folder} is missing: the head needs the VAE")
-        if not any(folder.glob("*.safetensors")):
-            raise ModelError(f"{folder} holds no .safetensors weights (meshd never loads pickle files)")
+        require_safetensors(folder)
         return AutoencoderKLFlux2.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True,
                                                   use_safetensors=True).to(device).eval()
 

@@ -49,6 +49,17 @@ def refuse_pickle(path: Path) -> None:
         raise ModelError(f"{path} is not a .safetensors file")
 
 
+def require_safetensors(folder: Path) -> list[Path]:
+    """The ``.safetensors`` files of a component folder; a ModelError naming the folder when it has none
+    (a folder of ``.bin``/``.pt`` weights only is refused here, before any library could load them)."""
+    files = sorted(p for p in folder.iterdir() if p.suffix == SAFETENSORS_SUFFIX) if folder.is_dir() else []
+    if not files:
+        others = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES) if folder.is_dir() else []
+        raise ModelError(f"{folder} holds no .safetensors weights"
+                         + (f" (only {', '.join(others)}: meshd reads .safetensors only)" if others else ""))
+    return files
+
+
 @contextlib.contextmanager
 def open_safetensors(path: Path) -> Iterator:
     """``safe_open`` on CPU, with a truncated or foreign file reported as a ModelError naming it."""

@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from .presets import ModelPreset
 from .seeded import seeded_state
-from .tensorfiles import ModelError, read_json
+from .tensorfiles import ModelError, read_json, require_safetensors
 
 STAND_IN_CLASS = "StandInTextEncoder"
 IDLE_POLICIES = ("keep", "cpu", "release")
@@ -148,7 +148,8 @@ class LanguageModelEncoder:
     @classmethod
     def load(cls, text_encoder: Path, tokenizer: Path, preset: ModelPreset, device: torch.device,
              dtype: torch.dtype) -> LanguageModelEncoder:
-        """Load from local folders only (never the network, never pickle), checked against ``preset``."""
+        """Load from local folders only (never the network; .safetensors weights only), checked against
+        ``preset``."""
         import transformers  # noqa: PLC0415
 
         config = read_json(text_encoder / "config.json")
@@ -166,8 +167,7 @@ class LanguageModelEncoder:
         if family.num_layers(config) < max(layers):
             raise ModelError(f"{text_encoder} has {family.num_layers(config)} layers; {preset.name} reads layer "
                              f"{max(layers)}")
-        if not any(text_encoder.glob("*.safetensors")):
-            raise ModelError(f"{text_encoder} holds no .safetensors weights (meshd never loads pickle files)")
+        require_safetensors(text_encoder)
         if not tokenizer.is_dir():
             raise ModelError(f"{tokenizer} is missing: the text encoder needs its tokenizer")
         kwargs = {"local_files_only": True, "use_safetensors": True, "dtype": dtype}
