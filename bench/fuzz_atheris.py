@@ -17,7 +17,6 @@ the process is a finding: libFuzzer stops and writes it to ``crash-*``. The hypo
 from __future__ import annotations
 
 import asyncio
-import socket
 import sys
 import zlib
 from pathlib import Path
@@ -35,9 +34,9 @@ with atheris.instrument_imports(include=["meshd", "codec"]):
     import codec
     from codec import CodecError, CodecSpec, Encoded
     from meshd import auth, limits
-    from meshd.connection import Connection, server_handshake
     from meshd.errors import MeshError
     from meshd.protocol import DEFAULT_LIMITS, LENGTH, PREAUTH_LIMITS, PREFIX, FrameLimits, FrameReader, ProtocolError
+    from tests.daemons import server_side_of  # the same harness the hypothesis fuzz uses
 
 SMALL_LIMITS = FrameLimits(max_header=64, max_segments=2, max_segment=32, max_frame=48)
 LIMITS = (DEFAULT_LIMITS, PREAUTH_LIMITS, SMALL_LIMITS)
@@ -73,27 +72,11 @@ KEY = auth.generate_key()
 _loop = asyncio.new_event_loop()
 
 
-async def _handshake(stream: bytes):
-    ours, theirs = socket.socketpair()
-    try:
-        conn = Connection(ours, "fuzzer")
-        task = asyncio.ensure_future(server_handshake(conn, KEY, lambda: {"name": "fuzzed"}))
-        theirs.sendall(stream)
-        theirs.shutdown(socket.SHUT_WR)
-        try:
-            return await asyncio.wait_for(task, limits.HANDSHAKE_TIMEOUT_S + 1)
-        except MeshError as exc:
-            return exc
-    finally:
-        ours.close()
-        theirs.close()
-
-
 def fuzz_handshake(data: bytes) -> None:
     """Whatever a peer without the key sends before authenticating: refused (MeshError), never welcomed."""
     if len(data) > 4096:  # the pre-auth cap is 512 bytes a frame; longer inputs add nothing
         return
-    outcome = _loop.run_until_complete(_handshake(data))
+    outcome = _loop.run_until_complete(server_side_of(data, KEY))
     if not isinstance(outcome, MeshError):
         raise AssertionError(f"a peer without the key got through the handshake: {outcome!r:.200}")
 

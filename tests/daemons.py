@@ -2,15 +2,38 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import socket
 from pathlib import Path
 
 import torch
 
+from meshd import limits
 from meshd.config import DaemonConfig
+from meshd.connection import Connection, server_handshake
+from meshd.errors import MeshError
 from meshd.model.files import ModelStore
 from meshd.model.runtime import HostedModel, open_source
+from meshd.plan import PeerAddress, parse_split
 from meshd.server import Daemon
+from meshtui.mesh import GenerationOutcome, Mesh
+
+
+async def split_generation(key: bytes, addresses, spec: str, params: dict, **generate) -> GenerationOutcome:
+    """One generation over daemons at ``addresses`` (labelled A, B, ... in order) with the plan ``spec``,
+    the way ``meshtui generate --split SPEC`` runs it: connect, load the plan, generate."""
+    mesh = Mesh(key)
+    try:
+        for address in addresses:
+            mesh.add(address if isinstance(address, PeerAddress) else PeerAddress(*address))
+        await mesh.connect_all()
+        preset, _ = mesh.model()
+        plan = parse_split(spec, {p.label: p.address for p in mesh.peers.values()}, preset.num_blocks)
+        await mesh.apply(plan)
+        return await mesh.generate(plan, params, **generate)
+    finally:
+        await mesh.close()
 
 
 @contextlib.asynccontextmanager
@@ -31,3 +54,20 @@ async def running_daemon(tmp: Path, key: bytes | None, blocks=(), models_dir: Pa
         yield daemon
     finally:
         await daemon.stop(grace=2)
+
+
+async def server_side_of(stream: bytes, key: bytes | None) -> MeshError | dict:
+    """Feed ``stream`` to a server handshake over a socket pair; return its error, or the hello it let in."""
+    ours, theirs = socket.socketpair()
+    try:
+        conn = Connection(ours, "fuzzer")
+        handshake = asyncio.ensure_future(server_handshake(conn, key, lambda: {"name": "fuzzed"}))
+        theirs.sendall(stream)
+        theirs.shutdown(socket.SHUT_WR)
+        try:
+            return await asyncio.wait_for(handshake, limits.HANDSHAKE_TIMEOUT_S + 1)
+        except MeshError as exc:
+            return exc
+    finally:
+        ours.close()
+        theirs.close()

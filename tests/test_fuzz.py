@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 import codec
 from codec import CodecError, CodecSpec, Encoded
 from meshd import auth, limits
-from meshd.connection import Channel, Connection, client_handshake, server_handshake
+from meshd.connection import Channel, Connection, client_handshake
 from meshd.errors import MeshError
 from meshd.protocol import (
     DEFAULT_LIMITS,
@@ -40,7 +40,7 @@ from meshd.protocol import (
 )
 from meshd.server import source_of
 from meshd.streaming import pack_raw
-from tests.daemons import running_daemon
+from tests.daemons import running_daemon, server_side_of
 from tests.fixtures import structured_stream
 
 KEY = auth.generate_key()
@@ -235,23 +235,6 @@ preauth_streams = st.one_of(
     st.builds(lambda n, tail: PREFIX.pack(limits.MAGIC, limits.FRAME_FORMAT, 0, n, 0) + tail,
               st.integers(0, 2**32 - 1), st.binary(max_size=64)),
 )
-
-
-async def server_side_of(stream: bytes, key: bytes | None) -> MeshError | dict:
-    """Feed ``stream`` to a server handshake over a socket pair; return its error, or the hello it let in."""
-    ours, theirs = socket.socketpair()
-    try:
-        conn = Connection(ours, "fuzzer")
-        handshake = asyncio.ensure_future(server_handshake(conn, key, lambda: {"name": "fuzzed"}))
-        theirs.sendall(stream)
-        theirs.shutdown(socket.SHUT_WR)
-        try:
-            return await asyncio.wait_for(handshake, limits.HANDSHAKE_TIMEOUT_S + 1)
-        except MeshError as exc:
-            return exc
-    finally:
-        ours.close()
-        theirs.close()
 
 
 @FUZZ

@@ -12,9 +12,8 @@ from meshd.connection import Channel
 from meshd.errors import MeshError
 from meshd.model.files import ModelStore
 from meshd.model.runtime import open_source
-from meshd.plan import PeerAddress, parse_split
-from meshtui.mesh import Mesh
-from tests.daemons import running_daemon
+from meshd.plan import PeerAddress
+from tests.daemons import running_daemon, split_generation
 
 KEY = bytes(range(32))
 PARAMS = {"prompt": "a lighthouse at dawn", "seed": 5, "width": 64, "height": 64, "steps": 2, "guidance": 1.0}
@@ -42,17 +41,8 @@ def address(daemon) -> PeerAddress:
 
 
 async def generate(head, plan_spec, peers, text_encoder=None):
-    mesh = Mesh(KEY)
-    try:
-        for p in peers:
-            mesh.add(address(p))
-        await mesh.connect_all()
-        plan = parse_split(plan_spec, {p.label: p.address for p in mesh.peers.values()}, 6)
-        outcome = await mesh.generate(plan, PARAMS, codec="raw", return_latents=True,
-                                      text_encoder=None if text_encoder is None else address(text_encoder))
-        return outcome
-    finally:
-        await mesh.close()
+    return await split_generation(KEY, [p.bound for p in peers], plan_spec, PARAMS, codec="raw", return_latents=True,
+                                  text_encoder=None if text_encoder is None else address(text_encoder))
 
 
 async def test_a_head_without_a_text_encoder_uses_the_peer_placed_for_it(models, tmp_path):

@@ -11,11 +11,11 @@ from PIL import Image
 
 from meshd.auth import read_key
 from meshd.errors import MeshError
-from meshd.plan import parse_split
 from meshtui.cli import run_local
 from meshtui.local import LocalCluster
 from meshtui.mesh import Mesh
 from meshtui.report import hop_totals
+from tests.daemons import split_generation
 
 PARAMS = {"prompt": "a lighthouse at dawn", "seed": 11, "width": 64, "height": 64, "steps": 4, "guidance": 1.0}
 
@@ -45,16 +45,8 @@ def reference(models_dir):
 
 
 async def split_run(cluster, spec, codec, measure_error=True):
-    mesh = Mesh(read_key(cluster.key_file))
-    try:
-        for d in cluster.daemons:
-            mesh.add(d.address)
-        await mesh.connect_all()
-        plan = parse_split(spec, {p.label: p.address for p in mesh.peers.values()}, 6)
-        await mesh.apply(plan)
-        return await mesh.generate(plan, PARAMS, codec=codec, measure_error=measure_error, return_latents=True)
-    finally:
-        await mesh.close()
+    return await split_generation(read_key(cluster.key_file), [d.address for d in cluster.daemons], spec, PARAMS,
+                                  codec=codec, measure_error=measure_error, return_latents=True)
 
 
 def pixels(png: bytes) -> np.ndarray:

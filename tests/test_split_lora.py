@@ -13,11 +13,10 @@ from meshd.auth import read_key
 from meshd.errors import MeshError
 from meshd.model.checkpoints import expected_shapes
 from meshd.model.presets import PRESETS
-from meshd.plan import parse_split
 from meshtui.cli import run_local
 from meshtui.local import LocalCluster
-from meshtui.mesh import Mesh
 from tests.test_lora import make_factors, write_kohya, write_peft
+from tests.daemons import split_generation
 from tests.test_split_generation import pixels
 
 PARAMS = {"prompt": "a red kite over a beach", "seed": 5, "width": 64, "height": 64, "steps": 3, "guidance": 1.0}
@@ -44,16 +43,8 @@ def world(tmp_path_factory):
 
 
 async def split(cluster, spec: str, loras: list[dict]):
-    mesh = Mesh(read_key(cluster.key_file))
-    try:
-        for d in cluster.daemons:
-            mesh.add(d.address)
-        await mesh.connect_all()
-        plan = parse_split(spec, {p.label: p.address for p in mesh.peers.values()}, 6)
-        await mesh.apply(plan)
-        return await mesh.generate(plan, {**PARAMS, "loras": loras}, codec="raw", return_latents=True)
-    finally:
-        await mesh.close()
+    return await split_generation(read_key(cluster.key_file), [d.address for d in cluster.daemons], spec,
+                                  {**PARAMS, "loras": loras}, codec="raw", return_latents=True)
 
 
 def local(world, lora: list[str]) -> np.ndarray:
