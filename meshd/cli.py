@@ -65,6 +65,9 @@ def _serve_parser(sub) -> None:
     p.add_argument("--interface", dest="interfaces", action="append",
                    help="network interface mDNS advertises on (repeatable; default: the default route's)")
     p.add_argument("--telemetry-interval", type=float, help="seconds between telemetry samples (default 1)")
+    p.add_argument("--text-encoder-device", help="where the head encodes prompts, e.g. cpu (default: the model's device)")
+    p.add_argument("--text-encoder-idle", choices=["release", "cpu", "keep"],
+                   help="after encoding, free the text encoder (release, default), park it in RAM (cpu) or keep it")
     p.add_argument("--ready-file", type=Path, help="write {host, port, pid, node_id} as JSON here once serving")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
@@ -159,6 +162,7 @@ async def _serve_async(args) -> int:
     from .config import ConfigError, load_config, parse_blocks  # noqa: PLC0415
     from .model.files import ModelError, ModelStore  # noqa: PLC0415
     from .model.runtime import DTYPES, HostedModel, open_source  # noqa: PLC0415
+    from .model.text_encoder import TextEncoderOptions  # noqa: PLC0415
     from .nodeid import stable_node_id  # noqa: PLC0415
     from .sdnotify import Notifier  # noqa: PLC0415
     from .server import Daemon  # noqa: PLC0415
@@ -166,7 +170,8 @@ async def _serve_async(args) -> int:
 
     overrides = {k: getattr(args, k) for k in ("host", "port", "model", "device", "dtype", "blocks", "random_weights",
                                                "seed", "key_file", "insecure", "state_dir", "node_name",
-                                               "emulate_link", "mdns", "advertise_address", "telemetry_interval")}
+                                               "emulate_link", "mdns", "advertise_address", "telemetry_interval",
+                                               "text_encoder_device", "text_encoder_idle")}
     if args.models_dir:
         overrides["models_dir"] = tuple(p.expanduser().resolve() for p in args.models_dir)
     if args.lora_dir:
@@ -199,9 +204,11 @@ async def _serve_async(args) -> int:
     store = ModelStore(config.models_dir, config.cache_dir)
     try:
         source = open_source(config.model, store, random_weights=config.random_weights, seed=config.seed)
-        model = HostedModel(source, device, DTYPES[config.dtype])
+        text_encoder = TextEncoderOptions(device=config.text_encoder_device or None, idle=config.text_encoder_idle,
+                                          cache_bytes=config.prompt_cache_mib << 20)
+        model = HostedModel(source, device, DTYPES[config.dtype], text_encoder)
         blocks = parse_blocks(config.blocks, model.preset.num_blocks)
-    except (ModelError, ConfigError, KeyError) as exc:
+    except (ModelError, ConfigError, KeyError, ValueError, RuntimeError) as exc:  # RuntimeError: a bad device name
         raise StartupError(f"model: {exc}") from None
     if blocks:
         log.info("loading blocks %s of %s", config.blocks, model.identity.describe())

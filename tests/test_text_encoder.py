@@ -9,6 +9,8 @@ in for it, which exercises meshd's loading and diffusers' embedding code but not
 """
 
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -238,3 +240,22 @@ def test_a_model_without_a_text_encoder_says_where_to_encode(root, tmp_path):
     assert not model.source.has_text_encoder()
     with pytest.raises(ModelError, match="has no text_encoder/; encode prompts on a peer that has it"):
         model.encode_prompt("a dog")
+
+
+def test_cpu_policy_loads_once_and_keeps_the_encoder_between_prompts(root):
+    model = hosted(root, "tiny-qwen3", idle="cpu", device="cpu")
+    loads = counting_loads(model)
+    model.encode_prompt("a dog is dancing")
+    model.encode_prompt("the sea")
+    assert len(loads) == 1 and model.prompts.loaded  # parked (in RAM already on a CPU box), not freed
+
+
+def test_meshd_serve_takes_the_text_encoder_settings_from_its_config(root, tmp_path):
+    """The placement options are the operator's: meshd.toml (or flags), checked at start-up."""
+    config = tmp_path / "meshd.toml"
+    config.write_text(f'model = "tiny"\ndevice = "cpu"\nmodels_dir = "{root}"\nstate_dir = "{tmp_path / "state"}"\n'
+                      'insecure = true\nmdns = false\ntext_encoder_idle = "nap"\n')
+    done = subprocess.run([sys.executable, "-m", "meshd", "serve", "--config", str(config), "--port", "0"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "text encoder idle policy 'nap'" in done.stderr
