@@ -92,14 +92,19 @@ def check_models(config: DaemonConfig) -> Iterator[Finding]:
     from .model.files import ModelError, ModelStore  # noqa: PLC0415
     from .model.presets import PRESETS  # noqa: PLC0415
 
+    from .model.inventory import inventory_loras, inventory_models  # noqa: PLC0415
+    from .model.lora import LoraStore  # noqa: PLC0415
+
     store = ModelStore(config.models_dir, config.cache_dir)
-    found = store.available()
     folders = ", ".join(str(d) for d in store.dirs) or "none configured"
-    if found:
-        yield Finding("models", OK, f"found {', '.join(name for name, _ in found)} in {folders}")
-    else:
+    reports = inventory_models(store)  # layout, precision and the hash the handshake compares, per model
+    if not reports:
         yield Finding("models", NOTE, f"no model folders in {folders} (the tiny demo model is written there on "
                                       "first use; real checkpoints are your local files)")
+    for report in reports:  # a broken file nobody configured is worth a note, not a failed check
+        yield Finding("models", OK if report.ok else NOTE, report.describe())
+    for report in inventory_loras(LoraStore(config.lora_dir), config.cache_dir):
+        yield Finding("loras", OK if report.ok else NOTE, report.describe())
     if config.random_weights:
         known = config.model in PRESETS
         yield Finding("models", OK if known else PROBLEM,

@@ -428,3 +428,11 @@ def test_check_reports_every_model_with_its_layout_hash_and_problems(models, tmp
     assert reports["whole"].ok and "blocks only" in reports["whole"].summary
     assert not reports["half"].ok and "truncated" in reports["half"].problem
     assert "BAD" in reports["half"].describe()
+    # ... and that is what `meshd check` prints for the box (a broken file nobody configured: a note).
+    from meshd.check import check_models
+    from meshd.config import DaemonConfig
+
+    findings = list(check_models(DaemonConfig(models_dir=(tmp_path,), state_dir=tmp_path / "state")))
+    lines = {f.text.split(":", 1)[0]: f for f in findings if f.topic == "models"}
+    assert lines["ok  model whole"].level == "ok" and "BFL" in lines["ok  model whole"].text
+    assert lines["BAD model half"].level == "note" and "truncated" in lines["BAD model half"].text

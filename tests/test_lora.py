@@ -428,3 +428,11 @@ def test_check_lists_each_lora_with_its_format_and_the_models_it_fits(world, tmp
     save_file({"lora_unet_single_blocks_0_linear1.lokr_w1": torch.zeros(2, 2)}, str(tmp_path / "lokr.safetensors"))
     (bad,) = inventory_loras(LoraStore([tmp_path]))
     assert not bad.ok and "LoKr" in bad.problem
+    # `meshd check` lists them the same way.
+    from meshd.check import check_models
+    from meshd.config import DaemonConfig
+
+    findings = [f for f in check_models(DaemonConfig(models_dir=(), lora_dir=(world["loras"], tmp_path),
+                                                     state_dir=tmp_path / "state")) if f.topic == "loras"]
+    assert len(findings) == 6 and sum(f.level == "note" for f in findings) == 1
+    assert any("more/detail: kohya, rank" in f.text for f in findings)

@@ -37,7 +37,7 @@ def inventory_models(store: ModelStore, hashes: bool = True) -> list[FileReport]
     reports = []
     for name, path in store.available():
         try:
-            files = store.open(name)
+            files = store.open(str(path))  # by path: two folders may hold a model of one name
         except ModelError as exc:
             reports.append(FileReport("model", name, path, False, "", str(exc)))
             continue
