@@ -295,7 +295,8 @@ def _import_pynvml():
 # --- host and links ---------------------------------------------------------------------------------
 
 
-def _rate(now: int, before: int, seconds: float) -> float | None:
+def counter_rate(now: int, before: int, seconds: float) -> float | None:
+    """Bytes per second between two readings of a counter; None when it went backwards (reset)."""
     if seconds <= 0 or now < before:  # counter reset (interface re-created)
         return None
     return (now - before) / seconds
@@ -343,8 +344,8 @@ class HostReader:
             rx = tx = None
             if last is not None and name in last[1]:
                 seconds = now - last[0]
-                rx = _rate(current[name][0], last[1][name][0], seconds)
-                tx = _rate(current[name][1], last[1][name][1], seconds)
+                rx = counter_rate(current[name][0], last[1][name][0], seconds)
+                tx = counter_rate(current[name][1], last[1][name][1], seconds)
             interfaces.append(InterfaceSnapshot(name, rx_bytes_per_s=rx, tx_bytes_per_s=tx))
         self._last_net = (now, current)
         return HostSnapshot(
@@ -378,8 +379,8 @@ class LinkReader:
             tx = rx = None
             changed_at = now
             if before is not None:
-                tx = _rate(sent, before.sent, now - before.at)
-                rx = _rate(received, before.received, now - before.at)
+                tx = counter_rate(sent, before.sent, now - before.at)
+                rx = counter_rate(received, before.received, now - before.at)
                 if (sent, received) == (before.sent, before.received):
                     changed_at = before.changed_at
             self._seen[peer] = _LinkSeen(now, sent, received, changed_at)

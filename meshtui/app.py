@@ -36,7 +36,7 @@ from . import splitting, workers
 from .commands import MeshCommands
 from .config import ConfigError, GenerateSettings, TuiConfig, default_config_path, load_config, save_config
 from .history import TelemetryStore
-from .mesh import Mesh, labels
+from .mesh import Mesh
 from .messages import (DiscoveryState, GenerationDone, GenerationEvent, LocalDaemonsStarted, PeerDiscovered,
                        PeerUpdated, PeerVanished, SpanLoading, SplitApplied, TelemetryNote, TelemetrySampled)
 from .runs import RunParams, RunRecord, RunState
@@ -194,10 +194,6 @@ class MeshApp(App[int]):
 
     # --- peers ---------------------------------------------------------------------------------
 
-    def _free_label(self) -> str:
-        taken = set(self.mesh.peers)
-        return next(label for label in labels(len(taken) + 1) if label not in taken)
-
     def peer_by_address(self, address: PeerAddress) -> PeerView | None:
         return next((p for p in self.peers if p.address == address), None)
 
@@ -209,8 +205,7 @@ class MeshApp(App[int]):
             self._hints[known.label] = {**self._hints.get(known.label, {}), **(hints or {})}
             self._set_view(known)
             return known
-        label = self._free_label()
-        self.mesh.add(address, label)
+        label = self.mesh.add(address).label
         self._sources[label] = frozenset({source})
         self._hints[label] = dict(hints or {})
         view = PeerView(label, address)

@@ -220,6 +220,7 @@ async def run_split(args) -> int:
     from meshd.plan import PeerAddress  # noqa: PLC0415
 
     from .mesh import Mesh  # noqa: PLC0415
+    from .splitting import tokens_for  # noqa: PLC0415
 
     if not args.peer:
         _log("meshtui generate: give at least one --peer HOST:PORT (or --local)")
@@ -235,7 +236,7 @@ async def run_split(args) -> int:
                      f"{peer.info['device']}, rtt {peer.rtt_ms:.1f} ms")
         preset, _ = mesh.model()
         params = _params(args, preset)
-        tokens = preset.max_sequence_length + (params["width"] // preset.size_multiple) * (params["height"] // preset.size_multiple)
+        tokens = tokens_for(preset, params["width"], params["height"])
         plan = mesh.plan(args.split, tokens)
         text_encoder = None
         if args.text_encoder:
@@ -283,6 +284,7 @@ async def demo_headless(args) -> int:
 
     from .local import LocalCluster  # noqa: PLC0415
     from .mesh import Mesh  # noqa: PLC0415
+    from .splitting import tokens_for  # noqa: PLC0415
 
     start = time.perf_counter()
     _log("starting two meshd daemons on loopback (tiny model, fresh cluster key)...")
@@ -298,7 +300,7 @@ async def demo_headless(args) -> int:
             await mesh.connect_all()
             preset, _ = mesh.model()
             params = _params(args, preset)
-            tokens = preset.max_sequence_length + (params["width"] // preset.size_multiple) * (params["height"] // preset.size_multiple)
+            tokens = tokens_for(preset, params["width"], params["height"])
             plan = mesh.plan("auto", tokens)
             _log(f"split: {plan.describe()}")
             await mesh.apply(plan, on_event=_on_event)

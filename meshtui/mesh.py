@@ -271,9 +271,10 @@ class Mesh:
                 await _call(on_event, {"kind": "dropped", "peer": peer.label, "reason": peer.error})
             if not self.peers:
                 raise MeshError("peer-lost", "no peer is left to run on")
+            from .splitting import tokens_for  # noqa: PLC0415 - splitting imports the views, not this module
+
             preset, _ = self.model()
-            m = preset.size_multiple
-            plan = self.plan("auto", preset.max_sequence_length + (params["width"] // m) * (params["height"] // m))
+            plan = self.plan("auto", tokens_for(preset, params["width"], params["height"]))
             await _call(on_event, {"kind": "replanned", "plan": plan.describe()})
             await self.apply(plan, on_event)
             self._replanned = plan

@@ -13,6 +13,7 @@ from enum import StrEnum
 from typing import Any
 
 from codec import Capabilities
+from meshd.config import describe_ranges
 from meshd.plan import PeerAddress
 
 
@@ -142,6 +143,5 @@ def _pairs(value: object) -> list[tuple[int, int]]:
 
 
 def describe_blocks(blocks: tuple[tuple[int, int], ...]) -> str:
-    """``((0, 2), (4, 5))`` -> ``"0-1,4"``; no blocks -> ``"none"``."""
-    parts = [f"{a}-{b - 1}" if b - a > 1 else f"{a}" for a, b in blocks]
-    return ",".join(parts) or "none"
+    """``((0, 2), (4, 5))`` -> ``"0-1,4"``; no blocks -> ``"none"`` (meshd's own wording)."""
+    return describe_ranges(b for a, end in blocks for b in range(a, end))

@@ -24,7 +24,7 @@ from meshd.connection import Channel
 from meshd.errors import MeshError
 from meshd.plan import PeerAddress, SplitPlan
 from meshd.snapshot import GpuSnapshot, HostSnapshot, LinkSnapshot, NodeSnapshot
-from meshd.telemetry import subscribe
+from meshd.telemetry import counter_rate, subscribe
 
 from .mesh import Mesh, Peer
 from .messages import (DiscoveryState, GenerationDone, GenerationEvent, PeerDiscovered, PeerUpdated,
@@ -119,9 +119,9 @@ class InfoTelemetry:
             before = self._last.get(name)
             self._last[name] = (at, sent, received)
             tx = rx = None
-            if before is not None and at > before[0]:
-                tx = max(0, sent - before[1]) / (at - before[0])
-                rx = max(0, received - before[2]) / (at - before[0])
+            if before is not None:  # a counter that went backwards (the daemon restarted) is n/a, not 0
+                tx = counter_rate(sent, before[1], at - before[0])
+                rx = counter_rate(received, before[2], at - before[0])
             out.append(LinkSnapshot(peer=name, sent_bytes_per_s=tx, received_bytes_per_s=rx, bytes_sent=sent,
                                     bytes_received=received))
         return NodeSnapshot(node_id=str(info.get("node_id") or "?"), time=at, monotonic=time.monotonic(),

@@ -280,3 +280,16 @@ def test_a_png_from_the_head_decodes_into_the_renderer():
     Image.new("RGB", (16, 16), (10, 200, 30)).save(buf, format="PNG")
     text = half_blocks(Image.open(io.BytesIO(buf.getvalue())), 8, 8)
     assert text.plain.count("▀") == 32  # 8x8 pixels, two per cell
+
+
+def test_link_rates_from_health_polls_and_a_counter_reset_is_not_zero():
+    from meshtui.workers import InfoTelemetry
+
+    telemetry = InfoTelemetry()
+    info = {"node_id": "n", "memory": {"kind": "host", "free": 1, "total": 2}}
+    first = telemetry.snapshot(info, [{"peer": "b", "bytes_sent": 1000, "bytes_received": 0}], at=10.0)
+    assert first.links[0].sent_bytes_per_s is None  # one reading is no rate
+    second = telemetry.snapshot(info, [{"peer": "b", "bytes_sent": 3000, "bytes_received": 500}], at=12.0)
+    assert (second.links[0].sent_bytes_per_s, second.links[0].received_bytes_per_s) == (1000.0, 250.0)
+    restarted = telemetry.snapshot(info, [{"peer": "b", "bytes_sent": 10, "bytes_received": 0}], at=13.0)
+    assert restarted.links[0].sent_bytes_per_s is None  # n/a, never a made-up 0
