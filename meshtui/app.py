@@ -34,7 +34,8 @@ from meshd.plan import PeerAddress, PlanError, SplitPlan
 from . import runs as run_log
 from . import splitting, workers
 from .commands import MeshCommands
-from .config import ConfigError, GenerateSettings, TuiConfig, default_config_path, load_config, save_config
+from .config import (ConfigError, GenerateSettings, TuiConfig, default_config_path, load_config, save_config,
+                     with_peer, without_peer)
 from .history import TelemetryStore
 from .mesh import Mesh
 from .messages import (DiscoveryState, GenerationDone, GenerationEvent, LocalDaemonsStarted, PeerDiscovered,
@@ -230,7 +231,7 @@ class MeshApp(App[int]):
         self.telemetry.forget(label)
         self.mutate_reactive(MeshApp.telemetry)
         if "manual" in self._sources.pop(label, ()):
-            self._save(lambda c: replace(c, peers=tuple(p for p in c.peers if PeerAddress.parse(p) != view.address)))
+            self._save(lambda c: without_peer(c, str(view.address)))
         self.notify(f"removed {label} ({view.address})")
         self.refresh_derived()
 
@@ -289,7 +290,7 @@ class MeshApp(App[int]):
             if address is None:
                 return
             view = self.add_peer(address, "manual")
-            self._save(lambda c: c if str(address) in c.peers else replace(c, peers=(*c.peers, str(address))))
+            self._save(lambda c: with_peer(c, str(address)))
             self.notify(f"added {view.label} ({address}); connecting...")
 
         self.push_screen(AddPeerScreen(), added)
@@ -446,10 +447,6 @@ class MeshApp(App[int]):
         self.run_worker(workers.generate(self.mesh, plan, params, record.id, self.post_message, save=save,
                                          text_encoder=encoder),
                         group="generate", exclusive=True, exit_on_error=False, description=f"run {record.id}")
-
-    @property
-    def active_run(self) -> int | None:
-        return self._active_run
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action == "cancel_generation":

@@ -17,6 +17,8 @@ from typing import Any
 
 import platformdirs
 
+from meshd.plan import PeerAddress
+
 CONFIG_ENV = "MESHTUI_CONFIG"
 IMAGE_MODES = ("auto", "graphics", "halfblock")
 
@@ -157,4 +159,6 @@ def with_peer(config: TuiConfig, address: str) -> TuiConfig:
 
 
 def without_peer(config: TuiConfig, address: str) -> TuiConfig:
-    return replace(config, peers=tuple(p for p in config.peers if p != address))
+    """``config`` without ``address``, however the file spells it (``host:port`` compared parsed)."""
+    gone = PeerAddress.parse(address)
+    return replace(config, peers=tuple(p for p in config.peers if PeerAddress.parse(p) != gone))

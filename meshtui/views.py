@@ -35,7 +35,6 @@ class PeerStatus(StrEnum):
 
 
 #: How a peer came to be known.
-SOURCES = ("manual", "mdns", "demo")
 
 
 @dataclass(frozen=True)
@@ -78,10 +77,6 @@ class PeerView:
     @property
     def title(self) -> str:
         return self.name or self.hints.get("name") or str(self.address)
-
-    @property
-    def model_identity(self) -> tuple[str | None, str | None]:
-        return self.preset, self.model_hash
 
     def with_info(self, info: dict[str, Any], rtt_ms: float | None, now: float | None = None) -> PeerView:
         """This view updated from a successful ``info`` reply (untrusted: only known shapes are read)."""

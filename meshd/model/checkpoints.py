@@ -266,9 +266,6 @@ class Checkpoint:
         """Every tensor by diffusers name, with its shape (from the header)."""
         return dict(self._shapes)
 
-    def describe(self) -> str:
-        return f"{self.path} ({self.layout}, {self.preset.name}, {self.quantisation})"
-
     # --- reading ------------------------------------------------------------------------------
 
     def read(self, names: Iterable[str], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:

@@ -91,9 +91,6 @@ class LoraSpec:
         except ValueError as exc:
             raise MeshError("bad-request", str(exc)) from None
 
-    def describe(self) -> str:
-        return f"{self.name} (sha256 {self.sha256[:12]}, strength {self.strength:g})"
-
 
 def loras_to_wire(specs: Iterable[LoraSpec]) -> list[dict]:
     return [spec.to_wire() for spec in specs]
@@ -396,7 +393,6 @@ class LoraPatch:
         if missing:
             raise ValueError(f"no linear layer {missing[0]} in this span")
         self.layers = tuple(factors)
-        self.nbytes = sum(d.numel() * d.element_size() + u.numel() * u.element_size() for d, u in factors.values())
         self._handles = [modules[name].register_forward_hook(_LowRank(*factors[name])) for name in self.layers]
 
     def remove(self) -> None:

@@ -76,9 +76,6 @@ class WeightSource:
         """What two peers compare before one uses the other's prompt embeddings."""
         raise NotImplementedError
 
-    def describe(self) -> str:
-        return self.model_id
-
     def scheduler_config(self) -> dict:
         return {"_class_name": "FlowMatchEulerDiscreteScheduler", **self.preset.scheduler}
 
@@ -105,9 +102,6 @@ class FolderSource(WeightSource):
 
     def read(self, expected, device, dtype):
         return self.checkpoint.read(expected, device, dtype)
-
-    def describe(self) -> str:
-        return self.checkpoint.describe()
 
     def vae(self, device, dtype):
         from diffusers import AutoencoderKLFlux2  # noqa: PLC0415

@@ -17,6 +17,9 @@ from ..widgets.run_view import STEP_CAPTION, RunHistory, RunSummary, StepTable
 from .base import MeshScreen
 
 
+#: Decoded images kept for quick re-display (the app keeps the last PNGs; older ones reload from disk).
+DECODED_KEPT = 8
+
 class GenerateScreen(MeshScreen):
     SECTION = "generate"
     HELP = """\
@@ -116,6 +119,8 @@ lists every run; select one to see its image again.
         except OSError:
             return None  # the file was moved or deleted since
         self._decoded[run.id] = image
+        for old in sorted(self._decoded)[:-DECODED_KEPT]:  # a long session must not keep every image
+            del self._decoded[old]
         return image
 
     def _tick(self) -> None:
