@@ -16,9 +16,9 @@ from ..widgets.image_view import ImageView
 from ..widgets.run_view import STEP_CAPTION, RunHistory, RunSummary, StepTable
 from .base import MeshScreen
 
-
 #: Decoded images kept for quick re-display (the app keeps the last PNGs; older ones reload from disk).
 DECODED_KEPT = 8
+
 
 class GenerateScreen(MeshScreen):
     SECTION = "generate"
