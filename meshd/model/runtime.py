@@ -3,8 +3,8 @@ they carry, and (on the head, or a peer placed to encode prompts) the VAE, text 
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import json
 import logging
 import threading
 from collections.abc import Callable, Iterable
@@ -18,7 +18,7 @@ from .lora import LoraError, LoraPatch, LoraSpec, LoraStore, held_linears, stack
 from .presets import ModelPreset, get_preset
 from .seeded import seeded_value
 from .span import HEAD_MODULES, TAIL_MODULES, SpanModel, block_prefix, span_modules
-from .tensorfiles import FileHashes, require_safetensors
+from .tensorfiles import FileHashes, read_json, require_safetensors
 from .text_encoder import (
     STAND_IN_CLASS,
     LanguageModelEncoder,
@@ -127,7 +127,7 @@ class FolderSource(WeightSource):
                              "diffusers release")
         folder = self.files.component("text_encoder")
         config = folder / "config.json"
-        if json.loads(config.read_text()).get("_class_name") == STAND_IN_CLASS:
+        if read_json(config).get("_class_name") == STAND_IN_CLASS:
             return StandInTextEncoder.load(folder).to(device)
         return LanguageModelEncoder.load(folder, self.files.component("tokenizer"), self.preset, device, dtype)
 
@@ -147,19 +147,27 @@ class FolderSource(WeightSource):
         return self._te_hash
 
     def scheduler_config(self) -> dict:
+        return self._scheduler_config
+
+    @functools.cached_property
+    def _scheduler_config(self) -> dict:  # read once, not per generation
         if self.files.components is not None:
             path = self.files.components / "scheduler" / "scheduler_config.json"
             if path.is_file():
-                return json.loads(path.read_text())
+                return read_json(path)
         return super().scheduler_config()
 
     def distilled(self) -> bool:
         """model_index.json's ``is_distilled`` when the model has its own; else the preset's default (klein's
         released checkpoints are the step-distilled ones)."""
+        return self._distilled
+
+    @functools.cached_property
+    def _distilled(self) -> bool:  # read once, not per generation
         if self.files.own_components:
             path = self.files.components / "model_index.json"
             if path.is_file():
-                data = json.loads(path.read_text())
+                data = read_json(path)
                 if "is_distilled" in data:
                     return bool(data["is_distilled"])
         return self.preset.distilled
