@@ -31,10 +31,10 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from meshd.auth import read_key  # noqa: E402
-from meshd.connection import Channel  # noqa: E402
 from meshd.plan import PeerAddress, parse_split  # noqa: E402
 from meshtui.local import LocalCluster  # noqa: E402
 from meshtui.mesh import Mesh  # noqa: E402
+from tests.daemons import jobs_on  # noqa: E402 - the tests' own check
 
 CODECS = ("raw", "u8", "fp8", "hevc-qp20")
 PARAMS = {"prompt": "a lighthouse at dawn", "width": 64, "height": 64, "steps": 2, "guidance": 1.0}
@@ -49,14 +49,6 @@ def process_figures(pid: int) -> dict:
     proc = psutil.Process(pid)
     return {"rss_mib": round(proc.memory_info().rss / 2**20, 1), "fds": proc.num_fds(),
             "threads": proc.num_threads()}
-
-
-async def jobs_held(key: bytes, address: PeerAddress) -> int:
-    channel = await Channel.connect(address.host, address.port, key)
-    try:
-        return (await channel.request("info")).header["node"]["jobs"]
-    finally:
-        await channel.close()
 
 
 async def settled(pids: dict[str, int], baseline: dict[str, dict] | None, wait: float = 3.0) -> dict[str, dict]:
@@ -145,7 +137,7 @@ async def soak(key: bytes, addresses: list[PeerAddress], pids: dict[str, int], *
     failed, mixed = await rounds(warmup, generations, sample)
     seconds = time.perf_counter() - started
     after = await settled(pids, before)
-    jobs = dict(zip(pids, await asyncio.gather(*(jobs_held(key, a) for a in addresses))))
+    jobs = dict(zip(pids, await asyncio.gather(*(jobs_on(key, a) for a in addresses))))
     return {
         "generations": generations,
         "clients": clients,

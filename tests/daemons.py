@@ -11,7 +11,7 @@ import torch
 
 from meshd import limits
 from meshd.config import DaemonConfig
-from meshd.connection import Connection, server_handshake
+from meshd.connection import Channel, Connection, server_handshake
 from meshd.errors import MeshError
 from meshd.model.files import ModelStore
 from meshd.model.runtime import HostedModel, open_source
@@ -71,3 +71,12 @@ async def server_side_of(stream: bytes, key: bytes | None) -> MeshError | dict:
     finally:
         ours.close()
         theirs.close()
+
+
+async def jobs_on(key: bytes, address: PeerAddress) -> int:
+    """The prepared jobs a daemon holds, as its ``info`` says (asked on a fresh connection)."""
+    channel = await Channel.connect(address.host, address.port, key)
+    try:
+        return (await channel.request("info")).header["node"]["jobs"]
+    finally:
+        await channel.close()

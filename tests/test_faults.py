@@ -29,7 +29,7 @@ from meshd.plan import PeerAddress, parse_split
 from meshd.streaming import pack_raw
 from meshtui.local import LocalCluster
 from meshtui.mesh import Mesh
-from tests.daemons import running_daemon
+from tests.daemons import jobs_on, running_daemon
 
 #: Long enough to be interrupted mid-run (~25 ms a step here), short enough to finish when it must.
 LONG = {"prompt": "a lighthouse at dawn", "seed": 3, "width": 64, "height": 64, "steps": 200, "guidance": 1.0}
@@ -82,15 +82,6 @@ async def connected_mesh(key: bytes, addresses) -> Mesh:
 
 def split_plan(mesh: Mesh, spec: str = SPLIT):
     return parse_split(spec, {p.label: p.address for p in mesh.peers.values()}, 6)
-
-
-async def jobs_on(key: bytes, address: PeerAddress) -> int:
-    """The prepared jobs a daemon holds, as its ``info`` says (asked on a fresh connection)."""
-    channel = await Channel.connect(address.host, address.port, key)
-    try:
-        return (await channel.request("info")).header["node"]["jobs"]
-    finally:
-        await channel.close()
 
 
 async def no_jobs_anywhere(key: bytes, addresses) -> bool:
