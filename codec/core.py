@@ -36,7 +36,8 @@ from .errors import CodecError, CodecUnavailable
 from .header import ChunkInfo, Header, dtype_name
 from .limits import FRAME_SLACK_BYTES, MAX_CHUNKS, MAX_DIM, MAX_ELEMENTS, MAX_FRAME_EXPANSION
 from .metrics import ReconError, reconstruction_error
-from .probe import probe
+from . import hevc_nv
+from .probe import forget_probes, mark_nvenc_failed, probe
 from .quant import fp8_dequantize, fp8_quantize, u8_dequantize, u8_quantize
 from .spec import CodecSpec, TokenLayout
 
@@ -76,6 +77,7 @@ class Encoded:
 class EncodedChunk:
     index: int
     buffers: list
+    note: str | None = None  # set on the chunk where the encoder changed (NVENC failed, libx265 took over)
 
 
 # --- chunk planning ---------------------------------------------------------------------------
@@ -133,7 +135,10 @@ _decoders: dict[str, object] = {}
 
 
 def hevc_encoder(device: torch.device, choice: str = "auto"):
-    """The HEVC encoder for tensors on ``device``: NVENC where it works, else libx265."""
+    """The HEVC encoder for tensors on ``device``: NVENC where it works, else libx265.
+
+    ``auto`` NVENC falls back to libx265 for good if NVENC fails in use (:class:`FallbackEncoder`).
+    """
     caps = probe(device)
     if choice == "auto":
         choice = caps.hevc_encoder or "x265"
@@ -147,12 +152,72 @@ def hevc_encoder(device: torch.device, choice: str = "auto"):
             if choice == "nvenc":
                 from .hevc_nv import NvEncoder  # noqa: PLC0415
 
-                _encoders[key] = NvEncoder(device, sessions=max(1, caps.nvenc_engines))
+                sessions = min(max(1, caps.nvenc_engines), hevc_nv.SESSIONS.limit)
+                _encoders[key] = NvEncoder(device, sessions=sessions)
             else:
                 from .hevc_cpu import X265Encoder  # noqa: PLC0415
 
                 _encoders[key] = X265Encoder()
-        return _encoders[key]
+        encoder = _encoders[key]
+    if choice == "nvenc" and caps.cpu_hevc:
+        return FallbackEncoder(encoder, device)
+    return encoder
+
+
+class FallbackEncoder:
+    """NVENC that hands over to libx265 when it fails: the frame goes out anyway.
+
+    Both write the same all-intra Annex-B stream, so the receiver decodes frames of either kind in
+    one tensor. The failure is recorded for the process (:func:`codec.probe.mark_nvenc_failed`):
+    later ``auto`` encodes on this device go to libx265 directly. ``note`` says why, for the hop record.
+    """
+
+    name = "nvenc"
+
+    def __init__(self, nvenc, device: torch.device) -> None:
+        self.nvenc = nvenc
+        self.device = device
+        self.note: str | None = None
+
+    def encode(self, frames: torch.Tensor, qp: int | None) -> list[bytes]:
+        if self.note is None:
+            try:
+                return self.nvenc.encode(frames, qp)
+            except CodecError as exc:
+                self.note = f"NVENC failed ({exc}); libx265 encodes from here on"
+                retire_nvenc(self.device, str(exc))
+        return hevc_encoder(self.device, "x265").encode(frames, qp)
+
+
+def retire_nvenc(device: torch.device, reason: str) -> None:
+    """Stop using NVENC on ``device`` in this process: mark it failing and close its sessions."""
+    mark_nvenc_failed(device, reason)
+    with _backends_lock:
+        encoder = _encoders.pop(("nvenc", str(device)), None)
+    if encoder is not None:
+        encoder.close()
+
+
+def reset_backends() -> None:
+    """Close every encoder and decoder of this process and forget what was probed (re-probe next)."""
+    with _backends_lock:
+        encoders = list(_encoders.values())
+        _encoders.clear()
+        _decoders.clear()
+    for encoder in encoders:
+        close = getattr(encoder, "close", None)
+        if close is not None:
+            close()
+    hevc_nv.SESSIONS.close_idle()
+    forget_probes()
+    hevc_nv.reset_import()
+
+
+def set_nvenc_session_budget(sessions: int) -> None:
+    """At most ``sessions`` NVENC sessions per GPU in this process (a GeForce system has 8 in all)."""
+    if not isinstance(sessions, int) or isinstance(sessions, bool) or not 1 <= sessions <= 8:
+        raise CodecError(f"NVENC session budget {sessions!r} must be 1-8 (a GeForce system allows 8 in all)")
+    hevc_nv.SESSIONS.set_limit(sessions)
 
 
 class ReplayCache:
@@ -266,8 +331,12 @@ def encode_chunks(tensor: torch.Tensor, spec: CodecSpec) -> tuple[Header, Iterat
     flat = tensor.detach().reshape(-1, channels)
 
     def generate() -> Iterator[EncodedChunk]:
+        noted = None
         for index, info in enumerate(header.chunks):
-            yield EncodedChunk(index, _encode_chunk(flat[info.start : info.start + info.count], header, info, encoder))
+            buffers = _encode_chunk(flat[info.start : info.start + info.count], header, info, encoder)
+            note = getattr(encoder, "note", None)
+            yield EncodedChunk(index, buffers, note if note != noted else None)
+            noted = note
 
     return header, generate()
 
