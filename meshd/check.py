@@ -55,7 +55,8 @@ def check_gpus(nvml=None) -> Iterator[Finding]:
 
 
 def check_codecs() -> Iterator[Finding]:
-    """NVENC/NVDEC as probed (a tiny encode and decode on each GPU), and the codecs each device speaks."""
+    """NVENC/NVDEC as probed now (an encode with each encoder configuration and a tiny decode on each
+    device), and the codecs each device speaks. NVENC present but failing is a problem."""
     import torch  # noqa: PLC0415
 
     import codec  # noqa: PLC0415
@@ -63,17 +64,22 @@ def check_codecs() -> Iterator[Finding]:
 
     devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else ["cpu"]
     for device in devices:
-        caps = codec.probe(device)
+        caps = codec.probe(device, refresh=True)
         label = f"{device}" + (f" ({caps.gpu_name})" if caps.gpu_name else "")
+        if caps.nvenc:
+            yield Finding("NVENC", OK, f"{label}: {caps.nvenc_reason}")
+        elif caps.nvenc_state == "failing":
+            yield Finding("NVENC", PROBLEM, f"{label}: {caps.nvenc_reason}. HEVC falls back to libx265 on the CPU "
+                                            "until this is fixed")
+        elif device.startswith("cuda"):
+            yield Finding("NVENC", NOTE, f"{label}: no NVENC ({caps.nvenc_reason}); HEVC is encoded by libx265 "
+                                         "on the CPU instead")
+        else:
+            yield Finding("NVENC", NOTE, "no CUDA device: no NVENC/NVDEC; HEVC goes through libx265/FFmpeg on the CPU")
         if device.startswith("cuda"):
-            yield Finding("NVENC", OK if caps.nvenc else NOTE, f"{label}: " + (
-                caps.nvenc_reason if caps.nvenc else f"no NVENC ({caps.nvenc_reason}); HEVC is encoded by libx265 "
-                                                     "on the CPU instead"))
             yield Finding("NVDEC", OK if caps.nvdec else NOTE, f"{label}: " + (
                 caps.nvdec_reason if caps.nvdec else f"no NVDEC ({caps.nvdec_reason}); HEVC is decoded by FFmpeg "
                                                      "on the CPU instead"))
-        else:
-            yield Finding("NVENC", NOTE, "no CUDA device: no NVENC/NVDEC; HEVC goes through libx265/FFmpeg on the CPU")
         speaks = []
         for name in CODEC_NAMES:
             send, receive = caps.can_encode(name), caps.can_decode(name)
@@ -86,6 +92,66 @@ def check_codecs() -> Iterator[Finding]:
                       + (f"; not here: {', '.join(missing)}" if missing else ""))
         if not caps.cpu_hevc:
             yield Finding("codecs", NOTE, f"CPU HEVC: {caps.cpu_hevc_reason}")
+
+
+#: The stream ``--selftest`` moves: FLUX.2 [klein] 9B's joint stream at 1024x1024 (512 text tokens
+#: + a 64x64 image grid, 4096 channels).
+SELFTEST_SHAPE = (1, 4608, 4096)
+_SELFTEST_TEXT_TOKENS = 512
+
+
+def selftest_stream(shape: tuple[int, ...], seed: int = 0):
+    """A bf16 activation-like stream: smooth on the image grid, noisy, with a few huge channels
+    (random data alone says little about a video codec: it has no spatial structure)."""
+    import torch  # noqa: PLC0415
+
+    batch, tokens, channels = shape
+    g = torch.Generator().manual_seed(seed)
+    text = min(_SELFTEST_TEXT_TOKENS, tokens // 9)
+    side = int((tokens - text) ** 0.5)
+    text = tokens - side * side
+    rows = torch.arange(side, dtype=torch.float32).view(side, 1, 1)
+    cols = torch.arange(side, dtype=torch.float32).view(1, side, 1)
+    freq = torch.rand(channels, generator=g) * 0.3 + 0.02
+    phase = torch.rand(channels, generator=g) * 6.28
+    image = torch.sin(rows * freq + phase) * torch.cos(cols * freq.flip(0) + phase) + 0.1 * torch.randn(
+        side, side, channels, generator=g)
+    out = torch.cat([torch.randn(text, channels, generator=g), image.view(side * side, channels)])
+    out[:, torch.randint(0, channels, (4,), generator=g)] *= 60.0  # FLUX-like outlier channels
+    return out.expand(batch, tokens, channels).to(torch.bfloat16), text, side
+
+
+def selftest(shape: tuple[int, ...] = SELFTEST_SHAPE) -> Iterator[Finding]:
+    """Encode and decode a ``shape`` stream through this box's best HEVC path, lossless and at QP 18:
+    milliseconds, bytes and the reconstruction error. What a GeForce user runs first."""
+    import time  # noqa: PLC0415
+
+    import torch  # noqa: PLC0415
+
+    import codec  # noqa: PLC0415
+    from codec import CodecSpec, TokenLayout  # noqa: PLC0415
+
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    caps = codec.probe(device)
+    stream, text, side = selftest_stream(shape)
+    stream = stream.to(device)
+    for qp in (None, 18):
+        spec = CodecSpec("hevc", qp=qp, layout=TokenLayout(text, side, side))
+        path = f"{caps.hevc_encoder or 'no encoder'} -> {caps.hevc_decoder or 'no decoder'}"
+        try:
+            encoded = codec.encode(stream, spec)
+            t0 = time.perf_counter()
+            decoded = codec.decode(encoded, device)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            decode_ms = (time.perf_counter() - t0) * 1e3
+            error = codec.reconstruction_error(stream, decoded)
+        except codec.CodecError as exc:
+            yield Finding("selftest", PROBLEM, f"{spec.label} {list(shape)} via {path}: {exc}")
+            continue
+        yield Finding("selftest", OK, f"{spec.label} {list(shape)} via {path}: encode {encoded.encode_ms:.0f} ms, "
+                                      f"decode {decode_ms:.0f} ms, {encoded.nbytes:,} bytes ({encoded.ratio:.2f}x "
+                                      f"smaller than bf16), cosine {error.cosine:.6f}, rel L2 {error.rel_l2:.2e}")
 
 
 def check_models(config: DaemonConfig) -> Iterator[Finding]:
@@ -195,12 +261,16 @@ def check_node_id(config: DaemonConfig) -> Iterator[Finding]:
                   f"no node id in {config.state_dir} yet: one is made on first start")
 
 
-def run_checks(config: DaemonConfig, *, codecs: bool = True, nvml=None) -> list[Finding]:
-    """Every check; ``codecs=False`` skips the NVENC/NVDEC probe (it imports torch and opens encoders)."""
+def run_checks(config: DaemonConfig, *, codecs: bool = True, nvml=None,
+               selftest_shape: tuple[int, ...] | None = None) -> list[Finding]:
+    """Every check; ``codecs=False`` skips the NVENC/NVDEC probe (it imports torch and opens encoders);
+    ``selftest_shape`` adds the HEVC round trip of a stream of that shape."""
     findings: list[Finding] = []
     findings += check_gpus(nvml)
     if codecs:
         findings += check_codecs()
+    if selftest_shape is not None:
+        findings += selftest(selftest_shape)
     findings += check_models(config)
     findings += check_mdns(config)
     findings += check_key(config)

@@ -96,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--json", action="store_true", help="print the findings as JSON")
     c.add_argument("--no-codec-probe", dest="codecs", action="store_false",
                    help="skip the NVENC/NVDEC probe (it imports torch and opens a tiny encoder)")
+    c.add_argument("--selftest", action="store_true",
+                   help="also encode and decode a [1, 4608, 4096] stream through this box's best HEVC path "
+                        "(NVENC or libx265, NVDEC or FFmpeg): ms, bytes, error")
+    c.add_argument("--selftest-shape", type=_shape, default=None, help=argparse.SUPPRESS)  # tests: smaller
 
     u = sub.add_parser("install-unit", help="install the systemd unit, config and key (as root)",
                        description="Write meshd.service (ExecStart pointing at this meshd), an example "
@@ -377,6 +381,17 @@ async def _peer_snapshot(args):
 # --- check -----------------------------------------------------------------------------------------
 
 
+def _shape(text: str) -> tuple[int, int, int]:
+    """``1x4608x4096`` -> (1, 4608, 4096)."""
+    try:
+        shape = tuple(int(v) for v in text.lower().split("x"))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not BATCHxTOKENSxCHANNELS")
+    return shape
+
+
 def _check(args) -> int:
     from .check import OK, PROBLEM, Finding, exit_status, render, run_checks  # noqa: PLC0415
     from .config import DEFAULT_CONFIG, ConfigError, DaemonConfig, load_config  # noqa: PLC0415
@@ -390,7 +405,10 @@ def _check(args) -> int:
     except ConfigError as exc:
         config = DaemonConfig()
         head.append(Finding("config", PROBLEM, f"{exc}; checking with the defaults"))
-    findings = head + run_checks(config, codecs=args.codecs)
+    from .check import SELFTEST_SHAPE  # noqa: PLC0415
+
+    shape = (args.selftest_shape or SELFTEST_SHAPE) if args.selftest else None
+    findings = head + run_checks(config, codecs=args.codecs, selftest_shape=shape)
     if args.json:
         print(json.dumps([f.to_dict() for f in findings], indent=2))
     else:

@@ -70,6 +70,7 @@ class DaemonConfig:
     text_encoder_idle: str = "release"  # after encoding: "release" (free it), "cpu" (park in RAM), "keep"
     prompt_cache_mib: int = 256  # prompt embeddings kept on the CPU
     telemetry_interval: float = 1.0
+    nvenc_sessions: int = 2  # NVENC sessions per GPU this daemon may hold (a GeForce system has 8 in all)
 
     @property
     def cache_dir(self) -> Path:
@@ -122,6 +123,9 @@ def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> D
     config = replace(config, **values)
     if not 0 <= config.port < 65536:  # 0: any free port
         raise ConfigError(f"port {config.port} is out of range")
+    if not 1 <= config.nvenc_sessions <= 8:
+        raise ConfigError(f"nvenc_sessions {config.nvenc_sessions} must be 1-8 (a GeForce system allows 8 NVENC "
+                          "sessions in all, shared with every other program)")
     if config.dtype not in ("bfloat16", "float16", "float32"):
         raise ConfigError(f"dtype {config.dtype!r} must be bfloat16, float16 or float32")
     return config

@@ -141,7 +141,8 @@ class Daemon:
         # ``daemon``: this connection is a link between daemons (the one --emulate-link shapes).
         self.pool = PeerPool(key, self.links, self.emulation, hello={"node": self.name, "daemon": True},
                              allocator=self.allocator)
-        self.caps: Capabilities = codec.probe(self.device)
+        codec.core.set_nvenc_session_budget(config.nvenc_sessions)
+        codec.probe(self.device)  # probed once at start; see ``caps``
         replay_mb = os.environ.get(HEVC_REPLAY_ENV)
         if replay_mb:
             codec.core.enable_hevc_replay(int(replay_mb) << 20)
@@ -168,6 +169,12 @@ class Daemon:
         self.info_providers: list[Callable[[], dict]] = []  # merged into node_info()
 
     # --- lifecycle ----------------------------------------------------------------------------
+
+
+    @property
+    def caps(self) -> Capabilities:
+        """This device's codec abilities as probed, updated when NVENC fails in use (what peers see)."""
+        return codec.probe(self.device)
 
     async def start(self) -> tuple[str, int]:
         """Bind and start accepting connections; returns the bound (host, port)."""

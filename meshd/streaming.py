@@ -70,12 +70,15 @@ class SendStats:
     encode_ms: float = 0.0
     error: dict | None = None
     chunks: int = 0
+    encoder_note: str | None = None  # why the encoder changed mid-stream (NVENC failed: libx265 took over)
 
     def to_dict(self) -> dict:
         out = {"codec": self.codec, "raw_bytes": self.raw_bytes, "bytes": self.wire_bytes,
                "encode_ms": round(self.encode_ms, 3), "chunks": self.chunks}
         if self.error is not None:
             out["error"] = self.error
+        if self.encoder_note is not None:
+            out["encoder_note"] = self.encoder_note
         return out
 
 
@@ -118,6 +121,8 @@ async def send_stream(channel: Channel, op: str, fields: dict, segments: list, t
             if isinstance(item, BaseException):
                 raise MeshError("codec", f"encoding the stream failed: {item}") from item
             stats.wire_bytes += sum(memoryview(b).nbytes for b in item.buffers)
+            if item.note is not None:
+                stats.encoder_note = item.note
             yield item.index, item.buffers
 
     producer = loop.run_in_executor(CODEC_THREADS, produce)

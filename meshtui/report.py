@@ -23,10 +23,14 @@ def hop_totals(summary: dict) -> list[dict]:
                         row[name].append(hop[name])
                 if isinstance(hop.get("error"), dict):
                     row["errors"].append(hop["error"])
+                if isinstance(hop.get("encoder_note"), str):
+                    row.setdefault("encoder_note", hop["encoder_note"])  # the first: when the encoder changed
     out = []
     for row in table.values():
         errors = row.pop("errors")
         entry = {"link": row["link"], "codec": row["codec"], "blocks": row["blocks"]}
+        if "encoder_note" in row:
+            entry["encoder_note"] = row["encoder_note"]
         for name in ("bytes", "raw_bytes"):
             entry[f"{name}_per_step"] = int(statistics.mean(row[name])) if row[name] else None
         for name in ("encode_ms", "wire_ms", "decode_ms", "compute_ms"):
@@ -65,5 +69,7 @@ def step_line(event: dict) -> str:
                     f"run {hop.get('compute_ms', 0):.1f} ms")
             if isinstance(hop.get("error"), dict):
                 text += f" cos {hop['error']['cosine']:.5f}"
+            if isinstance(hop.get("encoder_note"), str):
+                text += f" ({hop['encoder_note'][:160]})"
             parts.append(text)
     return "  ".join(parts)

@@ -44,6 +44,8 @@ def codecs_text(view: PeerView) -> str:
     if caps is None:
         return units.NA
     enc = "NVENC" if caps.nvenc else "x265" if caps.cpu_hevc else "-"
+    if caps.nvenc_state == "failing":
+        enc += "(NVENC failing)"
     dec = "NVDEC" if caps.nvdec else "ffmpeg" if caps.cpu_hevc else "-"
     return f"{enc}/{dec}"
 
@@ -118,7 +120,9 @@ class PeerDetails(Static):
             ("key fingerprint", view.key_fingerprint), ("emulated link", view.emulated_link),
         ]
         if view.caps is not None:
-            facts += [("NVENC", "yes" if view.caps.nvenc else f"no ({view.caps.nvenc_reason})"),
+            facts += [("NVENC", "yes" if view.caps.nvenc else
+                       f"FAILING ({view.caps.nvenc_reason})" if view.caps.nvenc_state == "failing" else
+                       f"no ({view.caps.nvenc_reason})"),
                       ("NVDEC", "yes" if view.caps.nvdec else f"no ({view.caps.nvdec_reason})")]
         facts += [(f"mDNS {k}", v) for k, v in sorted(view.hints.items())]
         for name, value in facts:
