@@ -39,7 +39,8 @@ _nvc_lock = threading.Lock()
 
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".strip()
+    first = text[0] if text else ""
+    return first if isinstance(exc, CodecError) else f"{type(exc).__name__}: {first}".strip()
 
 
 def import_nvc():
@@ -322,13 +323,14 @@ class SessionBudget:
         except Exception as exc:  # noqa: BLE001 - retried once below, else re-raised
             if not session_limit_hit(str(exc)):
                 raise
+            reason = _one_line(exc)
         # Other programs hold the system's sessions: give back our idle ones and try once more.
         with self._cond:
             freed = bool(self._idle.get(gpu))
             self._idle.get(gpu, OrderedDict()).clear()
         if not freed:
-            raise CodecError("NVENC has no free session: the system's limit (8 on GeForce, shared with OBS, "
-                             "browsers, Discord...) is reached")
+            raise CodecError(f"NVENC has no free session: the system's limit (8 on GeForce, shared with OBS, "
+                             f"browsers, Discord...) is reached ({reason})")
         return open_session()
 
     def release(self, gpu: int, key: tuple, session) -> None:

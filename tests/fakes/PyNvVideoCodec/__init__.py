@@ -306,3 +306,51 @@ def _read_device(ptr: int, size: int, gpu: int) -> np.ndarray:
     if view.device.index != gpu:
         raise PyNvVCException(f"Gpu id {view.device.index} doesnt match with cuda context device {gpu}")
     return view.cpu().numpy()
+
+
+# --- the decoder half: the real binding's, where one is installed ----------------------------------
+# Only NVENC is faked. On a GPU machine with the real wheel (the H200: NVDEC yes, NVENC no) the
+# decoder names below come from its compiled module, so NVDEC really decodes the fake's streams.
+_DECODER_NAMES = frozenset({"CreateDecoder", "PacketData", "cudaVideoCodec", "cudaVideoChromaFormat",
+                            "VideoPacketFlag", "DisplayDecodeLatencyType", "GetDecoderCaps"})
+_real = None
+_real_error = "no real PyNvVideoCodec is installed beside the fake"
+
+
+def _load_real():
+    """The real wheel's compiled module (loaded the way its own __init__ loads it), or None."""
+    import importlib.machinery  # noqa: PLC0415
+    import importlib.util  # noqa: PLC0415
+    import os  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    global _real_error
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = [p for p in sys.path if os.path.abspath(p or ".") != here]
+    spec = importlib.machinery.PathFinder.find_spec("PyNvVideoCodec", path)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = list(spec.submodule_search_locations)[0]
+    tag = f"{sys.version_info.major}{sys.version_info.minor}"
+    for suffix in ("_130", "_121"):
+        for name in os.listdir(folder):
+            if name.startswith(f"PyNvVideoCodec{suffix}.cpython-{tag}") and name.endswith(".so"):
+                try:
+                    real_spec = importlib.util.spec_from_file_location("_PyNvVideoCodec", os.path.join(folder, name))
+                    module = importlib.util.module_from_spec(real_spec)
+                    real_spec.loader.exec_module(module)
+                    return module
+                except Exception as exc:  # noqa: BLE001 - reported by __getattr__
+                    _real_error = f"the real PyNvVideoCodec in {folder} does not load: {exc}"
+    return None
+
+
+def __getattr__(name: str):
+    global _real
+    if name in _DECODER_NAMES:
+        if _real is None:
+            _real = _load_real()
+        if _real is None:
+            raise AttributeError(f"FAKE PyNvVideoCodec has no {name}: {_real_error}")
+        return getattr(_real, name)
+    raise AttributeError(f"module 'PyNvVideoCodec' (FAKE) has no attribute {name!r}")
