@@ -41,3 +41,22 @@ def fake_nvenc(mode: str = "geforce", *, host_pointers: bool = True, budget: int
         codec.core.set_nvenc_session_budget(2)
         sys.path.remove(FAKES)
         _forget_module()
+
+
+#: Set to 1 on a machine that has NVENC (a GeForce): a GPU test that would skip for want of NVENC
+#: fails instead, so a card whose probe wrongly says "absent" cannot pass its tests.
+EXPECT_NVENC_ENV = "FLUX_MESH_EXPECT_NVENC"
+
+
+def skip_unless_nvenc(caps) -> None:
+    """Skip the calling test when ``caps`` has no NVENC, or fail it under FLUX_MESH_EXPECT_NVENC=1."""
+    import os  # noqa: PLC0415
+
+    import pytest  # noqa: PLC0415
+
+    if caps.nvenc:
+        return
+    message = f"no NVENC on {caps.device} ({caps.nvenc_state or 'unknown'}): {caps.nvenc_reason}"
+    if os.environ.get(EXPECT_NVENC_ENV) == "1":
+        pytest.fail(f"{EXPECT_NVENC_ENV}=1 but {message}")
+    pytest.skip(message)

@@ -104,3 +104,16 @@ def test_nvenc_state_travels_to_peers():
     assert Capabilities.from_dict({"device": "cuda:0", "nvenc": True}).nvenc_state == ""  # an older peer
     with pytest.raises(ValueError, match="nvenc_state"):
         Capabilities.from_dict({"device": "cpu", "nvenc_state": 3})
+
+
+def test_expecting_nvenc_turns_the_skip_into_a_failure(monkeypatch):
+    from tests.nvenc_fake import EXPECT_NVENC_ENV, skip_unless_nvenc
+
+    absent = Capabilities(device="cuda:0", nvenc_state="absent", nvenc_reason="no NVENC on this GPU: ... error 2")
+    monkeypatch.delenv(EXPECT_NVENC_ENV, raising=False)
+    with pytest.raises(pytest.skip.Exception):
+        skip_unless_nvenc(absent)
+    monkeypatch.setenv(EXPECT_NVENC_ENV, "1")
+    with pytest.raises(pytest.fail.Exception, match="error 2"):
+        skip_unless_nvenc(absent)
+    skip_unless_nvenc(Capabilities(device="cuda:0", nvenc=True, nvenc_state="ok"))  # no skip, no failure

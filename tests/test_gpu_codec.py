@@ -8,6 +8,7 @@ from codec import CodecSpec, TokenLayout
 from codec.hevc_cpu import FFmpegDecoder, X265Encoder
 from codec.frames import plan_geometry, tile
 from tests.fixtures import noise_stream, structured_stream
+from tests.nvenc_fake import fake_nvenc, skip_unless_nvenc
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 LAYOUT = TokenLayout(prefix=32, height=16, width=16)
@@ -22,8 +23,11 @@ def test_probe_reports_nvenc_and_nvdec_by_trying(cuda):
     caps = codec.probe(cuda)
     assert caps.gpu_name
     assert caps.nvdec, caps.nvdec_reason
-    if not caps.nvenc:  # H100/H200/A100: the reason names the failed session open
-        assert "NVENC" in caps.nvenc_reason or "nvEnc" in caps.nvenc_reason
+    if not caps.nvenc:  # H100/H200/A100: absent, for the right reason (error 2 on the session open)
+        assert caps.nvenc_state == "absent", caps.nvenc_reason
+        assert "nvEncOpenEncodeSessionEx" in caps.nvenc_reason and "returned error 2" in caps.nvenc_reason
+    else:
+        assert caps.nvenc_state == "ok"
     print(caps.summary())
 
 
@@ -75,7 +79,7 @@ def test_nvenc_encodes_when_present_and_is_skipped_cleanly_when_absent(cuda):
     if not caps.nvenc:
         with pytest.raises(codec.CodecUnavailable, match="NVENC"):
             codec.encode(noise_stream().to(cuda), CodecSpec("hevc", encoder="nvenc"))
-        pytest.skip(f"this GPU has no NVENC: {caps.nvenc_reason}")
+    skip_unless_nvenc(caps)
     x = structured_stream().to(cuda)
     enc = codec.encode(x, CodecSpec("hevc", qp=None, encoder="nvenc", layout=LAYOUT))
     assert enc.header.encoder == "nvenc"
@@ -91,3 +95,53 @@ def test_damaged_frame_never_reaches_nvdec(cuda):
     buffers[1] = bytes(frame)
     with pytest.raises(codec.CodecError, match="CRC"):
         codec.decode(codec.Encoded.from_wire(enc.header.to_dict(), buffers), cuda)
+
+
+# --- the FAKE NVENC (tests/fakes) with real CUDA tensors: pointers, devices and stream order are real;
+# only the encoder silicon is faked, and NVDEC (the real binding's) decodes what it writes. ------------
+
+
+@pytest.fixture
+def fake_on_gpu():
+    with fake_nvenc(host_pointers=False) as fake:
+        yield fake
+
+
+def test_a_torch_cuda_tensor_hits_the_positional_dlpack_call(cuda, fake_on_gpu):
+    import PyNvVideoCodec as nvc
+
+    enc = nvc.CreateEncoder(64, 48, "YUV444", False, gpu_id=cuda.index, codec="hevc", preset="P1", gop=1,
+                            idrperiod=1, bf=0, repeatspspps=1, tuning_info="lossless")
+    with pytest.raises(TypeError, match="positional argument"):  # what every GeForce hit before issue 13
+        enc.Encode(torch.zeros((3 * 48, 64), dtype=torch.uint8, device=cuda))
+
+
+def test_fake_nvenc_reads_real_cuda_planes_and_nvdec_decodes_them(cuda, fake_on_gpu):
+    caps = codec.probe(cuda)
+    assert caps.nvenc and caps.nvdec, (caps.nvenc_reason, caps.nvdec_reason)
+    g = torch.Generator().manual_seed(3)
+    frames = torch.randint(0, 256, (4, 3 * 144, 256), generator=g, dtype=torch.uint8).to(cuda)
+    frames = frames * 1  # written by a kernel on torch's stream just before the encode
+    bitstreams = codec.core.hevc_encoder(cuda).encode(frames, None)
+    on_gpu = codec.core.hevc_decoder(cuda).decode(bitstreams, 256, 144, cuda)
+    assert on_gpu.device == cuda and torch.equal(on_gpu, frames)
+    assert torch.equal(FFmpegDecoder().decode(bitstreams, 256, 144, torch.device("cpu")), frames.cpu())
+
+
+@pytest.mark.parametrize("qp", [None, 18])
+def test_hevc_through_fake_nvenc_on_gpu_equals_the_cpu_decode(cuda, fake_on_gpu, qp):
+    x = structured_stream().to(cuda)
+    enc = codec.encode(x, CodecSpec("hevc", qp=qp, chunk_tokens=64, layout=LAYOUT))
+    assert enc.header.encoder == "nvenc" and fake_on_gpu.encodes > 0
+    via_ffmpeg = codec.decode(codec.Encoded.from_wire(enc.header.to_dict(), [bytes(b) for b in enc.buffers]), "cpu")
+    assert torch.equal(codec.decode(enc, cuda).cpu(), via_ffmpeg)
+    assert fake_on_gpu.open_sessions <= codec.hevc_nv.SESSIONS.limit
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_frames_of_the_second_gpu_go_to_its_own_encoder(fake_on_gpu):
+    second = torch.device("cuda", 1)
+    x = structured_stream().to(second)
+    enc = codec.encode(x, CodecSpec("hevc", chunk_tokens=64, layout=LAYOUT))
+    assert enc.header.encoder == "nvenc"
+    assert torch.equal(codec.decode(enc, second).cpu(), codec.decode(enc, "cpu"))

@@ -302,7 +302,7 @@ def _read_device(ptr: int, size: int, gpu: int) -> np.ndarray:
     class _View:
         __cuda_array_interface__ = {"shape": (size,), "typestr": "|u1", "data": (ptr, True), "version": 3}
 
-    view = torch.as_tensor(_View(), device="cuda")
+    view = torch.as_tensor(_View())  # no device argument: the tensor lands on the pointer's own GPU
     if view.device.index != gpu:
         raise PyNvVCException(f"Gpu id {view.device.index} doesnt match with cuda context device {gpu}")
     return view.cpu().numpy()
