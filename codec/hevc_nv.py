@@ -163,7 +163,9 @@ def probe_nvenc(device: torch.device) -> tuple[str, str, int]:
     except NvencVersionError as exc:
         return "failing", str(exc), 0
     except CodecUnavailable as exc:
-        return "absent", str(exc), 0
+        # The wheel's own import refuses an old driver ("Driver version is too old"): a fault to fix.
+        old_driver = "too old" in str(exc) or "upgrade driver" in str(exc)
+        return ("failing" if old_driver else "absent"), str(exc), 0
     side = _PROBE_ENCODE_SIDE
     frame = torch.zeros((1, 3 * side, side), dtype=torch.uint8, device=device)
     frame[0, side:2 * side] = 128
@@ -479,7 +481,11 @@ class NvEncoder:
         count = frames.shape[0]
         runs = min(self._workers, count)
         bounds = [count * r // runs for r in range(runs + 1)]
-        futures = [self._threads.submit(self._encode_run, frames[bounds[r]:bounds[r + 1]], qp) for r in range(runs)]
+        try:
+            futures = [self._threads.submit(self._encode_run, frames[bounds[r]:bounds[r + 1]], qp)
+                       for r in range(runs)]
+        except RuntimeError:  # closed by another thread (NVENC retired after a failure)
+            raise CodecError("NVENC on this device was retired after a failure") from None
         out, errors = [], []
         for future in futures:
             try:

@@ -75,6 +75,14 @@ def test_the_probe_tries_the_constant_qp_configuration_too():
         assert fake.encodes == 1 and fake.open_sessions == 0
 
 
+def test_an_old_driver_refused_at_import_is_failing(monkeypatch):
+    def refuse():
+        raise codec.CodecUnavailable("PyNvVideoCodec cannot load: RuntimeError: Driver version is too old")
+
+    monkeypatch.setattr(hevc_nv, "import_nvc", refuse)
+    assert hevc_nv.probe_nvenc(torch.device("cpu"))[0] == "failing"
+
+
 def test_a_wrong_binding_version_is_failing():
     with fake_nvenc() as fake:
         import PyNvVideoCodec

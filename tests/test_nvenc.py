@@ -207,3 +207,11 @@ def test_selftest_round_trips_through_the_best_hevc_path(tmp_path):
         assert " ms" in finding.text and "bytes" in finding.text and "cosine" in finding.text
     cosine = float(findings[0].text.split("cosine ")[1].split(",")[0])
     assert np.isclose(cosine, 1.0, atol=1e-3)
+
+
+def test_an_encoder_retired_meanwhile_fails_as_a_codec_error():
+    with fake_nvenc():
+        encoder = NvEncoder(torch.device("cpu"), sessions=1)
+        encoder.close()  # what retire_nvenc does when another stream's NVENC encode failed
+        with pytest.raises(codec.CodecError, match="retired"):
+            encoder.encode(frames_of(16, 32, 1), None)
