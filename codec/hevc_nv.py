@@ -6,7 +6,10 @@ a normal case reported by :func:`codec.probe` with a one-line reason, never a cr
 
 Sessions are expensive to open (hundreds of ms), so encoders and decoders are kept per frame
 geometry and reused. Several sessions run in parallel threads to use several engines (an H200 has
-seven NVDEC engines; a GeForce card two or three NVENC engines).
+seven NVDEC engines; a GeForce card two or three NVENC engines). NVENC sessions are scarce (8 per
+GeForce system, shared with every other program): they come from one process-wide
+:class:`SessionBudget` per GPU. The API this module speaks is PyNvVideoCodec 2.2.x's, as read from
+its wheel: docs/nvenc.md.
 """
 
 from __future__ import annotations
