@@ -37,7 +37,7 @@ from .model.tensorfiles import ModelError
 from .model.span import Conditioning, Stream
 from .peers import PeerPool
 from .plan import PeerAddress, PlanError, SplitPlan, Stage
-from .streaming import LinkPlan, pack_raw, receive_activation, send_activation, unpack_raw
+from .streaming import LinkPlan, link_after, pack_raw, receive_activation, send_activation, unpack_raw
 
 log = logging.getLogger(__name__)
 
@@ -515,7 +515,8 @@ class Daemon:
                          layout=TokenLayout(geometry.txt_len, geometry.img_h, geometry.img_w))
         return LinkPlan("tcp", spec, {"to": str(nxt.peer), "transport": "tcp", "bandwidth_bps": bandwidth.bytes_per_s,
                                       "rtt_ms": bandwidth.rtt_ms, "codec": spec.label, "why": choice.reason,
-                                      "emulated": self.emulation.describe() if self.emulation else None})
+                                      "emulated": self.emulation.describe() if self.emulation else None},
+                        replan=lambda: self.choose_link(nxt, next_info, geometry, forced, floor))
 
     async def _ipc_works(self, nxt: Stage, next_info: dict) -> bool:
         """Try the same-host path once per peer: the peer maps a probe tensor of ours and checks it."""
@@ -616,6 +617,7 @@ class Daemon:
             channel, {"job": job.id, "step": h.get("step"), "cond": headers, "cond_names": names},
             buffers, out, job.next_link, measure_error=job.measure_error,
         )
+        job.next_link = await link_after(job.next_link, sent)
         hops = reply.header.get("hops")
         if not isinstance(hops, list) or not hops or not isinstance(hops[0], dict):
             raise MeshError("protocol", "downstream reply lacks hop records", peer=channel.name)
@@ -870,6 +872,7 @@ class SplitRunner:
             self.channel, {"job": self.job_id, "step": step, "cond": headers, "cond_names": names},
             buffers, joint, self.link, measure_error=self.measure_error,
         )
+        self.link = await link_after(self.link, sent)
         preset = d.model.preset
         out_channels = int(preset.transformer.get("out_channels") or preset.transformer["in_channels"])
         (prediction,) = unpack_raw([reply.header.get("prediction")], reply.segments, d.device,

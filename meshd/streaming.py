@@ -9,9 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -143,10 +143,20 @@ class LinkPlan:
     transport: str  # "tcp" or "cuda-ipc"
     spec: CodecSpec | None  # the codec, for tcp
     info: dict  # what the plan shows: bandwidth, why this codec, ...
+    #: chooses the link again (the same peer, geometry and policy) with this box's capabilities now
+    replan: Callable[[], Awaitable[LinkPlan]] | None = field(default=None, compare=False, repr=False)
 
     @property
     def label(self) -> str:
         return "cuda-ipc" if self.transport == "cuda-ipc" else self.spec.label
+
+
+async def link_after(link: LinkPlan, sent: SendStats) -> LinkPlan:
+    """The link for the next step: chosen again once the encoder failed over (NVENC failed, so
+    libx265 encoded the rest of this tensor), since without NVENC another codec may serve it better."""
+    if sent.encoder_note is None or link.replan is None:
+        return link
+    return await link.replan()
 
 
 async def send_activation(channel: Channel, fields: dict, segments: list, tensor: torch.Tensor, link: LinkPlan,

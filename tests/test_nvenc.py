@@ -215,3 +215,18 @@ def test_an_encoder_retired_meanwhile_fails_as_a_codec_error():
         encoder.close()  # what retire_nvenc does when another stream's NVENC encode failed
         with pytest.raises(codec.CodecError, match="retired"):
             encoder.encode(frames_of(16, 32, 1), None)
+
+
+async def test_a_link_is_chosen_again_after_its_encoder_failed_over():
+    from meshd.streaming import LinkPlan, SendStats, link_after
+
+    chosen = []
+
+    async def replan():
+        chosen.append(1)
+        return LinkPlan("tcp", CodecSpec("u8"), {"why": "without NVENC, u8 is faster here"})
+
+    link = LinkPlan("tcp", CodecSpec("hevc"), {}, replan=replan)
+    assert await link_after(link, SendStats(codec="hevc-lossless")) is link  # nothing happened: kept
+    again = await link_after(link, SendStats(codec="hevc-lossless", encoder_note="NVENC failed (...)"))
+    assert again.label == "u8" and chosen == [1]
