@@ -5,17 +5,15 @@ reactive attributes. Workers (``meshtui.workers``) do all network I/O and post t
 (``meshtui.messages``) that the handlers here fold into that state. Worker failures meet one handler,
 :meth:`MeshApp.on_worker_state_changed`.
 
-``run_app`` opens it on configured or given peers; ``run_demo_app`` (``meshtui demo``) first starts
-two ``tiny`` daemons on loopback and applies a split, so the user lands one key away from a run.
+The commands that open it (``meshtui``, ``meshtui demo``) are in :mod:`meshtui.launch`: they import
+this module, never the reverse.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import signal
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -34,8 +32,7 @@ from meshd.plan import PeerAddress, PlanError, SplitPlan
 from . import runs as run_log
 from . import splitting, workers
 from .commands import MeshCommands
-from .config import (ConfigError, GenerateSettings, TuiConfig, default_config_path, load_config, save_config,
-                     with_peer, without_peer)
+from .config import ConfigError, GenerateSettings, TuiConfig, save_config, with_peer, without_peer
 from .history import TelemetryStore
 from .mesh import Mesh
 from .messages import (DiscoveryState, GenerationDone, GenerationEvent, LocalDaemonsStarted, PeerDiscovered,
@@ -615,89 +612,3 @@ class MeshApp(App[int]):
             save_config(self.stored, self.config_path)
         except OSError as exc:
             self.notify(f"could not save settings to {self.config_path}: {exc}", severity="warning")
-
-
-# --- entry points ------------------------------------------------------------------------------------
-
-
-def _key(key_file: Path | None) -> tuple[bytes | None, str | None]:
-    from meshd.auth import AuthError, read_key  # noqa: PLC0415
-    from meshd.config import default_key_file  # noqa: PLC0415
-
-    path = key_file or default_key_file()
-    try:
-        return read_key(path), None
-    except (AuthError, OSError) as exc:
-        return None, (f"No usable cluster key ({exc}). Daemons will refuse us: copy their key to {path} "
-                      "or start meshtui with --key-file.")
-
-
-def run_app(args: argparse.Namespace) -> int:
-    """``meshtui`` with no subcommand: the dashboard on configured peers, plus any ``--peer``."""
-    from meshd.discovery import PeersFileError, load_peers_file  # noqa: PLC0415
-
-    from .widgets.image_view import detect_image_mode  # noqa: PLC0415
-
-    path = getattr(args, "config", None) or default_config_path()
-    try:
-        config = load_config(path)
-    except ConfigError as exc:
-        print(f"meshtui: {exc}", file=sys.stderr)
-        return 2
-    key_file = getattr(args, "key_file", None) or config.key_file
-    key, note = _key(key_file)
-    try:
-        peers = [PeerAddress.parse(p) for p in getattr(args, "peer", None) or ()]
-        # The peers file that ``meshtui peers`` and the daemons read counts as manual peers too.
-        peers += load_peers_file(getattr(args, "peers_file", None))
-    except (PlanError, PeersFileError) as exc:
-        print(f"meshtui: {exc}", file=sys.stderr)
-        return 2
-    app = MeshApp(config, path, key=key, key_note=note, peers=peers, image_mode=detect_image_mode(config.image_mode))
-    app.run()
-    return app.return_code or 0
-
-
-def _explicit_generation_args(args: argparse.Namespace) -> dict:
-    """The generation flags the user actually gave to ``meshtui demo`` (not their defaults)."""
-    from .cli import _add_generation_args  # noqa: PLC0415
-
-    parser = argparse.ArgumentParser()
-    _add_generation_args(parser)
-    defaults = vars(parser.parse_args([]))
-    return {k: getattr(args, k) for k in defaults if hasattr(args, k) and getattr(args, k) != defaults[k]}
-
-
-def run_demo_app(args: argparse.Namespace) -> int:
-    """``meshtui demo``: two ``tiny`` daemons on loopback (started and stopped here) and the dashboard."""
-    from meshd.auth import read_key  # noqa: PLC0415
-    from meshd.config import default_models_dir  # noqa: PLC0415
-
-    from .local import LocalCluster  # noqa: PLC0415
-    from .widgets.image_view import detect_image_mode  # noqa: PLC0415
-
-    path = default_config_path()
-    try:
-        config = load_config(path)
-    except ConfigError as exc:
-        print(f"meshtui: {exc} (the demo runs with default settings)", file=sys.stderr)
-        config, path = TuiConfig(), None
-    given = _explicit_generation_args(args)
-    settings = config.generate
-    for name in ("prompt", "seed", "steps", "guidance", "codec"):
-        if name in given:
-            settings = replace(settings, **{name: given[name]})
-    if "size" in given:
-        settings = replace(settings, width=given["size"][0], height=given["size"][1])
-    # The demo's peers are its own loopback daemons: the user's remembered peers stay out of it.
-    session = replace(config, peers=(), generate=settings, discovery=False)
-    cluster = LocalCluster(models_dir=default_models_dir(), common_args=["--model", "tiny", "--device", "cpu"])
-    cluster.add("demo-a")
-    cluster.add("demo-b")
-    try:
-        app = MeshApp(session, path, key=read_key(cluster.key_file), demo=cluster, stored=config,
-                      image_mode=detect_image_mode(config.image_mode))
-        app.run()
-        return app.return_code or 0
-    finally:
-        cluster.stop()
