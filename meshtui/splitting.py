@@ -44,6 +44,7 @@ class BlockSpeeds:
 
     def __init__(self) -> None:
         self._ms_per_block: dict[str, float] = {}
+        self.revision = 0  # counts changes, so that what is derived from the speeds knows when to follow
 
     def observe(self, address: str, blocks: int, ms: float) -> None:
         if blocks <= 0 or ms <= 0:
@@ -51,6 +52,7 @@ class BlockSpeeds:
         rate = ms / blocks
         old = self._ms_per_block.get(address)
         self._ms_per_block[address] = rate if old is None else (1 - _EMA) * old + _EMA * rate
+        self.revision += old != self._ms_per_block[address]
 
     def observe_step(self, stages: Sequence[tuple[str, int, int]], event: dict) -> None:
         """Fold one ``step`` event in; ``stages`` are (address, start, end) in plan order, as prepared."""
@@ -95,6 +97,7 @@ class LinkBook:
 
     def __init__(self) -> None:
         self._links: dict[tuple[str, str], MeasuredLink] = {}
+        self.revision = 0  # counts changes, like BlockSpeeds.revision
 
     def observe_prepared(self, event: dict) -> None:
         for stage in event.get("stages") or ():
@@ -106,8 +109,10 @@ class LinkBook:
             if transport == "tcp" and bandwidth is None:
                 continue
             text = lambda key: str(link[key])[:200] if isinstance(link.get(key), str) else None  # noqa: E731
-            self._links[(stage["peer"], link["to"])] = MeasuredLink(transport, bandwidth, _number(link.get("rtt_ms")),
-                                                                    text("codec"), text("why"))
+            measured = MeasuredLink(transport, bandwidth, _number(link.get("rtt_ms")), text("codec"), text("why"))
+            key = (stage["peer"], link["to"])
+            self.revision += self._links.get(key) != measured
+            self._links[key] = measured
 
     def get(self, sender: PeerAddress, receiver: PeerAddress) -> MeasuredLink | None:
         return self._links.get((str(sender), str(receiver)))
