@@ -138,6 +138,7 @@ class LinkPlan:
     transport: str  # "tcp" or "cuda-ipc"
     spec: CodecSpec | None  # the codec, for tcp
     info: dict  # what the plan shows: bandwidth, why this codec, ...
+    receiver: codec.Capabilities | None = None  # the next stage's, for tcp: which engine decodes there
 
     @property
     def label(self) -> str:
