@@ -285,6 +285,7 @@ class Dashboard:
             self.links.observe_prepared(event)
         elif event.get("kind") == "step" and run is not None:
             self.speeds.observe_step(run.stages, event)
+            self.links.observe_hops(run.stages, event, {str(p.address): p.caps for p in self.peers})
         return self._update_run(run_id, lambda r: run_log.apply_event(r, event))
 
     def run_done(self, run_id: int, png: bytes, summary: dict, path: Path | None) -> RunRecord | None:

@@ -176,3 +176,21 @@ def test_the_text_encoder_cycles_over_the_online_peers_that_have_one():
     assert dash.text_encoder_line().startswith("Text encoder: on B (10.0.0.2:7777)")
     assert dash.cycle_text_encoder() and dash.text_encoder is None
     assert dash.text_encoder_address(dash.plan) is None
+
+
+def test_the_forecast_of_a_link_learns_from_the_hops_measured_on_it():
+    dash = two_peers()
+    dash.plan = replace(dash.plan, stages=(replace(dash.plan.stages[0], codec="u8"), dash.plan.stages[1]))
+    record, _ = dash.start_run()
+    dash.run_event(record.id, prepared(125e6))
+    dash.derive()
+    before = dash.forecast.stages[0].link
+    hop = {"codec": "u8", "raw_bytes": 1 << 20, "bytes": 1 << 18, "encode_ms": 400.0, "decode_ms": 300.0,
+           "compute_ms": 9.0}  # 4x smaller than assumed, and a far slower CPU
+    for n in range(1, 11):
+        dash.run_event(record.id, {"kind": "step", "step": n, "steps": 10, "ms": 10.0,
+                                   "passes": [{"compute_ms": 6.0, "hops": [hop]}]})
+    dash.derive()
+    after = dash.forecast.stages[0].link
+    assert after.codec == "u8" and after.wire_bytes < before.wire_bytes / 1.5
+    assert after.ms > 10 * before.ms
