@@ -1,4 +1,5 @@
-"""Choosing a codec per link: the fastest one that both ends can run and that meets the quality floor.
+"""Choosing a codec per link: the fastest one that both ends can run and that meets the quality floor;
+of codecs predicted to be about as fast, the most accurate.
 
 The cost of sending a tensor of ``S`` bytes with codec ``c`` over a link of ``B`` bytes/s is modelled
 from calibrated figures: encode time ``S / enc(c)``, wire time ``S / (ratio(c) * B)``, decode time
@@ -7,8 +8,11 @@ plus a ``1/k`` share of the other two (``k = 1``: their plain sum).
 
 Speeds are bytes of *input tensor* per second, so the three terms add up; they depend on where the
 work runs (``cuda`` or ``cpu`` for the quantisers, ``nvenc``/``x265`` and ``nvdec``/``ffmpeg`` for
-HEVC). The defaults come from ``bench/codec_bench.py`` (docs/benchmarks.md); :meth:`Calibration.observe`
-folds in what a running system measures.
+HEVC). The defaults come from ``bench/codec_bench.py`` (docs/benchmarks.md). A :class:`Calibration`
+learns: whoever owns one per link (the daemon that sends over it, the dashboard that forecasts it)
+feeds it every measured hop through :meth:`Calibration.observe_hop` (encode and decode speed on the
+engines used, and the ratio these activations really compress to) and passes it to
+:func:`choose_codec`. Without one, ``choose_codec`` uses the benchmark figures as they are.
 """
 
 from __future__ import annotations
@@ -25,6 +29,11 @@ DEFAULT_CANDIDATES = ("raw", "fp8", "u8", "hevc-lossless", "hevc-qp18")
 
 #: Default quality floor: the smallest acceptable cosine similarity per hop.
 DEFAULT_QUALITY_FLOOR = 0.999
+
+#: Predicted times closer than this (relative) are a tie, and the more accurate codec wins it: the
+#: figures are not that exact (fp8 and u8 differ by 0.4 % in bytes on FLUX.2 activations, while u8's
+#: error is less than half of fp8's).
+TIE_MARGIN = 0.02
 
 
 @dataclass(frozen=True)
@@ -78,12 +87,25 @@ class Calibration:
             else:
                 self.figures[label] = CodecFigures(fig.ratio, fig.cosine, fig.encode_bps, table)
 
-    def observe_ratio(self, label: str, ratio: float) -> None:
-        if label in self.figures and ratio > 0:
+    def observe_hop(self, label: str, sender: Capabilities | None, receiver: Capabilities | None, raw_bytes: int,
+                    wire_bytes: int, encode_s: float, decode_s: float) -> None:
+        """Fold one measured hop in: ``raw_bytes`` encoded by ``sender`` in ``encode_s``, sent as
+        ``wire_bytes``, decoded by ``receiver`` in ``decode_s`` (capabilities of None: that side's engine
+        is not known, its time is not used). A label without figures (``cuda-ipc``) is ignored."""
+        if label not in self.figures or raw_bytes <= 0:
+            return
+        name = CodecSpec.parse(label).name
+        encoder = engines(sender, name, "encode") if sender is not None else None
+        decoder = engines(receiver, name, "decode") if receiver is not None else None
+        if encoder is not None:
+            self.observe(label, encoder, "encode", raw_bytes, encode_s)
+        if decoder is not None:
+            self.observe(label, decoder, "decode", raw_bytes, decode_s)
+        if wire_bytes > 0:
             with self._lock:
                 fig = self.figures[label]
-                new = (1 - self.alpha) * fig.ratio + self.alpha * ratio
-                self.figures[label] = CodecFigures(new, fig.cosine, fig.encode_bps, fig.decode_bps)
+                ratio = (1 - self.alpha) * fig.ratio + self.alpha * raw_bytes / wire_bytes
+                self.figures[label] = CodecFigures(ratio, fig.cosine, fig.encode_bps, fig.decode_bps)
 
 
 @dataclass(frozen=True)
@@ -147,12 +169,14 @@ def choose_codec(
     candidates: tuple[str, ...] = DEFAULT_CANDIDATES,
     calibration: Calibration | None = None,
 ) -> Choice:
-    """Pick the codec that minimises encode + wire + decode time for one hop.
+    """Pick the codec that minimises encode + wire + decode time for one hop; of those within
+    :data:`TIE_MARGIN` of the fastest, the most accurate.
 
     ``quality_floor`` is the smallest acceptable cosine (1.0 allows only bit-exact ``raw``).
-    ``force`` overrides the choice, after checking both ends can run it.
+    ``force`` overrides the choice, after checking both ends can run it. ``calibration`` is the
+    link's own, learned from its measured hops; None: the benchmark figures.
     """
-    calibration = calibration or Calibration()
+    calibration = calibration if calibration is not None else Calibration()
     if link_bps <= 0:
         raise CodecError(f"link bandwidth must be positive, got {link_bps}")
     if force is not None:
@@ -185,11 +209,16 @@ def choose_codec(
         considered.append(estimate(label, tensor_bytes, link_bps, enc, dec, chunks, calibration))
     if not considered:
         raise CodecError("no codec meets the quality floor on both ends: " + "; ".join(f"{l}: {r}" for l, r in excluded))
-    best = min(considered, key=lambda e: e.total_ms)
+    fastest = min(considered, key=lambda e: e.total_ms)
+    tied = [e for e in considered if e.total_ms <= fastest.total_ms * (1 + TIE_MARGIN)]
+    best = max(tied, key=lambda e: (calibration.get(e.label).cosine, -e.total_ms))
     reason = (
         f"{best.label}: {best.total_ms:.1f} ms predicted (encode {best.encode_ms:.1f}, wire {best.wire_ms:.1f}, "
         f"decode {best.decode_ms:.1f}) at {link_bps * 8 / 1e9:.2f} Gbit/s"
     )
+    if best is not fastest:
+        reason += (f"; as fast as {fastest.label} ({fastest.total_ms:.1f} ms) within {TIE_MARGIN:.0%} "
+                   "and more accurate")
     return Choice(CodecSpec.parse(best.label), best, reason, tuple(considered), tuple(excluded))
 
 

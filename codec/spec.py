@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from .errors import CodecError
 from .limits import DEFAULT_CHUNK_TOKENS, MAX_DIM
@@ -83,9 +83,6 @@ class CodecSpec:
     def lossless(self) -> bool:
         """True when decoding gives back the input bit for bit."""
         return self.name == "raw"
-
-    def with_layout(self, layout: TokenLayout | None) -> CodecSpec:
-        return replace(self, layout=layout)
 
     @classmethod
     def parse(cls, text: str, **overrides) -> CodecSpec:

@@ -22,7 +22,7 @@ import psutil
 import torch
 
 import codec
-from codec import Capabilities, CodecSpec, TokenLayout, choose_codec
+from codec import Calibration, Capabilities, CodecSpec, TokenLayout, choose_codec
 
 from . import __version__, auth, ipc, limits
 from .config import DaemonConfig, describe_ranges, ranges
@@ -37,7 +37,7 @@ from .model.tensorfiles import ModelError
 from .model.span import Conditioning, Stream
 from .peers import PeerPool
 from .plan import PeerAddress, PlanError, SplitPlan, Stage
-from .streaming import LinkPlan, link_after, pack_raw, receive_activation, send_activation, unpack_raw
+from .streaming import LinkPlan, SendStats, link_after, pack_raw, receive_activation, send_activation, unpack_raw
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +162,9 @@ class Daemon:
         self._inflight: set[asyncio.Task] = set()
         self._connections: set[Connection] = set()
         self._ipc_ok: dict[str, bool] = {}
+        # Per next peer ("host:port"): the codec figures learned from the hops sent to it; choose_link
+        # decides with them, so the policy follows what this link and these GPUs really do.
+        self.calibrations: dict[str, Calibration] = {}
         self.started = time.time()
         # Extension points for the parts that live in their own modules (telemetry, discovery, ...):
         self.on_change: list[Callable[[], None]] = []  # called when the held blocks change
@@ -508,7 +511,8 @@ class Daemon:
         stream_bytes = geometry.batch * geometry.tokens * self.model.preset.hidden * self.model.dtype.itemsize
         try:
             choice = choose_codec(stream_bytes, bandwidth.bytes_per_s, self.caps, next_caps, quality_floor=floor,
-                                  force=None if forced == "auto" else forced)
+                                  force=None if forced == "auto" else forced,
+                                  calibration=self.calibrations.setdefault(str(nxt.peer), Calibration()))
         except codec.CodecError as exc:
             raise MeshError("mismatch", f"link {self.name} -> {nxt.peer}: {exc}") from None
         spec = CodecSpec(choice.spec.name, qp=choice.spec.qp,
@@ -516,7 +520,17 @@ class Daemon:
         return LinkPlan("tcp", spec, {"to": str(nxt.peer), "transport": "tcp", "bandwidth_bps": bandwidth.bytes_per_s,
                                       "rtt_ms": bandwidth.rtt_ms, "codec": spec.label, "why": choice.reason,
                                       "emulated": self.emulation.describe() if self.emulation else None},
-                        replan=lambda: self.choose_link(nxt, next_info, geometry, forced, floor))
+                        receiver=next_caps, replan=lambda: self.choose_link(nxt, next_info, geometry, forced, floor))
+
+    def learn_hop(self, link: LinkPlan, sent: SendStats, hop: dict) -> None:
+        """Fold a hop this daemon sent over ``link`` (``hop``: the receiver's record) into the link's
+        codec calibration: encode speed here, decode speed there, the ratio these activations got."""
+        decode_ms = hop.get("decode_ms")
+        if link.transport != "tcp" or not isinstance(decode_ms, (int, float)) or isinstance(decode_ms, bool):
+            return
+        self.calibrations.setdefault(link.info["to"], Calibration()).observe_hop(
+            sent.codec, self.caps, link.receiver, sent.raw_bytes, sent.wire_bytes, sent.encode_ms / 1e3,
+            decode_ms / 1e3)
 
     async def _ipc_works(self, nxt: Stage, next_info: dict) -> bool:
         """Try the same-host path once per peer: the peer maps a probe tensor of ours and checks it."""
@@ -621,6 +635,7 @@ class Daemon:
         hops = reply.header.get("hops")
         if not isinstance(hops, list) or not hops or not isinstance(hops[0], dict):
             raise MeshError("protocol", "downstream reply lacks hop records", peer=channel.name)
+        self.learn_hop(job.next_link, sent, hops[0])
         hops[0].update(sent.to_dict())
         return {"prediction": reply.header.get("prediction"), "hops": [record, *hops]}, reply.segments
 
@@ -880,6 +895,7 @@ class SplitRunner:
         hops = reply.header.get("hops")
         if not isinstance(hops, list) or not hops:
             raise MeshError("protocol", "forward reply lacks hop records", peer=self.channel.name)
+        d.learn_hop(self.link, sent, hops[0])
         hops[0].update(sent.to_dict())
         hops[0]["from"] = d.name
         d.links.get(self.channel.name).hop(sent.wire_bytes, hops[0].get("wire_ms", 0.0))

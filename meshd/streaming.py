@@ -143,6 +143,7 @@ class LinkPlan:
     transport: str  # "tcp" or "cuda-ipc"
     spec: CodecSpec | None  # the codec, for tcp
     info: dict  # what the plan shows: bandwidth, why this codec, ...
+    receiver: codec.Capabilities | None = None  # the next stage's, for tcp: which engine decodes there
     #: chooses the link again (the same peer, geometry and policy) with this box's capabilities now
     replan: Callable[[], Awaitable[LinkPlan]] | None = field(default=None, compare=False, repr=False)
 

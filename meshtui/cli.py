@@ -1,4 +1,9 @@
-"""The ``meshtui`` command: the dashboard, ``generate`` (headless), ``demo``."""
+"""The ``meshtui`` command: the dashboard, ``generate`` (headless), ``demo``, ``peers``.
+
+Imports that load torch (``meshd.plan``, ``meshtui.mesh``, the model code: a second or more) or
+Textual (the dashboard) stay inside the commands that need them, so ``meshtui --help`` and
+``meshtui peers`` start at once; everything cheap is imported here.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,13 @@ import sys
 import time
 from pathlib import Path
 
+from meshd.auth import read_key
+from meshd.config import default_key_file, default_models_dir
+from meshd.errors import MeshError
+
 from . import __version__
+from .peers_cmd import add_peers_parser, peers_command
+from .report import hop_totals, step_line
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -36,6 +47,14 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
                    help="do not measure per-hop reconstruction error (saves a decode per hop)")
     p.add_argument("--out", type=Path, help="write the PNG here")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+
+
+def explicit_generation_args(args: argparse.Namespace) -> dict:
+    """The generation flags the user actually gave (not their defaults), e.g. to override remembered ones."""
+    parser = argparse.ArgumentParser()
+    _add_generation_args(parser)
+    defaults = vars(parser.parse_args([]))
+    return {k: getattr(args, k) for k in defaults if hasattr(args, k) and getattr(args, k) != defaults[k]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,8 +93,6 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--headless", action="store_true", help="no UI: run one generation, print its summary, exit")
     _add_generation_args(d)
 
-    from .peers_cmd import add_peers_parser, peers_command  # noqa: PLC0415
-
     add_peers_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "generate":
@@ -85,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "peers":
         return peers_command(args)
     if sys.stdout.isatty():
-        from .app import run_app  # noqa: PLC0415
+        from .launch import run_app  # noqa: PLC0415 - Textual loads only to open the dashboard
 
         return run_app(args)
     parser.print_help()
@@ -122,8 +139,6 @@ def _params(args, preset) -> dict:
 
 
 def _finish(args, png: bytes, summary: dict) -> int:
-    from .report import hop_totals  # noqa: PLC0415
-
     summary = {**summary, "hops": hop_totals(summary)}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -141,8 +156,6 @@ def _finish(args, png: bytes, summary: dict) -> int:
 
 
 async def _on_event(event: dict) -> None:
-    from .report import step_line  # noqa: PLC0415
-
     kind = event.get("kind")
     if kind == "step":
         _log(step_line(event))
@@ -171,8 +184,6 @@ async def _on_event(event: dict) -> None:
 
 
 async def generate_command(args) -> int:
-    from meshd.errors import MeshError  # noqa: PLC0415
-
     try:
         if args.local:
             png, summary = await run_local(args)
@@ -187,9 +198,9 @@ async def generate_command(args) -> int:
 
 
 async def run_local(args) -> tuple[bytes, dict]:
+    # torch and the model code load only for a local run.
     import torch  # noqa: PLC0415
 
-    from meshd.config import default_models_dir  # noqa: PLC0415
     from meshd.generation import GenerationParams, LocalRunner, run_generation  # noqa: PLC0415
     from meshd.gpu import GpuWorker  # noqa: PLC0415
     from meshd.model.files import ModelStore  # noqa: PLC0415
@@ -215,8 +226,7 @@ async def run_local(args) -> tuple[bytes, dict]:
 
 
 async def run_split(args) -> int:
-    from meshd.auth import read_key  # noqa: PLC0415
-    from meshd.config import default_key_file  # noqa: PLC0415
+    # These load torch (through meshd.plan and codec): only a split run pays for it.
     from meshd.plan import PeerAddress  # noqa: PLC0415
 
     from .mesh import Mesh  # noqa: PLC0415
@@ -266,11 +276,11 @@ async def run_split(args) -> int:
 def demo_command(args) -> int:
     if not args.headless:
         try:
-            from .app import run_demo_app  # noqa: PLC0415
+            from .launch import run_demo_app  # noqa: PLC0415 - Textual loads only to open the dashboard
         except ImportError:
             run_demo_app = None
         if run_demo_app is not None and sys.stdout.isatty():
-            return run_demo_app(args)
+            return run_demo_app(explicit_generation_args(args))
     try:
         return asyncio.run(demo_headless(args))
     except Exception as exc:  # noqa: BLE001 - one line for the user, not a traceback
@@ -279,9 +289,7 @@ def demo_command(args) -> int:
 
 
 async def demo_headless(args) -> int:
-    from meshd.auth import read_key  # noqa: PLC0415
-    from meshd.config import default_models_dir  # noqa: PLC0415
-
+    # These load torch (through meshd.plan and codec): only the demo pays for it.
     from .local import LocalCluster  # noqa: PLC0415
     from .mesh import Mesh  # noqa: PLC0415
     from .splitting import tokens_for  # noqa: PLC0415

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from meshd.auth import generate_key, write_key
 from meshd.plan import PeerAddress
 
 
@@ -95,8 +96,6 @@ class LocalCluster:
         self.workdir = workdir
         self.key_file = key_file or workdir / "cluster.key"
         if not self.key_file.exists():
-            from meshd.auth import generate_key, write_key  # noqa: PLC0415
-
             write_key(self.key_file, generate_key())
         self.models_dir = models_dir or workdir / "models"
         self.common_args = common_args or []

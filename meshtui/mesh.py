@@ -11,11 +11,16 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+import torch
+
 from meshd.connection import Channel
 from meshd.errors import MeshError
 from meshd.link import LinkEmulation
 from meshd.model.presets import PRESETS, ModelPreset
 from meshd.plan import PeerAddress, PeerResources, PlanError, SplitPlan, parse_split, propose
+from meshd.streaming import unpack_raw
+
+from .splitting import tokens_for
 
 EventFn = Callable[[dict], Awaitable[None] | None]
 
@@ -221,9 +226,6 @@ class Mesh:
             raise MeshError("protocol", "generate reply must carry the PNG (and the latents if asked)", peer=head.name)
         latents = None
         if return_latents:
-            from meshd.streaming import unpack_raw  # noqa: PLC0415
-            import torch  # noqa: PLC0415
-
             (latents,) = unpack_raw([reply.header.get("latents")], reply.segments[1:], torch.device("cpu"))
         return GenerationOutcome(bytes(reply.segments[0]), reply.header.get("summary") or {}, events, latents)
 
@@ -271,8 +273,6 @@ class Mesh:
                 await _call(on_event, {"kind": "dropped", "peer": peer.label, "reason": peer.error})
             if not self.peers:
                 raise MeshError("peer-lost", "no peer is left to run on")
-            from .splitting import tokens_for  # noqa: PLC0415 - splitting imports the views, not this module
-
             preset, _ = self.model()
             plan = self.plan("auto", tokens_for(preset, params["width"], params["height"]))
             await _call(on_event, {"kind": "replanned", "plan": plan.describe()})

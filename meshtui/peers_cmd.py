@@ -14,6 +14,12 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from meshd.auth import AuthError, read_key
+from meshd.config import default_key_file, describe_ranges
+from meshd.errors import MeshError
+from meshd.snapshot import NodeSnapshot
+from meshd.telemetry import snapshot_lines
+
 #: How long ``meshtui peers`` listens for mDNS answers by default.
 DEFAULT_BROWSE_S = 3.0
 
@@ -67,9 +73,8 @@ class PeerReport:
 async def find_peers(key: bytes | None, manual: list, browse_s: float, *,
                      key_problem: str | None = None) -> list[PeerReport]:
     """Browse mDNS for ``browse_s`` seconds, add the ``manual`` addresses, verify every one."""
+    # meshd.discovery loads torch (through meshd.plan): ``meshtui`` imports this module for its parser.
     from meshd.discovery import MdnsUnavailable, browse, verify  # noqa: PLC0415
-    from meshd.errors import MeshError  # noqa: PLC0415
-    from meshd.snapshot import NodeSnapshot  # noqa: PLC0415
 
     # By address; the target is what verify() checks: an mDNS record (its node id and key fingerprint
     # too) where there is one, else the bare address.
@@ -122,9 +127,6 @@ async def find_peers(key: bytes | None, manual: list, browse_s: float, *,
 
 
 def _lines(report: PeerReport) -> list[str]:
-    from meshd.config import describe_ranges  # noqa: PLC0415
-    from meshd.telemetry import snapshot_lines  # noqa: PLC0415
-
     head = f"{report.name}  {report.address}  ({'+'.join(report.sources)})"
     if not report.verified:
         return [f"{head}  NOT VERIFIED: {report.error}"]
@@ -138,8 +140,7 @@ def _lines(report: PeerReport) -> list[str]:
 
 
 def peers_command(args) -> int:
-    from meshd.auth import AuthError, read_key  # noqa: PLC0415
-    from meshd.config import default_key_file  # noqa: PLC0415
+    # These load torch (through meshd.plan): only this command pays for it.
     from meshd.discovery import PeersFileError, load_peers_file  # noqa: PLC0415
     from meshd.plan import PeerAddress, PlanError  # noqa: PLC0415
 

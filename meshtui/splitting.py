@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from codec import CodecError, CodecSpec
-from codec.policy import choose_codec, engines
+from codec import Capabilities, CodecError, CodecSpec
+from codec.policy import Calibration, choose_codec, engines
 from meshd.model.presets import PRESETS, ModelPreset
 from meshd.plan import (PeerAddress, PeerResources, PlanError, SplitPlan, Stage, head_extra_bytes, propose,
                         span_bytes, workspace_bytes)
@@ -44,6 +44,7 @@ class BlockSpeeds:
 
     def __init__(self) -> None:
         self._ms_per_block: dict[str, float] = {}
+        self.revision = 0  # counts changes, so that what is derived from the speeds knows when to follow
 
     def observe(self, address: str, blocks: int, ms: float) -> None:
         if blocks <= 0 or ms <= 0:
@@ -51,6 +52,7 @@ class BlockSpeeds:
         rate = ms / blocks
         old = self._ms_per_block.get(address)
         self._ms_per_block[address] = rate if old is None else (1 - _EMA) * old + _EMA * rate
+        self.revision += old != self._ms_per_block[address]
 
     def observe_step(self, stages: Sequence[tuple[str, int, int]], event: dict) -> None:
         """Fold one ``step`` event in; ``stages`` are (address, start, end) in plan order, as prepared."""
@@ -91,10 +93,33 @@ def _number(value: object) -> float | None:
 
 
 class LinkBook:
-    """Peer-to-peer links as the head measured and chose them (from ``prepared`` events)."""
+    """Peer-to-peer links as the head measured and chose them (from ``prepared`` events), and each
+    link's codec calibration, learned from the hops of every step (encode, decode, ratio)."""
 
     def __init__(self) -> None:
         self._links: dict[tuple[str, str], MeasuredLink] = {}
+        self._calibrations: dict[tuple[str, str], Calibration] = {}
+        self.revision = 0  # counts changes, like BlockSpeeds.revision
+
+    def calibration(self, sender: PeerAddress | str, receiver: PeerAddress | str) -> Calibration:
+        """The codec figures of the link ``sender`` -> ``receiver`` (the benchmark's until it is measured)."""
+        return self._calibrations.setdefault((str(sender), str(receiver)), Calibration())
+
+    def observe_hops(self, stages: Sequence[tuple[str, int, int]], event: dict,
+                     caps: Mapping[str, Capabilities | None]) -> None:
+        """Fold one ``step`` event's hops into their links' calibrations; ``stages`` as for
+        :meth:`BlockSpeeds.observe_step`, ``caps`` by address (to know which engine did the work)."""
+        for p in event.get("passes") or ():
+            if not isinstance(p, dict):
+                continue
+            for (sender, _, _), (receiver, _, _), hop in zip(stages, stages[1:], p.get("hops") or ()):
+                figures = _hop_figures(hop)
+                if figures is None:
+                    continue
+                label, raw, wire, encode_ms, decode_ms = figures
+                self.calibration(sender, receiver).observe_hop(label, caps.get(sender), caps.get(receiver), raw, wire,
+                                                               encode_ms / 1e3, decode_ms / 1e3)
+                self.revision += 1
 
     def observe_prepared(self, event: dict) -> None:
         for stage in event.get("stages") or ():
@@ -106,11 +131,24 @@ class LinkBook:
             if transport == "tcp" and bandwidth is None:
                 continue
             text = lambda key: str(link[key])[:200] if isinstance(link.get(key), str) else None  # noqa: E731
-            self._links[(stage["peer"], link["to"])] = MeasuredLink(transport, bandwidth, _number(link.get("rtt_ms")),
-                                                                    text("codec"), text("why"))
+            measured = MeasuredLink(transport, bandwidth, _number(link.get("rtt_ms")), text("codec"), text("why"))
+            key = (stage["peer"], link["to"])
+            self.revision += self._links.get(key) != measured
+            self._links[key] = measured
 
     def get(self, sender: PeerAddress, receiver: PeerAddress) -> MeasuredLink | None:
         return self._links.get((str(sender), str(receiver)))
+
+
+def _hop_figures(hop: object) -> tuple[str, int, int, float, float] | None:
+    """(codec label, raw bytes, wire bytes, encode ms, decode ms) of a hop record that has them all."""
+    if not isinstance(hop, dict) or not isinstance(hop.get("codec"), str):
+        return None
+    numbers = [_number(hop.get(key)) for key in ("raw_bytes", "bytes", "encode_ms", "decode_ms")]
+    if any(n is None for n in numbers):
+        return None
+    raw, wire, encode_ms, decode_ms = numbers
+    return hop["codec"][:32], int(raw), int(wire), encode_ms, decode_ms
 
 
 # --- proposing and editing -------------------------------------------------------------------------
@@ -297,7 +335,8 @@ def _link_forecast(stage: Stage, nxt: Stage, peers: Mapping[PeerAddress, PeerVie
     if not bps:
         return LinkForecast(label, None, False, None, None), None
     try:
-        choice = choose_codec(stream_bytes, bps, sender.caps, receiver.caps, force=None if label == "auto" else label)
+        choice = choose_codec(stream_bytes, bps, sender.caps, receiver.caps, force=None if label == "auto" else label,
+                              calibration=links.calibration(stage.peer, nxt.peer))
     except CodecError as exc:
         return LinkForecast(label, bps, head_measured, None, None), f"link {sender.label} -> {receiver.label}: {exc}"
     est = choice.estimate

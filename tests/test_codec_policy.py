@@ -3,13 +3,15 @@
 import pytest
 
 from codec import Capabilities, CodecError, CodecUnavailable, choose_codec
-from codec.policy import Calibration
+from codec.policy import TIE_MARGIN, Calibration
+from tests.daemons import running_daemon, split_generation
 
 STREAM = 36 * 2**20  # klein-9B joint stream at 1024^2, bf16
 GPU_NVENC = Capabilities("cuda:0", "RTX 4090", nvenc=True, nvenc_engines=2, nvdec=True, nvdec_engines=1, cpu_hevc=True)
 H200 = Capabilities("cuda:0", "H200", nvenc=False, nvenc_reason="no NVENC", nvdec=True, nvdec_engines=7, cpu_hevc=True)
 CPU_ONLY = Capabilities("cpu", cpu_hevc=False, cpu_hevc_reason="no PyAV")
 GBIT = 1e9 / 8
+PARAMS = {"prompt": "a lighthouse at dawn", "seed": 11, "width": 64, "height": 64, "steps": 2, "guidance": 1.0}
 
 
 def test_fast_link_sends_raw():
@@ -76,3 +78,58 @@ def test_capabilities_travel_as_plain_data():
     assert Capabilities.from_dict(H200.to_dict()) == H200
     with pytest.raises(ValueError):
         Capabilities.from_dict({"device": "cuda:0", "nvenc": "yes"})
+
+
+def test_at_equal_cost_the_more_accurate_codec_wins():
+    """fp8 and u8 cost the same on a 10 Gbit/s link between GPUs; u8's error is less than half of fp8's."""
+    choice = choose_codec(STREAM, 10e9 / 8, H200, H200)
+    fp8 = next(e for e in choice.considered if e.label == "fp8")
+    assert choice.spec.label == "u8" and choice.estimate.total_ms == pytest.approx(fp8.total_ms, rel=TIE_MARGIN)
+    assert "more accurate" in choice.reason
+
+
+def test_a_clearly_faster_codec_still_beats_a_more_accurate_one():
+    cal = Calibration()
+    for _ in range(20):  # these activations compress far better with fp8 than assumed
+        cal.observe_hop("fp8", H200, H200, STREAM, STREAM // 3, 0.004, 0.004)
+    choice = choose_codec(STREAM, 1e9 / 8, H200, H200, calibration=cal)
+    assert choice.spec.label == "fp8" and "more accurate" not in choice.reason
+
+
+def test_measured_hops_teach_the_policy_ratio_and_speeds_on_the_engines_that_ran():
+    default = choose_codec(STREAM, GBIT, GPU_NVENC, H200)
+    assert default.spec.label == "hevc-lossless"  # the benchmark figures: 2.3x on NVENC/NVDEC
+    cal = Calibration()
+    for _ in range(20):  # this model's activations: 1.6x, and NVDEC slower than benchmarked
+        cal.observe_hop("hevc-lossless", GPU_NVENC, H200, STREAM, int(STREAM / 1.6), 0.04, 0.06)
+    fig = cal.get("hevc-lossless")
+    assert fig.ratio == pytest.approx(1.6, rel=1e-2)
+    assert fig.encode_bps["nvenc"] == pytest.approx(STREAM / 0.04, rel=1e-2)
+    assert fig.decode_bps["nvdec"] == pytest.approx(STREAM / 0.06, rel=1e-2)
+    assert fig.encode_bps["x265"] == Calibration().get("hevc-lossless").encode_bps["x265"]  # not what ran
+    learned = choose_codec(STREAM, GBIT, GPU_NVENC, H200, calibration=cal)
+    assert learned.spec.label in ("fp8", "u8")
+
+
+def test_a_hop_without_a_codec_or_a_known_side_teaches_only_what_it_measured():
+    cal = Calibration()
+    cal.observe_hop("cuda-ipc", H200, H200, STREAM, 0, 0.001, 0.0)  # GPU to GPU: no codec ran
+    cal.observe_hop("u8", H200, None, STREAM, STREAM // 2, 0.5, 0.5)  # the receiver's engine is not known
+    fresh = Calibration()
+    assert cal.figures.keys() == fresh.figures.keys()
+    assert cal.get("u8").decode_bps == fresh.get("u8").decode_bps
+    assert cal.get("u8").encode_bps["cuda"] < fresh.get("u8").encode_bps["cuda"]
+
+
+async def test_a_daemon_learns_from_the_hops_it_sends(tmp_path):
+    """Every step's hop feeds the sending daemon's calibration for that link; its next choice uses it."""
+    key = bytes(range(32))
+    models = tmp_path / "models"
+    async with running_daemon(tmp_path / "a", key, range(0, 3), models) as a, \
+            running_daemon(tmp_path / "b", key, range(3, 6), models) as b:
+        await split_generation(key, [a.bound, b.bound], "A:0-2,B:3-5", PARAMS, codec="u8", measure_error=False)
+        learned = a.calibrations[f"127.0.0.1:{b.bound[1]}"].get("u8")
+    fresh = Calibration().get("u8")
+    assert learned.ratio != fresh.ratio and learned.encode_bps["cpu"] != fresh.encode_bps["cpu"]
+    assert learned.decode_bps["cpu"] != fresh.decode_bps["cpu"]
+    assert set(b.calibrations) == set()  # the last stage sends nothing on

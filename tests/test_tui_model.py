@@ -293,3 +293,15 @@ def test_link_rates_from_health_polls_and_a_counter_reset_is_not_zero():
     assert (second.links[0].sent_bytes_per_s, second.links[0].received_bytes_per_s) == (1000.0, 250.0)
     restarted = telemetry.snapshot(info, [{"peer": "b", "bytes_sent": 10, "bytes_received": 0}], at=13.0)
     assert restarted.links[0].sent_bytes_per_s is None  # n/a, never a made-up 0
+
+
+def test_the_demo_overrides_remembered_settings_only_with_the_flags_the_user_gave():
+    import argparse
+
+    from meshtui.cli import _add_generation_args, explicit_generation_args
+
+    parser = argparse.ArgumentParser()
+    _add_generation_args(parser)
+    assert explicit_generation_args(parser.parse_args([])) == {}
+    given = explicit_generation_args(parser.parse_args(["--seed", "3", "--size", "512x256", "--codec", "u8"]))
+    assert given == {"seed": 3, "size": (512, 256), "codec": "u8"}

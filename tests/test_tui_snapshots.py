@@ -126,14 +126,15 @@ def state(mode: str):
 
     async def run_before(pilot) -> None:
         app: MeshApp = pilot.app
-        app.peers = peers()
-        app.speeds.observe(str(A), 3, 11.5)
-        app.speeds.observe(str(B), 3, 4.0)
-        app.links.observe_prepared({"stages": [{"peer": str(A), "link": {"to": str(B), "bandwidth_bps": 117e6}}]})
-        app.plan = plan()
-        app.applied = plan()
-        app.runs = (finished_run(),)
-        app.images[1] = image_png()
+        dash = app.dashboard
+        dash.peers = peers()
+        dash.speeds.observe(str(A), 3, 11.5)
+        dash.speeds.observe(str(B), 3, 4.0)
+        dash.links.observe_prepared({"stages": [{"peer": str(A), "link": {"to": str(B), "bandwidth_bps": 117e6}}]})
+        dash.plan = plan()
+        dash.applied = plan()
+        dash.runs = (finished_run(),)
+        dash.images[1] = image_png()
         telemetry(app)
         app.mutate_reactive(MeshApp.telemetry)
         app.refresh_derived()

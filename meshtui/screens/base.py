@@ -12,7 +12,7 @@ from ..widgets.nav import SectionBar
 from ..widgets.status import MeshStatus
 
 if TYPE_CHECKING:
-    from ..app import MeshApp
+    from ..state import Dashboard
 
 
 class MeshScreen(Screen):
@@ -23,8 +23,9 @@ class MeshScreen(Screen):
     HELP: ClassVar[str] = ""
 
     @property
-    def mesh(self) -> MeshApp:
-        return self.app  # type: ignore[return-value]
+    def dashboard(self) -> Dashboard:
+        """What the dashboard knows, to show (the app changes it; a screen watches the app's attributes)."""
+        return self.app.dashboard  # type: ignore[attr-defined]
 
     def compose(self) -> ComposeResult:
         yield Header(icon="")

@@ -52,20 +52,20 @@ lists every run; select one to see its image again.
 
     def compose_body(self) -> ComposeResult:
         with Horizontal(id="generate-top"):
-            yield GenerateForm(self.mesh.settings, id="generate-form")
+            yield GenerateForm(self.dashboard.settings, id="generate-form")
             with Vertical(id="run-panel"):
                 yield RunSummary(id="run-summary")
                 yield Static(STEP_CAPTION, id="step-caption")
                 yield StepTable(id="step-table")
             with Vertical(id="image-panel"):
-                yield ImageView(self.mesh.image_mode, id="image-view")
+                yield ImageView(self.app.image_mode, id="image-view")
                 yield Static("", id="image-caption")
         yield Static("History", classes="section-title")
         yield RunHistory(id="run-history")
 
     def on_mount(self) -> None:
         self.watch(self.app, "runs", self._show_runs)
-        self.watch(self.app, "peers", lambda _: self.query_one(GenerateForm).set_preset(self.mesh.preset()))
+        self.watch(self.app, "peers", lambda _: self.query_one(GenerateForm).set_preset(self.dashboard.preset()))
         self.set_interval(0.5, self._tick)
         self.action_focus_prompt()
 
@@ -81,7 +81,7 @@ lists every run; select one to see its image again.
         self.query_one(RunHistory).focus()
 
     def _run(self, run_id: int | None) -> RunRecord | None:
-        return next((r for r in self.mesh.runs if r.id == run_id), None)
+        return next((r for r in self.dashboard.runs if r.id == run_id), None)
 
     def _show_runs(self, runs: tuple[RunRecord, ...]) -> None:
         if runs and runs[-1].state is RunState.RUNNING:
@@ -93,8 +93,8 @@ lists every run; select one to see its image again.
 
     def _show_run(self) -> None:
         run = self._run(self.shown_run)
-        self.query_one(RunSummary).show(run, self.mesh.clock())
-        self.query_one(StepTable).show(run, {p.name: p.label for p in self.mesh.peers if p.name})
+        self.query_one(RunSummary).show(run, self.dashboard.clock())
+        self.query_one(StepTable).show(run, {p.name: p.label for p in self.dashboard.peers if p.name})
         view = self.query_one(ImageView)
         caption = self.query_one("#image-caption", Static)
         image = self._image(run)
@@ -109,7 +109,7 @@ lists every run; select one to see its image again.
             return None
         if run.id in self._decoded:
             return self._decoded[run.id]
-        png = self.mesh.images.get(run.id)
+        png = self.dashboard.images.get(run.id)
         source = io.BytesIO(png) if png is not None else run.path
         if source is None:
             return None
@@ -126,7 +126,7 @@ lists every run; select one to see its image again.
     def _tick(self) -> None:
         run = self._run(self.shown_run)
         if run is not None and run.state is RunState.RUNNING:
-            self.query_one(RunSummary).show(run, self.mesh.clock())
+            self.query_one(RunSummary).show(run, self.dashboard.clock())
 
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
         if event.data_table.id == "run-history" and event.row_key.value is not None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from textual.app import ComposeResult
 from textual.binding import Binding
+from textual.message import Message
 from textual.widgets import DataTable, Static
 
 from ..widgets.peer_table import PeerDetails, PeerTable
@@ -36,6 +39,12 @@ our cluster key: start meshtui with `--key-file` pointing at the daemons' key); 
                 tooltip="Measure bandwidth and round-trip time from here to every peer again", id="peers.measure"),
     ]
 
+    @dataclass
+    class RemoveRequested(Message):
+        """The user asked to forget the peer ``label`` (the app stops its monitor and its connection)."""
+
+        label: str
+
     def compose_body(self) -> ComposeResult:
         yield Static("", id="peers-banner")
         yield PeerTable(id="peer-table")
@@ -51,17 +60,17 @@ our cluster key: start meshtui with `--key-file` pointing at the daemons' key); 
 
     def _show_peers(self, peers) -> None:
         table = self.query_one(PeerTable)
-        table.show(peers, self.mesh.clock())
+        table.show(peers, self.dashboard.clock())
         self._show_details()
 
     def _show_details(self) -> None:
         label = self.query_one(PeerTable).selected_label
-        view = next((p for p in self.mesh.peers if p.label == label), None)
-        self.query_one(PeerDetails).show(view, self.mesh.clock())
+        view = next((p for p in self.dashboard.peers if p.label == label), None)
+        self.query_one(PeerDetails).show(view, self.dashboard.clock())
 
     def _tick(self) -> None:
         """Ages ("seen 3 s ago") move even when nothing else does."""
-        self._show_peers(self.mesh.peers)
+        self._show_peers(self.dashboard.peers)
 
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
         self._show_details()
@@ -71,4 +80,4 @@ our cluster key: start meshtui with `--key-file` pointing at the daemons' key); 
         if label is None:
             self.notify("no peer selected", severity="warning")
             return
-        self.mesh.remove_peer(label)
+        self.post_message(self.RemoveRequested(label))

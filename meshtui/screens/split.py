@@ -59,21 +59,21 @@ folder has one. The head then fetches the prompt's embeddings from that peer bef
         self.watch(self.app, "plan", self._show_plan)
         self.watch(self.app, "forecast", self._show_forecast)
         self.watch(self.app, "loading", self._show_loading)
-        self.watch(self.app, "applied", lambda _: self._show_forecast(self.mesh.forecast))
-        self.watch(self.app, "text_encoder", lambda _: self._show_forecast(self.mesh.forecast))
+        self.watch(self.app, "applied", lambda _: self._show_forecast(self.dashboard.forecast))
+        self.watch(self.app, "text_encoder", lambda _: self._show_forecast(self.dashboard.forecast))
         self.query_one(SplitEditor).focus()
 
     def _show_plan(self, plan) -> None:
         editor = self.query_one(SplitEditor)
-        preset = self.mesh.preset()
+        preset = self.dashboard.preset()
         editor.num_double = preset.num_double if preset else 0
         editor.plan = plan
 
     def _show_forecast(self, forecast: Forecast | None) -> None:
         editor = self.query_one(SplitEditor)
-        self.query_one(StageTable).show(forecast, editor.selected, self.mesh.settings.codec)
+        self.query_one(StageTable).show(forecast, editor.selected, self.dashboard.settings.codec)
         text = Text()
-        plan = self.mesh.plan
+        plan = self.dashboard.plan
         if forecast is not None and forecast.stages:
             step = forecast.step_ms
             text.append("Predicted transformer time per step: ", style="bold")
@@ -81,19 +81,19 @@ folder has one. The head then fetches the prompt's embeddings from that peer bef
             text.append("\n")
         if plan is not None:
             for a, b in zip(plan.stages, plan.stages[1:]):
-                chosen = self.mesh.links.get(a.peer, b.peer)
+                chosen = self.dashboard.links.get(a.peer, b.peer)
                 if chosen is not None and chosen.why:
                     why = chosen.why if chosen.why.startswith(chosen.codec or "") else f"{chosen.codec} ({chosen.why})"
                     text.append(f"{a.label}→{b.label} last run: {why}\n", style="dim")
         if plan is not None:
-            text.append(self.mesh.text_encoder_line(), style="dim")
+            text.append(self.dashboard.text_encoder_line(), style="dim")
             text.append("\n")
         if forecast is not None and forecast.problems:
             for problem in forecast.problems:
                 text.append(f"✕ {problem}\n", style="bold red")
         elif plan is not None:
             text.append("✓ the plan is valid", style="green")
-            loaded = plan == self.mesh.applied
+            loaded = plan == self.dashboard.applied
             text.append("  |  loaded on the peers" if loaded else "  |  not loaded yet: a loads it (ctrl+g also "
                         "does, before generating)", style="green" if loaded else "yellow")
         self.query_one("#forecast", Static).update(text)
@@ -107,4 +107,4 @@ folder has one. The head then fetches the prompt's embeddings from that peer bef
         self.query_one("#loading", Static).update(text)
 
     def on_split_editor_selected(self, event: SplitEditor.Selected) -> None:
-        self.query_one(StageTable).show(self.mesh.forecast, event.index, self.mesh.settings.codec)
+        self.query_one(StageTable).show(self.dashboard.forecast, event.index, self.dashboard.settings.codec)

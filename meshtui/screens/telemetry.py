@@ -55,12 +55,12 @@ throughput only, marked "from health polls".
     def _refresh_cards(self) -> None:
         if not self.is_current:
             return  # drawn again when shown (on_screen_resume)
-        app = self.mesh
-        now = app.clock()
-        views = {p.label: p for p in app.peers}
-        names = {str(p.address): p.label for p in app.peers}
+        dash, config = self.dashboard, self.app.config
+        now = dash.clock()
+        views = {p.label: p for p in dash.peers}
+        names = {str(p.address): p.label for p in dash.peers}
         for card in self.query(NodeCard):
-            history = app.telemetry.nodes.get(card.label)
-            interval = app.config.poll_interval if history is None or history.source != "daemon" \
-                else app.config.telemetry_interval
+            history = dash.telemetry.nodes.get(card.label)
+            interval = config.poll_interval if history is None or history.source != "daemon" \
+                else config.telemetry_interval
             card.show(history, views.get(card.label), now, interval, names)
