@@ -31,7 +31,7 @@ GGUF_QUANTISED = ("Q8_0", "Q6_K", "Q5_K", "Q4_K")
 #: GGUF types that are plain floats: read and cast like safetensors' bf16/fp16/fp32.
 GGUF_FLOATS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 #: Formats ``weights = ...`` can quantise a dense file's block weights to at load.
-LOAD_FORMATS = ("fp8", "q8_0", "q4_k")
+LOAD_FORMATS = ("fp8", "gguf-q8_0", "gguf-q4_k")
 #: Smallest activation/weight magnitude a scale is computed from (an all-zero row must not divide by 0).
 _AMAX_FLOOR = 1e-12
 
@@ -78,8 +78,8 @@ def load_format(name: str) -> LinearFormat:
     """The format ``weights = name`` quantises block weights to (fp8 per-row, q8_0, q4_k)."""
     if name == "fp8":
         return LinearFormat("fp8", "e4m3fn", per_row=True)
-    if name in ("q8_0", "q4_k"):
-        return LinearFormat("gguf", qtype=name.upper())
+    if name in ("gguf-q8_0", "gguf-q4_k"):
+        return LinearFormat("gguf", qtype=name.removeprefix("gguf-").upper())
     raise ValueError(f"weights {name!r}: meshd quantises at load to {', '.join(LOAD_FORMATS)} only")
 
 

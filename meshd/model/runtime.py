@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ..config import WEIGHTS_CHOICES
 from .files import ModelError, ModelFiles, ModelStore
 from .checkpoints import expected_shapes, target_format
 from .lora import LoraError, LoraPatch, LoraSpec, LoraStore, held_linears, stack_factors
@@ -36,8 +37,6 @@ log = logging.getLogger(__name__)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-#: What the ``weights`` option accepts: as stored, dense, or quantised at load (see :mod:`.precision`).
-WEIGHTS_CHOICES = ("auto", "bf16", "fp8", "gguf-q8_0", "gguf-q4_k")
 
 
 @dataclass(frozen=True)
