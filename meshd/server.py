@@ -333,7 +333,9 @@ class Daemon:
             "name": self.name,
             "version": __version__,
             "proto": limits.PROTOCOL_VERSION,
-            "model": {**self.model.identity.to_dict(), "num_blocks": preset.num_blocks, "num_double": preset.num_double},
+            "model": {**self.model.identity.to_dict(), "num_blocks": preset.num_blocks, "num_double": preset.num_double,
+                      # the real bytes at this peer's precision, which the planner sizes stages by
+                      "weight_bytes": self.model.weight_bytes().to_wire(), "compute": self.model.compute_path()},
             "blocks": ranges(self.model.blocks),
             "head": self.model.has_head,
             "tail": self.model.has_tail,

@@ -34,6 +34,10 @@ GGUF_FLOATS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat1
 LOAD_FORMATS = ("fp8", "gguf-q8_0", "gguf-q4_k")
 #: Smallest activation/weight magnitude a scale is computed from (an all-zero row must not divide by 0).
 _AMAX_FLOOR = 1e-12
+#: A dequantised layer is built and multiplied at most this many weights at a time, so the transient dense
+#: copy (and the dequantiser's intermediates) stays ~128 MiB however large the layer: dev's fused
+#: single-block input layer (55296 x 6144) would otherwise need ~2 GiB of temporaries per forward.
+DEQUANT_CHUNK = 1 << 26
 
 
 @dataclass(frozen=True)
@@ -150,14 +154,15 @@ class Fp8Linear(torch.nn.Module):
         # _scaled_mm's row-wise path takes e4m3 weights and dimensions that are multiples of 16.
         self.native = bool(native and fmt.fp8 == "e4m3fn" and in_features % 16 == 0 and out_features % 16 == 0)
 
-    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
-        """The weight as numbers in ``dtype`` (product taken in float32, rounded once)."""
-        return (self.weight.float() * self.weight_scale).to(dtype)
+    def dequantized(self, dtype: torch.dtype, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """Rows ``[start, end)`` of the weight as numbers in ``dtype`` (product taken in float32, rounded once)."""
+        scale = self.weight_scale[start:end] if self.format.per_row else self.weight_scale
+        return (self.weight[start:end].float() * scale).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.native and x.dtype == torch.bfloat16 and x.is_cuda:
             return _scaled_matmul(x, self.weight, self.weight_scale, x.dtype)
-        return torch.nn.functional.linear(x, self.dequantized(x.dtype))
+        return _dequantised_linear(x, self, self.out_features, self.in_features)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, {self.format.label()}, {'native' if self.native else 'dequantise'}"
@@ -180,18 +185,30 @@ class GgufLinear(torch.nn.Module):
         self.register_buffer("weight", torch.empty(out_features, in_features // self.block_size * self.type_size,
                                                    dtype=torch.uint8))
 
-    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
-        """The weight as numbers in ``dtype`` (diffusers' dequantiser computes in float16, as GGUF stores
-        its block scales)."""
-        blocks = self.weight.reshape(-1, self.type_size)
-        values = self._dequantise(blocks, self.block_size, self.type_size)
-        return values.reshape(self.out_features, self.in_features).to(dtype)
+    def dequantized(self, dtype: torch.dtype, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """Rows ``[start, end)`` of the weight as numbers in ``dtype`` (diffusers' dequantiser computes in
+        float16, as GGUF stores its block scales)."""
+        rows = self.weight[start:end]
+        values = self._dequantise(rows.reshape(-1, self.type_size), self.block_size, self.type_size)
+        return values.reshape(rows.shape[0], self.in_features).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(x, self.dequantized(x.dtype))
+        return _dequantised_linear(x, self, self.out_features, self.in_features)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, {self.format.label()}"
+
+
+def _dequantised_linear(x: torch.Tensor, layer, out_features: int, in_features: int) -> torch.Tensor:
+    """``x @ W.T`` with ``W`` dequantised by ``layer`` in row chunks of at most DEQUANT_CHUNK values (one
+    chunk, i.e. a plain linear, for all but the largest layers). The chunking is fixed by the shape, so
+    every peer computes a layer the same way."""
+    rows = max(1, DEQUANT_CHUNK // in_features)
+    if out_features <= rows:
+        return torch.nn.functional.linear(x, layer.dequantized(x.dtype))
+    parts = [torch.nn.functional.linear(x, layer.dequantized(x.dtype, start, min(start + rows, out_features)))
+             for start in range(0, out_features, rows)]
+    return torch.cat(parts, dim=-1)
 
 
 #: Every module type that is a linear layer to LoRA hooks, the planner and ``meshd check``.
@@ -220,10 +237,10 @@ def quantised_layers(span: torch.nn.Module, formats: dict[str, LinearFormat], de
 
 def quantise_fp8(weight: torch.Tensor, fp8: str = "e4m3fn", per_row: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(fp8 values, float32 scale) of a 2-D weight: scale = amax / fp8 max per row (or per tensor)."""
-    w = weight.float()
+    w = weight.to(torch.float32, copy=True)  # one float32 copy, then in place: cheap in VRAM at load
     amax = w.abs().amax(dim=1, keepdim=True) if per_row else w.abs().amax()
     scale = amax.clamp_min(_AMAX_FLOOR) / FP8_MAX[fp8]
-    q = (w / scale).clamp(-FP8_MAX[fp8], FP8_MAX[fp8]).to(FP8_DTYPES[fp8])
+    q = w.div_(scale).clamp_(-FP8_MAX[fp8], FP8_MAX[fp8]).to(FP8_DTYPES[fp8])
     return q, scale
 
 

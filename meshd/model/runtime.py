@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..config import WEIGHTS_CHOICES
+from ..plan import WeightBytes
 from .files import ModelError, ModelFiles, ModelStore
 from .checkpoints import expected_shapes, target_format
 from .lora import LoraError, LoraPatch, LoraSpec, LoraStore, held_linears, stack_factors
@@ -321,26 +322,10 @@ class HostedModel:
     def holds(self, start: int, end: int) -> bool:
         return all(i in self.blocks for i in range(start, end))
 
-    def weight_bytes(self) -> dict:
+    def weight_bytes(self) -> WeightBytes:
         """Device bytes of each block's weights at the precision they are held in here, and of the head's and
         the tail's modules (what the planner and the Split screen size stages by)."""
-        shapes = expected_shapes(self.preset)
-        itemsize = self.dtype.itemsize
-        blocks = [0] * self.preset.num_blocks
-        head = tail = 0
-        prefixes = [block_prefix(self.preset, i) for i in range(self.preset.num_blocks)]
-        for name, shape in shapes.items():
-            module = name.removesuffix(".weight")
-            fmt = self.formats.get(module) if name.endswith(".weight") else None
-            size = fmt.weight_bytes(shape[0], shape[1], itemsize) if fmt else itemsize * _numel(shape)
-            index = next((i for i, p in enumerate(prefixes) if name.startswith(p)), None)
-            if index is not None:
-                blocks[index] += size
-            elif name.split(".")[0] in TAIL_MODULES:
-                tail += size
-            else:
-                head += size
-        return {"blocks": blocks, "head": head, "tail": tail}
+        return weight_bytes(self.preset, self.formats, self.dtype)
 
     def compute_path(self) -> str:
         """How this peer's quantised layers compute, in words (``meshd check``, the dashboard)."""
@@ -460,6 +445,25 @@ class HostedModel:
 
     def release_text_encoder(self) -> None:
         self.prompts.release()
+
+
+def weight_bytes(preset: ModelPreset, formats: dict[str, LinearFormat], dtype: torch.dtype) -> WeightBytes:
+    """Device bytes of ``preset``'s weights with its linear layers held as ``formats`` (headers only: no data)."""
+    itemsize = dtype.itemsize
+    blocks = [0] * preset.num_blocks
+    head = tail = 0
+    prefixes = [block_prefix(preset, i) for i in range(preset.num_blocks)]
+    for name, shape in expected_shapes(preset).items():
+        fmt = formats.get(name.removesuffix(".weight")) if name.endswith(".weight") else None
+        size = fmt.weight_bytes(shape[0], shape[1], itemsize) if fmt else itemsize * _numel(shape)
+        index = next((i for i, p in enumerate(prefixes) if name.startswith(p)), None)
+        if index is not None:
+            blocks[index] += size
+        elif name.split(".")[0] in TAIL_MODULES:
+            tail += size
+        else:
+            head += size
+    return WeightBytes(tuple(blocks), head, tail)
 
 
 def _numel(shape) -> int:
