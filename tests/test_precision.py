@@ -437,3 +437,22 @@ def test_the_planner_sizes_stages_by_the_real_bytes_at_their_precision():
     assert WeightBytes.from_wire(wire, dev) == sizes("fp8")
     assert WeightBytes.from_wire({**wire, "blocks": wire["blocks"][:-1]}, dev) is None
     assert WeightBytes.from_wire({**wire, "head": -1}, dev) is None
+
+
+def test_meshd_check_shows_the_precision_the_compute_path_and_the_gguf_file(tiny, tmp_path):
+    from meshd.check import check_precision
+    from meshd.config import ConfigError, DaemonConfig, load_config
+    from meshd.model.inventory import inventory_models
+
+    root, state, bfl = tiny
+    write_gguf(tmp_path / "g.gguf", bfl, "Q4_K")
+    reports = {r.name: r for r in inventory_models(ModelStore([tmp_path]), hashes=False)}
+    assert reports["g"].ok and reports["g"].summary.startswith("GGUF single file, tiny, gguf Q8_0")
+    findings = list(check_precision(DaemonConfig(model="dev", random_weights=True, weights="fp8",
+                                                 state_dir=tmp_path / "state")))
+    lines = {f.topic: f.text for f in findings}
+    assert "per-layer dequantise" in lines["fp8"] and "no fp8 tensor cores" in lines["fp8"]
+    assert lines["weights"].startswith("dev (weights = 'fp8'): fp8 e4m3fn per-row 192, bf16 11; 30.8 GiB on the "
+                                       "device (bf16: 60.0 GiB)")
+    with pytest.raises(ConfigError, match="weights 'int4' must be one of auto, bf16, fp8, gguf-q8_0, gguf-q4_k"):
+        load_config(None, {"weights": "int4"})
