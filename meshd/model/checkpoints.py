@@ -47,6 +47,7 @@ from .precision import (
     DENSE,
     GGUF_FLOATS,
     LOAD_FORMATS,
+    GgufLinear,
     LinearFormat,
     gguf_sizes,
     load_format,
@@ -163,7 +164,9 @@ class StoredTensor:
         """bf16, fp16, fp32, "fp8 e4m3", "fp8 e4m3 scaled", "fp8 e4m3 scaled per-row", "gguf Q4_K"..."""
         qtype = gguf_type(self.info)
         if qtype is not None:
-            return f"gguf {qtype}" if qtype not in GGUF_FLOATS else qtype.lower().replace("f", "fp", 1)
+            # GGUF names its float types as safetensors does (BF16, F16, F32)
+            return FLOAT_DTYPES[qtype] if qtype in GGUF_FLOATS else f"gguf {qtype}"
+
         base = FLOAT_DTYPES.get(self.info.dtype) or FP8_DTYPES.get(self.info.dtype, self.info.dtype)
         if not self.scale:
             return base
@@ -552,8 +555,6 @@ def _as_format(value: torch.Tensor, stored: LinearFormat, scale: torch.Tensor | 
     if stored.kind == "fp8":  # in float32 first, rounded once to the compute dtype
         dense = value.float() * scale
     elif stored.kind == "gguf":
-        from .precision import GgufLinear  # noqa: PLC0415
-
         rows, packed = value.shape
         block, size = gguf_sizes(stored.qtype)
         with torch.device("meta"):
