@@ -365,7 +365,27 @@ def test_lora_hooks_attach_to_fp8_and_gguf_layers(tiny, tmp_path):
         assert not torch.equal(base, forward(model))
 
 
-# --- the native fp8 path (GPU machine) ---------------------------------------------------------------------
+# --- the native fp8 path ---------------------------------------------------------------------------------
+
+def test_the_native_fp8_matmul_computes_the_layer_within_activation_rounding():
+    """The native path's arithmetic (per-token e4m3 activations, per-row or per-tensor weight scales,
+    torch._scaled_mm), run through torch's CPU kernel: the GPU runs the same call on tensor cores."""
+    from meshd.model.precision import _scaled_matmul
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 24, 256, generator=g).to(torch.bfloat16)
+    x[..., 7] *= 30  # an outlier channel: per-token scales keep the other tokens' precision
+    w = torch.randn(80, 256, generator=g) * 0.02
+    for per_row in (True, False):
+        q, scale = quantise_fp8(w, per_row=per_row)
+        layer = Fp8Linear(256, 80, LinearFormat("fp8", "e4m3fn", per_row=per_row), native=False)
+        layer.weight, layer.weight_scale = q, scale
+        got = _scaled_matmul(x, q, scale, torch.bfloat16)
+        assert got.dtype == torch.bfloat16 and got.shape == (2, 24, 80)
+        assert rel(got, layer(x)) < 0.05
+
+
+# --- on the GPU machine ------------------------------------------------------------------------------------
 
 @pytest.mark.gpu
 def test_native_fp8_matmul_is_probed_and_close_to_the_dequantised_one():
