@@ -174,8 +174,8 @@ def main() -> int:
     result = {
         "bench": "precision",
         "mode": args.mode,
-        "machine": {"host": platform.node(), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-                    "cpus": os.cpu_count(), "torch": torch.__version__},
+        "machine": {"host": platform.node(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                    "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
         "config": {"model": args.model, "weights_source": "random weights (seeded bf16, quantised on the device)",
                    "size": args.size, "steps": args.steps, "repeat": args.repeat,
                    "split": "two daemons on this machine, the planner's split, raw codec"},

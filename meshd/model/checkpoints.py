@@ -63,6 +63,8 @@ PREFIXES = ("model.diffusion_model.", "diffusion_model.", "")
 SCALE_SUFFIXES = ("weight_scale", "scale_weight")
 #: ComfyUI's per-layer quantisation record: a uint8 tensor holding JSON such as {"format": "float8_e4m3fn"}.
 QUANT_RECORD_SUFFIX = "comfy_quant"
+#: A record is a few dozen bytes of JSON; anything bigger is not one (and is not read into memory).
+MAX_RECORD_BYTES = 4096
 #: Static activation scales (new and old spelling). meshd scales activations per token on its native fp8
 #: path and computes in bf16 elsewhere, so these are never read.
 UNUSED_SUFFIXES = ("input_scale", "scale_input")
@@ -406,7 +408,8 @@ def _detect_layout(path: Path, header: dict[str, TensorInfo]) -> tuple[str, str]
                      "or another model?")
 
 
-def _declared_formats(path: Path, local: dict[str, TensorInfo], metadata: dict[str, str], prefix: str) -> dict[str, str]:
+def _declared_formats(path: Path, local: dict[str, TensorInfo], metadata: dict[str, str],
+                      prefix: str) -> dict[str, str]:
     """Module name (no prefix) -> the quantisation format the file declares for it, from the header's
     ``_quantization_metadata``, ComfyUI's per-layer ``comfy_quant`` records (tiny tensors, read here), and
     the legacy ``scaled_fp8`` marker with ``.scale_weight`` scales (ComfyUI's ``convert_old_quants``)."""
@@ -425,10 +428,16 @@ def _declared_formats(path: Path, local: dict[str, TensorInfo], metadata: dict[s
         for name in local:
             if name.endswith(".scale_weight"):
                 declared[name.removesuffix(".scale_weight")] = "float8_e4m3fn"
-    records = [name for name in local if name.endswith("." + QUANT_RECORD_SUFFIX)]
-    if records:
-        with open_safetensors(local[records[0]].file) as f:
-            for name in records:
+    records: dict[Path, list[str]] = {}  # by file: a sharded folder may spread them over its shards
+    for name, info in local.items():
+        if name.endswith("." + QUANT_RECORD_SUFFIX):
+            records.setdefault(info.file, []).append(name)
+    for file, names in records.items():
+        with open_safetensors(file) as f:
+            for name in names:
+                if local[name].dtype != "U8" or len(local[name].shape) != 1 or local[name].shape[0] > MAX_RECORD_BYTES:
+                    raise ModelError(f"{path}: {local[name].key} is not a quantisation record (a JSON string of at "
+                                     f"most {MAX_RECORD_BYTES} bytes); it is {local[name].dtype} {local[name].shape}")
                 try:
                     record = f.get_tensor(local[name].key)
                     fmt = json.loads(bytes(record.to(torch.uint8).tolist()).decode()).get("format", "")

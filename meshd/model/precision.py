@@ -91,20 +91,27 @@ def load_format(name: str) -> LinearFormat:
 
 @dataclass(frozen=True)
 class Fp8Compute:
-    """Whether a device runs fp8 matmuls natively, and why (shown by ``meshd check``)."""
+    """Whether a device runs fp8 matmuls natively, with which scaling, and why (shown by ``meshd check``)."""
 
     native: bool
     reason: str
+    #: "rowwise": per-token activation and per-row weight scales inside the matmul (H100/H200, newer
+    #: builds on RTX 40); "tensorwise": one activation scale per call, the weight's row scales applied to
+    #: the output (builds whose row-wise kernel needs SM 9.0); "" when not native.
+    scaling: str = ""
 
     def describe(self) -> str:
-        return ("native fp8 matmul (torch._scaled_mm, activations scaled per token)" if self.native else
-                "per-layer dequantise then matmul in the compute dtype") + f": {self.reason}"
+        if not self.native:
+            return f"per-layer dequantise then matmul in the compute dtype: {self.reason}"
+        how = "activations scaled per token" if self.scaling == "rowwise" else "activations scaled per call"
+        return f"native fp8 matmul (torch._scaled_mm, {how}): {self.reason}"
 
 
 @functools.lru_cache(maxsize=None)
 def fp8_compute(device: str) -> Fp8Compute:
     """Probe ``device`` once: compute capability >= 8.9 and a tiny real ``torch._scaled_mm`` call that
-    gives the right numbers (an old driver or torch build can have the capability but not the kernel)."""
+    gives the right numbers (an old driver or torch build can have the capability but not the kernel),
+    row-wise scaling first, then tensor-wise."""
     dev = torch.device(device)
     if dev.type != "cuda":
         return Fp8Compute(False, f"{dev.type} has no fp8 tensor cores")
@@ -113,30 +120,44 @@ def fp8_compute(device: str) -> Fp8Compute:
         return Fp8Compute(False, f"compute capability {capability[0]}.{capability[1]} < 8.9 (no fp8 tensor cores)")
     if not hasattr(torch, "_scaled_mm"):
         return Fp8Compute(False, f"torch {torch.__version__} has no _scaled_mm")
-    try:
-        g = torch.Generator(device=dev).manual_seed(0)
-        x = torch.randn(32, 64, device=dev, generator=g, dtype=torch.bfloat16)
-        w = torch.randn(48, 64, device=dev, generator=g, dtype=torch.bfloat16)
-        q, scale = quantise_fp8(w, "e4m3fn", per_row=True)
-        got = _scaled_matmul(x, q, scale, torch.bfloat16)
-        want = x.float() @ (q.float() * scale).t()
-        err = float((got.float() - want).norm() / want.norm())
-    except (RuntimeError, TypeError, NotImplementedError) as exc:
-        return Fp8Compute(False, f"torch._scaled_mm failed here: {str(exc).splitlines()[0][:120]}")
-    if not err < 0.1:
-        return Fp8Compute(False, f"torch._scaled_mm gave wrong results here (relative error {err:.2f})")
-    return Fp8Compute(True, f"compute capability {capability[0]}.{capability[1]}")
+    failures = []
+    for scaling in ("rowwise", "tensorwise"):
+        try:
+            g = torch.Generator(device=dev).manual_seed(0)
+            x = torch.randn(32, 64, device=dev, generator=g, dtype=torch.bfloat16)
+            w = torch.randn(48, 64, device=dev, generator=g, dtype=torch.bfloat16)
+            q, scale = quantise_fp8(w, "e4m3fn", per_row=True)
+            got = scaled_matmul(x, q, scale, torch.bfloat16, scaling)
+            want = x.float() @ (q.float() * scale).t()
+            err = float((got.float() - want).norm() / want.norm())
+        except (RuntimeError, TypeError, NotImplementedError) as exc:
+            failures.append(f"{scaling}: {str(exc).splitlines()[0][:100]}")
+            continue
+        if err < 0.1:
+            return Fp8Compute(True, f"compute capability {capability[0]}.{capability[1]}", scaling)
+        failures.append(f"{scaling}: wrong results (relative error {err:.2f})")
+    return Fp8Compute(False, "torch._scaled_mm does not work here (" + "; ".join(failures) + ")")
 
 
-def _scaled_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """``x @ (weight * weight_scale).T`` with x quantised to e4m3 per token (row-wise scales both sides)."""
+def scaled_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, out_dtype: torch.dtype,
+                  scaling: str = "rowwise") -> torch.Tensor:
+    """``x @ (weight * weight_scale).T`` on fp8 tensor cores, x quantised to e4m3 per token ("rowwise") or
+    with one scale for the whole call ("tensorwise", the weight's scale applied to the output)."""
     flat = x.reshape(-1, x.shape[-1])
-    amax = flat.abs().amax(dim=-1, keepdim=True).float().clamp_min(_AMAX_FLOOR)
+    n = weight.shape[0]
+    if scaling == "rowwise":
+        amax = flat.abs().amax(dim=-1, keepdim=True).float().clamp_min(_AMAX_FLOOR)
+    else:
+        amax = flat.abs().amax().float().clamp_min(_AMAX_FLOOR)
     scale_a = amax / FP8_MAX["e4m3fn"]
     xq = (flat.float() / scale_a).clamp(-FP8_MAX["e4m3fn"], FP8_MAX["e4m3fn"]).to(torch.float8_e4m3fn)
-    n = weight.shape[0]
-    scale_b = weight_scale.float().reshape(1, -1).expand(1, n).contiguous()
-    out = torch._scaled_mm(xq, weight.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)
+    if scaling == "rowwise":
+        scale_b = weight_scale.float().reshape(1, -1).expand(1, n).contiguous()
+        out = torch._scaled_mm(xq, weight.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)
+    else:
+        one = torch.ones((), device=x.device, dtype=torch.float32)
+        out = torch._scaled_mm(xq, weight.t(), scale_a=scale_a, scale_b=one, out_dtype=out_dtype)
+        out = out * weight_scale.reshape(1, -1).to(out_dtype)
     return out.reshape(*x.shape[:-1], n)
 
 
@@ -146,12 +167,13 @@ class Fp8Linear(torch.nn.Module):
     """A bias-free linear layer with an fp8 weight and float32 scale(s): native fp8 matmul or per-layer
     dequantisation, fixed when the layer is made."""
 
-    def __init__(self, in_features: int, out_features: int, fmt: LinearFormat, native: bool) -> None:
+    def __init__(self, in_features: int, out_features: int, fmt: LinearFormat, native: bool,
+                 scaling: str = "rowwise") -> None:
         super().__init__()
-        self.in_features, self.out_features, self.format = in_features, out_features, fmt
+        self.in_features, self.out_features, self.format, self.scaling = in_features, out_features, fmt, scaling
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=FP8_DTYPES[fmt.fp8]))
         self.register_buffer("weight_scale", torch.empty((out_features, 1) if fmt.per_row else (), dtype=torch.float32))
-        # _scaled_mm's row-wise path takes e4m3 weights and dimensions that are multiples of 16.
+        # _scaled_mm takes e4m3 weights here and dimensions that are multiples of 16.
         self.native = bool(native and fmt.fp8 == "e4m3fn" and in_features % 16 == 0 and out_features % 16 == 0)
 
     def dequantized(self, dtype: torch.dtype, start: int = 0, end: int | None = None) -> torch.Tensor:
@@ -161,11 +183,12 @@ class Fp8Linear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.native and x.dtype == torch.bfloat16 and x.is_cuda:
-            return _scaled_matmul(x, self.weight, self.weight_scale, x.dtype)
+            return scaled_matmul(x, self.weight, self.weight_scale, x.dtype, self.scaling)
         return _dequantised_linear(x, self, self.out_features, self.in_features)
 
     def extra_repr(self) -> str:
-        return f"{self.in_features}, {self.out_features}, {self.format.label()}, {'native' if self.native else 'dequantise'}"
+        path = f"native {self.scaling}" if self.native else "dequantise"
+        return f"{self.in_features}, {self.out_features}, {self.format.label()}, {path}"
 
 
 class GgufLinear(torch.nn.Module):
@@ -218,7 +241,7 @@ LINEAR_TYPES = (torch.nn.Linear, Fp8Linear, GgufLinear)
 def quantised_layers(span: torch.nn.Module, formats: dict[str, LinearFormat], device: torch.device | str) -> None:
     """Replace ``span``'s linear layers named in ``formats`` by the quantised layer of that format (on the
     meta device, ready to receive loaded tensors); dense entries stay ``nn.Linear``."""
-    native = fp8_compute(str(device)).native
+    compute = fp8_compute(str(device))
     for name, fmt in formats.items():
         if fmt.kind == "dense":
             continue
@@ -228,8 +251,10 @@ def quantised_layers(span: torch.nn.Module, formats: dict[str, LinearFormat], de
         if not isinstance(old, torch.nn.Linear) or old.bias is not None:
             raise ValueError(f"{name} is not a bias-free linear layer")
         with torch.device("meta"):
-            new = (Fp8Linear(old.in_features, old.out_features, fmt, native) if fmt.kind == "fp8"
-                   else GgufLinear(old.in_features, old.out_features, fmt))
+            if fmt.kind == "fp8":
+                new = Fp8Linear(old.in_features, old.out_features, fmt, compute.native, compute.scaling)
+            else:
+                new = GgufLinear(old.in_features, old.out_features, fmt)
         setattr(parent, leaf, new)
 
 

@@ -305,7 +305,8 @@ class HostedModel:
         self.prompts = PromptEmbedder(lambda d: source.text_encoder(d, dtype), text_encoder or TextEncoderOptions(),
                                       device, dtype, shape)
         self.identity = ModelIdentity(source.model_id, self.preset.name, source.content_hash(),
-                                      next(k for k, v in DTYPES.items() if v == dtype), weights_label(self.formats, dtype))
+                                      next(k for k, v in DTYPES.items() if v == dtype),
+                                      weights_label(self.formats, dtype))
 
     @property
     def blocks(self) -> tuple[int, ...]:
