@@ -114,7 +114,8 @@ def time_forward_vs_diffusers(model: HostedModel, params: GenerationParams, repe
 
 async def run_local(args, device, params) -> dict:
     store = ModelStore([args.models_dir])
-    model = HostedModel(open_source(args.model, store, random_weights=args.random_weights), device, torch.bfloat16)
+    model = HostedModel(open_source(args.model, store, random_weights=args.random_weights), device, torch.bfloat16,
+                        weights=getattr(args, "weights", "auto"))
     worker = GpuWorker(device)
     await worker.run(model.load, range(model.preset.num_blocks), True, True)
     if device.type == "cuda":
@@ -180,9 +181,9 @@ async def run_split(args, cluster, params, local, emulation) -> dict:
         await mesh.apply(plan)
         result["plan"] = plan.describe()
         result["load_s"] = time.perf_counter() - t0
-        head = mesh.peers["A"]
         for codec_name in args.codecs.split(","):
-            await head.channel.request("info", {"reset_peak": True})
+            for p in mesh.peers.values():  # every stage's peak is its generation's, not its load's
+                await p.channel.request("info", {"reset_peak": True})
             times, outcome = await timed_generations(mesh, plan, params, codec_name, args.repeat)
             peaks = {}
             for p in mesh.peers.values():

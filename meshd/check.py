@@ -183,6 +183,40 @@ def check_models(config: DaemonConfig) -> Iterator[Finding]:
             yield Finding("models", PROBLEM, f"configured model {config.model!r}: {exc}")
 
 
+def check_precision(config: DaemonConfig) -> Iterator[Finding]:
+    """The configured model's weights at the precision ``weights`` holds them (layers per format, GiB on the
+    device against bf16), and how each device computes fp8 layers (probed: a tiny real fp8 matmul)."""
+    import torch  # noqa: PLC0415
+
+    from .model.files import ModelError, ModelStore  # noqa: PLC0415
+    from .model.precision import fp8_compute  # noqa: PLC0415
+    from .model.presets import PRESETS  # noqa: PLC0415
+    from .model.runtime import DTYPES, RandomSource, weight_bytes, weights_label  # noqa: PLC0415
+
+    devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else ["cpu"]
+    for device in devices:
+        compute = fp8_compute(device)
+        yield Finding("fp8", OK if compute.native else NOTE, f"{device}: {compute.describe()}")
+    try:
+        if config.random_weights:
+            preset = PRESETS[config.model]
+            formats = RandomSource(preset).linear_formats(config.weights)
+        else:
+            checkpoint = ModelStore(config.models_dir, config.cache_dir).open(config.model).checkpoint
+            preset, formats = checkpoint.preset, checkpoint.linear_formats(config.weights)
+    except (ModelError, KeyError):
+        return  # check_models says why
+    dtype = DTYPES[config.dtype]
+    held = weight_bytes(preset, formats, dtype)
+    dense = weight_bytes(preset, {}, torch.bfloat16)
+    total, bf16 = (sum(w.blocks) + w.head + w.tail for w in (held, dense))
+    kinds = {f.kind for f in formats.values()}
+    how = ("; fp8 layers: " + fp8_compute(devices[0]).describe().split(":")[0] if "fp8" in kinds else "") + \
+          ("; GGUF layers: dequantised per layer at each forward" if "gguf" in kinds else "")
+    yield Finding("weights", OK, f"{config.model} (weights = {config.weights!r}): {weights_label(formats, dtype)}; "
+                                 f"{total / 2**30:.1f} GiB on the device (bf16: {bf16 / 2**30:.1f} GiB){how}")
+
+
 def check_mdns(config: DaemonConfig) -> Iterator[Finding]:
     from .discovery import MdnsUnavailable, choose_for, require_zeroconf  # noqa: PLC0415
 
@@ -272,6 +306,8 @@ def run_checks(config: DaemonConfig, *, codecs: bool = True, nvml=None,
     if selftest_shape is not None:
         findings += selftest(selftest_shape)
     findings += check_models(config)
+    if codecs:  # device probes: an fp8 matmul on each GPU
+        findings += check_precision(config)
     findings += check_mdns(config)
     findings += check_key(config)
     findings += check_systemd()

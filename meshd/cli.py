@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from . import __version__
+from .config import WEIGHTS_CHOICES
 
 log = logging.getLogger("meshd")
 
@@ -46,6 +47,9 @@ def _serve_parser(sub) -> None:
     p.add_argument("--model", help="preset name (tiny, klein-4b, klein-9b, dev) or model folder name/path")
     p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda if present)")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--weights", choices=list(WEIGHTS_CHOICES),
+                   help="weight precision on the GPU: auto (as the file stores them, the default), bf16 (dequantise "
+                        "at load), fp8 / gguf-q8_0 / gguf-q4_k (quantise a bf16 file's block weights at load)")
     p.add_argument("--blocks", help="blocks to load at start: none, all, or ranges like 0-15 (default none: "
                                     "wait for a plan)")
     p.add_argument("--random-weights", action="store_true", default=None,
@@ -172,7 +176,7 @@ async def _serve_async(args) -> int:
     from .server import Daemon  # noqa: PLC0415
     from .telemetry import serve_telemetry  # noqa: PLC0415
 
-    overrides = {k: getattr(args, k) for k in ("host", "port", "model", "device", "dtype", "blocks", "random_weights",
+    overrides = {k: getattr(args, k) for k in ("host", "port", "model", "device", "dtype", "weights", "blocks", "random_weights",
                                                "seed", "key_file", "insecure", "state_dir", "node_name",
                                                "emulate_link", "mdns", "advertise_address", "telemetry_interval",
                                                "text_encoder_device", "text_encoder_idle")}
@@ -210,7 +214,7 @@ async def _serve_async(args) -> int:
         source = open_source(config.model, store, random_weights=config.random_weights, seed=config.seed)
         text_encoder = TextEncoderOptions(device=config.text_encoder_device or None, idle=config.text_encoder_idle,
                                           cache_bytes=config.prompt_cache_mib << 20)
-        model = HostedModel(source, device, DTYPES[config.dtype], text_encoder)
+        model = HostedModel(source, device, DTYPES[config.dtype], text_encoder, weights=config.weights)
         blocks = parse_blocks(config.blocks, model.preset.num_blocks)
     except (ModelError, ConfigError, KeyError, ValueError, RuntimeError) as exc:  # RuntimeError: a bad device name
         raise StartupError(f"model: {exc}") from None

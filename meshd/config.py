@@ -14,6 +14,9 @@ from typing import Any
 import platformdirs
 
 DEFAULT_CONFIG = Path("/etc/meshd/meshd.toml")
+#: The ``weights`` option: as stored, dense, or quantised at load (the last three are
+#: meshd.model.precision.LOAD_FORMATS; named here so that reading a config does not import torch).
+WEIGHTS_CHOICES = ("auto", "bf16", "fp8", "gguf-q8_0", "gguf-q4_k")
 CREDENTIAL_NAME = "cluster.key"
 
 
@@ -51,6 +54,7 @@ class DaemonConfig:
     model: str = "tiny"
     device: str = "auto"
     dtype: str = "bfloat16"
+    weights: str = "auto"  # "auto" (as stored), "bf16", "fp8", "gguf-q8_0", "gguf-q4_k" (quantised at load)
     blocks: str = "none"  # "none", "all", or ranges like "0-15" / "0-3,20-31"
     random_weights: bool = False
     seed: int = 0
@@ -128,6 +132,8 @@ def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> D
                           "sessions in all, shared with every other program)")
     if config.dtype not in ("bfloat16", "float16", "float32"):
         raise ConfigError(f"dtype {config.dtype!r} must be bfloat16, float16 or float32")
+    if config.weights not in WEIGHTS_CHOICES:
+        raise ConfigError(f"weights {config.weights!r} must be one of {', '.join(WEIGHTS_CHOICES)}")
     return config
 
 

@@ -160,21 +160,63 @@ class PeerResources:
     speed: float = 1.0  # relative compute speed (higher is faster)
 
 
-def span_bytes(preset: ModelPreset, start: int, end: int, itemsize: int = 2) -> int:
+@dataclass(frozen=True)
+class WeightBytes:
+    """Device bytes of a model's weights at the precision the peers hold them (fp8, GGUF or dense): per
+    block in flat order, the head's modules (embedders, modulation) and the tail's (final norm, projection).
+    A daemon reports its own in ``info``; without one the planner assumes dense weights."""
+
+    blocks: tuple[int, ...]
+    head: int
+    tail: int
+
+    @classmethod
+    def dense(cls, preset: ModelPreset, itemsize: int = 2) -> WeightBytes:
+        """The dense estimate: parameters times ``itemsize``."""
+        return cls(tuple(preset.block_params(i) * itemsize for i in range(preset.num_blocks)),
+                   _head_params(preset) * itemsize, 0)
+
+    def span(self, start: int, end: int) -> int:
+        return sum(self.blocks[start:end])
+
+    def to_wire(self) -> dict:
+        return {"blocks": list(self.blocks), "head": self.head, "tail": self.tail}
+
+    @classmethod
+    def from_wire(cls, data: object, preset: ModelPreset) -> WeightBytes | None:
+        """A peer's report, or None when it sent none or one that does not fit ``preset``."""
+        if not isinstance(data, dict):
+            return None
+        blocks, head, tail = data.get("blocks"), data.get("head"), data.get("tail")
+        values = [*blocks, head, tail] if isinstance(blocks, list) else []
+        if len(values) != preset.num_blocks + 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                                           for v in values):
+            return None
+        return cls(tuple(blocks), head, tail)
+
+
+def span_bytes(preset: ModelPreset, start: int, end: int, itemsize: int = 2, weights: WeightBytes | None = None) -> int:
+    """Weight bytes of blocks ``[start, end)``: as ``weights`` reports them, else dense at ``itemsize``."""
+    if weights is not None:
+        return weights.span(start, end)
     return sum(preset.block_params(i) for i in range(start, end)) * itemsize
 
 
-def head_extra_bytes(preset: ModelPreset, itemsize: int = 2) -> int:
-    """Embedders, modulation and VAE (~354 M params on klein-9B); the text encoder is placed apart."""
+def _head_params(preset: ModelPreset) -> int:
     d = preset.hidden
     cfg = preset.transformer
-    params = (
+    return (
         d * int(cfg["in_channels"]) + d * int(cfg["joint_attention_dim"])  # x / context embedders
         + 2 * d * int(cfg["timestep_guidance_channels"]) + 2 * d * d  # timestep (+ guidance) MLPs
         + 15 * d * d  # double img/txt (6D each) and single (3D) modulation
     )
+
+
+def head_extra_bytes(preset: ModelPreset, itemsize: int = 2, weights: WeightBytes | None = None) -> int:
+    """Embedders, modulation and VAE (~354 M params on klein-9B); the text encoder is placed apart."""
     vae = 84_000_000 if preset.name != "tiny" else 50_000
-    return (params + vae) * itemsize
+    head = weights.head + weights.tail if weights is not None else _head_params(preset) * itemsize
+    return head + vae * itemsize
 
 
 def workspace_bytes(preset: ModelPreset, tokens: int, itemsize: int = 2) -> int:
@@ -182,7 +224,8 @@ def workspace_bytes(preset: ModelPreset, tokens: int, itemsize: int = 2) -> int:
     return int(tokens * preset.hidden * itemsize * 40)
 
 
-def propose(preset: ModelPreset, peers: Sequence[PeerResources], tokens: int, itemsize: int = 2) -> SplitPlan:
+def propose(preset: ModelPreset, peers: Sequence[PeerResources], tokens: int, itemsize: int = 2,
+            weights: WeightBytes | None = None) -> SplitPlan:
     """Use every peer, in order (the first is the head), each for one contiguous range, so that the
     slowest stage is as fast as possible without exceeding any peer's free memory.
 
@@ -190,7 +233,8 @@ def propose(preset: ModelPreset, peers: Sequence[PeerResources], tokens: int, it
     token, research/flux2.md 1.6) over the peer's relative speed; memory in parameters (a double
     block holds twice a single one's). Among equally fast plans the one that keeps the weights most
     even wins. One step runs the stages one after another, so a split pools memory rather than
-    making one image faster; balanced stages matter when several images are in flight.
+    making one image faster; balanced stages matter when several images are in flight. ``weights``
+    gives the real bytes at the precision the peers hold (fp8 blocks weigh half of bf16 ones).
     """
     n, p = preset.num_blocks, len(peers)
     if p == 0:
@@ -200,9 +244,9 @@ def propose(preset: ModelPreset, peers: Sequence[PeerResources], tokens: int, it
     work = workspace_bytes(preset, tokens, itemsize)
 
     def stage_cost(k: int, s: int, e: int) -> tuple[float, float]:
-        mem = span_bytes(preset, s, e, itemsize) + work
+        mem = span_bytes(preset, s, e, itemsize, weights) + work
         if k == 0:
-            mem += head_extra_bytes(preset, itemsize)
+            mem += head_extra_bytes(preset, itemsize, weights)
         if mem > peers[k].free_bytes:
             return (math.inf, math.inf)
         return ((e - s) / max(peers[k].speed, 1e-9), mem / max(peers[k].free_bytes, 1))
@@ -220,7 +264,7 @@ def propose(preset: ModelPreset, peers: Sequence[PeerResources], tokens: int, it
                 if value < best[k][e]:
                     best[k][e], cut[k][e] = value, s
     if math.isinf(best[p - 1][n][0]):
-        need = span_bytes(preset, 0, n, itemsize) + head_extra_bytes(preset, itemsize) + p * work
+        need = span_bytes(preset, 0, n, itemsize, weights) + head_extra_bytes(preset, itemsize, weights) + p * work
         have = sum(x.free_bytes for x in peers)
         raise PlanError(
             f"{preset.name} does not fit: it needs about {need / 2**30:.1f} GiB across the peers "

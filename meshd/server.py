@@ -343,7 +343,9 @@ class Daemon:
             "name": self.name,
             "version": __version__,
             "proto": limits.PROTOCOL_VERSION,
-            "model": {**self.model.identity.to_dict(), "num_blocks": preset.num_blocks, "num_double": preset.num_double},
+            "model": {**self.model.identity.to_dict(), "num_blocks": preset.num_blocks, "num_double": preset.num_double,
+                      # the real bytes at this peer's precision, which the planner sizes stages by
+                      "weight_bytes": self.model.weight_bytes().to_wire(), "compute": self.model.compute_path()},
             "blocks": ranges(self.model.blocks),
             "head": self.model.has_head,
             "tail": self.model.has_tail,
@@ -410,9 +412,10 @@ class Daemon:
         mine = self.model.identity
         if not isinstance(expected, dict):
             raise MeshError("bad-request", "prepare needs the plan's model identity")
-        if (expected.get("preset"), expected.get("hash"), expected.get("dtype")) != (mine.preset, mine.content_hash, mine.dtype):
+        keys = ("preset", "hash", "dtype", "weights")
+        if tuple(expected.get(k) for k in keys) != (mine.preset, mine.content_hash, mine.dtype, mine.weights):
             theirs = (f"{expected.get('model_id')!s:.40} ({expected.get('preset')!s:.20}, {expected.get('dtype')!s:.10}, "
-                      f"sha256 {str(expected.get('hash'))[:12]})")
+                      f"weights {expected.get('weights')!s:.80}, sha256 {str(expected.get('hash'))[:12]})")
             raise MeshError("mismatch", f"{self.name} holds {mine.describe()}; the plan expects {theirs}")
 
     def _check_holds(self, stage: Stage) -> None:

@@ -17,7 +17,7 @@ from meshd.connection import Channel
 from meshd.errors import MeshError
 from meshd.link import LinkEmulation
 from meshd.model.presets import PRESETS, ModelPreset
-from meshd.plan import PeerAddress, PeerResources, PlanError, SplitPlan, parse_split, propose
+from meshd.plan import PeerAddress, PeerResources, PlanError, SplitPlan, WeightBytes, parse_split, propose
 from meshd.streaming import unpack_raw
 
 from .splitting import tokens_for
@@ -139,17 +139,18 @@ class Mesh:
 
     def plan(self, split: str, tokens: int) -> SplitPlan:
         """``auto`` (every peer, balanced, within free memory) or a SPEC like ``A:0-15,B:16-31``."""
-        preset, _ = self.model()
+        preset, model = self.model()
         peers = list(self.peers.values())
         if split == "auto":
+            # The blocks' real bytes at the peers' precision (they all hold the same weights, see prepare).
+            weights = WeightBytes.from_wire(model.get("weight_bytes"), preset) or WeightBytes.dense(preset)
             resources = []
             for p in peers:
                 memory = p.info.get("memory") or {}
                 # Memory already holding blocks counts as available for this plan's blocks.
-                free = int(memory.get("free", 0)) + sum(preset.block_params(i) * 2 for a, b in p.info.get("blocks", [])
-                                                      for i in range(a, b))
+                free = int(memory.get("free", 0)) + sum(weights.span(a, b) for a, b in p.info.get("blocks", []))
                 resources.append(PeerResources(p.address, p.label, free))
-            return propose(preset, resources, tokens)
+            return propose(preset, resources, tokens, weights=weights)
         return parse_split(split, {p.label: p.address for p in peers}, preset.num_blocks)
 
     def peer_at(self, address: PeerAddress) -> Peer:

@@ -14,8 +14,8 @@ from dataclasses import dataclass, replace
 from codec import Capabilities, CodecError, CodecSpec
 from codec.policy import Calibration, choose_codec, engines
 from meshd.model.presets import PRESETS, ModelPreset
-from meshd.plan import (PeerAddress, PeerResources, PlanError, SplitPlan, Stage, head_extra_bytes, propose,
-                        span_bytes, workspace_bytes)
+from meshd.plan import (PeerAddress, PeerResources, PlanError, SplitPlan, Stage, WeightBytes, head_extra_bytes,
+                        propose, span_bytes, workspace_bytes)
 
 from .views import PeerView
 
@@ -170,9 +170,16 @@ def plan_preset(peers: Iterable[PeerView]) -> ModelPreset:
     return PRESETS[preset]
 
 
+def weight_bytes(peer: PeerView | None, preset: ModelPreset) -> WeightBytes:
+    """The real bytes of the model's weights at the precision ``peer`` holds them (dense if it did not say)."""
+    reported = WeightBytes.from_wire(peer.weight_bytes, preset) if peer is not None else None
+    return reported or WeightBytes.dense(preset, itemsize(peer.dtype if peer is not None else None))
+
+
 def available_bytes(peer: PeerView, preset: ModelPreset) -> int:
     """Free memory plus what its current blocks occupy (a new plan replaces them)."""
-    held = sum(span_bytes(preset, a, b, itemsize(peer.dtype)) for a, b in peer.blocks)
+    sizes = weight_bytes(peer, preset)
+    held = sum(sizes.span(a, b) for a, b in peer.blocks)
     return (peer.free_bytes or 0) + held
 
 
@@ -182,7 +189,7 @@ def propose_plan(peers: Sequence[PeerView], tokens: int, speeds: BlockSpeeds) ->
     preset = plan_preset(online)
     resources = [PeerResources(p.address, p.label, available_bytes(p, preset), speeds.relative_speed(p.address))
                  for p in online]
-    return propose(preset, resources, tokens, itemsize(online[0].dtype))
+    return propose(preset, resources, tokens, itemsize(online[0].dtype), weight_bytes(online[0], preset))
 
 
 def move_boundary(plan: SplitPlan, index: int, delta: int) -> SplitPlan:
@@ -290,9 +297,10 @@ def forecast(plan: SplitPlan, peers: Mapping[PeerAddress, PeerView], width: int,
             problems.append(f"{name} is {peer.status}: {peer.error or 'no answer'}")
         elif head is not None and (peer.preset, peer.model_hash) != (head.preset, head.model_hash):
             problems.append(f"{name} serves {peer.model_id}, the head serves {head.model_id}")
-        need = span_bytes(preset, stage.start, stage.end, size) + workspace_bytes(preset, tokens, size)
+        sizes = weight_bytes(head, preset)
+        need = span_bytes(preset, stage.start, stage.end, size, sizes) + workspace_bytes(preset, tokens, size)
         if i == 0:
-            need += head_extra_bytes(preset, size)
+            need += head_extra_bytes(preset, size, sizes)
         need_per_peer[stage.peer] = need_per_peer.get(stage.peer, 0) + need
         available = available_bytes(peer, preset) if peer is not None and peer.free_bytes is not None else None
         compute = speeds.ms(stage.peer, stage.blocks)

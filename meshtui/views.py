@@ -57,6 +57,9 @@ class PeerView:
     preset: str | None = None
     model_hash: str | None = None
     dtype: str | None = None
+    weights: str | None = None  # the precision it holds the weights at, e.g. "fp8 e4m3fn per-row 192, bf16 9"
+    compute: str | None = None  # how its quantised layers compute (native fp8 matmul or per-layer dequantise)
+    weight_bytes: dict | None = None  # its weights' real bytes per block (meshd.plan.WeightBytes on the wire)
     num_blocks: int | None = None
     blocks: tuple[tuple[int, int], ...] = ()  # held ranges, [start, end)
     caps: Capabilities | None = None  # what its device can encode and decode
@@ -99,6 +102,9 @@ class PeerView:
             preset=_text(model.get("preset")),
             model_hash=_text(model.get("hash")),
             dtype=_text(model.get("dtype")),
+            weights=_text(model.get("weights")),
+            compute=_text(model.get("compute")),
+            weight_bytes=model.get("weight_bytes") if isinstance(model.get("weight_bytes"), dict) else None,
             num_blocks=_int(model.get("num_blocks")),
             blocks=blocks,
             caps=_caps(info.get("caps")),

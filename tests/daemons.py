@@ -43,7 +43,7 @@ async def running_daemon(tmp: Path, key: bytes | None, blocks=(), models_dir: Pa
     cfg = DaemonConfig(host="127.0.0.1", port=0, device="cpu", models_dir=(models,), state_dir=tmp / "state",
                        mdns=False, insecure=key is None, **config)
     source = open_source(model, ModelStore([models]))
-    model = HostedModel(source, torch.device("cpu"), torch.bfloat16)
+    model = HostedModel(source, torch.device("cpu"), torch.bfloat16, weights=cfg.weights)
     blocks = sorted(blocks)
     if blocks:
         with torch.inference_mode():

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from meshd.model.checkpoints import bfl_linear_names
 from meshd.model.files import ModelError, ModelStore
+from meshd.model.precision import Fp8Linear, GgufLinear
 from meshd.model.presets import PRESETS
 from meshd.model.runtime import FolderSource, HostedModel, open_source
 from meshd.model.span import block_prefix
@@ -155,7 +156,13 @@ def hosted(root, name, blocks, head=True, tail=True) -> HostedModel:
 
 
 def loaded_state(model: HostedModel) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in model.span.state_dict().items() if not k.startswith("pos_embed")}
+    """Every weight of the span as numbers: quantised layers as they dequantise for their matmul."""
+    state = {k: v for k, v in model.span.state_dict().items()
+             if not k.startswith("pos_embed") and not k.endswith(".weight_scale")}
+    for name, module in model.span.named_modules():
+        if isinstance(module, (Fp8Linear, GgufLinear)):
+            state[f"{name}.weight"] = module.dequantized(torch.bfloat16)
+    return state
 
 
 EXACT = ["tiny", "tiny-sharded", "tiny-bfl", "tiny-comfy"]
@@ -177,7 +184,11 @@ def test_bf16_layouts_load_exactly_the_known_weights(models, name):
 @pytest.mark.parametrize("name", QUANTISED)
 def test_fp8_layouts_load_their_dequantized_values_within_quantisation_error(models, name):
     root, state, expected_bfl = models
-    got = loaded_state(hosted(root, name, range(PRESET.num_blocks)))
+    model = hosted(root, name, range(PRESET.num_blocks))
+    # fp8 stays fp8 on the device: every quantised layer holds its stored fp8 values, none a bf16 copy.
+    fp8 = [m for m in model.span.modules() if isinstance(m, Fp8Linear)]
+    assert fp8 and all(m.weight.dtype == torch.float8_e4m3fn for m in fp8)
+    got = loaded_state(model)
     # What the file holds, dequantized by the test itself and mapped with the same inverse as the writer.
     from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers as convert
     expected = convert(dict(expected_bfl[name]))
@@ -257,11 +268,12 @@ def test_a_span_reads_only_the_tensors_of_its_blocks(models, name, prefix, block
     if prefix is None:  # diffusers names: exactly the span's own tensors
         keys = source.checkpoint.shapes()
         own = [k for k in keys if k.startswith(tuple(block_prefix(PRESET, i) for i in blocks))]
-    else:  # BFL names: the span's blocks' tensors, with their scales and quantisation records
+    else:  # BFL names: the span's blocks' tensors with their scales (quantisation records, a few bytes
+        # each, are read when the file is opened, so that a format meshd cannot compute is refused there)
         stored = load_file(str(root / f"{name}.safetensors"))
         heads = tuple(f"{prefix}{'double_blocks' if i < 2 else 'single_blocks'}.{i if i < 2 else i - 2}."
                       for i in blocks)
-        own = [k for k in stored if k.startswith(heads) and not k.endswith("input_scale")]
+        own = [k for k in stored if k.startswith(heads) and not k.endswith(("input_scale", "comfy_quant"))]
     assert source.checkpoint.tensors_read == len(own) > 0
     assert model.blocks == tuple(blocks)
 
@@ -325,16 +337,16 @@ def test_a_wrong_checkpoint_is_refused_with_the_cause(models, tmp_path, damage, 
     assert cause in message and "bad.safetensors" in message
 
 
-def test_a_file_quantised_other_than_fp8_is_refused_when_read(models, tmp_path):
+def test_a_file_quantised_other_than_fp8_is_refused_when_opened(models, tmp_path):
+    """Issue 16: a format meshd cannot compute is refused by name when the file is opened, not at the first
+    block load (which used to be the first a user heard of it)."""
     root, state, _ = models
     stored = load_file(str(root / "tiny-comfy-scaled.safetensors"))
     key = "model.diffusion_model.single_blocks.0.linear1.comfy_quant"
     stored[key] = torch.tensor(list(json.dumps({"format": "nvfp4"}).encode()), dtype=torch.uint8)
     save_file(stored, str(tmp_path / "fp4.safetensors"))
-    model = HostedModel(open_source("fp4", ModelStore([tmp_path])), torch.device("cpu"), torch.bfloat16)
-    model.load([3], False, False)  # other blocks load
-    with pytest.raises(ModelError, match="nvfp4"):
-        model.load([2], False, False)
+    message = _refused(tmp_path, "fp4")
+    assert "nvfp4" in message and "single_blocks.0.linear1" in message and "fp4.safetensors" in message
 
 
 @pytest.mark.parametrize("kind,cause", [

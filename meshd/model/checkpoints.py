@@ -6,13 +6,26 @@ Layouts, told apart by their tensor names (never by the file name):
 - **BFL single file**: the reference code's names (``double_blocks.N.img_attn.qkv.weight``, ...);
 - **ComfyUI single file**: the BFL names under ``model.diffusion_model.``, in bf16, raw fp8 (e4m3 or e5m2),
   "scaled fp8" (fp8 plus a per-tensor ``.weight_scale`` / ``.scale_weight``), or a mix of these;
-- a single file with diffusers names (with or without a prefix) is read the same way.
+- a single file with diffusers names (with or without a prefix) is read the same way;
+- a **GGUF file** (city96's ComfyUI-GGUF layout: BFL names, block linears in Q8_0/Q6_K/Q5_K/Q4_K), see
+  :mod:`.gguf`.
+
+Weights are handed out at the precision they are stored in (:mod:`.precision`): fp8 stays fp8 with its
+scale, GGUF stays packed; ``weights = "bf16"`` dequantises at load instead, and ``weights = "fp8"`` (or a
+GGUF type) quantises a dense file's block weights at load, one tensor at a time on the device.
+
+Which layers are quantised is read the way ComfyUI reads it (comfy/utils.py ``convert_old_quants``,
+comfy/ops.py): a per-layer ``comfy_quant`` record, the header's ``_quantization_metadata``, or the legacy
+``scaled_fp8`` marker with ``.scale_weight`` scales. A scale beside a layer none of these declare is
+ignored, as ComfyUI ignores it. Every declared format, scale dtype and scale shape is checked when the
+file is opened, and anything meshd cannot compute is refused there, by name.
 
 All of them go through one path. The header (names, dtypes, shapes) is indexed without reading any
 data. A span asks for tensors by their diffusers names; each is traced to the one stored tensor it
-comes from (``qkv`` feeds ``to_q``, ``to_k`` and ``to_v``), which is read, dequantized and handed to
-diffusers' own ``convert_flux2_transformer_checkpoint_to_diffusers``. The converter only ever sees one
-dequantized tensor without prefix: the input it handles correctly. Given a whole ComfyUI file it fails
+comes from (``qkv`` feeds ``to_q``, ``to_k`` and ``to_v``), which is read and handed to diffusers' own
+``convert_flux2_transformer_checkpoint_to_diffusers``. The converter only ever sees one tensor without
+prefix (values, a per-row scale or packed GGUF rows: it only splits and swaps rows), the input it handles
+correctly. Given a whole ComfyUI file it fails
 on the prefix, crashes on ``qkv.weight_scale`` and silently drops the other scales (research/flux2.md §5).
 """
 
@@ -29,6 +42,17 @@ from pathlib import Path
 
 import torch
 
+from .gguf import GGUF_SUFFIX, gguf_type, open_gguf, read_gguf_header
+from .precision import (
+    DENSE,
+    GGUF_FLOATS,
+    LOAD_FORMATS,
+    GgufLinear,
+    LinearFormat,
+    gguf_sizes,
+    load_format,
+    quantise,
+)
 from .presets import PRESETS, ModelPreset
 from .span import span_modules
 from .tensorfiles import FileHashes, ModelError, TensorInfo, open_safetensors, read_header, read_json, require_safetensors
@@ -39,9 +63,11 @@ PREFIXES = ("model.diffusion_model.", "diffusion_model.", "")
 SCALE_SUFFIXES = ("weight_scale", "scale_weight")
 #: ComfyUI's per-layer quantisation record: a uint8 tensor holding JSON such as {"format": "float8_e4m3fn"}.
 QUANT_RECORD_SUFFIX = "comfy_quant"
-#: Activation scales for native fp8 matmuls. meshd dequantizes the weights and computes in bf16/fp16,
-#: where an input scale has no meaning, so these are never read.
-UNUSED_SUFFIXES = ("input_scale",)
+#: A record is a few dozen bytes of JSON; anything bigger is not one (and is not read into memory).
+MAX_RECORD_BYTES = 4096
+#: Static activation scales (new and old spelling). meshd scales activations per token on its native fp8
+#: path and computes in bf16 elsewhere, so these are never read.
+UNUSED_SUFFIXES = ("input_scale", "scale_input")
 #: Whole-file markers (ComfyUI's legacy scaled-fp8 flag), not weights.
 MARKER_KEYS = ("scaled_fp8",)
 #: Suffixes of quantisation schemes meshd does not dequantize (NVFP4's second scale, GGUF-style blocks).
@@ -49,6 +75,16 @@ UNSUPPORTED_SUFFIXES = ("weight_scale_2", "qweight", "absmax")
 
 FLOAT_DTYPES = {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}
 FP8_DTYPES = {"F8_E4M3": "fp8 e4m3", "F8_E5M2": "fp8 e5m2"}
+#: safetensors fp8 dtype -> the fp8 format name of :class:`.precision.LinearFormat`.
+FP8_FORMATS = {"F8_E4M3": "e4m3fn", "F8_E5M2": "e5m2"}
+#: ComfyUI's quantisation formats meshd computes: the per-layer record's "format" -> the stored dtype it means.
+QUANT_FORMATS = {"float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2"}
+#: Formats ComfyUI knows that meshd refuses, with what they are (so the message says why).
+REFUSED_FORMATS = {"mxfp8": "mxfp8 (e4m3 values with one E8M0 scale per 32)",
+                   "nvfp4": "nvfp4 (4-bit floats with block scales)", "mxfp4": "mxfp4 (4-bit floats with E8M0 scales)",
+                   "int8_tensorwise": "int8", "int8_blockwise": "int8"}
+#: Dtypes a dequantisation scale may have (an E8M0 or uint8 scale belongs to a block format).
+SCALE_DTYPES = ("F32", "BF16", "F16")
 
 #: FLUX.2's linear layers in BFL naming (the reference code, ComfyUI, kohya and ai-toolkit LoRAs).
 BFL_DOUBLE_LINEARS = ("img_attn.qkv", "img_attn.proj", "img_mlp.0", "img_mlp.2",
@@ -122,14 +158,21 @@ class StoredTensor:
     """A weight as stored, with what it takes to turn it back into numbers."""
 
     info: TensorInfo
-    scale: TensorInfo | None = None  # per-tensor (or per-row) dequantization scale
-    record: TensorInfo | None = None  # ComfyUI's quantisation record
+    scale: TensorInfo | None = None  # the declared per-tensor (or per-row) dequantisation scale
+    format: LinearFormat = DENSE  # how it is stored: dense, fp8 (scaled or raw) or GGUF blocks
 
     @property
     def kind(self) -> str:
-        """bf16, fp16, fp32, "fp8 e4m3", "fp8 e4m3 scaled"..."""
+        """bf16, fp16, fp32, "fp8 e4m3", "fp8 e4m3 scaled", "fp8 e4m3 scaled per-row", "gguf Q4_K"..."""
+        qtype = gguf_type(self.info)
+        if qtype is not None:
+            # GGUF names its float types as safetensors does (BF16, F16, F32)
+            return FLOAT_DTYPES[qtype] if qtype in GGUF_FLOATS else f"gguf {qtype}"
+
         base = FLOAT_DTYPES.get(self.info.dtype) or FP8_DTYPES.get(self.info.dtype, self.info.dtype)
-        return f"{base} scaled" if self.scale else base
+        if not self.scale:
+            return base
+        return f"{base} scaled per-row" if self.format.per_row else f"{base} scaled"
 
 
 class Checkpoint:
@@ -150,7 +193,7 @@ class Checkpoint:
         self._stored = stored  # name in the file (without prefix) -> stored weight
         self._sources = sources  # diffusers name -> name of the stored tensor it comes from
         self._shapes = shapes  # diffusers name -> shape
-        self.tensors_read = 0  # every tensor fetched from disk (weights, scales, records); tests count these
+        self.tensors_read = 0  # tensors fetched from disk by read() (weights, scales); tests count these
         self._lock = threading.Lock()
         self._check()
 
@@ -187,17 +230,17 @@ class Checkpoint:
 
     @classmethod
     def open_file(cls, path: Path) -> Checkpoint:
-        """A single-file checkpoint (BFL or ComfyUI, any precision); its preset is read from its shapes."""
-        header, metadata = read_header(path)
+        """A single-file checkpoint (BFL or ComfyUI, any precision, or GGUF); its preset is read from its shapes."""
+        header, metadata = read_gguf_header(path) if path.suffix == GGUF_SUFFIX else read_header(path)
         return cls._build(path, [path], header, metadata, None, folder=False)
 
     @classmethod
     def _build(cls, path: Path, files: list[Path], header: dict[str, TensorInfo], metadata: dict[str, str],
                preset: ModelPreset | None, folder: bool) -> Checkpoint:
         prefix, naming = _detect_layout(path, header)
-        _check_quantisation_metadata(path, metadata)
         local = {k[len(prefix):]: info for k, info in header.items() if k.startswith(prefix)}
-        stored = _index_weights(path, local)
+        declared = _declared_formats(path, local, metadata, prefix)
+        stored = _index_weights(path, local, declared)
         sources: dict[str, str] = {}
         shapes: dict[str, tuple[int, ...]] = {}
         unknown = []
@@ -228,6 +271,8 @@ class Checkpoint:
                 ) from None
         if folder:
             layout = "diffusers folder"
+        elif path.suffix == GGUF_SUFFIX:
+            layout = "GGUF single file"
         elif prefix == "model.diffusion_model.":
             layout = "ComfyUI single file"
         else:
@@ -266,13 +311,25 @@ class Checkpoint:
         """Every tensor by diffusers name, with its shape (from the header)."""
         return dict(self._shapes)
 
+    def linear_formats(self, weights: str = "auto") -> dict[str, LinearFormat]:
+        """How each linear layer (diffusers module name) is held on the device under ``weights``: "auto"
+        as stored, "bf16" dense, or a format of :data:`.precision.LOAD_FORMATS` for the dense block weights
+        (already quantised layers stay as stored)."""
+        return {module: target_format(self._stored[self._sources[f"{module}.weight"]].format, weights, module, shape)
+                for module, shape in _linears(self._shapes).items()}
+
     # --- reading ------------------------------------------------------------------------------
 
-    def read(self, names: Iterable[str], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """Exactly the tensors ``names`` (diffusers names) as ``dtype`` on ``device``; nothing else is read."""
+    def read(self, names: Iterable[str], device: torch.device, dtype: torch.dtype,
+             formats: dict[str, LinearFormat] | None = None) -> dict[str, torch.Tensor]:
+        """Exactly the tensors ``names`` (diffusers state-dict names of layers held as ``formats``, dense
+        where a layer is not named) on ``device``: floats in ``dtype``, fp8 and GGUF as their layer holds
+        them. Nothing else is read; a quantised-at-load layer is quantised on ``device`` tensor by tensor."""
+        formats = formats or {}
         wanted: dict[str, list[str]] = {}
         for name in names:
-            source = self._sources.get(name)
+            weight = name.removesuffix("_scale") if name.endswith(".weight_scale") else name
+            source = self._sources.get(weight)
             if source is None:
                 raise ModelError(f"{self.path} has no tensor {name}")
             wanted.setdefault(source, []).append(name)
@@ -282,20 +339,45 @@ class Checkpoint:
 
             def fetch(info: TensorInfo) -> torch.Tensor:
                 if info.file not in handles:
-                    handles[info.file] = stack.enter_context(open_safetensors(info.file))
-                tensor = handles[info.file].get_tensor(info.key)
+                    opener = open_gguf if info.file.suffix == GGUF_SUFFIX else open_safetensors
+                    handles[info.file] = stack.enter_context(opener(info.file))
+                handle = handles[info.file]
+                tensor = handle.get_tensor(info.key, info.shape) if gguf_type(info) else handle.get_tensor(info.key)
                 with self._lock:
                     self.tensors_read += 1
                 return tensor
 
             for source, targets in wanted.items():
-                value = _dequantize(self._stored[source], fetch)
-                converted = {source: value} if self.naming == "diffusers" else bfl_to_diffusers(source, value)
-                for name in targets:  # shapes were checked against the preset when the header was read
-                    tensor = converted[name]
-                    cast = dtype if tensor.dtype.is_floating_point else tensor.dtype
-                    out[name] = tensor.to(device=device, dtype=cast)
+                stored = self._stored[source]
+                pieces = self._convert(source, fetch(stored.info))
+                scales = self._scales(source, stored, fetch)
+                held: dict[str, dict[str, torch.Tensor]] = {}  # diffusers weight -> its layer's tensors
+                for name in targets:
+                    weight = name.removesuffix("_scale") if name.endswith(".weight_scale") else name
+                    module = weight.removesuffix(".weight")
+                    fmt = formats.get(module, DENSE) if weight.endswith(".weight") else DENSE
+                    if weight not in held:
+                        held[weight] = _as_format(pieces[weight], stored.format, scales.get(weight), fmt, device,
+                                                  dtype)
+                    out[name] = held[weight]["weight" if name == weight else "weight_scale"]
         return out
+
+    def _convert(self, source: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A stored tensor (values, per-row scales or packed GGUF rows) under its diffusers name(s)."""
+        return {source: value} if self.naming == "diffusers" else bfl_to_diffusers(source, value)
+
+    def _scales(self, source: str, stored: StoredTensor, fetch) -> dict[str, torch.Tensor]:
+        """The float32 scale of each diffusers weight ``source`` becomes: ``()`` per tensor, ``[rows, 1]`` per row."""
+        if stored.format.kind != "fp8":
+            return {}
+        if stored.scale is None:  # raw fp8: unit scale
+            scale = torch.ones((), dtype=torch.float32)
+        else:
+            scale = fetch(stored.scale).float()
+            scale = scale.reshape(-1, 1) if stored.format.per_row else scale.reshape(())
+        if scale.ndim == 0:
+            return {name: scale for name in self._convert(source, torch.empty(stored.info.shape, device="meta"))}
+        return self._convert(source, scale)
 
     def content_hash(self, cache_dir: Path | None = None) -> str:
         """What the handshake compares: the file's sha256 (as ``sha256sum`` prints it) for a single file;
@@ -326,40 +408,125 @@ def _detect_layout(path: Path, header: dict[str, TensorInfo]) -> tuple[str, str]
                      "or another model?")
 
 
-def _index_weights(path: Path, local: dict[str, TensorInfo]) -> dict[str, StoredTensor]:
-    """The weights among ``local`` tensors, each with its scale and quantisation record."""
+def _declared_formats(path: Path, local: dict[str, TensorInfo], metadata: dict[str, str],
+                      prefix: str) -> dict[str, str]:
+    """Module name (no prefix) -> the quantisation format the file declares for it, from the header's
+    ``_quantization_metadata``, ComfyUI's per-layer ``comfy_quant`` records (tiny tensors, read here), and
+    the legacy ``scaled_fp8`` marker with ``.scale_weight`` scales (ComfyUI's ``convert_old_quants``)."""
+    declared: dict[str, str] = {}
+    raw = metadata.get("_quantization_metadata")
+    if raw:
+        try:
+            layers = json.loads(raw).get("layers", {})
+            items = layers.items()
+        except (ValueError, AttributeError):
+            raise ModelError(f"{path} has unreadable _quantization_metadata") from None
+        for module, conf in items:
+            fmt = conf.get("format", "") if isinstance(conf, dict) else conf
+            declared[str(module).removeprefix(prefix)] = str(fmt)
+    elif "scaled_fp8" in local:
+        for name in local:
+            if name.endswith(".scale_weight"):
+                declared[name.removesuffix(".scale_weight")] = "float8_e4m3fn"
+    records: dict[Path, list[str]] = {}  # by file: a sharded folder may spread them over its shards
+    for name, info in local.items():
+        if name.endswith("." + QUANT_RECORD_SUFFIX):
+            records.setdefault(info.file, []).append(name)
+    for file, names in records.items():
+        with open_safetensors(file) as f:
+            for name in names:
+                if local[name].dtype != "U8" or len(local[name].shape) != 1 or local[name].shape[0] > MAX_RECORD_BYTES:
+                    raise ModelError(f"{path}: {local[name].key} is not a quantisation record (a JSON string of at "
+                                     f"most {MAX_RECORD_BYTES} bytes); it is {local[name].dtype} {local[name].shape}")
+                try:
+                    record = f.get_tensor(local[name].key)
+                    fmt = json.loads(bytes(record.to(torch.uint8).tolist()).decode()).get("format", "")
+                except (ValueError, AttributeError, UnicodeDecodeError):
+                    raise ModelError(f"{path}: {local[name].key} is not a readable quantisation record") from None
+                declared[name.removesuffix("." + QUANT_RECORD_SUFFIX)] = str(fmt)
+    for module, fmt in declared.items():
+        if fmt not in QUANT_FORMATS:
+            what = REFUSED_FORMATS.get(fmt, repr(fmt))
+            raise ModelError(f"{path}: layer {module} is quantised as {what}; meshd computes fp8 (float8_e4m3fn, "
+                             "float8_e5m2) scaled per tensor or per row, bf16 and GGUF; use such a checkpoint")
+    return declared
+
+
+def _index_weights(path: Path, local: dict[str, TensorInfo], declared: dict[str, str]) -> dict[str, StoredTensor]:
+    """The weights among ``local`` tensors, each with its declared scale and how it is stored."""
     stored = {}
     for name, info in local.items():
         leaf = name.rsplit(".", 1)[-1]
         if name in MARKER_KEYS or leaf in SCALE_SUFFIXES or leaf in UNUSED_SUFFIXES or leaf == QUANT_RECORD_SUFFIX:
             continue
         if leaf in UNSUPPORTED_SUFFIXES:
-            raise ModelError(f"{path} uses a quantisation meshd cannot dequantize ({name}); use a bf16, fp8 or "
-                             "scaled-fp8 checkpoint")
-        module = name.rsplit(".", 1)[0]
-        scale = next((local[f"{module}.{s}"] for s in SCALE_SUFFIXES if leaf == "weight" and f"{module}.{s}" in local),
-                     None)
-        record = local.get(f"{module}.{QUANT_RECORD_SUFFIX}") if leaf == "weight" else None
+            raise ModelError(f"{path} uses a quantisation meshd cannot dequantize ({name}); use a bf16, fp8, "
+                             "scaled-fp8 or GGUF checkpoint")
+        qtype = gguf_type(info)
+        if qtype is not None:
+            fmt = DENSE if qtype in GGUF_FLOATS else LinearFormat("gguf", qtype=qtype)
+            stored[name] = StoredTensor(info, None, fmt)
+            continue
         if info.dtype not in FLOAT_DTYPES and info.dtype not in FP8_DTYPES:
             raise ModelError(f"{path}: {name} is stored as {info.dtype}, a quantisation meshd cannot dequantize; "
-                             "use a bf16, fp8 or scaled-fp8 checkpoint")
-        stored[name] = StoredTensor(info, scale, record)
+                             "use a bf16, fp8, scaled-fp8 or GGUF checkpoint")
+        module = name.rsplit(".", 1)[0]
+        fmt_name = declared.get(module) if leaf == "weight" else None
+        if fmt_name is not None and QUANT_FORMATS[fmt_name] != info.dtype:
+            raise ModelError(f"{path}: layer {module} is declared {fmt_name} but its weight is stored as {info.dtype}")
+        if info.dtype not in FP8_DTYPES:
+            stored[name] = StoredTensor(info)
+            continue
+        # A scale counts only where the layer is declared quantised; ComfyUI ignores any other.
+        scale = next((local[f"{module}.{s}"] for s in SCALE_SUFFIXES if f"{module}.{s}" in local), None) \
+            if fmt_name is not None else None
+        per_row = scale is not None and _scale_layout(path, info, scale)
+        stored[name] = StoredTensor(info, scale, LinearFormat("fp8", FP8_FORMATS[info.dtype], per_row=per_row))
     return stored
 
 
-def _check_quantisation_metadata(path: Path, metadata: dict[str, str]) -> None:
-    """Refuse files whose header declares a quantisation other than fp8 (NVFP4, MXFP4, int8...)."""
-    raw = metadata.get("_quantization_metadata")
-    if not raw:
-        return
-    try:
-        layers = json.loads(raw).get("layers", {})
-    except (ValueError, AttributeError):
-        raise ModelError(f"{path} has unreadable _quantization_metadata") from None
-    formats = {str(v.get("format", "")) for v in layers.values() if isinstance(v, dict)}
-    bad = sorted(f for f in formats if f and "float8" not in f and "fp8" not in f)
-    if bad:
-        raise ModelError(f"{path} is quantised as {', '.join(bad)}; meshd dequantizes only fp8 and scaled fp8")
+def _scale_layout(path: Path, weight: TensorInfo, scale: TensorInfo) -> bool:
+    """True for one scale per output row (``[rows]`` or ``[rows, 1]``), False for one per tensor; any other
+    dtype or shape (per column, per block) is refused naming it."""
+    if scale.dtype not in SCALE_DTYPES:
+        raise ModelError(f"{path}: scale {scale.key} is {scale.dtype} (a block-format scale, as mxfp8's E8M0); meshd "
+                         "reads float32/bf16/fp16 scales per tensor or per row")
+    numel = 1
+    for n in scale.shape:
+        numel *= n
+    if numel == 1:
+        return False
+    rows = weight.shape[0] if len(weight.shape) == 2 else -1
+    if scale.shape in ((rows,), (rows, 1)):
+        return True
+    raise ModelError(f"{path}: scale {scale.key} has shape {scale.shape}, neither per-tensor nor per-row "
+                     f"([{rows}] or [{rows}, 1]) for weight {weight.shape}")
+
+
+def _linears(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, int]]:
+    """Module name -> (out, in) of every linear layer among diffusers-named ``shapes``."""
+    return {name.removesuffix(".weight"): shape for name, shape in shapes.items()
+            if name.endswith(".weight") and len(shape) == 2}
+
+
+def is_block_layer(module: str) -> bool:
+    """A layer inside a transformer block (what ``weights = "fp8"`` quantises; the embedders, modulation
+    and final layer stay as stored)."""
+    return module.startswith(("transformer_blocks.", "single_transformer_blocks."))
+
+
+def target_format(stored: LinearFormat, weights: str, module: str, shape: tuple[int, int]) -> LinearFormat:
+    """How a layer stored as ``stored`` is held under ``weights`` (see :meth:`Checkpoint.linear_formats`)."""
+    if weights == "bf16":
+        return DENSE
+    if weights == "auto" or stored.kind != "dense" or not is_block_layer(module):
+        return stored
+    if weights not in LOAD_FORMATS:
+        raise ModelError(f"weights {weights!r}: use auto, bf16 or one of {', '.join(LOAD_FORMATS)}")
+    fmt = load_format(weights)
+    if fmt.kind == "gguf" and shape[1] % gguf_sizes(fmt.qtype)[0]:
+        return DENSE  # rows that are not whole GGUF blocks stay dense (as ComfyUI-GGUF's converter does)
+    return fmt
 
 
 def _config_from_shapes(path: Path, shapes: dict[str, tuple[int, ...]]) -> dict:
@@ -386,26 +553,26 @@ def _config_from_shapes(path: Path, shapes: dict[str, tuple[int, ...]]) -> dict:
     }
 
 
-def _dequantize(weight: StoredTensor, fetch) -> torch.Tensor:
-    """The stored tensor as numbers: fp8 times its scale where it has one, in float32; others as stored."""
-    value = fetch(weight.info)
-    if weight.record is not None:
-        record = fetch(weight.record)
-        try:
-            fmt = json.loads(bytes(record.to(torch.uint8).tolist()).decode()).get("format", "")
-        except (ValueError, AttributeError):
-            raise ModelError(f"{weight.info.file}: {weight.record.key} is not a readable quantisation record") from None
-        if "float8" not in fmt and "fp8" not in fmt:
-            raise ModelError(f"{weight.info.file}: {weight.info.key} is quantised as {fmt!r}; meshd dequantizes only "
-                             "fp8 and scaled fp8")
-    if weight.scale is None:
-        return value.float() if weight.info.dtype in FP8_DTYPES else value
-    scale = fetch(weight.scale).float()
-    if scale.numel() == 1:
-        scale = scale.reshape(())
-    elif value.ndim == 2 and scale.numel() == value.shape[0]:
-        scale = scale.reshape(-1, 1)  # one scale per output row
+def _as_format(value: torch.Tensor, stored: LinearFormat, scale: torch.Tensor | None, fmt: LinearFormat,
+               device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """One stored weight (as the converter hands it out) as the tensors of a ``fmt`` layer on ``device``:
+    kept as stored, dequantised, or quantised at load (on the device, so no dense copy stays behind)."""
+    if fmt == stored and fmt.kind == "fp8":
+        return {"weight": value.to(device), "weight_scale": scale.to(device)}
+    if fmt == stored and fmt.kind == "gguf":
+        return {"weight": value.to(device)}
+    if stored.kind == "fp8":  # in float32 first, rounded once to the compute dtype
+        dense = value.float() * scale
+    elif stored.kind == "gguf":
+        rows, packed = value.shape
+        block, size = gguf_sizes(stored.qtype)
+        with torch.device("meta"):
+            layer = GgufLinear(packed // size * block, rows, stored)
+        layer.weight = value.to(device)
+        dense = layer.dequantized(torch.float32)
     else:
-        raise ModelError(f"{weight.info.file}: scale {weight.scale.key} has shape {tuple(scale.shape)}, neither "
-                         f"per-tensor nor per-row for weight {tuple(value.shape)}")
-    return value.float() * scale
+        dense = value
+    cast = dtype if dense.dtype.is_floating_point else dense.dtype
+    if fmt.kind == "dense":
+        return {"weight": dense.to(device=device, dtype=cast)}
+    return quantise(dense.to(device=device, dtype=cast), fmt)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from .checkpoints import Checkpoint, match_preset
 from .presets import ModelPreset
+from .gguf import GGUF_SUFFIX
 from .tensorfiles import SAFETENSORS_SUFFIX, FileHashes, ModelError, open_safetensors, read_json, refuse_pickle
 
 __all__ = ["FileHashes", "ModelError", "ModelFiles", "ModelStore", "match_preset"]
@@ -91,7 +92,7 @@ class ModelStore:
         if name in ("", ".", "..") or "/" in name or "\\" in name:
             raise ModelError(f"invalid model name {name!r}")
         for d in self.dirs:
-            for path in (d / name, d / f"{name}{SAFETENSORS_SUFFIX}"):
+            for path in (d / name, d / f"{name}{SAFETENSORS_SUFFIX}", d / f"{name}{GGUF_SUFFIX}"):
                 if path.is_dir() or path.is_file():
                     return path
         raise ModelError(f"model {name!r} not found in {', '.join(map(str, self.dirs))}")
@@ -100,9 +101,10 @@ class ModelStore:
         """The model ``name``: its checkpoint opened (headers read and checked) and its head parts located."""
         path = self.resolve(name)
         if path.is_file():
-            refuse_pickle(path)
+            if path.suffix != GGUF_SUFFIX:
+                refuse_pickle(path)
             checkpoint = Checkpoint.open_file(path)
-            model_name = path.name.removesuffix(SAFETENSORS_SUFFIX)
+            model_name = path.name.removesuffix(path.suffix)
             if (path.parent / "vae" / "config.json").is_file():
                 return ModelFiles(model_name, checkpoint, path.parent, own_components=True)
             return ModelFiles(model_name, checkpoint, self._borrowed_components(checkpoint.preset),
@@ -147,6 +149,8 @@ class ModelStore:
                     found.append((sub.name, sub))
                 elif sub.is_file() and sub.suffix == SAFETENSORS_SUFFIX and _is_candidate(sub):
                     found.append((sub.name.removesuffix(SAFETENSORS_SUFFIX), sub))
+                elif sub.is_file() and sub.suffix == GGUF_SUFFIX:  # GGUF text encoders are not served: shown as such
+                    found.append((sub.name.removesuffix(GGUF_SUFFIX), sub))
                 elif sub.is_dir():
                     single = sorted(sub.glob(f"*{SAFETENSORS_SUFFIX}"))
                     if len(single) == 1 and _is_candidate(single[0]):

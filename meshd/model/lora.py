@@ -9,7 +9,8 @@ A BFL-named module's up matrix goes through the same diffusers converter as chec
 ``B`` in ``W + B A``. (That also gets ``final_layer.adaLN_modulation.1`` right, whose shift and scale
 halves diffusers' own LoRA converter leaves unswapped.)
 
-How a LoRA is applied, and why: each patched linear layer gets a forward hook adding ``B (A x)``.
+How a LoRA is applied, and why: each patched linear layer (dense, fp8 or GGUF: the hook only sees the
+layer's input and output, so quantised weights need nothing else) gets a forward hook adding ``B (A x)``.
 The base weights are never written, so taking a LoRA off restores the model exactly, with no copy
 of the original weights kept anywhere; memory grows by the LoRA's factors for this peer's layers
 only (rank x (in + out) per layer), never by whole weight matrices. Stacked LoRAs share one hook per
@@ -31,6 +32,7 @@ import torch
 
 from ..errors import MeshError
 from .checkpoints import bfl_linear_names, bfl_to_diffusers, expected_shapes, trace_bfl
+from .precision import LINEAR_TYPES
 from .presets import PRESETS, ModelPreset
 from .tensorfiles import SAFETENSORS_SUFFIX, FileHashes, ModelError, TensorInfo, open_safetensors, read_header
 
@@ -389,7 +391,7 @@ class LoraPatch:
 
     def __init__(self, span: torch.nn.Module, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
         modules = dict(span.named_modules())
-        missing = [name for name in factors if not isinstance(modules.get(name), torch.nn.Linear)]
+        missing = [name for name in factors if not isinstance(modules.get(name), LINEAR_TYPES)]
         if missing:
             raise ValueError(f"no linear layer {missing[0]} in this span")
         self.layers = tuple(factors)
@@ -402,5 +404,5 @@ class LoraPatch:
 
 
 def held_linears(span: torch.nn.Module) -> set[str]:
-    """Names of the linear layers a span holds (diffusers naming)."""
-    return {name for name, module in span.named_modules() if isinstance(module, torch.nn.Linear)}
+    """Names of the linear layers a span holds (diffusers naming), dense, fp8 or GGUF alike."""
+    return {name for name, module in span.named_modules() if isinstance(module, LINEAR_TYPES)}

@@ -13,8 +13,12 @@ from pathlib import Path
 
 import torch
 
+from ..config import WEIGHTS_CHOICES
+from ..plan import WeightBytes
 from .files import ModelError, ModelFiles, ModelStore
+from .checkpoints import expected_shapes, target_format
 from .lora import LoraError, LoraPatch, LoraSpec, LoraStore, held_linears, stack_factors
+from .precision import DENSE, LinearFormat, fp8_compute, quantise, quantised_layers
 from .presets import ModelPreset, get_preset
 from .seeded import seeded_value
 from .span import HEAD_MODULES, TAIL_MODULES, SpanModel, block_prefix, span_modules
@@ -34,20 +38,37 @@ log = logging.getLogger(__name__)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
+
+
 @dataclass(frozen=True)
 class ModelIdentity:
-    """What a plan checks before anything runs: the same model, the same bytes, the same dtype."""
+    """What a plan checks before anything runs: the same model, the same bytes, the same dtype, the same
+    weight precision (a peer that quantised at load computes other numbers than one that did not)."""
 
     model_id: str
     preset: str
     content_hash: str
     dtype: str
+    weights: str = "bf16"  # e.g. "fp8 e4m3fn per-tensor 160, bf16 12" (layers per format)
 
     def to_dict(self) -> dict:
-        return {"model_id": self.model_id, "preset": self.preset, "hash": self.content_hash, "dtype": self.dtype}
+        return {"model_id": self.model_id, "preset": self.preset, "hash": self.content_hash, "dtype": self.dtype,
+                "weights": self.weights}
 
     def describe(self) -> str:
-        return f"{self.model_id} ({self.preset}, {self.dtype}, sha256 {self.content_hash[:12]})"
+        return f"{self.model_id} ({self.preset}, {self.dtype}, weights {self.weights}, sha256 {self.content_hash[:12]})"
+
+
+def weights_label(formats: dict[str, LinearFormat], dtype: torch.dtype) -> str:
+    """The precision of a model's linear layers in words: "bf16", or "fp8 e4m3fn per-row 24, bf16 12"."""
+    dense = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+    counts: dict[str, int] = {}
+    for fmt in formats.values():
+        label = dense if fmt.kind == "dense" else fmt.label()
+        counts[label] = counts.get(label, 0) + 1
+    if len(counts) <= 1:
+        return next(iter(counts), dense)
+    return ", ".join(f"{label} {n}" for label, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 class WeightSource:
@@ -59,7 +80,13 @@ class WeightSource:
     def content_hash(self) -> str:
         raise NotImplementedError
 
-    def read(self, expected: dict[str, torch.Size], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    def linear_formats(self, weights: str) -> dict[str, LinearFormat]:
+        """How each linear layer of the whole model is held under the ``weights`` option."""
+        raise NotImplementedError
+
+    def read(self, expected: dict[str, torch.Size], device: torch.device, dtype: torch.dtype,
+             formats: dict[str, LinearFormat]) -> dict[str, torch.Tensor]:
+        """The tensors ``expected`` on ``device``, each linear layer as ``formats`` holds it."""
         raise NotImplementedError
 
     def vae(self, device: torch.device, dtype: torch.dtype):
@@ -100,8 +127,11 @@ class FolderSource(WeightSource):
             self._hash = self.checkpoint.content_hash(self._cache_dir)
         return self._hash
 
-    def read(self, expected, device, dtype):
-        return self.checkpoint.read(expected, device, dtype)
+    def linear_formats(self, weights):
+        return self.checkpoint.linear_formats(weights)
+
+    def read(self, expected, device, dtype, formats):
+        return self.checkpoint.read(expected, device, dtype, formats)
 
     def vae(self, device, dtype):
         from diffusers import AutoencoderKLFlux2  # noqa: PLC0415
@@ -188,8 +218,28 @@ class RandomSource(WeightSource):
     def content_hash(self) -> str:
         return hashlib.sha256(f"flux-mesh seeded weights v1|{self._base}".encode()).hexdigest()
 
-    def read(self, expected, device, dtype):
-        return {name: seeded_value(self._base, name, tuple(shape), device, dtype) for name, shape in expected.items()}
+    def linear_formats(self, weights):
+        linears = {n.removesuffix(".weight"): s for n, s in expected_shapes(self.preset).items()
+                   if n.endswith(".weight") and len(s) == 2}
+        return {module: target_format(DENSE, weights, module, shape) for module, shape in linears.items()}
+
+    def read(self, expected, device, dtype, formats):
+        """Seeded weights; a quantised layer's are built dense on ``device`` and quantised there."""
+        dense_shapes = expected_shapes(self.preset)
+        out = {}
+        for name, shape in expected.items():
+            weight = name.removesuffix("_scale") if name.endswith(".weight_scale") else name
+            fmt = formats.get(weight.removesuffix(".weight"), DENSE) if weight.endswith(".weight") else DENSE
+            if fmt.kind == "dense":
+                out[name] = seeded_value(self._base, name, tuple(shape), device, dtype)
+            elif name == weight:  # the layer's weight_scale (if any) is made with it
+                dense = seeded_value(self._base, weight, dense_shapes[weight], device, dtype)
+                held = quantise(dense, fmt)
+                del dense
+                out[name] = held["weight"]
+                if "weight_scale" in held:
+                    out[f"{weight}_scale"] = held["weight_scale"]
+        return out
 
     def vae(self, device, dtype):
         from diffusers import AutoencoderKLFlux2  # noqa: PLC0415
@@ -231,11 +281,16 @@ class HostedModel:
     they carry; and the head-side parts (VAE, prompt embeddings) loaded when first needed."""
 
     def __init__(self, source: WeightSource, device: torch.device, dtype: torch.dtype,
-                 text_encoder: TextEncoderOptions | None = None) -> None:
+                 text_encoder: TextEncoderOptions | None = None, weights: str = "auto") -> None:
         self.source = source
         self.preset = source.preset
         self.device = device
         self.dtype = dtype
+        if weights not in WEIGHTS_CHOICES:
+            raise ModelError(f"weights {weights!r}: use one of {', '.join(WEIGHTS_CHOICES)}")
+        self.weights = weights
+        # How every linear layer of the model is held here: from the file's header, no data read.
+        self.formats = source.linear_formats(weights)
         self.span: SpanModel | None = None
         self.loras: tuple[LoraSpec, ...] = ()
         self.lora_store: LoraStore | None = None  # this peer's LoRA folders (set by its owner)
@@ -250,7 +305,8 @@ class HostedModel:
         self.prompts = PromptEmbedder(lambda d: source.text_encoder(d, dtype), text_encoder or TextEncoderOptions(),
                                       device, dtype, shape)
         self.identity = ModelIdentity(source.model_id, self.preset.name, source.content_hash(),
-                                      next(k for k, v in DTYPES.items() if v == dtype))
+                                      next(k for k, v in DTYPES.items() if v == dtype),
+                                      weights_label(self.formats, dtype))
 
     @property
     def blocks(self) -> tuple[int, ...]:
@@ -267,12 +323,30 @@ class HostedModel:
     def holds(self, start: int, end: int) -> bool:
         return all(i in self.blocks for i in range(start, end))
 
+    def weight_bytes(self) -> WeightBytes:
+        """Device bytes of each block's weights at the precision they are held in here, and of the head's and
+        the tail's modules (what the planner and the Split screen size stages by)."""
+        return weight_bytes(self.preset, self.formats, self.dtype)
+
+    def compute_path(self) -> str:
+        """How this peer's quantised layers compute, in words (``meshd check``, the dashboard)."""
+        kinds = {fmt.kind for fmt in self.formats.values()}
+        parts = []
+        if "fp8" in kinds:
+            parts.append("fp8: " + fp8_compute(str(self.device)).describe())
+        if "gguf" in kinds:
+            parts.append("gguf: dequantised per layer at each forward")
+        return "; ".join(parts) or f"dense {self.identity.dtype}"
+
     def load(self, blocks: Iterable[int], head: bool, tail: bool,
              progress: Callable[[int, int], None] | None = None) -> None:
         """Hold exactly ``blocks`` (+ head/tail modules): keep what is loaded, read what is missing,
         free the rest. The current LoRAs are applied to the new set of layers. Runs on the GPU thread."""
         blocks = sorted(set(blocks))
         new = span_modules(self.preset, blocks, head, tail)
+        held = {name for name, m in new.named_modules() if isinstance(m, torch.nn.Linear)}
+        formats = {name: fmt for name, fmt in self.formats.items() if name in held}
+        quantised_layers(new, formats, self.device)
         old = self.span
         wanted = {}
         for name, tensor in new.state_dict(keep_vars=True).items():
@@ -286,7 +360,7 @@ class HostedModel:
         done = 0
         loaded = dict(kept)
         for group in groups:
-            loaded.update(self.source.read(group, self.device, self.dtype))
+            loaded.update(self.source.read(group, self.device, self.dtype, formats))
             done += 1
             if progress:
                 progress(done, len(groups))
@@ -372,6 +446,32 @@ class HostedModel:
 
     def release_text_encoder(self) -> None:
         self.prompts.release()
+
+
+def weight_bytes(preset: ModelPreset, formats: dict[str, LinearFormat], dtype: torch.dtype) -> WeightBytes:
+    """Device bytes of ``preset``'s weights with its linear layers held as ``formats`` (headers only: no data)."""
+    itemsize = dtype.itemsize
+    blocks = [0] * preset.num_blocks
+    head = tail = 0
+    prefixes = [block_prefix(preset, i) for i in range(preset.num_blocks)]
+    for name, shape in expected_shapes(preset).items():
+        fmt = formats.get(name.removesuffix(".weight")) if name.endswith(".weight") else None
+        size = fmt.weight_bytes(shape[0], shape[1], itemsize) if fmt else itemsize * _numel(shape)
+        index = next((i for i, p in enumerate(prefixes) if name.startswith(p)), None)
+        if index is not None:
+            blocks[index] += size
+        elif name.split(".")[0] in TAIL_MODULES:
+            tail += size
+        else:
+            head += size
+    return WeightBytes(tuple(blocks), head, tail)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 def _group_by_module(preset: ModelPreset, names: dict[str, torch.Size]) -> list[dict[str, torch.Size]]:

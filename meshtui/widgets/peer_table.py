@@ -116,6 +116,7 @@ class PeerDetails(Static):
             ("node id", view.node_id), ("meshd", view.version), ("device", view.device),
             ("model", f"{view.model_id} ({view.preset}, {view.dtype}, sha256 {(view.model_hash or '')[:12]})"
              if view.model_id else None),
+            ("weights", view.weights), ("compute", view.compute),
             ("blocks held", describe_blocks(view.blocks) if view.model_id else None),
             ("key fingerprint", view.key_fingerprint), ("emulated link", view.emulated_link),
         ]

@@ -1,0 +1,189 @@
+#!/usr/bin/env python3
+"""Weights at each precision, on random weights at real size: VRAM, speed and error against bf16.
+
+    python bench/precision_bench.py --model dev --weights bf16,fp8,gguf-q8_0,gguf-q4_k --size 1024 --steps 2 --json
+    python bench/precision_bench.py --model klein-9b --mode forward --weights bf16,fp8 --json
+
+Every format is built the way a daemon builds it with ``--random-weights --weights W``: the seeded bf16
+weights of each block are made on the GPU and quantised there, one tensor at a time (fp8 with one scale
+per row; GGUF Q8_0 and Q4_K by meshd's torch quantisers, whose packing is checked against gguf's own
+reference on small tensors in tests/test_precision.py). ``bf16`` is the reference and always runs.
+
+``--mode generate`` (default), per format: the all-local generation in this process (peak VRAM of one
+GPU holding everything, step ms), then a two-stage split over two daemons on the same machine (the
+planner's split at that precision, raw codec: per-stage peak VRAM, step ms, and whether it equals the
+all-local run bit for bit), and the final-latent relative L2 and image PSNR against the bf16 run of the
+same seed. ``--mode forward``: one whole transformer forward at the size, median ms and output rel L2
+against bf16. Error figures are labelled: random weights are near-uniform, trained weights have
+outliers, so quantisation error on them says little about real images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.split_bench import log, psnr, run_local, run_split, sync  # noqa: E402
+from meshd.generation import GenerationParams, Sampler  # noqa: E402
+from meshd.model.presets import get_preset  # noqa: E402
+from meshd.model.runtime import HostedModel, RandomSource  # noqa: E402
+from meshtui.local import LocalCluster  # noqa: E402
+
+ERROR_LABEL = ("random weights: near-uniform values quantise differently from trained weights (which have "
+               "outlier channels); these errors are not image-quality figures for real checkpoints")
+GIB = 2**30
+
+
+def forward_ms(model: HostedModel, params: GenerationParams, repeat: int) -> tuple[float, torch.Tensor]:
+    """Median ms of one transformer forward (all blocks, final layer) at ``params``' size, and its output."""
+    sampler = Sampler(model, params)
+    with torch.inference_mode():
+        sampler.prepare()
+        cond = sampler.conditioning(0)
+
+        def once() -> torch.Tensor:
+            stream = model.span.run(0, model.preset.num_blocks, sampler.embed(0), cond, sampler.rotary)
+            return model.span.final(stream, cond.temb)
+
+        out = once()  # warm-up
+        times = []
+        for _ in range(repeat):
+            sync(model.device)
+            t0 = time.perf_counter()
+            out = once()
+            sync(model.device)
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times), out.float()
+
+
+def run_forward(args, device, params) -> list[dict]:
+    preset = get_preset(args.model)
+    rows, reference = [], None
+    for weights in args.weights:
+        model = HostedModel(RandomSource(preset), device, torch.bfloat16, weights=weights)
+        model.load(range(preset.num_blocks), True, True)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        ms, out = forward_ms(model, params, args.repeat)
+        row = {"weights": weights, "identity_weights": model.identity.weights, "compute": model.compute_path(),
+               "forward_ms": ms, "weight_gib": _gib(model),
+               "peak_vram_gib": torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None}
+        if reference is None:
+            reference = out.cpu()
+        else:
+            row["output_rel_l2_vs_bf16"] = float((out.cpu() - reference).norm() / reference.norm())
+            row["error_label"] = ERROR_LABEL
+        rows.append(row)
+        log(f"{weights}: forward {ms:.1f} ms, weights {row['weight_gib']:.2f} GiB ({row['compute']})")
+        del model, out
+        _free(device)
+    return rows
+
+
+def run_generate(args, device, params) -> list[dict]:
+    rows, reference = [], None
+    for weights in args.weights:
+        local_args = argparse.Namespace(**{**vars(args), "weights": weights, "random_weights": True,
+                                           "compare_diffusers": False})
+        local = asyncio.run(run_local(local_args, device, params))
+        _free(device)
+        common = ["--model", args.model, "--random-weights", "--weights", weights]
+        with LocalCluster(workdir=args.workdir / weights if args.workdir else None, models_dir=args.models_dir,
+                          common_args=common) as cluster:
+            cluster.add("A", "--device", str(device))
+            cluster.add("B", "--device", str(device))
+            cluster.start(timeout=600)
+            split_args = argparse.Namespace(**{**vars(args), "codecs": "raw", "queue": 0})
+            split = asyncio.run(run_split(split_args, cluster, params, local, None))
+        run = split["runs"][0]
+        row = {
+            "weights": weights,
+            "local": {"median_s": local["median_s"], "peak_vram_gib": _gib_or_none(local["peak_vram_bytes"]),
+                      "step_ms": [round(ms, 2) for ms in local["step_ms"]]},
+            "split": {"plan": split["plan"], "load_s": split["load_s"], "median_s": run["split_median_s"],
+                      "step_ms": run["step_ms"],
+                      "peak_vram_gib": {k: _gib_or_none(v) for k, v in run["peak_vram_bytes"].items()},
+                      "bit_identical_to_local": run["bit_identical_latents"]},
+        }
+        if reference is None:
+            reference = (local["latents"], local["pixels"])
+        else:
+            latents, pixels = reference
+            row["vs_bf16"] = {"final_latent_rel_l2": float((local["latents"] - latents).norm() / latents.norm()),
+                              "image_psnr_db": psnr(np.asarray(local["pixels"]), pixels), "label": ERROR_LABEL}
+        rows.append(row)
+        log(f"{weights}: local peak {row['local']['peak_vram_gib']} GiB; split {row['split']['plan']} peaks "
+            f"{row['split']['peak_vram_gib']} GiB, bit-identical={row['split']['bit_identical_to_local']}"
+            + (f", rel L2 vs bf16 {row['vs_bf16']['final_latent_rel_l2']:.4f}, PSNR "
+               f"{row['vs_bf16']['image_psnr_db']:.1f} dB" if "vs_bf16" in row else ""))
+        del local
+        _free(device)
+    return rows
+
+
+def _gib(model: HostedModel) -> float:
+    sizes = model.weight_bytes()
+    return (sum(sizes.blocks) + sizes.head + sizes.tail) / GIB
+
+
+def _gib_or_none(value) -> float | None:
+    return round(value / GIB, 3) if isinstance(value, (int, float)) else None
+
+
+def _free(device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="klein-9b", choices=["klein-9b", "klein-4b", "dev", "tiny"])
+    parser.add_argument("--weights", default="bf16,fp8,gguf-q8_0,gguf-q4_k",
+                        help="comma-separated: bf16, fp8, gguf-q8_0, gguf-q4_k (bf16 is always run first)")
+    parser.add_argument("--mode", choices=["generate", "forward"], default="generate")
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=1, help="timed generations (or forwards) per format")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--models-dir", type=Path, default=Path("/tmp/flux-mesh-models"))
+    parser.add_argument("--workdir", type=Path, help="keep the daemons' key, state and logs here")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    args.weights = ["bf16"] + [w for w in args.weights.split(",") if w and w != "bf16"]
+    args.random_weights, args.split, args.transport = True, None, "auto"
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    params = GenerationParams(prompt="a lighthouse on a cliff at dawn", seed=1, width=args.size, height=args.size,
+                              steps=args.steps, guidance=1.0)
+    rows = run_forward(args, device, params) if args.mode == "forward" else run_generate(args, device, params)
+    result = {
+        "bench": "precision",
+        "mode": args.mode,
+        "machine": {"host": platform.node(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                    "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
+        "config": {"model": args.model, "weights_source": "random weights (seeded bf16, quantised on the device)",
+                   "size": args.size, "steps": args.steps, "repeat": args.repeat,
+                   "split": "two daemons on this machine, the planner's split, raw codec"},
+        "rows": rows,
+    }
+    print(json.dumps(result, indent=1 if args.json else None, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

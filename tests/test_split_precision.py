@@ -1,0 +1,66 @@
+"""A split whose peers hold fp8 or GGUF weights (as stored, or quantised at load) computes the same latents
+as the all-local run with the same weights, bit for bit over the raw codec; peers holding the same file at
+different precisions refuse to form one plan, naming the difference."""
+
+import pytest
+import torch
+
+import meshd.generation as gen
+from meshd import auth
+from meshd.errors import MeshError
+from meshd.gpu import GpuWorker
+from meshd.model.files import ModelStore
+from meshd.model.runtime import HostedModel, open_source
+from meshd.model.tiny import write_tiny
+from safetensors.torch import load_file
+from tests.daemons import running_daemon, split_generation
+from tests.test_checkpoints import to_bfl
+from tests.test_precision import write_fp8, write_gguf
+
+KEY = auth.generate_key()
+PARAMS = {"prompt": "a lighthouse at dawn", "seed": 3, "width": 64, "height": 64, "steps": 2, "guidance": 1.0}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """The tiny diffusers folder (whose VAE and text encoder the single files borrow), an fp8 file with
+    per-row scales and a GGUF file (Q8_0 blocks, Q4_K linear2)."""
+    root = tmp_path_factory.mktemp("split-precision")
+    write_tiny(root / "tiny")
+    bfl = to_bfl(load_file(str(root / "tiny" / "transformer" / "diffusion_pytorch_model.safetensors")))
+    write_fp8(root / "tiny-fp8.safetensors", bfl, per_row=True)
+    write_gguf(root / "tiny-q.gguf", bfl, "Q4_K")
+    return root
+
+
+async def local_latents(models, name: str, weights: str) -> torch.Tensor:
+    model = HostedModel(open_source(name, ModelStore([models])), torch.device("cpu"), torch.bfloat16, weights=weights)
+    worker = GpuWorker(torch.device("cpu"))
+    try:
+        await worker.run(model.load, range(6), True, True)
+        result = await gen.run_generation(model, worker, gen.GenerationParams(**PARAMS), gen.LocalRunner(worker))
+    finally:
+        worker.shutdown()
+    return result.latents
+
+
+@pytest.mark.parametrize("name,weights", [("tiny-fp8", "auto"), ("tiny-q", "auto"), ("tiny", "fp8"),
+                                          ("tiny", "gguf-q8_0")],
+                         ids=["fp8-file", "gguf-file", "fp8-at-load", "q8_0-at-load"])
+async def test_a_split_with_quantised_weights_equals_all_local_bit_for_bit(models, tmp_path, name, weights):
+    expected = await local_latents(models, name, weights)
+    async with running_daemon(tmp_path / "a", KEY, models_dir=models, model=name, weights=weights) as a, \
+            running_daemon(tmp_path / "b", KEY, models_dir=models, model=name, weights=weights) as b:
+        outcome = await split_generation(KEY, [a.bound, b.bound], "A:0-2,B:3-5", PARAMS, codec="raw",
+                                         return_latents=True)
+        assert a.model.identity.weights != "bf16"
+    assert torch.equal(outcome.latents, expected)
+    dense = await local_latents(models, "tiny", "bf16")
+    assert not torch.equal(expected, dense)  # the quantised weights really were used
+
+
+async def test_peers_holding_one_file_at_different_precisions_refuse_one_plan(models, tmp_path):
+    async with running_daemon(tmp_path / "a", KEY, models_dir=models, model="tiny") as a, \
+            running_daemon(tmp_path / "b", KEY, models_dir=models, model="tiny", weights="fp8") as b:
+        with pytest.raises(MeshError, match=r"weights fp8 e4m3fn per-row 32, bf16 9.*the plan expects .*weights bf16"):
+            await split_generation(KEY, [a.bound, b.bound], "A:0-2,B:3-5", PARAMS, codec="raw")
