@@ -270,7 +270,7 @@ class Daemon:
                 conn.set_emulation(None)
             # Count traffic per peer (its node name and address), not per ephemeral client port.
             node = hello.get("node")
-            host = name.rsplit(":", 1)[0]
+            host = str(conn.address[0]) if conn.address else name
             conn.stats = self.links.get(f"{node[:64]}@{host}" if isinstance(node, str) and node else host)
             session = ServerSession(conn, self.handle, hello,
                                     holds=lambda: any(job.owner is session for job in self.jobs.values()))
