@@ -64,8 +64,9 @@ MAX_RECORD_SEQUENCE = (1 << 64) - 1
 FRAME_PROGRESS_TIMEOUT_S = 10.0
 #: Every send must make progress: a peer that takes no byte of what we send for this long is lost
 #: (its connection is closed, so that a client that stops reading cannot hold a generation's slot or
-#: our memory). As short as PEER_SILENCE_TIMEOUT_S: a live peer's kernel takes bytes even while busy.
-SEND_PROGRESS_TIMEOUT_S = 4.0
+#: our memory for long). Shorter than PEER_SILENCE_TIMEOUT_S: a live peer's kernel takes bytes whenever
+#: its process reads at all, and meshd reads every connection continuously, whatever it computes.
+SEND_PROGRESS_TIMEOUT_S = 3.0
 #: A connection with no frame at all for this long is closed (clients ping to stay alive).
 IDLE_TIMEOUT_S = 600.0
 #: A request to a peer that gets no answer at all within this long fails (a generation sets its own,
