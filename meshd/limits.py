@@ -13,6 +13,8 @@ FRAME_FORMAT = 1
 
 #: First bytes of every frame.
 MAGIC = b"FXMH"
+#: First bytes of every sealed record (protocol 2, after the handshake).
+SEALED_MAGIC = b"FXMS"
 
 # --- framing -------------------------------------------------------------------------------------
 #: Largest msgpack header of one frame.

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -189,3 +192,32 @@ async def test_the_relay_would_see_the_prompt_if_frames_were_not_sealed(tmp_path
         await relay.close()
         assert PROMPT.encode() in relay.seen
 
+
+
+UNSEALED_CLIENT = r"""
+import asyncio, sys
+from meshd.connection import Channel
+from meshd.errors import MeshError
+from meshd.wire import seal
+async def main():
+    try:
+        channel = await Channel.connect("127.0.0.1", int(sys.argv[1]), bytes.fromhex(sys.argv[2]))
+        await channel.request("echo", timeout=5)
+        print("served", seal.BENCH_UNSEALED)
+    except MeshError as exc:
+        print(exc.code, exc.message)
+asyncio.run(main())
+"""
+
+
+async def test_the_bench_only_unsealed_build_is_refused_by_a_sealed_daemon(tmp_path):
+    """bench/unsealed turns sealing off in the process it starts (split_bench --unsealed): a sealed
+    daemon refuses such a client at its first frame, naming why."""
+    root = Path(__file__).resolve().parent.parent
+    async with running_daemon(tmp_path, KEY) as daemon:
+        child = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", UNSEALED_CLIENT, str(daemon.bound[1]), KEY.hex(), stdout=subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": str(root / "bench" / "unsealed")})
+        out, _ = await asyncio.wait_for(child.communicate(), 60)
+    assert out.decode().strip() == ("protocol a sealed record arrived where an unsealed frame was due (the peer "
+                                    "seals its frames; this side was built without sealing)")

@@ -155,6 +155,9 @@ class FrameReader:
             raise ValueError(f"push needs exactly {self._need} bytes, got {len(data)}")
         if self._state == "prefix":
             magic, version, flags, header_len, nseg = PREFIX.unpack(data)
+            if magic == limits.SEALED_MAGIC:
+                raise ProtocolError("a sealed record arrived where an unsealed frame was due (the peer seals its "
+                                    "frames; this side was built without sealing)")
             if magic != limits.MAGIC:
                 raise ProtocolError(f"not a meshd frame (magic {bytes(magic)!r})", code="magic")
             if version != limits.FRAME_FORMAT:

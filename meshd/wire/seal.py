@@ -38,7 +38,7 @@ RECORD = struct.Struct("<4sQI")
 NONCE = struct.Struct("<4xQ")
 TAG_BYTES = 16
 KEY_BYTES = 32
-RECORD_MAGIC = b"FXMS"
+RECORD_MAGIC = limits.SEALED_MAGIC
 
 #: Whether this cryptography seals into and opens into caller buffers (recent releases): big segments
 #: then need no copy besides the cipher's own output.
