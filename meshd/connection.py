@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import random
 import select
@@ -30,6 +29,7 @@ from .link import LinkEmulation, LinkStats, TokenBucket
 from .protocol import DEFAULT_LIMITS, LENGTH, PREAUTH_LIMITS, PREFIX, Frame, FrameLimits, FrameReader, ProtocolError, encode_frame
 from .wire import seal as sealing
 from .wire.handshake import ClientHandshake, ServerHandshake
+from .wire.session import ClientRules, ServerRules, announced_chunks
 
 log = logging.getLogger(__name__)
 
@@ -566,7 +566,7 @@ class Channel:
         self.conn = conn
         self.node = node or {}
         self.name = conn.name
-        self._ids = itertools.count(1)
+        self.rules = ClientRules()
         self._pending: dict[int, _Pending] = {}
         self._error: MeshError | None = None
         self._reader = asyncio.ensure_future(self._read_loop())
@@ -586,14 +586,15 @@ class Channel:
             while True:
                 frame = await self.conn.recv()
                 rid = frame.header.get("id")
-                if frame.op == "pong":
-                    continue
-                if frame.op == "ping":
+                route = self.rules.route(frame.header)
+                if route == "ping":
                     self.conn.send_control("pong")  # never stop reading to answer
                     continue
-                if frame.op == "error" and rid == 0:
+                if route == "closing":
                     # The server's reason for closing this connection: what every request here fails with.
                     self._fail(MeshError.from_wire(frame.header, self.name))
+                    continue
+                if route == "pong":
                     continue
                 pending = self._pending.get(rid) if isinstance(rid, int) else None
                 if pending is not None:
@@ -636,7 +637,7 @@ class Channel:
         """Send a request (and its chunk stream); return the reply frame or raise MeshError."""
         if self._error is not None:
             raise self._error
-        rid = next(self._ids)
+        rid = self.rules.next_id()
         pending = self._pending[rid] = _Pending()
         deadline = None if timeout is None else time.monotonic() + timeout
         answered = False
@@ -695,12 +696,10 @@ class Request:
         self.header = frame.header
         self.id = frame.header["id"]
         self.op = frame.op
-        announced = frame.header.get("chunks")
-        #: Chunk frames this request said will follow; no more are taken (the queue stays bounded).
-        self.announced_chunks = (announced if isinstance(announced, int) and not isinstance(announced, bool)
-                                 and 0 <= announced <= limits.MAX_STREAM_CHUNKS else 0)
+        #: Chunk frames this request said will follow; no more are taken (the queue stays bounded:
+        #: ServerRules counts them).
+        self.announced_chunks = announced_chunks(frame.header)
         self._chunks: asyncio.Queue = asyncio.Queue()
-        self._received = 0
         self.first_chunk_at: float | None = None
         self.last_chunk_at: float | None = None
 
@@ -709,10 +708,6 @@ class Request:
         return self.session.conn.name
 
     def _push_chunk(self, frame: Frame) -> None:
-        if self._received >= self.announced_chunks:
-            raise ProtocolError(f"request {self.id} ({self.op[:32]}) announced {self.announced_chunks} chunk "
-                                "frames; more arrived")
-        self._received += 1
         now = time.perf_counter()
         if self.first_chunk_at is None:
             self.first_chunk_at = now
@@ -753,43 +748,26 @@ class ServerSession:
         self.ipc_ok = False
         self.tasks: dict[int, asyncio.Task] = {}
         self.requests: dict[int, Request] = {}
-        self._last_id = 0  # highest request id seen (clients number requests upwards)
+        self.rules = ServerRules()
 
     async def run(self) -> None:
         watchdog = asyncio.ensure_future(self._watch_silence())
         try:
             while True:
                 frame = await self.conn.recv(idle_timeout=limits.IDLE_TIMEOUT_S)
-                rid = frame.header.get("id")
-                if not isinstance(rid, int) or isinstance(rid, bool):
-                    raise ProtocolError(f"{frame.op!r} frame has no integer id")
-                if frame.op == "ping":
+                action = self.rules.receive(frame.header)
+                if action.kind == "pong":
                     self.conn.send_control("pong")  # never stop reading to answer
-                elif frame.op == "pong":
-                    pass
-                elif frame.op == "cancel":
-                    task = self.tasks.get(rid)
-                    if task:
-                        task.cancel()
-                elif frame.op == "chunk":
-                    request = self.requests.get(rid)
-                    if request is not None:
-                        request._push_chunk(frame)
-                    elif rid > self._last_id:
-                        raise ProtocolError(f"chunk frame for request {rid}, which was never sent")
-                    # else: the rest of a stream whose request already ended (refused early): dropped
-                elif rid in self.tasks:
-                    raise ProtocolError(f"request id {rid} is already in use")
-                elif len(self.tasks) >= limits.MAX_REQUESTS_PER_SESSION:
-                    self._last_id = max(self._last_id, rid)  # its chunk frames, if any, are dropped
-                    await self.conn.send({"op": "error", "id": rid, "code": "busy",
-                                          "message": f"{limits.MAX_REQUESTS_PER_SESSION} requests already run on "
-                                                     "this connection"})
-                else:
-                    self._last_id = max(self._last_id, rid)
+                elif action.kind == "cancel":
+                    self.tasks[action.id].cancel()
+                elif action.kind == "chunk":
+                    self.requests[action.id]._push_chunk(frame)
+                elif action.kind == "busy":
+                    await self.conn.send({"op": "error", "id": action.id, "code": "busy", "message": action.message})
+                elif action.kind == "start":
                     request = Request(self, frame)
-                    self.requests[rid] = request
-                    self.tasks[rid] = asyncio.ensure_future(self._handle(request))
+                    self.requests[action.id] = request
+                    self.tasks[action.id] = asyncio.ensure_future(self._handle(request))
         except (MeshError, ProtocolError) as exc:
             if not isinstance(exc, PeerLost):
                 log.warning("closing connection from %s: %s", self.conn.name, exc)
@@ -835,3 +813,4 @@ class ServerSession:
         finally:
             self.tasks.pop(request.id, None)
             self.requests.pop(request.id, None)
+            self.rules.finished(request.id)
