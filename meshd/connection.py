@@ -161,8 +161,15 @@ class Connection:
         if sealing.BENCH_UNSEALED:
             return
         self.sealer, self.opener = sealing.Sealer(keys.send), sealing.Opener(keys.receive)
-        size = sealing.RECORD.size + self.sealer.record_bytes + sealing.TAG_BYTES
-        self._send_scratch, self._recv_scratch = bytearray(size), bytearray(size)
+
+    def _scratch(self, which: str) -> bytearray:
+        """One record's worth of buffer per direction, made when the first segment needs it (most
+        connections carry small frames only, and each record-sized buffer is 1 MiB)."""
+        buf = getattr(self, which)
+        if not buf:
+            buf = bytearray(sealing.RECORD.size + self.sealer.record_bytes + sealing.TAG_BYTES)
+            setattr(self, which, buf)
+        return buf
 
     @property
     def sealed(self) -> bool:
@@ -237,7 +244,7 @@ class Connection:
             yield self.sealer.seal(view)
         else:
             for piece in self.sealer.pieces(view):
-                yield self.sealer.seal(piece, self._send_scratch)  # sent whole before the next is sealed
+                yield self.sealer.seal(piece, self._scratch("_send_scratch"))  # sent before the next is sealed
 
     async def _write_buffers(self, buffers: list) -> int:
         if self._bucket is not None and self.emulation.delay_s and \
@@ -253,7 +260,7 @@ class Connection:
                     total += len(view)
                 else:
                     total += await self._loop.run_in_executor(BULK_IO, _bulk_send_sealed, self.sock, view,
-                                                              self.sealer, self._send_scratch,
+                                                              self.sealer, self._scratch("_send_scratch"),
                                                               limits.SEND_PROGRESS_TIMEOUT_S)
                 continue
             for piece in self._pieces(view, head=index == 0):
@@ -363,7 +370,7 @@ class Connection:
             buf = self.allocator(n) if n >= BIG_SEGMENT else bytearray(n)
             view = memoryview(buf).cast("B")
             if n >= BIG_SEGMENT:
-                received = await self._in_thread(_bulk_recv_sealed, view, opener, self._recv_scratch)
+                received = await self._in_thread(_bulk_recv_sealed, view, opener, self._scratch("_recv_scratch"))
                 if self.stats:
                     self.stats.received(received)
             else:

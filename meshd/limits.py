@@ -112,3 +112,9 @@ MAX_STEPS = 200
 MAX_PROMPT_BYTES = 16 * 1024
 #: Bytes sent by the link bandwidth probe.
 BANDWIDTH_PROBE_BYTES = 8 << 20
+#: A link's measured bandwidth is re-measured after this long.
+BANDWIDTH_MAX_AGE_S = 300.0
+#: Channels a daemon keeps open to other daemons; beyond that the least recently used idle one is
+#: closed (a plan names its peers, so a key holder could otherwise have a daemon hold a channel per
+#: address).
+MAX_POOLED_PEERS = 32

@@ -576,7 +576,7 @@ async def test_a_daemon_keeps_a_bounded_number_of_channels_to_other_daemons(tmp_
     from meshd.link import LinkRegistry
     from meshd.plan import PeerAddress
 
-    monkeypatch.setattr(peers, "MAX_POOLED_PEERS", 2)
+    monkeypatch.setattr(limits, "MAX_POOLED_PEERS", 2)
     async with running_daemon(tmp_path / "a", KEY) as a, running_daemon(tmp_path / "b", KEY) as b, \
                running_daemon(tmp_path / "c", KEY) as c:
         pool = peers.PeerPool(KEY, LinkRegistry())

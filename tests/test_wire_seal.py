@@ -195,3 +195,22 @@ def test_without_in_place_cipher_calls_the_records_are_the_same(monkeypatch):
     out = bytearray(300)
     Opener(key).open_into(fast[: RECORD.size], fast[RECORD.size :], out)
     assert out == data
+
+
+def test_the_session_keys_need_the_ephemeral_secret_not_only_the_cluster_key():
+    """Forward secrecy: someone who recorded a handshake (both nonces) and later steals the cluster key
+    still lacks the X25519 secret the session keys were derived with."""
+    client, server = run_handshake(KEY, KEY)
+    recorded = session_keys(KEY, client.nonce, server._nonce_s, client=True)
+    assert recorded.send != client.keys.send and recorded.receive != client.keys.receive
+
+
+def test_a_low_order_point_as_nonce_is_refused():
+    server = ServerHandshake(KEY)
+    client = ClientHandshake(KEY)
+    zero_point = bytes(32)
+    client.nonce = zero_point  # a key holder misbehaving: its MACs are right, its X25519 point is not
+    challenge = server.on_hello(client.hello())
+    proof = {"op": "proof", "proof": auth.client_proof(KEY, zero_point, challenge["nonce"])}
+    with pytest.raises(MeshError, match="not a usable X25519 key"):
+        server.on_proof(proof)

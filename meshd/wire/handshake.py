@@ -7,17 +7,35 @@
     client -> server  proof      {proof_c}
     server -> client  welcome    {node}       (sealed: the first record of the server's direction)
 
-The MACs are those of :mod:`meshd.auth`. Once the client has checked the server's proof, and the
-server the client's, both know :func:`meshd.wire.seal.session_keys`; everything after ``proof`` is
-sealed. A refusal (wrong key, wrong version, a malformed hello) is a :class:`MeshError` whose code
+The MACs are those of :mod:`meshd.auth`. Each nonce is the public half of a fresh X25519 key (32
+bytes that are as unpredictable as random ones), so the MACs also authenticate an ephemeral key
+exchange. Once the client has checked the server's proof, and the server the client's, both know
+:func:`meshd.wire.seal.session_keys` (cluster key + the X25519 secret: forward secrecy);
+everything after ``proof`` is sealed. A refusal (wrong key, wrong version, a malformed hello) is a :class:`MeshError` whose code
 and message the server sends back unsealed before it closes.
 """
 
 from __future__ import annotations
 
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
 from .. import auth, limits
 from ..errors import MeshError
 from .seal import SessionKeys, session_keys
+
+
+def _ephemeral() -> tuple[X25519PrivateKey, bytes]:
+    """A fresh X25519 key and its public half, which serves as the handshake nonce."""
+    private = X25519PrivateKey.generate()
+    return private, private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+
+def _shared(private: X25519PrivateKey, their_nonce: bytes, peer: str) -> bytes:
+    try:
+        return private.exchange(X25519PublicKey.from_public_bytes(their_nonce))
+    except ValueError:  # a low-order point: only a key holder gets this far, and it is refused
+        raise MeshError("protocol", "the peer's nonce is not a usable X25519 key", peer=peer) from None
 
 
 class ClientHandshake:
@@ -27,7 +45,7 @@ class ClientHandshake:
         self.key = key
         self.peer = peer
         self.fields = fields or {}
-        self.nonce = auth.new_nonce()
+        self._private, self.nonce = _ephemeral()
         #: The session's keys once the server has proven the cluster key (None when insecure).
         self.keys: SessionKeys | None = None
 
@@ -46,7 +64,8 @@ class ClientHandshake:
             raise MeshError("auth", str(exc), peer=self.peer) from None
         if not auth.verify(auth.server_proof(self.key, self.nonce, nonce_s), header.get("proof")):
             raise MeshError("auth", "the server does not hold our cluster key (wrong key file?)", peer=self.peer)
-        self.keys = session_keys(self.key, self.nonce, nonce_s, client=True)
+        self.keys = session_keys(self.key, self.nonce, nonce_s, _shared(self._private, nonce_s, self.peer),
+                                 client=True)
         return {"op": "proof", "proof": auth.client_proof(self.key, self.nonce, nonce_s)}
 
     def on_welcome(self, header: dict) -> dict:
@@ -73,6 +92,7 @@ class ServerHandshake:
         self.keys: SessionKeys | None = None
         self._nonce_c = b""
         self._nonce_s = b""
+        self._private: X25519PrivateKey | None = None
 
     def _refuse(self, code: str, message: str) -> MeshError:
         return MeshError(code, message, peer=self.peer)
@@ -97,7 +117,7 @@ class ServerHandshake:
             self._nonce_c = auth.check_nonce(header.get("nonce"), self.peer)
         except auth.AuthError as exc:
             raise self._refuse("protocol", str(exc)) from None
-        self._nonce_s = auth.new_nonce()
+        self._private, self._nonce_s = _ephemeral()
         return {"op": "challenge", "proto": limits.PROTOCOL_VERSION, "nonce": self._nonce_s,
                 "proof": auth.server_proof(self.key, self._nonce_c, self._nonce_s)}
 
@@ -108,4 +128,5 @@ class ServerHandshake:
         if header.get("op") != "proof" or not auth.verify(
                 auth.client_proof(self.key, self._nonce_c, self._nonce_s), header.get("proof")):
             raise self._refuse("auth", "authentication failed: the client does not hold this cluster's key")
-        self.keys = session_keys(self.key, self._nonce_c, self._nonce_s, client=False)
+        self.keys = session_keys(self.key, self._nonce_c, self._nonce_s,
+                                 _shared(self._private, self._nonce_c, self.peer), client=False)

@@ -12,8 +12,9 @@ under one key, and the 16-byte record header is the associated data. Because the
 which number is due, a replayed, dropped or reordered record is named as such before it is
 decrypted; a flipped bit or a record sealed without this session's key fails its tag.
 
-Keys: HKDF-SHA256 over the cluster key, salted with both handshake nonces, one key per direction
-(:func:`session_keys`). Each direction moves to a new key (HKDF of the old one; the old one is
+Keys: HKDF-SHA256 over the cluster key and the X25519 secret of the two ephemeral keys the
+handshake's nonces are, salted with both nonces, one key per direction (:func:`session_keys`): a
+cluster key stolen later does not open connections recorded before. Each direction moves to a new key (HKDF of the old one; the old one is
 forgotten) every ``REKEY_RECORDS`` records or ``REKEY_BYTES`` bytes, at the same record on both
 sides, so no key seals more than the AES-GCM usage limits allow and the counter cannot wrap.
 
@@ -63,13 +64,15 @@ class SessionKeys:
     receive: bytes
 
 
-def session_keys(cluster_key: bytes, nonce_c: bytes, nonce_s: bytes, *, client: bool) -> SessionKeys:
-    """The per-direction keys of one connection, from the cluster key and both handshake nonces."""
+def session_keys(cluster_key: bytes, nonce_c: bytes, nonce_s: bytes, shared: bytes = b"", *,
+                 client: bool) -> SessionKeys:
+    """The per-direction keys of one connection, from the cluster key, both handshake nonces and the
+    X25519 secret of the two ephemeral keys those nonces are (see meshd.wire.handshake)."""
 
     def derive(label: bytes) -> bytes:
         hkdf = HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=nonce_c + nonce_s,
                     info=b"meshd 2 " + label)
-        return hkdf.derive(cluster_key)
+        return hkdf.derive(cluster_key + shared)
 
     to_server, to_client = derive(b"client->server"), derive(b"server->client")
     return SessionKeys(to_server, to_client) if client else SessionKeys(to_client, to_server)
