@@ -214,3 +214,22 @@ def test_a_low_order_point_as_nonce_is_refused():
     proof = {"op": "proof", "proof": auth.client_proof(KEY, zero_point, challenge["nonce"])}
     with pytest.raises(MeshError, match="not a usable X25519 key"):
         server.on_proof(proof)
+
+
+async def test_a_live_connection_rotates_its_keys_under_a_tiny_forced_limit(tmp_path, monkeypatch):
+    """With a key change every 3 records, a daemon and its client rotate dozens of times, in step, over
+    small frames and a big segment, and every reply still comes back right."""
+    from meshd.connection import Channel
+    from tests.daemons import running_daemon
+
+    monkeypatch.setattr(limits, "REKEY_RECORDS", 3)
+    async with running_daemon(tmp_path, KEY) as daemon:
+        channel = await Channel.connect(*daemon.bound, KEY)
+        big = os.urandom(2 * limits.SEAL_RECORD_BYTES + 3)
+        for _ in range(20):
+            assert (await channel.request("echo")).op == "reply"
+        assert (await channel.request("probe", {}, [big])).header["bytes"] == len(big)
+        (session,) = daemon.sessions
+        assert channel.conn.sealer.epoch == session.conn.opener.epoch >= 7
+        assert channel.conn.opener.epoch == session.conn.sealer.epoch >= 7
+        await channel.close()
