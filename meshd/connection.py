@@ -151,16 +151,20 @@ class Connection:
         self._control: asyncio.Task | None = None  # a ping or pong being sent
         self.sealer: sealing.Sealer | None = None
         self.opener: sealing.Opener | None = None
+        self._peer_may_refuse = False
         self._send_scratch = self._recv_scratch = bytearray(0)
         sock.setblocking(False)
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-    def seal(self, keys: sealing.SessionKeys) -> None:
-        """Seal every frame from now on, both ways, with this session's keys."""
+    def seal(self, keys: sealing.SessionKeys, *, peer_may_refuse: bool = False) -> None:
+        """Seal every frame from now on, both ways, with this session's keys. ``peer_may_refuse``: the
+        peer may still answer with one unsealed error instead of its first record (a client whose
+        proof the server has not checked yet)."""
         if sealing.BENCH_UNSEALED:
             return
         self.sealer, self.opener = sealing.Sealer(keys.send), sealing.Opener(keys.receive)
+        self._peer_may_refuse = peer_may_refuse
 
     def _scratch(self, which: str) -> bytearray:
         """One record's worth of buffer per direction, made when the first segment needs it (most
@@ -335,7 +339,7 @@ class Connection:
             self.reading = True
             if self.opener is None:
                 frame = await self._recv_plain(first, FrameReader(frame_limits))
-            elif self.opener.sequence == 0 and first[:4] == limits.MAGIC:
+            elif self._peer_may_refuse and self.opener.sequence == 0 and first[:4] == limits.MAGIC:
                 # The peer refused us after the handshake's keys were known (e.g. our proof): its
                 # error is the one unsealed frame it may still send.
                 frame = await self._recv_plain(first, FrameReader(PREAUTH_LIMITS))
@@ -452,7 +456,7 @@ async def client_handshake(conn: Connection, key: bytes | None, hello: dict | No
         challenge = await conn.recv(PREAUTH_LIMITS)
         await conn.send(handshake.on_challenge(challenge.header))
         if handshake.keys is not None:
-            conn.seal(handshake.keys)
+            conn.seal(handshake.keys, peer_may_refuse=True)
         return handshake.on_welcome((await conn.recv(DEFAULT_LIMITS)).header)
 
     try:

@@ -17,7 +17,7 @@ import pytest
 from meshd import auth, limits
 from meshd.connection import Channel
 from meshd.errors import MeshError
-from meshd.protocol import LENGTH, PREFIX
+from meshd.protocol import LENGTH, PREFIX, frame_bytes
 from meshd.wire import seal
 from meshd.wire.seal import RECORD
 from tests.daemons import running_daemon
@@ -221,3 +221,15 @@ async def test_the_bench_only_unsealed_build_is_refused_by_a_sealed_daemon(tmp_p
         out, _ = await asyncio.wait_for(child.communicate(), 60)
     assert out.decode().strip() == ("protocol a sealed record arrived where an unsealed frame was due (the peer "
                                     "seals its frames; this side was built without sealing)")
+
+
+async def test_a_daemon_takes_no_unsealed_frame_after_the_handshake_not_even_an_error(tmp_path):
+    """Only a client may be refused with one unsealed error (before the server's first record); an
+    unsealed frame to a daemon after the handshake is an injection, whatever its op."""
+    async with running_daemon(tmp_path, KEY) as daemon:
+        channel = await Channel.connect(*daemon.bound, KEY)
+        await asyncio.get_running_loop().sock_sendall(
+            channel.conn.sock, frame_bytes({"op": "error", "id": 1, "code": "auth", "message": "x"}))
+        with pytest.raises(MeshError, match="an unsealed frame arrived where sealed record 0 was due"):
+            await channel.request("echo", timeout=5)
+        await channel.close()

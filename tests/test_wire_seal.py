@@ -233,3 +233,29 @@ async def test_a_live_connection_rotates_its_keys_under_a_tiny_forced_limit(tmp_
         assert channel.conn.sealer.epoch == session.conn.opener.epoch >= 7
         assert channel.conn.opener.epoch == session.conn.sealer.epoch >= 7
         await channel.close()
+
+
+async def test_a_client_hears_a_refusal_sent_unsealed_in_place_of_the_welcome():
+    """A server may refuse after checking the proof (its one unsealed frame then); the client reports
+    that refusal, not a sealing error."""
+    from meshd.connection import client_handshake
+    from meshd.protocol import PREAUTH_LIMITS
+
+    ours, theirs = socket.socketpair()
+    client, server = Connection(ours, "client"), Connection(theirs, "server")
+    rules = ServerHandshake(KEY)
+
+    async def refusing_server():
+        await server.send(rules.on_hello((await server.recv(PREAUTH_LIMITS)).header))
+        rules.on_proof((await server.recv(PREAUTH_LIMITS)).header)
+        await server.send({"op": "error", "code": "busy", "message": "too many sessions"})
+
+    try:
+        refusing = asyncio.ensure_future(refusing_server())
+        with pytest.raises(MeshError, match="too many sessions") as error:
+            await client_handshake(client, KEY)
+        assert error.value.code == "busy"
+        await refusing
+    finally:
+        client.abort()
+        server.abort()
