@@ -177,6 +177,7 @@ class Connection:
 
     @property
     def sealed(self) -> bool:
+        """Whether frames on this connection are sealed (after a keyed handshake)."""
         return self.sealer is not None
 
     def set_emulation(self, emulation: LinkEmulation | None) -> None:

@@ -50,6 +50,7 @@ class ClientHandshake:
         self.keys: SessionKeys | None = None
 
     def hello(self) -> dict:
+        """The first frame's header."""
         return {"op": "hello", "proto": limits.PROTOCOL_VERSION, "nonce": self.nonce,
                 "insecure": self.key is None, **self.fields}
 

@@ -124,6 +124,7 @@ class Sealer:
 
     @property
     def sequence(self) -> int:
+        """The number the next record gets (records sealed so far)."""
         return self._dir.seq
 
     def seal(self, data, out: bytearray | memoryview | None = None):
@@ -173,6 +174,7 @@ class Opener:
 
     @property
     def epoch(self) -> int:
+        """How many times this direction has changed its key."""
         return self._dir.epoch
 
     def check(self, head, expected: int | None = None, maximum: int = MAX_HEAD_RECORD) -> int:

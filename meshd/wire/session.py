@@ -40,6 +40,7 @@ class ChunkAccount:
         self.received = 0
 
     def take(self) -> None:
+        """Count one chunk frame (ProtocolError beyond the announced number)."""
         if self.received >= self.announced:
             raise ProtocolError(f"request {self.request_id} ({self.op[:32]}) announced {self.announced} chunk "
                                 "frames; more arrived")
@@ -93,6 +94,7 @@ class ClientRules:
         self._ids = itertools.count(1)
 
     def next_id(self) -> int:
+        """The id of a new request (ids only go up, so the server can tell a late chunk from a bogus one)."""
         return next(self._ids)
 
     @staticmethod
