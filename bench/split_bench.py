@@ -4,6 +4,7 @@ pipelined queues.
 
     python bench/split_bench.py --model klein-9b --random-weights --size 1024 --steps 4 --json
     python bench/split_bench.py ... --emulate-link 1gbit,0.3ms --queue 4   # figures labelled "emulated"
+    python bench/split_bench.py ... --unsealed   # the same, frames not sealed: the cost of sealing
 
 The all-local reference runs in this process (every block on --device); the split runs over two
 ``meshd`` daemons on the same machine (both on --device) joined by loopback TCP, or by a link
@@ -44,6 +45,7 @@ from meshd.model.files import ModelStore  # noqa: E402
 from meshd.model.runtime import HostedModel, open_source  # noqa: E402
 from meshd.plan import parse_split  # noqa: E402
 from meshd.server import HEVC_REPLAY_ENV  # noqa: E402
+from meshd.wire import seal  # noqa: E402
 from meshtui.local import LocalCluster  # noqa: E402
 from meshtui.mesh import Mesh  # noqa: E402
 from meshtui.report import hop_totals  # noqa: E402
@@ -264,8 +266,12 @@ def main() -> int:
     parser.add_argument("--compare-diffusers", action="store_true", help="time our forward vs diffusers' own")
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--workdir", type=Path, help="keep the daemons' key, state and logs here")
+    parser.add_argument("--unsealed", action="store_true",
+                        help="benchmark only: daemons and client seal no frame (to measure what sealing costs)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    if args.unsealed:
+        seal.BENCH_UNSEALED = True  # this process's connections (the client); the daemons get it below
     device = torch.device(args.device)
     if device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
@@ -279,6 +285,9 @@ def main() -> int:
     if args.emulate_link:
         common += ["--emulate-link", args.emulate_link]
     env = {HEVC_REPLAY_ENV: "4096"} if args.hevc_ahead else {}
+    if args.unsealed:
+        unsealed = str(Path(__file__).resolve().parent / "unsealed")  # its sitecustomize turns sealing off
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (unsealed, os.environ.get("PYTHONPATH", "")) if p)
     if args.workdir:
         args.workdir.mkdir(parents=True, exist_ok=True)
     emulation = LinkEmulation.parse(args.emulate_link) if args.emulate_link else None
@@ -302,7 +311,8 @@ def main() -> int:
                    "devices": devices,
                    "hevc_encoding": ("libx265 ahead of time (replayed)" if args.hevc_ahead else "libx265 live (CPU)")
                    + " where the GPU has no NVENC",
-                   "text_encoder": "stand-in on the head's CPU (random weights have no real text encoder)"},
+                   "text_encoder": "stand-in on the head's CPU (random weights have no real text encoder)",
+                   "frames": "unsealed (benchmark-only build)" if args.unsealed else "sealed (AES-256-GCM)"},
         "local": {k: v for k, v in local.items() if k not in ("latents", "pixels")},
         **split,
     }

@@ -1,18 +1,20 @@
-"""The asyncio side of the protocol: a framed connection, the handshake, and request channels.
+"""The asyncio side of the protocol: moves the bytes that :mod:`meshd.wire` makes and reads.
 
-:class:`Connection` only moves frames (reads are sliced so that progress is observable and a
-stalled peer times out). :func:`client_handshake` / :func:`server_handshake` run the mutual HMAC
-exchange of :mod:`meshd.auth` under the pre-auth size cap. :class:`Channel` (client side) and
-:class:`ServerSession` (server side) carry requests, chunk streams, events and replies, matched by
-request id, with keep-alive pings so that a dead peer becomes an error within seconds.
+:class:`Connection` only moves frames: plain ones during the handshake, sealed records after it
+(:mod:`meshd.wire.seal`). Reads are sliced so that progress is observable and a stalled peer times
+out; every send has a progress deadline, so that a peer that stops reading is lost within seconds.
+:func:`client_handshake` / :func:`server_handshake` drive :mod:`meshd.wire.handshake`.
+:class:`Channel` (client side) and :class:`ServerSession` (server side) carry requests, chunk
+streams, events and replies, matched by request id, with keep-alive pings so that a dead peer
+becomes an error within seconds.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
+import random
 import select
 import socket
 import time
@@ -21,10 +23,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import auth, limits
+from . import limits
 from .errors import MeshError, PeerLost
 from .link import LinkEmulation, LinkStats, TokenBucket
-from .protocol import DEFAULT_LIMITS, PREAUTH_LIMITS, Frame, FrameLimits, FrameReader, ProtocolError, encode_frame
+from .protocol import DEFAULT_LIMITS, LENGTH, PREAUTH_LIMITS, PREFIX, Frame, FrameLimits, FrameReader, ProtocolError, encode_frame
+from .wire import seal as sealing
+from .wire.handshake import ClientHandshake, ServerHandshake
+from .wire.session import ClientRules, ServerRules, announced_chunks
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +41,11 @@ BIG_SEGMENT = 1 << 20
 
 Allocator = Callable[[int], Any]
 
-#: Big segments move on these threads with plain blocking-style system calls: several times the
-#: throughput of the event loop's per-call overhead (loopback: ~3 GB/s vs ~1.2 GB/s measured on a
-#: 2-core machine), and the loop stays free meanwhile. Only the connection's single reader (or the
-#: holder of its write lock) touches the socket at a time, so this never races the loop.
+#: Big segments move (and are sealed and opened) on these threads with plain blocking-style system
+#: calls: several times the throughput of the event loop's per-call overhead (loopback: ~3 GB/s vs
+#: ~1.2 GB/s measured on a 2-core machine), and the loop stays free meanwhile. Only the connection's
+#: single reader (or the holder of its write lock) touches the socket at a time, so this never races
+#: the loop.
 BULK_IO = ThreadPoolExecutor(8, thread_name_prefix="bulk-io")
 
 
@@ -73,6 +79,36 @@ def _bulk_send(sock: socket.socket, view: memoryview, timeout: float) -> None:
                 raise TimeoutError from None
 
 
+def _bulk_send_sealed(sock: socket.socket, view: memoryview, sealer: sealing.Sealer, scratch: bytearray,
+                      timeout: float) -> int:
+    """Seal a big segment record by record into ``scratch`` and send each: the kernel sends one record
+    while the next is sealed, and memory stays one record's worth. Returns the bytes sent."""
+    sent = 0
+    for piece in sealer.pieces(view):
+        record = sealer.seal(piece, scratch)
+        _bulk_send(sock, record, timeout)
+        sent += len(record)
+    return sent
+
+
+def _bulk_recv_sealed(sock: socket.socket, view: memoryview, opener: sealing.Opener, scratch: bytearray,
+                      progress: Callable[[], None], timeout: float) -> int:
+    """Receive a big segment's records, each opened straight into its place in ``view``. Returns the
+    bytes received."""
+    head = bytearray(sealing.RECORD.size)
+    got = 0
+    for start in range(0, len(view), opener.record_bytes):
+        n = min(opener.record_bytes, len(view) - start)
+        if _bulk_recv_into(sock, memoryview(head), progress, timeout) < len(head):
+            raise ConnectionError("connection closed by peer")
+        body = memoryview(scratch)[: opener.check(head, n)]
+        if _bulk_recv_into(sock, body, progress, timeout) < len(body):
+            raise ConnectionError("connection closed by peer")
+        opener.open_into(head, body, view[start : start + n])
+        got += len(head) + len(body)
+    return got
+
+
 def _bytearray(n: int) -> bytearray:
     return bytearray(n)
 
@@ -87,13 +123,19 @@ class Connection:
 
     Segments are sent straight from the caller's buffers and received straight into buffers from
     ``allocator`` (pageable bytearrays today: pinned blocks from torch's host allocator crashed
-    daemons on the GPU machine, see codec/core.py): no copies in between. Writes are serialised;
-    reads happen in one task.
+    daemons on the GPU machine, see codec/core.py): the only copy in between is the cipher's, into and
+    out of one record-sized scratch buffer per direction. Writes are serialised; reads happen in one
+    task.
     """
 
     def __init__(self, sock: socket.socket, name: str, *, stats: LinkStats | None = None,
                  emulation: LinkEmulation | None = None, allocator: Allocator | None = None) -> None:
         self.sock, self.name = sock, name
+        #: The peer's address as the socket gives it ((host, port[, flow, scope])), never re-parsed from
+        #: ``name``.
+        self.address: tuple | None = None
+        with contextlib.suppress(OSError):
+            self.address = sock.getpeername()
         self.stats = stats
         self.emulation = emulation
         self.allocator = allocator or _bytearray
@@ -103,11 +145,40 @@ class Connection:
         self._loop = asyncio.get_running_loop()
         self.last_rx = time.monotonic()
         self.reading = False  # True while a frame is partly read
+        self.frames_received = 0
         self.closed = False
         self._users = 0  # socket operations in flight; the descriptor is closed once there are none
+        self._control: asyncio.Task | None = None  # a ping or pong being sent
+        self.sealer: sealing.Sealer | None = None
+        self.opener: sealing.Opener | None = None
+        self._peer_may_refuse = False
+        self._send_scratch = self._recv_scratch = bytearray(0)
         sock.setblocking(False)
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def seal(self, keys: sealing.SessionKeys, *, peer_may_refuse: bool = False) -> None:
+        """Seal every frame from now on, both ways, with this session's keys. ``peer_may_refuse``: the
+        peer may still answer with one unsealed error instead of its first record (a client whose
+        proof the server has not checked yet)."""
+        if sealing.BENCH_UNSEALED:
+            return
+        self.sealer, self.opener = sealing.Sealer(keys.send), sealing.Opener(keys.receive)
+        self._peer_may_refuse = peer_may_refuse
+
+    def _scratch(self, which: str) -> bytearray:
+        """One record's worth of buffer per direction, made when the first segment needs it (most
+        connections carry small frames only, and each record-sized buffer is 1 MiB)."""
+        buf = getattr(self, which)
+        if not buf:
+            buf = bytearray(sealing.RECORD.size + self.sealer.record_bytes + sealing.TAG_BYTES)
+            setattr(self, which, buf)
+        return buf
+
+    @property
+    def sealed(self) -> bool:
+        """Whether frames on this connection are sealed (after a keyed handshake)."""
+        return self.sealer is not None
 
     def set_emulation(self, emulation: LinkEmulation | None) -> None:
         """Shape (or stop shaping) what this connection sends from now on."""
@@ -116,12 +187,10 @@ class Connection:
 
     @property
     def peer_address(self) -> tuple | None:
-        with contextlib.suppress(OSError):
-            return self.sock.getpeername()
-        return None
+        return self.address
 
     async def send(self, header: dict[str, Any], segments: Iterable = ()) -> int:
-        """Send one frame; returns its size in bytes.
+        """Send one frame; returns its size in bytes on the wire.
 
         A frame is written whole even if the caller is cancelled meanwhile: a frame cut short (or a
         bulk-I/O thread still writing after its caller left) would corrupt the stream for every other
@@ -134,6 +203,15 @@ class Connection:
             write.add_done_callback(_retrieve)  # a failure there closes the connection; nobody waits for it
             raise
 
+    def send_control(self, op: str) -> None:
+        """Send a ping or pong without waiting for it, and not at all while another frame is being
+        written: those bytes already tell the peer we live, and a writer stuck behind a peer that does
+        not read must not hold up our reading or our heartbeat (its own deadline ends it)."""
+        if self.closed or self._write_lock.locked() or (self._control is not None and not self._control.done()):
+            return
+        self._control = asyncio.ensure_future(self.send({"op": op, "id": 0}))
+        self._control.add_done_callback(_retrieve)
+
     @contextlib.contextmanager
     def _using_socket(self):
         self._users += 1
@@ -145,16 +223,16 @@ class Connection:
                 self._close_socket()
 
     async def _write(self, buffers: list) -> int:
-        size = sum(memoryview(b).nbytes for b in buffers)
         async with self._write_lock:
             if self.closed:
                 raise PeerLost(self.name, "connection is closed")
             try:
                 with self._using_socket():
-                    await self._write_buffers(buffers)
+                    size = await self._write_buffers(buffers)
             except TimeoutError:
                 self.abort()  # the stream is broken mid-frame: end it, so that every reader hears of it
-                raise PeerLost(self.name, f"peer took nothing for {limits.FRAME_PROGRESS_TIMEOUT_S:.0f} s") from None
+                raise PeerLost(self.name, f"peer took nothing we sent for {limits.SEND_PROGRESS_TIMEOUT_S:g} s "
+                                          "(it stopped reading)") from None
             except (ConnectionError, OSError, ValueError) as exc:
                 self.abort()
                 raise PeerLost(self.name, f"connection lost while sending: {exc}") from None
@@ -162,51 +240,77 @@ class Connection:
             self.stats.sent(size)
         return size
 
-    async def _write_buffers(self, buffers: list) -> None:
-        if self._bucket is None:
-            for buf in buffers:
-                view = memoryview(buf).cast("B")
-                if len(view) >= BIG_SEGMENT:
-                    await self._loop.run_in_executor(BULK_IO, _bulk_send, self.sock, view,
-                                                     limits.FRAME_PROGRESS_TIMEOUT_S)
-                else:
-                    await self._loop.sock_sendall(self.sock, view)
+    def _pieces(self, view: memoryview, head: bool):
+        """What goes on the wire for one buffer: its sealed records, or (unsealed) slices of it small
+        enough for the send deadline to mean progress."""
+        if self.sealer is None:
+            yield from (view[i : i + sealing_piece()] for i in range(0, len(view), sealing_piece()))
+        elif head:
+            yield self.sealer.seal(view)
         else:
-            # Latency delays the start of a burst; frames sent back to back share it.
-            if self.emulation.delay_s and time.monotonic() - self._last_send > self.emulation.delay_s:
-                await asyncio.sleep(self.emulation.delay_s)
-            for buf in buffers:
-                view = memoryview(buf).cast("B")
-                for start in range(0, len(view), PACE_SLICE):
-                    piece = view[start : start + PACE_SLICE]
-                    await self._bucket.consume(len(piece))
-                    await self._loop.sock_sendall(self.sock, piece)
+            for piece in self.sealer.pieces(view):
+                yield self.sealer.seal(piece, self._scratch("_send_scratch"))  # sent before the next is sealed
+
+    async def _write_buffers(self, buffers: list) -> int:
+        if self._bucket is not None and self.emulation.delay_s and \
+                time.monotonic() - self._last_send > self.emulation.delay_s:
+            await asyncio.sleep(self.emulation.delay_s)  # latency delays a burst; frames back to back share it
+        total = 0
+        for index, buf in enumerate(buffers):
+            view = memoryview(buf).cast("B")
+            if self._bucket is None and index and len(view) >= BIG_SEGMENT:
+                if self.sealer is None:
+                    await self._loop.run_in_executor(BULK_IO, _bulk_send, self.sock, view,
+                                                     limits.SEND_PROGRESS_TIMEOUT_S)
+                    total += len(view)
+                else:
+                    total += await self._loop.run_in_executor(BULK_IO, _bulk_send_sealed, self.sock, view,
+                                                              self.sealer, self._scratch("_send_scratch"),
+                                                              limits.SEND_PROGRESS_TIMEOUT_S)
+                continue
+            for piece in self._pieces(view, head=index == 0):
+                total += len(piece)
+                await self._send_piece(piece)
         self._last_send = time.monotonic()
+        return total
+
+    async def _send_piece(self, piece: memoryview) -> None:
+        slices = [piece] if self._bucket is None else [piece[i : i + PACE_SLICE]
+                                                        for i in range(0, len(piece), PACE_SLICE)]
+        for part in slices:
+            if self._bucket is not None:
+                await self._bucket.consume(len(part))
+            async with asyncio.timeout(limits.SEND_PROGRESS_TIMEOUT_S):
+                await self._loop.sock_sendall(self.sock, part)
 
     def _progress(self) -> None:
         self.last_rx = time.monotonic()
 
     async def _read_into(self, buf, idle_timeout: float | None) -> None:
-        with self._using_socket():
-            await self._read_socket(buf, idle_timeout)
-
-    async def _read_socket(self, buf, idle_timeout: float | None) -> None:
         view = memoryview(buf).cast("B")
-        n, got = len(view), 0
-        loop = self._loop
-        if n >= BIG_SEGMENT and idle_timeout is None:  # inside a frame: a big segment
+        if len(view) >= BIG_SEGMENT and idle_timeout is None:  # inside a frame: a big segment
+            if await self._in_thread(_bulk_recv_into, view) < len(view):
+                raise PeerLost(self.name, "connection closed by peer")
+            if self.stats:
+                self.stats.received(len(view))
+            return
+        with self._using_socket():
+            await self._read_socket(view, idle_timeout)
+
+    async def _in_thread(self, fn, *args) -> int:
+        """Run a bulk receive on an I/O thread; its failures become PeerLost (SealError passes through)."""
+        with self._using_socket():
             try:
-                got = await loop.run_in_executor(BULK_IO, _bulk_recv_into, self.sock, view, self._progress,
-                                                 limits.FRAME_PROGRESS_TIMEOUT_S)
+                return await self._loop.run_in_executor(BULK_IO, fn, self.sock, *args, self._progress,
+                                                        limits.FRAME_PROGRESS_TIMEOUT_S)
             except TimeoutError:
                 raise PeerLost(self.name, f"no data for {limits.FRAME_PROGRESS_TIMEOUT_S:.0f} s") from None
             except (ConnectionError, OSError, ValueError) as exc:
                 raise PeerLost(self.name, f"connection lost: {exc}") from None
-            if got < n:
-                raise PeerLost(self.name, "connection closed by peer")
-            if self.stats:
-                self.stats.received(n)
-            return
+
+    async def _read_socket(self, view: memoryview, idle_timeout: float | None) -> None:
+        n, got = len(view), 0
+        loop = self._loop
         timeout = idle_timeout
         try:
             # One timeout per read, moved forward on every bit of progress (no task per recv call).
@@ -227,31 +331,68 @@ class Connection:
             self.stats.received(n)
 
     async def recv(self, frame_limits: FrameLimits = DEFAULT_LIMITS, idle_timeout: float | None = None) -> Frame:
-        """Read one frame (ProtocolError on a bad one, PeerLost on a closed or stalled link)."""
-        reader = FrameReader(frame_limits)
-        started = 0.0
+        """Read one frame (ProtocolError on a bad one, SealError on a record that is not the one due,
+        PeerLost on a closed or stalled link)."""
         try:
-            while True:
-                n = reader.needed()
-                if reader.expecting_segment and n >= BIG_SEGMENT:
-                    buf = self.allocator(n)
-                else:
-                    buf = bytearray(n)
-                await self._read_into(buf, idle_timeout if not reader.in_frame else None)
-                if not reader.in_frame:
-                    started = time.perf_counter()
-                self.reading = True
-                frame = reader.push(buf)
-                if frame is not None:
-                    frame.started_at, frame.finished_at = started, time.perf_counter()
-                    return frame
+            first = bytearray(PREFIX.size)  # a frame prefix, or a sealed record's header: both 16 bytes
+            await self._read_into(first, idle_timeout)
+            started = time.perf_counter()
+            self.reading = True
+            if self.opener is None:
+                frame = await self._recv_plain(first, FrameReader(frame_limits))
+            elif self._peer_may_refuse and self.opener.sequence == 0 and first[:4] == limits.MAGIC:
+                # The peer refused us after the handshake's keys were known (e.g. our proof): its
+                # error is the one unsealed frame it may still send.
+                frame = await self._recv_plain(first, FrameReader(PREAUTH_LIMITS))
+                if frame.op != "error":
+                    raise sealing.SealError(f"an unsealed {frame.op[:32]!r} frame arrived where the first sealed "
+                                            "record was due")
+            else:
+                frame = await self._recv_sealed(first, FrameReader(frame_limits), frame_limits)
+            frame.started_at, frame.finished_at = started, time.perf_counter()
+            self.frames_received += 1
+            return frame
         finally:
             self.reading = False
+
+    async def _recv_plain(self, prefix: bytearray, reader: FrameReader) -> Frame:
+        frame = reader.push(prefix)
+        while frame is None:
+            n = reader.needed()
+            buf = self.allocator(n) if reader.expecting_segment and n >= BIG_SEGMENT else bytearray(n)
+            await self._read_into(buf, None)
+            frame = reader.push(buf)
+        return frame
+
+    async def _recv_sealed(self, head: bytearray, reader: FrameReader, frame_limits: FrameLimits) -> Frame:
+        opener = self.opener
+        maximum = PREFIX.size + LENGTH.size * frame_limits.max_segments + frame_limits.max_header
+        body = bytearray(opener.check(head, None, maximum))
+        await self._read_into(body, None)
+        frame = sealing.split_head(opener.open(head, body), reader)
+        while frame is None:
+            n = reader.needed()
+            buf = self.allocator(n) if n >= BIG_SEGMENT else bytearray(n)
+            view = memoryview(buf).cast("B")
+            if n >= BIG_SEGMENT:
+                received = await self._in_thread(_bulk_recv_sealed, view, opener, self._scratch("_recv_scratch"))
+                if self.stats:
+                    self.stats.received(received)
+            else:
+                for start in range(0, n, opener.record_bytes):
+                    size = min(opener.record_bytes, n - start)
+                    await self._read_into(head, None)
+                    body = bytearray(opener.check(head, size))
+                    await self._read_into(body, None)
+                    opener.open_into(head, body, view[start : start + size])
+            frame = reader.push(buf)
+        return frame
 
     async def heartbeat(self, active: Callable[[], bool], on_silence: Callable[[float], Awaitable[None]]) -> None:
         """While ``active()``, ping the peer every PING_INTERVAL_S and call ``on_silence`` once no byte
         has arrived for PEER_SILENCE_TIMEOUT_S. The peer does the same, so a live link never goes quiet
-        for long even while one side is busy reading a big frame."""
+        for long even while one side is busy reading a big frame. A ping never waits behind a blocked
+        writer, so silence is noticed even then."""
         with contextlib.suppress(asyncio.CancelledError):
             was_active = False
             woke = time.monotonic()
@@ -272,8 +413,7 @@ class Connection:
                 if silent > limits.PEER_SILENCE_TIMEOUT_S:
                     await on_silence(silent)
                     return
-                with contextlib.suppress(MeshError):
-                    await self.send({"op": "ping", "id": 0})
+                self.send_control("ping")
 
     def abort(self) -> None:
         """Close at once: the peer sees the connection end, pending reads and writes here fail."""
@@ -293,6 +433,11 @@ class Connection:
         self.abort()
 
 
+def sealing_piece() -> int:
+    """Largest piece of an unsealed buffer handed to one deadline-bound send (a record's worth)."""
+    return limits.SEAL_RECORD_BYTES
+
+
 def address_name(addr: object) -> str:
     if isinstance(addr, tuple) and len(addr) >= 2:
         host = str(addr[0])
@@ -305,30 +450,15 @@ def address_name(addr: object) -> str:
 
 async def client_handshake(conn: Connection, key: bytes | None, hello: dict | None = None) -> dict:
     """Prove the key to the server and check its proof; return the server's welcome fields."""
+    handshake = ClientHandshake(key, hello, conn.name)
 
     async def step() -> dict:
-        nonce_c = auth.new_nonce()
-        await conn.send({"op": "hello", "proto": limits.PROTOCOL_VERSION, "nonce": nonce_c,
-                         "insecure": key is None, **(hello or {})})
-        frame = await conn.recv(PREAUTH_LIMITS)
-        if frame.op == "error":
-            raise MeshError.from_wire(frame.header, conn.name)
-        if frame.op != "challenge":
-            raise MeshError("protocol", f"expected a challenge, got {frame.op!r}", peer=conn.name)
-        if key is None:
-            proof = b""
-        else:
-            nonce_s = auth.check_nonce(frame.header.get("nonce"), conn.name)
-            if not auth.verify(auth.server_proof(key, nonce_c, nonce_s), frame.header.get("proof")):
-                raise MeshError("auth", "the server does not hold our cluster key (wrong key file?)", peer=conn.name)
-            proof = auth.client_proof(key, nonce_c, nonce_s)
-        await conn.send({"op": "proof", "proof": proof})
-        welcome = await conn.recv(DEFAULT_LIMITS)
-        if welcome.op == "error":
-            raise MeshError.from_wire(welcome.header, conn.name)
-        if welcome.op != "welcome":
-            raise MeshError("protocol", f"expected welcome, got {welcome.op!r}", peer=conn.name)
-        return welcome.header.get("node") or {}
+        await conn.send(handshake.hello())
+        challenge = await conn.recv(PREAUTH_LIMITS)
+        await conn.send(handshake.on_challenge(challenge.header))
+        if handshake.keys is not None:
+            conn.seal(handshake.keys, peer_may_refuse=True)
+        return handshake.on_welcome((await conn.recv(DEFAULT_LIMITS)).header)
 
     try:
         return await asyncio.wait_for(step(), limits.HANDSHAKE_TIMEOUT_S)
@@ -336,20 +466,22 @@ async def client_handshake(conn: Connection, key: bytes | None, hello: dict | No
         raise PeerLost(conn.name, f"handshake did not finish within {limits.HANDSHAKE_TIMEOUT_S:.0f} s") from None
     except ProtocolError as exc:
         raise MeshError(exc.wire_code, str(exc), peer=conn.name) from None
-    except auth.AuthError as exc:
-        raise MeshError("auth", str(exc), peer=conn.name) from None
 
 
 async def server_handshake(conn: Connection, key: bytes | None, welcome: Callable[[], dict]) -> dict:
     """Authenticate a client; on failure send it an error naming the cause and raise.
 
-    ``key`` None means the daemon runs ``--insecure`` (loudly): any client is let in.
+    ``key`` None means the daemon runs ``--insecure`` (loudly): any client is let in, unsealed.
     """
+    handshake = ServerHandshake(key, conn.name)
 
-    async def refuse(code: str, message: str) -> None:
-        with contextlib.suppress(Exception):
-            await conn.send({"op": "error", "code": code, "message": message})
-        raise MeshError(code, message, peer=conn.name)
+    async def answer(reply: Callable[[], dict | None]) -> dict | None:
+        try:
+            return reply()
+        except MeshError as exc:
+            with contextlib.suppress(Exception):
+                await conn.send({"op": "error", "code": exc.code, "message": exc.message})
+            raise
 
     async def step() -> dict:
         try:
@@ -357,30 +489,13 @@ async def server_handshake(conn: Connection, key: bytes | None, welcome: Callabl
         except asyncio.TimeoutError:
             raise MeshError("auth", f"no hello within {limits.HELLO_TIMEOUT_S:g} s of connecting",
                             peer=conn.name) from None
-        if hello.op != "hello":
-            await refuse("protocol", f"expected hello, got {hello.op[:32]!r}")
-        proto = hello.header.get("proto")
-        if proto != limits.PROTOCOL_VERSION:
-            await refuse("version", f"client speaks meshd protocol {proto!r:.16}; this daemon speaks "
-                                    f"{limits.PROTOCOL_VERSION}: upgrade the older side")
-        if key is None:
-            await conn.send({"op": "challenge", "proto": limits.PROTOCOL_VERSION, "insecure": True})
-            await conn.recv(PREAUTH_LIMITS)
-        else:
-            if hello.header.get("insecure"):
-                await refuse("auth", "this daemon requires the cluster key; the client connected without one")
-            try:
-                nonce_c = auth.check_nonce(hello.header.get("nonce"), conn.name)
-            except auth.AuthError as exc:
-                await refuse("protocol", str(exc))
-            nonce_s = auth.new_nonce()
-            await conn.send({"op": "challenge", "proto": limits.PROTOCOL_VERSION, "nonce": nonce_s,
-                             "proof": auth.server_proof(key, nonce_c, nonce_s)})
-            proof = await conn.recv(PREAUTH_LIMITS)
-            if proof.op != "proof" or not auth.verify(auth.client_proof(key, nonce_c, nonce_s), proof.header.get("proof")):
-                await refuse("auth", "authentication failed: the client does not hold this cluster's key")
+        await conn.send(await answer(lambda: handshake.on_hello(hello.header)))
+        proof = await conn.recv(PREAUTH_LIMITS)
+        await answer(lambda: handshake.on_proof(proof.header))
+        if handshake.keys is not None:
+            conn.seal(handshake.keys)
         await conn.send({"op": "welcome", "node": welcome()})
-        return hello.header
+        return handshake.hello
 
     try:
         return await asyncio.wait_for(step(), limits.HANDSHAKE_TIMEOUT_S)
@@ -420,16 +535,28 @@ async def connect_socket(host: str, port: int) -> socket.socket:
 async def open_connection(host: str, port: int, key: bytes | None, *, stats: LinkStats | None = None,
                           emulation: LinkEmulation | None = None, hello: dict | None = None,
                           allocator: Allocator | None = None) -> tuple[Connection, dict]:
-    """Connect and authenticate; returns the connection and the server's node info."""
+    """Connect and authenticate; returns the connection and the server's node info.
+
+    A connection the daemon closes before its handshake ends (its admission under a flood of
+    half-open connections) is retried with backoff for up to CONNECT_RETRY_S; a refused connect, a
+    wrong key or version fail at once."""
     name = address_name((host, port))
-    sock = await connect_socket(host, port)
-    conn = Connection(sock, name, stats=stats, emulation=emulation, allocator=allocator)
-    try:
-        node = await client_handshake(conn, key, hello)
-    except BaseException:
-        await conn.close()
-        raise
-    return conn, node
+    deadline = time.monotonic() + limits.CONNECT_RETRY_S
+    delay = limits.CONNECT_RETRY_FIRST_S
+    while True:
+        sock = await connect_socket(host, port)
+        conn = Connection(sock, name, stats=stats, emulation=emulation, allocator=allocator)
+        try:
+            return conn, await client_handshake(conn, key, hello)
+        except PeerLost:
+            await conn.close()
+            if time.monotonic() + delay > deadline:
+                raise
+        except BaseException:
+            await conn.close()
+            raise
+        await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # jitter: retrying clients do not move in step
+        delay = min(delay * 2, limits.CONNECT_RETRY_MAX_S)
 
 
 # --- client channel ------------------------------------------------------------------------------
@@ -451,7 +578,7 @@ class Channel:
         self.conn = conn
         self.node = node or {}
         self.name = conn.name
-        self._ids = itertools.count(1)
+        self.rules = ClientRules()
         self._pending: dict[int, _Pending] = {}
         self._error: MeshError | None = None
         self._reader = asyncio.ensure_future(self._read_loop())
@@ -471,22 +598,24 @@ class Channel:
             while True:
                 frame = await self.conn.recv()
                 rid = frame.header.get("id")
-                if frame.op == "pong":
+                route = self.rules.route(frame.header)
+                if route == "ping":
+                    self.conn.send_control("pong")  # never stop reading to answer
                     continue
-                if frame.op == "ping":
-                    await self.conn.send({"op": "pong", "id": 0})
-                    continue
-                if frame.op == "error" and rid == 0:
+                if route == "closing":
                     # The server's reason for closing this connection: what every request here fails with.
                     self._fail(MeshError.from_wire(frame.header, self.name))
+                    continue
+                if route == "pong":
                     continue
                 pending = self._pending.get(rid) if isinstance(rid, int) else None
                 if pending is not None:
                     pending.queue.put_nowait(frame)
         except MeshError as exc:
             self._fail(exc)
-        except ProtocolError as exc:
+        except ProtocolError as exc:  # a bad frame or a record that is not the one due: this link is done
             self._fail(MeshError(exc.wire_code, str(exc), peer=self.name))
+            self.conn.abort()
         except asyncio.CancelledError:
             self._fail(PeerLost(self.name, "connection closed"))
             raise
@@ -520,7 +649,7 @@ class Channel:
         """Send a request (and its chunk stream); return the reply frame or raise MeshError."""
         if self._error is not None:
             raise self._error
-        rid = next(self._ids)
+        rid = self.rules.next_id()
         pending = self._pending[rid] = _Pending()
         deadline = None if timeout is None else time.monotonic() + timeout
         answered = False
@@ -579,12 +708,10 @@ class Request:
         self.header = frame.header
         self.id = frame.header["id"]
         self.op = frame.op
-        announced = frame.header.get("chunks")
-        #: Chunk frames this request said will follow; no more are taken (the queue stays bounded).
-        self.announced_chunks = (announced if isinstance(announced, int) and not isinstance(announced, bool)
-                                 and 0 <= announced <= limits.MAX_STREAM_CHUNKS else 0)
+        #: Chunk frames this request said will follow; no more are taken (the queue stays bounded:
+        #: ServerRules counts them).
+        self.announced_chunks = announced_chunks(frame.header)
         self._chunks: asyncio.Queue = asyncio.Queue()
-        self._received = 0
         self.first_chunk_at: float | None = None
         self.last_chunk_at: float | None = None
 
@@ -593,10 +720,6 @@ class Request:
         return self.session.conn.name
 
     def _push_chunk(self, frame: Frame) -> None:
-        if self._received >= self.announced_chunks:
-            raise ProtocolError(f"request {self.id} ({self.op[:32]}) announced {self.announced_chunks} chunk "
-                                "frames; more arrived")
-        self._received += 1
         now = time.perf_counter()
         if self.first_chunk_at is None:
             self.first_chunk_at = now
@@ -637,43 +760,26 @@ class ServerSession:
         self.ipc_ok = False
         self.tasks: dict[int, asyncio.Task] = {}
         self.requests: dict[int, Request] = {}
-        self._last_id = 0  # highest request id seen (clients number requests upwards)
+        self.rules = ServerRules()
 
     async def run(self) -> None:
         watchdog = asyncio.ensure_future(self._watch_silence())
         try:
             while True:
                 frame = await self.conn.recv(idle_timeout=limits.IDLE_TIMEOUT_S)
-                rid = frame.header.get("id")
-                if not isinstance(rid, int) or isinstance(rid, bool):
-                    raise ProtocolError(f"{frame.op!r} frame has no integer id")
-                if frame.op == "ping":
-                    await self.conn.send({"op": "pong", "id": rid})
-                elif frame.op == "pong":
-                    pass
-                elif frame.op == "cancel":
-                    task = self.tasks.get(rid)
-                    if task:
-                        task.cancel()
-                elif frame.op == "chunk":
-                    request = self.requests.get(rid)
-                    if request is not None:
-                        request._push_chunk(frame)
-                    elif rid > self._last_id:
-                        raise ProtocolError(f"chunk frame for request {rid}, which was never sent")
-                    # else: the rest of a stream whose request already ended (refused early): dropped
-                elif rid in self.tasks:
-                    raise ProtocolError(f"request id {rid} is already in use")
-                elif len(self.tasks) >= limits.MAX_REQUESTS_PER_SESSION:
-                    self._last_id = max(self._last_id, rid)  # its chunk frames, if any, are dropped
-                    await self.conn.send({"op": "error", "id": rid, "code": "busy",
-                                          "message": f"{limits.MAX_REQUESTS_PER_SESSION} requests already run on "
-                                                     "this connection"})
-                else:
-                    self._last_id = max(self._last_id, rid)
+                action = self.rules.receive(frame.header)
+                if action.kind == "pong":
+                    self.conn.send_control("pong")  # never stop reading to answer
+                elif action.kind == "cancel":
+                    self.tasks[action.id].cancel()
+                elif action.kind == "chunk":
+                    self.requests[action.id]._push_chunk(frame)
+                elif action.kind == "busy":
+                    await self.conn.send({"op": "error", "id": action.id, "code": "busy", "message": action.message})
+                elif action.kind == "start":
                     request = Request(self, frame)
-                    self.requests[rid] = request
-                    self.tasks[rid] = asyncio.ensure_future(self._handle(request))
+                    self.requests[action.id] = request
+                    self.tasks[action.id] = asyncio.ensure_future(self._handle(request))
         except (MeshError, ProtocolError) as exc:
             if not isinstance(exc, PeerLost):
                 log.warning("closing connection from %s: %s", self.conn.name, exc)
@@ -719,3 +825,4 @@ class ServerSession:
         finally:
             self.tasks.pop(request.id, None)
             self.requests.pop(request.id, None)
+            self.rules.finished(request.id)

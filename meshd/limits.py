@@ -5,14 +5,16 @@ connection; the daemon itself keeps serving.
 """
 
 #: Protocol version, exchanged in the handshake; peers with another version are refused with an
-#: error naming both versions.
-PROTOCOL_VERSION = 1
+#: error naming both versions. Version 2 seals every frame after the handshake (meshd.wire.seal).
+PROTOCOL_VERSION = 2
 
 #: Frame format version, in every frame prefix (changes only if the framing itself changes).
 FRAME_FORMAT = 1
 
 #: First bytes of every frame.
 MAGIC = b"FXMH"
+#: First bytes of every sealed record (protocol 2, after the handshake).
+SEALED_MAGIC = b"FXMS"
 
 # --- framing -------------------------------------------------------------------------------------
 #: Largest msgpack header of one frame.
@@ -47,10 +49,26 @@ MAX_CONNECTIONS = 64
 #: may hold memory, e.g. a forward's input tensor). Above the generations one client may queue.
 MAX_REQUESTS_PER_SESSION = 128
 
+# --- sealing (after authentication) -----------------------------------------------------------
+#: Largest plaintext of one sealed record: big segments are sealed and opened in pieces of this size,
+#: so that the memory sealing needs stays bounded and sealing overlaps the transfer.
+SEAL_RECORD_BYTES = 1 << 20
+#: Each direction moves to a fresh key after this many records ...
+REKEY_RECORDS = 1 << 24
+#: ... or this many bytes, whichever comes first (well inside AES-GCM's usage limits per key).
+REKEY_BYTES = 1 << 36
+#: A sequence number past this would wrap the nonce: the connection ends before that.
+MAX_RECORD_SEQUENCE = (1 << 64) - 1
+
 # --- after authentication ----------------------------------------------------------------------
 #: Once a frame has started, bytes must keep arriving: no progress for this long closes the link
 #: (a slow-loris client cannot hold a connection open by trickling a frame).
 FRAME_PROGRESS_TIMEOUT_S = 10.0
+#: Every send must make progress: a peer that takes no byte of what we send for this long is lost
+#: (its connection is closed, so that a client that stops reading cannot hold a generation's slot or
+#: our memory for long). Shorter than PEER_SILENCE_TIMEOUT_S: a live peer's kernel takes bytes whenever
+#: its process reads at all, and meshd reads every connection continuously, whatever it computes.
+SEND_PROGRESS_TIMEOUT_S = 3.0
 #: A connection with no frame at all for this long is closed (clients ping to stay alive).
 IDLE_TIMEOUT_S = 600.0
 #: A request to a peer that gets no answer at all within this long fails (a generation sets its own,
@@ -64,6 +82,12 @@ PEER_SILENCE_TIMEOUT_S = 4.0
 PING_INTERVAL_S = 1.0
 #: Connecting to a peer must succeed within this long.
 CONNECT_TIMEOUT_S = 5.0
+#: A connection closed by the daemon before its handshake ends (refused or evicted at admission while
+#: half-open connections flood it) is retried for up to this long, with backoff from
+#: CONNECT_RETRY_FIRST_S doubling up to CONNECT_RETRY_MAX_S.
+CONNECT_RETRY_S = 8.0
+CONNECT_RETRY_FIRST_S = 0.05
+CONNECT_RETRY_MAX_S = 1.0
 #: Most chunk frames one request may announce (its ``chunks`` field; a tensor has at most the codec's
 #: MAX_CHUNKS). A chunk beyond the announced count, or for a request never sent, closes the connection.
 MAX_STREAM_CHUNKS = 4096
@@ -88,3 +112,9 @@ MAX_STEPS = 200
 MAX_PROMPT_BYTES = 16 * 1024
 #: Bytes sent by the link bandwidth probe.
 BANDWIDTH_PROBE_BYTES = 8 << 20
+#: A link's measured bandwidth is re-measured after this long.
+BANDWIDTH_MAX_AGE_S = 300.0
+#: Channels a daemon keeps open to other daemons; beyond that the least recently used idle one is
+#: closed (a plan names its peers, so a key holder could otherwise have a daemon hold a channel per
+#: address).
+MAX_POOLED_PEERS = 32

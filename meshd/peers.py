@@ -12,10 +12,6 @@ from .connection import Channel
 from .link import LinkEmulation, LinkRegistry
 from .plan import PeerAddress
 
-BANDWIDTH_MAX_AGE_S = 300.0
-#: Channels kept open to other daemons; beyond that the least recently used idle one is closed (a
-#: plan names its peers, so a key holder could otherwise have a daemon hold a channel per address).
-MAX_POOLED_PEERS = 32
 
 
 @dataclass
@@ -68,8 +64,8 @@ class PeerPool:
         return channel
 
     async def _evict(self) -> None:
-        """Close the least recently used idle channels beyond MAX_POOLED_PEERS."""
-        for key in list(self._channels)[: max(0, len(self._channels) - MAX_POOLED_PEERS)]:
+        """Close the least recently used idle channels beyond limits.MAX_POOLED_PEERS."""
+        for key in list(self._channels)[: max(0, len(self._channels) - limits.MAX_POOLED_PEERS)]:
             channel, lock = self._channels[key], self._locks.get(key)
             if not channel.idle or (lock is not None and lock.locked()):
                 continue
@@ -82,7 +78,7 @@ class PeerPool:
         """Measured bytes/s to ``address`` (a probe of BANDWIDTH_PROBE_BYTES, re-measured every 5 min)."""
         key = str(address)
         known = self._bandwidth.get(key)
-        if known and time.monotonic() - known.measured_at < BANDWIDTH_MAX_AGE_S:
+        if known and time.monotonic() - known.measured_at < limits.BANDWIDTH_MAX_AGE_S:
             return known
         channel = await self.get(address)
         t0 = time.perf_counter()

@@ -154,7 +154,7 @@ class Daemon:
         self.draining = False
         self._listener: socket.socket | None = None
         self._accepting: asyncio.Task | None = None
-        self._preauth = 0
+        self._halfopen: dict[Connection, tuple[str, float]] = {}  # in their handshake: source, accepted at
         self._preauth_by_source: dict[str, int] = {}
         self._preparing: set[str] = set()  # job ids whose prepare is in progress
         self._generation_slots = asyncio.Semaphore(limits.MAX_ACTIVE_GENERATIONS)
@@ -231,6 +231,11 @@ class Daemon:
         """Where big received segments land (straight from the socket, no intermediate copy)."""
         return bytearray(n)
 
+    @property
+    def _preauth(self) -> int:
+        """Connections in their handshake now."""
+        return len(self._halfopen)
+
     async def _accept_loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
@@ -243,44 +248,72 @@ class Daemon:
                 await asyncio.sleep(0.1)
                 continue
             source = source_of(addr)
-            if (self.draining or self._preauth >= limits.MAX_PREAUTH_CONNECTIONS
+            if (self.draining or len(self.sessions) >= limits.MAX_CONNECTIONS
                     or self._preauth_by_source.get(source, 0) >= limits.MAX_PREAUTH_PER_SOURCE
-                    or len(self.sessions) >= limits.MAX_CONNECTIONS):
-                sock.close()  # refuse cheaply: no read, no allocation
+                    or (self._preauth >= limits.MAX_PREAUTH_CONNECTIONS and not self._make_room_for(source))):
+                sock.close()  # refuse cheaply: no read, no allocation (the client retries with backoff)
                 continue
-            self._preauth += 1
+            conn = Connection(sock, address_name(addr), emulation=self.emulation, allocator=self.allocator)
+            self._halfopen[conn] = (source, time.monotonic())
             self._preauth_by_source[source] = self._preauth_by_source.get(source, 0) + 1
-            task = asyncio.ensure_future(self._serve_socket(sock, address_name(addr), source))
+            task = asyncio.ensure_future(self._serve_connection(conn, source))
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
+            # Accepts that are ready complete without yielding: let the handshakes in progress read
+            # their hellos between two accepts, or a flood would starve them.
+            await asyncio.sleep(0)
 
-    def _preauth_done(self, source: str) -> None:
-        self._preauth -= 1
-        left = self._preauth_by_source.pop(source) - 1
+    def _make_room_for(self, source: str) -> bool:
+        """With every handshake slot taken, drop the half-open connection least likely to be a cluster
+        member's, if that is fair to the newcomer from ``source``: one that has sent nothing yet before
+        one that has, from the busiest source, the one waiting longest (a real client sends its hello
+        in its first round trip). A flood from many addresses then churns through its own
+        connections, and a client that connects among them gets its hello in."""
+        newcomer = self._preauth_by_source.get(source, 0) + 1
+
+        def unlikely_member(item) -> tuple:
+            conn, (src, accepted) = item
+            return conn.frames_received, -self._preauth_by_source[src], accepted
+
+        victim, (victim_source, _) = min(self._halfopen.items(), key=unlikely_member)
+        if self._preauth_by_source[victim_source] < newcomer:
+            return False  # the newcomer's source already holds more: refuse it instead
+        self._preauth_done(victim)
+        victim.abort()
+        return True
+
+    def _preauth_done(self, conn: Connection) -> None:
+        entry = self._halfopen.pop(conn, None)
+        if entry is None:
+            return  # already counted out (dropped to make room)
+        left = self._preauth_by_source.pop(entry[0]) - 1
         if left:
-            self._preauth_by_source[source] = left
+            self._preauth_by_source[entry[0]] = left
 
-    async def _serve_socket(self, sock: socket.socket, name: str, source: str) -> None:
-        conn = Connection(sock, name, emulation=self.emulation, allocator=self.allocator)
+    async def _serve_connection(self, conn: Connection, source: str) -> None:
+        name = conn.name
         self._connections.add(conn)
         try:
             try:
                 hello = await server_handshake(conn, self.key, self.node_info)
             except MeshError as exc:
-                log.warning("refused %s: %s", name, exc.message)
+                if conn.closed:  # dropped to make room for another: routine under a flood
+                    log.debug("dropped half-open connection from %s: %s", name, exc.message)
+                else:
+                    log.warning("refused %s: %s", name, exc.message)
                 return
             except Exception:  # noqa: BLE001 - never let one client take the daemon down
                 log.exception("handshake with %s failed", name)
                 return
             finally:
-                self._preauth_done(source)
+                self._preauth_done(conn)
             if self.emulation is not None and hello.get("daemon") is not True:
                 # --emulate-link shapes the links between daemons; a client's own connection (the
                 # dashboard, a benchmark fetching its PNG) is not part of the emulated link.
                 conn.set_emulation(None)
             # Count traffic per peer (its node name and address), not per ephemeral client port.
             node = hello.get("node")
-            host = name.rsplit(":", 1)[0]
+            host = str(conn.address[0]) if conn.address else name
             conn.stats = self.links.get(f"{node[:64]}@{host}" if isinstance(node, str) and node else host)
             session = ServerSession(conn, self.handle, hello,
                                     holds=lambda: any(job.owner is session for job in self.jobs.values()))

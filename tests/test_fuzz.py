@@ -36,6 +36,7 @@ from meshd.protocol import (
     FrameLimits,
     FrameReader,
     ProtocolError,
+    encode_frame,
     frame_bytes,
 )
 from meshd.server import source_of
@@ -438,7 +439,7 @@ async def test_a_frame_that_stalls_after_auth_closes_only_that_connection(tmp_pa
     async with running_daemon(tmp_path, KEY) as daemon:
         bystander = await Channel.connect(*daemon.bound, KEY)
         stalled = await Channel.connect(*daemon.bound, KEY)
-        frame = frame_bytes({"op": "probe", "id": 99}, [bytes(1000)])
+        frame = sealed_frame(stalled.conn, {"op": "probe", "id": 99}, [bytes(1000)])
         await asyncio.get_running_loop().sock_sendall(stalled.conn.sock, frame[: len(frame) // 2])
         started = time.monotonic()
         while stalled.alive and time.monotonic() - started < 5:
@@ -467,9 +468,13 @@ MALFORMED_AFTER_AUTH = {  # what a hostile (or broken) authenticated peer sends 
     "a list header": (raw_frame(msgpack.packb(["op", "echo"])), "must be a map"),
     "integer map keys": (raw_frame(msgpack.packb({1: 2, "op": "echo", "id": 1})), "not valid msgpack"),
     "no integer id": (frame_bytes({"op": "echo", "id": "1"}), "no integer id"),
-    "a chunk for a request never sent": (frame_bytes({"op": "chunk", "id": 10_000, "index": 0}, [b"x"]),
-                                         "never sent"),
+    "a chunk for a request never sent": (({"op": "chunk", "id": 10_000, "index": 0}, [b"x"]), "never sent"),
 }
+
+
+def sealed_frame(conn: Connection, header: dict, segments: list = ()) -> bytes:
+    """A frame sealed as ``conn`` seals them (a key holder can seal anything it likes)."""
+    return b"".join(bytes(r) for r in conn.sealer.seal_frame(encode_frame(header, list(segments))))
 
 
 @pytest.mark.parametrize("payload,cause", MALFORMED_AFTER_AUTH.values(), ids=MALFORMED_AFTER_AUTH.keys())
@@ -477,6 +482,8 @@ async def test_a_malformed_frame_after_auth_closes_that_connection_with_the_caus
     async with running_daemon(tmp_path, KEY) as daemon:
         bystander = await Channel.connect(*daemon.bound, KEY)
         hostile = await Channel.connect(*daemon.bound, KEY)
+        # A key holder seals what it sends, so a malformed frame reaches the frame parser.
+        payload = sealed_frame(hostile.conn, *payload) if isinstance(payload, tuple) else hostile.conn.sealer.seal(payload)
         await asyncio.get_running_loop().sock_sendall(hostile.conn.sock, payload)
         with pytest.raises(MeshError, match=cause) as error:
             await hostile.request("echo", timeout=5)
@@ -490,8 +497,9 @@ async def test_more_chunk_frames_than_a_request_announced_close_the_connection(t
     """A request's chunk queue holds at most what it announced: one frame more is a protocol error."""
     async with running_daemon(tmp_path, KEY) as daemon:
         hostile = await Channel.connect(*daemon.bound, KEY)
-        burst = frame_bytes({"op": "forward", "id": 1000, "job": "j", "chunks": 1})
-        burst += frame_bytes({"op": "chunk", "id": 1000, "index": 0}, [bytes(64)]) * 2
+        burst = sealed_frame(hostile.conn, {"op": "forward", "id": 1000, "job": "j", "chunks": 1})
+        for _ in range(2):
+            burst += sealed_frame(hostile.conn, {"op": "chunk", "id": 1000, "index": 0}, [bytes(64)])
         await asyncio.get_running_loop().sock_sendall(hostile.conn.sock, burst)
         with pytest.raises(MeshError, match="announced 1 chunk frames; more arrived"):
             await hostile.request("echo", timeout=5)
@@ -568,7 +576,7 @@ async def test_a_daemon_keeps_a_bounded_number_of_channels_to_other_daemons(tmp_
     from meshd.link import LinkRegistry
     from meshd.plan import PeerAddress
 
-    monkeypatch.setattr(peers, "MAX_POOLED_PEERS", 2)
+    monkeypatch.setattr(limits, "MAX_POOLED_PEERS", 2)
     async with running_daemon(tmp_path / "a", KEY) as a, running_daemon(tmp_path / "b", KEY) as b, \
                running_daemon(tmp_path / "c", KEY) as c:
         pool = peers.PeerPool(KEY, LinkRegistry())

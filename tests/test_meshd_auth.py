@@ -56,8 +56,20 @@ async def test_server_without_our_key_cannot_fake_the_handshake(tmp_path):
 async def test_wrong_protocol_version_names_both_versions(tmp_path):
     async with running_daemon(tmp_path, KEY) as daemon:
         conn = Connection(await connect_socket(*daemon.bound), "test")
-        with pytest.raises(MeshError, match=r"protocol 99.*speaks 1") as info:
+        with pytest.raises(MeshError, match=rf"protocol 99.*speaks {limits.PROTOCOL_VERSION}") as info:
             await client_handshake(conn, KEY, {"proto": 99})
+        assert info.value.code == "version"
+        await conn.close()
+        await good_client_works(daemon)
+
+
+async def test_a_version_1_peer_is_told_to_upgrade(tmp_path):
+    """Protocol 1 sent frames unsealed after the handshake: such a peer is refused, and told why."""
+    async with running_daemon(tmp_path, KEY) as daemon:
+        conn = Connection(await connect_socket(*daemon.bound), "test")
+        with pytest.raises(MeshError, match=r"protocol 1; this daemon speaks 2 \(protocol 2 seals every frame\): "
+                                            r"upgrade meshd") as info:
+            await client_handshake(conn, KEY, {"proto": 1})
         assert info.value.code == "version"
         await conn.close()
         await good_client_works(daemon)
