@@ -41,9 +41,12 @@ _nvc_lock = threading.Lock()
 
 
 def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    first = text[0] if text else ""
-    return first if isinstance(exc, CodecError) else f"{type(exc).__name__}: {first}".strip()
+    # The binding's messages span lines ("PyNvEncoderCaps :" then the NVENC status on the next, as
+    # seen on the H200): fold them into one, or the status that classifies the failure is lost.
+    text = " ".join(str(exc).split())
+    if len(text) > 400:
+        text = text[:397] + "..."
+    return text if isinstance(exc, CodecError) else f"{type(exc).__name__}: {text}".strip()
 
 
 def import_nvc():

@@ -129,8 +129,10 @@ FAKE = FakeState()
 
 
 def _api_error(function: str, call: str, code: int) -> str:
-    # NVENCException::makeNVENCException: "<function> : <call> returned error <code> at <file>:<line>"
-    return f"{function} : {call} returned error {code} at {_SDK}:{300 + code}"
+    # NVENCException::makeNVENCException: "<function> : <call> returned error <code> at <file>:<line>".
+    # The binding's exception text is several lines; on the H200 its first line was only
+    # "PyNvEncoderCaps :", the status on the next: a reader of the first line alone misses the code.
+    return f"{function} :\n{call} returned error {code} at {_SDK}:{300 + code}"
 
 
 class _Probe:
