@@ -123,9 +123,7 @@ class ModelStore:
         """A diffusers folder of ``preset`` in the model folders, whose VAE and text encoder a single file
         can use (first by folder order, then name)."""
         for d in self.dirs:
-            if not d.is_dir():
-                continue
-            for sub in sorted(d.iterdir()):
+            for sub in _entries(d):
                 config = sub / "transformer" / "config.json"
                 if config.is_file() and (sub / "vae" / "config.json").is_file():
                     try:
@@ -140,9 +138,7 @@ class ModelStore:
         for ``meshd check``. Files are recognised by their tensor names, not opened in full."""
         found = []
         for d in self.dirs:
-            if not d.is_dir():
-                continue
-            for sub in sorted(d.iterdir()):
+            for sub in _entries(d):
                 if (sub / "transformer" / "config.json").is_file():
                     found.append((sub.name, sub))
                 elif sub.is_file() and sub.suffix == SAFETENSORS_SUFFIX and _is_candidate(sub):
@@ -152,6 +148,14 @@ class ModelStore:
                     if len(single) == 1 and _is_candidate(single[0]):
                         found.append((sub.name, sub))
         return found
+
+
+def _entries(folder: Path) -> list[Path]:
+    """The entries of a model folder that can be models: hidden ones (``.tiny-*`` half-written folders,
+    ``.cache``, editors' files) never are."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
 
 
 def _is_candidate(path: Path) -> bool:
