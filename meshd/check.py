@@ -98,7 +98,11 @@ def check_models(config: DaemonConfig) -> Iterator[Finding]:
 
     store = ModelStore(config.models_dir, config.cache_dir)
     folders = ", ".join(str(d) for d in store.dirs) or "none configured"
-    reports = inventory_models(store)  # layout, precision and the hash the handshake compares, per model
+    try:
+        reports = inventory_models(store)  # layout, precision and the hash the handshake compares, per model
+    except ModelError as exc:  # a model folder closed to this user, say
+        yield Finding("models", PROBLEM, str(exc))
+        reports = []
     if not reports:
         yield Finding("models", NOTE, f"no model folders in {folders} (the tiny demo model is written there on "
                                       "first use; real checkpoints are your local files)")

@@ -159,7 +159,11 @@ def _serve(args) -> int:
         return asyncio.run(_serve_async(args))
     except KeyboardInterrupt:
         return 0
-    except StartupError as exc:
+    except (StartupError, PermissionError) as exc:
+        if isinstance(exc, PermissionError):  # one not foreseen below: still the file and the permission
+            from .model.access import explain  # noqa: PLC0415
+
+            exc = StartupError(explain(exc))
         log.error("%s", exc)
         from .sdnotify import Notifier  # noqa: PLC0415
 
@@ -177,7 +181,7 @@ async def _serve_async(args) -> int:
     from .auth import AuthError, read_key  # noqa: PLC0415
     from .config import ConfigError, load_config, parse_blocks  # noqa: PLC0415
     from .model.files import ModelError, ModelStore  # noqa: PLC0415
-    from .model.runtime import DTYPES, HostedModel, open_source  # noqa: PLC0415
+    from .model.runtime import DTYPES, FolderSource, HostedModel, open_source  # noqa: PLC0415
     from .model.text_encoder import TextEncoderOptions  # noqa: PLC0415
     from .nodeid import stable_node_id  # noqa: PLC0415
     from .sdnotify import Notifier  # noqa: PLC0415
@@ -200,6 +204,9 @@ async def _serve_async(args) -> int:
         raise StartupError(f"configuration: {exc}") from None
     notifier = Notifier()
     notifier.status("starting")
+    _check_writable(config.state_dir, "state_dir", "node id and caches")
+    if args.ready_file:
+        _check_writable(args.ready_file.parent, "--ready-file", "the ready file")
     if config.insecure:
         print(BANNER_INSECURE, file=sys.stderr)
         log.warning("authentication is OFF (--insecure)")
@@ -229,8 +236,17 @@ async def _serve_async(args) -> int:
     if blocks:
         log.info("loading blocks %s of %s", config.blocks, model.identity.describe())
         notifier.status(f"loading blocks {config.blocks} of {model.identity.model_id}")
-        with torch.inference_mode():
-            model.load(blocks, 0 in blocks, model.preset.num_blocks - 1 in blocks)
+        try:
+            with torch.inference_mode():
+                model.load(blocks, 0 in blocks, model.preset.num_blocks - 1 in blocks)
+        except ModelError as exc:
+            raise StartupError(f"model: {exc}") from None
+    elif isinstance(source, FolderSource):
+        # No span yet: a plan may still make this daemon the head, which then needs these files.
+        try:
+            source.check_head_files()
+        except ModelError as exc:
+            log.warning("this daemon cannot be a plan's head: %s", exc)
     daemon = Daemon(config, model, key, node_id=stable_node_id(config.state_dir))
     # Clean-up runs in reverse: withdraw the mDNS record first (peers stop routing work here), end the
     # telemetry subscriptions (so draining does not wait on them), then drain and close the daemon.
@@ -253,8 +269,13 @@ async def _serve_async(args) -> int:
             loop.add_signal_handler(sig, stop.set)
         if args.ready_file:
             tmp = args.ready_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"host": host, "port": port, "pid": os.getpid(), "node_id": daemon.node_id}))
-            os.replace(tmp, args.ready_file)
+            try:
+                tmp.write_text(json.dumps({"host": host, "port": port, "pid": os.getpid(), "node_id": daemon.node_id}))
+                os.replace(tmp, args.ready_file)
+            except OSError as exc:
+                from .model.access import explain  # noqa: PLC0415
+
+                raise StartupError(f"--ready-file: {explain(exc)}") from None
         # Bound, span loaded, advertised: only now may peers and systemd rely on us.
         notifier.ready(status.line())
         log.info("serving %s on %s:%s (%s)", model.identity.describe(), host, port, mdns_state)
@@ -265,6 +286,19 @@ async def _serve_async(args) -> int:
         log.info("stopping: withdrawing the mDNS record, draining requests")
     log.info("stopped")
     return 0
+
+
+def _check_writable(folder: Path, what: str, holds: str) -> None:
+    """A StartupError naming the folder and the permission when ``folder`` cannot be made or written."""
+    from .model.access import unwritable_dir  # noqa: PLC0415
+
+    problem = unwritable_dir(folder)
+    if problem is not None:
+        raise StartupError(f"{what} ({holds}): {problem}")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StartupError(f"{what} ({holds}): {folder}: {exc.strerror or exc}") from None
 
 
 async def _advertise(daemon, sampler, config, port: int):

@@ -23,6 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .access import require_readable
 from .checkpoints import Checkpoint, match_preset
 from .presets import ModelPreset
 from .tensorfiles import SAFETENSORS_SUFFIX, FileHashes, ModelError, open_safetensors, read_json, refuse_pickle
@@ -85,12 +86,14 @@ class ModelStore:
                     f"{path} is outside the configured model folders ({', '.join(map(str, self.dirs))}); "
                     "meshd reads model files only from there"
                 )
+            require_readable(path)
             if not path.exists():
                 raise ModelError(f"model {path} does not exist")
             return path
         if name in ("", ".", "..") or "/" in name or "\\" in name:
             raise ModelError(f"invalid model name {name!r}")
         for d in self.dirs:
+            require_readable(d, "models_dir")
             for path in (d / name, d / f"{name}{SAFETENSORS_SUFFIX}"):
                 if path.is_dir() or path.is_file():
                     return path
@@ -99,6 +102,9 @@ class ModelStore:
     def open(self, name: str) -> ModelFiles:
         """The model ``name``: its checkpoint opened (headers read and checked) and its head parts located."""
         path = self.resolve(name)
+        require_readable(path)
+        if path.is_dir():
+            require_readable(path / "transformer")
         if path.is_file():
             refuse_pickle(path)
             checkpoint = Checkpoint.open_file(path)
@@ -155,6 +161,7 @@ def _entries(folder: Path) -> list[Path]:
     ``.cache``, editors' files) never are."""
     if not folder.is_dir():
         return []
+    require_readable(folder, "models_dir")
     return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
 
 

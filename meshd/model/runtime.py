@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .access import require_readable, require_tree_readable, unreadable
 from .files import ModelError, ModelFiles, ModelStore
 from .lora import LoraError, LoraPatch, LoraSpec, LoraStore, held_linears, stack_factors
 from .presets import ModelPreset, get_preset
@@ -76,6 +77,10 @@ class WeightSource:
         """What two peers compare before one uses the other's prompt embeddings."""
         raise NotImplementedError
 
+    def check_head_files(self, text_encoder: bool = True) -> None:
+        """A ModelError naming the file and the permission when the head's VAE (or text encoder) could not
+        be read, asked before any step runs rather than found out at decode."""
+
     def scheduler_config(self) -> dict:
         return {"_class_name": "FlowMatchEulerDiscreteScheduler", **self.preset.scheduler}
 
@@ -103,10 +108,22 @@ class FolderSource(WeightSource):
     def read(self, expected, device, dtype):
         return self.checkpoint.read(expected, device, dtype)
 
+    def check_head_files(self, text_encoder: bool = True) -> None:
+        if self.files.components is None:  # no head parts at all: vae() says where to put them
+            return
+        require_tree_readable([self.files.component("vae")], "the head's VAE")
+        if text_encoder and self.has_text_encoder():
+            self._check_text_encoder_files()
+
+    def _check_text_encoder_files(self) -> None:
+        folders = [self.files.component("text_encoder"), self.files.component("tokenizer")]
+        require_tree_readable([f for f in folders if f.exists()], "the text encoder")
+
     def vae(self, device, dtype):
         from diffusers import AutoencoderKLFlux2  # noqa: PLC0415
 
         folder = self.files.component("vae")
+        require_tree_readable([folder], "the head's VAE")
         if not (folder / "config.json").is_file():
             raise ModelError(f"{folder} is missing: the head needs the VAE")
         require_safetensors(folder)
@@ -115,9 +132,12 @@ class FolderSource(WeightSource):
 
     def has_text_encoder(self) -> bool:
         try:
-            return (self.files.component("text_encoder") / "config.json").is_file()
+            folder = self.files.component("text_encoder")
         except ModelError:
             return False
+        if unreadable(folder) is not None:
+            return True  # there but closed to us: loading it says so, rather than "no text encoder"
+        return (folder / "config.json").is_file()
 
     def text_encoder(self, device, dtype):
         if not self.has_text_encoder():
@@ -126,6 +146,7 @@ class FolderSource(WeightSource):
                              "place the text encoder there), or add text_encoder/ and tokenizer/ from the "
                              "diffusers release")
         folder = self.files.component("text_encoder")
+        self._check_text_encoder_files()
         config = folder / "config.json"
         if read_json(config).get("_class_name") == STAND_IN_CLASS:
             return StandInTextEncoder.load(folder).to(device)
@@ -219,6 +240,7 @@ def open_source(model: str, store: ModelStore, *, random_weights: bool = False, 
     if model == "tiny":
         if not store.dirs:
             raise ModelError("no model folder is configured to write the tiny model into")
+        require_readable(store.dirs[0], "models_dir")  # else "not found" below would hide a closed folder
         try:
             store.resolve("tiny")
         except ModelError:
@@ -272,6 +294,8 @@ class HostedModel:
         """Hold exactly ``blocks`` (+ head/tail modules): keep what is loaded, read what is missing,
         free the rest. The current LoRAs are applied to the new set of layers. Runs on the GPU thread."""
         blocks = sorted(set(blocks))
+        if head:  # the head decodes at the end: an unreadable VAE must stop it now, not after every step
+            self.source.check_head_files()
         new = span_modules(self.preset, blocks, head, tail)
         old = self.span
         wanted = {}
