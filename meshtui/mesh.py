@@ -15,6 +15,7 @@ from meshd.connection import Channel
 from meshd.errors import MeshError
 from meshd.link import LinkEmulation
 from meshd.model.presets import PRESETS, ModelPreset
+from meshd.nodeid import host_key
 from meshd.plan import PeerAddress, PeerResources, PlanError, SplitPlan, parse_split, propose
 
 EventFn = Callable[[dict], Awaitable[None] | None]
@@ -143,7 +144,7 @@ class Mesh:
                 # Memory already holding blocks counts as available for this plan's blocks.
                 free = int(memory.get("free", 0)) + sum(preset.block_params(i) * 2 for a, b in p.info.get("blocks", [])
                                                       for i in range(a, b))
-                resources.append(PeerResources(p.address, p.label, free))
+                resources.append(PeerResources(p.address, p.label, free, host=host_key(str(p.info.get("host_id") or ""))))
             return propose(preset, resources, tokens)
         return parse_split(split, {p.label: p.address for p in peers}, preset.num_blocks)
 
