@@ -102,11 +102,11 @@ def check_models(config: DaemonConfig) -> Iterator[Finding]:
         reports = inventory_models(store)  # layout, precision and the hash the handshake compares, per model
     except ModelError as exc:  # a model folder closed to this user, say
         yield Finding("models", PROBLEM, str(exc))
-        reports = []
-    if not reports:
+        reports = None
+    if reports == []:
         yield Finding("models", NOTE, f"no model folders in {folders} (the tiny demo model is written there on "
                                       "first use; real checkpoints are your local files)")
-    for report in reports:  # a broken file nobody configured is worth a note, not a failed check
+    for report in reports or ():  # a broken file nobody configured is worth a note, not a failed check
         yield Finding("models", OK if report.ok else NOTE, report.describe())
     for report in inventory_loras(LoraStore(config.lora_dir), config.cache_dir):
         yield Finding("loras", OK if report.ok else NOTE, report.describe())

@@ -132,6 +132,10 @@ weights = root / "te" / "tiny" / "transformer" / "diffusion_pytorch_model.safete
 attempt("closed state dir: hashing", lambda: FileHashes(root / "state" / "cache").sha256(weights))
 out["closed state dir: warning"] = " ".join(warnings)
 attempt("closed ready-file folder", lambda: _check_writable(root / "state" / "run", "--ready-file", "the ready file"))
+from meshd.check import check_models
+from meshd.config import DaemonConfig
+out["meshd check, closed models_dir"] = [(f.level, f.text) for f in check_models(
+    DaemonConfig(models_dir=(root / "closed",), state_dir=root / "state"))]
 print(json.dumps(out))
 """
 
@@ -160,6 +164,8 @@ def test_each_file_closed_to_the_daemons_user_is_named_with_its_permission(tiny_
     assert denied(tmp_path / "state", "write", 0o755) in found["closed state dir: warning"]
     assert found["closed ready-file folder"] == ("--ready-file (the ready file): "
                                                  + denied(tmp_path / "state", "create folders in", 0o755))
+    assert found["meshd check, closed models_dir"] == [
+        ["problem", "models_dir: " + denied(tmp_path / "closed", "list", 0o700)]]
 
 
 def test_a_daemon_whose_state_dir_is_closed_stops_with_one_line_naming_it(tiny_root, tmp_path):
