@@ -16,7 +16,7 @@ from meshd.errors import MeshError
 from meshd.link import LinkEmulation
 from meshd.model.presets import PRESETS, ModelPreset
 from meshd.nodeid import host_key
-from meshd.plan import PeerAddress, PeerResources, PlanError, SplitPlan, parse_split, propose
+from meshd.plan import PeerAddress, PeerResources, PlanError, SplitPlan, parse_split, propose, same_host_links
 
 EventFn = Callable[[dict], Awaitable[None] | None]
 
@@ -144,9 +144,20 @@ class Mesh:
                 # Memory already holding blocks counts as available for this plan's blocks.
                 free = int(memory.get("free", 0)) + sum(preset.block_params(i) * 2 for a, b in p.info.get("blocks", [])
                                                       for i in range(a, b))
-                resources.append(PeerResources(p.address, p.label, free, host=host_key(str(p.info.get("host_id") or ""))))
+                resources.append(PeerResources(p.address, p.label, free, host=self.hosts().get(p.address, "")))
             return propose(preset, resources, tokens)
         return parse_split(split, {p.label: p.address for p in peers}, preset.num_blocks)
+
+    def hosts(self) -> dict[PeerAddress, str]:
+        """The box each answering peer runs on (meshd.nodeid.host_key of its host id)."""
+        return {p.address: host_key(str((p.info or {}).get("host_id") or "")) for p in self.peers.values()}
+
+    def describe_plan(self, plan: SplitPlan) -> str:
+        """``A:0-15 => B:16-23 -> C:24-31``: ``=>`` is a link within one box, ``->`` one across the network."""
+        same = same_host_links(plan, self.hosts())
+        parts = [plan.stages[0].describe()] if plan.stages else []
+        parts += [("=> " if local else "-> ") + stage.describe() for stage, local in zip(plan.stages[1:], same)]
+        return " ".join(parts) + (" (=> same host)" if any(same) else "")
 
     def peer_at(self, address: PeerAddress) -> Peer:
         for p in self.peers.values():

@@ -60,3 +60,15 @@ def test_the_dashboard_groups_a_boxs_daemons_and_marks_their_links_same_host():
     assert [s.label for s in plan.stages] == ["A", "E", "B"]
     links = [s.link for s in forecast(plan, {v.address: v for v in online}, 1024, 1024, BlockSpeeds(), LinkBook()).stages]
     assert [link.same_host if link else None for link in links] == [True, False, None]
+
+
+def test_the_headless_plan_line_says_which_links_stay_on_one_box():
+    from meshtui.mesh import Mesh  # noqa: PLC0415
+
+    mesh = Mesh(None)
+    boots = {"A": "boot-1", "B": "boot-1", "C": "boot-2"}
+    for label, boot in boots.items():
+        peer = mesh.add(PeerAddress(f"10.0.0.{ord(label)}", 7777))
+        peer.info = {"host_id": boot}
+    plan = parse_split("A:0-15,B:16-23,C:24-31", {p.label: p.address for p in mesh.peers.values()}, KLEIN.num_blocks)
+    assert mesh.describe_plan(plan) == "A:0-15 => B:16-23 -> C:24-31 (=> same host)"
