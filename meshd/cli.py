@@ -241,12 +241,12 @@ async def _serve_async(args) -> int:
                 model.load(blocks, 0 in blocks, model.preset.num_blocks - 1 in blocks)
         except ModelError as exc:
             raise StartupError(f"model: {exc}") from None
-    elif isinstance(source, FolderSource):
-        # No span yet: a plan may still make this daemon the head, which then needs these files.
+    if isinstance(source, FolderSource):
+        # A plan may make this daemon the head (or place prompt encoding here): say now what would fail.
         try:
             source.check_head_files()
         except ModelError as exc:
-            log.warning("this daemon cannot be a plan's head: %s", exc)
+            log.warning("as a plan's head this daemon would fail: %s", exc)
     daemon = Daemon(config, model, key, node_id=stable_node_id(config.state_dir))
     # Clean-up runs in reverse: withdraw the mDNS record first (peers stop routing work here), end the
     # telemetry subscriptions (so draining does not wait on them), then drain and close the daemon.

@@ -116,8 +116,9 @@ class FolderSource(WeightSource):
             self._check_text_encoder_files()
 
     def _check_text_encoder_files(self) -> None:
-        folders = [self.files.component("text_encoder"), self.files.component("tokenizer")]
-        require_tree_readable([f for f in folders if f.exists()], "the text encoder")
+        # A folder that is not there is not checked here: loading says what is missing.
+        require_tree_readable([self.files.component("text_encoder"), self.files.component("tokenizer")],
+                              "the text encoder")
 
     def vae(self, device, dtype):
         from diffusers import AutoencoderKLFlux2  # noqa: PLC0415
@@ -295,7 +296,7 @@ class HostedModel:
         free the rest. The current LoRAs are applied to the new set of layers. Runs on the GPU thread."""
         blocks = sorted(set(blocks))
         if head:  # the head decodes at the end: an unreadable VAE must stop it now, not after every step
-            self.source.check_head_files()
+            self.source.check_head_files(text_encoder=False)  # a plan may encode prompts on another peer
         new = span_modules(self.preset, blocks, head, tail)
         old = self.span
         wanted = {}
