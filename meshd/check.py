@@ -17,6 +17,7 @@ from .config import DaemonConfig
 
 OK, NOTE, PROBLEM = "ok", "note", "problem"
 UNIT_NAME = "meshd.service"
+UNIT_DIR = Path("/etc/systemd/system")
 #: systemctl queries are local and quick; a hung D-Bus must not hang ``meshd check``.
 SYSTEMCTL_TIMEOUT_S = 5.0
 
@@ -163,11 +164,15 @@ def check_models(config: DaemonConfig) -> Iterator[Finding]:
 
     store = ModelStore(config.models_dir, config.cache_dir)
     folders = ", ".join(str(d) for d in store.dirs) or "none configured"
-    reports = inventory_models(store)  # layout, precision and the hash the handshake compares, per model
-    if not reports:
+    try:
+        reports = inventory_models(store)  # layout, precision and the hash the handshake compares, per model
+    except ModelError as exc:  # a model folder closed to this user, say
+        yield Finding("models", PROBLEM, str(exc))
+        reports = None
+    if reports == []:
         yield Finding("models", NOTE, f"no model folders in {folders} (the tiny demo model is written there on "
                                       "first use; real checkpoints are your local files)")
-    for report in reports:  # a broken file nobody configured is worth a note, not a failed check
+    for report in reports or ():  # a broken file nobody configured is worth a note, not a failed check
         yield Finding("models", OK if report.ok else NOTE, report.describe())
     for report in inventory_loras(LoraStore(config.lora_dir), config.cache_dir):
         yield Finding("loras", OK if report.ok else NOTE, report.describe())
@@ -279,11 +284,72 @@ def check_systemd() -> Iterator[Finding]:
     enabled = _systemctl("is-enabled", UNIT_NAME)
     active = _systemctl("is-active", UNIT_NAME)
     if enabled in (None, "", "not-found") or (enabled or "").startswith("Failed"):
-        yield Finding("systemd", NOTE, f"{UNIT_NAME} is not installed (sudo meshd install-unit)")
+        if not enabled_instances():  # a box with one daemon per GPU runs meshd@N instead (see "instances")
+            yield Finding("systemd", NOTE, f"{UNIT_NAME} is not installed (sudo meshd install-unit, or "
+                                           "--gpus all for one daemon per GPU)")
         return
     level = OK if active == "active" else PROBLEM if active == "failed" else NOTE
     yield Finding("systemd", level, f"{UNIT_NAME}: {enabled}, {active}"
                   + ("" if active == "active" else " (journalctl -u meshd for why)"))
+
+
+def enabled_instances(unit_dir: Path = UNIT_DIR) -> list[int]:
+    """Instances N of meshd@.service enabled on this box (the symlinks ``systemctl enable`` makes in the
+    targets' .wants folders, so this works without a running systemd, on an image too)."""
+    found = set()
+    for link in unit_dir.glob("*.wants/meshd@*.service"):
+        n = link.name.removeprefix("meshd@").removesuffix(".service")
+        if n.isdigit():
+            found.add(int(n))
+    return sorted(found)
+
+
+def check_instances(config_path: Path | None, unit_dir: Path = UNIT_DIR) -> Iterator[Finding]:
+    """One line per instance of meshd@.service (enabled, or configured by a ["meshd@N"] section or a
+    meshd@N.toml drop-in): its GPU, port, state directory and node id, and whether systemd runs it."""
+    from .config import ConfigError, instances_configured, load_config  # noqa: PLC0415
+    from .nodeid import read_node_id  # noqa: PLC0415
+
+    enabled = enabled_instances(unit_dir)
+    try:
+        configured = instances_configured(config_path)
+    except ConfigError as exc:
+        yield Finding("instances", PROBLEM, str(exc))
+        return
+    if not enabled and not configured:
+        return
+    running = shutil.which("systemctl") is not None and Path("/run/systemd/system").is_dir()
+    ports: dict[int, str] = {}
+    state_dirs: dict[Path, str] = {}
+    for n in sorted(set(enabled) | set(configured)):
+        name = f"meshd@{n}"
+        try:
+            config = load_config(config_path, instance=n)
+        except ConfigError as exc:
+            yield Finding("instances", PROBLEM, f"{name}: {exc}")
+            continue
+        node_id = read_node_id(config.state_dir)
+        if not running:
+            state = "enabled" if n in enabled else "not enabled"
+        else:
+            state = f"{_systemctl('is-enabled', name + '.service')}, {_systemctl('is-active', name + '.service')}"
+        level = OK if n in enabled else NOTE
+        clash = []
+        if config.port and config.port in ports:
+            clash.append(f"port {config.port} is also {ports[config.port]}'s")
+        if config.state_dir in state_dirs:
+            clash.append(f"state dir {config.state_dir} is also {state_dirs[config.state_dir]}'s (one node id for two daemons)")
+        ports.setdefault(config.port, name)
+        state_dirs.setdefault(config.state_dir, name)
+        if running and state.endswith(", failed"):
+            level = PROBLEM
+        if clash:
+            level = PROBLEM
+        yield Finding("instances", level,
+                      f"{name}: {config.device}, port {config.port}, {config.model}, blocks {config.blocks}, state "
+                      f"{config.state_dir} (node id {node_id or 'not made yet'}); {state}"
+                      + (f"; {'; '.join(clash)}" if clash else "")
+                      + ("" if n in enabled else f" (sudo systemctl enable --now {name})"))
 
 
 def check_node_id(config: DaemonConfig) -> Iterator[Finding]:

@@ -33,6 +33,11 @@ HEALTH_MIN_STALE_S = 10.0
 #: Where ``install-unit`` puts things by default.
 UNIT_DIR = Path("/etc/systemd/system")
 CONFIG_DIR = Path("/etc/meshd")
+SYSUSERS_DIR = Path("/etc/sysusers.d")
+#: The unit of a box with one daemon, the template of a box with one daemon per GPU, and the sysusers.d
+#: entry of the system user every instance of the template runs as (as installed, and as shipped).
+UNIT_FILE, TEMPLATE_FILE = "meshd.service", "meshd@.service"
+SYSUSERS_FILE, SHIPPED_SYSUSERS = "meshd.conf", "meshd.sysusers"
 #: The path ExecStart= names in systemd/meshd.service; install-unit replaces it with the real one.
 TEMPLATE_EXEC = "/usr/local/bin/meshd"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -42,6 +47,9 @@ def _serve_parser(sub) -> None:
     p = sub.add_parser("serve", help="run the daemon", description="Host a span of FLUX.2 blocks and serve "
                        "authenticated requests. Flags override the config file.")
     p.add_argument("--config", type=Path, help="TOML config (default /etc/meshd/meshd.toml if it exists)")
+    p.add_argument("--instance", type=int, metavar="N",
+                   help="run as instance N of meshd@.service: GPU N, port + N, its own state dir, the config's "
+                        "[\"meshd@N\"] section and meshd@N.toml drop-in")
     p.add_argument("--host", help="address to listen on (default 0.0.0.0)")
     p.add_argument("--port", type=int, help="TCP port (default 7777; 0 picks a free one)")
     p.add_argument("--model", help="preset name (tiny, klein-4b, klein-9b, dev) or model folder name/path")
@@ -97,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                        description="GPUs, NVENC/NVDEC (probed), codecs, models, the interfaces mDNS will use, "
                                    "the cluster key and the systemd unit. Exit status 1 if something is wrong.")
     c.add_argument("--config", type=Path, help="TOML config (default /etc/meshd/meshd.toml if it exists)")
+    c.add_argument("--instance", type=int, metavar="N", help="check instance N of meshd@.service (its settings)")
     c.add_argument("--json", action="store_true", help="print the findings as JSON")
     c.add_argument("--no-codec-probe", dest="codecs", action="store_false",
                    help="skip the NVENC/NVDEC probe (it imports torch and opens a tiny encoder)")
@@ -107,13 +116,20 @@ def main(argv: list[str] | None = None) -> int:
 
     u = sub.add_parser("install-unit", help="install the systemd unit, config and key (as root)",
                        description="Write meshd.service (ExecStart pointing at this meshd), an example "
-                                   "/etc/meshd/meshd.toml and a cluster key if they are missing, then reload systemd.")
-    u.add_argument("--unit-dir", type=Path, default=UNIT_DIR, help=f"default {UNIT_DIR}")
-    u.add_argument("--config-dir", type=Path, default=CONFIG_DIR, help=f"default {CONFIG_DIR}")
+                                   "/etc/meshd/meshd.toml and a cluster key if they are missing, then reload systemd. "
+                                   "With --gpus: the template meshd@.service instead, the system user all its "
+                                   "instances share (sysusers.d), and one enabled instance per GPU.")
+    u.add_argument("--gpus", help="all, or GPU indices like 0,1: one daemon per GPU (meshd@N, port 7777+N)")
+    u.add_argument("--root", type=Path, help="install into this root directory instead of / (an image, a test): "
+                                             "paths below it, systemctl --root and systemd-sysusers --root")
+    u.add_argument("--unit-dir", type=Path, help=f"default {UNIT_DIR}")
+    u.add_argument("--config-dir", type=Path, help=f"default {CONFIG_DIR}")
+    u.add_argument("--sysusers-dir", type=Path, help=f"default {SYSUSERS_DIR} (with --gpus)")
     u.add_argument("--exec", dest="executable", help="the meshd program ExecStart runs (default: this one)")
     u.add_argument("--print", dest="print_only", action="store_true", help="print the unit, change nothing")
     u.add_argument("--force", action="store_true", help="replace an existing unit file")
-    u.add_argument("--no-reload", dest="reload", action="store_false", help="do not run systemctl daemon-reload")
+    u.add_argument("--no-reload", dest="reload", action="store_false",
+                   help="run neither systemctl (daemon-reload, enable) nor systemd-sysusers")
 
     args = parser.parse_args(argv)
     if args.command == "keygen":
@@ -151,7 +167,11 @@ def _serve(args) -> int:
         return asyncio.run(_serve_async(args))
     except KeyboardInterrupt:
         return 0
-    except StartupError as exc:
+    except (StartupError, PermissionError) as exc:
+        if isinstance(exc, PermissionError):  # one not foreseen below: still the file and the permission
+            from .model.access import explain  # noqa: PLC0415
+
+            exc = StartupError(explain(exc))
         log.error("%s", exc)
         from .sdnotify import Notifier  # noqa: PLC0415
 
@@ -169,7 +189,7 @@ async def _serve_async(args) -> int:
     from .auth import AuthError, read_key  # noqa: PLC0415
     from .config import ConfigError, load_config, parse_blocks  # noqa: PLC0415
     from .model.files import ModelError, ModelStore  # noqa: PLC0415
-    from .model.runtime import DTYPES, HostedModel, open_source  # noqa: PLC0415
+    from .model.runtime import DTYPES, FolderSource, HostedModel, open_source  # noqa: PLC0415
     from .model.text_encoder import TextEncoderOptions  # noqa: PLC0415
     from .nodeid import stable_node_id  # noqa: PLC0415
     from .sdnotify import Notifier  # noqa: PLC0415
@@ -187,11 +207,14 @@ async def _serve_async(args) -> int:
     if args.interfaces:
         overrides["interfaces"] = tuple(args.interfaces)
     try:
-        config = load_config(args.config, overrides)
+        config = load_config(args.config, overrides, instance=args.instance)
     except ConfigError as exc:
         raise StartupError(f"configuration: {exc}") from None
     notifier = Notifier()
     notifier.status("starting")
+    _check_writable(config.state_dir, "state_dir", "node id and caches")
+    if args.ready_file:
+        _check_writable(args.ready_file.parent, "--ready-file", "the ready file")
     if config.insecure:
         print(BANNER_INSECURE, file=sys.stderr)
         log.warning("authentication is OFF (--insecure)")
@@ -221,8 +244,17 @@ async def _serve_async(args) -> int:
     if blocks:
         log.info("loading blocks %s of %s", config.blocks, model.identity.describe())
         notifier.status(f"loading blocks {config.blocks} of {model.identity.model_id}")
-        with torch.inference_mode():
-            model.load(blocks, 0 in blocks, model.preset.num_blocks - 1 in blocks)
+        try:
+            with torch.inference_mode():
+                model.load(blocks, 0 in blocks, model.preset.num_blocks - 1 in blocks)
+        except ModelError as exc:
+            raise StartupError(f"model: {exc}") from None
+    if isinstance(source, FolderSource):
+        # A plan may make this daemon the head (or place prompt encoding here): say now what would fail.
+        try:
+            source.check_head_files()
+        except ModelError as exc:
+            log.warning("as a plan's head this daemon would fail: %s", exc)
     daemon = Daemon(config, model, key, node_id=stable_node_id(config.state_dir))
     # Clean-up runs in reverse: withdraw the mDNS record first (peers stop routing work here), end the
     # telemetry subscriptions (so draining does not wait on them), then drain and close the daemon.
@@ -245,8 +277,13 @@ async def _serve_async(args) -> int:
             loop.add_signal_handler(sig, stop.set)
         if args.ready_file:
             tmp = args.ready_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"host": host, "port": port, "pid": os.getpid(), "node_id": daemon.node_id}))
-            os.replace(tmp, args.ready_file)
+            try:
+                tmp.write_text(json.dumps({"host": host, "port": port, "pid": os.getpid(), "node_id": daemon.node_id}))
+                os.replace(tmp, args.ready_file)
+            except OSError as exc:
+                from .model.access import explain  # noqa: PLC0415
+
+                raise StartupError(f"--ready-file: {explain(exc)}") from None
         # Bound, span loaded, advertised: only now may peers and systemd rely on us.
         notifier.ready(status.line())
         log.info("serving %s on %s:%s (%s)", model.identity.describe(), host, port, mdns_state)
@@ -257,6 +294,19 @@ async def _serve_async(args) -> int:
         log.info("stopping: withdrawing the mDNS record, draining requests")
     log.info("stopped")
     return 0
+
+
+def _check_writable(folder: Path, what: str, holds: str) -> None:
+    """A StartupError naming the folder and the permission when ``folder`` cannot be made or written."""
+    from .model.access import unwritable_dir  # noqa: PLC0415
+
+    problem = unwritable_dir(folder)
+    if problem is not None:
+        raise StartupError(f"{what} ({holds}): {problem}")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StartupError(f"{what} ({holds}): {folder}: {exc.strerror or exc}") from None
 
 
 async def _advertise(daemon, sampler, config, port: int):
@@ -397,13 +447,13 @@ def _shape(text: str) -> tuple[int, int, int]:
 
 
 def _check(args) -> int:
-    from .check import OK, PROBLEM, Finding, exit_status, render, run_checks  # noqa: PLC0415
+    from .check import OK, PROBLEM, Finding, check_instances, exit_status, render, run_checks  # noqa: PLC0415
     from .config import DEFAULT_CONFIG, ConfigError, DaemonConfig, load_config  # noqa: PLC0415
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     head = []
     try:
-        config = load_config(args.config)
+        config = load_config(args.config, instance=args.instance)
         source = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
         head.append(Finding("config", OK, str(source) if source else f"defaults ({DEFAULT_CONFIG} does not exist)"))
     except ConfigError as exc:
@@ -412,7 +462,7 @@ def _check(args) -> int:
     from .check import SELFTEST_SHAPE  # noqa: PLC0415
 
     shape = (args.selftest_shape or SELFTEST_SHAPE) if args.selftest else None
-    findings = head + run_checks(config, codecs=args.codecs, selftest_shape=shape)
+    findings = head + run_checks(config, codecs=args.codecs, selftest_shape=shape) + list(check_instances(args.config))
     if args.json:
         print(json.dumps([f.to_dict() for f in findings], indent=2))
     else:
@@ -441,12 +491,66 @@ def meshd_executable() -> str:
     return str(Path(found).resolve()) if found else f"{sys.executable} -m meshd"
 
 
-def render_unit(executable: str, template: str | None = None) -> str:
-    """systemd/meshd.service with ExecStart running ``executable``."""
-    text = template if template is not None else _shipped("meshd.service").read_text()
+def render_unit(executable: str, template: str | None = None, name: str = UNIT_FILE) -> str:
+    """systemd/``name`` (meshd.service or meshd@.service) with ExecStart running ``executable``."""
+    text = template if template is not None else _shipped(name).read_text()
     if f"ExecStart={TEMPLATE_EXEC} " not in text:
         raise ValueError(f"the unit template has no 'ExecStart={TEMPLATE_EXEC} ...' line to fill in")
     return text.replace(f"ExecStart={TEMPLATE_EXEC} ", f"ExecStart={executable} ", 1)
+
+
+def parse_gpus(text: str, nvml=None) -> list[int]:
+    """``all`` (every GPU NVML lists, in its PCI bus order) or indices ``0,1``; a ValueError says why not."""
+    from .config import MAX_INSTANCE  # noqa: PLC0415
+
+    if text.strip().lower() == "all":
+        from .telemetry import NvmlGpus  # noqa: PLC0415
+
+        gpus = NvmlGpus(nvml).open()
+        try:
+            found = [g.index for g in gpus.gpus]
+        finally:
+            gpus.close()
+        if not found:
+            raise ValueError(f"--gpus all: no NVIDIA GPU found ({gpus.reason or 'NVML lists none'}); "
+                             "name them instead, e.g. --gpus 0,1")
+        return found
+    try:
+        found = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--gpus {text!r}: write all, or GPU indices like 0,1") from None
+    if len(set(found)) != len(found) or not all(0 <= n <= MAX_INSTANCE for n in found):
+        raise ValueError(f"--gpus {text!r}: indices must be distinct, 0-{MAX_INSTANCE}")
+    return found
+
+
+def _under(root: Path | None, given: Path | None, default: Path) -> Path:
+    if given is not None:
+        return given
+    return root / default.relative_to("/") if root is not None else default
+
+
+def _put(path: Path, text: str, force: bool) -> str:
+    """Write a file meshd ships (mode 0644); an existing different one is kept unless ``force``."""
+    if path.exists() and path.read_text() == text:
+        return f"kept {path} (unchanged)"
+    if path.exists() and not force:
+        raise FileExistsError(f"{path} exists and differs; pass --force to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    path.chmod(0o644)
+    return f"wrote {path}"
+
+
+def _run(command: list[str]) -> str | None:
+    """Run a systemd tool; its complaint in one line, or None when it worked."""
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"{command[0]}: {exc}"
+    if result.returncode != 0:
+        return f"{' '.join(command)} failed: {result.stderr.strip() or result.stdout.strip()}"
+    return None
 
 
 def _install_unit(args) -> int:
@@ -455,7 +559,8 @@ def _install_unit(args) -> int:
 
     executable = args.executable or meshd_executable()
     try:
-        unit = render_unit(executable)
+        gpus = parse_gpus(args.gpus) if args.gpus else None
+        unit = render_unit(executable, name=TEMPLATE_FILE if gpus is not None else UNIT_FILE)
     except (OSError, ValueError) as exc:
         print(f"meshd install-unit: {exc}", file=sys.stderr)
         return 1
@@ -467,18 +572,17 @@ def _install_unit(args) -> int:
         print(f"warning: {program} is under /home or /root, which the unit hides (ProtectHome=yes); install "
               "meshd elsewhere (for example python3 -m venv /opt/flux-mesh) or relax ProtectHome in a drop-in",
               file=sys.stderr)
-    unit_path = args.unit_dir / "meshd.service"
-    config_path = args.config_dir / "meshd.toml"
-    key_path = args.config_dir / CREDENTIAL_NAME
+    unit_dir = _under(args.root, args.unit_dir, UNIT_DIR)
+    config_dir = _under(args.root, args.config_dir, CONFIG_DIR)
+    sysusers_dir = _under(args.root, args.sysusers_dir, SYSUSERS_DIR)
+    unit_path = unit_dir / (TEMPLATE_FILE if gpus is not None else UNIT_FILE)
+    config_path = config_dir / "meshd.toml"
+    key_path = config_dir / CREDENTIAL_NAME
     try:
-        if unit_path.exists() and not args.force and unit_path.read_text() != unit:
-            print(f"meshd install-unit: {unit_path} exists and differs; pass --force to replace it", file=sys.stderr)
-            return 1
-        args.unit_dir.mkdir(parents=True, exist_ok=True)
-        unit_path.write_text(unit)
-        unit_path.chmod(0o644)
-        print(f"wrote {unit_path} (ExecStart={executable} serve ...)")
-        args.config_dir.mkdir(parents=True, exist_ok=True)
+        print(_put(unit_path, unit, args.force) + f" (ExecStart={executable} serve ...)")
+        if gpus is not None:
+            print(_put(sysusers_dir / SYSUSERS_FILE, _shipped(SHIPPED_SYSUSERS).read_text(), args.force))
+        config_dir.mkdir(parents=True, exist_ok=True)
         if config_path.exists():
             print(f"kept {config_path}")
         else:
@@ -497,10 +601,30 @@ def _install_unit(args) -> int:
     except Exception as exc:  # noqa: BLE001 - AuthError on a bad existing key, OSError: one line
         print(f"meshd install-unit: {exc}", file=sys.stderr)
         return 1
-    if args.reload and shutil.which("systemctl"):
-        result = subprocess.run(["systemctl", "daemon-reload"], capture_output=True, text=True)
-        if result.returncode != 0:
-            print(f"systemctl daemon-reload failed: {result.stderr.strip()}", file=sys.stderr)
-            return 1
-    print("next: sudo systemctl enable --now meshd; journalctl -u meshd -f; meshd check")
+    instances = [f"meshd@{n}.service" for n in gpus or ()]
+    if gpus is not None and (unit_dir / UNIT_FILE).exists():
+        print(f"note: {unit_dir / UNIT_FILE} is installed too; it and meshd@0 both listen on port 7777 by default: "
+              "sudo systemctl disable --now meshd", file=sys.stderr)
+    if args.reload:
+        root = [f"--root={args.root}"] if args.root is not None else []
+        steps = []
+        if gpus is not None and shutil.which("systemd-sysusers"):
+            steps.append(["systemd-sysusers", *root, str(sysusers_dir / SYSUSERS_FILE)])
+        if shutil.which("systemctl"):
+            if args.root is None:
+                steps.append(["systemctl", "daemon-reload"])
+            if instances:
+                steps.append(["systemctl", *root, "enable", *instances])
+        for step in steps:
+            if (problem := _run(step)) is not None:
+                print(problem, file=sys.stderr)
+                return 1
+        if instances and steps:
+            print(f"enabled {', '.join(instances)}")
+    if gpus is None:
+        print("next: sudo systemctl enable --now meshd; journalctl -u meshd -f; meshd check")
+    else:
+        names = " ".join(i.removesuffix(".service") for i in instances)
+        print(f"next: edit {config_path} (shared) or {config_dir}/meshd@N.toml (one GPU); sudo systemctl start "
+              f"{names}; journalctl -u 'meshd@*' -f; meshd check")
     return 0

@@ -6,6 +6,8 @@ Every key, its default and meaning is in systemd/meshd.toml.
 from __future__ import annotations
 
 import os
+import re
+import socket
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -18,6 +20,10 @@ DEFAULT_CONFIG = Path("/etc/meshd/meshd.toml")
 #: meshd.model.precision.LOAD_FORMATS; named here so that reading a config does not import torch).
 WEIGHTS_CHOICES = ("auto", "bf16", "fp8", "gguf-q8_0", "gguf-q4_k")
 CREDENTIAL_NAME = "cluster.key"
+#: Instance N of the systemd template meshd@.service (one daemon per GPU) reads the section ["meshd@N"]
+#: of the config file and the drop-in meshd@N.toml beside it, over the shared [meshd] settings.
+INSTANCE_SECTION = re.compile(r"meshd@(\d{1,3})")
+MAX_INSTANCE = 999
 
 
 def default_models_dir() -> Path:
@@ -102,25 +108,69 @@ def _coerce(name: str, value: Any, base: Path) -> Any:
     return float(value) if kind == "float" else value
 
 
-def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> DaemonConfig:
-    """Read ``path`` (missing default file = all defaults), then apply non-None ``overrides``."""
+def _read_section(file: Path, data: dict, name: str) -> dict[str, Any]:
+    """The known keys of section ``name`` of a parsed file, coerced (paths relative to the file)."""
+    section = data.get(name, {} if name != "meshd" else {k: v for k, v in data.items()
+                                                           if not INSTANCE_SECTION.fullmatch(k)})
+    if not isinstance(section, dict):
+        raise ConfigError(f"{file}: [{name}] must be a table of settings")
+    known = {f.name for f in fields(DaemonConfig)}
+    unknown = sorted(set(section) - known)
+    if unknown:
+        raise ConfigError(f"{file}: unknown keys {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    return {key: _coerce(key, value, file.parent) for key, value in section.items()}
+
+
+def _parse(file: Path) -> dict:
+    try:
+        return tomllib.loads(file.read_text())
+    except PermissionError:
+        raise ConfigError(f"{file}: permission denied (not readable by uid {os.geteuid()})") from None
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{file}: {exc}") from exc
+
+
+def instance_dropin(config_file: Path, instance: int) -> Path:
+    """The drop-in of template instance ``instance``: ``meshd@N.toml`` beside the config file."""
+    return config_file.parent / f"meshd@{instance}.toml"
+
+
+def _instance_values(file: Path, data: dict, instance: int, base: dict[str, Any]) -> dict[str, Any]:
+    """Instance N's settings: its own section and drop-in win; otherwise GPU N, the base port + N, a
+    state directory of its own (node id, caches) under the shared one, and a name that says the GPU."""
+    if not 0 <= instance <= MAX_INSTANCE:
+        raise ConfigError(f"instance {instance} is out of range (0-{MAX_INSTANCE})")
+    own = _read_section(file, data, f"meshd@{instance}") if f"meshd@{instance}" in data else {}
+    dropin = instance_dropin(file, instance)
+    if dropin.exists():
+        extra = _parse(dropin)
+        own |= _read_section(dropin, extra, f"meshd@{instance}" if f"meshd@{instance}" in extra else "meshd")
+    defaults = DaemonConfig()
+    derived: dict[str, Any] = {}
+    port = base.get("port", defaults.port)
+    derived["port"] = port + instance if port else 0  # 0: any free port, for each instance
+    if base.get("device", defaults.device) in ("auto", "cuda"):
+        derived["device"] = f"cuda:{instance}"
+    derived["state_dir"] = Path(base.get("state_dir", defaults.state_dir)) / str(instance)
+    derived["node_name"] = f"{base.get('node_name') or socket.gethostname()}-gpu{instance}"
+    return derived | own
+
+
+def load_config(path: Path | None, overrides: dict[str, Any] | None = None, *,
+                instance: int | None = None) -> DaemonConfig:
+    """Read ``path`` (missing default file = all defaults), then apply non-None ``overrides``.
+    ``instance``: the settings of template instance meshd@N (see :func:`_instance_values`)."""
     config = DaemonConfig()
     values: dict[str, Any] = {}
     file = path if path is not None else DEFAULT_CONFIG
+    data: dict = {}
     if file.exists():
-        try:
-            data = tomllib.loads(file.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigError(f"{file}: {exc}") from exc
-        section = data.get("meshd", data)
-        known = {f.name for f in fields(DaemonConfig)}
-        unknown = sorted(set(section) - known)
-        if unknown:
-            raise ConfigError(f"{file}: unknown keys {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-        for key, value in section.items():
-            values[key] = _coerce(key, value, file.parent)
+        data = _parse(file)
+        values = _read_section(file, data, "meshd")
     elif path is not None:
         raise ConfigError(f"config file {path} does not exist")
+    if instance is not None:
+        values |= _instance_values(file, data, instance, values)
     for key, value in (overrides or {}).items():
         if value is not None:
             values[key] = _coerce(key, value, Path.cwd()) if not isinstance(value, (Path, tuple)) else value
@@ -135,6 +185,18 @@ def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> D
     if config.weights not in WEIGHTS_CHOICES:
         raise ConfigError(f"weights {config.weights!r} must be one of {', '.join(WEIGHTS_CHOICES)}")
     return config
+
+
+def instances_configured(path: Path | None) -> list[int]:
+    """Template instances the config names: ["meshd@N"] sections and meshd@N.toml drop-ins beside it."""
+    file = path if path is not None else DEFAULT_CONFIG
+    found: set[int] = set()
+    if file.exists():
+        found |= {int(m.group(1)) for k in _parse(file) if (m := INSTANCE_SECTION.fullmatch(k))}
+    if file.parent.is_dir():
+        found |= {int(m.group(1)) for p in file.parent.glob("meshd@*.toml")
+                  if (m := INSTANCE_SECTION.fullmatch(p.name.removesuffix(".toml")))}
+    return sorted(found)
 
 
 def parse_blocks(text: str, num_blocks: int) -> list[int]:

@@ -30,6 +30,7 @@ from . import __version__, auth, limits
 from .config import describe_ranges
 from .connection import Channel
 from .errors import MeshError
+from .nodeid import host_key
 from .plan import PeerAddress, PlanError
 from .snapshot import GpuSnapshot
 from .telemetry import VIRTUAL_INTERFACE_PREFIXES
@@ -65,7 +66,7 @@ def txt_record(info: dict, gpus: Sequence[GpuSnapshot] = ()) -> dict[str, str]:
     """The TXT hints of a daemon, from its node info and its GPUs (all text, well under 400 bytes).
 
     ``txtvers`` layout version, ``proto`` protocol version, ``ver`` meshd version, ``id`` node id,
-    ``gpu`` GPU names (``none``), ``vram`` each GPU's VRAM in GiB, ``model`` preset, ``hash`` the
+    ``host`` the box (:func:`~meshd.nodeid.host_key`: the same for every daemon of one box), ``gpu`` GPU names (``none``), ``vram`` each GPU's VRAM in GiB, ``model`` preset, ``hash`` the
     model's content hash (16 hex), ``blocks`` hosted span (``0-15``, ``none``), ``fp`` cluster-key
     fingerprint (``insecure`` without a key).
     """
@@ -77,6 +78,7 @@ def txt_record(info: dict, gpus: Sequence[GpuSnapshot] = ()) -> dict[str, str]:
         "proto": str(info.get("proto", limits.PROTOCOL_VERSION)),
         "ver": _cut(str(info.get("version", __version__)), 16),
         "id": str(info.get("node_id", "")),
+        "host": host_key(str(info.get("host_id") or "")),
         "gpu": _cut(",".join(g.name for g in usable) or "none"),
         "vram": ",".join(f"{g.vram_total_bytes / (1 << 30):.0f}" if g.vram_total_bytes else "?" for g in usable),
         "model": _cut(str(model.get("preset", "")), 32),

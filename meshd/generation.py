@@ -247,6 +247,8 @@ async def run_generation(model: HostedModel, worker: GpuWorker, params: Generati
     """Prompt -> PNG. ``progress`` receives one event per step (and one when decoding starts).
     ``embeds``: prompt embeddings already computed (by the peer holding the text encoder)."""
     start = time.perf_counter()
+    # The VAE decodes only after the last step: a file closed since the blocks were loaded is reported now.
+    model.source.check_head_files(text_encoder=False)
     sampler = Sampler(model, params, embeds)
     _, prep_s = await worker.run(sampler.prepare)
     steps = []

@@ -30,6 +30,15 @@ _HEX = frozenset("0123456789abcdef")
 _HEADER = "# flux-mesh node id of this box, and a digest of the machine it belongs to. Delete to get a new id.\n"
 
 
+def host_key(host_id: str) -> str:
+    """The box a daemon runs on, as mDNS and the dashboard show it: a digest of its host id (the machine
+    boot that decides whether CUDA IPC can work, see meshd.ipc.host_id), equal for every daemon of one
+    box (one per GPU) and different on every other. The boot id itself stays on authenticated channels."""
+    if not host_id:
+        return ""
+    return hashlib.sha256(b"flux-mesh host\0" + host_id.encode()).hexdigest()[:NODE_ID_LENGTH]
+
+
 def is_node_id(value: str) -> bool:
     return len(value) == NODE_ID_LENGTH and set(value) <= _HEX
 

@@ -158,6 +158,29 @@ class PeerResources:
     label: str
     free_bytes: int
     speed: float = 1.0  # relative compute speed (higher is faster)
+    host: str = ""  # the box it runs on (meshd.nodeid.host_key); "": unknown, a box of its own
+
+
+def box_order(peers: Sequence[PeerResources]) -> list[PeerResources]:
+    """``peers`` with the GPUs of one box next to each other, so a split crosses the network once per
+    box: boxes in the order their first GPU appears (the head's box first), GPUs of a box in the order
+    given. Peers of unknown box stay where they are among the boxes."""
+    groups: dict[str, list[PeerResources]] = {}
+    for i, peer in enumerate(peers):
+        groups.setdefault(peer.host or f"\0unknown {i}", []).append(peer)
+    return [peer for group in groups.values() for peer in group]
+
+
+def same_host_links(plan: SplitPlan, hosts: dict[PeerAddress, str]) -> tuple[bool, ...]:
+    """For each link of ``plan`` (stage i -> i+1): do both ends run on one box (a same-host link:
+    CUDA IPC where the two daemons share a user, never the network)? Unknown boxes count as different."""
+    return tuple(bool(hosts.get(a.peer)) and hosts.get(a.peer) == hosts.get(b.peer)
+                 for a, b in zip(plan.stages, plan.stages[1:]))
+
+
+def network_crossings(plan: SplitPlan, hosts: dict[PeerAddress, str]) -> int:
+    """How many of ``plan``'s links cross the network (between boxes)."""
+    return sum(not same for same in same_host_links(plan, hosts))
 
 
 @dataclass(frozen=True)
@@ -226,8 +249,9 @@ def workspace_bytes(preset: ModelPreset, tokens: int, itemsize: int = 2) -> int:
 
 def propose(preset: ModelPreset, peers: Sequence[PeerResources], tokens: int, itemsize: int = 2,
             weights: WeightBytes | None = None) -> SplitPlan:
-    """Use every peer, in order (the first is the head), each for one contiguous range, so that the
-    slowest stage is as fast as possible without exceeding any peer's free memory.
+    """Use every peer, in order (the first is the head) but with the GPUs of one box kept adjacent
+    (:func:`box_order`), each for one contiguous range, so that the slowest stage is as fast as
+    possible without exceeding any peer's free memory.
 
     Time is counted in blocks (FLUX.2's double and single blocks cost about the same FLOPs per
     token, research/flux2.md 1.6) over the peer's relative speed; memory in parameters (a double
@@ -236,6 +260,7 @@ def propose(preset: ModelPreset, peers: Sequence[PeerResources], tokens: int, it
     making one image faster; balanced stages matter when several images are in flight. ``weights``
     gives the real bytes at the precision the peers hold (fp8 blocks weigh half of bf16 ones).
     """
+    peers = box_order(peers)
     n, p = preset.num_blocks, len(peers)
     if p == 0:
         raise PlanError("no peers to plan over")

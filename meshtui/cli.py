@@ -248,6 +248,7 @@ async def run_split(args) -> int:
         params = _params(args, preset)
         tokens = tokens_for(preset, params["width"], params["height"])
         plan = mesh.plan(args.split, tokens)
+        _log(f"split: {mesh.describe_plan(plan)}")
         text_encoder = None
         if args.text_encoder:
             known = mesh.peers.get(args.text_encoder)
@@ -310,7 +311,7 @@ async def demo_headless(args) -> int:
             params = _params(args, preset)
             tokens = tokens_for(preset, params["width"], params["height"])
             plan = mesh.plan("auto", tokens)
-            _log(f"split: {plan.describe()}")
+            _log(f"split: {mesh.describe_plan(plan)}")
             await mesh.apply(plan, on_event=_on_event)
             outcome = await mesh.generate(plan, params, codec=args.codec, quality_floor=args.quality_floor,
                                           measure_error=args.measure_error, on_event=_on_event)

@@ -17,7 +17,9 @@ from meshd.connection import Channel
 from meshd.errors import MeshError
 from meshd.link import LinkEmulation
 from meshd.model.presets import PRESETS, ModelPreset
-from meshd.plan import PeerAddress, PeerResources, PlanError, SplitPlan, WeightBytes, parse_split, propose
+from meshd.nodeid import host_key
+from meshd.plan import (PeerAddress, PeerResources, PlanError, SplitPlan, WeightBytes, parse_split, propose,
+                        same_host_links)
 from meshd.streaming import unpack_raw
 
 from .splitting import tokens_for
@@ -149,9 +151,20 @@ class Mesh:
                 memory = p.info.get("memory") or {}
                 # Memory already holding blocks counts as available for this plan's blocks.
                 free = int(memory.get("free", 0)) + sum(weights.span(a, b) for a, b in p.info.get("blocks", []))
-                resources.append(PeerResources(p.address, p.label, free))
+                resources.append(PeerResources(p.address, p.label, free, host=self.hosts().get(p.address, "")))
             return propose(preset, resources, tokens, weights=weights)
         return parse_split(split, {p.label: p.address for p in peers}, preset.num_blocks)
+
+    def hosts(self) -> dict[PeerAddress, str]:
+        """The box each answering peer runs on (meshd.nodeid.host_key of its host id)."""
+        return {p.address: host_key(str((p.info or {}).get("host_id") or "")) for p in self.peers.values()}
+
+    def describe_plan(self, plan: SplitPlan) -> str:
+        """``A:0-15 => B:16-23 -> C:24-31``: ``=>`` is a link within one box, ``->`` one across the network."""
+        same = same_host_links(plan, self.hosts())
+        parts = [plan.stages[0].describe()] if plan.stages else []
+        parts += [("=> " if local else "-> ") + stage.describe() for stage, local in zip(plan.stages[1:], same)]
+        return " ".join(parts) + (" (=> same host)" if any(same) else "")
 
     def peer_at(self, address: PeerAddress) -> Peer:
         for p in self.peers.values():

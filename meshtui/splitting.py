@@ -184,11 +184,12 @@ def available_bytes(peer: PeerView, preset: ModelPreset) -> int:
 
 
 def propose_plan(peers: Sequence[PeerView], tokens: int, speeds: BlockSpeeds) -> SplitPlan:
-    """Every online peer, in the given order (the first is the head), balanced by measured speed."""
+    """Every online peer, in the given order (the first is the head) with the GPUs of one box kept
+    together, balanced by measured speed."""
     online = [p for p in peers if p.online]
     preset = plan_preset(online)
-    resources = [PeerResources(p.address, p.label, available_bytes(p, preset), speeds.relative_speed(p.address))
-                 for p in online]
+    resources = [PeerResources(p.address, p.label, available_bytes(p, preset), speeds.relative_speed(p.address),
+                               p.box or "") for p in online]
     return propose(preset, resources, tokens, itemsize(online[0].dtype), weight_bytes(online[0], preset))
 
 
@@ -237,6 +238,7 @@ class LinkForecast:
     measured: bool  # False: this client's bandwidth to the receiver stands in
     ms: float | None  # encode + wire + decode, chunks overlapped
     wire_bytes: int | None
+    same_host: bool = False  # both ends run on one box: CUDA IPC where the daemons share a user
 
 
 @dataclass(frozen=True)
@@ -308,6 +310,9 @@ def forecast(plan: SplitPlan, peers: Mapping[PeerAddress, PeerView], width: int,
         if i + 1 < len(plan.stages):
             codec = stage.codec if stage.codec != "auto" else default_codec
             link, problem = _link_forecast(replace(stage, codec=codec), plan.stages[i + 1], peers, stream_bytes, links)
+            receiver = peers.get(plan.stages[i + 1].peer)
+            if peer is not None and receiver is not None and peer.box and peer.box == receiver.box:
+                link = replace(link, same_host=True)
             if problem:
                 problems.append(problem)
         out.append(StageForecast(stage, need, available, compute, link))

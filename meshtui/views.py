@@ -14,6 +14,7 @@ from typing import Any
 
 from codec import Capabilities
 from meshd.config import describe_ranges
+from meshd.nodeid import host_key
 from meshd.plan import PeerAddress
 
 
@@ -67,6 +68,7 @@ class PeerView:
     emulated_link: str | None = None
     jobs: int | None = None
     text_encoder: bool | None = None  # its model folder has a text encoder (it can encode prompts)
+    host: str | None = None  # the box it runs on (meshd.nodeid.host_key of its host id)
     # Measured from this client:
     rtt_ms: float | None = None
     bandwidth_bps: float | None = None  # bytes/s
@@ -76,6 +78,11 @@ class PeerView:
     @property
     def online(self) -> bool:
         return self.status is PeerStatus.ONLINE
+
+    @property
+    def box(self) -> str | None:
+        """The box this peer runs on, verified (from ``info``) or else as mDNS hinted it; None: unknown."""
+        return self.host or self.hints.get("host") or None
 
     @property
     def title(self) -> str:
@@ -112,6 +119,7 @@ class PeerView:
             emulated_link=_text(info.get("emulated_link")),
             jobs=_int(info.get("jobs")),
             text_encoder=info.get("text_encoder") if isinstance(info.get("text_encoder"), bool) else None,
+            host=host_key(_text(info.get("host_id")) or "") or None,
             rtt_ms=rtt_ms,
             seen=time.time() if now is None else now,
         )

@@ -38,7 +38,8 @@ from meshd.discovery import (
     verify,
 )
 from meshd.errors import MeshError
-from meshd.nodeid import NODE_ID_FILE, read_node_id, stable_node_id
+from meshd.ipc import host_id
+from meshd.nodeid import NODE_ID_FILE, host_key, read_node_id, stable_node_id
 from meshd.plan import PeerAddress
 from meshd.snapshot import GpuSnapshot
 from meshd.telemetry import NvmlGpus
@@ -54,7 +55,7 @@ KEY = auth.generate_key()
 INFO = {
     "node_id": "0123456789abcdef", "version": "0.1.0", "proto": limits.PROTOCOL_VERSION,
     "model": {"model_id": "flux2-klein-9b", "preset": "klein-9b", "hash": "3f2a" * 16, "dtype": "bfloat16"},
-    "blocks": [[0, 16]], "key_fingerprint": auth.fingerprint(KEY),
+    "blocks": [[0, 16]], "key_fingerprint": auth.fingerprint(KEY), "host_id": "8c1f0e2a-boot-id",
 }
 
 
@@ -63,11 +64,19 @@ def test_txt_hints_are_small_and_say_what_a_peer_offers():
             GpuSnapshot("GPU-2", 1, "NVIDIA GeForce RTX 3080", vram_total_bytes=10 << 30)]
     txt = txt_record(INFO, gpus)
     assert txt == {"txtvers": "1", "proto": str(limits.PROTOCOL_VERSION), "ver": "0.1.0", "id": "0123456789abcdef",
+                   "host": host_key("8c1f0e2a-boot-id"),
                    "gpu": "NVIDIA GeForce RTX 4090,NVIDIA GeForce RTX 3080", "vram": "24,10", "model": "klein-9b",
                    "hash": "3f2a" * 4, "blocks": "0-15", "fp": auth.fingerprint(KEY)}
-    assert sum(len(k) + len(v) + 2 for k, v in txt.items()) < 200  # RFC 6763: keep TXT small
+    assert sum(len(k) + len(v) + 2 for k, v in txt.items()) < 220  # RFC 6763: keep TXT small
     values = " ".join(txt.values())
     assert KEY.hex() not in values and KEY.hex().upper() not in values  # only the key's fingerprint goes out
+    assert "8c1f0e2a-boot-id" not in values and len(txt["host"]) == 16  # the box, not its boot id
+
+
+def test_every_daemon_of_one_box_advertises_the_same_host_and_other_boxes_another():
+    one, other = txt_record({**INFO, "node_id": "1" * 16}), txt_record({**INFO, "host_id": "another-boot"})
+    assert one["host"] == txt_record(INFO)["host"] != other["host"]
+    assert txt_record({**INFO, "host_id": ""})["host"] == ""  # unknown: grouped with nothing
 
 
 def test_txt_hints_without_gpu_or_key_or_blocks():
@@ -309,6 +318,7 @@ async def test_two_daemons_appear_with_correct_hints_and_one_vanishes_when_stopp
             txt = peer.txt
             assert (txt["txtvers"], txt["proto"], txt["id"]) == ("1", str(limits.PROTOCOL_VERSION), ids[name])
             assert (txt["model"], txt["blocks"]) == ("tiny", blocks)
+            assert txt["host"] == host_key(host_id())  # both daemons: this box
             assert txt["fp"] == auth.fingerprint(auth.read_key(cluster.key_file))
             assert txt["gpu"] == (",".join(g.name for g in gpus) or "none")
             info = await verify(peer, auth.read_key(cluster.key_file))  # trusted only after this

@@ -171,3 +171,105 @@ def test_meshd_check_reports_in_plain_words_and_fails_on_real_problems(tmp_path,
     assert "[FAIL] key" in out and "chmod 600" in out
     assert "no-such-nic0" in out
     assert "klein-9b-that-is-not-here" in out
+
+
+# --- a box with several GPUs: the template meshd@.service, one daemon per GPU -------------------------
+
+TEMPLATE = ROOT / "systemd" / "meshd@.service"
+SYSUSERS = ROOT / "systemd" / "meshd.sysusers"
+#: Exposure scores of `systemd-analyze security --offline=true` (systemd 252) when the template was made:
+#: 1.6 for both units. A change that loosens either unit fails here and has to say why.
+MAX_EXPOSURE = 1.6
+
+
+def exposure(path: Path) -> float:
+    result = subprocess.run(["systemd-analyze", "security", "--offline=true", "--no-pager", str(path)],
+                            capture_output=True, text=True, timeout=60)
+    found = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout + result.stderr)
+    assert found, result.stdout + result.stderr
+    return float(found.group(1))
+
+
+@needs_analyze
+def test_the_template_as_installed_passes_verify_for_itself_and_an_instance(tmp_path):
+    (tmp_path / "meshd@.service").write_text(render_unit(meshd_executable(), name="meshd@.service"))
+    for unit in ("meshd@.service", "meshd@1.service"):  # an instance is loaded from the template beside it
+        result = verify(tmp_path / unit)
+        assert result.returncode == 0, result.stderr
+        assert [line for line in result.stderr.splitlines() if "meshd@" in line] == []
+
+
+@needs_analyze
+def test_both_units_are_as_hardened_as_systemd_analyze_security_measured_them(tmp_path):
+    for name, unit in (("meshd.service", "meshd.service"), ("meshd@.service", "meshd@3.service")):
+        (tmp_path / name).write_text(render_unit(meshd_executable(), name=name))
+        assert exposure(tmp_path / unit) <= MAX_EXPOSURE, unit
+
+
+def test_the_template_differs_from_the_single_unit_only_where_one_daemon_per_gpu_needs_it():
+    single, template = directives(UNIT.read_text()), directives(TEMPLATE.read_text())
+    differs = {key for key in single.keys() | template.keys() if single.get(key) != template.get(key)}
+    assert differs == {"Description", "ExecStart", "Environment", "DynamicUser", "User", "Group",
+                       "StateDirectory", "CacheDirectory", "RemoveIPC"}
+    assert template["ExecStart"] == [f"{TEMPLATE_EXEC} serve --config /etc/meshd/meshd.toml --instance %i"]
+    # One shared system user, so the daemons of one box can map each other's CUDA memory; and no
+    # RemoveIPC, which would delete that user's shared memory when any one instance stops.
+    assert "DynamicUser" not in template and template["User"] == template["Group"] == ["meshd"]
+    assert "RemoveIPC" not in template
+    # Shared models first, the instance's own state (node id) last; caches of its own.
+    assert template["StateDirectory"] == ["meshd meshd/%i"] and template["CacheDirectory"] == ["meshd/%i"]
+    environment = " ".join(template["Environment"])
+    assert "CUDA_DEVICE_ORDER=PCI_BUS_ID" in environment and "CUDA_VISIBLE_DEVICES" not in environment
+    user = SYSUSERS.read_text().split("\n")
+    assert [line.split()[:2] for line in user if line.startswith("u ")] == [["u", "meshd"]]
+
+
+def test_an_instance_takes_its_gpu_port_and_state_dir_and_its_own_settings_win(tmp_path):
+    config = tmp_path / "meshd.toml"
+    config.write_text(f'[meshd]\nport = 8000\nstate_dir = "{tmp_path / "state"}"\nmodel = "klein-9b"\n'
+                      '["meshd@1"]\nblocks = "16-31"\n')
+    (tmp_path / "meshd@2.toml").write_text('[meshd]\nport = 9100\ndevice = "cpu"\n')
+    first, second, third = (load_config(config, instance=n) for n in (0, 1, 2))
+    assert (first.port, first.device, first.state_dir) == (8000, "cuda:0", tmp_path / "state" / "0")
+    assert (second.port, second.device, second.blocks, second.model) == (8001, "cuda:1", "16-31", "klein-9b")
+    assert (third.port, third.device, third.state_dir) == (9100, "cpu", tmp_path / "state" / "2")
+    assert first.node_name.endswith("-gpu0") and second.node_name != first.node_name
+    assert load_config(config).port == 8000 and load_config(config).blocks == "none"  # meshd.service: unchanged
+    from meshd.config import instances_configured  # noqa: PLC0415
+
+    assert instances_configured(config) == [1, 2]
+
+
+def test_install_unit_for_two_gpus_writes_the_template_the_user_and_enables_both(tmp_path):
+    from meshd.check import check_instances  # noqa: PLC0415
+
+    result = meshd("install-unit", "--gpus", "0,1", "--root", str(tmp_path), "--exec", "/opt/flux-mesh/bin/meshd")
+    assert result.returncode == 0, result.stderr
+    units = tmp_path / "etc" / "systemd" / "system"
+    installed = directives((units / "meshd@.service").read_text())
+    assert installed["ExecStart"] == ["/opt/flux-mesh/bin/meshd serve --config /etc/meshd/meshd.toml --instance %i"]
+    assert (tmp_path / "etc" / "sysusers.d" / "meshd.conf").read_text() == SYSUSERS.read_text()
+    assert key_is_private(tmp_path / "etc" / "meshd" / CREDENTIAL_NAME)
+    if shutil.which("systemctl"):  # systemctl --root enables without a running systemd
+        wants = sorted(p.name for p in (units / "multi-user.target.wants").iterdir())
+        assert wants == ["meshd@0.service", "meshd@1.service"]
+    if shutil.which("systemd-sysusers"):
+        assert any(line.startswith("meshd:") for line in (tmp_path / "etc" / "passwd").read_text().splitlines())
+
+    config = tmp_path / "etc" / "meshd" / "meshd.toml"
+    config.write_text(config.read_text() + f'\n["meshd@1"]\nstate_dir = "{tmp_path / "s0"}"\n'
+                                           f'["meshd@0"]\nstate_dir = "{tmp_path / "s0"}"\n')
+    if not shutil.which("systemctl"):
+        return
+    findings = list(check_instances(config, units))
+    assert [f.text.split(":")[0] for f in findings] == ["meshd@0", "meshd@1"]
+    assert "cuda:0, port 7777" in findings[0].text and "cuda:1, port 7778" in findings[1].text
+    assert findings[0].level == "ok" and findings[1].level == "problem"  # one node id for two daemons
+    assert "also meshd@0's" in findings[1].text
+
+
+def test_install_unit_refuses_a_gpu_list_it_cannot_read_in_one_line(tmp_path):
+    for gpus, cause in (("0,x", "GPU indices like 0,1"), ("1,1", "distinct")):
+        result = meshd("install-unit", "--gpus", gpus, "--root", str(tmp_path))
+        assert result.returncode == 1 and cause in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "etc").exists()

@@ -23,6 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .access import require_readable
 from .checkpoints import Checkpoint, match_preset
 from .presets import ModelPreset
 from .gguf import GGUF_SUFFIX
@@ -86,12 +87,14 @@ class ModelStore:
                     f"{path} is outside the configured model folders ({', '.join(map(str, self.dirs))}); "
                     "meshd reads model files only from there"
                 )
+            require_readable(path)
             if not path.exists():
                 raise ModelError(f"model {path} does not exist")
             return path
         if name in ("", ".", "..") or "/" in name or "\\" in name:
             raise ModelError(f"invalid model name {name!r}")
         for d in self.dirs:
+            require_readable(d, "models_dir")
             for path in (d / name, d / f"{name}{SAFETENSORS_SUFFIX}", d / f"{name}{GGUF_SUFFIX}"):
                 if path.is_dir() or path.is_file():
                     return path
@@ -100,6 +103,9 @@ class ModelStore:
     def open(self, name: str) -> ModelFiles:
         """The model ``name``: its checkpoint opened (headers read and checked) and its head parts located."""
         path = self.resolve(name)
+        require_readable(path)
+        if path.is_dir():
+            require_readable(path / "transformer")
         if path.is_file():
             if path.suffix != GGUF_SUFFIX:
                 refuse_pickle(path)
@@ -125,9 +131,7 @@ class ModelStore:
         """A diffusers folder of ``preset`` in the model folders, whose VAE and text encoder a single file
         can use (first by folder order, then name)."""
         for d in self.dirs:
-            if not d.is_dir():
-                continue
-            for sub in sorted(d.iterdir()):
+            for sub in _entries(d):
                 config = sub / "transformer" / "config.json"
                 if config.is_file() and (sub / "vae" / "config.json").is_file():
                     try:
@@ -142,9 +146,7 @@ class ModelStore:
         for ``meshd check``. Files are recognised by their tensor names, not opened in full."""
         found = []
         for d in self.dirs:
-            if not d.is_dir():
-                continue
-            for sub in sorted(d.iterdir()):
+            for sub in _entries(d):
                 if (sub / "transformer" / "config.json").is_file():
                     found.append((sub.name, sub))
                 elif sub.is_file() and sub.suffix == SAFETENSORS_SUFFIX and _is_candidate(sub):
@@ -156,6 +158,15 @@ class ModelStore:
                     if len(single) == 1 and _is_candidate(single[0]):
                         found.append((sub.name, sub))
         return found
+
+
+def _entries(folder: Path) -> list[Path]:
+    """The entries of a model folder that can be models: hidden ones (``.tiny-*`` half-written folders,
+    ``.cache``, editors' files) never are."""
+    if not folder.is_dir():
+        return []
+    require_readable(folder, "models_dir")
+    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
 
 
 def _is_candidate(path: Path) -> bool:

@@ -15,6 +15,7 @@ import torch
 
 from ..config import WEIGHTS_CHOICES
 from ..plan import WeightBytes
+from .access import require_readable, require_tree_readable, unreadable
 from .files import ModelError, ModelFiles, ModelStore
 from .checkpoints import expected_shapes, target_format
 from .lora import LoraError, LoraPatch, LoraSpec, LoraStore, held_linears, stack_factors
@@ -103,6 +104,10 @@ class WeightSource:
         """What two peers compare before one uses the other's prompt embeddings."""
         raise NotImplementedError
 
+    def check_head_files(self, text_encoder: bool = True) -> None:
+        """A ModelError naming the file and the permission when the head's VAE (or text encoder) could not
+        be read, asked before any step runs rather than found out at decode."""
+
     def scheduler_config(self) -> dict:
         return {"_class_name": "FlowMatchEulerDiscreteScheduler", **self.preset.scheduler}
 
@@ -133,10 +138,23 @@ class FolderSource(WeightSource):
     def read(self, expected, device, dtype, formats):
         return self.checkpoint.read(expected, device, dtype, formats)
 
+    def check_head_files(self, text_encoder: bool = True) -> None:
+        if self.files.components is None:  # no head parts at all: vae() says where to put them
+            return
+        require_tree_readable([self.files.component("vae")], "the head's VAE")
+        if text_encoder and self.has_text_encoder():
+            self._check_text_encoder_files()
+
+    def _check_text_encoder_files(self) -> None:
+        # A folder that is not there is not checked here: loading says what is missing.
+        require_tree_readable([self.files.component("text_encoder"), self.files.component("tokenizer")],
+                              "the text encoder")
+
     def vae(self, device, dtype):
         from diffusers import AutoencoderKLFlux2  # noqa: PLC0415
 
         folder = self.files.component("vae")
+        require_tree_readable([folder], "the head's VAE")
         if not (folder / "config.json").is_file():
             raise ModelError(f"{folder} is missing: the head needs the VAE")
         require_safetensors(folder)
@@ -145,9 +163,12 @@ class FolderSource(WeightSource):
 
     def has_text_encoder(self) -> bool:
         try:
-            return (self.files.component("text_encoder") / "config.json").is_file()
+            folder = self.files.component("text_encoder")
         except ModelError:
             return False
+        if unreadable(folder) is not None:
+            return True  # there but closed to us: loading it says so, rather than "no text encoder"
+        return (folder / "config.json").is_file()
 
     def text_encoder(self, device, dtype):
         if not self.has_text_encoder():
@@ -156,6 +177,7 @@ class FolderSource(WeightSource):
                              "place the text encoder there), or add text_encoder/ and tokenizer/ from the "
                              "diffusers release")
         folder = self.files.component("text_encoder")
+        self._check_text_encoder_files()
         config = folder / "config.json"
         if read_json(config).get("_class_name") == STAND_IN_CLASS:
             return StandInTextEncoder.load(folder).to(device)
@@ -269,6 +291,7 @@ def open_source(model: str, store: ModelStore, *, random_weights: bool = False, 
     if model == "tiny":
         if not store.dirs:
             raise ModelError("no model folder is configured to write the tiny model into")
+        require_readable(store.dirs[0], "models_dir")  # else "not found" below would hide a closed folder
         try:
             store.resolve("tiny")
         except ModelError:
@@ -343,6 +366,8 @@ class HostedModel:
         """Hold exactly ``blocks`` (+ head/tail modules): keep what is loaded, read what is missing,
         free the rest. The current LoRAs are applied to the new set of layers. Runs on the GPU thread."""
         blocks = sorted(set(blocks))
+        if head:  # the head decodes at the end: an unreadable VAE must stop it now, not after every step
+            self.source.check_head_files(text_encoder=False)  # a plan may encode prompts on another peer
         new = span_modules(self.preset, blocks, head, tail)
         held = {name for name, m in new.named_modules() if isinstance(m, torch.nn.Linear)}
         formats = {name: fmt for name, fmt in self.formats.items() if name in held}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import threading
 from collections.abc import Iterator
@@ -22,6 +23,8 @@ HASH_CHUNK = 8 << 20
 SAFETENSORS_SUFFIX = ".safetensors"
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 
+log = logging.getLogger(__name__)
+
 
 class ModelError(Exception):
     """A model that cannot be found, is outside the model folders, or does not match its preset."""
@@ -33,6 +36,8 @@ def read_json(path: Path) -> dict:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         raise ModelError(f"{path} is missing") from None
+    except PermissionError:
+        raise ModelError(_unreadable(path) or f"{path}: permission denied") from None
     except (OSError, ValueError) as exc:
         raise ModelError(f"{path} is not readable JSON: {exc}") from exc
     if not isinstance(data, dict):
@@ -60,6 +65,12 @@ def require_safetensors(folder: Path) -> list[Path]:
     return files
 
 
+def _unreadable(path: Path) -> str | None:
+    from .access import unreadable  # noqa: PLC0415 - access builds on this module's ModelError
+
+    return unreadable(path)
+
+
 @contextlib.contextmanager
 def open_safetensors(path: Path) -> Iterator:
     """``safe_open`` on CPU, with a truncated or foreign file reported as a ModelError naming it."""
@@ -67,7 +78,8 @@ def open_safetensors(path: Path) -> Iterator:
     try:
         handle = safe_open(str(path), framework="pt", device="cpu")
     except FileNotFoundError:
-        raise ModelError(f"{path} is missing") from None
+        # safetensors reports a file it may not open as not found: say which it is
+        raise ModelError(_unreadable(path) or f"{path} is missing") from None
     except (SafetensorError, OSError) as exc:
         raise ModelError(f"{path} is not a complete safetensors file (truncated, still downloading, or another "
                          f"format): {exc}") from None
@@ -103,6 +115,7 @@ class FileHashes:
     once rather than at every start. The value is what ``sha256sum`` prints, so users can compare."""
 
     _lock = threading.Lock()
+    _warned: set[Path] = set()  # cache files already warned about (once per process, not per file hashed)
 
     def __init__(self, cache_dir: Path | None) -> None:
         self.path = cache_dir / "file-hashes.json" if cache_dir else None
@@ -131,8 +144,16 @@ class FileHashes:
             with self._lock:
                 table = self._table()
                 table[key] = value
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = self.path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
-                tmp.write_text(json.dumps(table))
-                os.replace(tmp, self.path)
+                try:
+                    self.path.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = self.path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
+                    tmp.write_text(json.dumps(table))
+                    os.replace(tmp, self.path)
+                except OSError as exc:  # the hash is right either way; only the next start pays again
+                    from .access import explain  # noqa: PLC0415
+
+                    if self.path not in FileHashes._warned:
+                        FileHashes._warned.add(self.path)
+                        log.warning("cannot keep file hashes in %s (%s): large files are hashed again at every "
+                                    "start", self.path, explain(exc))
         return value

@@ -6,10 +6,12 @@ folder is then loaded by the same code that loads a real checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -21,6 +23,43 @@ from .seeded import seeded_state
 from .text_encoder import StandInTextEncoder
 
 TINY_SEED = "tiny"
+#: Prefix of the folder a tiny model is written into before it is renamed into place. Dot-folders are
+#: never models (ModelStore skips them).
+TMP_PREFIX = ".tiny-"
+#: A temp folder older than this was left by an interrupted write (writing takes seconds), not by a
+#: writer still at work, and is removed by the next write.
+STALE_TMP_S = 600.0
+
+
+def _umask() -> int:
+    """The process umask, read without changing it (os.umask would, racing other threads)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def _open_up(root: Path) -> None:
+    """Give a written folder the modes a plain ``cp`` would (0755/0644 under umask 022): mkdtemp makes
+    0700 and safetensors writes 0600, which a daemon running as another user cannot read."""
+    mask = _umask()
+    for folder, _, names in os.walk(root):
+        os.chmod(folder, 0o777 & ~mask)
+        for name in names:
+            os.chmod(os.path.join(folder, name), 0o666 & ~mask)
+
+
+def _remove_stale(parent: Path, now: float | None = None) -> None:
+    """Remove temp folders that interrupted writes left in ``parent``."""
+    now = time.time() if now is None else now
+    with contextlib.suppress(OSError):
+        for path in parent.glob(f"{TMP_PREFIX}*"):
+            with contextlib.suppress(OSError):
+                if path.is_dir() and not path.is_symlink() and now - path.lstat().st_mtime > STALE_TMP_S:
+                    shutil.rmtree(path)
 
 
 def _save_component(module: torch.nn.Module, config: dict, folder: Path, dtype: torch.dtype) -> None:
@@ -36,7 +75,8 @@ def write_tiny(root: Path) -> Path:
         return root
     preset = PRESETS["tiny"]
     root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=root.parent))
+    _remove_stale(root.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=root.parent))
     try:
         with torch.device("meta"):
             transformer = Flux2Transformer2DModel(**preset.transformer)
@@ -63,6 +103,7 @@ def write_tiny(root: Path) -> Path:
                 indent=2,
             )
         )
+        _open_up(tmp)
         try:
             os.rename(tmp, root)
         except OSError:

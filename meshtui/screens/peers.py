@@ -23,6 +23,10 @@ the config file) or started by `meshtui demo`. Each row shows the daemon's healt
 memory, the model and the blocks it holds, whether it can encode/decode HEVC on NVENC/NVDEC (or on the
 CPU with x265/FFmpeg), and the link from this machine: bandwidth and round-trip time, measured.
 
+The daemons of one box (one per GPU, `meshd@0`, `meshd@1`, ...) are listed together, joined by `┌ ├ └`:
+they advertise the same host, the planner keeps them adjacent in a split, and the link between them
+stays on the box (CUDA IPC).
+
 States: **online**; **connecting**; **unreachable** (nothing answers at that address, or it stopped
 answering: the values shown are the last good ones, with their age); **wrong key** (the daemon refused
 our cluster key: start meshtui with `--key-file` pointing at the daemons' key); **incompatible**
@@ -66,7 +70,7 @@ our cluster key: start meshtui with `--key-file` pointing at the daemons' key); 
     def _show_details(self) -> None:
         label = self.query_one(PeerTable).selected_label
         view = next((p for p in self.dashboard.peers if p.label == label), None)
-        self.query_one(PeerDetails).show(view, self.dashboard.clock())
+        self.query_one(PeerDetails).show(view, self.dashboard.clock(), self.dashboard.peers)
 
     def _tick(self) -> None:
         """Ages ("seen 3 s ago") move even when nothing else does."""

@@ -56,6 +56,29 @@ def model_text(view: PeerView) -> str:
     return f"{view.model_id} {describe_blocks(view.blocks)}"
 
 
+#: How a box's rows are drawn when it has several GPUs (one daemon each): first, middle, last.
+BOX_MARKS = ("┌ ", "├ ", "└ ")
+
+
+def by_box(views: Sequence[PeerView]) -> list[tuple[PeerView, str]]:
+    """The peers with each box's GPUs together (boxes in the order their first peer comes), each with
+    its mark: "" for a box of one peer (or an unknown box), else BOX_MARKS."""
+    boxes: dict[str, list[PeerView]] = {}
+    for i, view in enumerate(views):
+        boxes.setdefault(view.box or f"\0unknown {i}", []).append(view)
+    out = []
+    for members in boxes.values():
+        for i, view in enumerate(members):
+            mark = "" if len(members) == 1 else BOX_MARKS[0 if i == 0 else 2 if i == len(members) - 1 else 1]
+            out.append((view, mark))
+    return out
+
+
+def box_mates(view: PeerView, views: Sequence[PeerView]) -> list[str]:
+    """Labels of the other peers on ``view``'s box."""
+    return [v.label for v in views if v.box and v.box == view.box and v.label != view.label]
+
+
 class PeerTable(DataTable):
     """Rows keyed by peer label; the cursor stays on the same peer across updates."""
 
@@ -72,23 +95,28 @@ class PeerTable(DataTable):
         return self.coordinate_to_cell_key(self.cursor_coordinate).row_key.value
 
     def show(self, views: Sequence[PeerView], now: float) -> None:
-        wanted = {v.label for v in views}
-        for key in list(self.rows):
-            if key.value not in wanted:
-                self.remove_row(key)
-        for view in views:
-            cells = self.cells(view, now)
+        ordered = by_box(views)
+        order = [view.label for view, _ in ordered]
+        selected, rebuilt = self.selected_label, False
+        if [key.value for key in self.rows] != order[: len(self.rows)]:
+            # A peer joined a box listed earlier (or left one): rows must move, so lay them out again.
+            self.clear()
+            rebuilt = True
+        for view, mark in ordered:
+            cells = self.cells(view, now, mark)
             if view.label in self.rows:
                 for column, value in zip(COLUMNS, cells):
                     self.update_cell(view.label, column, value, update_width=True)
             else:
                 self.add_row(*cells, key=view.label)
+        if rebuilt and selected in order:
+            self.move_cursor(row=order.index(selected))
 
     @staticmethod
-    def cells(view: PeerView, now: float) -> list:
+    def cells(view: PeerView, now: float, mark: str = "") -> list:
         seen = units.age(now - view.seen) if view.seen else "never"
         return [
-            Text(view.label, style="bold"), state_text(view), view.title, str(view.address), device_text(view),
+            Text(mark + view.label, style="bold"), state_text(view), view.title, str(view.address), device_text(view),
             memory_text(view), model_text(view), codecs_text(view), units.link_rate(view.bandwidth_bps),
             units.ms(view.rtt_ms), seen, ",".join(sorted(view.sources)),
         ]
@@ -97,7 +125,7 @@ class PeerTable(DataTable):
 class PeerDetails(Static):
     """Everything known about the selected peer, including the full error text."""
 
-    def show(self, view: PeerView | None, now: float) -> None:
+    def show(self, view: PeerView | None, now: float, others: Sequence[PeerView] = ()) -> None:
         if view is None:
             self.update("")
             return
@@ -119,6 +147,8 @@ class PeerDetails(Static):
             ("weights", view.weights), ("compute", view.compute),
             ("blocks held", describe_blocks(view.blocks) if view.model_id else None),
             ("key fingerprint", view.key_fingerprint), ("emulated link", view.emulated_link),
+            ("box", f"{view.box}" + (f", with {', '.join(box_mates(view, others))} (same host)"
+                                     if box_mates(view, others) else "") if view.box else None),
         ]
         if view.caps is not None:
             facts += [("NVENC", "yes" if view.caps.nvenc else

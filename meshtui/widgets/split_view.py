@@ -142,6 +142,8 @@ class StageTable(DataTable, can_focus=False):
             else:
                 out = units.link_rate(link.bandwidth_bps) + ("" if link.measured or link.bandwidth_bps is None
                                                              else " (est.)")
+                if link.same_host:  # one box: never the network (CUDA IPC once the head finds it works)
+                    out = f"same host · {out}"
                 # "auto: raw" = the policy's pick; "fp8 (run)" = the Generate form's codec for auto links.
                 codec = link.codec
                 if st.codec == "auto":
