@@ -448,7 +448,7 @@ class Daemon:
         keys = ("preset", "hash", "dtype", "weights")
         if tuple(expected.get(k) for k in keys) != (mine.preset, mine.content_hash, mine.dtype, mine.weights):
             theirs = (f"{expected.get('model_id')!s:.40} ({expected.get('preset')!s:.20}, {expected.get('dtype')!s:.10}, "
-                      f"weights {expected.get('weights')!s:.80}, sha256 {str(expected.get('hash'))[:12]})")
+                      f"sha256 {str(expected.get('hash'))[:12]}, weights {expected.get('weights')!s:.80})")
             raise MeshError("mismatch", f"{self.name} holds {mine.describe()}; the plan expects {theirs}")
 
     def _check_holds(self, stage: Stage) -> None:

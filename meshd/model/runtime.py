@@ -57,7 +57,7 @@ class ModelIdentity:
                 "weights": self.weights}
 
     def describe(self) -> str:
-        return f"{self.model_id} ({self.preset}, {self.dtype}, weights {self.weights}, sha256 {self.content_hash[:12]})"
+        return f"{self.model_id} ({self.preset}, {self.dtype}, sha256 {self.content_hash[:12]}, weights {self.weights})"
 
 
 def weights_label(formats: dict[str, LinearFormat], dtype: torch.dtype) -> str:
