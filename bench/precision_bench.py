@@ -161,10 +161,13 @@ def main() -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--models-dir", type=Path, default=Path("/tmp/flux-mesh-models"))
     parser.add_argument("--workdir", type=Path, help="keep the daemons' key, state and logs here")
+    parser.add_argument("--split", help="force this plan for every format, e.g. A:0-19,B:20-55 (default: the "
+                        "planner's, which balances time, not memory, on two daemons of one big GPU)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     args.weights = ["bf16"] + [w for w in args.weights.split(",") if w and w != "bf16"]
-    args.random_weights, args.split, args.transport = True, None, "auto"
+    args.random_weights, args.transport = True, "auto"
+    plan_source = f"the plan {args.split}" if args.split else "the planner's split"
     device = torch.device(args.device)
     if device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
@@ -178,7 +181,7 @@ def main() -> int:
                     "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
         "config": {"model": args.model, "weights_source": "random weights (seeded bf16, quantised on the device)",
                    "size": args.size, "steps": args.steps, "repeat": args.repeat,
-                   "split": "two daemons on this machine, the planner's split, raw codec"},
+                   "split": f"two daemons on this machine, {plan_source}, raw codec"},
         "rows": rows,
     }
     print(json.dumps(result, indent=1 if args.json else None, default=str))
