@@ -92,18 +92,20 @@ def check_models(config: DaemonConfig) -> Iterator[Finding]:
     from .model.files import ModelError, ModelStore  # noqa: PLC0415
     from .model.presets import PRESETS  # noqa: PLC0415
 
-    from .model.inventory import inventory_loras, inventory_models  # noqa: PLC0415
+    from .model.inventory import inventory_loras, inventory_models, inventory_parts  # noqa: PLC0415
     from .model.lora import LoraStore  # noqa: PLC0415
 
-    store = ModelStore(config.models_dir, config.cache_dir)
+    store = ModelStore(config.models_dir, config.cache_dir, config.comfyui_dir)
     folders = ", ".join(str(d) for d in store.dirs) or "none configured"
-    reports = inventory_models(store)  # layout, precision and the hash the handshake compares, per model
+    # layout, precision, head parts and the hash the handshake compares, per model; then the VAE and
+    # text-encoder files the head can pair with them
+    reports = inventory_models(store, distilled=config.distilled) + inventory_parts(store)
     if not reports:
         yield Finding("models", NOTE, f"no model folders in {folders} (the tiny demo model is written there on "
                                       "first use; real checkpoints are your local files)")
     for report in reports:  # a broken file nobody configured is worth a note, not a failed check
         yield Finding("models", OK if report.ok else NOTE, report.describe())
-    for report in inventory_loras(LoraStore(config.lora_dir), config.cache_dir):
+    for report in inventory_loras(LoraStore(config.lora_dirs), config.cache_dir):
         yield Finding("loras", OK if report.ok else NOTE, report.describe())
     if config.random_weights:
         known = config.model in PRESETS

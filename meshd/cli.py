@@ -201,9 +201,10 @@ async def _serve_async(args) -> int:
         if not torch.cuda.is_available():
             raise StartupError(f"device {device_name} asked for, but torch sees no CUDA GPU")
         device = torch.device("cuda", device.index if device.index is not None else 0)
-    store = ModelStore(config.models_dir, config.cache_dir)
     try:
-        source = open_source(config.model, store, random_weights=config.random_weights, seed=config.seed)
+        store = ModelStore(config.models_dir, config.cache_dir, config.comfyui_dir)
+        source = open_source(config.model, store, random_weights=config.random_weights, seed=config.seed,
+                             distilled=config.distilled)
         text_encoder = TextEncoderOptions(device=config.text_encoder_device or None, idle=config.text_encoder_idle,
                                           cache_bytes=config.prompt_cache_mib << 20)
         model = HostedModel(source, device, DTYPES[config.dtype], text_encoder)

@@ -57,6 +57,8 @@ class DaemonConfig:
     key_file: Path = field(default_factory=default_key_file)
     insecure: bool = False
     models_dir: tuple[Path, ...] = field(default_factory=lambda: (default_models_dir(),))
+    comfyui_dir: Path | None = None  # a ComfyUI install: its models/ is a model folder, its tokenizer is used
+    distilled: bool | None = None  # klein base (false) or step-distilled (true); unset: detected
     lora_dir: tuple[Path, ...] = ()
     state_dir: Path = field(default_factory=default_state_dir)
     node_name: str = ""
@@ -75,8 +77,14 @@ class DaemonConfig:
     def cache_dir(self) -> Path:
         return self.state_dir / "cache"
 
+    @property
+    def lora_dirs(self) -> tuple[Path, ...]:
+        """``lora_dir``, and a ComfyUI install's ``models/loras`` when ``comfyui_dir`` is set."""
+        comfy = (self.comfyui_dir / "models" / "loras",) if self.comfyui_dir else ()
+        return self.lora_dir + tuple(d for d in comfy if d.is_dir() and d not in self.lora_dir)
 
-_PATHS = {"key_file", "state_dir"}
+
+_PATHS = {"key_file", "state_dir", "comfyui_dir"}
 _PATH_LISTS = {"models_dir", "lora_dir"}
 _STR_LISTS = {"interfaces"}
 
@@ -91,7 +99,7 @@ def _coerce(name: str, value: Any, base: Path) -> Any:
     if name in _STR_LISTS:
         items = value if isinstance(value, list) else [value]
         return tuple(str(v) for v in items)
-    expected = {"int": int, "float": (int, float), "bool": bool, "str": str}.get(str(kind))
+    expected = {"int": int, "float": (int, float), "bool": bool, "str": str, "bool | None": bool}.get(str(kind))
     if expected is not None and (not isinstance(value, expected) or (expected is int and isinstance(value, bool))):
         raise ConfigError(f"config key {name!r} must be {kind}, got {value!r}")
     return float(value) if kind == "float" else value
@@ -124,6 +132,9 @@ def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> D
         raise ConfigError(f"port {config.port} is out of range")
     if config.dtype not in ("bfloat16", "float16", "float32"):
         raise ConfigError(f"dtype {config.dtype!r} must be bfloat16, float16 or float32")
+    if config.comfyui_dir is not None and not (config.comfyui_dir / "models").is_dir():
+        raise ConfigError(f"comfyui_dir {config.comfyui_dir} has no models/ folder: point it at the ComfyUI folder "
+                          "itself (the one with main.py, comfy/ and models/)")
     return config
 
 

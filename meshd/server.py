@@ -147,7 +147,7 @@ class Daemon:
             codec.core.enable_hevc_replay(int(replay_mb) << 20)
             log.warning("%s is set: libx265 frames are replayed from a cache (benchmarks only)", HEVC_REPLAY_ENV)
         self.jobs: dict[str, StageJob] = {}
-        self.lora_store = LoraStore(config.lora_dir, config.cache_dir)
+        self.lora_store = LoraStore(config.lora_dirs, config.cache_dir)
         model.lora_store = self.lora_store
         self.sessions: set[ServerSession] = set()
         self.draining = False
