@@ -33,6 +33,10 @@ QWEN_TOKENIZER = Path("comfy") / "text_encoders" / "qwen25_tokenizer"
 MODELS = "models"
 #: A models tree is walked at most this deep (ComfyUI users nest by family, rarely deeper than 3).
 MAX_DEPTH = 8
+#: Where ComfyUI puts each kind (``folder_paths.py``): only a tie-breaker when two files fit, never how a
+#: file is recognised.
+KIND_FOLDERS = {TRANSFORMER: ("diffusion_models", "unet", "checkpoints"), VAE: ("vae",),
+                TEXT_ENCODER: ("text_encoders", "clip"), LORA: ("loras",)}
 #: Folders of a diffusers model whose files are its own parts, not models of their own.
 DIFFUSERS_PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 
@@ -83,6 +87,11 @@ def identify(path: Path) -> str:
     """What the safetensors file at ``path`` holds (header only); a ModelError if it cannot be read."""
     with open_safetensors(path) as f:
         return kind_of_keys(f.keys())
+
+
+def in_kind_folder(path: Path, kind: str) -> bool:
+    """Whether ``path`` lies under the folder ComfyUI keeps ``kind`` in."""
+    return any(part in KIND_FOLDERS.get(kind, ()) for part in path.parts[:-1])
 
 
 def is_diffusers_folder(path: Path) -> bool:

@@ -172,13 +172,16 @@ class ModelStore:
         from .vae_file import VaeFile  # noqa: PLC0415
 
         has = (lambda sub: components is not None and (components / sub / "config.json").is_file())
-        vae = None if has("vae") else next(
-            (p for p, kind in self.part_files() if kind == comfyui.VAE and _fits(VaeFile, p, preset)), None)
+        # When several fit: a file where ComfyUI keeps its kind first, then the exact weights (bf16 before
+        # fp8 of the same encoder), then by path.
+        vaes = sorted((p for p, kind in self.part_files() if kind == comfyui.VAE and _fits(VaeFile, p, preset)),
+                      key=lambda p: (not comfyui.in_kind_folder(p, comfyui.VAE), str(p)))
+        vae = None if has("vae") or not vaes else vaes[0]
         encoder, tokenizer, hint = None, None, ""
         if not has("text_encoder"):
             fitting = [p for p, kind in self.part_files() if kind == comfyui.TEXT_ENCODER and _fits(EncoderFile, p, preset)]
-            # The exact weights first: a bf16 file before an fp8 one of the same encoder.
-            fitting.sort(key=lambda p: (EncoderFile.open(p).quantised, str(p)))
+            fitting.sort(key=lambda p: (not comfyui.in_kind_folder(p, comfyui.TEXT_ENCODER),
+                                        EncoderFile.open(p).quantised, str(p)))
             if fitting:
                 encoder = fitting[0]
                 tokenizer, hint = self._tokenizer_for(EncoderFile.open(encoder))

@@ -1,0 +1,206 @@
+"""A ComfyUI user's files, as they are on disk (issue 16): meshd pointed at a ComfyUI install finds every
+file in its models tree, says what each is by its header, and the head runs from ComfyUI's single files
+(transformer, VAE, Qwen3 text encoder, ComfyUI's own tokenizer) with no diffusers folder anywhere; what
+it computes equals what it computes from the diffusers folder of the same weights."""
+
+import copy
+import io
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
+from PIL import Image
+from transformers import AutoTokenizer, Qwen3ForCausalLM
+
+from meshd.check import check_models
+from meshd.config import ConfigError, DaemonConfig, load_config
+from meshd.model.files import ModelError, ModelStore
+from meshd.model.presets import PRESETS
+from meshd.model.runtime import HostedModel, open_source
+from meshd.model.text_encoder_file import QWEN3_CHAT_TEMPLATE, EncoderFile
+from meshd.model.vae_file import VaeFile
+from tests.comfyui_files import TRANSFORMER, write_comfyui
+from tests.daemons import running_daemon, split_generation
+
+PRESET = PRESETS["tiny"]
+CPU = torch.device("cpu")
+KEY = bytes(range(32))
+PARAMS = {"prompt": "a dog by the sea", "seed": 3, "width": 64, "height": 64, "steps": 2, "guidance": 1.0}
+
+
+@pytest.fixture(scope="module")
+def comfy(tmp_path_factory):
+    """The ComfyUI install, and a separate model folder holding the diffusers folder of the same weights."""
+    scratch = tmp_path_factory.mktemp("scratch")
+    root = tmp_path_factory.mktemp("ComfyUI")
+    ref = write_comfyui(root, scratch)
+    diffusers = tmp_path_factory.mktemp("diffusers-models") / "tiny-qwen3"
+    shutil.copytree(ref["diffusers"], diffusers)
+    shutil.rmtree(diffusers / "text_encoder")
+    copy.deepcopy(ref["qwen3"]).to(torch.bfloat16).save_pretrained(diffusers / "text_encoder")
+    tok = AutoTokenizer.from_pretrained(root / "comfy" / "text_encoders" / "qwen25_tokenizer")
+    tok.chat_template = QWEN3_CHAT_TEMPLATE  # what the diffusers release's Qwen3 tokenizer renders
+    tok.save_pretrained(diffusers / "tokenizer")
+    return root, diffusers, ref
+
+
+def no_diffusers_folder_in(root) -> bool:
+    return not any(p.name in ("config.json", "model_index.json") for p in root.rglob("*"))
+
+
+# --- found, named for what it is, listed ---------------------------------------------------------
+
+def test_meshd_check_lists_every_file_of_the_tree_with_kind_precision_and_hash(comfy, tmp_path):
+    root, _, _ = comfy
+    shutil.copy(root / "models" / "vae" / "flux2-vae.safetensors", root / "models" / "diffusion_models" / "odd.safetensors")
+    try:
+        config = DaemonConfig(models_dir=(), comfyui_dir=root, state_dir=tmp_path / "state")
+        found = [f for f in check_models(config) if f.topic in ("models", "loras")]
+        lines = {" ".join(f.text.split(":", 1)[0].split()): f.text for f in found}  # "ok VAE vae/flux2-vae"
+    finally:
+        (root / "models" / "diffusion_models" / "odd.safetensors").unlink()
+    model = lines[f"ok model {TRANSFORMER}"]
+    assert "ComfyUI single file, tiny, bf16, distilled" in model
+    assert "VAE flux2-vae.safetensors" in model and "text encoder qwen_3_tiny.safetensors" in model  # bf16 first
+    assert "qwen25_tokenizer" in model and "sha256 " in model
+    assert "fp8 e4m3 scaled" in lines["ok model diffusion_models/fp8/flux2-tiny-fp8mixed"]
+    assert "FLUX.2 VAE, bf16; fits tiny" in lines["ok VAE vae/flux2-vae"]
+    assert "FLUX.2 VAE" in lines["ok VAE diffusion_models/odd"]  # by its header, not its folder
+    assert "Qwen3 text encoder, width 16, 5 layers, bf16; fits tiny" in lines["ok text encoder text_encoders/qwen_3_tiny"]
+    fp8 = lines["ok text encoder text_encoders/qwen_3_tiny_fp8mixed"]
+    assert "fp8 e4m3 scaled" in fp8 and "bf16" in fp8
+    assert "kohya" in lines["ok lora style"]
+    assert all(f.level == "ok" for f in found) and len(found) == 7  # 2 transformers, 2 VAEs, 2 encoders, 1 LoRA
+    assert no_diffusers_folder_in(root)
+
+
+def test_a_name_relative_to_the_model_folders_is_found_there_not_in_the_working_directory(comfy, tmp_path,
+                                                                                          monkeypatch):
+    root, _, _ = comfy
+    monkeypatch.chdir(tmp_path)
+    store = ModelStore([root / "models"])
+    for name in (TRANSFORMER, TRANSFORMER + ".safetensors"):
+        assert store.resolve(name) == root / "models" / (TRANSFORMER + ".safetensors")
+    with pytest.raises(ModelError, match="outside the configured model folders|not found|invalid"):
+        store.resolve("../ComfyUI/models/" + TRANSFORMER)
+
+
+def test_comfyui_dir_must_be_an_install(tmp_path):
+    (tmp_path / "meshd.toml").write_text(f'comfyui_dir = "{tmp_path / "nowhere"}"\n')
+    with pytest.raises(ConfigError, match="has no models/ folder"):
+        load_config(tmp_path / "meshd.toml")
+    (tmp_path / "meshd.toml").write_text('distilled = "maybe"\n')
+    with pytest.raises(ConfigError, match="'distilled' must be bool"):
+        load_config(tmp_path / "meshd.toml")
+
+
+# --- each part equals the diffusers folder's --------------------------------------------------------
+
+def test_the_vae_single_file_loads_the_diffusers_vae_exactly(comfy):
+    root, diffusers, _ = comfy
+    mine = VaeFile.open(root / "models" / "vae" / "flux2-vae.safetensors").load(PRESET, CPU, torch.bfloat16)
+    theirs = AutoencoderKLFlux2.from_pretrained(diffusers / "vae", torch_dtype=torch.bfloat16)
+    a, b = mine.state_dict(), theirs.state_dict()
+    assert set(a) == set(b)
+    assert all(torch.equal(a[k], b[k]) for k in a if not k.endswith("num_batches_tracked"))
+
+
+def test_a_vae_of_another_model_is_refused_with_the_difference(comfy, tmp_path):
+    root, _, _ = comfy
+    vae = VaeFile.open(root / "models" / "vae" / "flux2-vae.safetensors")
+    assert not vae.fits(PRESETS["klein-9b"]) and "shape" in vae.mismatch(PRESETS["klein-9b"])
+    with pytest.raises(ModelError, match="is not the VAE of klein-9b"):
+        vae.load(PRESETS["klein-9b"], CPU, torch.bfloat16)
+
+
+def test_qwen3_file_with_comfyuis_tokenizer_gives_the_klein_pipelines_embeddings(comfy):
+    root, diffusers, _ = comfy
+    # the reference: the same weights the way the pipeline loads them (rotary frequencies stay float32)
+    pipe = Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, transformer=None,
+                              text_encoder=Qwen3ForCausalLM.from_pretrained(diffusers / "text_encoder",
+                                                                            dtype=torch.bfloat16),
+                              tokenizer=AutoTokenizer.from_pretrained(diffusers / "tokenizer"))
+    model = HostedModel(open_source(TRANSFORMER, ModelStore([root / "models"])), CPU, torch.bfloat16)
+    for prompt in ("a dog by the sea", ""):
+        expected, _ = pipe.encode_prompt(prompt, device=CPU, max_sequence_length=PRESET.max_sequence_length,
+                                         text_encoder_out_layers=PRESET.text_encoder_layers)
+        assert torch.equal(model.encode_prompt(prompt), expected.to(torch.bfloat16)), prompt
+
+
+def test_comfyuis_tokenizer_renders_flux2s_qwen3_prompt(comfy):
+    """ComfyUI's KleinTokenizer template, and what Qwen3's own chat template renders with thinking off."""
+    root, _, _ = comfy
+    file = EncoderFile.open(root / "models" / "text_encoders" / "qwen_3_tiny.safetensors")
+    tok = file.tokenizer(root / "comfy" / "text_encoders" / "qwen25_tokenizer", "")
+    text = tok.apply_chat_template([{"role": "user", "content": "a dog"}], tokenize=False, add_generation_prompt=True,
+                                   enable_thinking=False)
+    assert text == "<|im_start|>user\na dog<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+
+
+def test_fp8mixed_text_encoder_reads_its_scales_and_builds_only_the_layers_read(comfy):
+    root, _, ref = comfy
+    file = EncoderFile.open(root / "models" / "text_encoders" / "qwen_3_tiny_fp8mixed.safetensors")
+    assert file.num_layers == 5 and file.fits(PRESET)
+    model = file.load(PRESET, CPU, torch.bfloat16)
+    assert len(model.layers) == max(PRESET.text_encoder_layers) == 3  # layers 3 and 4 are never read
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, ref["fp8_values"][f"model.{name}"]), name  # fp8 x scale, bf16 layers as stored
+    assert "input_scale" not in json.dumps(list(model.state_dict()))
+
+
+def test_a_text_encoder_quantised_other_than_fp8_is_refused_by_name(comfy, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    root, _, _ = comfy
+    state = load_file(str(root / "models" / "text_encoders" / "qwen_3_tiny_fp8mixed.safetensors"))
+    key = next(k for k in state if k.endswith("comfy_quant"))
+    state[key] = torch.tensor(list(json.dumps({"format": "nvfp4"}).encode()), dtype=torch.uint8)
+    save_file(state, str(tmp_path / "te.safetensors"))
+    with pytest.raises(ModelError, match="quantised as nvfp4"):
+        EncoderFile.open(tmp_path / "te.safetensors")
+
+
+def test_without_a_tokenizer_one_message_says_which_files_to_put_where(comfy, tmp_path):
+    root, _, _ = comfy
+    models = tmp_path / "models"
+    shutil.copytree(root / "models", models)  # the models tree alone, without the install's comfy/ folder
+    model = HostedModel(open_source(TRANSFORMER, ModelStore([models])), CPU, torch.bfloat16)
+    assert model.source.has_text_encoder()
+    with pytest.raises(ModelError, match=r"needs its tokenizer: set comfyui_dir to your ComfyUI folder .*"
+                                         r"qwen25_tokenizer/ is used\), or copy the diffusers release's tokenizer/"):
+        model.encode_prompt("a dog")
+
+
+# --- the whole run, from ComfyUI's files only ---------------------------------------------------------
+
+def test_meshtui_generate_runs_from_a_comfyui_tree_with_no_diffusers_folder(comfy, tmp_path):
+    root, _, _ = comfy
+    out = tmp_path / "dog.png"
+    done = subprocess.run([sys.executable, "-m", "meshtui", "generate", "--local", "--device", "cpu",
+                           "--models-dir", str(root / "models"), "--model", TRANSFORMER + ".safetensors",
+                           "--prompt", "a dog by the sea", "--seed", "3", "--size", "64x64", "--steps", "2",
+                           "--out", str(out), "--json"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert Image.open(out).size == (64, 64)
+    assert no_diffusers_folder_in(root)
+
+
+async def test_a_split_from_the_comfyui_tree_equals_the_same_split_from_the_diffusers_folder(comfy, tmp_path):
+    root, diffusers, _ = comfy
+    models = root / "models"
+    async with running_daemon(tmp_path / "a", KEY, range(0, 3), models, model=TRANSFORMER) as a, \
+               running_daemon(tmp_path / "b", KEY, range(3, 6), models, model=TRANSFORMER) as b:
+        from_comfy = await split_generation(KEY, [a.bound, b.bound], "A:0-2,B:3-5", PARAMS, codec="raw",
+                                            return_latents=True)
+    async with running_daemon(tmp_path / "c", KEY, range(0, 3), diffusers.parent, model="tiny-qwen3") as c, \
+               running_daemon(tmp_path / "d", KEY, range(3, 6), diffusers.parent, model="tiny-qwen3") as d:
+        from_diffusers = await split_generation(KEY, [c.bound, d.bound], "A:0-2,B:3-5", PARAMS, codec="raw",
+                                                return_latents=True)
+    assert torch.equal(from_comfy.latents, from_diffusers.latents)
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(from_comfy.png))),
+                          np.asarray(Image.open(io.BytesIO(from_diffusers.png))))
