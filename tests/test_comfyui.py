@@ -15,17 +15,20 @@ import pytest
 import torch
 from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
 from PIL import Image
+from safetensors.torch import save_file
 from transformers import AutoTokenizer, Qwen3ForCausalLM
 
 from meshd.check import check_models
 from meshd.config import ConfigError, DaemonConfig, load_config
 from meshd.model.files import ModelError, ModelStore
+from meshd.model.lora import LoraError, LoraFile, LoraStore
 from meshd.model.presets import PRESETS
 from meshd.model.runtime import HostedModel, open_source
 from meshd.model.text_encoder_file import QWEN3_CHAT_TEMPLATE, EncoderFile
 from meshd.model.vae_file import VaeFile
 from tests.comfyui_files import TRANSFORMER, write_comfyui
 from tests.daemons import running_daemon, split_generation
+from tests.test_lora import world  # noqa: F401 - the tiny model and a LoRA folder, as the LoRA tests use them
 
 PRESET = PRESETS["tiny"]
 CPU = torch.device("cpu")
@@ -154,7 +157,7 @@ def test_fp8mixed_text_encoder_reads_its_scales_and_builds_only_the_layers_read(
 
 
 def test_a_text_encoder_quantised_other_than_fp8_is_refused_by_name(comfy, tmp_path):
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     root, _, _ = comfy
     state = load_file(str(root / "models" / "text_encoders" / "qwen_3_tiny_fp8mixed.safetensors"))
@@ -204,3 +207,51 @@ async def test_a_split_from_the_comfyui_tree_equals_the_same_split_from_the_diff
     assert torch.equal(from_comfy.latents, from_diffusers.latents)
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(from_comfy.png))),
                           np.asarray(Image.open(io.BytesIO(from_diffusers.png))))
+
+
+# --- LoRA spellings ComfyUI accepts ---------------------------------------------------------------
+
+def test_simpletuners_lycoris_named_plain_lora_means_what_the_peft_file_means(world, tmp_path):
+    from tests.test_lora import ALPHA, forward, model
+
+    tensors = {}
+    for module, (down, up) in world["style"].items():
+        key = "lycoris_" + module.replace(".", "_")  # SimpleTuner: diffusers names, underscores, lora_down/up
+        tensors.update({f"{key}.lora_down.weight": down.clone(), f"{key}.lora_up.weight": up,
+                        f"{key}.alpha": torch.tensor(ALPHA)})
+    save_file(tensors, str(world["loras"] / "style-simpletuner.safetensors"))
+    assert LoraFile.open(world["loras"] / "style-simpletuner.safetensors", PRESET).format == "SimpleTuner (LyCORIS names)"
+    outputs = []
+    for name in ("style-peft", "style-simpletuner"):
+        m = model(world)
+        m.set_loras([LoraStore([world["loras"]]).spec(name, 0.8)], LoraStore([world["loras"]]))
+        outputs.append(forward((m, 0, 6)))
+    assert torch.equal(*outputs)
+
+
+def test_a_linear1_qkv_lora_adapts_only_the_attention_rows_of_linear1(world):
+    """ComfyUI's partial key: the up matrix covers the first 3 x hidden rows of the fused linear1; the
+    same LoRA written for the whole linear1 with zero MLP rows is the same model."""
+    from tests.test_lora import forward, model
+
+    g = torch.Generator().manual_seed(4)
+    hidden, full_rows = PRESET.hidden, world["shapes"]["single_transformer_blocks.0.attn.to_qkv_mlp_proj"][0]
+    down, up = torch.randn(2, hidden, generator=g), torch.randn(3 * hidden, 2, generator=g)
+    padded = torch.cat([up, torch.zeros(full_rows - 3 * hidden, 2)])
+    for name, module, b in (("qkv-part", "linear1_qkv", up), ("qkv-padded", "linear1", padded)):
+        save_file({f"diffusion_model.single_blocks.0.{module}.lora_A.weight": down,
+                   f"diffusion_model.single_blocks.0.{module}.lora_B.weight": b},
+                  str(world["loras"] / f"{name}.safetensors"))
+    part = LoraFile.open(world["loras"] / "qkv-part.safetensors", PRESET)
+    assert part.targets() == {"single_transformer_blocks.0.attn.to_qkv_mlp_proj"}
+    outputs = []
+    for name in ("qkv-part", "qkv-padded"):
+        m = model(world)
+        m.set_loras([LoraStore([world["loras"]]).spec(name)], LoraStore([world["loras"]]))
+        outputs.append(forward((m, 0, 6)))
+    assert torch.equal(*outputs) and not torch.equal(outputs[0], forward((model(world), 0, 6)))
+    save_file({"diffusion_model.single_blocks.0.linear1_qkv.lora_A.weight": down,
+               "diffusion_model.single_blocks.0.linear1_qkv.lora_B.weight": up[:-1]},
+              str(world["loras"] / "qkv-short.safetensors"))
+    with pytest.raises(LoraError, match="linear1_qkv has 191 rows; tiny's attention part of linear1 has 192"):
+        LoraFile.open(world["loras"] / "qkv-short.safetensors", PRESET)
