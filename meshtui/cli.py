@@ -147,7 +147,8 @@ async def _on_event(event: dict) -> None:
     if kind == "step":
         _log(step_line(event))
     elif kind == "prepared":
-        _log(f"plan {event.get('plan')}")
+        sampling = {True: " (step-distilled)", False: " (base model" + (", CFG)" if event.get("cfg") else ")")}
+        _log(f"plan {event.get('plan')}{sampling.get(event.get('distilled'), '')}")
         for stage in event.get("stages", []):
             link = stage.get("link") or {}
             if link:

@@ -179,6 +179,32 @@ def test_without_a_tokenizer_one_message_says_which_files_to_put_where(comfy, tm
         model.encode_prompt("a dog")
 
 
+# --- klein base or distilled ----------------------------------------------------------------------
+
+def test_klein_base_or_distilled_defaults_like_diffusers_and_the_operator_decides(comfy, tmp_path):
+    from meshd.generation import GenerationParams, uses_cfg
+
+    root, diffusers, _ = comfy
+    base = tmp_path / "models" / "klein-base"
+    shutil.copytree(diffusers, base)
+    index = json.loads((base / "model_index.json").read_text())
+    del index["is_distilled"]  # Flux2KleinPipeline's default then: not distilled
+    (base / "model_index.json").write_text(json.dumps(index))
+    store = ModelStore([tmp_path / "models"])
+    assert open_source("klein-base", store).distilled() is False
+    assert open_source("klein-base", store, distilled=True).distilled() is True
+    # a single file has the same shapes either way: the released (distilled) default, unless told
+    comfy_store = ModelStore([root / "models"])
+    assert open_source(TRANSFORMER, comfy_store).distilled() is True
+    told = HostedModel(open_source(TRANSFORMER, comfy_store, distilled=False), CPU, torch.bfloat16)
+    assert uses_cfg(told, GenerationParams(**{**PARAMS, "guidance": 4.0}))
+    (tmp_path / "meshd.toml").write_text(f'comfyui_dir = "{root}"\ndistilled = false\n')
+    config = load_config(tmp_path / "meshd.toml", {"state_dir": tmp_path / "state", "models_dir": ()})
+    assert config.distilled is False
+    line = next(f.text for f in check_models(config) if f.text.startswith(f"ok  model {TRANSFORMER}:"))
+    assert "ComfyUI single file, tiny, bf16, base (CFG)" in line
+
+
 # --- the whole run, from ComfyUI's files only ---------------------------------------------------------
 
 def test_meshtui_generate_runs_from_a_comfyui_tree_with_no_diffusers_folder(comfy, tmp_path):
@@ -205,6 +231,8 @@ async def test_a_split_from_the_comfyui_tree_equals_the_same_split_from_the_diff
         from_diffusers = await split_generation(KEY, [c.bound, d.bound], "A:0-2,B:3-5", PARAMS, codec="raw",
                                                 return_latents=True)
     assert torch.equal(from_comfy.latents, from_diffusers.latents)
+    prepared = next(e for e in from_comfy.events if e["kind"] == "prepared")  # the plan says how it samples
+    assert (prepared["distilled"], prepared["cfg"]) == (True, False)
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(from_comfy.png))),
                           np.asarray(Image.open(io.BytesIO(from_diffusers.png))))
 
