@@ -56,6 +56,9 @@ def _serve_parser(sub) -> None:
                    help="no authentication at all (isolated experiments only; loud)")
     p.add_argument("--models-dir", type=Path, action="append", help="model folder (repeatable)")
     p.add_argument("--lora-dir", type=Path, action="append", help="LoRA folder (repeatable)")
+    p.add_argument("--comfyui-dir", type=Path, help="a ComfyUI install: its models/ tree, LoRAs and Qwen tokenizer")
+    p.add_argument("--distilled", action=argparse.BooleanOptionalAction, default=None,
+                   help="klein: step-distilled (4 steps) or --no-distilled for the base model (CFG); default: detected")
     p.add_argument("--state-dir", type=Path, help="node id, caches (default /var/lib/meshd or user state dir)")
     p.add_argument("--name", dest="node_name", help="node name shown to peers (default: hostname)")
     p.add_argument("--emulate-link", help="shape what this daemon sends to other daemons, e.g. 1gbit,0.3ms (benchmarks)")
@@ -171,7 +174,8 @@ async def _serve_async(args) -> int:
     overrides = {k: getattr(args, k) for k in ("host", "port", "model", "device", "dtype", "blocks", "random_weights",
                                                "seed", "key_file", "insecure", "state_dir", "node_name",
                                                "emulate_link", "mdns", "advertise_address", "telemetry_interval",
-                                               "text_encoder_device", "text_encoder_idle")}
+                                               "text_encoder_device", "text_encoder_idle", "comfyui_dir",
+                                               "distilled")}
     if args.models_dir:
         overrides["models_dir"] = tuple(p.expanduser().resolve() for p in args.models_dir)
     if args.lora_dir:

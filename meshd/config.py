@@ -85,12 +85,18 @@ class DaemonConfig:
 
 
 _PATHS = {"key_file", "state_dir", "comfyui_dir"}
+#: Options that may be left to meshd: TOML has no null, so "" / "auto" say "unset".
+_UNSET = {"comfyui_dir": "", "distilled": "auto"}
 _PATH_LISTS = {"models_dir", "lora_dir"}
 _STR_LISTS = {"interfaces"}
 
 
 def _coerce(name: str, value: Any, base: Path) -> Any:
     kind = {f.name: f.type for f in fields(DaemonConfig)}[name]
+    if name in _UNSET and value == _UNSET[name]:
+        return None
+    if name == "distilled" and not isinstance(value, bool):
+        raise ConfigError(f'config key \'distilled\' must be true, false or "auto", got {value!r}')
     if name in _PATHS:
         return (base / Path(str(value)).expanduser()) if not Path(str(value)).expanduser().is_absolute() else Path(str(value)).expanduser()
     if name in _PATH_LISTS:
@@ -99,7 +105,7 @@ def _coerce(name: str, value: Any, base: Path) -> Any:
     if name in _STR_LISTS:
         items = value if isinstance(value, list) else [value]
         return tuple(str(v) for v in items)
-    expected = {"int": int, "float": (int, float), "bool": bool, "str": str, "bool | None": bool}.get(str(kind))
+    expected = {"int": int, "float": (int, float), "bool": bool, "str": str}.get(str(kind))
     if expected is not None and (not isinstance(value, expected) or (expected is int and isinstance(value, bool))):
         raise ConfigError(f"config key {name!r} must be {kind}, got {value!r}")
     return float(value) if kind == "float" else value

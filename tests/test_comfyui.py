@@ -98,7 +98,7 @@ def test_comfyui_dir_must_be_an_install(tmp_path):
     with pytest.raises(ConfigError, match="has no models/ folder"):
         load_config(tmp_path / "meshd.toml")
     (tmp_path / "meshd.toml").write_text('distilled = "maybe"\n')
-    with pytest.raises(ConfigError, match="'distilled' must be bool"):
+    with pytest.raises(ConfigError, match="'distilled' must be true, false or \"auto\", got 'maybe'"):
         load_config(tmp_path / "meshd.toml")
 
 
