@@ -7,8 +7,6 @@ import copy
 import io
 import json
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -207,14 +205,18 @@ def test_klein_base_or_distilled_defaults_like_diffusers_and_the_operator_decide
 
 # --- the whole run, from ComfyUI's files only ---------------------------------------------------------
 
-def test_meshtui_generate_runs_from_a_comfyui_tree_with_no_diffusers_folder(comfy, tmp_path):
+def test_meshtui_generate_runs_from_a_comfyui_tree_with_no_diffusers_folder(comfy, tmp_path, monkeypatch, capsys):
+    """``meshtui generate`` as a user types it (its real command line, in this process), pointed at the
+    install; a relative --model is found in the models tree, not the working directory."""
+    from meshtui.cli import main
+
     root, _, _ = comfy
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "dog.png"
-    done = subprocess.run([sys.executable, "-m", "meshtui", "generate", "--local", "--device", "cpu",
-                           "--models-dir", str(root / "models"), "--model", TRANSFORMER + ".safetensors",
-                           "--prompt", "a dog by the sea", "--seed", "3", "--size", "64x64", "--steps", "2",
-                           "--out", str(out), "--json"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr
+    code = main(["generate", "--local", "--device", "cpu", "--comfyui-dir", str(root),
+                 "--model", TRANSFORMER + ".safetensors", "--prompt", "a dog by the sea", "--seed", "3",
+                 "--size", "64x64", "--steps", "2", "--out", str(out), "--json"])
+    assert code == 0, capsys.readouterr().err
     assert Image.open(out).size == (64, 64)
     assert no_diffusers_folder_in(root)
 

@@ -15,9 +15,10 @@ What FLUX.2 reads decides what is built: klein stacks Qwen3's hidden states 9, 1
 Mistral's 10, 20 and 30, so the model is built with ``max(layers)`` decoder layers and nothing after
 them is read from the file (Qwen3-8B: 27 of 36 layers, 11.7 instead of 16.4 GB in bf16). Hidden state
 ``k`` is layer ``k``'s raw output except for the model's very last one, which transformers reports
-after the final norm; the truncated model therefore keeps the norm only when it still ends where the
-file's model ends, and the embeddings are exactly those of the full model
-(``tests/test_text_encoder.py``).
+after the final norm. FLUX.2 reads no released encoder's last layer (27 of Qwen3's 36, 30 of Mistral
+Small 3's 40; ComfyUI's pruned Mistral file ends at layer 30 but the model it was cut from does not),
+so the built model never applies the final norm, and the embeddings are exactly those of the full
+model (``tests/test_text_encoder.py``).
 
 Width, depth, heads and vocabulary come from the tensor shapes. What shapes cannot tell (RoPE theta,
 norm epsilon, Mistral's head size) is each family's released value (Qwen3-4B/8B ``config.json``;
@@ -44,6 +45,8 @@ FAMILY_CONSTANTS = {
     "mistral3": {"rope_theta": 1_000_000_000.0, "rms_norm_eps": 1e-5, "max_position_embeddings": 131072,
                  "head_dim": 128},
 }
+#: Depth of the released encoders by (family, width), to tell a pruned file: Qwen3-4B, Qwen3-8B, Mistral Small 3.
+RELEASED_LAYERS = {("qwen3", 2560): 36, ("qwen3", 4096): 36, ("mistral3", 5120): 40}
 SCALE_SUFFIXES = ("weight_scale", "scale_weight")
 IGNORED_SUFFIXES = ("input_scale", "comfy_quant")
 #: Tensors in a text-encoder file that are not weights: the tokenizer blob, ComfyUI's legacy marker.
@@ -133,9 +136,14 @@ class EncoderFile:
         ordered = sorted(counts.items(), key=lambda kv: -kv[1])
         return ordered[0][0] if len(ordered) == 1 else ", ".join(f"{k} {n}" for k, n in ordered)
 
+    @property
+    def pruned(self) -> bool:
+        """Cut short of its model (ComfyUI's 30-layer Mistral): no final norm, or fewer layers than released."""
+        return not self.has_norm or self.num_layers < RELEASED_LAYERS.get((self.family, self.hidden), 0)
+
     def describe(self) -> str:
         name = {"qwen3": "Qwen3", "mistral3": "Mistral Small 3"}[self.family]
-        pruned = "" if self.has_norm else ", pruned"
+        pruned = ", pruned" if self.pruned else ""
         return f"{name} text encoder, width {self.hidden}, {self.num_layers} layers{pruned}, {self.precision}"
 
     def mismatch(self, preset: ModelPreset) -> str:
@@ -161,11 +169,8 @@ class EncoderFile:
         problem = self.mismatch(preset)
         if problem:
             raise ModelError(f"{self.path} cannot encode prompts for {preset.name}: {problem}")
-        needed = max(preset.text_encoder_layers)
-        model = self._build(needed)
-        keep_norm = self.has_norm and needed == self.num_layers
-        if not keep_norm:
-            model.norm = torch.nn.Identity()
+        model = self._build(max(preset.text_encoder_layers))
+        model.norm = torch.nn.Identity()  # see the module docstring: the last layer read is never the model's last
         state = {}
         with open_safetensors(self.path) as f:
             for name in model.state_dict(keep_vars=True):
