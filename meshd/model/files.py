@@ -149,43 +149,26 @@ class ModelStore:
                              f"with one single-file checkpoint ({len(single)} .safetensors files)")
         return ModelFiles(path.name, Checkpoint.open_folder(transformer), path, own_components=True)
 
-    def _borrowed_components(self, preset: ModelPreset) -> Path | None:
-        """A diffusers folder of ``preset`` in the model folders, whose VAE and text encoder a single file
-        can use (first by folder order, then name)."""
-        for d in self.dirs:
-            if not d.is_dir():
-                continue
-            for sub in sorted(d.iterdir()):
-                config = sub / "transformer" / "config.json"
-                if config.is_file() and (sub / "vae" / "config.json").is_file():
-                    try:
-                        if match_preset(read_json(config)) == preset:
-                            return sub
-                    except ModelError:
-                        continue
-        return None
-
     def head_parts(self, preset: ModelPreset, components: Path | None = None) -> HeadParts:
         """The VAE and text-encoder single files in the model folders that fit ``preset`` (recognised by
         header, matched by shapes), for what ``components`` (a diffusers folder) does not already hold."""
         from .text_encoder_file import EncoderFile  # noqa: PLC0415 - pulls in transformers' configs
         from .vae_file import VaeFile  # noqa: PLC0415
 
-        has = (lambda sub: components is not None and (components / sub / "config.json").is_file())
-        # When several fit: a file where ComfyUI keeps its kind first, then the exact weights (bf16 before
-        # fp8 of the same encoder), then by path.
-        vaes = sorted((p for p, kind in self.part_files() if kind == comfyui.VAE and _fits(VaeFile, p, preset)),
-                      key=lambda p: (not comfyui.in_kind_folder(p, comfyui.VAE), str(p)))
-        vae = None if has("vae") or not vaes else vaes[0]
-        encoder, tokenizer, hint = None, None, ""
-        if not has("text_encoder"):
-            fitting = [p for p, kind in self.part_files() if kind == comfyui.TEXT_ENCODER and _fits(EncoderFile, p, preset)]
-            fitting.sort(key=lambda p: (not comfyui.in_kind_folder(p, comfyui.TEXT_ENCODER),
-                                        EncoderFile.open(p).quantised, str(p)))
-            if fitting:
-                encoder = fitting[0]
-                tokenizer, hint = self._tokenizer_for(EncoderFile.open(encoder))
-        return HeadParts(vae, encoder, tokenizer, hint)
+        def best(kind: str, opener, sub: str):
+            """When several fit: a file where ComfyUI keeps its kind first, then exact weights (bf16 before
+            fp8 of the same encoder), then by path."""
+            if components is not None and (components / sub / "config.json").is_file():
+                return None
+            fitting = [opener.open(p) for p, k in self.part_files() if k == kind and _fits(opener, p, preset)]
+            fitting.sort(key=lambda f: (not comfyui.in_kind_folder(f.path, kind), f.quantised,
+                                        str(f.path)))
+            return fitting[0] if fitting else None
+
+        vae = best(comfyui.VAE, VaeFile, "vae")
+        encoder = best(comfyui.TEXT_ENCODER, EncoderFile, "text_encoder")
+        tokenizer, hint = self._tokenizer_for(encoder) if encoder is not None else (None, "")
+        return HeadParts(vae and vae.path, encoder and encoder.path, tokenizer, hint)
 
     def _tokenizer_for(self, encoder) -> tuple[Path | None, str]:
         """The tokenizer folder for a text-encoder file, or (None, what to put where)."""

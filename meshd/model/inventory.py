@@ -56,31 +56,28 @@ def inventory_models(store: ModelStore, hashes: bool = True, distilled: bool | N
 
 
 def _sampling(source) -> str:
-    """How the model samples: step-distilled (few steps, no CFG) or base (CFG), and where that came from."""
+    """How the model samples: step-distilled (few steps, no CFG) or base (CFG)."""
     return "distilled" if source.distilled() else "base (CFG)"
 
 
 def _head_parts(files: ModelFiles) -> str:
-    """Where the head's VAE and text encoder come from, or what is missing (a block-only peer needs neither)."""
-    parts = files.parts
-    if files.components is not None and parts.vae is None and parts.text_encoder is None:
-        return f"head parts (VAE, text encoder) from {files.components}"
-    found = []
-    for what, sub, single in (("VAE", "vae", parts.vae), ("text encoder", "text_encoder", parts.text_encoder)):
+    """Where the head's VAE, text encoder and tokenizer come from, and what is missing (a block-only peer
+    needs none of them)."""
+    found, missing = [], []
+    for what, sub, single in (("VAE", "vae", files.parts.vae), ("text encoder", "text_encoder",
+                                                                 files.parts.text_encoder)):
         if files.components is not None and (files.components / sub / "config.json").is_file():
             found.append(f"{what} from {files.components}")
         elif single is not None:
             found.append(f"{what} {single.name}")
-    if parts.text_encoder is not None and parts.tokenizer is not None:
-        found.append(f"tokenizer {parts.tokenizer}")
-    missing = [w for w, sub, single in (("VAE", "vae", parts.vae), ("text encoder", "text_encoder", parts.text_encoder))
-               if single is None and not (files.components is not None and (files.components / sub / "config.json").is_file())]
-    text = "head parts: " + ", ".join(found) if found else "blocks only"
+        else:
+            missing.append(what)
+    if files.parts.tokenizer is not None:
+        found.append(f"tokenizer {files.parts.tokenizer}")
+    text = f"head parts: {', '.join(found)}" if found else "blocks only"
     if missing:
         text += f"; no {' or '.join(missing)} for the head (see docs/models.md)"
-    if parts.tokenizer_hint:
-        text += f"; {parts.tokenizer_hint}"
-    return text
+    return text + (f"; {files.parts.tokenizer_hint}" if files.parts.tokenizer_hint else "")
 
 
 def inventory_parts(store: ModelStore, hashes: bool = True) -> list[FileReport]:

@@ -104,6 +104,10 @@ class VaeFile:
             sources[bfl_vae_name(key[len(prefix):], num_up)] = info
         return cls(path, sources, tuple(sorted({i.dtype for i in sources.values()})))
 
+    @property
+    def quantised(self) -> bool:
+        return False  # a quantised VAE is refused when the file is opened
+
     def mismatch(self, preset: ModelPreset) -> str:
         """Why this file is not ``preset``'s VAE ("" when it is)."""
         expected = vae_shapes(preset)
