@@ -285,3 +285,22 @@ def test_a_linear1_qkv_lora_adapts_only_the_attention_rows_of_linear1(world):
               str(world["loras"] / "qkv-short.safetensors"))
     with pytest.raises(LoraError, match="linear1_qkv has 191 rows; tiny's attention part of linear1 has 192"):
         LoraFile.open(world["loras"] / "qkv-short.safetensors", PRESET)
+
+
+# --- on the GPU machine -----------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_single_file_vae_and_text_encoder_load_straight_onto_the_gpu(comfy):
+    """The head's ComfyUI parts on CUDA: the VAE's weights are the CPU load's exactly; the fp8mixed
+    encoder's embeddings agree with the CPU's to bf16 kernel differences."""
+    root, _, _ = comfy
+    cuda = torch.device("cuda")
+    vae = VaeFile.open(root / "models" / "vae" / "flux2-vae.safetensors")
+    on_gpu, on_cpu = vae.load(PRESET, cuda, torch.bfloat16).state_dict(), vae.load(PRESET, CPU, torch.bfloat16).state_dict()
+    assert all(v.device.type == "cuda" and torch.equal(v.cpu(), on_cpu[k]) for k, v in on_gpu.items())
+    store = ModelStore([root / "models"])
+    gpu = HostedModel(open_source(TRANSFORMER, store), cuda, torch.bfloat16).encode_prompt("a dog by the sea")
+    cpu = HostedModel(open_source(TRANSFORMER, store), CPU, torch.bfloat16).encode_prompt("a dog by the sea")
+    assert gpu.device.type == "cuda"
+    assert torch.nn.functional.cosine_similarity(gpu.float().cpu().flatten(), cpu.float().flatten(), dim=0) > 0.999
