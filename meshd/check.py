@@ -105,6 +105,11 @@ def check_models(config: DaemonConfig) -> Iterator[Finding]:
                                       "first use; real checkpoints are your local files)")
     for report in reports:  # a broken file nobody configured is worth a note, not a failed check
         yield Finding("models", OK if report.ok else NOTE, report.describe())
+    skipped = store.skipped_files()  # a ComfyUI tree holds other models' files too: one line, not one each
+    if skipped:
+        path, why = skipped[0]
+        yield Finding("models", NOTE, f"{len(skipped)} other file{'s' if len(skipped) != 1 else ''} in the model "
+                                      f"folders not used, e.g. {path} ({why})")
     for report in inventory_loras(LoraStore(config.lora_dirs), config.cache_dir):
         yield Finding("loras", OK if report.ok else NOTE, report.describe())
     if config.random_weights:

@@ -58,13 +58,22 @@ def no_diffusers_folder_in(root) -> bool:
 
 def test_meshd_check_lists_every_file_of_the_tree_with_kind_precision_and_hash(comfy, tmp_path):
     root, _, _ = comfy
-    shutil.copy(root / "models" / "vae" / "flux2-vae.safetensors", root / "models" / "diffusion_models" / "odd.safetensors")
+    odd = root / "models" / "diffusion_models" / "odd.safetensors"  # a VAE where transformers go
+    others = [root / "models" / "clip_vision" / "vit.safetensors", root / "models" / "unet" / "flux2-q8.gguf"]
+    shutil.copy(root / "models" / "vae" / "flux2-vae.safetensors", odd)
+    others[0].parent.mkdir()
+    save_file({"vision_model.embeddings.patch_embedding.weight": torch.zeros(4, 3, 2, 2)}, str(others[0]))
+    others[1].parent.mkdir()
+    others[1].write_bytes(b"GGUF")
     try:
         config = DaemonConfig(models_dir=(), comfyui_dir=root, state_dir=tmp_path / "state")
         found = [f for f in check_models(config) if f.topic in ("models", "loras")]
         lines = {" ".join(f.text.split(":", 1)[0].split()): f.text for f in found}  # "ok VAE vae/flux2-vae"
     finally:
-        (root / "models" / "diffusion_models" / "odd.safetensors").unlink()
+        for path in (odd, *others):
+            path.unlink()
+            if path.parent.name != "diffusion_models":
+                path.parent.rmdir()
     model = lines[f"ok model {TRANSFORMER}"]
     assert "ComfyUI single file, tiny, bf16, distilled" in model
     assert "VAE flux2-vae.safetensors" in model and "text encoder qwen_3_tiny.safetensors" in model  # bf16 first
@@ -76,7 +85,9 @@ def test_meshd_check_lists_every_file_of_the_tree_with_kind_precision_and_hash(c
     fp8 = lines["ok text encoder text_encoders/qwen_3_tiny_fp8mixed"]
     assert "fp8 e4m3 scaled" in fp8 and "bf16" in fp8
     assert "kohya" in lines["ok lora style"]
-    assert all(f.level == "ok" for f in found) and len(found) == 7  # 2 transformers, 2 VAEs, 2 encoders, 1 LoRA
+    notes = [f.text for f in found if f.level != "ok"]
+    assert len(found) == 8 and notes == [  # 2 transformers, 2 VAEs, 2 encoders, 1 LoRA, and one line for the rest
+        f"2 other files in the model folders not used, e.g. {others[0]} (not a FLUX.2 transformer, VAE or text encoder)"]
     assert no_diffusers_folder_in(root)
 
 

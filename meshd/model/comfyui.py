@@ -37,6 +37,9 @@ MAX_DEPTH = 8
 #: file is recognised.
 KIND_FOLDERS = {TRANSFORMER: ("diffusion_models", "unet", "checkpoints"), VAE: ("vae",),
                 TEXT_ENCODER: ("text_encoders", "clip"), LORA: ("loras",)}
+#: Weight files meshd finds but does not read (GGUF; pickle-based, which can run code when loaded; ``.sft``,
+#: safetensors under another name, which meshd reads only once renamed).
+UNREAD_SUFFIXES = (".gguf", ".ckpt", ".pt", ".pth", ".bin", ".pkl", ".sft")
 #: Folders of a diffusers model whose files are its own parts, not models of their own.
 DIFFUSERS_PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 
@@ -99,9 +102,9 @@ def is_diffusers_folder(path: Path) -> bool:
 
 
 def walk(root: Path) -> Iterator[tuple[Path, bool]]:
-    """Every diffusers model folder (``(path, True)``) and every ``.safetensors`` file outside one
-    (``(path, False)``) under ``root``, depth-first in name order. Hidden folders are skipped, a
-    symlinked folder is followed once (a loop is not a hang), and nothing deeper than MAX_DEPTH."""
+    """Every diffusers model folder (``(path, True)``) and every weight file outside one (``(path, False)``:
+    ``.safetensors`` and the UNREAD_SUFFIXES) under ``root``, depth-first in name order. Hidden folders are
+    skipped, a symlinked folder is followed once (a loop is not a hang), and nothing deeper than MAX_DEPTH."""
     seen: set[Path] = set()
 
     def visit(folder: Path, depth: int) -> Iterator[tuple[Path, bool]]:
@@ -121,7 +124,7 @@ def walk(root: Path) -> Iterator[tuple[Path, bool]]:
                     yield entry, True
                 elif entry.name not in DIFFUSERS_PARTS or not is_diffusers_folder(folder):
                     yield from visit(entry, depth + 1)
-            elif entry.suffix == SAFETENSORS_SUFFIX and entry.is_file():
+            elif entry.suffix.lower() in (SAFETENSORS_SUFFIX, *UNREAD_SUFFIXES) and entry.is_file():
                 yield entry, False
 
     if root.is_dir():

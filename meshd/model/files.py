@@ -228,12 +228,22 @@ class ModelStore:
                     found.append((path, name, "diffusers" if (path / "transformer" / "config.json").is_file()
                                   else comfyui.OTHER))
                     continue
+                if path.suffix.lower() in comfyui.UNREAD_SUFFIXES:
+                    found.append((path, name, "unread"))
+                    continue
                 try:
                     kind = comfyui.identify(path)
                 except ModelError:
                     kind = "unreadable"
                 found.append((path, name, kind))
         return tuple(found)
+
+    def skipped_files(self) -> list[tuple[Path, str]]:
+        """(path, why) of the weight files in the model folders that are neither a FLUX.2 part nor read."""
+        why = {"unread": "a format meshd does not read", comfyui.OTHER: "not a FLUX.2 transformer, VAE or text "
+               "encoder", comfyui.LORA: "a LoRA (put LoRAs in a LoRA folder)"}
+        return [(p, why[kind]) for p, _, kind in self._files() if kind in why and not
+                (kind == comfyui.LORA and self.comfyui is not None and self.comfyui.models / "loras" in p.parents)]
 
     def available(self) -> list[tuple[str, Path]]:
         """(name, path) of every model found in the model folders (diffusers folders and transformer single
