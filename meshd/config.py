@@ -138,9 +138,14 @@ def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> D
         raise ConfigError(f"port {config.port} is out of range")
     if config.dtype not in ("bfloat16", "float16", "float32"):
         raise ConfigError(f"dtype {config.dtype!r} must be bfloat16, float16 or float32")
-    if config.comfyui_dir is not None and not (config.comfyui_dir / "models").is_dir():
-        raise ConfigError(f"comfyui_dir {config.comfyui_dir} has no models/ folder: point it at the ComfyUI folder "
-                          "itself (the one with main.py, comfy/ and models/)")
+    if config.comfyui_dir is not None:
+        from .model.comfyui import ComfyInstall  # noqa: PLC0415
+        from .model.tensorfiles import ModelError  # noqa: PLC0415
+
+        try:
+            ComfyInstall.at(config.comfyui_dir)
+        except ModelError as exc:
+            raise ConfigError(str(exc)) from None
     return config
 
 

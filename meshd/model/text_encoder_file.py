@@ -45,8 +45,9 @@ FAMILY_CONSTANTS = {
     "mistral3": {"rope_theta": 1_000_000_000.0, "rms_norm_eps": 1e-5, "max_position_embeddings": 131072,
                  "head_dim": 128},
 }
-#: Depth of the released encoders by (family, width), to tell a pruned file: Qwen3-4B, Qwen3-8B, Mistral Small 3.
-RELEASED_LAYERS = {("qwen3", 2560): 36, ("qwen3", 4096): 36, ("mistral3", 5120): 40}
+#: The released encoders by (family, width): their name and depth (to tell a pruned file).
+RELEASED = {("qwen3", 2560): ("Qwen3-4B", 36), ("qwen3", 4096): ("Qwen3-8B", 36),
+            ("mistral3", 5120): ("Mistral Small 3", 40)}
 SCALE_SUFFIXES = ("weight_scale", "scale_weight")
 IGNORED_SUFFIXES = ("input_scale", "comfy_quant")
 #: Tensors in a text-encoder file that are not weights: the tokenizer blob, ComfyUI's legacy marker.
@@ -139,10 +140,11 @@ class EncoderFile:
     @property
     def pruned(self) -> bool:
         """Cut short of its model (ComfyUI's 30-layer Mistral): no final norm, or fewer layers than released."""
-        return not self.has_norm or self.num_layers < RELEASED_LAYERS.get((self.family, self.hidden), 0)
+        return not self.has_norm or self.num_layers < RELEASED.get((self.family, self.hidden), ("", 0))[1]
 
     def describe(self) -> str:
-        name = {"qwen3": "Qwen3", "mistral3": "Mistral Small 3"}[self.family]
+        family = {"qwen3": "Qwen3", "mistral3": "Mistral"}[self.family]
+        name = RELEASED.get((self.family, self.hidden), (family, 0))[0]
         pruned = ", pruned" if self.pruned else ""
         return f"{name} text encoder, width {self.hidden}, {self.num_layers} layers{pruned}, {self.precision}"
 
