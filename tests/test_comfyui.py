@@ -111,6 +111,22 @@ def test_comfyui_dir_must_be_an_install(tmp_path):
         load_config(tmp_path / "meshd.toml")
 
 
+def test_the_tree_walk_skips_hidden_folders_and_components_and_survives_a_symlink_loop(tmp_path):
+    from meshd.model import comfyui
+
+    for rel in ("a/b/x.safetensors", ".cache/y.safetensors", "own/z.safetensors", "own/vae/w.safetensors",
+                "deep/1/2/3/4/5/6/7/8/9/v.safetensors", "m/q.gguf", "m/notes.txt"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")
+    (tmp_path / "own" / "vae" / "config.json").write_text("{}")
+    (tmp_path / "a" / "b" / "loop").symlink_to(tmp_path / "a")
+    (tmp_path / "pipe" / "transformer").mkdir(parents=True)
+    (tmp_path / "pipe" / "transformer" / "config.json").write_text("{}")
+    found = [(p.relative_to(tmp_path).as_posix(), folder) for p, folder in comfyui.walk(tmp_path)]
+    assert found == [("a/b/x.safetensors", False), ("m/q.gguf", False), ("own/z.safetensors", False),
+                     ("pipe", True)]
+
+
 # --- each part equals the diffusers folder's --------------------------------------------------------
 
 def test_the_vae_single_file_loads_the_diffusers_vae_exactly(comfy):

@@ -40,7 +40,7 @@ KIND_FOLDERS = {TRANSFORMER: ("diffusion_models", "unet", "checkpoints"), VAE: (
 #: Weight files meshd finds but does not read (GGUF; pickle-based, which can run code when loaded; ``.sft``,
 #: safetensors under another name, which meshd reads only once renamed).
 UNREAD_SUFFIXES = (".gguf", ".ckpt", ".pt", ".pth", ".bin", ".pkl", ".sft")
-#: Folders of a diffusers model whose files are its own parts, not models of their own.
+#: Component folders (with their config.json) whose files are a model's parts, not models of their own.
 DIFFUSERS_PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
@@ -122,7 +122,8 @@ def walk(root: Path) -> Iterator[tuple[Path, bool]]:
             if entry.is_dir():
                 if is_diffusers_folder(entry):
                     yield entry, True
-                elif entry.name not in DIFFUSERS_PARTS or not is_diffusers_folder(folder):
+                elif not (entry.name in DIFFUSERS_PARTS and (entry / "config.json").is_file()):
+                    # (a component folder beside a single file, e.g. its own vae/, belongs to that file)
                     yield from visit(entry, depth + 1)
             elif entry.suffix.lower() in (SAFETENSORS_SUFFIX, *UNREAD_SUFFIXES) and entry.is_file():
                 yield entry, False
