@@ -159,13 +159,15 @@ def check_models(config: DaemonConfig) -> Iterator[Finding]:
     from .model.files import ModelError, ModelStore  # noqa: PLC0415
     from .model.presets import PRESETS  # noqa: PLC0415
 
-    from .model.inventory import inventory_loras, inventory_models  # noqa: PLC0415
+    from .model.inventory import inventory_loras, inventory_models, inventory_parts  # noqa: PLC0415
     from .model.lora import LoraStore  # noqa: PLC0415
 
-    store = ModelStore(config.models_dir, config.cache_dir)
+    store = ModelStore(config.models_dir, config.cache_dir, config.comfyui_dir)
     folders = ", ".join(str(d) for d in store.dirs) or "none configured"
+    # layout, precision, head parts and the hash the handshake compares, per model; then the VAE and
+    # text-encoder files the head can pair with them
     try:
-        reports = inventory_models(store)  # layout, precision and the hash the handshake compares, per model
+        reports = inventory_models(store, distilled=config.distilled) + inventory_parts(store)
     except ModelError as exc:  # a model folder closed to this user, say
         yield Finding("models", PROBLEM, str(exc))
         reports = None
@@ -174,7 +176,12 @@ def check_models(config: DaemonConfig) -> Iterator[Finding]:
                                       "first use; real checkpoints are your local files)")
     for report in reports or ():  # a broken file nobody configured is worth a note, not a failed check
         yield Finding("models", OK if report.ok else NOTE, report.describe())
-    for report in inventory_loras(LoraStore(config.lora_dir), config.cache_dir):
+    skipped = store.skipped_files() if reports is not None else []  # a ComfyUI tree holds other models' files too: one line, not one each
+    if skipped:
+        path, why = skipped[0]
+        yield Finding("models", NOTE, f"{len(skipped)} other file{'s' if len(skipped) != 1 else ''} in the model "
+                                      f"folders not used, e.g. {path} ({why})")
+    for report in inventory_loras(LoraStore(config.lora_dirs), config.cache_dir):
         yield Finding("loras", OK if report.ok else NOTE, report.describe())
     if config.random_weights:
         known = config.model in PRESETS

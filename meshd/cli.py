@@ -68,6 +68,9 @@ def _serve_parser(sub) -> None:
                    help="no authentication at all (isolated experiments only; loud)")
     p.add_argument("--models-dir", type=Path, action="append", help="model folder (repeatable)")
     p.add_argument("--lora-dir", type=Path, action="append", help="LoRA folder (repeatable)")
+    p.add_argument("--comfyui-dir", type=Path, help="a ComfyUI install: its models/ tree, LoRAs and Qwen tokenizer")
+    p.add_argument("--distilled", action=argparse.BooleanOptionalAction, default=None,
+                   help="klein: step-distilled (4 steps) or --no-distilled for the base model (CFG); default: detected")
     p.add_argument("--state-dir", type=Path, help="node id, caches (default /var/lib/meshd or user state dir)")
     p.add_argument("--name", dest="node_name", help="node name shown to peers (default: hostname)")
     p.add_argument("--emulate-link", help="shape what this daemon sends to other daemons, e.g. 1gbit,0.3ms (benchmarks)")
@@ -199,7 +202,8 @@ async def _serve_async(args) -> int:
     overrides = {k: getattr(args, k) for k in ("host", "port", "model", "device", "dtype", "weights", "blocks", "random_weights",
                                                "seed", "key_file", "insecure", "state_dir", "node_name",
                                                "emulate_link", "mdns", "advertise_address", "telemetry_interval",
-                                               "text_encoder_device", "text_encoder_idle")}
+                                               "text_encoder_device", "text_encoder_idle", "comfyui_dir",
+                                               "distilled")}
     if args.models_dir:
         overrides["models_dir"] = tuple(p.expanduser().resolve() for p in args.models_dir)
     if args.lora_dir:
@@ -232,9 +236,10 @@ async def _serve_async(args) -> int:
         if not torch.cuda.is_available():
             raise StartupError(f"device {device_name} asked for, but torch sees no CUDA GPU")
         device = torch.device("cuda", device.index if device.index is not None else 0)
-    store = ModelStore(config.models_dir, config.cache_dir)
     try:
-        source = open_source(config.model, store, random_weights=config.random_weights, seed=config.seed)
+        store = ModelStore(config.models_dir, config.cache_dir, config.comfyui_dir)
+        source = open_source(config.model, store, random_weights=config.random_weights, seed=config.seed,
+                             distilled=config.distilled)
         text_encoder = TextEncoderOptions(device=config.text_encoder_device or None, idle=config.text_encoder_idle,
                                           cache_bytes=config.prompt_cache_mib << 20)
         model = HostedModel(source, device, DTYPES[config.dtype], text_encoder, weights=config.weights)

@@ -67,6 +67,8 @@ class DaemonConfig:
     key_file: Path = field(default_factory=default_key_file)
     insecure: bool = False
     models_dir: tuple[Path, ...] = field(default_factory=lambda: (default_models_dir(),))
+    comfyui_dir: Path | None = None  # a ComfyUI install: its models/ is a model folder, its tokenizer is used
+    distilled: bool | None = None  # klein base (false) or step-distilled (true); unset: detected
     lora_dir: tuple[Path, ...] = ()
     state_dir: Path = field(default_factory=default_state_dir)
     node_name: str = ""
@@ -86,14 +88,26 @@ class DaemonConfig:
     def cache_dir(self) -> Path:
         return self.state_dir / "cache"
 
+    @property
+    def lora_dirs(self) -> tuple[Path, ...]:
+        """``lora_dir``, and a ComfyUI install's ``models/loras`` when ``comfyui_dir`` is set."""
+        comfy = (self.comfyui_dir / "models" / "loras",) if self.comfyui_dir else ()
+        return self.lora_dir + tuple(d for d in comfy if d.is_dir() and d not in self.lora_dir)
 
-_PATHS = {"key_file", "state_dir"}
+
+_PATHS = {"key_file", "state_dir", "comfyui_dir"}
+#: Options that may be left to meshd: TOML has no null, so "" / "auto" say "unset".
+_UNSET = {"comfyui_dir": "", "distilled": "auto"}
 _PATH_LISTS = {"models_dir", "lora_dir"}
 _STR_LISTS = {"interfaces"}
 
 
 def _coerce(name: str, value: Any, base: Path) -> Any:
     kind = {f.name: f.type for f in fields(DaemonConfig)}[name]
+    if name in _UNSET and value == _UNSET[name]:
+        return None
+    if name == "distilled" and not isinstance(value, bool):
+        raise ConfigError(f'config key \'distilled\' must be true, false or "auto", got {value!r}')
     if name in _PATHS:
         return (base / Path(str(value)).expanduser()) if not Path(str(value)).expanduser().is_absolute() else Path(str(value)).expanduser()
     if name in _PATH_LISTS:
@@ -184,6 +198,14 @@ def load_config(path: Path | None, overrides: dict[str, Any] | None = None, *,
         raise ConfigError(f"dtype {config.dtype!r} must be bfloat16, float16 or float32")
     if config.weights not in WEIGHTS_CHOICES:
         raise ConfigError(f"weights {config.weights!r} must be one of {', '.join(WEIGHTS_CHOICES)}")
+    if config.comfyui_dir is not None:
+        from .model.comfyui import ComfyInstall  # noqa: PLC0415
+        from .model.tensorfiles import ModelError  # noqa: PLC0415
+
+        try:
+            ComfyInstall.at(config.comfyui_dir)
+        except ModelError as exc:
+            raise ConfigError(str(exc)) from None
     return config
 
 

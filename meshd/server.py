@@ -28,7 +28,7 @@ from . import __version__, auth, ipc, limits
 from .config import DaemonConfig, describe_ranges, ranges
 from .connection import Connection, Request, ServerSession, address_name, server_handshake
 from .errors import MeshError
-from .generation import GenerationParams, LocalRunner, Sampler, prompts_needed, run_generation
+from .generation import GenerationParams, LocalRunner, Sampler, prompts_needed, run_generation, uses_cfg
 from .gpu import GpuWorker
 from .link import LinkEmulation, LinkRegistry
 from .model.lora import LoraError, LoraSpec, LoraStore, loras_from_wire, loras_to_wire
@@ -148,7 +148,7 @@ class Daemon:
             codec.core.enable_hevc_replay(int(replay_mb) << 20)
             log.warning("%s is set: libx265 frames are replayed from a cache (benchmarks only)", HEVC_REPLAY_ENV)
         self.jobs: dict[str, StageJob] = {}
-        self.lora_store = LoraStore(config.lora_dir, config.cache_dir)
+        self.lora_store = LoraStore(config.lora_dirs, config.cache_dir)
         model.lora_store = self.lora_store
         self.sessions: set[ServerSession] = set()
         self.draining = False
@@ -843,7 +843,8 @@ class Daemon:
         try:
             if isinstance(runner, SplitRunner):
                 stages_info = await runner.prepare()
-            await request.event({"kind": "prepared", "plan": plan.describe(), "stages": stages_info})
+            await request.event({"kind": "prepared", "plan": plan.describe(), "stages": stages_info,
+                                 "distilled": self.model.source.distilled(), "cfg": uses_cfg(self.model, params)})
             result = await run_generation(
                 self.model, self.worker, params, runner,
                 metadata={"plan": plan.describe(), "stages": stages_info, "head": self.name},

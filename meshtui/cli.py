@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--local", action="store_true", help="everything in this process, no daemons (the reference)")
     g.add_argument("--model", default="tiny", help="--local only: preset or model folder name")
     g.add_argument("--models-dir", type=Path, action="append", help="--local only: model folder (repeatable)")
+    g.add_argument("--comfyui-dir", type=Path, help="--local only: a ComfyUI install to take models and tokenizer from")
     g.add_argument("--lora-dir", type=Path, action="append", help="--local only: LoRA folder (repeatable)")
     g.add_argument("--device", default="auto", help="--local only: cuda, cuda:N or cpu")
     g.add_argument("--random-weights", action="store_true", help="--local only: seeded weights (benchmarks)")
@@ -160,7 +161,8 @@ async def _on_event(event: dict) -> None:
     if kind == "step":
         _log(step_line(event))
     elif kind == "prepared":
-        _log(f"plan {event.get('plan')}")
+        sampling = {True: " (step-distilled)", False: " (base model" + (", CFG)" if event.get("cfg") else ")")}
+        _log(f"plan {event.get('plan')}{sampling.get(event.get('distilled'), '')}")
         for stage in event.get("stages", []):
             link = stage.get("link") or {}
             if link:
@@ -209,7 +211,8 @@ async def run_local(args) -> tuple[bytes, dict]:
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
-    store = ModelStore(args.models_dir or [default_models_dir()])
+    comfyui_dir = getattr(args, "comfyui_dir", None)
+    store = ModelStore(args.models_dir or ([] if comfyui_dir else [default_models_dir()]), comfyui_dir=comfyui_dir)
     source = open_source(args.model, store, random_weights=args.random_weights)
     model = HostedModel(source, device, torch.bfloat16)
     model.lora_store = LoraStore(getattr(args, "lora_dir", None) or [])

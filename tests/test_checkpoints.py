@@ -437,7 +437,8 @@ def test_check_reports_every_model_with_its_layout_hash_and_problems(models, tmp
     shutil.copy(next((root / "tiny" / "vae").glob("*.safetensors")), tmp_path / "vae.safetensors")
     reports = {r.name: r for r in inventory_models(ModelStore([tmp_path]), hashes=False)}
     assert set(reports) == {"whole", "half"}  # a readable VAE file is not a model; a broken file is shown
-    assert reports["whole"].ok and "blocks only" in reports["whole"].summary
+    # the VAE file beside it is the head's VAE now (issue 16); there is no text encoder for it
+    assert reports["whole"].ok and "VAE vae.safetensors; no text encoder" in reports["whole"].summary
     assert not reports["half"].ok and "truncated" in reports["half"].problem
     assert "BAD" in reports["half"].describe()
     # ... and that is what `meshd check` prints for the box (a broken file nobody configured: a note).

@@ -62,10 +62,10 @@ def qwen3(hidden=16, layers=3) -> Qwen3ForCausalLM:
     return Qwen3ForCausalLM(config).eval()
 
 
-def mistral3() -> Mistral3ForConditionalGeneration:
+def mistral3(layers=3) -> Mistral3ForConditionalGeneration:
     torch.manual_seed(0)
     config = Mistral3Config(
-        text_config={"model_type": "mistral", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 3,
+        text_config={"model_type": "mistral", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": layers,
                      "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 8, "vocab_size": len(WORDS)},
         vision_config={"model_type": "pixtral", "hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 1,
                        "num_attention_heads": 2, "head_dim": 8, "image_size": 32, "patch_size": 8},
@@ -87,6 +87,9 @@ def root(tmp_path_factory):
     write_tiny(root / "tiny")
     model_with_encoder(root, "tiny-qwen3", qwen3(), QWEN_TEMPLATE)
     model_with_encoder(root, "tiny-mistral3", mistral3(), PIXTRAL_LIKE_TEMPLATE)
+    # deeper than FLUX.2 reads (layers 1-3 of 5), as Qwen3-8B (27 of 36) and Mistral Small 3 (30 of 40) are
+    model_with_encoder(root, "tiny-qwen3-deep", qwen3(layers=5), QWEN_TEMPLATE)
+    model_with_encoder(root, "tiny-mistral3-deep", mistral3(layers=5), PIXTRAL_LIKE_TEMPLATE)
     return root
 
 
@@ -128,6 +131,59 @@ def test_mistral3_embeddings_equal_the_dev_pipelines(root):
         expected, _ = pipe.encode_prompt(prompt, device=CPU, max_sequence_length=PRESET.max_sequence_length,
                                          text_encoder_out_layers=PRESET.text_encoder_layers)
         assert torch.equal(model.encode_prompt(prompt), expected.to(torch.bfloat16)), prompt
+
+
+@pytest.mark.parametrize("name,model_class,tokenizer_class,pipeline", [
+    ("tiny-qwen3-deep", Qwen3ForCausalLM, AutoTokenizer, Flux2KleinPipeline),
+    ("tiny-mistral3-deep", Mistral3ForConditionalGeneration, AutoProcessor, Flux2Pipeline),
+])
+def test_only_the_layers_flux2_reads_are_built_and_the_embeddings_are_the_full_models(root, name, model_class,
+                                                                                      tokenizer_class, pipeline):
+    """Layers after the last one read are never built, and the embeddings are exactly the full model's (whose
+    hidden state 3 of 5 is layer 3's raw output, not the final norm's)."""
+    folder = root / name
+    full = model_class.from_pretrained(folder / "text_encoder", dtype=torch.bfloat16)
+    pipe = pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, transformer=None, text_encoder=full,
+                    tokenizer=tokenizer_class.from_pretrained(folder / "tokenizer"))
+    encoder = LanguageModelEncoder.load(folder / "text_encoder", folder / "tokenizer", PRESET, CPU, torch.bfloat16)
+    assert encoder.num_layers == max(PRESET.text_encoder_layers) == 3
+    for prompt in PROMPTS:
+        expected, _ = pipe.encode_prompt(prompt, device=CPU, max_sequence_length=PRESET.max_sequence_length,
+                                         text_encoder_out_layers=PRESET.text_encoder_layers)
+        assert torch.equal(encoder(prompt), expected.to(torch.bfloat16)), prompt
+
+
+def test_a_pruned_mistral_file_builds_the_layers_read_and_equals_the_full_model(tmp_path):
+    """dev's encoder as ComfyUI ships it (mistral_3_small_flux2_*: layers 0-29 of 40, no final norm, the
+    tekken tokenizer inside): built to the last layer read, its hidden states are the full model's."""
+    from safetensors.torch import save_file
+    from transformers import MistralConfig, MistralModel
+
+    from meshd.model.text_encoder_file import EncoderFile
+
+    torch.manual_seed(0)
+    config = MistralConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=5, num_attention_heads=1,
+                           num_key_value_heads=1, head_dim=128, vocab_size=len(WORDS), rope_theta=1e9,
+                           rms_norm_eps=1e-5)
+    full = MistralModel(config).eval().to(torch.bfloat16)
+    state = {f"model.{k}": v.contiguous() for k, v in full.state_dict().items()
+             if not k.startswith(("layers.4.", "norm."))}  # pruned: 4 of 5 layers, no final norm
+    state["tekken_model"] = torch.tensor(list(b'{"config": {}}'), dtype=torch.uint8)
+    save_file(state, str(tmp_path / "mistral_3_small_flux2_bf16.safetensors"))
+    file = EncoderFile.open(tmp_path / "mistral_3_small_flux2_bf16.safetensors")
+    assert (file.family, file.num_layers, file.has_norm, file.embedded_tokenizer) == ("mistral3", 4, False, True)
+    assert "pruned" in file.describe()
+    model = file.load(PRESET, CPU, torch.bfloat16)
+    assert len(model.layers) == 3
+    ids = torch.tensor([[1, 13, 14, 15, 16, 0, 0]])
+    mask = (ids != 0).long()
+    with torch.no_grad():
+        got = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False).hidden_states
+        want = full(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False).hidden_states
+    for k in PRESET.text_encoder_layers:
+        assert torch.equal(got[k], want[k]), k
+    with pytest.raises(ModelError, match="tekken_model.*copy the FLUX.2-dev diffusers release's tokenizer/ folder"):
+        file.tokenizer(None, "")
 
 
 async def test_a_generation_runs_on_the_real_text_encoders_embeddings(root):

@@ -9,27 +9,43 @@ A model is either a diffusers-style folder::
     <name>/text_encoder/ + <name>/tokenizer/   (Qwen3 for klein, Mistral Small for dev; tiny has a stand-in)
     <name>/scheduler/scheduler_config.json
 
-or a single-file checkpoint (BFL or ComfyUI, bf16 / fp8 / scaled fp8), ``<name>.safetensors``, directly in a
-model folder or in a folder of its own. A single file holds only the transformer: that is all a peer
-holding blocks needs. The head also needs the VAE and the text encoder, which it takes from the file's
-own folder when that has ``vae/``, else from a diffusers folder of the same model in the model folders
-(FLUX.2's VAE is shared by all members, the text encoder by each size).
+or a single-file checkpoint (BFL or ComfyUI, bf16 / fp8 / scaled fp8), ``<name>.safetensors``, anywhere
+under a model folder (a ComfyUI models tree is walked recursively; ``comfyui_dir`` adds an install's
+``models/``). A single file holds only the transformer: that is all a peer holding blocks needs. The
+head also needs the VAE and the text encoder, which it takes, in this order, from the file's own folder
+when that has ``vae/``; from a diffusers folder of the same model in the model folders (FLUX.2's VAE is
+shared by all members, the text encoder by each size); or from the VAE and text-encoder single files
+found in the model folders, each recognised by its header and matched to the model by its shapes
+(:class:`HeadParts`).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import comfyui
 from .access import require_readable
 from .checkpoints import Checkpoint, match_preset
-from .presets import ModelPreset
 from .gguf import GGUF_SUFFIX
-from .tensorfiles import SAFETENSORS_SUFFIX, FileHashes, ModelError, open_safetensors, read_json, refuse_pickle
+from .presets import ModelPreset
+from .tensorfiles import SAFETENSORS_SUFFIX, FileHashes, ModelError, read_json, refuse_pickle
 
-__all__ = ["FileHashes", "ModelError", "ModelFiles", "ModelStore", "match_preset"]
+__all__ = ["FileHashes", "HeadParts", "ModelError", "ModelFiles", "ModelStore", "match_preset"]
+
+
+@dataclass(frozen=True)
+class HeadParts:
+    """The head's VAE and text encoder as single files (a ComfyUI tree), and the tokenizer folder that
+    goes with the text encoder (None: inside the file, as Mistral's is, or nowhere: ``tokenizer_hint``)."""
+
+    vae: Path | None = None
+    text_encoder: Path | None = None
+    tokenizer: Path | None = None
+    tokenizer_hint: str = ""  # where to put the tokenizer, when none was found
 
 
 @dataclass(frozen=True)
@@ -40,6 +56,7 @@ class ModelFiles:
     checkpoint: Checkpoint
     components: Path | None  # None: a single file with no diffusers folder of its model to borrow from
     own_components: bool  # the components folder belongs to this model (its model_index.json applies)
+    parts: HeadParts = HeadParts()  # single-file VAE / text encoder, used where ``components`` lacks them
 
     @property
     def root(self) -> Path:
@@ -58,27 +75,38 @@ class ModelFiles:
         where to put it."""
         if self.components is None:
             raise ModelError(
-                f"{self.root} is a single-file checkpoint with no {sub}/ beside it, and no diffusers folder of "
-                f"{self.preset.name} in the model folders to take it from; the head needs one (see docs/models.md)"
+                f"{self.root} is a single-file checkpoint with no {sub}/ beside it, no diffusers folder of "
+                f"{self.preset.name} and no {sub.replace('_', ' ')} single file for it in the model folders; the "
+                "head needs one (see docs/models.md)"
             )
         return self.components / sub
 
 
 class ModelStore:
-    """The configured model folders. A model is found by folder or file name, or by a path that lies
-    inside one of them; nothing outside them is ever read."""
+    """The configured model folders (and a ComfyUI install's ``models/``). A model is found by folder or
+    file name, by its path relative to a model folder, or by a path that lies inside one; nothing outside
+    them is ever read."""
 
-    def __init__(self, dirs: Iterable[Path], cache_dir: Path | None = None) -> None:
+    def __init__(self, dirs: Iterable[Path], cache_dir: Path | None = None, comfyui_dir: Path | None = None) -> None:
         self.dirs = [Path(d).expanduser().resolve() for d in dirs]
+        self.comfyui = comfyui.ComfyInstall.at(comfyui_dir) if comfyui_dir else None
+        if self.comfyui is not None and self.comfyui.models not in self.dirs:
+            self.dirs.append(self.comfyui.models)
         self.cache_dir = cache_dir
 
     def _inside(self, path: Path) -> bool:
         return any(path == d or d in path.parents for d in self.dirs)
 
     def resolve(self, name: str) -> Path:
-        """The folder or single file of model ``name`` (a name in a model folder, or a path inside one)."""
+        """The folder or single file of model ``name`` (a name in a model folder, a path relative to one
+        such as ``diffusion_models/x.safetensors``, or a path inside one)."""
         if not self.dirs:
             raise ModelError("no model folders are configured (models_dir)")
+        if comfyui.is_relative_model_name(name):  # relative to the model folders first, not the working dir
+            for d in self.dirs:
+                for path in (d / name, d / f"{name}{SAFETENSORS_SUFFIX}", d / f"{name}{GGUF_SUFFIX}"):
+                    if (path.is_dir() or path.is_file()) and self._inside(path.resolve()):
+                        return path.resolve()
         candidate = Path(name).expanduser()
         if candidate.is_absolute() or os.sep in name or name.startswith("."):
             path = candidate.resolve()
@@ -113,68 +141,141 @@ class ModelStore:
             model_name = path.name.removesuffix(path.suffix)
             if (path.parent / "vae" / "config.json").is_file():
                 return ModelFiles(model_name, checkpoint, path.parent, own_components=True)
-            return ModelFiles(model_name, checkpoint, self._borrowed_components(checkpoint.preset),
-                              own_components=False)
+            borrowed = self._borrowed_components(checkpoint.preset)
+            return ModelFiles(model_name, checkpoint, borrowed, own_components=False,
+                              parts=self.head_parts(checkpoint.preset, borrowed))
         transformer = path / "transformer"
         if not (transformer / "config.json").is_file():
             single = sorted(path.glob(f"*{SAFETENSORS_SUFFIX}"))
             if len(single) == 1:  # a single file in a folder of its own, maybe with vae/ and text_encoder/
                 checkpoint = Checkpoint.open_file(single[0])
                 own = (path / "vae" / "config.json").is_file()
-                return ModelFiles(path.name, checkpoint, path if own else self._borrowed_components(checkpoint.preset),
-                                  own_components=own)
+                borrowed = path if own else self._borrowed_components(checkpoint.preset)
+                return ModelFiles(path.name, checkpoint, borrowed, own_components=own,
+                                  parts=HeadParts() if own else self.head_parts(checkpoint.preset, borrowed))
             raise ModelError(f"{path} is neither a diffusers model folder (no transformer/config.json) nor a folder "
                              f"with one single-file checkpoint ({len(single)} .safetensors files)")
         return ModelFiles(path.name, Checkpoint.open_folder(transformer), path, own_components=True)
 
+    def head_parts(self, preset: ModelPreset, components: Path | None = None) -> HeadParts:
+        """The VAE and text-encoder single files in the model folders that fit ``preset`` (recognised by
+        header, matched by shapes), for what ``components`` (a diffusers folder) does not already hold."""
+        from .text_encoder_file import EncoderFile  # noqa: PLC0415 - pulls in transformers' configs
+        from .vae_file import VaeFile  # noqa: PLC0415
+
+        def best(kind: str, opener, sub: str):
+            """When several fit: a file where ComfyUI keeps its kind first, then exact weights (bf16 before
+            fp8 of the same encoder), then by path."""
+            if components is not None and (components / sub / "config.json").is_file():
+                return None
+            fitting = [opener.open(p) for p, k in self.part_files() if k == kind and _fits(opener, p, preset)]
+            fitting.sort(key=lambda f: (not comfyui.in_kind_folder(f.path, kind), f.quantised,
+                                        str(f.path)))
+            return fitting[0] if fitting else None
+
+        vae = best(comfyui.VAE, VaeFile, "vae")
+        encoder = best(comfyui.TEXT_ENCODER, EncoderFile, "text_encoder")
+        tokenizer, hint = self._tokenizer_for(encoder) if encoder is not None else (None, "")
+        return HeadParts(vae and vae.path, encoder and encoder.path, tokenizer, hint)
+
+    def _tokenizer_for(self, encoder) -> tuple[Path | None, str]:
+        """The tokenizer folder for a text-encoder file, or (None, what to put where)."""
+        beside = encoder.path.parent / "tokenizer"
+        if beside.is_dir():
+            return beside, ""
+        if encoder.embedded_tokenizer:
+            return None, ""
+        if encoder.family == "qwen3":
+            for install in self._installs():
+                if install.qwen_tokenizer is not None:
+                    return install.qwen_tokenizer, ""
+        return None, (
+            f"{encoder.path} needs its tokenizer: set comfyui_dir to your ComfyUI folder (its "
+            f"{comfyui.QWEN_TOKENIZER}/ is used), or copy the diffusers release's tokenizer/ folder to {beside}")
+
+    def _installs(self) -> list[comfyui.ComfyInstall]:
+        """The configured ComfyUI install, and any model folder that is an install's ``models/``."""
+        found = [self.comfyui] if self.comfyui else []
+        for d in self.dirs:
+            if d.name == comfyui.MODELS and (d.parent / comfyui.QWEN_TOKENIZER).is_dir():
+                found.append(comfyui.ComfyInstall(d.parent))
+        return found
+
     def _borrowed_components(self, preset: ModelPreset) -> Path | None:
         """A diffusers folder of ``preset`` in the model folders, whose VAE and text encoder a single file
         can use (first by folder order, then name)."""
-        for d in self.dirs:
-            for sub in _entries(d):
-                config = sub / "transformer" / "config.json"
-                if config.is_file() and (sub / "vae" / "config.json").is_file():
-                    try:
-                        if match_preset(read_json(config)) == preset:
-                            return sub
-                    except ModelError:
-                        continue
+        for folder, _ in self._diffusers_folders():
+            config = folder / "transformer" / "config.json"
+            if config.is_file() and (folder / "vae" / "config.json").is_file():
+                try:
+                    if match_preset(read_json(config)) == preset:
+                        return folder
+                except ModelError:
+                    continue
         return None
 
-    def available(self) -> list[tuple[str, Path]]:
-        """(name, path) of every model found in the model folders (diffusers folders and single files),
-        for ``meshd check``. Files are recognised by their tensor names, not opened in full."""
-        found = []
+    def _diffusers_folders(self) -> list[tuple[Path, str]]:
+        return [(p, n) for p, n, kind in self._files() if kind == "diffusers"]
+
+    def part_files(self) -> list[tuple[Path, str]]:
+        """(path, kind) of every VAE and text-encoder single file in the model folders."""
+        return [(p, kind) for p, _, kind in self._files() if kind in (comfyui.VAE, comfyui.TEXT_ENCODER)]
+
+    @functools.cache  # noqa: B019 - a store lives as long as its daemon; the folders are walked once
+    def _files(self) -> tuple[tuple[Path, str, str], ...]:
+        """(path, name, kind) of everything in the model folders: diffusers folders, and each single
+        file with what its header says it is (``unreadable`` when it cannot be read)."""
+        found, seen = [], set()
         for d in self.dirs:
-            for sub in _entries(d):
-                if (sub / "transformer" / "config.json").is_file():
-                    found.append((sub.name, sub))
-                elif sub.is_file() and sub.suffix == SAFETENSORS_SUFFIX and _is_candidate(sub):
-                    found.append((sub.name.removesuffix(SAFETENSORS_SUFFIX), sub))
-                elif sub.is_file() and sub.suffix == GGUF_SUFFIX:  # GGUF text encoders are not served: shown as such
-                    found.append((sub.name.removesuffix(GGUF_SUFFIX), sub))
-                elif sub.is_dir():
-                    single = sorted(sub.glob(f"*{SAFETENSORS_SUFFIX}"))
-                    if len(single) == 1 and _is_candidate(single[0]):
-                        found.append((sub.name, sub))
+            if d.is_dir():
+                require_readable(d, "models_dir")
+            for path, folder in comfyui.walk(d):
+                if path.resolve() in seen:
+                    continue
+                seen.add(path.resolve())
+                name = comfyui.relative_name(path, [d])
+                if folder:
+                    found.append((path, name, "diffusers" if (path / "transformer" / "config.json").is_file()
+                                  else comfyui.OTHER))
+                    continue
+                if path.suffix.lower() == GGUF_SUFFIX:  # a transformer, or refused by name when opened
+                    found.append((path, name, "gguf"))
+                    continue
+                if path.suffix.lower() in comfyui.UNREAD_SUFFIXES:
+                    found.append((path, name, "unread"))
+                    continue
+                try:
+                    kind = comfyui.identify(path)
+                except ModelError:
+                    kind = "unreadable"
+                found.append((path, name, kind))
+        return tuple(found)
+
+    def skipped_files(self) -> list[tuple[Path, str]]:
+        """(path, why) of the weight files in the model folders that are neither a FLUX.2 part nor read."""
+        why = {"unread": "a format meshd does not read", comfyui.OTHER: "not a FLUX.2 transformer, VAE or text "
+               "encoder", comfyui.LORA: "a LoRA (put LoRAs in a LoRA folder)"}
+        return [(p, why[kind]) for p, _, kind in self._files() if kind in why and not
+                (kind == comfyui.LORA and self.comfyui is not None and self.comfyui.models / "loras" in p.parents)]
+
+    def available(self) -> list[tuple[str, Path]]:
+        """(name, path) of every model found in the model folders (diffusers folders and transformer single
+        files at any depth), for ``meshd check``. Files are recognised by their tensor names, not opened in
+        full; a file that cannot be read at all is listed too, so ``meshd check`` shows why."""
+        found = []
+        for path, name, kind in self._files():
+            if kind == "diffusers":
+                found.append((name, path))
+            elif kind in (comfyui.TRANSFORMER, "gguf", "unreadable"):
+                own = path.parent != path.parent.parent and (path.parent / "vae" / "config.json").is_file() \
+                    and path.parent not in self.dirs
+                found.append((comfyui.relative_name(path.parent, self.dirs) if own else name, path))
         return found
 
 
-def _entries(folder: Path) -> list[Path]:
-    """The entries of a model folder that can be models: hidden ones (``.tiny-*`` half-written folders,
-    ``.cache``, editors' files) never are."""
-    if not folder.is_dir():
-        return []
-    require_readable(folder, "models_dir")
-    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
-
-
-def _is_candidate(path: Path) -> bool:
-    """A file that holds a FLUX.2 transformer, or cannot be read at all (so ``meshd check`` shows why);
-    readable VAE, text-encoder and LoRA files sharing the folder are skipped."""
+def _fits(kind, path: Path, preset: ModelPreset) -> bool:
+    """Whether the VAE / text-encoder file at ``path`` is one ``preset`` can use (unreadable: no)."""
     try:
-        with open_safetensors(path) as f:
-            return any(k.endswith(("single_stream_modulation.lin.weight", "single_stream_modulation.linear.weight"))
-                       for k in f.keys())
+        return kind.open(path).fits(preset)
     except ModelError:
-        return True
+        return False

@@ -3,7 +3,11 @@ to the blocks it holds, from its own copy of the file. Nothing of a LoRA crosses
 
 Formats (told apart by tensor names): diffusers / PEFT (``transformer.`` or ``base_model.model.`` +
 diffusers module names, ``lora_A`` / ``lora_B``), ai-toolkit / BFL (``diffusion_model.`` + BFL module
-names), kohya / ComfyUI (``lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight`` + ``.alpha``).
+names), kohya / ComfyUI (``lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight`` + ``.alpha``),
+OneTrainer (``lora_transformer_`` + diffusers names with underscores) and SimpleTuner's plain LoRAs in
+LyCORIS naming (``lycoris_single_transformer_blocks_0_attn_to_out`` + ``lora_down`` / ``lora_up``). As
+in ComfyUI's key map, ``single_blocks.N.linear1_qkv`` adapts only the attention rows (the first
+3 x hidden) of the fused ``linear1``: its up matrix is padded with zero rows for the MLP part.
 A BFL-named module's up matrix goes through the same diffusers converter as checkpoints do
 (:func:`.checkpoints.bfl_to_diffusers`): the converter only permutes and splits rows, and so does
 ``B`` in ``W + B A``. (That also gets ``final_layer.adaLN_modulation.1`` right, whose shift and scale
@@ -125,10 +129,17 @@ class LoraModule:
     up: TensorInfo  # B: (out, rank)
     alpha: TensorInfo | None
     targets: tuple[str, ...]  # diffusers names of the linear layers it patches
+    rows: int = 0  # >0: the factors adapt only the first ``rows`` rows of ``source`` (``linear1_qkv``)
 
     @property
     def rank(self) -> int:
         return self.down.shape[0]
+
+
+#: How the underscore spellings begin, and the format each names.
+UNDERSCORED = {"lora_unet_": "kohya", "lora_transformer_": "kohya", "lycoris_": "SimpleTuner (LyCORIS names)"}
+#: ComfyUI's partial key: the attention third of a single block's fused ``linear1``.
+QKV_PART = "_qkv"
 
 
 @functools.lru_cache(maxsize=None)
@@ -140,6 +151,7 @@ def _linear_names(preset_name: str) -> tuple[dict[str, tuple[int, int]], dict[st
     bfl = {n: n for n in bfl_linear_names(preset)}
     underscored = {"lora_unet_" + n.replace(".", "_"): n for n in bfl}
     underscored.update({"lora_transformer_" + n.replace(".", "_"): n for n in linears})
+    underscored.update({"lycoris_" + n.replace(".", "_"): n for n in linears})
     return linears, bfl, underscored
 
 
@@ -195,8 +207,14 @@ class LoraFile:
             down, up = roles["down"], roles["up"]
             if len(down.shape) != 2 or len(up.shape) != 2 or down.shape[0] != up.shape[1]:
                 raise LoraError(f"{path}: layer {name} has factors {down.shape} and {up.shape}, not a LoRA pair")
-            naming = "bfl" if name in bfl else "diffusers"
-            weight_shape = (up.shape[0], down.shape[1])
+            naming = "bfl" if name in bfl or name.endswith(".linear1" + QKV_PART) else "diffusers"
+            weight_shape, rows = (up.shape[0], down.shape[1]), 0
+            if name.endswith(".linear1" + QKV_PART):  # the attention rows of linear1, the MLP rows untouched
+                rows, name = up.shape[0], name.removesuffix(QKV_PART)
+                if rows != 3 * preset.hidden:
+                    raise LoraError(f"{path}: {name}{QKV_PART} has {rows} rows; {preset.name}'s attention part of "
+                                    f"linear1 has {3 * preset.hidden}")
+                weight_shape = (3 * preset.hidden + 2 * _mlp_hidden(preset), down.shape[1])
             try:
                 targets = ({name: weight_shape} if naming == "diffusers" else
                            {t[: -len(".weight")]: s for t, s in trace_bfl(name + ".weight", weight_shape).items()})
@@ -206,7 +224,9 @@ class LoraFile:
                 if tuple(shape) != tuple(linears[target]):
                     raise LoraError(f"{path} was made for another model: it changes {target} as {tuple(shape)}, "
                                     f"which is {tuple(linears[target])} in {preset.name}")
-            modules[name] = LoraModule(name, naming, down, up, roles.get("alpha"), tuple(targets))
+            if name in modules:
+                raise LoraError(f"{path} adapts {name} twice (as {name} and {name}{QKV_PART})")
+            modules[name] = LoraModule(name, naming, down, up, roles.get("alpha"), tuple(targets), rows)
         alpha, rslora = _peft_metadata(path, metadata)
         return cls(path, preset, " + ".join(sorted(formats)), modules, alpha, rslora)
 
@@ -229,6 +249,9 @@ class LoraFile:
             for module in wanted:
                 down, up = fetch(module.down), fetch(module.up)
                 up = up * self._scale(module, fetch(module.alpha) if module.alpha is not None else None)
+                if module.rows:  # linear1_qkv: zero rows for the MLP part it leaves alone
+                    full = linears_of(self.preset)[module.targets[0]][0]
+                    up = torch.cat([up, up.new_zeros(full - module.rows, up.shape[1])])
                 ups = ({module.source: up} if module.naming == "diffusers" else
                        {n[: -len(".weight")]: t for n, t in bfl_to_diffusers(module.source + ".weight", up).items()})
                 for target, part in ups.items():
@@ -244,10 +267,19 @@ class LoraFile:
         return value / (math.sqrt(module.rank) if self.rslora else module.rank)
 
 
+def linears_of(preset: ModelPreset) -> dict[str, tuple[int, int]]:
+    """Every linear layer of ``preset`` (diffusers name) with its weight shape."""
+    return _linear_names(preset.name)[0]
+
+
+def _mlp_hidden(preset: ModelPreset) -> int:
+    return int(preset.hidden * float(preset.transformer["mlp_ratio"]))
+
+
 def _normalise(module: str, linears: dict, bfl: dict, underscored: dict) -> tuple[str | None, str]:
     """A LoRA layer name as a diffusers or BFL layer name of the model (None if it has none), and the format."""
     if module in underscored:
-        return underscored[module], "kohya"
+        return underscored[module], next(f for start, f in UNDERSCORED.items() if module.startswith(start))
     name, stripped = module, True
     while stripped:
         stripped = False
@@ -257,6 +289,8 @@ def _normalise(module: str, linears: dict, bfl: dict, underscored: dict) -> tupl
     if name in linears:
         return name, "diffusers/PEFT"
     if name in bfl:
+        return name, "BFL/ai-toolkit"
+    if name.endswith(".linear1" + QKV_PART) and name.removesuffix(QKV_PART) in bfl:
         return name, "BFL/ai-toolkit"
     return None, ""
 

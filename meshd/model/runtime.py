@@ -25,6 +25,7 @@ from .seeded import seeded_value
 from .span import HEAD_MODULES, TAIL_MODULES, SpanModel, block_prefix, span_modules
 from .tensorfiles import FileHashes, read_json, require_safetensors
 from .text_encoder import (
+    FAMILIES,
     STAND_IN_CLASS,
     LanguageModelEncoder,
     PromptEmbedder,
@@ -32,7 +33,9 @@ from .text_encoder import (
     StandInTextEncoder,
     TextEncoderOptions,
 )
+from .text_encoder_file import EncoderFile
 from .tiny import write_tiny
+from .vae_file import VaeFile
 
 log = logging.getLogger(__name__)
 
@@ -118,12 +121,13 @@ class WeightSource:
 class FolderSource(WeightSource):
     """A model in the configured model folders: a diffusers folder or a single-file checkpoint."""
 
-    def __init__(self, files: ModelFiles, cache_dir: Path | None = None) -> None:
+    def __init__(self, files: ModelFiles, cache_dir: Path | None = None, distilled: bool | None = None) -> None:
         self.files = files
         self.checkpoint = files.checkpoint
         self.preset = files.preset
         self.model_id = files.model_id
         self._cache_dir = cache_dir
+        self._distilled_override = distilled  # the operator's ``distilled =``, over anything detected
         self._hash: str | None = None
         self._te_hash: str | None = None
 
@@ -153,6 +157,8 @@ class FolderSource(WeightSource):
     def vae(self, device, dtype):
         from diffusers import AutoencoderKLFlux2  # noqa: PLC0415
 
+        if self._from_file("vae"):
+            return VaeFile.open(self.files.parts.vae).load(self.preset, device, dtype)
         folder = self.files.component("vae")
         require_tree_readable([folder], "the head's VAE")
         if not (folder / "config.json").is_file():
@@ -161,7 +167,15 @@ class FolderSource(WeightSource):
         return AutoencoderKLFlux2.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True,
                                                   use_safetensors=True).to(device).eval()
 
+    def _from_file(self, sub: str) -> bool:
+        """Whether the head's ``sub`` comes from a single file (the diffusers folder, if any, lacks it)."""
+        if getattr(self.files.parts, sub) is None:
+            return False
+        return self.files.components is None or not (self.files.components / sub / "config.json").is_file()
+
     def has_text_encoder(self) -> bool:
+        if self._from_file("text_encoder"):
+            return True
         try:
             folder = self.files.component("text_encoder")
         except ModelError:
@@ -171,6 +185,11 @@ class FolderSource(WeightSource):
         return (folder / "config.json").is_file()
 
     def text_encoder(self, device, dtype):
+        if self._from_file("text_encoder"):
+            file = EncoderFile.open(self.files.parts.text_encoder)
+            tokenizer = file.tokenizer(self.files.parts.tokenizer, self.files.parts.tokenizer_hint)  # before GBs
+            return LanguageModelEncoder(FAMILIES[file.family], file.load(self.preset, device, dtype), tokenizer,
+                                        self.preset.text_encoder_layers, self.preset.max_sequence_length)
         if not self.has_text_encoder():
             where = self.files.components or self.files.root
             raise ModelError(f"{where} has no text_encoder/; encode prompts on a peer that has it (a plan can "
@@ -190,9 +209,16 @@ class FolderSource(WeightSource):
         if self._te_hash is None:
             hashes = FileHashes(self._cache_dir)
             digest = hashlib.sha256()
-            for sub in ("text_encoder", "tokenizer"):
-                folder = self.files.component(sub)
-                for path in sorted(folder.glob("*")) if folder.is_dir() else []:
+            parts = self.files.parts
+            folders = ((("text_encoder", parts.text_encoder), ("tokenizer", parts.tokenizer))
+                       if self._from_file("text_encoder") else
+                       (("text_encoder", self.files.component("text_encoder")),
+                        ("tokenizer", self.files.component("tokenizer"))))
+            for sub, folder in folders:
+                if folder is not None and folder.is_file():
+                    digest.update(f"{sub}/{folder.name}\0{hashes.sha256(folder)}\n".encode())
+                    continue
+                for path in sorted(folder.glob("*")) if folder is not None and folder.is_dir() else []:
                     if path.is_file():
                         digest.update(f"{sub}/{path.name}\0{hashes.sha256(path)}\n".encode())
             self._te_hash = digest.hexdigest()
@@ -210,18 +236,22 @@ class FolderSource(WeightSource):
         return super().scheduler_config()
 
     def distilled(self) -> bool:
-        """model_index.json's ``is_distilled`` when the model has its own; else the preset's default (klein's
-        released checkpoints are the step-distilled ones)."""
+        """Whether the model is step-distilled (few steps, no CFG): the operator's ``distilled =`` first;
+        then a diffusers folder's model_index.json, whose missing ``is_distilled`` means False, as in
+        diffusers' pipeline; a single file (klein base and distilled have the same shapes) takes the
+        preset's default, as diffusers' single-file loading takes the released (distilled) config."""
         return self._distilled
 
     @functools.cached_property
     def _distilled(self) -> bool:  # read once, not per generation
+        if self._distilled_override is not None:
+            return self._distilled_override
         if self.files.own_components:
             path = self.files.components / "model_index.json"
             if path.is_file():
                 data = read_json(path)
-                if "is_distilled" in data:
-                    return bool(data["is_distilled"])
+                if data.get("_class_name") == "Flux2KleinPipeline" or "is_distilled" in data:
+                    return bool(data.get("is_distilled", False))  # Flux2KleinPipeline's default
         return self.preset.distilled
 
 
@@ -283,9 +313,11 @@ class RandomSource(WeightSource):
         return hashlib.sha256(f"flux-mesh stand-in text encoder v1|{self.preset.name}".encode()).hexdigest()
 
 
-def open_source(model: str, store: ModelStore, *, random_weights: bool = False, seed: int = 0) -> WeightSource:
+def open_source(model: str, store: ModelStore, *, random_weights: bool = False, seed: int = 0,
+                distilled: bool | None = None) -> WeightSource:
     """The weight source for ``--model``: a preset with ``--random-weights``, ``tiny`` (written on first
-    use), or a model folder (by name or path) inside the model folders."""
+    use), or a model folder (by name or path) inside the model folders. ``distilled`` overrides what is
+    detected (None: detect)."""
     if random_weights:
         return RandomSource(get_preset(model), seed)
     if model == "tiny":
@@ -296,7 +328,7 @@ def open_source(model: str, store: ModelStore, *, random_weights: bool = False, 
             store.resolve("tiny")
         except ModelError:
             write_tiny(store.dirs[0] / "tiny")
-    return FolderSource(store.open(model), store.cache_dir)
+    return FolderSource(store.open(model), store.cache_dir, distilled)
 
 
 class HostedModel:

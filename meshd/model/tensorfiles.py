@@ -90,6 +90,15 @@ def open_safetensors(path: Path) -> Iterator:
         raise ModelError(f"{path} could not be read: {exc}") from None
 
 
+def file_stamp(path: Path) -> tuple:
+    """What changes when a file is replaced (size, mtime): a cache key for what was read from its header."""
+    try:
+        st = Path(path).stat()
+    except OSError:
+        raise ModelError(f"{path} is missing or unreadable") from None
+    return (st.st_size, st.st_mtime_ns)
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     """One tensor as the header describes it: no data is read to know this."""

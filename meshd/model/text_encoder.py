@@ -119,6 +119,15 @@ class EncoderFamily:
         text = config.get("text_config", config) if self.name == "mistral3" else config
         return int(text.get("num_hidden_layers", 0))
 
+    def truncated_config(self, folder: Path, layers: int):
+        """The folder's transformers config with only ``layers`` decoder layers (the rest is never read)."""
+        import transformers  # noqa: PLC0415
+
+        config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
+        text = config.text_config if self.name == "mistral3" else config
+        text.num_hidden_layers = layers
+        return config
+
     def embed_fn(self) -> Callable[..., torch.Tensor]:
         import diffusers  # noqa: PLC0415
 
@@ -174,10 +183,14 @@ class LanguageModelEncoder:
         if device.type == "cuda":
             kwargs["device_map"] = str(device)  # straight to the GPU, not through CPU RAM
         try:
+            # Only the layers FLUX.2 reads are built; the file's later layers are left unread.
+            kwargs["config"] = family.truncated_config(text_encoder, max(layers))
             model = getattr(transformers, family.model_class).from_pretrained(str(text_encoder), **kwargs)
             tok = getattr(transformers, family.tokenizer_class).from_pretrained(str(tokenizer), local_files_only=True)
         except (OSError, ValueError) as exc:
             raise ModelError(f"could not load the text encoder from {text_encoder}: {exc}") from exc
+        if max(layers) < family.num_layers(config):
+            drop_final_norm(model)
         if "device_map" not in kwargs:
             model = model.to(device)
         return cls(family, model.eval(), tok, layers, preset.max_sequence_length)
@@ -186,11 +199,30 @@ class LanguageModelEncoder:
         self.model.to(device)
         return self
 
+    @property
+    def num_layers(self) -> int:
+        """Decoder layers built (the last one FLUX.2 reads)."""
+        return len(decoder_stack(self.model).layers)
+
     @torch.no_grad()
     def __call__(self, prompt: str) -> torch.Tensor:
         device = next(self.model.parameters()).device
         return self._embed(text_encoder=self.model, tokenizer=self.tokenizer, prompt=prompt, device=device,
                            max_sequence_length=self.max_length, hidden_states_layers=self.layers)
+
+
+def decoder_stack(model: torch.nn.Module) -> torch.nn.Module:
+    """The language model's decoder stack (the module with ``layers`` and the final ``norm``)."""
+    for module in model.modules():
+        if isinstance(getattr(module, "layers", None), torch.nn.ModuleList) and hasattr(module, "norm"):
+            return module
+    raise ModelError(f"{type(model).__name__} has no decoder stack with a final norm")
+
+
+def drop_final_norm(model: torch.nn.Module) -> None:
+    """Make a truncated model report its last layer's raw output: transformers gives the model's last hidden
+    state after the final norm, which in the full model applies only after the last layer, not this one."""
+    decoder_stack(model).norm = torch.nn.Identity()
 
 
 # --- placement and caching -----------------------------------------------------------------------

@@ -1,0 +1,151 @@
+"""A ComfyUI user's files as they are on disk: the models tree, found recursively, each file told apart
+by its header (never its name or folder), and the tokenizer ComfyUI keeps in its own install.
+
+A ComfyUI install keeps its models under ``ComfyUI/models/`` by kind (``diffusion_models/`` or the old
+``unet/``, ``vae/``, ``text_encoders/`` or the old ``clip/``, ``loras/``, ``checkpoints/``; users add
+sub-folders of their own). meshd does not trust the folder a file sits in: a VAE dropped into
+``diffusion_models/`` is still a VAE. What a file is comes from its tensor names:
+
+- a FLUX.2 transformer has ``single_stream_modulation.lin(ear).weight`` (any prefix);
+- a VAE has ``encoder.conv_in`` and ``decoder.conv_in`` (BFL/ComfyUI naming or diffusers naming);
+- a text encoder has ``model.layers.N.self_attn.q_proj`` (transformers naming, language model only);
+- a LoRA has ``lora_`` / ``lycoris_`` tensors.
+
+ComfyUI's Qwen tokenizer (klein's text encoder; Qwen3 and Qwen2.5 share the vocabulary) is not in the
+models tree but in the install's code: ``comfy/text_encoders/qwen25_tokenizer/`` (vocab.json,
+merges.txt, tokenizer_config.json), read by ``comfy/text_encoders/flux.py``'s ``Qwen3Tokenizer``.
+Mistral's (dev's) ships inside the text-encoder file as a ``tekken_model`` uint8 tensor.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from .tensorfiles import SAFETENSORS_SUFFIX, ModelError, open_safetensors
+
+TRANSFORMER, VAE, TEXT_ENCODER, LORA, OTHER = "transformer", "VAE", "text encoder", "LoRA", "other"
+#: Where ComfyUI keeps the Qwen tokenizer, relative to the install (``comfy/text_encoders/flux.py``).
+QWEN_TOKENIZER = Path("comfy") / "text_encoders" / "qwen25_tokenizer"
+#: The model folder inside an install (``folder_paths.models_dir``).
+MODELS = "models"
+#: A models tree is walked at most this deep (ComfyUI users nest by family, rarely deeper than 3).
+MAX_DEPTH = 8
+#: Where ComfyUI puts each kind (``folder_paths.py``): only a tie-breaker when two files fit, never how a
+#: file is recognised.
+KIND_FOLDERS = {TRANSFORMER: ("diffusion_models", "unet", "checkpoints"), VAE: ("vae",),
+                TEXT_ENCODER: ("text_encoders", "clip"), LORA: ("loras",)}
+#: Weight files meshd finds but does not read (GGUF; pickle-based, which can run code when loaded; ``.sft``,
+#: safetensors under another name, which meshd reads only once renamed).
+UNREAD_SUFFIXES = (".gguf", ".ckpt", ".pt", ".pth", ".bin", ".pkl", ".sft")
+#: Component folders (with their config.json) whose files are a model's parts, not models of their own.
+DIFFUSERS_PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+@dataclass(frozen=True)
+class ComfyInstall:
+    """A ComfyUI install (``comfyui_dir``): its models tree and the tokenizer it keeps in its code."""
+
+    root: Path
+
+    @classmethod
+    def at(cls, root: Path) -> ComfyInstall:
+        """The install at ``root``, or a ModelError saying why it is not one."""
+        root = Path(root).expanduser().resolve()
+        if not (root / MODELS).is_dir():
+            raise ModelError(f"comfyui_dir {root} has no {MODELS}/ folder: point it at the ComfyUI folder itself "
+                             "(the one with main.py, comfy/ and models/)")
+        return cls(root)
+
+    @property
+    def models(self) -> Path:
+        return self.root / MODELS
+
+    @property
+    def qwen_tokenizer(self) -> Path | None:
+        """ComfyUI's own Qwen tokenizer folder, if this install has one."""
+        folder = self.root / QWEN_TOKENIZER
+        return folder if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file() else None
+
+
+def kind_of_keys(keys: Iterable[str]) -> str:
+    """What a safetensors file holds, from its tensor names alone."""
+    keys = list(keys)
+    if any(".lora_" in k or k.startswith(("lora_", "lycoris_")) or k.endswith(".alpha") for k in keys):
+        return LORA
+    if any(k.endswith(("single_stream_modulation.lin.weight", "single_stream_modulation.linear.weight"))
+           for k in keys):
+        return TRANSFORMER
+    if any(k.endswith("encoder.conv_in.weight") for k in keys) and any(k.endswith("decoder.conv_in.weight")
+                                                                        for k in keys):
+        return VAE
+    if any(k.startswith("model.layers.") and ".self_attn.q_proj." in k for k in keys):
+        return TEXT_ENCODER
+    return OTHER
+
+
+def identify(path: Path) -> str:
+    """What the safetensors file at ``path`` holds (header only); a ModelError if it cannot be read."""
+    with open_safetensors(path) as f:
+        return kind_of_keys(f.keys())
+
+
+def in_kind_folder(path: Path, kind: str) -> bool:
+    """Whether ``path`` lies under the folder ComfyUI keeps ``kind`` in."""
+    return any(part in KIND_FOLDERS.get(kind, ()) for part in path.parts[:-1])
+
+
+def is_diffusers_folder(path: Path) -> bool:
+    return (path / "transformer" / "config.json").is_file() or (path / "model_index.json").is_file()
+
+
+def walk(root: Path) -> Iterator[tuple[Path, bool]]:
+    """Every diffusers model folder (``(path, True)``) and every weight file outside one (``(path, False)``:
+    ``.safetensors`` and the UNREAD_SUFFIXES) under ``root``, depth-first in name order. Hidden folders are
+    skipped, a symlinked folder is followed once (a loop is not a hang), and nothing deeper than MAX_DEPTH."""
+    seen: set[Path] = set()
+
+    def visit(folder: Path, depth: int) -> Iterator[tuple[Path, bool]]:
+        real = folder.resolve()
+        if real in seen or depth > MAX_DEPTH:
+            return
+        seen.add(real)
+        try:
+            entries = sorted(folder.iterdir())
+        except OSError:
+            return
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir():
+                if is_diffusers_folder(entry):
+                    yield entry, True
+                elif not (entry.name in DIFFUSERS_PARTS and (entry / "config.json").is_file()):
+                    # (a component folder beside a single file, e.g. its own vae/, belongs to that file)
+                    yield from visit(entry, depth + 1)
+            elif entry.suffix.lower() in (SAFETENSORS_SUFFIX, *UNREAD_SUFFIXES) and entry.is_file():
+                yield entry, False
+
+    if root.is_dir():
+        yield from visit(root, 0)
+
+
+def relative_name(path: Path, dirs: Iterable[Path]) -> str:
+    """A file's name as ``--model`` takes it: its path inside the first model folder holding it, without
+    ``.safetensors`` (``diffusion_models/flux2_dev_fp8mixed``); a file at the top is just its stem."""
+    for d in dirs:
+        try:
+            rel = path.relative_to(d)
+        except ValueError:
+            continue
+        text = rel.as_posix()
+        return text.removesuffix(SAFETENSORS_SUFFIX)
+    return path.name.removesuffix(SAFETENSORS_SUFFIX)
+
+
+def is_relative_model_name(name: str) -> bool:
+    """A name like ``diffusion_models/x.safetensors``: relative, with folders, no way out of its root."""
+    parts = name.replace("\\", "/").split("/")
+    return len(parts) > 1 and not os.path.isabs(name) and ".." not in parts and all(parts)
