@@ -21,7 +21,7 @@ from meshd.plan import PeerAddress
 KEY = auth.generate_key()
 
 #: A host on the LAN without the key: from each of 127.0.0.2-200 it connects, says nothing, and
-#: reconnects as soon as the daemon drops it, for DURATION seconds; then prints how many connects it made.
+#: reconnects as soon as the daemon drops it, for the seconds given; then prints how many connects it made.
 FLOOD = r"""
 import asyncio, socket, sys, time
 port, duration = int(sys.argv[1]), float(sys.argv[2])
@@ -49,7 +49,7 @@ print(made)
 
 async def test_a_member_is_served_within_5_s_while_199_addresses_flood_the_handshake(tmp_path):
     async with running_daemon(tmp_path, KEY) as daemon:
-        flood = await asyncio.create_subprocess_exec(sys.executable, "-c", FLOOD, str(daemon.bound[1]), "8",
+        flood = await asyncio.create_subprocess_exec(sys.executable, "-c", FLOOD, str(daemon.bound[1]), "5",
                                                      stdout=subprocess.PIPE)
         try:
             started = time.monotonic()
@@ -65,7 +65,7 @@ async def test_a_member_is_served_within_5_s_while_199_addresses_flood_the_hands
             assert daemon._preauth >= limits.MAX_PREAUTH_CONNECTIONS - 8  # still flooded meanwhile
         finally:
             out, _ = await asyncio.wait_for(flood.communicate(), 30)
-        assert int(out) > 500  # the flood really churned (its connects, over 8 s)
+        assert int(out) > 500  # the flood really churned (its connects, over 5 s)
 
 
 LONG = {"prompt": "a lighthouse at dawn", "seed": 3, "width": 64, "height": 64, "steps": 200, "guidance": 1.0}
