@@ -95,6 +95,9 @@ MAX_STREAM_CHUNKS = 4096
 # --- jobs --------------------------------------------------------------------------------------
 #: Generations a head runs at once (steps interleave on the GPU queue); more wait in line.
 MAX_ACTIVE_GENERATIONS = 4
+#: ... of which one source (a client's IPv4 address or IPv6 /64) runs at most this many: a slot is
+#: always left for someone else, even while one client floods the queue or stops reading its socket.
+MAX_ACTIVE_GENERATIONS_PER_SOURCE = 3
 #: Generations that may wait in line at a head; beyond that new ones are refused as busy.
 MAX_QUEUED_GENERATIONS = 32
 #: Prompts one ``encode-prompt`` request may carry (a prompt and CFG's empty one need two).

@@ -79,6 +79,48 @@ def cond_needs(preset, start: int, end: int) -> set[str]:
     return needs
 
 
+class GenerationSlots:
+    """The head's generation slots: ``total`` at once, at most ``per_source`` for one source, granted
+    first come first served among the waiters that may take one."""
+
+    def __init__(self, total: int, per_source: int) -> None:
+        self.total, self.per_source = total, per_source
+        self.held: dict[str, int] = {}
+        self._waiters: list[tuple[str, asyncio.Future]] = []
+
+    def _may_take(self, source: str) -> bool:
+        return sum(self.held.values()) < self.total and self.held.get(source, 0) < self.per_source
+
+    def _take(self, source: str) -> None:
+        self.held[source] = self.held.get(source, 0) + 1
+
+    async def acquire(self, source: str) -> None:
+        """Wait for a slot for ``source``."""
+        if self._may_take(source) and not any(s == source or self._may_take(s) for s, _ in self._waiters):
+            self._take(source)
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append((source, waiter))
+        try:
+            await waiter  # granted (and counted) by release()
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.release(source)  # granted just as we gave up: pass it on
+            raise
+        finally:
+            self._waiters = [(s, w) for s, w in self._waiters if w is not waiter]
+
+    def release(self, source: str) -> None:
+        """Give a slot back (synchronous: safe in a cancelled task's ``finally``) and grant waiting ones."""
+        self.held[source] -= 1
+        if not self.held[source]:
+            del self.held[source]
+        for waiting_source, waiter in self._waiters:
+            if not waiter.done() and self._may_take(waiting_source):
+                self._take(waiting_source)
+                waiter.set_result(None)
+
+
 @dataclass
 class Geometry:
     batch: int
@@ -157,7 +199,7 @@ class Daemon:
         self._halfopen: dict[Connection, tuple[str, float]] = {}  # in their handshake: source, accepted at
         self._preauth_by_source: dict[str, int] = {}
         self._preparing: set[str] = set()  # job ids whose prepare is in progress
-        self._generation_slots = asyncio.Semaphore(limits.MAX_ACTIVE_GENERATIONS)
+        self._generation_slots = GenerationSlots(limits.MAX_ACTIVE_GENERATIONS, limits.MAX_ACTIVE_GENERATIONS_PER_SOURCE)
         self._waiting_generations = 0
         self._inflight: set[asyncio.Task] = set()
         self._connections: set[Connection] = set()
@@ -817,9 +859,10 @@ class Daemon:
         if self._waiting_generations >= limits.MAX_QUEUED_GENERATIONS:
             raise MeshError("busy", f"{self.name} has {self._waiting_generations} generations waiting")
         self._waiting_generations += 1
+        source = source_of(request.session.conn.address or request.peer)
         try:
             await request.event({"kind": "queued", "position": self._waiting_generations})
-            await self._generation_slots.acquire()
+            await self._generation_slots.acquire(source)
         finally:
             self._waiting_generations -= 1
         try:
@@ -830,7 +873,7 @@ class Daemon:
             return await self._run_generation(request, params, plan, floor, bool(h.get("measure_error", True)),
                                               bool(h.get("return_latents", False)), embeds)
         finally:
-            self._generation_slots.release()
+            self._generation_slots.release(source)
 
     async def _run_generation(self, request: Request, params: GenerationParams, plan: SplitPlan, floor,
                               measure_error: bool, return_latents: bool,
