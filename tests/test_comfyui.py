@@ -86,8 +86,12 @@ def test_meshd_check_lists_every_file_of_the_tree_with_kind_precision_and_hash(c
     assert "fp8 e4m3 scaled" in fp8 and "bf16" in fp8
     assert "kohya" in lines["ok lora style"]
     notes = [f.text for f in found if f.level != "ok"]
-    assert len(found) == 8 and notes == [  # 2 transformers, 2 VAEs, 2 encoders, 1 LoRA, and one line for the rest
-        f"2 other files in the model folders not used, e.g. {others[0]} (not a FLUX.2 transformer, VAE or text encoder)"]
+    # 2 transformers, 2 VAEs, 2 encoders, 1 LoRA; the GGUF file is a transformer candidate, so its own
+    # note says why it cannot be used; one line for the rest
+    assert len(found) == 9 and len(notes) == 2, notes
+    assert notes[0].startswith("BAD model unet/flux2-q8.gguf: ") and "not a readable GGUF" in notes[0]
+    assert notes[1] == (f"1 other file in the model folders not used, e.g. {others[0]} (not a FLUX.2 transformer, "
+                        "VAE or text encoder)")
     assert no_diffusers_folder_in(root)
 
 
