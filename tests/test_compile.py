@@ -22,6 +22,7 @@ from meshd.model.compiled import BlockCompiler, CompileCache, compiler_for, want
 from meshd.model.files import ModelStore
 from meshd.model.lora import LoraPatch
 from meshd.model.runtime import HostedModel, open_source
+from meshd.model.span import Conditioning, Stream
 from meshtui.runs import RunParams, RunRecord, apply_event
 from tests.daemons import running_daemon, split_generation
 
@@ -137,19 +138,33 @@ def test_a_damaged_or_oversized_index_counts_as_an_empty_cache(tmp_path):
     assert cache.index()["k"]["cold_s"] == 2.5
 
 
-def test_loras_switch_the_blocks_to_eager_and_back(models, tmp_path):
-    model = hosted(models, tmp_path)
-    model.load(range(6), True, True)
-    name = "transformer_blocks.0.attn.to_q"
-    layer = dict(model.span.named_modules())[name]
-    factors = {name: (torch.zeros(2, layer.in_features, dtype=torch.bfloat16),
-                      torch.zeros(layer.out_features, 2, dtype=torch.bfloat16))}
-    model._lora_patch = LoraPatch(model.span, factors)
-    model._choose_block_call()
-    assert model.span.block_call is None
-    model._drop_lora_patch()
-    model._choose_block_call()
-    assert model.span.block_call == model.compiler.call
+def test_a_lora_job_runs_its_hooks_although_the_blocks_were_compiled_without_them(models, tmp_path):
+    """Compiled graphs do not see forward hooks added later: with LoRAs the blocks must run eagerly."""
+    compiled, eager = hosted(models, tmp_path), HostedModel(open_source("tiny", ModelStore([models])),
+                                                            torch.device("cpu"), torch.bfloat16)
+    gen = torch.Generator().manual_seed(3)
+    d = compiled.preset.hidden
+    rand = lambda *size: torch.randn(*size, generator=gen).to(torch.bfloat16)  # noqa: E731
+    txt, img, cond = rand(1, TINY_TXT, d), rand(1, 64, d), Conditioning(rand(1, d), rand(1, 6 * d), rand(1, 6 * d),
+                                                                         rand(1, 3 * d))
+    factors = None
+    outputs = []
+    with torch.inference_mode():
+        for model in (compiled, eager):
+            model.load(range(6), True, True)
+            model.warm_compiled(TINY_TXT, 64)  # graphs exist, traced without hooks (a no-op when eager)
+            if factors is None:
+                layers = {n: m for n, m in model.span.named_modules() if n.endswith(("attn.to_q", "to_qkv_mlp_proj"))}
+                factors = {n: (rand(2, m.in_features), rand(m.out_features, 2)) for n, m in layers.items()}
+            model._lora_patch = LoraPatch(model.span, factors)  # what set_loras does, minus the files
+            model._choose_block_call()
+            rotary = model.span.rotary(torch.zeros(TINY_TXT, 4, dtype=torch.long), torch.zeros(64, 4, dtype=torch.long))
+            outputs.append(model.span.run(0, 6, Stream(TINY_TXT, pair=(txt, img)), cond, rotary).as_joint())
+        assert compiled.span.block_call is None
+        assert torch.equal(outputs[0], outputs[1])
+        compiled._drop_lora_patch()
+        compiled._choose_block_call()
+        assert compiled.span.block_call == compiled.compiler.call  # the next job without LoRAs compiles again
 
 
 def test_a_compiled_split_equals_the_compiled_all_local_run(models, tmp_path):

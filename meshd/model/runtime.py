@@ -353,9 +353,9 @@ class HostedModel:
     # --- compiled blocks ------------------------------------------------------------------------
 
     def _choose_block_call(self) -> None:
-        # LoRA hooks on a block's linears would make every block a graph of its own (their factors
-        # differ per layer): with LoRAs the blocks run eagerly, on every peer alike, so a split with
-        # LoRAs still equals the all-local run with them.
+        # Dynamo does not guard on module hooks (torch._dynamo.config.skip_nnmodule_hook_guards): a
+        # graph compiled without the LoRA hooks would silently run without them. With LoRAs the
+        # blocks run eagerly, on every peer alike, so a split with LoRAs still equals the all-local run.
         if self.span is not None:
             use = self.compiler is not None and self._lora_patch is None
             self.span.block_call = self.compiler.call if use else None
