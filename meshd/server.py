@@ -495,7 +495,7 @@ class Daemon:
         return {"stages": [mine, *infos]}, []
 
     async def compile_for(self, geometry: Geometry, loras: tuple[LoraSpec, ...], event) -> float:
-        """Compile this stage's blocks for ``geometry`` if they have not run it yet (announced by events)."""
+        """Compile this peer's blocks for ``geometry`` if they have not run it yet (announced by events)."""
         scale = self.model.preset.size_multiple
         return await compile_blocks(self.model, self.worker, geometry.txt_len, geometry.img_h * geometry.img_w,
                                     loras, size=f"{geometry.img_w * scale}x{geometry.img_h * scale}",
@@ -798,7 +798,12 @@ class Daemon:
             runner = SplitRunner(self, plan, params, floor, measure_error, events=request.event)
         try:
             if isinstance(runner, SplitRunner):
+                # The head compiles its own blocks while the stages compile theirs during prepare.
+                g = runner.geometry
+                head_compile = asyncio.ensure_future(self.compile_for(g, params.loras, request.event))
+                head_compile.add_done_callback(lambda f: f.cancelled() or f.exception())
                 stages_info = await runner.prepare()
+                await head_compile
             await request.event({"kind": "prepared", "plan": plan.describe(), "stages": stages_info})
             result = await run_generation(
                 self.model, self.worker, params, runner,
