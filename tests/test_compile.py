@@ -182,12 +182,19 @@ def test_a_compiled_split_equals_the_compiled_all_local_run(models, tmp_path):
     async def split():
         async with running_daemon(tmp_path / "a", None, models_dir=models, compile_backend="aot_eager") as a, \
                 running_daemon(tmp_path / "b", None, models_dir=models, compile_backend="aot_eager") as b:
-            outcome = await split_generation(None, [a.bound, b.bound], spec, PARAMS, codec="raw", return_latents=True)
+            def on_event(event):
+                if event.get("kind") == "prepared":
+                    graphs_at_prepared.append(graphs())
+            outcome = await split_generation(None, [a.bound, b.bound], spec, PARAMS, codec="raw", return_latents=True,
+                                             on_event=on_event)
             return outcome, a.node_info()["compile"], b.node_info()["compile"]
 
+    graphs_at_prepared = []
     expected = asyncio.run(local())
     outcome, head, stage = asyncio.run(split())
     assert torch.equal(outcome.latents, expected)
+    # No peer compiled anything once the steps began (a stage's received tensors included).
+    assert graphs_at_prepared == [graphs()]
     assert head["on"] and stage["on"] and head["compiled_shapes"] >= 1 and stage["compiled_shapes"] >= 1
     # Each peer compiled its own blocks for 32x32 before the first step, and said so up the line.
     announced = [e for e in outcome.events if e.get("kind") == "compiling"]
@@ -235,3 +242,17 @@ def test_inductor_compiled_split_equals_compiled_local_on_cuda(models, tmp_path,
     outcome = asyncio.run(split())
     assert torch.equal(outcome.latents, expected)
     assert ((eager - expected).norm() / eager.norm()) < 0.05
+
+
+def test_serve_compiles_the_default_size_before_it_is_ready(models, tmp_path, caplog):
+    from meshd.cli import _warm_default
+    from meshd.sdnotify import Notifier
+
+    model = hosted(models, tmp_path)
+    with torch.inference_mode():
+        model.load(range(6), True, True)
+    with caplog.at_level("INFO", logger="meshd"):
+        _warm_default(model, Notifier())
+    side = model.preset.default_size
+    assert f"compiling blocks 0-5 for {side}x{side} (first time)" in caplog.text
+    assert model.compile_pending(TINY_TXT, (side // model.preset.size_multiple) ** 2) == []

@@ -115,10 +115,13 @@ class CompileCache:
         entry["cached_s" if cached else "cold_s"] = round(seconds, 3)
         entry["at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         entries[key] = entry
-        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         tmp = self.root / f".{INDEX_FILE}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps({"version": 1, "entries": entries}, indent=1, sort_keys=True))
-        os.replace(tmp, self.root / INDEX_FILE)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+            tmp.write_text(json.dumps({"version": 1, "entries": entries}, indent=1, sort_keys=True))
+            os.replace(tmp, self.root / INDEX_FILE)
+        except OSError as exc:  # the compiled graphs work without the index; only the estimates suffer
+            log.warning("cannot write the compile index %s: %s", self.root / INDEX_FILE, exc)
 
     def size_bytes(self) -> int:
         """Bytes under the inductor cache (0 when it does not exist)."""
@@ -136,6 +139,30 @@ def _call_block(block: torch.nn.Module, kwargs: dict):
     return block(**kwargs)
 
 
+def _canonical(value):
+    # Dynamo guards on every input's dispatch keys and strides (size-1 dimensions included), and the
+    # graphs were traced on fresh contiguous tensors made in inference mode, as the head's are. A stage's
+    # received stream and per-step vectors are made outside inference mode, and its image stream is a
+    # view of the joint one (batch stride 6144, not 4096, at the tiny size): without this copy a stage
+    # would compile every block class again at its first step, silently, and might pick other kernels.
+    # Only such inputs are copied (the first block's stream, the small vectors).
+    if isinstance(value, torch.Tensor):
+        if value.is_inference() and value.stride() == _contiguous_strides(value.shape):
+            return value
+        return value.clone(memory_format=torch.contiguous_format)
+    if isinstance(value, tuple):
+        return tuple(_canonical(v) for v in value)
+    return value
+
+
+def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
+
+
 class BlockCompiler:
     """Runs a span's blocks through compiled graphs and compiles the shapes a generation will need.
 
@@ -147,7 +174,7 @@ class BlockCompiler:
         self.cache = cache
         self.model = model
         self.backend = backend
-        if cache is not None:
+        if cache is not None and backend == "inductor":  # the only backend that writes those caches
             cache.activate()
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         self._fn = torch.compile(_call_block, fullgraph=True, dynamic=False, backend=backend)
@@ -158,6 +185,8 @@ class BlockCompiler:
 
     def call(self, block: torch.nn.Module, **kwargs):
         """``block(**kwargs)`` through the compiled graph of its class and shape."""
+        if torch.is_inference_mode_enabled():
+            kwargs = {name: _canonical(value) for name, value in kwargs.items()}
         return self._fn(block, kwargs)
 
     def shapes(self, span, txt_len: int, img_tokens: int) -> list[BlockShape]:
