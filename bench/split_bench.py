@@ -41,7 +41,7 @@ from meshd.auth import read_key  # noqa: E402
 from meshd.generation import GenerationParams, LocalRunner, Sampler, run_generation  # noqa: E402
 from meshd.gpu import GpuWorker  # noqa: E402
 from meshd.link import LinkEmulation  # noqa: E402
-from meshd.model.compiled import BlockCompiler, CompileCache  # noqa: E402
+from meshd.model.compiled import INDUCTOR_ENV, BlockCompiler, CompileCache  # noqa: E402
 from meshd.model.files import ModelStore  # noqa: E402
 from meshd.model.runtime import HostedModel, open_source  # noqa: E402
 from meshd.plan import parse_split  # noqa: E402
@@ -254,7 +254,10 @@ async def run_split(args, cluster, params, local, emulation) -> dict:
 def bench_one(args, device, params, setting: str) -> dict:
     """The all-local reference and the split runs with compiled blocks ("on") or eager ones ("off")."""
     state = (args.workdir or Path("/tmp/flux-mesh-split-bench")) / f"local-state-compile-{setting}"
+    inherited = os.environ.get(INDUCTOR_ENV)
     local = asyncio.run(run_local(args, device, params, compiled=setting == "on", state_dir=state))
+    if inherited is None:  # the local run pointed inductor at its state dir: the daemons use their own
+        os.environ.pop(INDUCTOR_ENV, None)
     log(f"compile {setting}: local {local['median_s']:.3f} s (compile {local['compile_s']:.1f} s), "
         f"peak VRAM {local['peak_vram_bytes']}")
     common = ["--model", args.model, "--compile", setting]
