@@ -8,6 +8,7 @@ inductor needs here. The inductor test runs on the GPU machine (``pytest -m gpu 
 
 import asyncio
 import json
+import os
 
 import pytest
 import torch
@@ -257,3 +258,13 @@ def test_serve_compiles_the_default_size_before_it_is_ready(models, tmp_path, ca
     side = model.preset.default_size
     assert f"compiling blocks 0-5 for {side}x{side} (first time)" in caplog.text
     assert model.compile_pending(TINY_TXT, (side // model.preset.size_multiple) ** 2) == []
+
+
+def test_inductor_caches_go_to_the_state_dir_unless_the_user_chose_a_place(tmp_path, monkeypatch):
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())  # what importing diffusers leaves there
+    assert CompileCache(tmp_path / "state").activate() == tmp_path / "state" / "inductor"
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "state" / "inductor")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert CompileCache(tmp_path / "other").activate() == tmp_path / "mine"

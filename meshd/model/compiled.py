@@ -81,10 +81,18 @@ class CompileCache:
 
     def activate(self) -> Path:
         """Point inductor's caches here (unless the user set TORCHINDUCTOR_CACHE_DIR); returns where they are."""
-        if os.environ.get(INDUCTOR_ENV):
-            return Path(os.environ[INDUCTOR_ENV])
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir  # noqa: PLC0415
+
+        current = os.environ.get(INDUCTOR_ENV)
+        # Importing diffusers already makes inductor write its default (/tmp/torchinductor_USER) into the
+        # environment: only another value is the user's choice.
+        if current and os.path.abspath(current) != os.path.abspath(default_cache_dir()):
+            return Path(current)
         self.inductor.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.environ[INDUCTOR_ENV] = str(self.inductor)
+        from torch._inductor.utils import clear_caches  # noqa: PLC0415 - paths inductor memoised from the old dir
+
+        clear_caches()
         return self.inductor
 
     def index(self) -> dict[str, dict]:
