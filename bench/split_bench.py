@@ -256,8 +256,11 @@ def bench_one(args, device, params, setting: str) -> dict:
     state = (args.workdir or Path("/tmp/flux-mesh-split-bench")) / f"local-state-compile-{setting}"
     inherited = os.environ.get(INDUCTOR_ENV)
     local = asyncio.run(run_local(args, device, params, compiled=setting == "on", state_dir=state))
-    if inherited is None:  # the local run pointed inductor at its state dir: the daemons use their own
+    # The local run pointed inductor at its own state dir: the daemons (children) must use theirs.
+    if inherited is None:
         os.environ.pop(INDUCTOR_ENV, None)
+    else:
+        os.environ[INDUCTOR_ENV] = inherited
     log(f"compile {setting}: local {local['median_s']:.3f} s (compile {local['compile_s']:.1f} s), "
         f"peak VRAM {local['peak_vram_bytes']}")
     common = ["--model", args.model, "--compile", setting]
