@@ -88,7 +88,8 @@ class CompileCache:
         # environment: only another value is the user's choice.
         if current and os.path.abspath(current) != os.path.abspath(default_cache_dir()):
             return Path(current)
-        self.inductor.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)  # compiled code: meshd's user only
+        self.inductor.mkdir(exist_ok=True, mode=0o700)
         os.environ[INDUCTOR_ENV] = str(self.inductor)
         from torch._inductor.utils import clear_caches  # noqa: PLC0415 - paths inductor memoised from the old dir
 
