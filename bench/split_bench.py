@@ -5,6 +5,7 @@ pipelined queues.
     python bench/split_bench.py --model klein-9b --random-weights --size 1024 --steps 4 --json
     python bench/split_bench.py ... --emulate-link 1gbit,0.3ms --queue 4   # figures labelled "emulated"
     python bench/split_bench.py ... --unsealed   # the same, frames not sealed: the cost of sealing
+    python bench/split_bench.py ... --codecs raw --compile on,off          # compiled blocks vs eager
 
 The all-local reference runs in this process (every block on --device); the split runs over two
 ``meshd`` daemons on the same machine (both on --device) joined by loopback TCP, or by a link
@@ -41,6 +42,7 @@ from meshd.auth import read_key  # noqa: E402
 from meshd.generation import GenerationParams, LocalRunner, Sampler, run_generation  # noqa: E402
 from meshd.gpu import GpuWorker  # noqa: E402
 from meshd.link import LinkEmulation  # noqa: E402
+from meshd.model.compiled import INDUCTOR_ENV, BlockCompiler, CompileCache  # noqa: E402
 from meshd.model.files import ModelStore  # noqa: E402
 from meshd.model.runtime import HostedModel, open_source  # noqa: E402
 from meshd.plan import parse_split  # noqa: E402
@@ -114,20 +116,23 @@ def time_forward_vs_diffusers(model: HostedModel, params: GenerationParams, repe
     return out
 
 
-async def run_local(args, device, params) -> dict:
+async def run_local(args, device, params, compiled: bool = False, state_dir: Path | None = None) -> dict:
     store = ModelStore([args.models_dir])
-    model = HostedModel(open_source(args.model, store, random_weights=args.random_weights), device, torch.bfloat16,
-                        weights=getattr(args, "weights", "auto"))
+    source = open_source(args.model, store, random_weights=args.random_weights)
+    compiler = BlockCompiler(CompileCache(state_dir / "compile"), source.model_id) if compiled else None
+    model = HostedModel(source, device, torch.bfloat16, weights=getattr(args, "weights", "auto"), compiler=compiler)
     worker = GpuWorker(device)
     await worker.run(model.load, range(model.preset.num_blocks), True, True)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times, result = [], None
+    times, result, compile_s = [], None, 0.0
     for i in range(args.repeat + 1):
         t0 = time.perf_counter()
         result = await run_generation(model, worker, params, LocalRunner(worker))
         if i:
             times.append(time.perf_counter() - t0)
+        else:
+            compile_s = result.summary["compile_s"]  # the untimed warm-up compiles
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     out = {
         "seconds": times,
@@ -137,6 +142,8 @@ async def run_local(args, device, params) -> dict:
         "pixels": np.asarray(Image.open(io.BytesIO(result.png))),
         "step_ms": [s["ms"] for s in result.summary["steps"]],
         "decode_ms": result.summary["decode_ms"],
+        "compiled": compiled,
+        "compile_s": compile_s,
     }
     if args.compare_diffusers:
         out["forward_vs_diffusers"] = await worker.run(time_forward_vs_diffusers, model, params)
@@ -246,6 +253,39 @@ async def run_split(args, cluster, params, local, emulation) -> dict:
     return result
 
 
+def bench_one(args, device, params, setting: str) -> dict:
+    """The all-local reference and the split runs with compiled blocks ("on") or eager ones ("off")."""
+    state = (args.workdir or Path("/tmp/flux-mesh-split-bench")) / f"local-state-compile-{setting}"
+    inherited = os.environ.get(INDUCTOR_ENV)
+    local = asyncio.run(run_local(args, device, params, compiled=setting == "on", state_dir=state))
+    # The local run pointed inductor at its own state dir: the daemons (children) must use theirs.
+    if inherited is None:
+        os.environ.pop(INDUCTOR_ENV, None)
+    else:
+        os.environ[INDUCTOR_ENV] = inherited
+    log(f"compile {setting}: local {local['median_s']:.3f} s (compile {local['compile_s']:.1f} s), "
+        f"peak VRAM {local['peak_vram_bytes']}")
+    common = ["--model", args.model, "--compile", setting]
+    if args.random_weights:
+        common.append("--random-weights")
+    if args.emulate_link:
+        common += ["--emulate-link", args.emulate_link]
+    env = {HEVC_REPLAY_ENV: "4096"} if args.hevc_ahead else {}
+    emulation = LinkEmulation.parse(args.emulate_link) if args.emulate_link else None
+    devices = args.devices.split(",") if args.devices else [str(device), str(device)]
+    workdir = args.workdir / f"compile-{setting}" if args.workdir else None
+    with LocalCluster(workdir=workdir, models_dir=args.models_dir, common_args=common) as cluster:
+        if args.transport == "tcp":
+            config = cluster.workdir / "tcp-only.toml"
+            config.write_text("[meshd]\nsame_host_ipc = false\n")
+            common += ["--config", str(config)]
+        cluster.add("A", "--device", devices[0], env=env)
+        cluster.add("B", "--device", devices[1], env=env)
+        cluster.start(timeout=300)
+        split = asyncio.run(run_split(args, cluster, params, local, emulation))
+    return {"devices": devices, "local": {k: v for k, v in local.items() if k not in ("latents", "pixels")}, **split}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="klein-9b")
@@ -264,6 +304,9 @@ def main() -> int:
     parser.add_argument("--queue", type=int, default=0, help="also time N images sequential vs pipelined")
     parser.add_argument("--queue-codec", default="auto")
     parser.add_argument("--compare-diffusers", action="store_true", help="time our forward vs diffusers' own")
+    parser.add_argument("--compile", default="off",
+                        help="comma list of on/off: run everything with the blocks compiled, eagerly, or both "
+                             "(default off, the figures before compiled blocks existed)")
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--workdir", type=Path, help="keep the daemons' key, state and logs here")
     parser.add_argument("--unsealed", action="store_true",
@@ -288,34 +331,38 @@ def main() -> int:
     if args.unsealed:
         unsealed = str(Path(__file__).resolve().parent / "unsealed")  # its sitecustomize turns sealing off
         env["PYTHONPATH"] = os.pathsep.join(p for p in (unsealed, os.environ.get("PYTHONPATH", "")) if p)
+    settings = [c.strip() for c in args.compile.split(",") if c.strip()]
+    if not settings or any(c not in ("on", "off") for c in settings):
+        parser.error(f"--compile {args.compile!r}: a comma list of on and off")
     if args.workdir:
         args.workdir.mkdir(parents=True, exist_ok=True)
-    emulation = LinkEmulation.parse(args.emulate_link) if args.emulate_link else None
-    devices = args.devices.split(",") if args.devices else [str(device), str(device)]
-    with LocalCluster(workdir=args.workdir, models_dir=args.models_dir, common_args=common) as cluster:
-        if args.transport == "tcp":
-            config = cluster.workdir / "tcp-only.toml"
-            config.write_text("[meshd]\nsame_host_ipc = false\n")
-            common += ["--config", str(config)]
-        cluster.add("A", "--device", devices[0], env=env)
-        cluster.add("B", "--device", devices[1], env=env)
-        cluster.start(timeout=300)
-        split = asyncio.run(run_split(args, cluster, params, local, emulation))
+    runs = {setting: bench_one(args, device, params, setting) for setting in settings}
     result = {
         "bench": "split",
         "machine": {"host": platform.node(), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                     "cpus": os.cpu_count(), "torch": torch.__version__},
         "config": {"model": args.model, "random_weights": args.random_weights, "size": args.size, "steps": args.steps,
-                   "link": (emulation.describe() if emulation else
+                   "link": (LinkEmulation.parse(args.emulate_link).describe() if args.emulate_link else
                             "loopback TCP" if args.transport == "tcp" else "same host (CUDA IPC where it works)"),
-                   "devices": devices,
+                   "devices": runs[settings[0]]["devices"],
                    "hevc_encoding": ("libx265 ahead of time (replayed)" if args.hevc_ahead else "libx265 live (CPU)")
                    + " where the GPU has no NVENC",
                    "text_encoder": "stand-in on the head's CPU (random weights have no real text encoder)",
                    "frames": "unsealed (benchmark-only build)" if args.unsealed else "sealed (AES-256-GCM)"},
-        "local": {k: v for k, v in local.items() if k not in ("latents", "pixels")},
-        **split,
     }
+    if len(settings) == 1:
+        result.update({k: v for k, v in runs[settings[0]].items() if k != "devices"})
+        result["config"]["compile"] = settings[0]
+    else:
+        result["compile"] = {s: {k: v for k, v in r.items() if k != "devices"} for s, r in runs.items()}
+        if {"on", "off"} <= set(runs):
+            on, off = runs["on"], runs["off"]
+            result["compiled_over_eager"] = {
+                "local": on["local"]["median_s"] / off["local"]["median_s"],
+                "split": {row["codec"]: row["split_median_s"] / base["split_median_s"]
+                          for row, base in zip(on["runs"], off["runs"])},
+            }
+            log(f"compiled/eager: {result['compiled_over_eager']}")
     print(json.dumps(result, indent=1 if args.json else None, default=str))
     return 0
 

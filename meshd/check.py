@@ -368,6 +368,49 @@ def check_node_id(config: DaemonConfig) -> Iterator[Finding]:
                   f"no node id in {config.state_dir} yet: one is made on first start")
 
 
+def check_compile(config: DaemonConfig) -> Iterator[Finding]:
+    """Whether the blocks are compiled on the configured device, what that needs, and the compile cache."""
+    import torch  # noqa: PLC0415
+
+    from .model.compiled import CompileCache, wanted  # noqa: PLC0415
+
+    name = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        yield Finding("compile", PROBLEM, f"device {name!r} is not a device torch knows")
+        return
+    on, why = wanted(config.compile, device)
+    yield Finding("compile", OK if on or config.compile == "off" else NOTE, f"compiled blocks {why}")
+    if on and device.type == "cuda":
+        try:
+            import triton  # noqa: F401, PLC0415
+        except ImportError:
+            yield Finding("compile", PROBLEM, "compile is on for a CUDA device, but the triton package is missing "
+                                              "(it comes with CUDA builds of torch): install it or set compile = false")
+    elif on and shutil.which("c++") is None:
+        yield Finding("compile", PROBLEM, "compile is on for the CPU, but no C++ compiler (c++) is on PATH: install "
+                                          "one or set compile = false")
+    cache = CompileCache(config.state_dir / "compile")
+    entries = cache.index()
+    if not entries:
+        yield Finding("compile", NOTE if on else OK,
+                      f"compile cache {cache.root} is empty: the first generation at each image size compiles the "
+                      "blocks first (~20 s for klein-9B on an H200, announced on the dashboard)" if on else
+                      f"compile cache {cache.root} is empty")
+        return
+    shown = []
+    for key, entry in sorted(entries.items(), key=lambda kv: str(kv[1].get("at", "")), reverse=True)[:6]:
+        model, kind, tokens = (key.split("|") + ["", "", ""])[:3]
+        seconds = entry.get("cold_s", entry.get("cached_s"))
+        took = f" {seconds:.0f} s" if isinstance(seconds, (int, float)) else ""
+        shown.append(f"{model} {kind} @{tokens} tokens{took}")
+    size = cache.size_bytes()
+    yield Finding("compile", OK, f"compile cache {cache.root}: {len(entries)} block graphs, {size / (1 << 20):.0f} MiB "
+                                 f"({'; '.join(shown)}{'; ...' if len(entries) > len(shown) else ''}); a restart "
+                                 "compiles these from the cache in seconds")
+
+
 def run_checks(config: DaemonConfig, *, codecs: bool = True, nvml=None,
                selftest_shape: tuple[int, ...] | None = None) -> list[Finding]:
     """Every check; ``codecs=False`` skips the NVENC/NVDEC probe (it imports torch and opens encoders);
@@ -381,6 +424,7 @@ def run_checks(config: DaemonConfig, *, codecs: bool = True, nvml=None,
     findings += check_models(config)
     if codecs:  # device probes: an fp8 matmul on each GPU
         findings += check_precision(config)
+    findings += check_compile(config)
     findings += check_mdns(config)
     findings += check_key(config)
     findings += check_systemd()

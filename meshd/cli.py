@@ -83,6 +83,8 @@ def _serve_parser(sub) -> None:
     p.add_argument("--text-encoder-device", help="where the head encodes prompts, e.g. cpu (default: the model's device)")
     p.add_argument("--text-encoder-idle", choices=["release", "cpu", "keep"],
                    help="after encoding, free the text encoder (release, default), park it in RAM (cpu) or keep it")
+    p.add_argument("--compile", choices=["auto", "on", "off"],
+                   help="run the blocks through torch.compile (default auto: on CUDA devices, off on the CPU)")
     p.add_argument("--ready-file", type=Path, help="write {host, port, pid, node_id} as JSON here once serving")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
@@ -192,6 +194,7 @@ async def _serve_async(args) -> int:
     from .auth import AuthError, read_key  # noqa: PLC0415
     from .config import ConfigError, load_config, parse_blocks  # noqa: PLC0415
     from .model.files import ModelError, ModelStore  # noqa: PLC0415
+    from .model.compiled import compiler_for  # noqa: PLC0415
     from .model.runtime import DTYPES, FolderSource, HostedModel, open_source  # noqa: PLC0415
     from .model.text_encoder import TextEncoderOptions  # noqa: PLC0415
     from .nodeid import stable_node_id  # noqa: PLC0415
@@ -203,7 +206,7 @@ async def _serve_async(args) -> int:
                                                "seed", "key_file", "insecure", "state_dir", "node_name",
                                                "emulate_link", "mdns", "advertise_address", "telemetry_interval",
                                                "text_encoder_device", "text_encoder_idle", "comfyui_dir",
-                                               "distilled")}
+                                               "distilled", "compile")}
     if args.models_dir:
         overrides["models_dir"] = tuple(p.expanduser().resolve() for p in args.models_dir)
     if args.lora_dir:
@@ -242,7 +245,9 @@ async def _serve_async(args) -> int:
                              distilled=config.distilled)
         text_encoder = TextEncoderOptions(device=config.text_encoder_device or None, idle=config.text_encoder_idle,
                                           cache_bytes=config.prompt_cache_mib << 20)
-        model = HostedModel(source, device, DTYPES[config.dtype], text_encoder, weights=config.weights)
+        compiler, compile_why = compiler_for(config.compile, device, config.state_dir, source.model_id)
+        model = HostedModel(source, device, DTYPES[config.dtype], text_encoder, weights=config.weights,
+                            compiler=compiler)
         blocks = parse_blocks(config.blocks, model.preset.num_blocks)
     except (ModelError, ConfigError, KeyError, ValueError, RuntimeError) as exc:  # RuntimeError: a bad device name
         raise StartupError(f"model: {exc}") from None
@@ -260,6 +265,9 @@ async def _serve_async(args) -> int:
             source.check_head_files()
         except ModelError as exc:
             log.warning("as a plan's head this daemon would fail: %s", exc)
+    log.info("compiled blocks: %s", compile_why)
+    if blocks and compiler is not None:
+        _warm_default(model, notifier)
     daemon = Daemon(config, model, key, node_id=stable_node_id(config.state_dir))
     # Clean-up runs in reverse: withdraw the mDNS record first (peers stop routing work here), end the
     # telemetry subscriptions (so draining does not wait on them), then drain and close the daemon.
@@ -312,6 +320,34 @@ def _check_writable(folder: Path, what: str, holds: str) -> None:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise StartupError(f"{what} ({holds}): {folder}: {exc.strerror or exc}") from None
+
+
+def _warm_default(model, notifier) -> None:
+    """Compile the loaded blocks for the model's default size before serving, so that size never waits."""
+    import torch  # noqa: PLC0415
+
+    from .config import describe_ranges  # noqa: PLC0415
+    from .model.compile_events import compiled_event, compiling_event, describe_event  # noqa: PLC0415
+
+    side = model.preset.default_size
+    pending = model.compile_pending(model.preset.max_sequence_length, (side // model.preset.size_multiple) ** 2)
+    if not pending:
+        return
+    estimate, cached = model.compiler.estimate(pending)
+    tokens = model.preset.max_sequence_length + (side // model.preset.size_multiple) ** 2
+    line = describe_event(compiling_event("", describe_ranges(model.blocks), f"{side}x{side}", tokens, cached, estimate))
+    log.info("%s", line)
+    notifier.status(line)
+    device = torch.cuda.device(model.device) if model.device.type == "cuda" else contextlib.nullcontext()
+    try:
+        with torch.inference_mode(), device:
+            seconds = model.warm_default()
+    except Exception as exc:  # noqa: BLE001 - inductor's failures: say which setting avoids them
+        log.debug("compile failed", exc_info=True)
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise StartupError(f"compiling the blocks failed: {type(exc).__name__}: {first} (compile = false, or "
+                           "--compile off, runs them eagerly)") from None
+    log.info("%s", describe_event(compiled_event("", seconds)))
 
 
 async def _advertise(daemon, sampler, config, port: int):

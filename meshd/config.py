@@ -53,6 +53,21 @@ class ConfigError(ValueError):
     """A configuration file or flag with a value meshd cannot use."""
 
 
+#: ``compile``: "auto" compiles the blocks on CUDA devices only (a CPU compile needs a C++ compiler and
+#: takes long for no gain worth having); "on" forces it, "off" runs them eagerly.
+COMPILE_SETTINGS = ("auto", "on", "off")
+
+
+def parse_compile(value: object) -> str:
+    """``compile`` from meshd.toml (true / false / "auto") or the CLI (on / off / auto) as one of COMPILE_SETTINGS."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    text = {"true": "on", "false": "off"}.get(str(value).strip().lower(), str(value).strip().lower())
+    if text not in COMPILE_SETTINGS:
+        raise ConfigError(f"compile = {value!r:.20} must be true, false or \"auto\" (on the command line: on, off, auto)")
+    return text
+
+
 @dataclass(frozen=True)
 class DaemonConfig:
     host: str = "0.0.0.0"
@@ -83,6 +98,7 @@ class DaemonConfig:
     prompt_cache_mib: int = 256  # prompt embeddings kept on the CPU
     telemetry_interval: float = 1.0
     nvenc_sessions: int = 2  # NVENC sessions per GPU this daemon may hold (a GeForce system has 8 in all)
+    compile: str = "auto"  # the blocks through torch.compile: "auto" (CUDA only), "on"/true, "off"/false
 
     @property
     def cache_dir(self) -> Path:
@@ -108,6 +124,8 @@ def _coerce(name: str, value: Any, base: Path) -> Any:
         return None
     if name == "distilled" and not isinstance(value, bool):
         raise ConfigError(f'config key \'distilled\' must be true, false or "auto", got {value!r}')
+    if name == "compile":
+        return parse_compile(value)
     if name in _PATHS:
         return (base / Path(str(value)).expanduser()) if not Path(str(value)).expanduser().is_absolute() else Path(str(value)).expanduser()
     if name in _PATH_LISTS:

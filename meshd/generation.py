@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 import functools
+import logging
 from types import SimpleNamespace
 
 import numpy as np
@@ -26,11 +27,16 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from . import limits
+from .config import describe_ranges
 from .errors import MeshError
 from .gpu import GpuWorker
+from .model.compile_events import compiled_event, compiling_event
 from .model.lora import LoraSpec, loras_from_wire, loras_to_wire
 from .model.runtime import HostedModel
 from .model.span import Conditioning, Stream
+
+log = logging.getLogger(__name__)
+
 
 @functools.cache
 def _diffusers() -> SimpleNamespace:
@@ -241,6 +247,41 @@ class GenerationResult:
 ProgressFn = Callable[[dict], Awaitable[None] | None]
 
 
+async def _emit(progress: ProgressFn | None, event: dict) -> None:
+    if progress is not None:
+        result = progress(event)
+        if hasattr(result, "__await__"):
+            await result
+
+
+async def compile_blocks(model: HostedModel, worker: GpuWorker, txt_len: int, img_tokens: int,
+                         loras: tuple[LoraSpec, ...], *, size: str, node: str,
+                         progress: ProgressFn | None) -> float:
+    """Compile the held blocks for a geometry they have not run yet, announced by a ``compiling`` event
+    (with the expected seconds) and a ``compiled`` one; returns the seconds (0: nothing to compile).
+
+    Synchronous on purpose: a generation that ran some steps eager and the rest compiled would give a
+    different image than the same seed all compiled (see docs/models.md, "Compiled blocks")."""
+    pending = model.compile_pending(txt_len, img_tokens, loras)
+    if not pending:
+        return 0.0
+    estimate, cached = model.compiler.estimate(pending)
+    await _emit(progress, compiling_event(node, describe_ranges(model.blocks), size, txt_len + img_tokens, cached,
+                                          estimate))
+    try:
+        seconds, _ = await worker.run(model.warm_compiled, txt_len, img_tokens)
+    except MeshError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - inductor's failures (no compiler, a lowering bug) end here
+        log.exception("compiling blocks %s for %s failed", describe_ranges(model.blocks), size)
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise MeshError("internal", f"{node or 'this peer'} could not compile blocks {describe_ranges(model.blocks)} "
+                                    f"for {size}: {type(exc).__name__}: {first} (compile = false runs them "
+                                    "eagerly)") from None
+    await _emit(progress, compiled_event(node, seconds))
+    return seconds
+
+
 async def run_generation(model: HostedModel, worker: GpuWorker, params: GenerationParams, runner: StepRunner,
                          *, metadata: dict | None = None, progress: ProgressFn | None = None,
                          embeds: dict[str, torch.Tensor] | None = None) -> GenerationResult:
@@ -251,6 +292,9 @@ async def run_generation(model: HostedModel, worker: GpuWorker, params: Generati
     model.source.check_head_files(text_encoder=False)
     sampler = Sampler(model, params, embeds)
     _, prep_s = await worker.run(sampler.prepare)
+    compile_s = await compile_blocks(model, worker, sampler.txt_len, sampler.image_tokens, params.loras,
+                                     size=f"{params.width}x{params.height}",
+                                     node=str((metadata or {}).get("head", "")), progress=progress)
     steps = []
     for step in range(params.steps):
         step_start = time.perf_counter()
@@ -268,14 +312,8 @@ async def run_generation(model: HostedModel, worker: GpuWorker, params: Generati
             "passes": records,
         }
         steps.append(record)
-        if progress is not None:
-            result = progress({**record, "kind": "step", "step": step + 1, "steps": params.steps})
-            if hasattr(result, "__await__"):
-                await result
-    if progress is not None:
-        result = progress({"kind": "decode"})
-        if hasattr(result, "__await__"):
-            await result
+        await _emit(progress, {**record, "kind": "step", "step": step + 1, "steps": params.steps})
+    await _emit(progress, {"kind": "decode"})
     (latents, image), decode_s = await worker.run(sampler.decode)
     total = time.perf_counter() - start
     info = {
@@ -288,6 +326,8 @@ async def run_generation(model: HostedModel, worker: GpuWorker, params: Generati
         "params": params.to_wire(),
         "model": model.identity.to_dict(),
         "prepare_ms": prep_s * 1e3,
+        "compile_s": compile_s,  # the head's blocks, before the first step (0: already compiled)
+        "compiled": model.span.block_call is not None,
         "decode_ms": decode_s * 1e3,
         "total_s": total,
         "steps": steps,

@@ -105,6 +105,9 @@ MAX_PROMPTS_PER_ENCODE = 4
 #: A peer asked to encode prompts must answer within this long (loading a text encoder from disk
 #: the first time included).
 ENCODE_PROMPT_TIMEOUT_S = 600.0
+#: A ``prepare`` may compile the stages' blocks for a new image size first (``compiling`` events
+#: flow meanwhile; a dead peer is still noticed within PEER_SILENCE_TIMEOUT_S).
+PREPARE_TIMEOUT_S = 900.0
 #: Prepared jobs a stage holds at once.
 MAX_JOBS_PER_STAGE = 64
 #: Largest image side, in pixels.

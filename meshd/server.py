@@ -28,7 +28,8 @@ from . import __version__, auth, ipc, limits
 from .config import DaemonConfig, describe_ranges, ranges
 from .connection import Connection, Request, ServerSession, address_name, server_handshake
 from .errors import MeshError
-from .generation import GenerationParams, LocalRunner, Sampler, prompts_needed, run_generation, uses_cfg
+from .generation import (GenerationParams, LocalRunner, Sampler, compile_blocks, prompts_needed, run_generation,
+                         uses_cfg)
 from .gpu import GpuWorker
 from .link import LinkEmulation, LinkRegistry
 from .model.lora import LoraError, LoraSpec, LoraStore, loras_from_wire, loras_to_wire
@@ -434,6 +435,7 @@ class Daemon:
             "queue": self.worker.queued,
             "key_fingerprint": auth.fingerprint(self.key) if self.key else None,
             "emulated_link": self.emulation.describe() if self.emulation else None,
+            "compile": self.model.compiler.status() if self.model.compiler else {"on": False},
             "uptime_s": round(time.time() - self.started, 1),
             **{k: v for provider in self.info_providers for k, v in provider().items()},
         }
@@ -476,6 +478,9 @@ class Daemon:
             raise
         except Exception as exc:  # noqa: BLE001 - ModelError and I/O errors go back to the client
             raise MeshError("not-found", f"{self.name} could not load blocks {describe_ranges(blocks)}: {exc}") from None
+        # Warm the compiled blocks for the model's default size now, not at the first generation.
+        side = preset.default_size // preset.size_multiple
+        await self.compile_for(Geometry(1, preset.max_sequence_length, side, side), (), request.event)
         for callback in self.on_change:
             callback()
         log.info("now holding blocks %s (loaded in %.1f s)", describe_ranges(self.model.blocks), seconds)
@@ -547,6 +552,9 @@ class Daemon:
         loras = loras_from_wire(h.get("loras"))
         rotary, _ = await self.worker.run(self.model.span.rotary, txt_ids.to(self.device), img_ids.to(self.device))
         await self._check_loras(loras)
+        # This stage compiles for a new size while the prepare travels on, so the stages compile at once.
+        compiling = asyncio.ensure_future(self.compile_for(geometry, loras, request.event))
+        compiling.add_done_callback(lambda f: f.cancelled() or f.exception())
         downstream = set().union(*(cond_needs(preset, s.start, s.end) for s in stages[1:])) if len(stages) > 1 else set()
         job = StageJob(job_id, request.session, me.start, me.end, tail, geometry, rotary,
                        cond_needs(preset, me.start, me.end), downstream, measure_error=bool(h.get("measure_error")),
@@ -558,7 +566,8 @@ class Daemon:
                 channel = await self.pool.get(stages[1].peer)
                 onward = {k: v for k, v in h.items() if k not in ("op", "id")}
                 reply = await channel.request("prepare", {**onward, "stages": [s.to_wire() for s in stages[1:]]},
-                                              request.frame.segments)
+                                              request.frame.segments, on_event=relay_compile_events(request.event),
+                                              timeout=limits.PREPARE_TIMEOUT_S)
                 infos = reply.header.get("stages")
                 if not isinstance(infos, list) or not infos:
                     raise MeshError("protocol", "downstream prepare reply lacks stage infos", peer=channel.name)
@@ -566,12 +575,20 @@ class Daemon:
             except BaseException:
                 self._spawn(self._relay_release(job))  # what the stages after this one prepared goes too
                 raise
+        await compiling
         self.jobs[job_id] = job
         mine = {"peer": str(me.peer), "node": self.name, "node_id": self.node_id, "blocks": [me.start, me.end],
                 "caps": self.caps.to_dict(), "device": str(self.device), "host_id": ipc.host_id(),
                 "codec_out": job.next_link.label if job.next_link else None,
                 "link": job.next_link.info if job.next_link else None}
         return {"stages": [mine, *infos]}, []
+
+    async def compile_for(self, geometry: Geometry, loras: tuple[LoraSpec, ...], event) -> float:
+        """Compile this peer's blocks for ``geometry`` if they have not run it yet (announced by events)."""
+        scale = self.model.preset.size_multiple
+        return await compile_blocks(self.model, self.worker, geometry.txt_len, geometry.img_h * geometry.img_w,
+                                    loras, size=f"{geometry.img_w * scale}x{geometry.img_h * scale}",
+                                    node=self.name, progress=event)
 
     async def choose_link(self, nxt: Stage, next_info: dict, geometry: Geometry, forced: str,
                           floor: float) -> LinkPlan:
@@ -882,10 +899,15 @@ class Daemon:
             runner = LocalRunner(self.worker)
             stages_info = [{"node": self.name, "blocks": [0, self.model.preset.num_blocks]}]
         else:
-            runner = SplitRunner(self, plan, params, floor, measure_error)
+            runner = SplitRunner(self, plan, params, floor, measure_error, events=request.event)
         try:
             if isinstance(runner, SplitRunner):
+                # The head compiles its own blocks while the stages compile theirs during prepare.
+                g = runner.geometry
+                head_compile = asyncio.ensure_future(self.compile_for(g, params.loras, request.event))
+                head_compile.add_done_callback(lambda f: f.cancelled() or f.exception())
                 stages_info = await runner.prepare()
+                await head_compile
             await request.event({"kind": "prepared", "plan": plan.describe(), "stages": stages_info,
                                  "distilled": self.model.source.distilled(), "cfg": uses_cfg(self.model, params)})
             result = await run_generation(
@@ -904,12 +926,21 @@ class Daemon:
         return {"summary": result.summary}, [result.png]
 
 
+def relay_compile_events(send: Callable[[dict], Awaitable[None]]) -> Callable:
+    """An ``on_event`` for a downstream prepare: its stages' compile events go on up the line."""
+    async def relay(frame) -> None:
+        if frame.header.get("kind") in ("compiling", "compiled"):
+            await send({k: v for k, v in frame.header.items() if k not in ("op", "id")})
+    return relay
+
+
 class SplitRunner:
     """The head's side of a split generation: its own blocks here, the rest across the mesh."""
 
     def __init__(self, daemon: Daemon, plan: SplitPlan, params: GenerationParams, floor: float,
-                 measure_error: bool) -> None:
+                 measure_error: bool, events: Callable[[dict], Awaitable[None]] | None = None) -> None:
         self.daemon = daemon
+        self.events = events  # where the stages' compiling events go (the generate request's stream)
         self.plan = plan
         self.params = params
         self.floor = floor
@@ -942,7 +973,8 @@ class SplitRunner:
             "ids": headers,
             "loras": loras_to_wire(self.params.loras),
         }
-        reply = await self.channel.request("prepare", fields, buffers)
+        reply = await self.channel.request("prepare", fields, buffers, timeout=limits.PREPARE_TIMEOUT_S,
+                                           on_event=relay_compile_events(self.events) if self.events else None)
         infos = reply.header.get("stages")
         if not isinstance(infos, list) or not infos:
             raise MeshError("protocol", "prepare reply lacks stage infos", peer=self.channel.name)

@@ -36,7 +36,8 @@ from .config import ConfigError, GenerateSettings, TuiConfig, save_config, with_
 from .history import TelemetryStore
 from .mesh import Mesh
 from .messages import (DiscoveryState, GenerationDone, GenerationEvent, LocalDaemonsStarted, PeerDiscovered,
-                       PeerUpdated, PeerVanished, SpanLoading, SplitApplied, TelemetryNote, TelemetrySampled)
+                       PeerUpdated, PeerVanished, SpanCompiling, SpanLoading, SplitApplied, TelemetryNote,
+                       TelemetrySampled)
 from .runs import RunRecord, RunState
 from .screens.add_peer import AddPeerScreen
 from .screens.generate import GenerateScreen
@@ -321,6 +322,11 @@ class MeshApp(App[int]):
     def _span_loading(self, message: SpanLoading) -> None:
         self.dashboard.span_loading(message.label, message.done, message.total)
         self.refresh_derived()
+
+    @on(SpanCompiling)
+    def _span_compiling(self, message: SpanCompiling) -> None:
+        # Loading shows done/total; the compile after it would otherwise look like a stalled load.
+        self.notify(f"{message.label}: {message.text}", title="Split")
 
     @on(SplitApplied)
     def _split_applied(self, message: SplitApplied) -> None:

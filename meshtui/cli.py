@@ -171,6 +171,10 @@ async def _on_event(event: dict) -> None:
                      + (", emulated" if link.get("emulated") else "") + ")")
     elif kind in ("load-start", "load-done"):
         _log(f"{event.get('peer')}: {'loading blocks ' + str(event.get('blocks')) if kind == 'load-start' else 'loaded'}")
+    elif kind in ("compiling", "compiled"):
+        from meshd.model.compile_events import describe_event  # noqa: PLC0415
+
+        _log(describe_event(event))
     elif kind == "decode":
         _log("decoding image")
     elif kind == "queued" and event.get("position", 0) > 1:

@@ -202,7 +202,9 @@ class Mesh:
             await _call(on_event, {"kind": "load-start", "peer": label, "blocks": ranges})
 
             async def progress(frame) -> None:
-                await _call(on_event, {"peer": label, **frame.header, "kind": "load"})
+                kind = frame.header.get("kind")  # loading, then compiling for the default size
+                await _call(on_event, {"peer": label, **frame.header,
+                                       "kind": kind if kind in ("compiling", "compiled") else "load"})
 
             reply = await peer.channel.request("load", {"blocks": ranges}, on_event=progress, timeout=3600)
             peer.info = reply.header.get("node") or peer.info

@@ -93,6 +93,14 @@ class SpanLoading(Message):
 
 
 @dataclass
+class SpanCompiling(Message):
+    """A peer compiles its newly loaded blocks for the default size (or is done): the line to show."""
+
+    label: str
+    text: str
+
+
+@dataclass
 class SplitApplied(Message):
     plan: SplitPlan
     seconds: float

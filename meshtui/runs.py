@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 
+from meshd.model.compile_events import describe_event
+
 from .report import hop_totals
 
 HISTORY_FILE = "runs.jsonl"
@@ -155,6 +157,9 @@ def apply_event(record: RunRecord, event: dict) -> RunRecord:
             return record
         row = StepRow(step, steps, _num(event.get("ms")) or 0.0, _num(first.get("compute_ms")) or 0.0, hops)
         return replace(record, phase=f"step {step}/{steps}", steps=(*record.steps, row))
+    if kind in ("compiling", "compiled"):
+        # "compiling blocks 0-15 on a for 1024x1024 (first time, ~18 s)": a new size's first run waits on it.
+        return replace(record, phase=describe_event(event) or record.phase)
     if kind == "decode":
         return replace(record, phase="decoding the image")
     if kind == "encoding":

@@ -22,13 +22,14 @@ from textual.message import Message
 from meshd import limits
 from meshd.connection import Channel
 from meshd.errors import MeshError
+from meshd.model.compile_events import describe_event
 from meshd.plan import PeerAddress, SplitPlan
 from meshd.snapshot import GpuSnapshot, HostSnapshot, LinkSnapshot, NodeSnapshot
 from meshd.telemetry import counter_rate, subscribe
 
 from .mesh import Mesh, Peer
 from .messages import (DiscoveryState, GenerationDone, GenerationEvent, PeerDiscovered, PeerUpdated,
-                       PeerVanished, SpanLoading, SplitApplied, TelemetryNote, TelemetrySampled)
+                       PeerVanished, SpanCompiling, SpanLoading, SplitApplied, TelemetryNote, TelemetrySampled)
 from .runs import RunParams
 from .views import PeerView
 
@@ -241,6 +242,8 @@ async def apply_split(mesh: Mesh, plan: SplitPlan, post: Post) -> SplitPlan:
     def on_event(event: dict) -> None:
         if event.get("kind") == "load" and isinstance(event.get("done"), int) and isinstance(event.get("total"), int):
             post(SpanLoading(str(event.get("peer")), event["done"], event["total"]))
+        elif event.get("kind") in ("compiling", "compiled"):
+            post(SpanCompiling(str(event.get("peer")), describe_event(event) or ""))
 
     require_online(mesh, plan)
     await mesh.apply(plan, on_event=on_event)

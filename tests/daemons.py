@@ -13,6 +13,7 @@ from meshd import limits
 from meshd.config import DaemonConfig
 from meshd.connection import Channel, Connection, server_handshake
 from meshd.errors import MeshError
+from meshd.model.compiled import BlockCompiler, CompileCache
 from meshd.model.files import ModelStore
 from meshd.model.runtime import HostedModel, open_source
 from meshd.plan import PeerAddress, parse_split
@@ -38,12 +39,15 @@ async def split_generation(key: bytes, addresses, spec: str, params: dict, **gen
 
 @contextlib.asynccontextmanager
 async def running_daemon(tmp: Path, key: bytes | None, blocks=(), models_dir: Path | None = None, model: str = "tiny",
-                         **config):
+                         device: str = "cpu", compile_backend: str | None = None, **config):
+    """A daemon in this process; ``compile_backend`` (torch.compile's, e.g. "aot_eager") compiles its blocks."""
     models = models_dir or tmp / "models"
-    cfg = DaemonConfig(host="127.0.0.1", port=0, device="cpu", models_dir=(models,), state_dir=tmp / "state",
+    cfg = DaemonConfig(host="127.0.0.1", port=0, device=device, models_dir=(models,), state_dir=tmp / "state",
                        mdns=False, insecure=key is None, **config)
     source = open_source(model, ModelStore([models]))
-    model = HostedModel(source, torch.device("cpu"), torch.bfloat16, weights=cfg.weights)
+    compiler = (BlockCompiler(CompileCache(cfg.state_dir / "compile"), source.model_id, backend=compile_backend)
+                if compile_backend else None)
+    model = HostedModel(source, torch.device(device), torch.bfloat16, weights=cfg.weights, compiler=compiler)
     blocks = sorted(blocks)
     if blocks:
         with torch.inference_mode():

@@ -16,6 +16,7 @@ import torch
 from ..config import WEIGHTS_CHOICES
 from ..plan import WeightBytes
 from .access import require_readable, require_tree_readable, unreadable
+from .compiled import BlockCompiler
 from .files import ModelError, ModelFiles, ModelStore
 from .checkpoints import expected_shapes, target_format
 from .lora import LoraError, LoraPatch, LoraSpec, LoraStore, held_linears, stack_factors
@@ -336,8 +337,11 @@ class HostedModel:
     they carry; and the head-side parts (VAE, prompt embeddings) loaded when first needed."""
 
     def __init__(self, source: WeightSource, device: torch.device, dtype: torch.dtype,
-                 text_encoder: TextEncoderOptions | None = None, weights: str = "auto") -> None:
+                 text_encoder: TextEncoderOptions | None = None, weights: str = "auto",
+                 compiler: BlockCompiler | None = None) -> None:
         self.source = source
+        #: Runs the blocks through compiled graphs when set (compile = on); None runs them eagerly.
+        self.compiler = compiler
         self.preset = source.preset
         self.device = device
         self.dtype = dtype
@@ -429,12 +433,14 @@ class HostedModel:
         del old, kept, loaded
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        if self.loras:
-            try:
+        try:
+            if self.loras:
                 self._lora_patch = self._patch_for(self.loras, self._lora_store)
-            except LoraError as exc:
-                self.loras = ()
-                raise LoraError(f"blocks loaded, but without LoRAs: {exc}") from None
+        except LoraError as exc:
+            self.loras = ()
+            raise LoraError(f"blocks loaded, but without LoRAs: {exc}") from None
+        finally:
+            self._choose_block_call()
 
     # --- LoRAs ----------------------------------------------------------------------------------
 
@@ -450,6 +456,7 @@ class HostedModel:
         self._lora_patch = patch
         self.loras = specs
         self._lora_store = store
+        self._choose_block_call()
 
     def use_loras(self, specs: Iterable[LoraSpec]) -> None:
         """:meth:`set_loras` from this peer's own LoRA folders (``lora_store``). GPU thread."""
@@ -474,6 +481,33 @@ class HostedModel:
                 self._lora_factors.pop(next(iter(self._lora_factors)))
             self._lora_factors[specs] = factors
         return LoraPatch(self.span, factors)
+
+    # --- compiled blocks ------------------------------------------------------------------------
+
+    def _choose_block_call(self) -> None:
+        # Dynamo does not guard on module hooks (torch._dynamo.config.skip_nnmodule_hook_guards): a
+        # graph compiled without the LoRA hooks would silently run without them. With LoRAs the
+        # blocks run eagerly, on every peer alike, so a split with LoRAs still equals the all-local run.
+        if self.span is not None:
+            use = self.compiler is not None and self._lora_patch is None
+            self.span.block_call = self.compiler.call if use else None
+
+    def compile_pending(self, txt_len: int, img_tokens: int, loras: Iterable[LoraSpec] = ()) -> list:
+        """The block graphs a generation of this geometry (with these LoRAs) would compile first."""
+        if self.compiler is None or self.span is None or tuple(loras):
+            return []
+        return self.compiler.pending(self.span, txt_len, img_tokens)
+
+    def warm_compiled(self, txt_len: int, img_tokens: int) -> float:
+        """Compile the held blocks for this geometry now; returns the seconds it took. GPU thread."""
+        if self.compiler is None or self.span is None:
+            return 0.0
+        return self.compiler.warm(self.span, txt_len, img_tokens)
+
+    def warm_default(self) -> float:
+        """Compile the held blocks for the preset's default size (at load, so the usual size never waits)."""
+        side = self.preset.default_size // self.preset.size_multiple
+        return self.warm_compiled(self.preset.max_sequence_length, side * side)
 
     def _drop_lora_patch(self) -> None:
         if self._lora_patch is not None:

@@ -97,6 +97,9 @@ class SpanModel(torch.nn.Module):
         if bad:
             raise ValueError(f"blocks {bad} do not exist in {preset.name} ({preset.num_blocks} blocks)")
         self.has_head, self.has_tail = head, tail
+        #: How a block is called: None runs it eagerly; a BlockCompiler's ``call`` runs the compiled graph
+        #: of its class and shape (see compiled.py). Set by the owner, the same for every block.
+        self.block_call = None
         self.pos_embed = Flux2PosEmbed(theta=int(cfg["rope_theta"]), axes_dim=list(cfg["axes_dims_rope"]))
         # ModuleDicts keyed by the diffusers index give diffusers' state-dict names.
         self.transformer_blocks = torch.nn.ModuleDict()
@@ -162,11 +165,13 @@ class SpanModel(torch.nn.Module):
     def run(self, start: int, end: int, stream: Stream, cond: Conditioning, rotary) -> Stream:
         """Run flat blocks ``[start, end)`` on ``stream``."""
         n_double = self.preset.num_double
+        call = self.block_call or _eager
         for i in range(start, end):
             if i < n_double:
                 block = self.transformer_blocks[str(i)]
                 txt, img = stream.as_pair()
-                txt, img = block(
+                txt, img = call(
+                    block,
                     hidden_states=img,
                     encoder_hidden_states=txt,
                     temb_mod_img=cond.mod_img,
@@ -177,7 +182,8 @@ class SpanModel(torch.nn.Module):
                 stream.pair = (txt, img)
             else:
                 block = self.single_transformer_blocks[str(i - n_double)]
-                stream.joint = block(
+                stream.joint = call(
+                    block,
                     hidden_states=stream.as_joint(),
                     encoder_hidden_states=None,
                     temb_mod=cond.mod_single,
@@ -201,6 +207,10 @@ class SpanModel(torch.nn.Module):
         if self.has_tail:
             prefixes += [m + "." for m in TAIL_MODULES]
         return prefixes
+
+
+def _eager(block: torch.nn.Module, **kwargs):
+    return block(**kwargs)
 
 
 def span_modules(preset: ModelPreset, blocks: Iterable[int], head: bool, tail: bool) -> SpanModel:

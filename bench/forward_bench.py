@@ -1,0 +1,130 @@
+#!/usr/bin/env python3
+"""One full transformer forward, eager vs compiled blocks, in one process on the same weights.
+
+    python bench/forward_bench.py --model klein-9b --size 1024 --repeat 10 --json
+
+Builds the preset's real-size config with seeded random bf16 weights on --device (no files needed),
+prepares one generation's inputs the way a generation does (the stand-in text encoder, since random
+weights have no real one), then times ``span.run`` over every block plus the final layer: eager
+(today's path), compiled (meshd.model.compiled, the daemon's path), and eager again, so a drift of the
+GPU's clocks during the run shows. Prints the medians, the compile seconds (first compile: this
+process traces, inductor's cache in --state-dir may already hold the kernels; run twice to see both),
+the compiled output's relative L2 against eager, and peak memory, as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from meshd.generation import GenerationParams, Sampler  # noqa: E402
+from meshd.model.compiled import BlockCompiler, CompileCache  # noqa: E402
+from meshd.model.runtime import HostedModel, RandomSource  # noqa: E402
+from meshd.model.presets import get_preset  # noqa: E402
+
+
+def log(text: str) -> None:
+    print(f"# {text}", file=sys.stderr, flush=True)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device, repeat: int) -> tuple[float, list[float], torch.Tensor]:
+    """(median ms, every ms, last output) of ``repeat`` calls after one untimed call."""
+    out = fn()
+    times = []
+    for _ in range(repeat):
+        sync(device)
+        t0 = time.perf_counter()
+        out = fn()
+        sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times), times, out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="klein-9b", help="preset (klein-9b, klein-4b, dev, tiny)")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--size", type=int, default=1024, help="image side in pixels")
+    parser.add_argument("--repeat", type=int, default=10, help="timed forwards per mode (median reported)")
+    parser.add_argument("--backend", default="inductor", help="torch.compile backend (inductor in meshd)")
+    parser.add_argument("--state-dir", type=Path, default=Path("/tmp/flux-mesh-forward-bench"),
+                        help="where the compile cache goes (like a daemon's state dir)")
+    parser.add_argument("--json", action="store_true", help="indent the JSON")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    preset = get_preset(args.model)
+    source = RandomSource(preset, seed=0)
+    compiler = BlockCompiler(CompileCache(args.state_dir / "compile"), source.model_id, backend=args.backend)
+    model = HostedModel(source, device, torch.bfloat16, compiler=compiler)
+    params = GenerationParams(prompt="a lighthouse on a cliff at dawn", seed=1, width=args.size, height=args.size,
+                              steps=4, guidance=1.0)
+    result: dict = {"bench": "forward", "config": {"model": args.model, "size": args.size, "repeat": args.repeat,
+                                                   "backend": args.backend, "weights": "seeded random bf16"}}
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        model.load(range(preset.num_blocks), True, True)
+        sync(device)
+        log(f"built {preset.name} on {device} in {time.perf_counter() - t0:.1f} s")
+        sampler = Sampler(model, params)
+        sampler.prepare()
+        cond = sampler.conditioning(0)
+        span = model.span
+
+        def forward() -> torch.Tensor:
+            stream = span.run(0, preset.num_blocks, sampler.embed(0), cond, sampler.rotary)
+            return span.final(stream, cond.temb)
+
+        span.block_call = None
+        eager_ms, eager_times, eager_out = timed(forward, device, args.repeat)
+        log(f"eager {eager_ms:.1f} ms")
+        compile_s = model.warm_compiled(sampler.txt_len, sampler.image_tokens)
+        log(f"compiled the blocks for {sampler.txt_len}+{sampler.image_tokens} tokens in {compile_s:.1f} s")
+        span.block_call = compiler.call
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        compiled_ms, compiled_times, compiled_out = timed(forward, device, args.repeat)
+        compiled_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        log(f"compiled {compiled_ms:.1f} ms")
+        span.block_call = None
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        again_ms, again_times, _ = timed(forward, device, args.repeat)
+        eager_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        rel_l2 = float((compiled_out.float() - eager_out.float()).norm() / eager_out.float().norm())
+    result.update({
+        "machine": {"host": platform.node(), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+                    "torch": torch.__version__},
+        "tokens": sampler.txt_len + sampler.image_tokens,
+        "eager_forward_ms": eager_ms,
+        "compiled_forward_ms": compiled_ms,
+        "eager_again_forward_ms": again_ms,
+        "compiled_over_eager": compiled_ms / ((eager_ms + again_ms) / 2),
+        "compile_s": compile_s,
+        "compile_cache": str(args.state_dir / "compile"),
+        "compiled_rel_l2_vs_eager": rel_l2,
+        "peak_bytes": {"eager": eager_peak, "compiled": compiled_peak},
+        "times_ms": {"eager": eager_times, "compiled": compiled_times, "eager_again": again_times},
+    })
+    log(f"compiled/eager x{result['compiled_over_eager']:.3f}, rel L2 {rel_l2:.2e}")
+    print(json.dumps(result, indent=1 if args.json else None))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

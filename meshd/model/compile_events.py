@@ -1,0 +1,36 @@
+"""The ``compiling`` / ``compiled`` events a peer sends while it compiles its blocks for a new size,
+and their wording, shared by the daemon's log, ``meshtui generate`` and the dashboard (no torch here)."""
+
+from __future__ import annotations
+
+
+def compiling_event(node: str, blocks: str, size: str, tokens: int, cached: bool, estimate_s: float | None) -> dict:
+    """The event sent before a compile: who, which blocks, for which size, and how long it should take."""
+    return {"kind": "compiling", "node": node, "blocks": blocks, "size": size, "tokens": tokens, "cached": cached,
+            "estimate_s": estimate_s}
+
+
+def compiled_event(node: str, seconds: float) -> dict:
+    """The event sent once the compile is done."""
+    return {"kind": "compiled", "node": node, "seconds": round(seconds, 2)}
+
+
+def describe_event(event: dict) -> str | None:
+    """A ``compiling`` / ``compiled`` event in words ("compiling blocks 0-15 on a for 1024x1024 (first time,
+    ~18 s)"); None for any other event. Event fields are untrusted: odd ones are left out."""
+    kind = event.get("kind")
+    node = event.get("node")
+    where = f" on {node[:64]}" if isinstance(node, str) and node else ""
+    if kind == "compiling":
+        blocks, size, estimate = event.get("blocks"), event.get("size"), event.get("estimate_s")
+        what = f"blocks {blocks[:40]}" if isinstance(blocks, str) else "blocks"
+        for_size = f" for {size[:20]}" if isinstance(size, str) else ""
+        how = "from the compile cache" if event.get("cached") is True else "first time"
+        if isinstance(estimate, (int, float)) and not isinstance(estimate, bool):
+            how += f", ~{estimate:.0f} s"
+        return f"compiling {what}{where}{for_size} ({how})"
+    if kind == "compiled":
+        seconds = event.get("seconds")
+        took = f" in {seconds:.1f} s" if isinstance(seconds, (int, float)) and not isinstance(seconds, bool) else ""
+        return f"compiled{where}{took}"
+    return None
