@@ -98,9 +98,13 @@ def run_generate(args, device, params) -> list[dict]:
     for weights in args.weights:
         local_args = argparse.Namespace(**{**vars(args), "weights": weights, "random_weights": True,
                                            "compare_diffusers": False})
-        local = asyncio.run(run_local(local_args, device, params))
+        # The daemons compile their blocks by default on CUDA: the all-local run must do what they do, or
+        # the split is compared with a run of other kernels (that cost the first H200 run its exactness).
+        compiled = args.compile == "on"
+        local = asyncio.run(run_local(local_args, device, params, compiled=compiled,
+                                      state_dir=(args.workdir or Path("/tmp/flux-mesh-precision-bench")) / "local"))
         _free(device)
-        common = ["--model", args.model, "--random-weights", "--weights", weights]
+        common = ["--model", args.model, "--random-weights", "--weights", weights, "--compile", args.compile]
         with LocalCluster(workdir=args.workdir / weights if args.workdir else None, models_dir=args.models_dir,
                           common_args=common) as cluster:
             cluster.add("A", "--device", str(device))
@@ -163,6 +167,8 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, help="keep the daemons' key, state and logs here")
     parser.add_argument("--split", help="force this plan for every format, e.g. A:0-19,B:20-55 (default: the "
                         "planner's, which balances time, not memory, on two daemons of one big GPU)")
+    parser.add_argument("--compile", choices=["on", "off"], default="off",
+                        help="blocks compiled or eager, in the all-local run and the daemons alike (default off)")
     parser.add_argument("--no-reference", action="store_true",
                         help="skip the bf16 reference run (no error figures; for VRAM and speed alone)")
     parser.add_argument("--json", action="store_true")
