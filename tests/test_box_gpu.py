@@ -38,7 +38,8 @@ def _become_shared_user() -> None:
 
 
 def _as_shared_user(argv: list[str], log: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HOME": str(log.parent), "XDG_CACHE_HOME": str(log.parent / "cache")}
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)  # keep carried wheels
+    env = {**os.environ, "PYTHONPATH": path, "HOME": str(log.parent), "XDG_CACHE_HOME": str(log.parent / "cache")}
     with log.open("w") as out:
         return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
                                 preexec_fn=_become_shared_user)

@@ -301,8 +301,8 @@ def _read_device(ptr: int, size: int, gpu: int) -> np.ndarray:
     """Copy ``size`` bytes at device pointer ``ptr`` to the host, refusing a pointer of another GPU."""
     import torch  # noqa: PLC0415 - only on a machine with CUDA
 
-    class _View:
-        __cuda_array_interface__ = {"shape": (size,), "typestr": "|u1", "data": (ptr, True), "version": 3}
+    class _View:  # read-only would be truthful, but torch.as_tensor refuses the flag (seen on the H200)
+        __cuda_array_interface__ = {"shape": (size,), "typestr": "|u1", "data": (ptr, False), "version": 3}
 
     view = torch.as_tensor(_View())  # no device argument: the tensor lands on the pointer's own GPU
     if view.device.index != gpu:
