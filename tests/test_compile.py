@@ -268,3 +268,14 @@ def test_inductor_caches_go_to_the_state_dir_unless_the_user_chose_a_place(tmp_p
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "state" / "inductor")
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
     assert CompileCache(tmp_path / "other").activate() == tmp_path / "mine"
+
+
+def test_an_inherited_cache_folder_this_user_cannot_write_is_not_taken_for_a_choice(tmp_path, monkeypatch):
+    # On the H200 a daemon started by root as another user inherited /tmp/torchinductor_root and the
+    # first compile failed there with "Permission denied". A folder that cannot be created (its
+    # nearest existing parent is a plain file: refused to root too) stands in for it.
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(blocker / "inductor"))
+    assert CompileCache(tmp_path / "state").activate() == tmp_path / "state" / "inductor"
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "state" / "inductor")

@@ -72,6 +72,13 @@ class BlockShape:
         return f"{model}|{self.kind}|{tokens}|{self.dtype}|{self.device}|torch {torch.__version__}"
 
 
+def _writable(folder: Path) -> bool:
+    """Whether this user can create files in ``folder`` (or create it, where it does not exist yet)."""
+    while not folder.exists() and folder.parent != folder:
+        folder = folder.parent
+    return os.access(folder, os.W_OK | os.X_OK)
+
+
 class CompileCache:
     """The compile caches in the state dir: inductor's (kernels, FX and AOT graphs) and our index."""
 
@@ -87,7 +94,12 @@ class CompileCache:
         # Importing diffusers already makes inductor write its default (/tmp/torchinductor_USER) into the
         # environment: only another value is the user's choice.
         if current and os.path.abspath(current) != os.path.abspath(default_cache_dir()):
-            return Path(current)
+            if _writable(Path(current)):
+                return Path(current)
+            # Inherited from another user's environment (a daemon started by root as meshd, say: seen on
+            # the H200 as "Permission denied: /tmp/torchinductor_root/..."): not a choice this user made.
+            log.warning("%s=%s is not writable by this user: compiled code goes to %s instead", INDUCTOR_ENV,
+                        current, self.inductor)
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)  # compiled code: meshd's user only
         self.inductor.mkdir(exist_ok=True, mode=0o700)
         os.environ[INDUCTOR_ENV] = str(self.inductor)
