@@ -89,7 +89,7 @@ def test_meshd_check_lists_every_file_of_the_tree_with_kind_precision_and_hash(c
     # 2 transformers, 2 VAEs, 2 encoders, 1 LoRA; the GGUF file is a transformer candidate, so its own
     # note says why it cannot be used; one line for the rest
     assert len(found) == 9 and len(notes) == 2, notes
-    assert notes[0].startswith("BAD model unet/flux2-q8.gguf: ") and "not a readable GGUF" in notes[0]
+    assert notes[0].startswith("BAD model unet/flux2-q8: ") and "not a readable GGUF" in notes[0]
     assert notes[1] == (f"1 other file in the model folders not used, e.g. {others[0]} (not a FLUX.2 transformer, "
                         "VAE or text encoder)")
     assert no_diffusers_folder_in(root)

@@ -16,7 +16,7 @@ import stat
 from collections.abc import Iterable
 from pathlib import Path
 
-from .tensorfiles import ModelError
+from .errors import ModelError
 
 #: A model's component folders hold a handful of files (a text encoder: ~20); a tree far larger than
 #: this is not a model component, and is not walked file by file.

@@ -24,7 +24,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .tensorfiles import SAFETENSORS_SUFFIX, ModelError, open_safetensors
+from .tensorfiles import GGUF_SUFFIX, SAFETENSORS_SUFFIX, ModelError, open_safetensors
 
 TRANSFORMER, VAE, TEXT_ENCODER, LORA, OTHER = "transformer", "VAE", "text encoder", "LoRA", "other"
 #: Where ComfyUI keeps the Qwen tokenizer, relative to the install (``comfy/text_encoders/flux.py``).
@@ -134,15 +134,15 @@ def walk(root: Path) -> Iterator[tuple[Path, bool]]:
 
 def relative_name(path: Path, dirs: Iterable[Path]) -> str:
     """A file's name as ``--model`` takes it: its path inside the first model folder holding it, without
-    ``.safetensors`` (``diffusion_models/flux2_dev_fp8mixed``); a file at the top is just its stem."""
+    ``.safetensors`` or ``.gguf`` (``diffusion_models/flux2_dev_fp8mixed``); a file at the top is just its
+    stem."""
     for d in dirs:
         try:
-            rel = path.relative_to(d)
+            text = path.relative_to(d).as_posix()
         except ValueError:
             continue
-        text = rel.as_posix()
-        return text.removesuffix(SAFETENSORS_SUFFIX)
-    return path.name.removesuffix(SAFETENSORS_SUFFIX)
+        return text.removesuffix(SAFETENSORS_SUFFIX).removesuffix(GGUF_SUFFIX)
+    return path.name.removesuffix(SAFETENSORS_SUFFIX).removesuffix(GGUF_SUFFIX)
 
 
 def is_relative_model_name(name: str) -> bool:

@@ -30,9 +30,8 @@ from pathlib import Path
 from . import comfyui
 from .access import require_readable
 from .checkpoints import Checkpoint, match_preset
-from .gguf import GGUF_SUFFIX
 from .presets import ModelPreset
-from .tensorfiles import SAFETENSORS_SUFFIX, FileHashes, ModelError, read_json, refuse_pickle
+from .tensorfiles import GGUF_SUFFIX, SAFETENSORS_SUFFIX, FileHashes, ModelError, read_json, refuse_pickle
 
 __all__ = ["FileHashes", "HeadParts", "ModelError", "ModelFiles", "ModelStore", "match_preset"]
 

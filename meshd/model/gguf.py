@@ -25,9 +25,8 @@ import numpy as np
 import torch
 
 from .precision import GGUF_FLOATS, GGUF_QUANTISED
-from .tensorfiles import ModelError, TensorInfo
+from .tensorfiles import GGUF_SUFFIX, ModelError, TensorInfo
 
-GGUF_SUFFIX = ".gguf"
 #: ``general.architecture`` values of FLUX-family image models (None: an stable-diffusion.cpp file).
 ARCHITECTURES = ("flux", "flux2", None)
 #: What a malformed file makes the reader raise (it parses untrusted bytes).

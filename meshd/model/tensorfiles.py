@@ -19,15 +19,15 @@ from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 
+from .access import unreadable
+from .errors import ModelError  # noqa: F401 - re-exported: every loader raises it from here
+
 HASH_CHUNK = 8 << 20
 SAFETENSORS_SUFFIX = ".safetensors"
+GGUF_SUFFIX = ".gguf"
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 
 log = logging.getLogger(__name__)
-
-
-class ModelError(Exception):
-    """A model that cannot be found, is outside the model folders, or does not match its preset."""
 
 
 def read_json(path: Path) -> dict:
@@ -66,8 +66,6 @@ def require_safetensors(folder: Path) -> list[Path]:
 
 
 def _unreadable(path: Path) -> str | None:
-    from .access import unreadable  # noqa: PLC0415 - access builds on this module's ModelError
-
     return unreadable(path)
 
 
