@@ -140,7 +140,8 @@ def hevc_encoder(device: torch.device, choice: str = "auto"):
     ``auto`` NVENC falls back to libx265 for good if NVENC fails in use (:class:`FallbackEncoder`).
     """
     caps = probe(device)
-    if choice == "auto":
+    auto = choice == "auto"  # only a choice left to us may fall back; a forced "nvenc" fails instead
+    if auto:
         choice = caps.hevc_encoder or "x265"
     if choice == "nvenc" and not caps.nvenc:
         raise CodecUnavailable(f"NVENC was asked for but is unavailable: {caps.nvenc_reason}")
@@ -159,7 +160,7 @@ def hevc_encoder(device: torch.device, choice: str = "auto"):
 
                 _encoders[key] = X265Encoder()
         encoder = _encoders[key]
-    if choice == "nvenc" and caps.cpu_hevc:
+    if auto and choice == "nvenc" and caps.cpu_hevc:
         return FallbackEncoder(encoder, device)
     return encoder
 

@@ -450,8 +450,13 @@ class NvEncoder:
         count, rows, width = frames.shape
         host = frames.device.type != "cuda"
         key = (width, rows // 3, qp, host)
-        session = self._budget.acquire(
-            self._gpu, key, lambda: _open_encoder(self._nvc, self._gpu, width, rows // 3, qp, host))
+        try:
+            session = self._budget.acquire(
+                self._gpu, key, lambda: _open_encoder(self._nvc, self._gpu, width, rows // 3, qp, host))
+        except CodecError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a session that cannot open (table full, a refused size)
+            raise CodecError(f"NVENC could not open a session: {_one_line(exc)}") from None  # falls back
         error = None
         try:
             packets = []

@@ -275,9 +275,9 @@ class Connection:
         return total
 
     async def _send_piece(self, piece: memoryview) -> None:
-        slices = [piece] if self._bucket is None else [piece[i : i + PACE_SLICE]
-                                                        for i in range(0, len(piece), PACE_SLICE)]
-        for part in slices:
+        # Timed in small slices: a 1 MiB record on a slow but live link must not look like a stalled peer.
+        size = PACE_SLICE if self._bucket is not None else limits.SEND_PROGRESS_SLICE
+        for part in (piece[i : i + size] for i in range(0, len(piece), size)):
             if self._bucket is not None:
                 await self._bucket.consume(len(part))
             async with asyncio.timeout(limits.SEND_PROGRESS_TIMEOUT_S):

@@ -69,6 +69,9 @@ FRAME_PROGRESS_TIMEOUT_S = 10.0
 #: our memory for long). Shorter than PEER_SILENCE_TIMEOUT_S: a live peer's kernel takes bytes whenever
 #: its process reads at all, and meshd reads every connection continuously, whatever it computes.
 SEND_PROGRESS_TIMEOUT_S = 3.0
+#: A send under that deadline goes out in slices of at most this many bytes, so the deadline measures
+#: progress, not the time a whole piece takes: 64 KiB in 3 s is about 175 kbit/s, under any real link.
+SEND_PROGRESS_SLICE = 64 * 1024
 #: A connection with no frame at all for this long is closed (clients ping to stay alive).
 IDLE_TIMEOUT_S = 600.0
 #: A request to a peer that gets no answer at all within this long fails (a generation sets its own,

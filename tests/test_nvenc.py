@@ -130,6 +130,25 @@ def test_other_programs_sessions_make_room_by_closing_ours():
         encoder.close()
 
 
+def test_a_session_that_cannot_open_is_a_codec_error_and_auto_hevc_falls_back_to_x265():
+    # Found by review: an open failure in acquire() escaped as the binding's raw exception, past the
+    # fall-back. Other programs holding all 8 sessions, with none of ours to close, is the GeForce case.
+    with fake_nvenc() as fake:
+        fake.other_sessions = 8
+        with pytest.raises(codec.CodecError, match="returned error 10"):
+            NvEncoder(torch.device("cpu"), sessions=1, budget=SessionBudget(2)).encode(frames_of(16, 32, 1), None)
+        fake.other_sessions = 0
+        with pytest.raises(codec.CodecError, match="could not open a session.*Invalid encoder width"):
+            NvEncoder(torch.device("cpu"), sessions=1, budget=SessionBudget(2)).encode(frames_of(16, 8200, 1), None)
+        fake.other_sessions = 8
+        x = structured_stream()
+        enc = codec.encode(x, CodecSpec("hevc", chunk_tokens=64, layout=LAYOUT))  # auto: NVENC, then x265
+        assert torch.equal(codec.decode(enc, "cpu"), codec.decode(codec.encode(x, CodecSpec(
+            "hevc", encoder="x265", chunk_tokens=64, layout=LAYOUT)), "cpu"))
+        with pytest.raises(codec.CodecError):  # forced NVENC does not fall back: it fails
+            codec.encode(x, CodecSpec("hevc", encoder="nvenc", chunk_tokens=64, layout=LAYOUT))
+
+
 # --- over real daemons ------------------------------------------------------------------------------
 
 
