@@ -197,6 +197,21 @@ def test_a_text_encoder_quantised_other_than_fp8_is_refused_by_name(comfy, tmp_p
         EncoderFile.open(tmp_path / "te.safetensors")
 
 
+@pytest.mark.parametrize("record", [torch.zeros(1 << 20, dtype=torch.uint8),  # a "record" of 1 MiB: not read
+                                    torch.tensor(list(b"[1]"), dtype=torch.uint8),  # JSON, but not a record
+                                    torch.zeros(4, dtype=torch.float32)])
+def test_a_malformed_quantisation_record_in_a_text_encoder_is_one_line_not_a_big_read(comfy, tmp_path, record):
+    # Found by review: text-encoder files read every comfy_quant tensor whole, unchecked.
+    from safetensors.torch import load_file
+
+    root, _, _ = comfy
+    state = load_file(str(root / "models" / "text_encoders" / "qwen_3_tiny_fp8mixed.safetensors"))
+    state[next(k for k in state if k.endswith("comfy_quant"))] = record
+    save_file(state, str(tmp_path / "te.safetensors"))
+    with pytest.raises(ModelError, match="comfy_quant is not a"):
+        EncoderFile.open(tmp_path / "te.safetensors")
+
+
 def test_without_a_tokenizer_one_message_says_which_files_to_put_where(comfy, tmp_path):
     root, _, _ = comfy
     models = tmp_path / "models"

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import FLOAT_DTYPES, FP8_DTYPES
+from .checkpoints import FLOAT_DTYPES, FP8_DTYPES, MAX_RECORD_BYTES
 from .presets import ModelPreset
 from .tensorfiles import ModelError, TensorInfo, file_stamp, open_safetensors, read_header
 
@@ -235,10 +235,10 @@ def _declared_layers(path: Path, header: dict[str, TensorInfo], metadata: dict[s
     raw = metadata.get("_quantization_metadata")
     if raw:
         try:
-            layers = json.loads(raw).get("layers", {})
-        except (ValueError, AttributeError):
+            items = list(json.loads(raw).get("layers", {}).items())
+        except (ValueError, AttributeError, TypeError):
             raise ModelError(f"{path} has unreadable _quantization_metadata") from None
-        for module, record in layers.items():
+        for module, record in items:
             if isinstance(record, dict):
                 declared.add(module)
                 formats[module] = str(record.get("format", ""))
@@ -246,12 +246,17 @@ def _declared_layers(path: Path, header: dict[str, TensorInfo], metadata: dict[s
     if records:
         with open_safetensors(path) as f:
             for module in records:
+                info = header[f"{module}.comfy_quant"]
+                if info.dtype != "U8" or len(info.shape) != 1 or info.shape[0] > MAX_RECORD_BYTES:  # bounded read
+                    raise ModelError(f"{path}: {module}.comfy_quant is not a quantisation record (a JSON string of at "
+                                     f"most {MAX_RECORD_BYTES} bytes); it is {info.dtype} {list(info.shape)}")
                 try:
                     record = json.loads(bytes(f.get_tensor(f"{module}.comfy_quant").tolist()).decode())
-                except (ValueError, UnicodeDecodeError):
+                    fmt = str(record.get("format", ""))
+                except (ValueError, UnicodeDecodeError, AttributeError, TypeError):
                     raise ModelError(f"{path}: {module}.comfy_quant is not a readable quantisation record") from None
                 declared.add(module)
-                formats[module] = str(record.get("format", ""))
+                formats[module] = fmt
     if "scaled_fp8" in header:
         declared |= {k.rsplit(".", 1)[0] for k in header if k.endswith(SCALE_SUFFIXES)}
     bad = sorted({f for f in formats.values() if f not in ("float8_e4m3fn", "float8_e5m2")})
