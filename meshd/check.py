@@ -7,6 +7,7 @@ for mDNS, a configured model that is not there). Nothing here changes the box.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -214,7 +215,7 @@ def check_precision(config: DaemonConfig) -> Iterator[Finding]:
             preset = PRESETS[config.model]
             formats = RandomSource(preset).linear_formats(config.weights)
         else:
-            checkpoint = ModelStore(config.models_dir, config.cache_dir).open(config.model).checkpoint
+            checkpoint = ModelStore(config.models_dir, config.cache_dir, config.comfyui_dir).open(config.model).checkpoint
             preset, formats = checkpoint.preset, checkpoint.linear_formats(config.weights)
     except (ModelError, KeyError):
         return  # check_models says why
@@ -388,9 +389,9 @@ def check_compile(config: DaemonConfig) -> Iterator[Finding]:
         except ImportError:
             yield Finding("compile", PROBLEM, "compile is on for a CUDA device, but the triton package is missing "
                                               "(it comes with CUDA builds of torch): install it or set compile = false")
-    elif on and shutil.which("c++") is None:
-        yield Finding("compile", PROBLEM, "compile is on for the CPU, but no C++ compiler (c++) is on PATH: install "
-                                          "one or set compile = false")
+    elif on and shutil.which(os.environ.get("CXX", "c++")) is None:  # what compiler_for looks for too
+        yield Finding("compile", PROBLEM, f"compile is on for the CPU, but no C++ compiler ({os.environ.get('CXX', 'c++')}) "
+                                          "is on PATH: install one or set compile = false")
     cache = CompileCache(config.state_dir / "compile")
     entries = cache.index()
     if not entries:

@@ -102,6 +102,8 @@ class CompileCache:
                         current, self.inductor)
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)  # compiled code: meshd's user only
         self.inductor.mkdir(exist_ok=True, mode=0o700)
+        for folder in (self.root, self.inductor):  # mkdir's mode applies only to a folder it creates
+            os.chmod(folder, 0o700)
         os.environ[INDUCTOR_ENV] = str(self.inductor)
         from torch._inductor.utils import clear_caches  # noqa: PLC0415 - paths inductor memoised from the old dir
 
