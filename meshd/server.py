@@ -560,9 +560,9 @@ class Daemon:
                        cond_needs(preset, me.start, me.end), downstream, measure_error=bool(h.get("measure_error")),
                        loras=loras)
         infos = []
-        if len(stages) > 1:
-            job.next_peer = stages[1]
-            try:
+        try:
+            if len(stages) > 1:
+                job.next_peer = stages[1]
                 channel = await self.pool.get(stages[1].peer)
                 onward = {k: v for k, v in h.items() if k not in ("op", "id")}
                 reply = await channel.request("prepare", {**onward, "stages": [s.to_wire() for s in stages[1:]]},
@@ -572,10 +572,14 @@ class Daemon:
                 if not isinstance(infos, list) or not infos:
                     raise MeshError("protocol", "downstream prepare reply lacks stage infos", peer=channel.name)
                 job.next_link = await self.choose_link(stages[1], infos[0], geometry, me.codec, floor)
-            except BaseException:
-                self._spawn(self._relay_release(job))  # what the stages after this one prepared goes too
-                raise
-        await compiling
+            await compiling
+        except BaseException:
+            # A failed prepare downstream or a failed compile here: a compile not yet started on the GPU
+            # worker is dropped, and what the stages after this one prepared is released too.
+            compiling.cancel()
+            if job.next_peer is not None:
+                self._spawn(self._relay_release(job))
+            raise
         self.jobs[job_id] = job
         mine = {"peer": str(me.peer), "node": self.name, "node_id": self.node_id, "blocks": [me.start, me.end],
                 "caps": self.caps.to_dict(), "device": str(self.device), "host_id": ipc.host_id(),
@@ -906,7 +910,11 @@ class Daemon:
                 g = runner.geometry
                 head_compile = asyncio.ensure_future(self.compile_for(g, params.loras, request.event))
                 head_compile.add_done_callback(lambda f: f.cancelled() or f.exception())
-                stages_info = await runner.prepare()
+                try:
+                    stages_info = await runner.prepare()
+                except BaseException:
+                    head_compile.cancel()  # the generation is over: nobody waits for these graphs
+                    raise
                 await head_compile
             await request.event({"kind": "prepared", "plan": plan.describe(), "stages": stages_info,
                                  "distilled": self.model.source.distilled(), "cfg": uses_cfg(self.model, params)})
