@@ -129,14 +129,16 @@ class Mesh:
         return list(self.peers.values())
 
     def model(self) -> tuple[ModelPreset, dict]:
-        """The model every peer serves (they must agree on preset, hash and dtype)."""
+        """The model every peer serves: they must agree on preset, hash, dtype and weights, as the head's
+        prepare checks (meshd.server._check_model)."""
         peers = self.require_online()
-        identities = {(p.info["model"]["preset"], p.info["model"]["hash"], p.info["model"]["dtype"]): p for p in peers}
+        identities = {(p.info["model"]["preset"], p.info["model"]["hash"], p.info["model"]["dtype"],
+                       p.info["model"].get("weights")): p for p in peers}
         if len(identities) != 1:
-            detail = "; ".join(f"{p.label} serves {p.info['model']['model_id']} ({preset}, {dtype}, sha256 {h[:12]})"
-                               for (preset, h, dtype), p in identities.items())
+            detail = "; ".join(f"{p.label} serves {p.info['model']['model_id']} ({preset}, {dtype}, sha256 {h[:12]}, "
+                               f"weights {weights})" for (preset, h, dtype, weights), p in identities.items())
             raise MeshError("mismatch", f"peers serve different models: {detail}")
-        (preset_name, _, _), first = next(iter(identities.items()))
+        (preset_name, _, _, _), first = next(iter(identities.items()))
         return PRESETS[preset_name], first.info["model"]
 
     def plan(self, split: str, tokens: int) -> SplitPlan:

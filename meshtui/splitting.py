@@ -159,10 +159,10 @@ def plan_preset(peers: Iterable[PeerView]) -> ModelPreset:
     online = [p for p in peers if p.online]
     if not online:
         raise PlanError("no peer is online")
-    identities = {(p.preset, p.model_hash) for p in online}
+    identities = {p.model_key for p in online}
     if len(identities) != 1:
-        detail = "; ".join(f"{p.label} serves {p.model_id} ({p.preset}, sha256 {(p.model_hash or '')[:12]})"
-                           for p in online)
+        detail = "; ".join(f"{p.label} serves {p.model_id} ({p.preset}, {p.dtype}, sha256 {(p.model_hash or '')[:12]}, "
+                           f"weights {p.weights})" for p in online)
         raise PlanError(f"peers serve different models: {detail}")
     preset = online[0].preset
     if preset not in PRESETS:
@@ -297,7 +297,7 @@ def forecast(plan: SplitPlan, peers: Mapping[PeerAddress, PeerView], width: int,
             problems.append(f"stage {i} names {stage.peer}, which is not a known peer")
         elif not peer.online:
             problems.append(f"{name} is {peer.status}: {peer.error or 'no answer'}")
-        elif head is not None and (peer.preset, peer.model_hash) != (head.preset, head.model_hash):
+        elif head is not None and peer.model_key != head.model_key:
             problems.append(f"{name} serves {peer.model_id}, the head serves {head.model_id}")
         sizes = weight_bytes(head, preset)
         need = span_bytes(preset, stage.start, stage.end, size, sizes) + workspace_bytes(preset, tokens, size)

@@ -80,6 +80,12 @@ class PeerView:
         return self.status is PeerStatus.ONLINE
 
     @property
+    def model_key(self) -> tuple:
+        """What two peers must share to serve one plan: the head's prepare refuses any other difference
+        (meshd.server._check_model): preset, content hash, dtype and the precision the weights are at."""
+        return (self.preset, self.model_hash, self.dtype, self.weights)
+
+    @property
     def box(self) -> str | None:
         """The box this peer runs on, verified (from ``info``) or else as mDNS hinted it; None: unknown."""
         return self.host or self.hints.get("host") or None

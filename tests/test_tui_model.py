@@ -125,6 +125,15 @@ def test_peers_serving_different_models_cannot_be_planned_together():
         splitting.plan_preset([peer("A", A), other])
 
 
+def test_the_same_file_at_another_precision_is_another_model_for_the_plan_as_for_the_head():
+    # The head refuses a stage holding the same file at another precision; the dashboard must not
+    # propose such a plan (found by review: it compared preset and hash only).
+    fp8 = peer("B", B, weights="fp8 e4m3fn per-row 8, bf16 3")
+    with pytest.raises(PlanError, match="different models.*weights fp8"):
+        splitting.plan_preset([peer("A", A, weights="bf16 11"), fp8])
+    assert splitting.plan_preset([peer("A", A, weights="bf16 11"), peer("B", B, weights="bf16 11")]) is TINY
+
+
 def test_the_forecast_predicts_memory_compute_and_link_time_from_measurements():
     peers = {A: peer("A", A), B: peer("B", B)}
     plan = plan_of((A, "A", 0, 2, "auto"), (B, "B", 2, 6, "auto"))
