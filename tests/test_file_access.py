@@ -179,3 +179,36 @@ def test_a_daemon_whose_state_dir_is_closed_stops_with_one_line_naming_it(tiny_r
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "state_dir (node id and caches): " + denied(state, "write", 0o755) in result.stderr
+
+
+COMFY_SCENARIO = r"""
+import sys
+from pathlib import Path
+import torch
+from meshd.model.files import ModelStore
+from meshd.model.runtime import HostedModel, open_source
+from meshd.model.tensorfiles import ModelError
+
+root = Path(sys.argv[1])
+model = HostedModel(open_source(sys.argv[2], ModelStore([], comfyui_dir=root)), torch.device("cpu"), torch.bfloat16)
+try:
+    model.load(range(model.preset.num_blocks), True, True)
+    print("no error")
+except ModelError as exc:
+    print(exc)
+"""
+
+
+def test_a_closed_vae_file_in_a_comfyui_tree_is_named_at_load_not_reported_absent_at_decode(tmp_path):
+    # Found by review: an unreadable single-file VAE was left out of the head's parts, so the head ran
+    # every step and then failed at decode with "no VAE single file".
+    from tests.comfyui_files import TRANSFORMER, write_comfyui
+
+    root = tmp_path / "ComfyUI"
+    root.mkdir()
+    write_comfyui(root, tmp_path / "scratch")
+    vae = root / "models" / "vae" / "flux2-vae.safetensors"
+    close(vae, 0o600)
+    result = unprivileged([sys.executable, "-c", COMFY_SCENARIO, str(root), TRANSFORMER])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "the head's VAE cannot be read: " + denied(vae, "read", 0o600)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import comfyui
-from .access import require_readable
+from .access import require_readable, unreadable
 from .checkpoints import Checkpoint, match_preset
 from .presets import ModelPreset
 from .tensorfiles import GGUF_SUFFIX, SAFETENSORS_SUFFIX, FileHashes, ModelError, read_json, refuse_pickle
@@ -45,6 +45,8 @@ class HeadParts:
     text_encoder: Path | None = None
     tokenizer: Path | None = None
     tokenizer_hint: str = ""  # where to put the tokenizer, when none was found
+    vae_problem: str = ""  # no VAE fits, and a file where VAEs go cannot be read: why (one line)
+    text_encoder_problem: str = ""  # the same for the text encoder
 
 
 @dataclass(frozen=True)
@@ -172,10 +174,18 @@ class ModelStore:
                                         str(f.path)))
             return fitting[0] if fitting else None
 
+        def closed(kind: str) -> str:
+            """Why a file where ComfyUI keeps ``kind`` could not even be identified (a permission, say):
+            so that a missing part is not reported as absent when it is there but closed."""
+            return next((unreadable(path) for path, _, k in self._files()
+                         if k == "unreadable" and comfyui.in_kind_folder(path, kind) and unreadable(path)), "")
+
         vae = best(comfyui.VAE, VaeFile, "vae")
         encoder = best(comfyui.TEXT_ENCODER, EncoderFile, "text_encoder")
         tokenizer, hint = self._tokenizer_for(encoder) if encoder is not None else (None, "")
-        return HeadParts(vae and vae.path, encoder and encoder.path, tokenizer, hint)
+        return HeadParts(vae and vae.path, encoder and encoder.path, tokenizer, hint,
+                         "" if vae is not None else closed(comfyui.VAE),
+                         "" if encoder is not None else closed(comfyui.TEXT_ENCODER))
 
     def _tokenizer_for(self, encoder) -> tuple[Path | None, str]:
         """The tokenizer folder for a text-encoder file, or (None, what to put where)."""

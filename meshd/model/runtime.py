@@ -144,6 +144,11 @@ class FolderSource(WeightSource):
         return self.checkpoint.read(expected, device, dtype, formats)
 
     def check_head_files(self, text_encoder: bool = True) -> None:
+        parts = self.files.parts
+        if parts.vae_problem:  # a VAE file that is there but closed: not "no VAE", and not at decode
+            raise ModelError(f"the head's VAE cannot be read: {parts.vae_problem}")
+        if text_encoder and parts.text_encoder_problem:
+            raise ModelError(f"the text encoder cannot be read: {parts.text_encoder_problem}")
         if self.files.components is None:  # no head parts at all: vae() says where to put them
             return
         require_tree_readable([self.files.component("vae")], "the head's VAE")
