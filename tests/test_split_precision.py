@@ -13,8 +13,10 @@ from meshd.model.files import ModelStore
 from meshd.model.runtime import HostedModel, open_source
 from meshd.model.tiny import write_tiny
 from safetensors.torch import load_file
+from meshd.connection import Channel
 from tests.daemons import running_daemon, split_generation
 from tests.test_checkpoints import to_bfl
+from tests.test_meshd_auth import plan_fields
 from tests.test_precision import write_fp8, write_gguf
 
 KEY = auth.generate_key()
@@ -62,5 +64,16 @@ async def test_a_split_with_quantised_weights_equals_all_local_bit_for_bit(model
 async def test_peers_holding_one_file_at_different_precisions_refuse_one_plan(models, tmp_path):
     async with running_daemon(tmp_path / "a", KEY, models_dir=models, model="tiny") as a, \
             running_daemon(tmp_path / "b", KEY, models_dir=models, model="tiny", weights="fp8") as b:
-        with pytest.raises(MeshError, match=r"weights fp8 e4m3fn per-row 32, bf16 9.*the plan expects .*weights bf16"):
+        # The client refuses before the head is asked (the head's own refusal names both the same way:
+        # tests/test_meshd_auth.py); either way, one line naming both precisions.
+        with pytest.raises(MeshError, match=r"different models: A serves .*weights bf16\); B serves .*weights fp8 "
+                                            r"e4m3fn per-row 32, bf16 9"):
             await split_generation(KEY, [a.bound, b.bound], "A:0-2,B:3-5", PARAMS, codec="raw")
+        # and the stage itself refuses a prepare that expects the other precision (the head's rule)
+        channel = await Channel.connect(*b.bound, KEY)
+        try:
+            with pytest.raises(MeshError, match=r"weights fp8 e4m3fn per-row 32, bf16 9.*the plan expects .*weights bf16"):
+                await channel.request("prepare", plan_fields(b, [{"peer": "%s:%d" % b.bound, "start": 0, "end": 6}],
+                                                             a.model.identity.to_dict()))
+        finally:
+            await channel.close()
