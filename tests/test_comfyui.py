@@ -24,7 +24,7 @@ from meshd.model.presets import PRESETS
 from meshd.model.runtime import HostedModel, open_source
 from meshd.model.text_encoder_file import QWEN3_CHAT_TEMPLATE, EncoderFile
 from meshd.model.vae_file import VaeFile
-from tests.comfyui_files import TRANSFORMER, write_comfyui
+from tests.comfyui_files import TRANSFORMER, comfy_text_encoder, small_qwen3, write_comfyui
 from tests.daemons import running_daemon, split_generation
 from tests.test_lora import world  # noqa: F401 - the tiny model and a LoRA folder, as the LoRA tests use them
 
@@ -162,6 +162,24 @@ def test_qwen3_file_with_comfyuis_tokenizer_gives_the_klein_pipelines_embeddings
         expected, _ = pipe.encode_prompt(prompt, device=CPU, max_sequence_length=PRESET.max_sequence_length,
                                          text_encoder_out_layers=PRESET.text_encoder_layers)
         assert torch.equal(model.encode_prompt(prompt), expected.to(torch.bfloat16)), prompt
+
+
+@pytest.mark.parametrize("layers", [3, 5])
+def test_a_file_gives_the_hidden_states_the_full_model_gives_at_the_layers_read(tmp_path, layers):
+    # The tiny preset reads layers 1-3. Of a 5-layer file, layer 3's state has no final norm; of a
+    # 3-layer file it is the last state, which transformers norms (found by review: always dropped).
+    ref = small_qwen3(layers)
+    inv_freq = ref.model.rotary_emb.inv_freq.clone()  # stays float32, as from_pretrained(dtype=bf16) keeps it
+    ref = ref.to(torch.bfloat16)
+    ref.model.rotary_emb.inv_freq = inv_freq
+    save_file(comfy_text_encoder(ref), str(tmp_path / "te.safetensors"))
+    built = EncoderFile.open(tmp_path / "te.safetensors").load(PRESET, CPU, torch.bfloat16)
+    ids = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        want = ref.model(ids, output_hidden_states=True).hidden_states
+        got = built(ids, output_hidden_states=True).hidden_states
+    for i in PRESET.text_encoder_layers:
+        assert torch.equal(got[i], want[i]), i
 
 
 def test_comfyuis_tokenizer_renders_flux2s_qwen3_prompt(comfy):

@@ -172,7 +172,11 @@ class EncoderFile:
         if problem:
             raise ModelError(f"{self.path} cannot encode prompts for {preset.name}: {problem}")
         model = self._build(max(preset.text_encoder_layers))
-        model.norm = torch.nn.Identity()  # see the module docstring: the last layer read is never the model's last
+        if self.pruned or max(preset.text_encoder_layers) < self.num_layers:
+            # See the module docstring: a released encoder's last layer read is never its last, so the full
+            # model's hidden state there has no final norm. A file whose own last layer is read (no
+            # released one) keeps it, as transformers applies it to the last hidden state.
+            model.norm = torch.nn.Identity()
         state = {}
         with open_safetensors(self.path) as f:
             for name in model.state_dict(keep_vars=True):
