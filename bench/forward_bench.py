@@ -27,19 +27,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.split_bench import log, sync  # noqa: E402
 from meshd.generation import GenerationParams, Sampler  # noqa: E402
 from meshd.model.compiled import BlockCompiler, CompileCache  # noqa: E402
 from meshd.model.runtime import HostedModel, RandomSource  # noqa: E402
 from meshd.model.presets import get_preset  # noqa: E402
-
-
-def log(text: str) -> None:
-    print(f"# {text}", file=sys.stderr, flush=True)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def timed(fn, device: torch.device, repeat: int) -> tuple[float, list[float], torch.Tensor]:

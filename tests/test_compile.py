@@ -41,6 +41,16 @@ def hosted(models, state, device="cpu", backend="aot_eager") -> HostedModel:
     return HostedModel(source, torch.device(device), torch.bfloat16, compiler=compiler)
 
 
+async def local_latents(model: HostedModel, device: torch.device) -> torch.Tensor:
+    """The all-local generation's final latents, every block on ``device``."""
+    worker = GpuWorker(device)
+    try:
+        await worker.run(model.load, range(6), True, True)
+        return (await run_generation(model, worker, GenerationParams(**PARAMS), LocalRunner(worker))).latents
+    finally:
+        worker.shutdown()
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     return tmp_path_factory.mktemp("models")
@@ -172,13 +182,7 @@ def test_a_compiled_split_equals_the_compiled_all_local_run(models, tmp_path):
     """Cut inside the double blocks: the stage gets the joint stream and splits it before block 1."""
     spec, head_blocks, stage_blocks = "A:0-0,B:1-5", "0", "1-5"
     async def local():
-        model = hosted(models, tmp_path / "local")
-        worker = GpuWorker(torch.device("cpu"))
-        try:
-            await worker.run(model.load, range(6), True, True)
-            return (await run_generation(model, worker, GenerationParams(**PARAMS), LocalRunner(worker))).latents
-        finally:
-            worker.shutdown()
+        return await local_latents(hosted(models, tmp_path / "local"), torch.device("cpu"))
 
     async def split():
         async with running_daemon(tmp_path / "a", None, models_dir=models, compile_backend="aot_eager") as a, \
@@ -226,12 +230,7 @@ def test_inductor_compiled_split_equals_compiled_local_on_cuda(models, tmp_path,
         model = hosted(models, tmp_path / "local", device="cuda", backend="inductor")
         if not compiled:
             model.compiler = None
-        worker = GpuWorker(torch.device("cuda", 0))
-        try:
-            await worker.run(model.load, range(6), True, True)
-            return (await run_generation(model, worker, GenerationParams(**PARAMS), LocalRunner(worker))).latents
-        finally:
-            worker.shutdown()
+        return await local_latents(model, torch.device("cuda", 0))
 
     async def split():
         # Both daemons live in this process: CUDA IPC cannot map a process's own memory, so TCP carries raw.

@@ -177,8 +177,8 @@ class ModelStore:
         def closed(kind: str) -> str:
             """Why a file where ComfyUI keeps ``kind`` could not even be identified (a permission, say):
             so that a missing part is not reported as absent when it is there but closed."""
-            return next((unreadable(path) for path, _, k in self._files()
-                         if k == "unreadable" and comfyui.in_kind_folder(path, kind) and unreadable(path)), "")
+            why = (unreadable(p) for p, _, k in self._files() if k == "unreadable" and comfyui.in_kind_folder(p, kind))
+            return next((w for w in why if w), "")
 
         vae = best(comfyui.VAE, VaeFile, "vae")
         encoder = best(comfyui.TEXT_ENCODER, EncoderFile, "text_encoder")
