@@ -109,8 +109,8 @@ class _Direction:
             self._records = self._bytes = 0
 
 
-class Sealer:
-    """Seals the frames one side sends."""
+class _Side:
+    """One direction's key schedule and counters, as the sealing or the opening side holds them."""
 
     def __init__(self, key: bytes, *, record_bytes: int | None = None, rekey_records: int | None = None,
                  rekey_bytes: int | None = None) -> None:
@@ -124,8 +124,12 @@ class Sealer:
 
     @property
     def sequence(self) -> int:
-        """The number the next record gets (records sealed so far)."""
+        """The number of the next record (records sealed or opened so far)."""
         return self._dir.seq
+
+
+class Sealer(_Side):
+    """Seals the frames one side sends."""
 
     def seal(self, data, out: bytearray | memoryview | None = None):
         """One record of ``data`` (at most a record's worth): into ``out`` when given (no allocation),
@@ -159,23 +163,8 @@ class Sealer:
         return records
 
 
-class Opener:
+class Opener(_Side):
     """Checks and opens the records one side receives, in order."""
-
-    def __init__(self, key: bytes, *, record_bytes: int | None = None, rekey_records: int | None = None,
-                 rekey_bytes: int | None = None) -> None:
-        self._dir = _Direction(key, rekey_records, rekey_bytes)
-        self.record_bytes = record_bytes or limits.SEAL_RECORD_BYTES
-
-    @property
-    def sequence(self) -> int:
-        """The number of the record due next (records opened so far)."""
-        return self._dir.seq
-
-    @property
-    def epoch(self) -> int:
-        """How many times this direction has changed its key."""
-        return self._dir.epoch
 
     def check(self, head, expected: int | None = None, maximum: int = MAX_HEAD_RECORD) -> int:
         """Validate a record header before its body is read; return the body's size (ciphertext + tag).
