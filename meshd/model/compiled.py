@@ -9,6 +9,8 @@ graph per input shape: klein-9B's 32 blocks cost two compiles per resolution, no
 Compiling per block, never a whole span, is what keeps a split exact: a block's numerics depend only
 on its class and input shape, never on where a span starts or ends, so blocks 0-15 here plus 16-31
 on a peer compute the same bits as 0-31 compiled in one process (the raw codec carries them unchanged).
+That holds only with inductor's deterministic mode on (see ``BlockCompiler``): kernel configs chosen by
+rule, not by timing them in each process.
 
 Compilation happens before a generation's first step, never inside one, so every step of every
 generation runs the same graphs; the caller announces it (``compiling`` / ``compiled`` events). The
@@ -200,7 +202,13 @@ class BlockCompiler:
         if cache is not None and backend == "inductor":  # the only backend that writes those caches
             cache.activate()
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-        self._fn = torch.compile(_call_block, fullgraph=True, dynamic=False, backend=backend)
+        # Inductor's deterministic mode: without it, each process benchmarks candidate configs for
+        # reduction kernels (RBLOCK, warps) and keeps the fastest, so two daemons can pick different
+        # summation orders for one graph. Measured on the H200 before this flag: a compiled klein-9B
+        # split differed from the compiled all-local run (final-latent rel L2 2.3e-3; the tiny model,
+        # with one candidate per kernel, was exact). The flag picks configs by rule, never by timing.
+        options = {"deterministic": True} if backend == "inductor" else None
+        self._fn = torch.compile(_call_block, fullgraph=True, dynamic=False, backend=backend, options=options)
         self._ready: set[BlockShape] = set()
         self._lock = threading.Lock()
         self.compiling: dict | None = None  # the compile in progress, for node info
