@@ -271,6 +271,9 @@ def bench_one(args, device, params, setting: str) -> dict:
     if args.emulate_link:
         common += ["--emulate-link", args.emulate_link]
     env = {HEVC_REPLAY_ENV: "4096"} if args.hevc_ahead else {}
+    if args.unsealed:
+        unsealed = str(Path(__file__).resolve().parent / "unsealed")  # its sitecustomize turns sealing off
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (unsealed, os.environ.get("PYTHONPATH", "")) if p)
     emulation = LinkEmulation.parse(args.emulate_link) if args.emulate_link else None
     devices = args.devices.split(",") if args.devices else [str(device), str(device)]
     workdir = args.workdir / f"compile-{setting}" if args.workdir else None
@@ -320,17 +323,6 @@ def main() -> int:
         device = torch.device("cuda", torch.cuda.current_device())
     params = GenerationParams(prompt="a lighthouse on a cliff at dawn", seed=1, width=args.size, height=args.size,
                               steps=args.steps, guidance=1.0)
-    local = asyncio.run(run_local(args, device, params))
-    log(f"local {local['median_s']:.3f} s, peak VRAM {local['peak_vram_bytes']}")
-    common = ["--model", args.model]
-    if args.random_weights:
-        common.append("--random-weights")
-    if args.emulate_link:
-        common += ["--emulate-link", args.emulate_link]
-    env = {HEVC_REPLAY_ENV: "4096"} if args.hevc_ahead else {}
-    if args.unsealed:
-        unsealed = str(Path(__file__).resolve().parent / "unsealed")  # its sitecustomize turns sealing off
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (unsealed, os.environ.get("PYTHONPATH", "")) if p)
     settings = [c.strip() for c in args.compile.split(",") if c.strip()]
     if not settings or any(c not in ("on", "off") for c in settings):
         parser.error(f"--compile {args.compile!r}: a comma list of on and off")
