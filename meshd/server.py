@@ -338,7 +338,12 @@ class Daemon:
         self._connections.add(conn)
         try:
             try:
-                hello = await server_handshake(conn, self.key, self.node_info)
+                # The client's retries and deadline are its own; the daemon's slot is bounded here.
+                hello = await asyncio.wait_for(server_handshake(conn, self.key, self.node_info),
+                                               limits.PREAUTH_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                log.info("dropped %s: handshake not over within %g s of connecting", name, limits.PREAUTH_TIMEOUT_S)
+                return
             except MeshError as exc:
                 if conn.closed:  # dropped to make room for another: routine under a flood
                     log.debug("dropped half-open connection from %s: %s", name, exc.message)
