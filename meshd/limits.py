@@ -92,6 +92,10 @@ PEER_SILENCE_TIMEOUT_S = 4.0
 PING_INTERVAL_S = 1.0
 #: Connecting to a peer must succeed within this long.
 CONNECT_TIMEOUT_S = 5.0
+#: A peer's ``info`` must answer within this long (meshtui's peer poll).
+INFO_TIMEOUT_S = 10.0
+#: Loading blocks from disk (and compiling them for the default size) must end within this long.
+LOAD_TIMEOUT_S = 3600.0
 #: A connection closed by the daemon before its handshake ends (refused or evicted at admission while
 #: half-open connections flood it) is retried for up to this long, with backoff from
 #: CONNECT_RETRY_FIRST_S doubling up to CONNECT_RETRY_MAX_S.
@@ -120,6 +124,16 @@ ENCODE_PROMPT_TIMEOUT_S = 600.0
 PREPARE_TIMEOUT_S = 900.0
 #: Prepared jobs a stage holds at once.
 MAX_JOBS_PER_STAGE = 64
+#: Longest job id a head may give a stage's job (a head makes 32 hex characters).
+MAX_JOB_ID_LENGTH = 64
+#: A job's geometry, as a stage checks it before allocating for it: images per batch, ...
+MAX_BATCH = 8
+#: ... text tokens (a prompt's embedding; presets use at most 512), ...
+MAX_TEXT_TOKENS = 4096
+#: ... and latent grid side in tokens (MAX_IMAGE_SIDE over a size multiple of 8).
+MAX_GRID = 512
+#: Most stages one split plan may have.
+MAX_PLAN_STAGES = 64
 #: Largest image side, in pixels.
 MAX_IMAGE_SIDE = 4096
 #: Most denoising steps.

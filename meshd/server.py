@@ -42,12 +42,9 @@ from .streaming import LinkPlan, SendStats, link_after, pack_raw, receive_activa
 
 log = logging.getLogger(__name__)
 
-MAX_BATCH = 8
 #: Benchmarks on GPUs without NVENC set this (MiB) to measure HEVC "encoded ahead of time" by libx265:
 #: see codec.core.ReplayCache. Never set in production.
 HEVC_REPLAY_ENV = "MESHD_BENCH_HEVC_REPLAY_MB"
-MAX_TEXT_TOKENS = 4096
-MAX_GRID = 512
 #: Requests that are followed by a chunk stream; any other request announcing one is refused at once,
 #: so that no chunk frames queue up behind a long-running request.
 STREAM_OPS = ("forward",)
@@ -141,7 +138,8 @@ class Geometry:
         if not isinstance(data, dict):
             raise MeshError("bad-request", "geometry must be a map")
         values = {}
-        for name, hi in (("batch", MAX_BATCH), ("txt_len", MAX_TEXT_TOKENS), ("img_h", MAX_GRID), ("img_w", MAX_GRID)):
+        for name, hi in (("batch", limits.MAX_BATCH), ("txt_len", limits.MAX_TEXT_TOKENS), ("img_h", limits.MAX_GRID),
+                         ("img_w", limits.MAX_GRID)):
             v = data.get(name)
             if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= hi:
                 raise MeshError("bad-request", f"geometry {name}={v!r:.20} must be in 1..{hi}")
@@ -514,7 +512,7 @@ class Daemon:
     async def _prepare(self, request: Request):
         h = request.header
         job_id = h.get("job")
-        if not isinstance(job_id, str) or not 1 <= len(job_id) <= 64:
+        if not isinstance(job_id, str) or not 1 <= len(job_id) <= limits.MAX_JOB_ID_LENGTH:
             raise MeshError("bad-request", "prepare needs a job id")
         if job_id in self.jobs or job_id in self._preparing:
             raise MeshError("bad-request", f"job {job_id} is already prepared here")
