@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
-import os
 import socket
 import time
 import uuid
@@ -42,9 +41,6 @@ from .streaming import LinkPlan, SendStats, link_after, pack_raw, receive_activa
 
 log = logging.getLogger(__name__)
 
-#: Benchmarks on GPUs without NVENC set this (MiB) to measure HEVC "encoded ahead of time" by libx265:
-#: see codec.core.ReplayCache. Never set in production.
-HEVC_REPLAY_ENV = "MESHD_BENCH_HEVC_REPLAY_MB"
 #: Requests that are followed by a chunk stream; any other request announcing one is refused at once,
 #: so that no chunk frames queue up behind a long-running request.
 STREAM_OPS = ("forward",)
@@ -184,10 +180,6 @@ class Daemon:
                              allocator=self.allocator)
         codec.core.set_nvenc_session_budget(config.nvenc_sessions)
         codec.probe(self.device)  # probed once at start; see ``caps``
-        replay_mb = os.environ.get(HEVC_REPLAY_ENV)
-        if replay_mb:
-            codec.core.enable_hevc_replay(int(replay_mb) << 20)
-            log.warning("%s is set: libx265 frames are replayed from a cache (benchmarks only)", HEVC_REPLAY_ENV)
         self.jobs: dict[str, StageJob] = {}
         self.lora_store = LoraStore(config.lora_dirs, config.cache_dir)
         model.lora_store = self.lora_store
