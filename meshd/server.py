@@ -473,11 +473,15 @@ class Daemon:
             raise
         except Exception as exc:  # noqa: BLE001 - ModelError and I/O errors go back to the client
             raise MeshError("not-found", f"{self.name} could not load blocks {describe_ranges(blocks)}: {exc}") from None
-        # Warm the compiled blocks for the model's default size now, not at the first generation.
-        side = preset.default_size // preset.size_multiple
-        await self.compile_for(Geometry(1, preset.max_sequence_length, side, side), (), request.event)
-        for callback in self.on_change:
-            callback()
+        try:
+            # Warm the compiled blocks for the model's default size now, not at the first generation.
+            side = preset.default_size // preset.size_multiple
+            await self.compile_for(Geometry(1, preset.max_sequence_length, side, side), (), request.event)
+        finally:
+            # The new blocks are held whether or not their warm-up compile worked (a failed one is
+            # reported, and retried by the first generation): advertise what is held, always.
+            for callback in self.on_change:
+                callback()
         log.info("now holding blocks %s (loaded in %.1f s)", describe_ranges(self.model.blocks), seconds)
         return {"blocks": ranges(self.model.blocks), "seconds": seconds, "node": self.node_info()}, []
 
