@@ -18,8 +18,9 @@ bytes that arrived. Each nonce is the public half of a fresh X25519 key (32 byte
 unpredictable as random ones), so the MACs also authenticate an ephemeral key exchange. Once the
 client has checked the server's proof, and the server the client's, both know
 :func:`meshd.wire.seal.session_keys` (cluster key + the X25519 secret: forward secrecy, salted
-with the transcript); everything after ``proof`` is sealed. A refusal (wrong key, wrong version, a malformed hello) is a :class:`MeshError` whose code
-and message the server sends back unsealed before it closes.
+with the transcript); everything after ``proof`` is sealed. A refusal (wrong key, wrong version,
+a malformed hello) is a :class:`MeshError` whose code and message the server sends back unsealed
+before it closes.
 """
 
 from __future__ import annotations
