@@ -58,7 +58,7 @@ def cipher_throughput(total_mib: int) -> dict:
 
 def _keys(client: bool) -> seal.SessionKeys:
     # Fixed inputs: both processes derive the same session keys without a handshake.
-    return seal.session_keys(b"k" * 32, b"c" * 32, b"s" * 32, client=client)
+    return seal.session_keys(b"k" * 32, b"t" * 32, b"s" * 32, client=client)
 
 
 def _receiver(port: int, frames: int, sealed: bool, emulate: str, result) -> None:

@@ -13,8 +13,9 @@ emulated inside the transport (token bucket on bytes sent + a fixed delay, both 
 first generation of each kind is a warm-up and is not timed.
 
 HEVC on a GPU without NVENC: with --hevc-ahead the daemons keep the libx265 frames of the warm-up
-run and replay them in the timed runs (codec.core.ReplayCache), i.e. HEVC "encoded ahead of time by
-x265": the timed figures then exclude encoding. Without it, HEVC is encoded live on the CPU.
+run and replay them in the timed runs (codec.core.ReplayCache, installed by bench/hevc_ahead's
+sitecustomize: the daemon has no switch for it), i.e. HEVC "encoded ahead of time by x265": the timed
+figures then exclude encoding. Without it, HEVC is encoded live on the CPU.
 """
 
 from __future__ import annotations
@@ -46,7 +47,6 @@ from meshd.model.compiled import INDUCTOR_ENV, BlockCompiler, CompileCache  # no
 from meshd.model.files import ModelStore  # noqa: E402
 from meshd.model.runtime import HostedModel, open_source  # noqa: E402
 from meshd.plan import parse_split  # noqa: E402
-from meshd.server import HEVC_REPLAY_ENV  # noqa: E402
 from meshd.wire import seal  # noqa: E402
 from meshtui.local import LocalCluster  # noqa: E402
 from meshtui.mesh import Mesh  # noqa: E402
@@ -270,10 +270,7 @@ def bench_one(args, device, params, setting: str) -> dict:
         common.append("--random-weights")
     if args.emulate_link:
         common += ["--emulate-link", args.emulate_link]
-    env = {HEVC_REPLAY_ENV: "4096"} if args.hevc_ahead else {}
-    if args.unsealed:
-        unsealed = str(Path(__file__).resolve().parent / "unsealed")  # its sitecustomize turns sealing off
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (unsealed, os.environ.get("PYTHONPATH", "")) if p)
+    env = daemon_env(args)
     emulation = LinkEmulation.parse(args.emulate_link) if args.emulate_link else None
     devices = args.devices.split(",") if args.devices else [str(device), str(device)]
     workdir = args.workdir / f"compile-{setting}" if args.workdir else None
@@ -287,6 +284,18 @@ def bench_one(args, device, params, setting: str) -> dict:
         cluster.start(timeout=300)
         split = asyncio.run(run_split(args, cluster, params, local, emulation))
     return {"devices": devices, "local": {k: v for k, v in local.items() if k not in ("latents", "pixels")}, **split}
+
+
+def daemon_env(args) -> dict:
+    """The daemons' environment: the benchmark-only hooks asked for, each a folder whose sitecustomize
+    patches the daemon's process before meshd starts (bench/unsealed: no sealing; bench/hevc_ahead:
+    libx265 frames replayed). The daemon itself has no benchmark switch."""
+    here = Path(__file__).resolve().parent
+    hooks = [str(here / name) for name, wanted in (("unsealed", args.unsealed), ("hevc_ahead", args.hevc_ahead))
+             if wanted]
+    if not hooks:
+        return {}
+    return {"PYTHONPATH": os.pathsep.join([*hooks, *filter(None, [os.environ.get("PYTHONPATH", "")])])}
 
 
 def main() -> int:

@@ -191,11 +191,16 @@ class FallbackEncoder:
 
 
 def retire_nvenc(device: torch.device, reason: str) -> None:
-    """Stop using NVENC on ``device`` in this process: mark it failing and close its sessions."""
+    """Stop using NVENC on ``device``'s GPU in this process: mark it failing and close its sessions,
+    those of the host-input encoder too when that feeds the same GPU's NVENC (frames of the CPU)."""
     mark_nvenc_failed(device, reason)
+    gpu = hevc_nv.gpu_of(torch.device(device))
     with _backends_lock:
-        encoder = _encoders.pop(("nvenc", str(device)), None)
-    if encoder is not None:
+        keys = [k for k, e in _encoders.items() if k[0] == "nvenc" and e.gpu == gpu]
+        retired = [(k[1], _encoders.pop(k)) for k in keys]
+    for name, encoder in retired:
+        if name != str(device):
+            mark_nvenc_failed(name, reason)
         encoder.close()
 
 

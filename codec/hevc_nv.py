@@ -135,7 +135,7 @@ class NvCaps:
     nvenc_state: str = "absent"  # "ok", "absent" (no NVENC here) or "failing" (NVENC there, not working)
 
 
-def _gpu_index(device: torch.device) -> int:
+def gpu_of(device: torch.device) -> int:
     """The CUDA ordinal of ``device``; NVENC of GPU 0 for host (CPU-device) frames."""
     if device.type != "cuda":
         return 0
@@ -162,7 +162,9 @@ def probe_nvenc(device: torch.device) -> tuple[str, str, int]:
 
     ``state`` is ``ok``, ``absent`` (no NVENC on this GPU, or no driver library) or ``failing``
     (NVENC present but not working: that is a fault to show loudly, not a missing feature).
-    Sessions are released before returning.
+    The probe's session comes from the process-wide budget (:data:`SESSIONS`) like any other: a
+    re-probe while encoders hold sessions takes one of theirs (or waits), never one more. Sessions
+    are released before returning.
     """
     try:
         nvc = import_nvc()
@@ -177,14 +179,14 @@ def probe_nvenc(device: torch.device) -> tuple[str, str, int]:
     frame[0, side:2 * side] = 128
     error = None
     try:
-        encoder = NvEncoder(device, sessions=1, budget=SessionBudget(1))
+        encoder = NvEncoder(device, sessions=1)
         try:
             for qp in PROBE_QPS:
                 if len(encoder.encode(frame, qp)[0]) == 0:
                     raise CodecError("NVENC produced an empty frame")
         finally:
             encoder.close()
-        engines = int(dict(nvc.GetEncoderCaps(gpuid=_gpu_index(device), codec="hevc")).get("num_encoder_engines", 1))
+        engines = int(dict(nvc.GetEncoderCaps(gpuid=gpu_of(device), codec="hevc")).get("num_encoder_engines", 1))
     except Exception as exc:  # noqa: BLE001 - classified below; nothing of it is kept
         error = _one_line(exc)
     if error is not None:
@@ -206,7 +208,7 @@ def probe_nv(device: torch.device) -> NvCaps:
         nvc = import_nvc()
     except CodecUnavailable as exc:
         return NvCaps(nvenc, nvenc_reason, engines, False, str(exc), 0, state)
-    gpu = _gpu_index(device)
+    gpu = gpu_of(device)
     try:
         pool = NvDecoder(device, sessions=1)
         out = pool.decode([probe_stream()], _PROBE_SIDE, _PROBE_SIDE, device)
@@ -276,6 +278,10 @@ class SessionBudget:
     Discord take some). Sessions are kept open for reuse (opening one costs hundreds of ms); a
     request for a new key closes the least recently used idle session when the budget is full, and
     waits when every session is busy. A failed session is dropped, never returned to the pool.
+
+    A session closes when its last reference goes (the binding has no close method), and closing
+    one is a driver call that takes milliseconds: sessions leaving the pool are collected under the
+    lock and let go after it (:meth:`_let_go`), so that no other encoder waits on a destruction.
     """
 
     def __init__(self, limit: int = 2) -> None:
@@ -291,12 +297,19 @@ class SessionBudget:
 
     def set_limit(self, limit: int) -> None:
         """Change the budget; idle sessions above it are closed now."""
+        leaving = []
         with self._cond:
             self._limit = max(1, int(limit))
             for gpu in list(self._idle):
                 while self._idle[gpu] and self.open_count(gpu) > self._limit:
-                    self._idle[gpu].popitem(last=False)
+                    leaving.append(self._idle[gpu].popitem(last=False)[1])
             self._cond.notify_all()
+        self._let_go(leaving)
+
+    @staticmethod
+    def _let_go(leaving: list) -> None:
+        """Drop the pool's last references to these sessions, outside the lock: that closes them."""
+        leaving.clear()
 
     def open_count(self, gpu: int) -> int:
         """Sessions open on ``gpu`` (idle and busy)."""
@@ -304,6 +317,7 @@ class SessionBudget:
 
     def acquire(self, gpu: int, key: tuple, open_session):
         """An idle session for ``key``, or a newly opened one within the budget."""
+        leaving = []
         with self._cond:
             while True:
                 idle = self._idle.setdefault(gpu, OrderedDict())
@@ -315,10 +329,11 @@ class SessionBudget:
                 if self.open_count(gpu) < self._limit:
                     break
                 if idle:
-                    idle.popitem(last=False)  # the LRU idle session of another key: closed
+                    leaving.append(idle.popitem(last=False)[1])  # the LRU idle session of another key
                     break
                 self._cond.wait()
             self._busy[gpu] = self._busy.get(gpu, 0) + 1
+        self._let_go(leaving)  # closed before ours opens: the system's session table has room again
         try:
             return self._open(gpu, open_session)
         except BaseException:
@@ -334,8 +349,10 @@ class SessionBudget:
             reason = _one_line(exc)
         # Other programs hold the system's sessions: give back our idle ones and try once more.
         with self._cond:
-            freed = bool(self._idle.get(gpu))
+            leaving = list(self._idle.get(gpu, {}).values())
             self._idle.get(gpu, OrderedDict()).clear()
+        freed = bool(leaving)
+        self._let_go(leaving)
         if not freed:
             raise CodecError(f"NVENC has no free session: the system's limit (8 on GeForce, shared with OBS, "
                              f"browsers, Discord...) is reached ({reason})")
@@ -343,13 +360,15 @@ class SessionBudget:
 
     def release(self, gpu: int, key: tuple, session) -> None:
         """Return a healthy session for reuse."""
+        leaving = []
         with self._cond:
             self._serial += 1
             self._idle.setdefault(gpu, OrderedDict())[(key, self._serial)] = session
             self._busy[gpu] -= 1
             while self.open_count(gpu) > self._limit and self._idle[gpu]:
-                self._idle[gpu].popitem(last=False)
+                leaving.append(self._idle[gpu].popitem(last=False)[1])
             self._cond.notify_all()
+        self._let_go(leaving)
 
     def discard(self, gpu: int) -> None:
         """Forget a busy session that failed (the caller drops its last reference: that closes it)."""
@@ -362,11 +381,14 @@ class SessionBudget:
 
     def close_idle(self, gpu: int | None = None) -> None:
         """Close every idle session (of ``gpu``, or of all GPUs)."""
+        leaving = []
         with self._cond:
             for g, idle in self._idle.items():
                 if gpu is None or g == gpu:
+                    leaving += idle.values()
                     idle.clear()
             self._cond.notify_all()
+        self._let_go(leaving)
 
 
 #: The process-wide budget every NvEncoder draws from (meshd sets it from ``nvenc_sessions``).
@@ -441,7 +463,7 @@ class NvEncoder:
     def __init__(self, device: torch.device, sessions: int = 1, budget: SessionBudget | None = None) -> None:
         self._nvc = import_nvc()
         self._device = device
-        self._gpu = _gpu_index(device)
+        self._gpu = gpu_of(device)
         self._budget = budget or SESSIONS
         self._workers = max(1, sessions)
         self._threads = ThreadPoolExecutor(self._workers, thread_name_prefix="nvenc")
@@ -480,6 +502,11 @@ class NvEncoder:
             raise CodecError(error)
         self._budget.release(self._gpu, key, session)
         return out
+
+    @property
+    def gpu(self) -> int:
+        """The CUDA ordinal whose NVENC this encoder uses (0 for host frames)."""
+        return self._gpu
 
     def encode(self, frames: torch.Tensor, qp: int | None) -> list[bytes]:
         """Encode ``[F, 3H, W]`` uint8 frames; contiguous runs of them go to the session threads."""
@@ -521,7 +548,7 @@ class NvDecoder:
     def __init__(self, device: torch.device, sessions: int = 4) -> None:
         self._nvc = import_nvc()
         self._device = device
-        self._gpu = _gpu_index(device)
+        self._gpu = gpu_of(device)
         self._pool = _DecoderPool()
         self._threads = ThreadPoolExecutor(max(1, sessions), thread_name_prefix="nvdec")
 

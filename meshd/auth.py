@@ -2,14 +2,17 @@
 
 Handshake (each line one small frame, read under the pre-auth size cap)::
 
-    client -> server  hello      {proto, nonce_c}
-    server -> client  challenge  {proto, nonce_s, proof_s = HMAC(key, "meshd server" | proto | nonce_c | nonce_s)}
-    client -> server  proof      {proof_c = HMAC(key, "meshd client" | proto | nonce_s | nonce_c)}
+    client -> server  hello      {proto, nonce_c, ...}
+    server -> client  challenge  {proto, nonce_s, proof_s = HMAC(key, "meshd server" | proto | H(hello, challenge'))}
+    client -> server  proof      {proof_c = HMAC(key, "meshd client" | proto | H(hello, challenge))}
     server -> client  welcome    {node info}      or an error, then close
 
-Both sides prove knowledge of the key over fresh nonces; the labels stop a proof from being
-reflected back, and MACs are compared in constant time. Nothing but ``hello``/``proof`` is read
-from an unauthenticated peer. Like CPython's ``multiprocessing.connection``, minus the pickles.
+``H`` is the transcript hash of meshd.wire.handshake: the hello and the challenge frames byte for
+byte as sent (``challenge'`` with its proof's bytes zeroed), so nothing sent before the keys exist
+can be rewritten on the way unnoticed. Both sides prove knowledge of the key over fresh nonces; the
+labels stop a proof from being reflected back, and MACs are compared in constant time. Nothing but
+``hello``/``proof`` is read from an unauthenticated peer. Like CPython's ``multiprocessing.connection``,
+minus the pickles.
 """
 
 from __future__ import annotations
@@ -89,16 +92,22 @@ def new_nonce() -> bytes:
     return secrets.token_bytes(NONCE_BYTES)
 
 
-def _mac(key: bytes, label: bytes, first: bytes, second: bytes) -> bytes:
-    return hmac.new(key, label + PROTOCOL_VERSION.to_bytes(2, "little") + first + second, _DIGEST).digest()
+#: Length of a proof (an HMAC-SHA256).
+PROOF_BYTES = 32
 
 
-def server_proof(key: bytes, nonce_c: bytes, nonce_s: bytes) -> bytes:
-    return _mac(key, b"meshd server\0", nonce_c, nonce_s)
+def _mac(key: bytes, label: bytes, transcript: bytes) -> bytes:
+    return hmac.new(key, label + PROTOCOL_VERSION.to_bytes(2, "little") + transcript, _DIGEST).digest()
 
 
-def client_proof(key: bytes, nonce_c: bytes, nonce_s: bytes) -> bytes:
-    return _mac(key, b"meshd client\0", nonce_s, nonce_c)
+def server_proof(key: bytes, transcript: bytes) -> bytes:
+    """The server's proof over the transcript hash of the hello and its challenge (proof zeroed)."""
+    return _mac(key, b"meshd server\0", transcript)
+
+
+def client_proof(key: bytes, transcript: bytes) -> bytes:
+    """The client's proof over the transcript hash of the hello and the whole challenge."""
+    return _mac(key, b"meshd client\0", transcript)
 
 
 def verify(expected: bytes, received: object) -> bool:

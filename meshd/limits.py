@@ -33,11 +33,18 @@ MAX_HEADER_STRING = 64 * 1024
 # --- before authentication ---------------------------------------------------------------------
 #: A frame received before the peer has proven the key may be at most this big (header only).
 PREAUTH_MAX_FRAME_BYTES = 512
-#: The whole handshake must finish within this many seconds.
+#: A connection holds its pre-auth slot at most this long: the daemon's side of the handshake (hello
+#: in, challenge out, proof in) must be over within it, or the connection is closed. A key holder's
+#: takes one and a half round trips (milliseconds on a LAN, well under a second over a VPN), while
+#: anyone can send a valid hello without the key and then stall: this is how long such a connection
+#: keeps a slot from a member, and 3 s keeps a member served within 5 s under a flood (its own
+#: connect is retried with backoff meanwhile, CONNECT_RETRY_S).
+PREAUTH_TIMEOUT_S = 3.0
+#: The hello is the first part of that same deadline (a connection that says nothing is told so).
+HELLO_TIMEOUT_S = PREAUTH_TIMEOUT_S
+#: A client gives up on a handshake after this long (it waits for a daemon that may be busy; the
+#: daemon bounds its own side by PREAUTH_TIMEOUT_S).
 HANDSHAKE_TIMEOUT_S = 10.0
-#: The client's hello (its first frame, a few hundred bytes) must arrive within this long of
-#: connecting, so that a connection that says nothing, or trickles, gives its pre-auth slot back soon.
-HELLO_TIMEOUT_S = 3.0
 #: At most this many connections may be in their handshake at once; more are closed at once.
 MAX_PREAUTH_CONNECTIONS = 32
 #: ... and at most this many of them from one source (an IPv4 address or an IPv6 /64), so that one
@@ -85,6 +92,10 @@ PEER_SILENCE_TIMEOUT_S = 4.0
 PING_INTERVAL_S = 1.0
 #: Connecting to a peer must succeed within this long.
 CONNECT_TIMEOUT_S = 5.0
+#: A peer's ``info`` must answer within this long (meshtui's peer poll).
+INFO_TIMEOUT_S = 10.0
+#: Loading blocks from disk (and compiling them for the default size) must end within this long.
+LOAD_TIMEOUT_S = 3600.0
 #: A connection closed by the daemon before its handshake ends (refused or evicted at admission while
 #: half-open connections flood it) is retried for up to this long, with backoff from
 #: CONNECT_RETRY_FIRST_S doubling up to CONNECT_RETRY_MAX_S.
@@ -113,6 +124,16 @@ ENCODE_PROMPT_TIMEOUT_S = 600.0
 PREPARE_TIMEOUT_S = 900.0
 #: Prepared jobs a stage holds at once.
 MAX_JOBS_PER_STAGE = 64
+#: Longest job id a head may give a stage's job (a head makes 32 hex characters).
+MAX_JOB_ID_LENGTH = 64
+#: A job's geometry, as a stage checks it before allocating for it: images per batch, ...
+MAX_BATCH = 8
+#: ... text tokens (a prompt's embedding; presets use at most 512), ...
+MAX_TEXT_TOKENS = 4096
+#: ... and latent grid side in tokens (MAX_IMAGE_SIDE over a size multiple of 8).
+MAX_GRID = 512
+#: Most stages one split plan may have.
+MAX_PLAN_STAGES = 64
 #: Largest image side, in pixels.
 MAX_IMAGE_SIDE = 4096
 #: Most denoising steps.

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from codec import CodecSpec
 
+from . import limits
 from .model.presets import ModelPreset
 
 _STAGE = re.compile(r"^\s*([^:\s]+)\s*:\s*(\d+)\s*-\s*(\d+)\s*(?:@\s*([\w:-]+))?\s*$")
@@ -116,8 +117,8 @@ class SplitPlan:
 
     @classmethod
     def from_wire(cls, data: object) -> SplitPlan:
-        if not isinstance(data, list) or not 1 <= len(data) <= 64:
-            raise PlanError("a plan must be a list of 1-64 stages")
+        if not isinstance(data, list) or not 1 <= len(data) <= limits.MAX_PLAN_STAGES:
+            raise PlanError(f"a plan must be a list of 1-{limits.MAX_PLAN_STAGES} stages")
         return cls(tuple(Stage.from_wire(s) for s in data))
 
 

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
-import os
 import socket
 import time
 import uuid
@@ -42,12 +41,6 @@ from .streaming import LinkPlan, SendStats, link_after, pack_raw, receive_activa
 
 log = logging.getLogger(__name__)
 
-MAX_BATCH = 8
-#: Benchmarks on GPUs without NVENC set this (MiB) to measure HEVC "encoded ahead of time" by libx265:
-#: see codec.core.ReplayCache. Never set in production.
-HEVC_REPLAY_ENV = "MESHD_BENCH_HEVC_REPLAY_MB"
-MAX_TEXT_TOKENS = 4096
-MAX_GRID = 512
 #: Requests that are followed by a chunk stream; any other request announcing one is refused at once,
 #: so that no chunk frames queue up behind a long-running request.
 STREAM_OPS = ("forward",)
@@ -141,7 +134,8 @@ class Geometry:
         if not isinstance(data, dict):
             raise MeshError("bad-request", "geometry must be a map")
         values = {}
-        for name, hi in (("batch", MAX_BATCH), ("txt_len", MAX_TEXT_TOKENS), ("img_h", MAX_GRID), ("img_w", MAX_GRID)):
+        for name, hi in (("batch", limits.MAX_BATCH), ("txt_len", limits.MAX_TEXT_TOKENS), ("img_h", limits.MAX_GRID),
+                         ("img_w", limits.MAX_GRID)):
             v = data.get(name)
             if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= hi:
                 raise MeshError("bad-request", f"geometry {name}={v!r:.20} must be in 1..{hi}")
@@ -186,10 +180,6 @@ class Daemon:
                              allocator=self.allocator)
         codec.core.set_nvenc_session_budget(config.nvenc_sessions)
         codec.probe(self.device)  # probed once at start; see ``caps``
-        replay_mb = os.environ.get(HEVC_REPLAY_ENV)
-        if replay_mb:
-            codec.core.enable_hevc_replay(int(replay_mb) << 20)
-            log.warning("%s is set: libx265 frames are replayed from a cache (benchmarks only)", HEVC_REPLAY_ENV)
         self.jobs: dict[str, StageJob] = {}
         self.lora_store = LoraStore(config.lora_dirs, config.cache_dir)
         model.lora_store = self.lora_store
@@ -338,7 +328,12 @@ class Daemon:
         self._connections.add(conn)
         try:
             try:
-                hello = await server_handshake(conn, self.key, self.node_info)
+                # The client's retries and deadline are its own; the daemon's slot is bounded here.
+                hello = await asyncio.wait_for(server_handshake(conn, self.key, self.node_info),
+                                               limits.PREAUTH_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                log.info("dropped %s: handshake not over within %g s of connecting", name, limits.PREAUTH_TIMEOUT_S)
+                return
             except MeshError as exc:
                 if conn.closed:  # dropped to make room for another: routine under a flood
                     log.debug("dropped half-open connection from %s: %s", name, exc.message)
@@ -478,11 +473,15 @@ class Daemon:
             raise
         except Exception as exc:  # noqa: BLE001 - ModelError and I/O errors go back to the client
             raise MeshError("not-found", f"{self.name} could not load blocks {describe_ranges(blocks)}: {exc}") from None
-        # Warm the compiled blocks for the model's default size now, not at the first generation.
-        side = preset.default_size // preset.size_multiple
-        await self.compile_for(Geometry(1, preset.max_sequence_length, side, side), (), request.event)
-        for callback in self.on_change:
-            callback()
+        try:
+            # Warm the compiled blocks for the model's default size now, not at the first generation.
+            side = preset.default_size // preset.size_multiple
+            await self.compile_for(Geometry(1, preset.max_sequence_length, side, side), (), request.event)
+        finally:
+            # The new blocks are held whether or not their warm-up compile worked (a failed one is
+            # reported, and retried by the first generation): advertise what is held, always.
+            for callback in self.on_change:
+                callback()
         log.info("now holding blocks %s (loaded in %.1f s)", describe_ranges(self.model.blocks), seconds)
         return {"blocks": ranges(self.model.blocks), "seconds": seconds, "node": self.node_info()}, []
 
@@ -509,7 +508,7 @@ class Daemon:
     async def _prepare(self, request: Request):
         h = request.header
         job_id = h.get("job")
-        if not isinstance(job_id, str) or not 1 <= len(job_id) <= 64:
+        if not isinstance(job_id, str) or not 1 <= len(job_id) <= limits.MAX_JOB_ID_LENGTH:
             raise MeshError("bad-request", "prepare needs a job id")
         if job_id in self.jobs or job_id in self._preparing:
             raise MeshError("bad-request", f"job {job_id} is already prepared here")

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from meshd import limits
 from meshd.connection import Channel
 from meshd.errors import MeshError
 from meshd.link import LinkEmulation
@@ -98,7 +99,7 @@ class Mesh:
         if peer and peer.channel:
             await peer.channel.close()
 
-    async def connect(self, peer: Peer, timeout: float = 10) -> Peer:
+    async def connect(self, peer: Peer, timeout: float = limits.INFO_TIMEOUT_S) -> Peer:
         """(Re)connect, authenticate and read the peer's info; errors are kept on the peer."""
         try:
             if peer.channel is None or not peer.channel.alive:
@@ -208,7 +209,8 @@ class Mesh:
                 await _call(on_event, {"peer": label, **frame.header,
                                        "kind": kind if kind in ("compiling", "compiled") else "load"})
 
-            reply = await peer.channel.request("load", {"blocks": ranges}, on_event=progress, timeout=3600)
+            reply = await peer.channel.request("load", {"blocks": ranges}, on_event=progress,
+                                             timeout=limits.LOAD_TIMEOUT_S)
             peer.info = reply.header.get("node") or peer.info
             await _call(on_event, {"kind": "load-done", "peer": label, "seconds": reply.header.get("seconds")})
 

@@ -149,6 +149,61 @@ def test_a_session_that_cannot_open_is_a_codec_error_and_auto_hevc_falls_back_to
             codec.encode(x, CodecSpec("hevc", encoder="nvenc", chunk_tokens=64, layout=LAYOUT))
 
 
+def test_the_probe_takes_its_session_from_the_process_budget():
+    """Found by review: the probe opened its session under a budget of its own, so a re-probe while an
+    encoder kept its session open held one more than the GPU's budget allows."""
+    from codec.hevc_nv import SESSIONS, probe_nvenc
+
+    with fake_nvenc(budget=1) as fake:
+        encoder = NvEncoder(torch.device("cpu"), sessions=1)  # the process budget, as codec.core's are
+        encoder.encode(frames_of(16, 32, 1), None)
+        assert fake.open_sessions == 1 and SESSIONS.open_count(0) == 1  # kept open, idle, for reuse
+        fake.peak_sessions = fake.open_sessions
+        state, reason, _ = probe_nvenc(torch.device("cpu"))
+        assert state == "ok", reason
+        assert fake.peak_sessions == 1  # the probe's session took the idle one's place, not one more
+        assert fake.open_sessions == 0 and SESSIONS.open_count(0) == 0
+        encoder.close()
+
+
+def test_sessions_leave_the_pool_outside_its_lock():
+    """Destroying a session is a driver call of milliseconds: whichever way a session leaves the pool
+    (evicted for another key, above a lowered limit, closed as idle, given up for another program),
+    it is destroyed with the budget's lock free, so other encoders never wait on it."""
+    with fake_nvenc() as fake:
+        budget = SessionBudget(2)
+        under_lock = []
+        fake.on_destroy = lambda: under_lock.append(budget._cond._is_owned())
+        encoder = NvEncoder(torch.device("cpu"), sessions=1, budget=budget)
+        for h in (16, 32, 48):  # a third key evicts the least recently used idle session
+            encoder.encode(frames_of(h, 32, 1), None)
+        budget.set_limit(1)  # one idle session above the new limit
+        fake.other_sessions = 7  # another program: the open of a new key gives our idle one back
+        encoder.encode(frames_of(64, 32, 1), None)
+        fake.other_sessions = 0
+        budget.close_idle()
+        assert under_lock == [False] * 4 and fake.open_sessions == 0
+        encoder.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the fake reads device memory there)")
+def test_retiring_a_gpus_nvenc_retires_the_host_input_encoder_on_it_too():
+    """Frames of a CPU device go to GPU 0's NVENC through a host-input encoder of their own: when NVENC
+    on cuda:0 is retired after a failure, that encoder's sessions close and it is not used again."""
+    from codec.core import _encoders, hevc_encoder, retire_nvenc
+
+    with fake_nvenc(host_pointers=False) as fake:
+        cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+        hevc_encoder(cuda, "nvenc").encode(frames_of(16, 32, 1).to(cuda), None)
+        hevc_encoder(cpu, "nvenc").encode(frames_of(16, 32, 1), None)
+        assert {("nvenc", "cuda:0"), ("nvenc", "cpu")} <= set(_encoders) and fake.open_sessions >= 1
+        retire_nvenc(cuda, "NVENC failed in a test")
+        assert not {k for k in _encoders if k[0] == "nvenc"}
+        assert fake.open_sessions == 0
+        assert not codec.probe(cpu).nvenc and not codec.probe(cuda).nvenc
+
+
 # --- over real daemons ------------------------------------------------------------------------------
 
 

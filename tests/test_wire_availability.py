@@ -68,6 +68,38 @@ async def test_a_member_is_served_within_5_s_while_199_addresses_flood_the_hands
         assert int(out) > 500  # the flood really churned (its connects, over 5 s)
 
 
+async def test_a_valid_hello_then_silence_holds_a_pre_auth_slot_no_longer_than_the_limit(tmp_path):
+    """Anyone can send a well-formed hello without the key and then say nothing more: the daemon's
+    side of the handshake is bounded by PREAUTH_TIMEOUT_S, the one figure docs/security.md states
+    (it was the client's 10 s HANDSHAKE_TIMEOUT_S), and the slot is free again."""
+    from meshd.protocol import PREAUTH_LIMITS
+    from meshd.wire.handshake import ClientHandshake
+
+    async with running_daemon(tmp_path, KEY) as daemon:
+        sock = socket.socket()
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, daemon.bound)
+        stalled = Connection(sock, "stalled")
+        started = time.monotonic()
+        await stalled.send(ClientHandshake(KEY).hello())
+        assert (await stalled.recv(PREAUTH_LIMITS)).op == "challenge"
+        assert daemon._preauth == 1
+        with pytest.raises(Exception, match="closed by peer|connection lost"):
+            await stalled.recv(PREAUTH_LIMITS, idle_timeout=limits.HANDSHAKE_TIMEOUT_S + 5)
+        held = time.monotonic() - started
+        assert limits.PREAUTH_TIMEOUT_S - 0.2 < held < limits.PREAUTH_TIMEOUT_S + 1.0, held
+        assert daemon._preauth == 0
+        stalled.abort()
+
+
+def test_the_security_notes_state_the_pre_auth_limit_the_daemon_applies():
+    from pathlib import Path
+
+    notes = (Path(__file__).resolve().parent.parent / "docs" / "security.md").read_text()
+    assert f"`PREAUTH_TIMEOUT_S` ({limits.PREAUTH_TIMEOUT_S:g} s)" in notes
+    assert f"at most {limits.PREAUTH_TIMEOUT_S:g} s each" in notes
+
+
 LONG = {"prompt": "a lighthouse at dawn", "seed": 3, "width": 64, "height": 64, "steps": 200, "guidance": 1.0}
 SHORT = {**LONG, "steps": 2}
 

@@ -17,7 +17,7 @@ import pytest
 from meshd import auth, limits
 from meshd.connection import Channel
 from meshd.errors import MeshError
-from meshd.protocol import LENGTH, PREFIX, frame_bytes
+from meshd.protocol import LENGTH, PREFIX, frame_bytes, unpack_header
 from meshd.wire import seal
 from meshd.wire.seal import RECORD
 from tests.daemons import running_daemon
@@ -69,6 +69,7 @@ class TamperingRelay:
     def __init__(self, target: tuple) -> None:
         self.target = target
         self.rule = passthrough
+        self.rewrite_hello = None  # for the next connection: a new header for the client's hello
         self.seen = bytearray()
         self.tampered_at: float | None = None
 
@@ -78,6 +79,7 @@ class TamperingRelay:
 
     async def _relay(self, reader, writer) -> None:
         rule, self.rule = self.rule, passthrough
+        rewrite, self.rewrite_hello = self.rewrite_hello, None
         up_reader, up_writer = await asyncio.open_connection(*self.target)
 
         async def plain_frame(prefix: bytes) -> bytes:
@@ -87,8 +89,12 @@ class TamperingRelay:
             return prefix + table + await reader.readexactly(header_len + sizes)
 
         async def upstream() -> None:
-            for _ in range(2):  # hello and proof: plain frames, before any key is in use
-                await self._forward(up_writer, [await plain_frame(await reader.readexactly(PREFIX.size))])
+            for i in range(2):  # hello and proof: plain frames, before any key is in use
+                frame = await plain_frame(await reader.readexactly(PREFIX.size))
+                if i == 0 and rewrite is not None:
+                    frame = frame_bytes(rewrite(unpack_header(frame[PREFIX.size :])))  # a well-formed frame again
+                    self.tampered_at = time.monotonic()
+                await self._forward(up_writer, [frame])
             held: list[bytes] = []
             index = 0
             while True:
@@ -179,6 +185,32 @@ async def test_tampering_ends_that_connection_with_the_cause_and_the_next_genera
         await bystander.close()
         await relay.close()
         assert PROMPT.encode() not in relay.seen and png[8:64] not in relay.seen
+
+
+HELLO_REWRITES = {
+    "the node name": lambda hello: {**hello, "node": "mallory"},
+    "the daemon flag (an emulated link's shaping)": lambda hello: {**hello, "daemon": True},
+    "a field added": lambda hello: {**hello, "note": "from the relay"},
+}
+
+
+@pytest.mark.parametrize("rewrite", HELLO_REWRITES.values(), ids=HELLO_REWRITES.keys())
+async def test_a_hello_rewritten_on_the_way_ends_the_handshake_and_the_daemon_serves_on(tmp_path, rewrite):
+    """The hello travels in clear (no key exists yet), but both hellos are bound into the MACs and
+    the session keys: a relay that rewrites one of its fields is caught within the handshake."""
+    async with running_daemon(tmp_path, KEY) as daemon:
+        relay = TamperingRelay(daemon.bound)
+        address = await relay.start()
+        relay.rewrite_hello = rewrite
+        with pytest.raises(MeshError, match="handshake failed: either the server does not hold our cluster key "
+                                            r"\(wrong key file\?\), or the handshake was altered on the way") as error:
+            await Channel.connect(*address, KEY, hello={"node": "alice"})
+        assert error.value.code == "auth"
+        assert time.monotonic() - relay.tampered_at < 1.0
+        channel = await Channel.connect(*address, KEY, hello={"node": "alice"})  # untouched this time
+        assert (await channel.request("echo")).op == "reply"
+        await channel.close()
+        await relay.close()
 
 
 async def test_the_relay_would_see_the_prompt_if_frames_were_not_sealed(tmp_path, monkeypatch):

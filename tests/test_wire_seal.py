@@ -120,11 +120,11 @@ def test_the_sequence_number_never_wraps(monkeypatch):
 
 
 def test_directions_have_their_own_keys_and_both_sides_agree():
-    nonce_c, nonce_s = auth.new_nonce(), auth.new_nonce()
-    client = session_keys(KEY, nonce_c, nonce_s, client=True)
-    server = session_keys(KEY, nonce_c, nonce_s, client=False)
+    transcript, shared = os.urandom(32), os.urandom(32)
+    client = session_keys(KEY, transcript, shared, client=True)
+    server = session_keys(KEY, transcript, shared, client=False)
     assert client.send == server.receive and client.receive == server.send and client.send != client.receive
-    assert session_keys(KEY, nonce_c, auth.new_nonce(), client=True).send != client.send  # fresh per connection
+    assert session_keys(KEY, os.urandom(32), shared, client=True).send != client.send  # fresh per connection
 
 
 def run_handshake(client_key, server_key, fields=None):
@@ -151,6 +151,66 @@ def test_the_handshake_without_io_refuses_with_the_cause(client_key, server_key,
         run_handshake(client_key, server_key, fields)
 
 
+REWRITES = {
+    "the hello's node name": ("hello", lambda h: {**h, "node": "mallory"}),
+    "the hello's daemon flag": ("hello", lambda h: {**h, "daemon": False}),
+    "a field added to the hello": ("hello", lambda h: {**h, "ipc": True}),
+    "the challenge's protocol": ("challenge", lambda h: {**h, "proto": 3}),
+    "a field added to the challenge": ("challenge", lambda h: {**h, "note": "x"}),
+}
+
+
+@pytest.mark.parametrize("which,rewrite", REWRITES.values(), ids=REWRITES.keys())
+def test_a_plain_field_rewritten_on_the_way_fails_the_handshake(which, rewrite):
+    """Every byte of both hellos is bound into the MACs (as TLS 1.3 binds its transcript): a rewrite
+    that a key holder's MACs never saw is caught by the side that receives the next proof."""
+    client, server = ClientHandshake(KEY, {"node": "alice", "daemon": True}), ServerHandshake(KEY)
+    hello = client.hello()
+    challenge = server.on_hello(rewrite(hello) if which == "hello" else hello)
+    with pytest.raises(MeshError, match="handshake failed: either the server does not hold our cluster key .*, "
+                                        "or the handshake was altered on the way") as error:
+        client.on_challenge(rewrite(challenge) if which == "challenge" else challenge)
+    assert error.value.code == "auth" and client.keys is None
+
+
+def test_a_proof_over_another_transcript_is_refused_by_the_server():
+    """The server checks the client's proof over the hello and challenge it handled: a key holder
+    that saw the challenge with a field more proves a transcript the server never had."""
+    from meshd.wire.handshake import Transcript
+
+    client, server = ClientHandshake(KEY), ServerHandshake(KEY)
+    hello = client.hello()
+    challenge = server.on_hello(hello)
+    seen = Transcript()
+    seen.add(hello)
+    forged = {"op": "proof", "proof": auth.client_proof(KEY, seen.digest({**challenge, "note": "x"}))}
+    with pytest.raises(MeshError, match="handshake failed: either the client does not hold this cluster's key, "
+                                        "or the handshake was altered"):
+        server.on_proof(forged)
+    assert server.keys is None
+    server.on_proof(client.on_challenge(challenge))  # the untouched exchange still completes
+    assert server.keys.receive == client.keys.send
+
+
+def test_a_handshake_frame_is_read_only_in_the_encoding_the_transcript_binds():
+    """A hello re-encoded (a wider integer, same value) or flagged would leave the transcript's bytes
+    and the wire's apart: refused before it is parsed further."""
+    import msgpack
+
+    from meshd.protocol import PREAUTH_LIMITS, PREFIX, FrameReader, ProtocolError
+
+    hello = ClientHandshake(KEY).hello()
+    wide = msgpack.packb({**hello, "proto": 0}, use_bin_type=True).replace(b"\xa5proto\x00", b"\xa5proto\xcd\x00\x02")
+    assert msgpack.unpackb(wide)["proto"] == 2
+    with pytest.raises(ProtocolError, match="not msgpack as meshd writes it"):
+        FrameReader(PREAUTH_LIMITS).feed(PREFIX.pack(limits.MAGIC, limits.FRAME_FORMAT, 0, len(wide), 0) + wide)
+    plain = frame_bytes(hello)
+    flagged = plain[:6] + b"\x01\x00" + plain[8:]
+    with pytest.raises(ProtocolError, match="flags 0"):
+        FrameReader(PREAUTH_LIMITS).feed(flagged)
+    assert FrameReader(PREAUTH_LIMITS).feed(plain)[0].header == hello
+
+
 def test_a_client_proof_without_the_key_is_refused():
     server = ServerHandshake(KEY)
     server.on_hello(ClientHandshake(KEY).hello())
@@ -166,9 +226,9 @@ async def test_sealed_connections_carry_big_and_small_segments_both_ways(emulate
     a, b = socket.socketpair()
     emulation = LinkEmulation.parse("20gbit,0ms") if emulated else None
     left, right = Connection(a, "left", emulation=emulation), Connection(b, "right", emulation=emulation)
-    nonce_c, nonce_s = auth.new_nonce(), auth.new_nonce()
-    left.seal(session_keys(KEY, nonce_c, nonce_s, client=True))
-    right.seal(session_keys(KEY, nonce_c, nonce_s, client=False))
+    transcript = os.urandom(32)
+    left.seal(session_keys(KEY, transcript, client=True))
+    right.seal(session_keys(KEY, transcript, client=False))
     big, small = os.urandom(3 * limits.SEAL_RECORD_BYTES + 5), os.urandom(1000)
     try:
         sent = asyncio.ensure_future(left.send({"op": "probe", "id": 1}, [small, big, b""]))
@@ -201,7 +261,7 @@ def test_the_session_keys_need_the_ephemeral_secret_not_only_the_cluster_key():
     """Forward secrecy: someone who recorded a handshake (both nonces) and later steals the cluster key
     still lacks the X25519 secret the session keys were derived with."""
     client, server = run_handshake(KEY, KEY)
-    recorded = session_keys(KEY, client.nonce, server._nonce_s, client=True)
+    recorded = session_keys(KEY, server._transcript, client=True)  # all but the X25519 secret
     assert recorded.send != client.keys.send and recorded.receive != client.keys.receive
 
 
@@ -211,7 +271,7 @@ def test_a_low_order_point_as_nonce_is_refused():
     zero_point = bytes(32)
     client.nonce = zero_point  # a key holder misbehaving: its MACs are right, its X25519 point is not
     challenge = server.on_hello(client.hello())
-    proof = {"op": "proof", "proof": auth.client_proof(KEY, zero_point, challenge["nonce"])}
+    proof = {"op": "proof", "proof": auth.client_proof(KEY, server._transcript)}
     with pytest.raises(MeshError, match="not a usable X25519 key"):
         server.on_proof(proof)
 

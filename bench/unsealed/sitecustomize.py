@@ -13,5 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import meshd.wire.seal  # noqa: E402
+from bench.sitehooks import run_next_sitecustomize  # noqa: E402
 
 meshd.wire.seal.BENCH_UNSEALED = True
+run_next_sitecustomize(__file__)  # e.g. bench/hevc_ahead, when split_bench names both

@@ -60,10 +60,16 @@ class FrameLimits:
     max_segments: int = limits.MAX_SEGMENTS
     max_segment: int = limits.MAX_SEGMENT_BYTES
     max_frame: int = limits.MAX_FRAME_BYTES
+    #: Only the one encoding :func:`pack_header` writes is accepted (and flags 0), so that the bytes a
+    #: frame arrived as are exactly those re-encoded from what was decoded: what the handshake's
+    #: transcript binds (meshd.wire.handshake) is then the frame as it was on the wire.
+    canonical: bool = False
 
 
-#: Limits for frames read before the peer is authenticated: one small header, no segments.
-PREAUTH_LIMITS = FrameLimits(max_header=limits.PREAUTH_MAX_FRAME_BYTES, max_segments=0, max_segment=0, max_frame=0)
+#: Limits for frames read before the peer is authenticated: one small header, no segments, in the
+#: canonical encoding (the handshake binds those bytes into its MACs).
+PREAUTH_LIMITS = FrameLimits(max_header=limits.PREAUTH_MAX_FRAME_BYTES, max_segments=0, max_segment=0, max_frame=0,
+                             canonical=True)
 DEFAULT_LIMITS = FrameLimits()
 
 
@@ -167,6 +173,8 @@ class FrameReader:
             if header_len == 0 or header_len > self.limits.max_header:
                 raise ProtocolError(f"frame header of {header_len} bytes exceeds the limit of {self.limits.max_header}",
                                     code="too-large")
+            if self.limits.canonical and flags:
+                raise ProtocolError(f"a handshake frame must have flags 0, not {flags:#x}")
             if nseg > self.limits.max_segments:
                 raise ProtocolError(f"frame with {nseg} segments exceeds the limit of {self.limits.max_segments}",
                                     code="too-large")
@@ -183,7 +191,11 @@ class FrameReader:
             if sum(sizes) > self.limits.max_frame:
                 raise ProtocolError(f"frame of {sum(sizes)} bytes exceeds the limit of {self.limits.max_frame}",
                                     code="too-large")
-            self._header = unpack_header(bytes(data[nseg * LENGTH.size :]), self.limits.max_header)
+            raw = bytes(data[nseg * LENGTH.size :])
+            self._header = unpack_header(raw, self.limits.max_header)
+            if self.limits.canonical and pack_header(self._header) != raw:
+                raise ProtocolError("a handshake frame's header is not msgpack as meshd writes it (re-encoded, "
+                                    "or altered on the way)")
             self._sizes = sizes
             return self._next_segment()
         # a segment

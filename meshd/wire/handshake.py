@@ -7,22 +7,61 @@
     client -> server  proof      {proof_c}
     server -> client  welcome    {node}       (sealed: the first record of the server's direction)
 
-The MACs are those of :mod:`meshd.auth`. Each nonce is the public half of a fresh X25519 key (32
-bytes that are as unpredictable as random ones), so the MACs also authenticate an ephemeral key
-exchange. Once the client has checked the server's proof, and the server the client's, both know
-:func:`meshd.wire.seal.session_keys` (cluster key + the X25519 secret: forward secrecy);
-everything after ``proof`` is sealed. A refusal (wrong key, wrong version, a malformed hello) is a :class:`MeshError` whose code
-and message the server sends back unsealed before it closes.
+The MACs are those of :mod:`meshd.auth`, over a :class:`Transcript` of the handshake as TLS 1.3
+binds its own: the hello and the challenge frames byte for byte as they travel (the challenge's
+proof covers the challenge with those 32 bytes zeroed; the client's proof and the session keys
+cover it whole). Every field sent in clear before keys exist (``proto``, ``node``, ``daemon``,
+``insecure``, the nonces) is thereby authenticated: an on-path rewrite makes the other side's MAC
+check fail, and the connection ends naming the handshake. Pre-auth frames are read in the one
+canonical encoding only (``PREAUTH_LIMITS``), so re-encoding a received header gives back the very
+bytes that arrived. Each nonce is the public half of a fresh X25519 key (32 bytes that are as
+unpredictable as random ones), so the MACs also authenticate an ephemeral key exchange. Once the
+client has checked the server's proof, and the server the client's, both know
+:func:`meshd.wire.seal.session_keys` (cluster key + the X25519 secret: forward secrecy, salted
+with the transcript); everything after ``proof`` is sealed. A refusal (wrong key, wrong version,
+a malformed hello) is a :class:`MeshError` whose code and message the server sends back unsealed
+before it closes.
 """
 
 from __future__ import annotations
+
+import hashlib
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from .. import auth, limits
 from ..errors import MeshError
+from .frames import frame_bytes
 from .seal import SessionKeys, session_keys
+
+#: What an on-path rewrite of the handshake looks like from either side: the MAC over the transcript fails.
+_ALTERED = "or the handshake was altered on the way (its hello or challenge rewritten)"
+
+
+class Transcript:
+    """The running SHA-256 of the handshake's frames, each as the bytes that carry it on the wire."""
+
+    def __init__(self) -> None:
+        self._hash = hashlib.sha256(b"meshd 2 handshake\0")
+
+    def add(self, header: dict) -> None:
+        """Add one header-only frame (length-prefixed, so no two transcripts run into each other)."""
+        data = frame_bytes(header)
+        self._hash.update(len(data).to_bytes(4, "little") + data)
+
+    def digest(self, *more: dict) -> bytes:
+        """The hash so far, with ``more`` frames added to a copy (the running one is unchanged)."""
+        fork = Transcript()
+        fork._hash = self._hash.copy()
+        for header in more:
+            fork.add(header)
+        return fork._hash.digest()
+
+
+def _unproven(challenge: dict) -> dict:
+    """The challenge as its own proof covers it: the proof's bytes zeroed, every other byte as sent."""
+    return {**challenge, "proof": bytes(auth.PROOF_BYTES)}
 
 
 def _ephemeral() -> tuple[X25519PrivateKey, bytes]:
@@ -48,26 +87,35 @@ class ClientHandshake:
         self._private, self.nonce = _ephemeral()
         #: The session's keys once the server has proven the cluster key (None when insecure).
         self.keys: SessionKeys | None = None
+        self._transcript: Transcript | None = None
 
     def hello(self) -> dict:
-        """The first frame's header."""
-        return {"op": "hello", "proto": limits.PROTOCOL_VERSION, "nonce": self.nonce,
-                "insecure": self.key is None, **self.fields}
+        """The first frame's header (the transcript starts with it: send exactly this)."""
+        hello = {"op": "hello", "proto": limits.PROTOCOL_VERSION, "nonce": self.nonce,
+                 "insecure": self.key is None, **self.fields}
+        self._transcript = Transcript()
+        self._transcript.add(hello)
+        return hello
 
     def on_challenge(self, header: dict) -> dict:
         """Check the server's proof; return our proof."""
         self._refused(header, "challenge")
         if self.key is None:
             return {"op": "proof", "proof": b""}
+        if self._transcript is None:
+            raise MeshError("protocol", "a challenge arrived before our hello was sent", peer=self.peer)
         try:
             nonce_s = auth.check_nonce(header.get("nonce"), self.peer)
         except auth.AuthError as exc:
             raise MeshError("auth", str(exc), peer=self.peer) from None
-        if not auth.verify(auth.server_proof(self.key, self.nonce, nonce_s), header.get("proof")):
-            raise MeshError("auth", "the server does not hold our cluster key (wrong key file?)", peer=self.peer)
-        self.keys = session_keys(self.key, self.nonce, nonce_s, _shared(self._private, nonce_s, self.peer),
-                                 client=True)
-        return {"op": "proof", "proof": auth.client_proof(self.key, self.nonce, nonce_s)}
+        proof = header.get("proof")
+        if not (isinstance(proof, bytes) and len(proof) == auth.PROOF_BYTES and auth.verify(
+                auth.server_proof(self.key, self._transcript.digest(_unproven(header))), proof)):
+            raise MeshError("auth", f"handshake failed: either the server does not hold our cluster key (wrong key "
+                                    f"file?), {_ALTERED}", peer=self.peer)
+        transcript = self._transcript.digest(header)
+        self.keys = session_keys(self.key, transcript, _shared(self._private, nonce_s, self.peer), client=True)
+        return {"op": "proof", "proof": auth.client_proof(self.key, transcript)}
 
     def on_welcome(self, header: dict) -> dict:
         """The server's node info."""
@@ -94,6 +142,7 @@ class ServerHandshake:
         self._nonce_c = b""
         self._nonce_s = b""
         self._private: X25519PrivateKey | None = None
+        self._transcript = b""  # the hash of hello and challenge, once the challenge is made
 
     def _refuse(self, code: str, message: str) -> MeshError:
         return MeshError(code, message, peer=self.peer)
@@ -119,15 +168,22 @@ class ServerHandshake:
         except auth.AuthError as exc:
             raise self._refuse("protocol", str(exc)) from None
         self._private, self._nonce_s = _ephemeral()
-        return {"op": "challenge", "proto": limits.PROTOCOL_VERSION, "nonce": self._nonce_s,
-                "proof": auth.server_proof(self.key, self._nonce_c, self._nonce_s)}
+        transcript = Transcript()
+        transcript.add(header)  # as it arrived: PREAUTH_LIMITS admits only the encoding we re-create
+        challenge = _unproven({"op": "challenge", "proto": limits.PROTOCOL_VERSION, "nonce": self._nonce_s})
+        challenge["proof"] = auth.server_proof(self.key, transcript.digest(challenge))
+        self._transcript = transcript.digest(challenge)
+        return challenge
 
     def on_proof(self, header: dict) -> None:
         """Check the client's proof; afterwards ``keys`` seal the session (None when insecure)."""
         if self.key is None:
             return
-        if header.get("op") != "proof" or not auth.verify(
-                auth.client_proof(self.key, self._nonce_c, self._nonce_s), header.get("proof")):
-            raise self._refuse("auth", "authentication failed: the client does not hold this cluster's key")
-        self.keys = session_keys(self.key, self._nonce_c, self._nonce_s,
-                                 _shared(self._private, self._nonce_c, self.peer), client=False)
+        if not self._transcript:
+            raise self._refuse("protocol", "a proof arrived before the hello")
+        if header.get("op") != "proof" or not auth.verify(auth.client_proof(self.key, self._transcript),
+                                                          header.get("proof")):
+            raise self._refuse("auth", f"handshake failed: either the client does not hold this cluster's key, "
+                                       f"{_ALTERED}")
+        self.keys = session_keys(self.key, self._transcript, _shared(self._private, self._nonce_c, self.peer),
+                                 client=False)

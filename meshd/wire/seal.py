@@ -13,8 +13,9 @@ which number is due, a replayed, dropped or reordered record is named as such be
 decrypted; a flipped bit or a record sealed without this session's key fails its tag.
 
 Keys: HKDF-SHA256 over the cluster key and the X25519 secret of the two ephemeral keys the
-handshake's nonces are, salted with both nonces, one key per direction (:func:`session_keys`): a
-cluster key stolen later does not open connections recorded before. Each direction moves to a new key (HKDF of the old one; the old one is
+handshake's nonces are, salted with the handshake's transcript hash (both hellos byte for byte, so
+both nonces and every plain field), one key per direction (:func:`session_keys`): a cluster key
+stolen later does not open connections recorded before, and a rewritten hello yields other keys. Each direction moves to a new key (HKDF of the old one; the old one is
 forgotten) every ``REKEY_RECORDS`` records or ``REKEY_BYTES`` bytes, at the same record on both
 sides, so no key seals more than the AES-GCM usage limits allow and the counter cannot wrap.
 
@@ -64,13 +65,13 @@ class SessionKeys:
     receive: bytes
 
 
-def session_keys(cluster_key: bytes, nonce_c: bytes, nonce_s: bytes, shared: bytes = b"", *,
-                 client: bool) -> SessionKeys:
-    """The per-direction keys of one connection, from the cluster key, both handshake nonces and the
-    X25519 secret of the two ephemeral keys those nonces are (see meshd.wire.handshake)."""
+def session_keys(cluster_key: bytes, transcript: bytes, shared: bytes = b"", *, client: bool) -> SessionKeys:
+    """The per-direction keys of one connection, from the cluster key, the handshake's transcript hash
+    (which holds both nonces) and the X25519 secret of the two ephemeral keys those nonces are (see
+    meshd.wire.handshake)."""
 
     def derive(label: bytes) -> bytes:
-        hkdf = HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=nonce_c + nonce_s,
+        hkdf = HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=transcript,
                     info=b"meshd 2 " + label)
         return hkdf.derive(cluster_key + shared)
 

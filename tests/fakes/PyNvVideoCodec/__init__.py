@@ -96,6 +96,9 @@ class FakeState:
         self.host_pointers = False  # plane pointers are host memory (CI without CUDA)
         self.sessions_opened = 0
         self.peak_sessions = 0
+        #: Called on the destroying thread as each open session is destroyed (the real destructor's
+        #: nvEncDestroyEncoder takes milliseconds: a test checks what the caller holds meanwhile).
+        self.on_destroy = None
         self._live: weakref.WeakSet = weakref.WeakSet()
         self._lock = threading.Lock()
 
@@ -120,9 +123,12 @@ class FakeState:
             self.sessions_opened += 1
             self.peak_sessions = max(self.peak_sessions, len(self._live))
 
-    def _close(self, owner) -> None:
+    def _close(self, owner) -> bool:
+        """Forget ``owner``'s session; True if it had one open."""
         with self._lock:
+            was_open = owner in self._live
             self._live.discard(owner)
+            return was_open
 
 
 FAKE = FakeState()
@@ -216,7 +222,8 @@ class PyNvEncoder:
         self._frame_num = 0
 
     def __del__(self) -> None:
-        FAKE._close(self)
+        if FAKE._close(self) and FAKE.on_destroy is not None:
+            FAKE.on_destroy()
 
     # --- input, as GetEncoderInput / GetEncoderInputFromCPUBuffer read it -------------------------
 
