@@ -7,6 +7,7 @@ import copy
 import io
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,7 +25,17 @@ from meshd.model.presets import PRESETS
 from meshd.model.runtime import HostedModel, open_source
 from meshd.model.text_encoder_file import QWEN3_CHAT_TEMPLATE, EncoderFile
 from meshd.model.vae_file import VaeFile
-from tests.comfyui_files import TRANSFORMER, comfy_text_encoder, small_qwen3, write_comfyui
+from tests.comfyui_files import (
+    MISTRAL_SPECIALS,
+    TRANSFORMER,
+    comfy_mistral,
+    comfy_text_encoder,
+    flux2_prompt_ids,
+    small_mistral,
+    small_qwen3,
+    tekken_json,
+    write_comfyui,
+)
 from tests.daemons import running_daemon, split_generation
 from tests.test_lora import world  # noqa: F401 - the tiny model and a LoRA folder, as the LoRA tests use them
 
@@ -239,6 +250,76 @@ def test_without_a_tokenizer_one_message_says_which_files_to_put_where(comfy, tm
     with pytest.raises(ModelError, match=r"needs its tokenizer: set comfyui_dir to your ComfyUI folder .*"
                                          r"qwen25_tokenizer/ is used\), or copy the diffusers release's tokenizer/"):
         model.encode_prompt("a dog")
+
+
+# --- Mistral's tokenizer inside the file (dev) ------------------------------------------------------
+
+MISTRAL_PROMPTS = ["a dog by the sea", "", "The Dogs' 42 boats\nat sea!  ", "[INST] is text here"]
+
+
+def mistral_file(tmp_path, tekken: bytes | None = None, **replace) -> Path:
+    state = comfy_mistral(small_mistral(), keep=4, tekken=tekken_json() if tekken is None else tekken)
+    state.update(replace)
+    path = tmp_path / "mistral_3_small_flux2_bf16.safetensors"
+    save_file(state, str(path))
+    return path
+
+
+def test_the_tekken_tokenizer_inside_a_mistral_file_gives_flux2s_prompt_ids(tmp_path):
+    """Tokenised as diffusers' dev pipeline asks (its own chat call), the ids are the tekken format's: control
+    tokens by rank, text by rank-ordered merges, left padding with <pad> (ComfyUI's Flux2Tokenizer)."""
+    from diffusers.pipelines.flux2.pipeline_flux2 import format_input
+    from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
+
+    tok = EncoderFile.open(mistral_file(tmp_path)).tokenizer(None, "")
+    for prompt in MISTRAL_PROMPTS:
+        for length in (512, 40):  # room for all of it; and cut short, as the tiny model's 32 tokens are
+            got = tok.apply_chat_template(format_input([prompt], SYSTEM_MESSAGE), add_generation_prompt=False,
+                                          tokenize=True, return_dict=True, return_tensors="pt",
+                                          padding="max_length", truncation=True, max_length=length)
+            want = flux2_prompt_ids(tekken_json(), SYSTEM_MESSAGE, prompt.replace("[IMG]", ""), length)
+            assert got["input_ids"][0].tolist() == want, (prompt, length)
+            pads = want.index(MISTRAL_SPECIALS.index("<s>"))  # <pad> never comes out of text
+            assert got["attention_mask"][0].tolist() == [0] * pads + [1] * (length - pads)
+
+
+def test_a_mistral_file_with_its_own_tokenizer_gives_the_full_models_prompt_embeddings(tmp_path):
+    from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
+
+    from meshd.model.text_encoder import FAMILIES, LanguageModelEncoder
+
+    full = small_mistral()
+    file = EncoderFile.open(mistral_file(tmp_path))
+    encoder = LanguageModelEncoder(FAMILIES["mistral3"], file.load(PRESET, CPU, torch.bfloat16),
+                                   file.tokenizer(None, ""), PRESET.text_encoder_layers, PRESET.max_sequence_length)
+    for prompt in MISTRAL_PROMPTS[:2]:
+        ids = torch.tensor([flux2_prompt_ids(tekken_json(), SYSTEM_MESSAGE, prompt, PRESET.max_sequence_length)])
+        mask = (torch.arange(ids.shape[1]) >= ids[0].tolist().index(MISTRAL_SPECIALS.index("<s>"))).long()[None]
+        with torch.no_grad():
+            states = full(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False).hidden_states
+        want = torch.cat([states[k] for k in PRESET.text_encoder_layers], dim=-1)
+        assert torch.equal(encoder(prompt), want), prompt
+
+
+@pytest.mark.parametrize(("blob", "why"), [
+    (b"\x89PNG not json", "not a UTF-8 JSON document"),
+    (tekken_json(MISTRAL_SPECIALS[:17]), "it lacks the control token \\[SYSTEM_PROMPT\\]"),
+    (tekken_json().replace(b'"pattern"', b'"patern"'), "config.pattern is missing"),
+    (tekken_json().replace(b'"token_bytes": "AA=="', b'"token_bytes": "A"'), "vocab entry 0's token_bytes is not base64"),
+    (tekken_json().replace(b'"rank": 17, "token_str"', b'"rank": 37, "token_str"'), "special_tokens ranks are not 0..n-1"),
+], ids=["not-json", "no-system-prompt-token", "no-pattern", "bad-base64", "rank-gap"])
+def test_a_malformed_tekken_tokenizer_is_refused_in_one_line_naming_the_file(tmp_path, blob, why):
+    file = EncoderFile.open(mistral_file(tmp_path, blob))
+    with pytest.raises(ModelError, match=f"mistral_3_small_flux2_bf16.safetensors's tekken_model is not a readable "
+                                         f"tekken tokenizer: {why}"):
+        file.tokenizer(None, "")
+
+
+def test_a_tekken_model_that_is_not_a_byte_string_is_refused_from_the_header(tmp_path):
+    path = mistral_file(tmp_path, tekken_json(), tekken_model=torch.zeros(8, 4))
+    with pytest.raises(ModelError, match=r"tekken_model is not Mistral's tokenizer \(a uint8 string of at most 64 MiB\); "
+                                         r"it is F32 \[8, 4\]"):
+        EncoderFile.open(path)
 
 
 # --- klein base or distilled ----------------------------------------------------------------------
