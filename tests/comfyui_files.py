@@ -86,11 +86,11 @@ def quant_record(fmt: str = "float8_e4m3fn") -> torch.Tensor:
     return torch.tensor(list(json.dumps({"format": fmt}).encode()), dtype=torch.uint8)
 
 
-def fp8mixed(state: dict[str, torch.Tensor], keep_bf16: tuple[str, ...] = ("model.layers.0.mlp.",)
-             ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """ComfyUI's fp8mixed: each linear weight e4m3 with a float32 ``weight_scale``, a ``comfy_quant`` record and
-    an ``input_scale``; norms, embeddings and the ``keep_bf16`` layers stay bf16. Returns (stored, the values
-    meshd must read back)."""
+def fp8mixed(state: dict[str, torch.Tensor], keep_bf16: tuple[str, ...] = ("model.layers.0.mlp.",),
+             per_row: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """ComfyUI's fp8mixed: each linear weight e4m3 with a float32 ``weight_scale`` (one per tensor, or per
+    output row as ``(rows, 1)``), a ``comfy_quant`` record and an ``input_scale``; norms, embeddings and the
+    ``keep_bf16`` layers stay bf16. Returns (stored, the values meshd must read back)."""
     stored, expected = {}, {}
     for key, value in state.items():
         module = key.removesuffix(".weight")
@@ -98,7 +98,8 @@ def fp8mixed(state: dict[str, torch.Tensor], keep_bf16: tuple[str, ...] = ("mode
         if not linear:
             stored[key] = expected[key] = value
             continue
-        scale = (value.float().abs().max() / FP8_MAX).reshape(())
+        amax = value.float().abs().amax(dim=1, keepdim=True) if per_row else value.float().abs().max().reshape(())
+        scale = amax / FP8_MAX
         q = (value.float() / scale).to(torch.float8_e4m3fn)
         stored.update({key: q, f"{module}.weight_scale": scale, f"{module}.input_scale": torch.tensor(1.0),
                        f"{module}.comfy_quant": quant_record()})

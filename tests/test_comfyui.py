@@ -21,6 +21,7 @@ from meshd.check import check_models
 from meshd.config import ConfigError, DaemonConfig, load_config
 from meshd.model.files import ModelError, ModelStore
 from meshd.model.lora import LoraError, LoraFile, LoraStore
+from meshd.model.precision import Fp8Linear
 from meshd.model.presets import PRESETS
 from meshd.model.runtime import HostedModel, open_source
 from meshd.model.text_encoder_file import QWEN3_CHAT_TEMPLATE, EncoderFile
@@ -209,9 +210,44 @@ def test_fp8mixed_text_encoder_reads_its_scales_and_builds_only_the_layers_read(
     assert file.num_layers == 5 and file.fits(PRESET)
     model = file.load(PRESET, CPU, torch.bfloat16)
     assert len(model.layers) == max(PRESET.text_encoder_layers) == 3  # layers 3 and 4 are never read
+    fp8 = {n: m for n, m in model.named_modules() if isinstance(m, Fp8Linear)}
+    assert len(fp8) == 3 * 7 - 3  # every projection but layer 0's bf16 MLP, as the file stores them
     for name, value in model.state_dict().items():
-        assert torch.equal(value, ref["fp8_values"][f"model.{name}"]), name  # fp8 x scale, bf16 layers as stored
+        module = name.rpartition(".")[0]
+        if module in fp8:  # held as stored: fp8 values and their scale
+            assert fp8[module].weight.dtype == torch.float8_e4m3fn and not fp8[module].native  # the CPU's path
+            if name.endswith(".weight"):
+                assert torch.equal(fp8[module].dequantized(torch.bfloat16), ref["fp8_values"][f"model.{name}"]), name
+            continue
+        assert torch.equal(value, ref["fp8_values"][f"model.{name}"]), name  # bf16 layers as stored
     assert "input_scale" not in json.dumps(list(model.state_dict()))
+
+
+@pytest.mark.parametrize("per_row", [False, True], ids=["per-tensor", "per-row"])
+def test_an_fp8_text_encoder_stays_fp8_and_embeds_as_its_dequantised_model_does(comfy, tmp_path, per_row):
+    """fp8 weights stay fp8 in memory (about half the bytes of the dequantised bf16 model); on the per-layer
+    path (CPU, and GPUs without fp8 tensor cores) each layer is dequantised to exactly the bf16 weights the
+    dequantised model holds, so the hidden states FLUX.2 reads are that model's bit for bit."""
+    from tests.comfyui_files import fp8mixed
+
+    root, _, ref = comfy
+    stored, dequantised = fp8mixed(comfy_text_encoder(ref["qwen3"]), keep_bf16=(), per_row=per_row)
+    save_file(stored, str(tmp_path / "fp8.safetensors"))
+    save_file(dequantised, str(tmp_path / "dequantised.safetensors"))
+    held = EncoderFile.open(tmp_path / "fp8.safetensors").load(PRESET, CPU, torch.bfloat16)
+    dense = EncoderFile.open(tmp_path / "dequantised.safetensors").load(PRESET, CPU, torch.bfloat16)
+
+    def linear_weight_bytes(model):
+        tensors = [*model.named_buffers(), *model.named_parameters()]
+        return sum(t.numel() * t.element_size() for n, t in tensors if n.endswith("_proj.weight"))
+
+    assert linear_weight_bytes(held) * 2 == linear_weight_bytes(dense)  # (plus one float32 per tensor or row)
+    ids = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        got = held(ids, output_hidden_states=True).hidden_states
+        want = dense(ids, output_hidden_states=True).hidden_states
+    for k in PRESET.text_encoder_layers:
+        assert torch.equal(got[k], want[k]), k
 
 
 def test_a_text_encoder_quantised_other_than_fp8_is_refused_by_name(comfy, tmp_path):
@@ -449,3 +485,33 @@ def test_the_single_file_vae_and_text_encoder_load_straight_onto_the_gpu(comfy):
     cpu = HostedModel(open_source(TRANSFORMER, store), CPU, torch.bfloat16).encode_prompt("a dog by the sea")
     assert gpu.device.type == "cuda"
     assert torch.nn.functional.cosine_similarity(gpu.float().cpu().flatten(), cpu.float().flatten(), dim=0) > 0.999
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_an_fp8_text_encoder_on_the_gpu_runs_its_fp8_path_and_agrees_with_the_dequantised_model(comfy, tmp_path):
+    """On a GPU with fp8 tensor cores (H100/H200, RTX 40/50) the encoder's fp8 layers run native fp8 matmuls
+    (activations quantised per token); the hidden states FLUX.2 reads stay within that path's error of the
+    dequantised bf16 model's. Elsewhere the per-layer path is the CPU's, exact."""
+    from meshd.model.precision import fp8_compute
+    from tests.comfyui_files import fp8mixed
+
+    root, _, ref = comfy
+    cuda = torch.device("cuda")
+    stored, dequantised = fp8mixed(comfy_text_encoder(ref["qwen3"]), keep_bf16=(), per_row=True)
+    save_file(stored, str(tmp_path / "fp8.safetensors"))
+    save_file(dequantised, str(tmp_path / "dequantised.safetensors"))
+    held = EncoderFile.open(tmp_path / "fp8.safetensors").load(PRESET, cuda, torch.bfloat16)
+    dense = EncoderFile.open(tmp_path / "dequantised.safetensors").load(PRESET, cuda, torch.bfloat16)
+    layers = [m for m in held.modules() if isinstance(m, Fp8Linear)]
+    assert all(m.weight.device.type == "cuda" and m.weight.dtype == torch.float8_e4m3fn for m in layers)
+    native = fp8_compute("cuda").native
+    assert any(m.native for m in layers) == native  # q/o/MLP are 16-aligned; k/v (8 rows) dequantise
+    ids = torch.randint(0, 300, (1, 64), generator=torch.Generator().manual_seed(2)).to(cuda)
+    with torch.inference_mode():
+        got = held(ids, output_hidden_states=True).hidden_states
+        want = dense(ids, output_hidden_states=True).hidden_states
+    for k in PRESET.text_encoder_layers:
+        rel = float((got[k].float() - want[k].float()).norm() / want[k].float().norm())
+        print(f"fp8 text encoder, hidden state {k}: rel L2 {rel:.4f} vs dequantised ({'native' if native else 'per-layer'})")
+        assert rel < (0.05 if native else 1e-6), (k, rel)
