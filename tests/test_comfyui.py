@@ -143,6 +143,45 @@ def test_the_tree_walk_skips_hidden_folders_and_components_and_survives_a_symlin
                      ("pipe", True)]
 
 
+# --- links out of the model folders ---------------------------------------------------------------------
+
+def test_a_link_out_of_the_model_folders_is_refused_naming_the_link_and_its_target(comfy, tmp_path):
+    """ComfyUI users link files in from other drives. meshd never reads what a link brings from outside its
+    folders (not even the header): asked for it, or listing it, it names the link, the target and the fix."""
+    root, _, _ = comfy
+    models, elsewhere = tmp_path / "ComfyUI" / "models", tmp_path / "other-drive"
+    shutil.copytree(root / "models", models)
+    (elsewhere / "vae").mkdir(parents=True)
+    shutil.copy(models / "diffusion_models" / "flux2-tiny.safetensors", elsewhere / "flux2-big.safetensors")
+    shutil.copy(models / "vae" / "flux2-vae.safetensors", elsewhere / "vae" / "flux2-vae-other.safetensors")
+    shutil.copy(models / "loras" / "style.safetensors", elsewhere / "lora.safetensors")
+    (models / "diffusion_models" / "linked.safetensors").symlink_to(elsewhere / "flux2-big.safetensors")
+    (models / "vae" / "drive").symlink_to(elsewhere / "vae", target_is_directory=True)
+    (models / "loras" / "linked.safetensors").symlink_to(elsewhere / "lora.safetensors")
+    (models / "diffusion_models" / "alias.safetensors").symlink_to(models / "diffusion_models" / "flux2-tiny.safetensors")
+    store = ModelStore([models])
+    link = models / "diffusion_models" / "linked.safetensors"
+    refusal = (f"{link} is a link to {elsewhere / 'flux2-big.safetensors'}, outside the configured folders ({models}); "
+               f"meshd reads files only from there: add {elsewhere} to models_dir to use it")
+    for name in ("diffusion_models/linked", "diffusion_models/linked.safetensors", str(link)):
+        with pytest.raises(ModelError) as caught:
+            store.resolve(name)
+        assert str(caught.value) == refusal, name
+    assert store.resolve("diffusion_models/alias") == models / "diffusion_models" / "flux2-tiny.safetensors"  # inside
+    assert store.head_parts(PRESET).vae == models / "vae" / "flux2-vae.safetensors"  # the linked-in VAE is not a part
+    with pytest.raises(LoraError, match=rf"{models / 'loras' / 'linked.safetensors'} is a link to "
+                                        rf"{elsewhere / 'lora.safetensors'}, outside .* add {elsewhere} to lora_dir"):
+        LoraStore([models / "loras"]).spec("linked")
+
+    config = DaemonConfig(models_dir=(), comfyui_dir=models.parent, state_dir=tmp_path / "state")
+    lines = [f.text for f in check_models(config)]
+    assert any(t.startswith(f"BAD model diffusion_models/linked: {refusal}") for t in lines), lines
+    assert any(t.startswith(f"BAD model vae/drive/flux2-vae-other: {models / 'vae' / 'drive'}") and "is a link to" in t
+               for t in lines), lines
+    assert any(t.startswith("BAD lora  linked: ") and "is a link to" in t for t in lines), lines
+    assert any(t.startswith("ok  model diffusion_models/alias:") for t in lines), lines
+
+
 # --- each part equals the diffusers folder's --------------------------------------------------------
 
 def test_the_vae_single_file_loads_the_diffusers_vae_exactly(comfy):
@@ -400,6 +439,23 @@ def test_meshtui_generate_runs_from_a_comfyui_tree_with_no_diffusers_folder(comf
     assert code == 0, capsys.readouterr().err
     assert Image.open(out).size == (64, 64)
     assert no_diffusers_folder_in(root)
+
+
+def test_meshtui_generate_local_finds_loras_in_the_comfyui_tree(comfy, tmp_path, capsys):
+    """``--comfyui-dir`` brings its ``models/loras`` as the daemon's ``comfyui_dir`` does (found by review:
+    the local run searched only --lora-dir)."""
+    from meshtui.cli import main
+
+    root, _, _ = comfy
+    images = []
+    for extra in ([], ["--lora", "style:10"]):
+        out = tmp_path / f"dog{len(images)}.png"
+        code = main(["generate", "--local", "--device", "cpu", "--comfyui-dir", str(root), "--model", TRANSFORMER,
+                     "--prompt", "a dog by the sea", "--seed", "3", "--size", "64x64", "--steps", "2",
+                     "--out", str(out), "--json", *extra])
+        assert code == 0, capsys.readouterr().err
+        images.append(np.asarray(Image.open(out)))
+    assert not np.array_equal(*images)  # the LoRA was applied
 
 
 async def test_a_split_from_the_comfyui_tree_equals_the_same_split_from_the_diffusers_folder(comfy, tmp_path):

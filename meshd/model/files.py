@@ -35,6 +35,9 @@ from .tensorfiles import GGUF_SUFFIX, SAFETENSORS_SUFFIX, FileHashes, ModelError
 
 __all__ = ["FileHashes", "HeadParts", "ModelError", "ModelFiles", "ModelStore", "match_preset"]
 
+#: What ``ModelStore`` calls a file or folder that a link takes out of the model folders.
+OUTSIDE = "outside"
+
 
 @dataclass(frozen=True)
 class HeadParts:
@@ -106,12 +109,15 @@ class ModelStore:
         if comfyui.is_relative_model_name(name):  # relative to the model folders first, not the working dir
             for d in self.dirs:
                 for path in (d / name, d / f"{name}{SAFETENSORS_SUFFIX}", d / f"{name}{GGUF_SUFFIX}"):
-                    if (path.is_dir() or path.is_file()) and self._inside(path.resolve()):
+                    if path.is_dir() or path.is_file():
+                        self._refuse_escape(path)
                         return path.resolve()
         candidate = Path(name).expanduser()
         if candidate.is_absolute() or os.sep in name or name.startswith("."):
             path = candidate.resolve()
             if not self._inside(path):
+                if self._inside(candidate.absolute()):  # a link in a model folder to something outside them
+                    self._refuse_escape(candidate.absolute())
                 raise ModelError(
                     f"{path} is outside the configured model folders ({', '.join(map(str, self.dirs))}); "
                     "meshd reads model files only from there"
@@ -119,6 +125,7 @@ class ModelStore:
             require_readable(path)
             if not path.exists():
                 raise ModelError(f"model {path} does not exist")
+            self._refuse_escape(path)
             return path
         if name in ("", ".", "..") or "/" in name or "\\" in name:
             raise ModelError(f"invalid model name {name!r}")
@@ -126,8 +133,18 @@ class ModelStore:
             require_readable(d, "models_dir")
             for path in (d / name, d / f"{name}{SAFETENSORS_SUFFIX}", d / f"{name}{GGUF_SUFFIX}"):
                 if path.is_dir() or path.is_file():
+                    self._refuse_escape(path)
                     return path
         raise ModelError(f"model {name!r} not found in {', '.join(map(str, self.dirs))}")
+
+    def _refuse_escape(self, path: Path) -> None:
+        """A ModelError naming the link when ``path``, or for a folder anything in it, is a link out of the
+        model folders (a diffusers folder may hold linked shards: they are read like the folder)."""
+        inside = [path, *(sorted(path.rglob("*")) if path.is_dir() and not path.is_symlink() else [])]
+        for item in inside:
+            target = comfyui.escapes(item, self.dirs)
+            if target is not None:
+                raise ModelError(comfyui.link_refusal(item, target, self.dirs))
 
     def open(self, name: str) -> ModelFiles:
         """The model ``name``: its checkpoint opened (headers read and checked) and its head parts located."""
@@ -217,6 +234,7 @@ class ModelStore:
             config = folder / "transformer" / "config.json"
             if config.is_file() and (folder / "vae" / "config.json").is_file():
                 try:
+                    self._refuse_escape(folder)  # its parts linked in from outside: not a source of parts
                     if match_preset(read_json(config)) == preset:
                         return folder
                 except ModelError:
@@ -243,6 +261,9 @@ class ModelStore:
                     continue
                 seen.add(path.resolve())
                 name = comfyui.relative_name(path, [d])
+                if comfyui.escapes(path, self.dirs) is not None:  # never read, not even its header
+                    found.append((path, name, OUTSIDE))
+                    continue
                 if folder:
                     found.append((path, name, "diffusers" if (path / "transformer" / "config.json").is_file()
                                   else comfyui.OTHER))
@@ -275,7 +296,7 @@ class ModelStore:
         for path, name, kind in self._files():
             if kind == "diffusers":
                 found.append((name, path))
-            elif kind in (comfyui.TRANSFORMER, "gguf", "unreadable"):
+            elif kind in (comfyui.TRANSFORMER, "gguf", "unreadable", OUTSIDE):  # outside: opening says why not
                 own = path.parent != path.parent.parent and (path.parent / "vae" / "config.json").is_file() \
                     and path.parent not in self.dirs
                 found.append((comfyui.relative_name(path.parent, self.dirs) if own else name, path))

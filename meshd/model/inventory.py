@@ -127,4 +127,7 @@ def inventory_loras(store: LoraStore, cache_dir: Path | None = None, hashes: boo
                    f"fits {', '.join(fits)}")
         reports.append(FileReport("lora", name, path, True, summary,
                                   sha256=file_hashes.sha256(path) if hashes else ""))
+    for link, target in store.escaping():  # never read: named, with what to do
+        reports.append(FileReport("lora", store.name_of(link), link, False, "",
+                                  comfyui.link_refusal(link, target, store.dirs, "lora_dir")))
     return reports
