@@ -420,7 +420,25 @@ def test_klein_base_or_distilled_defaults_like_diffusers_and_the_operator_decide
     config = load_config(tmp_path / "meshd.toml", {"state_dir": tmp_path / "state", "models_dir": ()})
     assert config.distilled is False
     line = next(f.text for f in check_models(config) if f.text.startswith(f"ok  model {TRANSFORMER}:"))
-    assert "ComfyUI single file, tiny, bf16, base (CFG)" in line
+    assert "ComfyUI single file, tiny, bf16, base (CFG), set by distilled = false;" in line
+
+
+def test_meshd_check_says_what_decided_base_or_distilled(comfy, tmp_path):
+    """Nothing in a klein file's tensors or ComfyUI's detection tells base from distilled: the check line says
+    it is assumed, and how to say otherwise; a file named as BFL names base files is taken as base."""
+    root, _, _ = comfy
+    models = tmp_path / "models" / "diffusion_models"
+    models.mkdir(parents=True)
+    for name in ("flux-2-klein-tiny.safetensors", "flux-2-klein-base-tiny-fp8.safetensors"):
+        shutil.copy(root / "models" / "diffusion_models" / "flux2-tiny.safetensors", models / name)
+    store = ModelStore([tmp_path / "models", root / "models"])
+    assert open_source("diffusion_models/flux-2-klein-base-tiny-fp8", store).distilled() is False
+    assert open_source("diffusion_models/flux-2-klein-tiny", store).distilled() is True
+    config = DaemonConfig(models_dir=(tmp_path / "models", root / "models"), state_dir=tmp_path / "state")
+    lines = {f.text.split(":", 1)[0]: f.text for f in check_models(config) if f.topic == "models"}
+    assert ("tiny, bf16, distilled, assumed: a klein base file holds the same tensors (set distilled = false for one);"
+            in lines["ok  model diffusion_models/flux-2-klein-tiny"])
+    assert 'tiny, bf16, base (CFG), "base" in its file name;' in lines["ok  model diffusion_models/flux-2-klein-base-tiny-fp8"]
 
 
 # --- the whole run, from ComfyUI's files only ---------------------------------------------------------

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,24 @@ class HeadParts:
     text_encoder_problem: str = ""  # the same for the text encoder
 
 
+#: A word in a single file's name that marks klein's non-distilled base model (BFL's flux-2-klein-base-9b,
+#: ComfyUI's flux-2-klein-base-9b-fp8): the only sign a file has, since base and distilled share every tensor.
+BASE_WORD = "base"
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Whether a model is step-distilled (few steps, no CFG), and what says so (for ``meshd check``)."""
+
+    distilled: bool
+    why: str
+
+    def describe(self, preset: ModelPreset) -> str:
+        if preset.transformer.get("guidance_embeds"):  # dev: guidance is an input, never CFG
+            return "guidance-distilled (no CFG)"
+        return f"{'distilled' if self.distilled else 'base (CFG)'}, {self.why}"
+
+
 @dataclass(frozen=True)
 class ModelFiles:
     """One model: its transformer checkpoint and the folder with the head's VAE, text encoder and scheduler."""
@@ -73,6 +92,29 @@ class ModelFiles:
     @property
     def model_id(self) -> str:
         return self.name
+
+    def sampling(self, override: bool | None = None) -> Sampling:
+        """Step-distilled or base: the operator's ``distilled =`` first; then the model's own model_index.json,
+        whose missing ``is_distilled`` means False, as in diffusers' Flux2KleinPipeline; a single file cannot
+        be told by its tensors (ComfyUI's model_detection reads shapes only, diffusers maps every FLUX.2 file
+        to one config), so a "base" in its file name, else the preset's (the released klein is distilled)."""
+        if override is not None:
+            return Sampling(override, f"set by distilled = {str(override).lower()}")
+        if self.own_components and self.components is not None:
+            path = self.components / "model_index.json"
+            if path.is_file():
+                data = read_json(path)
+                if "is_distilled" in data:
+                    return Sampling(bool(data["is_distilled"]), "from model_index.json")
+                if data.get("_class_name") == "Flux2KleinPipeline":
+                    return Sampling(False, "model_index.json has no is_distilled (diffusers' default)")
+        if not self.checkpoint.folder and self.preset.distilled:
+            words = re.split(r"[^a-z0-9]+", self.checkpoint.path.name.lower())
+            if BASE_WORD in words:
+                return Sampling(False, f'"{BASE_WORD}" in its file name')
+            return Sampling(True, "assumed: a klein base file holds the same tensors (set distilled = false "
+                                  "for one)")
+        return Sampling(self.preset.distilled, f"{self.preset.name}'s default")
 
     def component(self, sub: str) -> Path:
         """The head's ``vae``/``text_encoder``/``tokenizer``/``scheduler`` folder, or a ModelError that says

@@ -38,13 +38,11 @@ class FileReport:
 def inventory_models(store: ModelStore, hashes: bool = True, distilled: bool | None = None) -> list[FileReport]:
     """Open every model in the model folders (headers and shapes only; sha256 when ``hashes``);
     ``distilled`` is the operator's override, shown as what the model will run as."""
-    from .runtime import FolderSource  # noqa: PLC0415 - runtime imports this module's neighbours
-
     reports = []
     for name, path in store.available():
         try:
             files = store.open(str(path))  # by path: two folders may hold a model of one name
-            sampling = _sampling(FolderSource(files, store.cache_dir, distilled))
+            sampling = files.sampling(distilled).describe(files.preset)
         except ModelError as exc:
             reports.append(FileReport("model", name, path, False, "", str(exc)))
             continue
@@ -53,11 +51,6 @@ def inventory_models(store: ModelStore, hashes: bool = True, distilled: bool | N
         digest = files.checkpoint.content_hash(store.cache_dir) if hashes else ""
         reports.append(FileReport("model", name, path, True, summary, sha256=digest))
     return reports
-
-
-def _sampling(source) -> str:
-    """How the model samples: step-distilled (few steps, no CFG) or base (CFG)."""
-    return "distilled" if source.distilled() else "base (CFG)"
 
 
 def _head_parts(files: ModelFiles) -> str:
