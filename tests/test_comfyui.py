@@ -143,6 +143,60 @@ def test_the_tree_walk_skips_hidden_folders_and_components_and_survives_a_symlin
                      ("pipe", True)]
 
 
+# --- ComfyUI's all-in-one checkpoints -------------------------------------------------------------------
+
+def all_in_one(root, path, vae_transform=lambda state: state) -> None:
+    """A ComfyUI ``checkpoints/`` file of the tree's parts, with ComfyUI's Flux2 prefixes: the transformer as
+    in its single file, the VAE under ``vae.``, the Qwen3 encoder under ``text_encoders.qwen3_4b.transformer.``."""
+    from safetensors.torch import load_file
+
+    models = root / "models"
+    state = load_file(str(models / "diffusion_models" / "flux2-tiny.safetensors"))
+    vae = vae_transform(load_file(str(models / "vae" / "flux2-vae.safetensors")))
+    state.update({f"vae.{k}": v for k, v in vae.items()})
+    encoder = load_file(str(models / "text_encoders" / "qwen_3_tiny.safetensors"))
+    state.update({f"text_encoders.qwen3_4b.transformer.{k}": v for k, v in encoder.items()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path))
+
+
+def test_an_all_in_one_checkpoint_is_named_in_meshd_check_and_its_own_parts_serve_the_head(comfy, tmp_path):
+    root, _, _ = comfy
+    install = tmp_path / "ComfyUI"
+    shutil.copytree(root / "comfy", install / "comfy")  # the tokenizer; the models tree holds only the checkpoint
+    all_in_one(root, install / "models" / "checkpoints" / "flux2-tiny-aio.safetensors")
+    config = DaemonConfig(models_dir=(), comfyui_dir=install, state_dir=tmp_path / "state")
+    lines = [f.text for f in check_models(config) if f.topic == "models"]
+    line = next(t for t in lines if t.startswith("ok  model checkpoints/flux2-tiny-aio:"))
+    assert ("head parts: VAE flux2-tiny-aio.safetensors, text encoder flux2-tiny-aio.safetensors, tokenizer "
+            in line and "; all-in-one checkpoint (transformer, VAE, text encoder): VAE and text encoder from this file"
+            in line), line
+    assert len(lines) == 1, lines  # its parts are not listed again as models or parts of others
+
+    store = ModelStore([], comfyui_dir=install)
+    mine = HostedModel(open_source("checkpoints/flux2-tiny-aio", store), CPU, torch.bfloat16)
+    separate = HostedModel(open_source(TRANSFORMER, ModelStore([root / "models"])), CPU, torch.bfloat16)
+    assert torch.equal(mine.encode_prompt("a dog by the sea"), separate.encode_prompt("a dog by the sea"))
+    a, b = (m.source.vae(CPU, torch.bfloat16).state_dict() for m in (mine, separate))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_all_in_one_checkpoint_whose_vae_does_not_fit_says_so_and_the_vae_file_is_used(comfy, tmp_path):
+    root, _, _ = comfy
+    models = tmp_path / "models"
+    shutil.copytree(root / "models", models)
+
+    def other_vae(state):  # a VAE of other shapes (an SD-era one, say)
+        return {k: (v[:, :2].contiguous() if k == "decoder.conv_in.weight" else v) for k, v in state.items()}
+
+    all_in_one(root, models / "checkpoints" / "odd-aio.safetensors", other_vae)
+    files = ModelStore([models]).open("checkpoints/odd-aio")
+    assert files.parts.vae == models / "vae" / "flux2-vae.safetensors"
+    assert files.parts.text_encoder == models / "checkpoints" / "odd-aio.safetensors"
+    assert files.parts.notes.startswith("all-in-one checkpoint (transformer, VAE, text encoder): text encoder from this "
+                                        "file; its VAE part is not used (decoder.conv_in.weight has shape")
+
+
 # --- links out of the model folders ---------------------------------------------------------------------
 
 def test_a_link_out_of_the_model_folders_is_refused_naming_the_link_and_its_target(comfy, tmp_path):

@@ -94,6 +94,21 @@ def kind_of_keys(keys: Iterable[str]) -> str:
     return OTHER
 
 
+def parts_of_keys(keys: Iterable[str]) -> tuple[str, ...]:
+    """The parts a file holds (TRANSFORMER, VAE, TEXT_ENCODER), from its tensor names: more than one is a
+    ComfyUI all-in-one checkpoint (``checkpoints/``: ``model.diffusion_model.``, ``vae.`` and
+    ``text_encoders.<name>.transformer.``, ComfyUI's ``supported_models.Flux2`` prefixes)."""
+    keys = list(keys)
+    found = []
+    if any(k.endswith(("single_stream_modulation.lin.weight", "single_stream_modulation.linear.weight")) for k in keys):
+        found.append(TRANSFORMER)
+    if any(k.endswith("decoder.conv_in.weight") for k in keys):
+        found.append(VAE)
+    if any(k.startswith(("model.layers.", "text_encoders.")) and ".self_attn.q_proj." in k for k in keys):
+        found.append(TEXT_ENCODER)
+    return tuple(found)
+
+
 def identify(path: Path) -> str:
     """What the safetensors file at ``path`` holds (header only); a ModelError if it cannot be read."""
     with open_safetensors(path) as f:

@@ -32,7 +32,7 @@ from . import comfyui
 from .access import require_readable, unreadable
 from .checkpoints import Checkpoint, match_preset
 from .presets import ModelPreset
-from .tensorfiles import GGUF_SUFFIX, SAFETENSORS_SUFFIX, FileHashes, ModelError, read_json, refuse_pickle
+from .tensorfiles import GGUF_SUFFIX, SAFETENSORS_SUFFIX, FileHashes, ModelError, open_safetensors, read_json, refuse_pickle
 
 __all__ = ["FileHashes", "HeadParts", "ModelError", "ModelFiles", "ModelStore", "match_preset"]
 
@@ -51,6 +51,7 @@ class HeadParts:
     tokenizer_hint: str = ""  # where to put the tokenizer, when none was found
     vae_problem: str = ""  # no VAE fits, and a file where VAEs go cannot be read: why (one line)
     text_encoder_problem: str = ""  # the same for the text encoder
+    notes: str = ""  # an all-in-one checkpoint: which of its own parts are used, and why not the others
 
 
 #: A word in a single file's name that marks klein's non-distilled base model (BFL's flux-2-klein-base-9b,
@@ -203,7 +204,7 @@ class ModelStore:
                 return ModelFiles(model_name, checkpoint, path.parent, own_components=True)
             borrowed = self._borrowed_components(checkpoint.preset)
             return ModelFiles(model_name, checkpoint, borrowed, own_components=False,
-                              parts=self.head_parts(checkpoint.preset, borrowed))
+                              parts=self.head_parts(checkpoint.preset, borrowed, own=path))
         transformer = path / "transformer"
         if not (transformer / "config.json").is_file():
             single = sorted(path.glob(f"*{SAFETENSORS_SUFFIX}"))
@@ -217,17 +218,32 @@ class ModelStore:
                              f"with one single-file checkpoint ({len(single)} .safetensors files)")
         return ModelFiles(path.name, Checkpoint.open_folder(transformer), path, own_components=True)
 
-    def head_parts(self, preset: ModelPreset, components: Path | None = None) -> HeadParts:
+    def head_parts(self, preset: ModelPreset, components: Path | None = None, own: Path | None = None) -> HeadParts:
         """The VAE and text-encoder single files in the model folders that fit ``preset`` (recognised by
-        header, matched by shapes), for what ``components`` (a diffusers folder) does not already hold."""
+        header, matched by shapes), for what ``components`` (a diffusers folder) does not already hold. A
+        ComfyUI all-in-one checkpoint (``own``) gives its own parts first; a part of it that does not fit is
+        named in ``notes`` with the reason, never skipped in silence."""
         from .text_encoder_file import EncoderFile  # noqa: PLC0415 - pulls in transformers' configs
         from .vae_file import VaeFile  # noqa: PLC0415
 
+        inside = comfyui.parts_of_keys(_keys(own)) if own is not None and own.suffix == SAFETENSORS_SUFFIX else ()
+        used, refused = [], []
+
         def best(kind: str, opener, sub: str):
-            """When several fit: a file where ComfyUI keeps its kind first, then exact weights (bf16 before
-            fp8 of the same encoder), then by path."""
+            """The checkpoint's own part when it fits; else, when several files fit: a file where ComfyUI keeps
+            its kind first, then exact weights (bf16 before fp8 of the same encoder), then by path."""
             if components is not None and (components / sub / "config.json").is_file():
                 return None
+            if kind in inside:
+                try:
+                    part = opener.open(own)
+                    problem = part.mismatch(preset)
+                except ModelError as exc:
+                    part, problem = None, str(exc)
+                if not problem:
+                    used.append(kind)
+                    return part
+                refused.append(f"its {kind} part is not used ({problem})")
             fitting = [opener.open(p) for p, k in self.part_files() if k == kind and _fits(opener, p, preset)]
             fitting.sort(key=lambda f: (not comfyui.in_kind_folder(f.path, kind), f.quantised,
                                         str(f.path)))
@@ -242,9 +258,13 @@ class ModelStore:
         vae = best(comfyui.VAE, VaeFile, "vae")
         encoder = best(comfyui.TEXT_ENCODER, EncoderFile, "text_encoder")
         tokenizer, hint = self._tokenizer_for(encoder) if encoder is not None else (None, "")
+        notes = ""
+        if len(inside) > 1:
+            notes = "; ".join([f"all-in-one checkpoint ({', '.join(inside)})"
+                               + (f": {' and '.join(used)} from this file" if used else ""), *refused])
         return HeadParts(vae and vae.path, encoder and encoder.path, tokenizer, hint,
                          "" if vae is not None else closed(comfyui.VAE),
-                         "" if encoder is not None else closed(comfyui.TEXT_ENCODER))
+                         "" if encoder is not None else closed(comfyui.TEXT_ENCODER), notes)
 
     def _tokenizer_for(self, encoder) -> tuple[Path | None, str]:
         """The tokenizer folder for a text-encoder file, or (None, what to put where)."""
@@ -343,6 +363,15 @@ class ModelStore:
                     and path.parent not in self.dirs
                 found.append((comfyui.relative_name(path.parent, self.dirs) if own else name, path))
         return found
+
+
+def _keys(path: Path) -> list[str]:
+    """A safetensors file's tensor names (header only; none when it cannot be read: opening it says why)."""
+    try:
+        with open_safetensors(path) as f:
+            return list(f.keys())
+    except ModelError:
+        return []
 
 
 def _fits(kind, path: Path, preset: ModelPreset) -> bool:

@@ -70,6 +70,7 @@ def _head_parts(files: ModelFiles) -> str:
     text = f"head parts: {', '.join(found)}" if found else "blocks only"
     if missing:
         text += f"; no {' or '.join(missing)} for the head (see docs/models.md)"
+    text += f"; {files.parts.notes}" if files.parts.notes else ""
     return text + (f"; {files.parts.tokenizer_hint}" if files.parts.tokenizer_hint else "")
 
 

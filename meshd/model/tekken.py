@@ -60,7 +60,7 @@ def read_tekken(path: Path, info: TensorInfo) -> bytes:
     """The ``tekken_model`` tensor's bytes, checked from the header first (a wrong tensor is never read whole)."""
     check_tekken_header(path, info)
     with open_safetensors(path) as f:
-        return f.get_tensor(TEKKEN_KEY).numpy().tobytes()
+        return f.get_tensor(info.key).numpy().tobytes()
 
 
 def check_tekken(data: bytes, where: str) -> dict:

@@ -85,13 +85,17 @@ class EncoderFile:
 
     @classmethod
     def _index(cls, path: Path) -> EncoderFile:
-        header, metadata = read_header(path)
+        stored, metadata = read_header(path)
+        prefix = encoder_prefix(stored)
+        # From here on tensors go by their names inside the encoder; each TensorInfo keeps the file's key.
+        header = {k[len(prefix):]: info for k, info in stored.items() if k.startswith(prefix)}
         if "model.embed_tokens.weight" not in header or "model.layers.0.self_attn.q_proj.weight" not in header:
             raise ModelError(f"{path} is not a text encoder ComfyUI ships (no model.embed_tokens / model.layers.0)")
         family = "qwen3" if "model.layers.0.self_attn.q_norm.weight" in header else "mistral3"
-        declared = _declared_layers(path, header, metadata)
-        if TEKKEN_KEY in header:
-            check_tekken_header(path, header[TEKKEN_KEY])
+        declared = _declared_layers(path, header, metadata, prefix)
+        tekken = header.get(TEKKEN_KEY, stored.get(TEKKEN_KEY))
+        if tekken is not None:
+            check_tekken_header(path, tekken)
         weights, scales = {}, {}
         for key, info in header.items():
             leaf = key.rsplit(".", 1)[-1]
@@ -119,7 +123,7 @@ class EncoderFile:
         config = {"vocab_size": vocab, "hidden_size": hidden, "num_attention_heads": q_rows // head_dim,
                   "num_key_value_heads": k_rows // head_dim, "head_dim": head_dim,
                   "intermediate_size": header["model.layers.0.mlp.gate_proj.weight"].shape[0]}
-        return cls(path, family, config, count, weights, scales, tekken=header.get(TEKKEN_KEY),
+        return cls(path, family, config, count, weights, scales, tekken=tekken,
                    has_norm="model.norm.weight" in header)
 
     # --- what it is -----------------------------------------------------------------------------
@@ -200,7 +204,7 @@ class EncoderFile:
                 info = self.weights.get(key)
                 if info is None:
                     raise ModelError(f"{self.path} lacks {key}")
-                value = f.get_tensor(key)
+                value = f.get_tensor(info.key)
                 scale = f.get_tensor(self.scales[key].key) if key in self.scales else None
                 if module in formats:  # kept fp8: the stored values and a float32 scale of the layer's shape
                     state[name] = value.to(device)
@@ -266,9 +270,20 @@ def _open_encoder(path: Path, stamp: tuple) -> EncoderFile:
     return EncoderFile._index(path)
 
 
-def _declared_layers(path: Path, header: dict[str, TensorInfo], metadata: dict[str, str]) -> set[str]:
+def encoder_prefix(header: dict) -> str:
+    """What a file puts before the encoder's ``model.*`` names: nothing in a text-encoder file, and
+    ``text_encoders.<name>.transformer.`` in a ComfyUI all-in-one checkpoint (``supported_models.Flux2``'s
+    ``text_encoder_key_prefix``; ``<name>`` is ``qwen3_4b``, ``qwen3_8b`` or ``mistral3_24b``)."""
+    if "model.embed_tokens.weight" in header:
+        return ""
+    found = sorted({m[1] for k in header if (m := re.match(r"(text_encoders\.[^.]+\.transformer\.)model\.embed_tokens\.weight$", k))})
+    return found[0] if len(found) == 1 else ""
+
+
+def _declared_layers(path: Path, header: dict[str, TensorInfo], metadata: dict[str, str], prefix: str = "") -> set[str]:
     """The modules a file declares quantised (``comfy_quant`` records, ``_quantization_metadata``, or the
-    legacy ``scaled_fp8`` marker, for which every scaled layer is); refuses formats other than fp8."""
+    legacy ``scaled_fp8`` marker, for which every scaled layer is), by their names inside the encoder
+    (``header`` without ``prefix``); refuses formats other than fp8."""
     declared, formats = set(), {}
     raw = metadata.get("_quantization_metadata")
     if raw:
@@ -277,9 +292,9 @@ def _declared_layers(path: Path, header: dict[str, TensorInfo], metadata: dict[s
         except (ValueError, AttributeError, TypeError):
             raise ModelError(f"{path} has unreadable _quantization_metadata") from None
         for module, record in items:
-            if isinstance(record, dict):
-                declared.add(module)
-                formats[module] = str(record.get("format", ""))
+            if isinstance(record, dict) and str(module).startswith(prefix):  # (an all-in-one file lists all parts)
+                declared.add(str(module)[len(prefix):])
+                formats[str(module)[len(prefix):]] = str(record.get("format", ""))
     records = [k.rsplit(".", 1)[0] for k in header if k.endswith(".comfy_quant")]
     if records:
         with open_safetensors(path) as f:
@@ -289,7 +304,7 @@ def _declared_layers(path: Path, header: dict[str, TensorInfo], metadata: dict[s
                     raise ModelError(f"{path}: {module}.comfy_quant is not a quantisation record (a JSON string of at "
                                      f"most {MAX_RECORD_BYTES} bytes); it is {info.dtype} {list(info.shape)}")
                 try:
-                    record = json.loads(bytes(f.get_tensor(f"{module}.comfy_quant").tolist()).decode())
+                    record = json.loads(bytes(f.get_tensor(info.key).tolist()).decode())
                     fmt = str(record.get("format", ""))
                 except (ValueError, UnicodeDecodeError, AttributeError, TypeError):
                     raise ModelError(f"{path}: {module}.comfy_quant is not a readable quantisation record") from None
