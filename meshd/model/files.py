@@ -159,8 +159,9 @@ class ModelStore:
         if candidate.is_absolute() or os.sep in name or name.startswith("."):
             path = candidate.resolve()
             if not self._inside(path):
-                if self._inside(candidate.absolute()):  # a link in a model folder to something outside them
-                    self._refuse_escape(candidate.absolute())
+                spelled = Path(os.path.normpath(candidate.absolute()))  # as written, "..", but no links, followed
+                if self._inside(spelled):  # so a link in a model folder to something outside them
+                    self._refuse_escape(spelled)
                 raise ModelError(
                     f"{path} is outside the configured model folders ({', '.join(map(str, self.dirs))}); "
                     "meshd reads model files only from there"
