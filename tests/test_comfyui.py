@@ -193,8 +193,8 @@ def test_an_all_in_one_checkpoint_whose_vae_does_not_fit_says_so_and_the_vae_fil
     files = ModelStore([models]).open("checkpoints/odd-aio")
     assert files.parts.vae == models / "vae" / "flux2-vae.safetensors"
     assert files.parts.text_encoder == models / "checkpoints" / "odd-aio.safetensors"
-    assert files.parts.notes.startswith("all-in-one checkpoint (transformer, VAE, text encoder): text encoder from this "
-                                        "file; its VAE part is not used (decoder.conv_in.weight has shape")
+    assert files.parts.notes.startswith("all-in-one checkpoint (transformer, VAE, text encoder): text encoder from "
+                                        "this file; its VAE part is not used (decoder.conv_in.weight has shape")
 
 
 # --- links out of the model folders ---------------------------------------------------------------------
@@ -212,7 +212,8 @@ def test_a_link_out_of_the_model_folders_is_refused_naming_the_link_and_its_targ
     (models / "diffusion_models" / "linked.safetensors").symlink_to(elsewhere / "flux2-big.safetensors")
     (models / "vae" / "drive").symlink_to(elsewhere / "vae", target_is_directory=True)
     (models / "loras" / "linked.safetensors").symlink_to(elsewhere / "lora.safetensors")
-    (models / "diffusion_models" / "alias.safetensors").symlink_to(models / "diffusion_models" / "flux2-tiny.safetensors")
+    (models / "diffusion_models" / "alias.safetensors").symlink_to(models / "diffusion_models"
+                                                                   / "flux2-tiny.safetensors")
     store = ModelStore([models])
     link = models / "diffusion_models" / "linked.safetensors"
     refusal = (f"{link} is a link to {elsewhere / 'flux2-big.safetensors'}, outside the configured folders ({models}); "
@@ -434,8 +435,10 @@ def test_a_mistral_file_with_its_own_tokenizer_gives_the_full_models_prompt_embe
     (b"\x89PNG not json", "not a UTF-8 JSON document"),
     (tekken_json(MISTRAL_SPECIALS[:17]), "it lacks the control token \\[SYSTEM_PROMPT\\]"),
     (tekken_json().replace(b'"pattern"', b'"patern"'), "config.pattern is missing"),
-    (tekken_json().replace(b'"token_bytes": "AA=="', b'"token_bytes": "A"'), "vocab entry 0's token_bytes is not base64"),
-    (tekken_json().replace(b'"rank": 17, "token_str"', b'"rank": 37, "token_str"'), "special_tokens ranks are not 0..n-1"),
+    (tekken_json().replace(b'"token_bytes": "AA=="', b'"token_bytes": "A"'),
+     "vocab entry 0's token_bytes is not base64"),
+    (tekken_json().replace(b'"rank": 17, "token_str"', b'"rank": 37, "token_str"'),
+     "special_tokens ranks are not 0..n-1"),
 ], ids=["not-json", "no-system-prompt-token", "no-pattern", "bad-base64", "rank-gap"])
 def test_a_malformed_tekken_tokenizer_is_refused_in_one_line_naming_the_file(tmp_path, blob, why):
     file = EncoderFile.open(mistral_file(tmp_path, blob))
@@ -446,8 +449,8 @@ def test_a_malformed_tekken_tokenizer_is_refused_in_one_line_naming_the_file(tmp
 
 def test_a_tekken_model_that_is_not_a_byte_string_is_refused_from_the_header(tmp_path):
     path = mistral_file(tmp_path, tekken_json(), tekken_model=torch.zeros(8, 4))
-    with pytest.raises(ModelError, match=r"tekken_model is not Mistral's tokenizer \(a uint8 string of at most 64 MiB\); "
-                                         r"it is F32 \[8, 4\]"):
+    with pytest.raises(ModelError, match=r"tekken_model is not Mistral's tokenizer \(a uint8 string of at most "
+                                         r"64 MiB\); it is F32 \[8, 4\]"):
         EncoderFile.open(path)
 
 
@@ -492,7 +495,8 @@ def test_meshd_check_says_what_decided_base_or_distilled(comfy, tmp_path):
     lines = {f.text.split(":", 1)[0]: f.text for f in check_models(config) if f.topic == "models"}
     assert ("tiny, bf16, distilled, assumed: a klein base file holds the same tensors (set distilled = false for one);"
             in lines["ok  model diffusion_models/flux-2-klein-tiny"])
-    assert 'tiny, bf16, base (CFG), "base" in its file name;' in lines["ok  model diffusion_models/flux-2-klein-base-tiny-fp8"]
+    base = lines["ok  model diffusion_models/flux-2-klein-base-tiny-fp8"]
+    assert 'tiny, bf16, base (CFG), "base" in its file name;' in base
 
 
 # --- the whole run, from ComfyUI's files only ---------------------------------------------------------
@@ -641,5 +645,6 @@ def test_an_fp8_text_encoder_on_the_gpu_runs_its_fp8_path_and_agrees_with_the_de
         want = dense(ids, output_hidden_states=True).hidden_states
     for k in PRESET.text_encoder_layers:
         rel = float((got[k].float() - want[k].float()).norm() / want[k].float().norm())
-        print(f"fp8 text encoder, hidden state {k}: rel L2 {rel:.4f} vs dequantised ({'native' if native else 'per-layer'})")
+        path = "native" if native else "per-layer"
+        print(f"fp8 text encoder, hidden state {k}: rel L2 {rel:.4f} vs dequantised ({path})")
         assert rel < (0.05 if native else 1e-6), (k, rel)

@@ -32,7 +32,8 @@ from . import comfyui
 from .access import require_readable, unreadable
 from .checkpoints import Checkpoint, match_preset
 from .presets import ModelPreset
-from .tensorfiles import GGUF_SUFFIX, SAFETENSORS_SUFFIX, FileHashes, ModelError, open_safetensors, read_json, refuse_pickle
+from .tensorfiles import (GGUF_SUFFIX, SAFETENSORS_SUFFIX, FileHashes, ModelError, open_safetensors, read_json,
+                          refuse_pickle)
 
 __all__ = ["FileHashes", "HeadParts", "ModelError", "ModelFiles", "ModelStore", "match_preset"]
 

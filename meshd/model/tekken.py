@@ -95,7 +95,8 @@ def check_tekken(data: bytes, where: str) -> dict:
                   f"{size - num_special}")
     seen: set[bytes] = set()
     for rank, entry in enumerate(vocab[: size - num_special]):
-        if not isinstance(entry, dict) or entry.get("rank", rank) != rank or not isinstance(entry.get("token_bytes"), str):
+        if not isinstance(entry, dict) or entry.get("rank", rank) != rank \
+                or not isinstance(entry.get("token_bytes"), str):
             raise bad(f"vocab entry {rank} is not {{rank: {rank}, token_bytes}}")
         try:
             token = base64.b64decode(entry["token_bytes"], validate=True)

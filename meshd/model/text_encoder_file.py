@@ -276,7 +276,8 @@ def encoder_prefix(header: dict) -> str:
     ``text_encoder_key_prefix``; ``<name>`` is ``qwen3_4b``, ``qwen3_8b`` or ``mistral3_24b``)."""
     if "model.embed_tokens.weight" in header:
         return ""
-    found = sorted({m[1] for k in header if (m := re.match(r"(text_encoders\.[^.]+\.transformer\.)model\.embed_tokens\.weight$", k))})
+    pattern = re.compile(r"(text_encoders\.[^.]+\.transformer\.)model\.embed_tokens\.weight")
+    found = sorted({m[1] for k in header if (m := pattern.fullmatch(k))})
     return found[0] if len(found) == 1 else ""
 
 
