@@ -145,7 +145,7 @@ def test_the_tree_walk_skips_hidden_folders_and_components_and_survives_a_symlin
 
 # --- ComfyUI's all-in-one checkpoints -------------------------------------------------------------------
 
-def all_in_one(root, path, vae_transform=lambda state: state) -> None:
+def all_in_one(root, path, vae_transform=lambda state: state, encoder=None) -> None:
     """A ComfyUI ``checkpoints/`` file of the tree's parts, with ComfyUI's Flux2 prefixes: the transformer as
     in its single file, the VAE under ``vae.``, the Qwen3 encoder under ``text_encoders.qwen3_4b.transformer.``."""
     from safetensors.torch import load_file
@@ -154,7 +154,7 @@ def all_in_one(root, path, vae_transform=lambda state: state) -> None:
     state = load_file(str(models / "diffusion_models" / "flux2-tiny.safetensors"))
     vae = vae_transform(load_file(str(models / "vae" / "flux2-vae.safetensors")))
     state.update({f"vae.{k}": v for k, v in vae.items()})
-    encoder = load_file(str(models / "text_encoders" / "qwen_3_tiny.safetensors"))
+    encoder = encoder or load_file(str(models / "text_encoders" / "qwen_3_tiny.safetensors"))
     state.update({f"text_encoders.qwen3_4b.transformer.{k}": v for k, v in encoder.items()})
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(path))
@@ -195,6 +195,21 @@ def test_an_all_in_one_checkpoint_whose_vae_does_not_fit_says_so_and_the_vae_fil
     assert files.parts.text_encoder == models / "checkpoints" / "odd-aio.safetensors"
     assert files.parts.notes.startswith("all-in-one checkpoint (transformer, VAE, text encoder): text encoder from "
                                         "this file; its VAE part is not used (decoder.conv_in.weight has shape")
+
+
+def test_an_all_in_one_checkpoints_fp8_text_encoder_loads_as_its_own_file_would(comfy, tmp_path):
+    """Found by review: the fp8 layers' scales of a prefixed encoder were looked up by the file's names."""
+    from tests.comfyui_files import fp8mixed
+
+    root, _, ref = comfy
+    stored, _ = fp8mixed(comfy_text_encoder(ref["qwen3"]), per_row=True)
+    save_file(stored, str(tmp_path / "te.safetensors"))
+    all_in_one(root, tmp_path / "aio.safetensors", encoder=stored)
+    alone, inside = (EncoderFile.open(tmp_path / f).load(PRESET, CPU, torch.bfloat16)
+                     for f in ("te.safetensors", "aio.safetensors"))
+    a, b = alone.state_dict(), inside.state_dict()
+    assert set(a) == set(b) and all(torch.equal(a[k].float(), b[k].float()) for k in a)
+    assert any(isinstance(m, Fp8Linear) and m.format.per_row for m in inside.modules())
 
 
 # --- links out of the model folders ---------------------------------------------------------------------
