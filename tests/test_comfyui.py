@@ -416,7 +416,9 @@ def test_the_tekken_tokenizer_inside_a_mistral_file_gives_flux2s_prompt_ids(tmp_
     from diffusers.pipelines.flux2.pipeline_flux2 import format_input
     from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
 
-    tok = EncoderFile.open(mistral_file(tmp_path)).tokenizer(None, "")
+    file = EncoderFile.open(mistral_file(tmp_path))
+    assert file.describe().endswith("4 layers, pruned, bf16, tokenizer inside (tekken_model)")  # meshd check's line
+    tok = file.tokenizer(None, "")
     for prompt in MISTRAL_PROMPTS:
         for length in (512, 40):  # room for all of it; and cut short, as the tiny model's 32 tokens are
             got = tok.apply_chat_template(format_input([prompt], SYSTEM_MESSAGE), add_generation_prompt=False,

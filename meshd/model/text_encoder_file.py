@@ -160,7 +160,9 @@ class EncoderFile:
         family = {"qwen3": "Qwen3", "mistral3": "Mistral"}[self.family]
         name = RELEASED.get((self.family, self.hidden), (family, 0))[0]
         pruned = ", pruned" if self.pruned else ""
-        return f"{name} text encoder, width {self.hidden}, {self.num_layers} layers{pruned}, {self.precision}"
+        tokenizer = f", tokenizer inside ({TEKKEN_KEY})" if self.tekken is not None else ""
+        return (f"{name} text encoder, width {self.hidden}, {self.num_layers} layers{pruned}, {self.precision}"
+                f"{tokenizer}")
 
     def mismatch(self, preset: ModelPreset) -> str:
         """Why ``preset`` cannot use this encoder ("" when it can)."""
