@@ -107,8 +107,9 @@ class DaemonConfig:
     @property
     def lora_dirs(self) -> tuple[Path, ...]:
         """``lora_dir``, and a ComfyUI install's ``models/loras`` when ``comfyui_dir`` is set."""
-        comfy = (self.comfyui_dir / "models" / "loras",) if self.comfyui_dir else ()
-        return self.lora_dir + tuple(d for d in comfy if d.is_dir() and d not in self.lora_dir)
+        from .model.comfyui import lora_dirs  # noqa: PLC0415 - config stays free of the model code until asked
+
+        return lora_dirs(self.lora_dir, self.comfyui_dir)
 
 
 _PATHS = {"key_file", "state_dir", "comfyui_dir"}

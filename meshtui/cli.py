@@ -210,6 +210,7 @@ async def run_local(args) -> tuple[bytes, dict]:
     from meshd.generation import GenerationParams, LocalRunner, run_generation  # noqa: PLC0415
     from meshd.gpu import GpuWorker  # noqa: PLC0415
     from meshd.model.files import ModelStore  # noqa: PLC0415
+    from meshd.model.comfyui import lora_dirs  # noqa: PLC0415
     from meshd.model.lora import LoraStore  # noqa: PLC0415
     from meshd.model.runtime import HostedModel, open_source  # noqa: PLC0415
 
@@ -219,7 +220,7 @@ async def run_local(args) -> tuple[bytes, dict]:
     store = ModelStore(args.models_dir or ([] if comfyui_dir else [default_models_dir()]), comfyui_dir=comfyui_dir)
     source = open_source(args.model, store, random_weights=args.random_weights)
     model = HostedModel(source, device, torch.bfloat16)
-    model.lora_store = LoraStore(getattr(args, "lora_dir", None) or [])
+    model.lora_store = LoraStore(lora_dirs(getattr(args, "lora_dir", None) or [], comfyui_dir))  # as the daemon's
     worker = GpuWorker(device)
     n = model.preset.num_blocks
     await worker.run(model.load, range(n), True, True)

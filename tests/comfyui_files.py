@@ -15,17 +15,26 @@ lays them out. No diffusers folder (no config.json, no model_index.json) anywher
 The tokenizer is a byte-level BPE like Qwen's (same file format, a vocabulary of 256 bytes and a few
 merges); the small Qwen3 has the released Qwen3 constants (RoPE theta 1e6, eps 1e-6) that meshd
 pins for files, so a model built by transformers from the same weights is the reference.
+
+Mistral's tokenizer as ComfyUI embeds it (``tekken_model``) is a tekken.json in the released format: the
+real Tekken v7 pre-tokeniser pattern and Mistral Small 3's first 20 control tokens at their ranks, a byte
+vocabulary of all 256 bytes and a few merged tokens. :func:`tekken_encode` is a reference encoder written
+from the format (tiktoken's rank-ordered merging), independent of the transformers converter meshd uses:
+mistral_common is not installed here, so it stands in for ``Tekkenizer``.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from pathlib import Path
 
+import regex
+
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import Qwen3Config, Qwen3ForCausalLM
+from transformers import MistralConfig, MistralModel, Qwen3Config, Qwen3ForCausalLM
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from meshd.model.tiny import write_tiny
@@ -77,11 +86,11 @@ def quant_record(fmt: str = "float8_e4m3fn") -> torch.Tensor:
     return torch.tensor(list(json.dumps({"format": fmt}).encode()), dtype=torch.uint8)
 
 
-def fp8mixed(state: dict[str, torch.Tensor], keep_bf16: tuple[str, ...] = ("model.layers.0.mlp.",)
-             ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """ComfyUI's fp8mixed: each linear weight e4m3 with a float32 ``weight_scale``, a ``comfy_quant`` record and
-    an ``input_scale``; norms, embeddings and the ``keep_bf16`` layers stay bf16. Returns (stored, the values
-    meshd must read back)."""
+def fp8mixed(state: dict[str, torch.Tensor], keep_bf16: tuple[str, ...] = ("model.layers.0.mlp.",),
+             per_row: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """ComfyUI's fp8mixed: each linear weight e4m3 with a float32 ``weight_scale`` (one per tensor, or per
+    output row as ``(rows, 1)``), a ``comfy_quant`` record and an ``input_scale``; norms, embeddings and the
+    ``keep_bf16`` layers stay bf16. Returns (stored, the values meshd must read back)."""
     stored, expected = {}, {}
     for key, value in state.items():
         module = key.removesuffix(".weight")
@@ -89,7 +98,8 @@ def fp8mixed(state: dict[str, torch.Tensor], keep_bf16: tuple[str, ...] = ("mode
         if not linear:
             stored[key] = expected[key] = value
             continue
-        scale = (value.float().abs().max() / FP8_MAX).reshape(())
+        amax = value.float().abs().amax(dim=1, keepdim=True) if per_row else value.float().abs().max().reshape(())
+        scale = amax / FP8_MAX
         q = (value.float() / scale).to(torch.float8_e4m3fn)
         stored.update({key: q, f"{module}.weight_scale": scale, f"{module}.input_scale": torch.tensor(1.0),
                        f"{module}.comfy_quant": quant_record()})
@@ -157,3 +167,88 @@ def write_comfyui(root: Path, scratch: Path) -> dict:
     kohya_lora(models / "loras" / "style.safetensors")
     write_qwen_tokenizer(root / "comfy" / "text_encoders" / "qwen25_tokenizer")
     return {"diffusers": tiny, "qwen3": qwen, "fp8_values": dequantised}
+
+
+#: Mistral Small 3's control tokens, ranks 0-19 (tekken.json ``special_tokens``; the rest are fillers).
+MISTRAL_SPECIALS = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
+                    "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[TOOL_CALLS]", "[IMG]", "<pad>", "[IMG_BREAK]", "[IMG_END]",
+                    "[PREFIX]", "[MIDDLE]", "[SUFFIX]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[TOOL_CONTENT]"]
+#: Tekken v7's pre-tokeniser (mistral_common ``tekken.json`` ``config.pattern``).
+TEKKEN_PATTERN = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|"
+                  r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?"
+                  r"[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+#: Merged tokens after the 256 bytes, each the concatenation of two earlier ones (as BPE training makes them).
+TEKKEN_MERGES = [b"th", b"the", b" d", b" do", b" dog", b"ea", b" s", b" se", b" sea", b"in", b" a", b"re",
+                 b"on", b"at", b" b", b" by", b"ou", b" t", b" th", b" the", b"es", b"ing"]
+NUM_SPECIAL = 24  # 20 named + 4 fillers, as the real file pads its 1000 control slots
+
+
+def tekken_json(specials: list[str] = MISTRAL_SPECIALS) -> bytes:
+    """A tekken.json (format of mistral_common's v7 files): config, byte vocabulary by rank, control tokens."""
+    vocab = [bytes([b]) for b in range(256)] + TEKKEN_MERGES
+    return json.dumps({
+        "config": {"pattern": TEKKEN_PATTERN, "num_vocab_tokens": NUM_SPECIAL + len(vocab),
+                   "default_vocab_size": NUM_SPECIAL + len(vocab), "default_num_special_tokens": NUM_SPECIAL,
+                   "version": "v7"},
+        "vocab": [{"rank": r, "token_bytes": base64.b64encode(t).decode(), "token_str": None}
+                  for r, t in enumerate(vocab)],
+        "special_tokens": [{"rank": r, "token_str": t, "is_control": True} for r, t in enumerate(specials)],
+    }).encode()
+
+
+def tekken_encode(data: bytes, text: str) -> list[int]:
+    """Token ids of plain ``text`` (no control tokens) under the tekken.json ``data``: the pattern splits it,
+    then each piece's bytes merge pairwise, lowest rank of the merged bytes first (tiktoken's algorithm)."""
+    doc = json.loads(data)
+    num_special = doc["config"]["default_num_special_tokens"]
+    ranks = {base64.b64decode(v["token_bytes"]): v["rank"] for v in doc["vocab"]}
+    ids = []
+    for piece in regex.findall(doc["config"]["pattern"], text):
+        parts = [bytes([b]) for b in piece.encode()]
+        while len(parts) > 1:
+            merged = [(ranks.get(parts[i] + parts[i + 1]), i) for i in range(len(parts) - 1)]
+            best = min(((r, i) for r, i in merged if r is not None), default=None)
+            if best is None:
+                break
+            i = best[1]
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        ids += [num_special + ranks[p] for p in parts]
+    return ids
+
+
+def flux2_prompt_ids(data: bytes, system: str, prompt: str, length: int) -> list[int]:
+    """What FLUX.2's dev pipeline feeds Mistral: ``<s>[SYSTEM_PROMPT]system[/SYSTEM_PROMPT][INST]prompt[/INST]``
+    (control tokens by rank), cut to ``length`` and padded on the left with ``<pad>``. A control token's text
+    inside the prompt is that control token, as the pipeline's tokenizer and ComfyUI's both read it."""
+    special = {t: r for r, t in enumerate(MISTRAL_SPECIALS)}
+    split = re.compile("(" + "|".join(map(re.escape, sorted(special, key=len, reverse=True))) + ")")
+    text = [special[part] if part in special else tekken_encode(data, part) for part in split.split(prompt) if part]
+    ids = ([special["<s>"], special["[SYSTEM_PROMPT]"]] + tekken_encode(data, system)
+           + [special["[/SYSTEM_PROMPT]"], special["[INST]"]]
+           + [i for part in text for i in ([part] if isinstance(part, int) else part)] + [special["[/INST]"]])
+    ids = ids[:length]
+    return [special["<pad>"]] * (length - len(ids)) + ids
+
+
+def small_mistral(layers: int = 5) -> MistralModel:
+    """A test-sized Mistral Small 3 (width 16, head size 128 as meshd pins for the family) over the tekken
+    vocabulary above."""
+    torch.manual_seed(0)
+    config = MistralConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=layers, num_attention_heads=1,
+                           num_key_value_heads=1, head_dim=128, vocab_size=NUM_SPECIAL + 256 + len(TEKKEN_MERGES),
+                           rope_theta=1e9, rms_norm_eps=1e-5, max_position_embeddings=131072)
+    model = MistralModel(config).eval()
+    inv_freq = model.rotary_emb.inv_freq.clone()  # stays float32, as from_pretrained(dtype=bf16) keeps it
+    model = model.to(torch.bfloat16)
+    model.rotary_emb.inv_freq = inv_freq
+    return model
+
+
+def comfy_mistral(model: MistralModel, keep: int, tekken: bytes | None) -> dict[str, torch.Tensor]:
+    """ComfyUI's pruned Mistral file: ``model.*`` of the first ``keep`` layers, no final norm, the tokenizer
+    as a ``tekken_model`` uint8 tensor."""
+    state = {f"model.{k}": v.contiguous() for k, v in model.state_dict().items()
+             if not k.startswith("norm.") and not (k.startswith("layers.") and int(k.split(".")[1]) >= keep)}
+    if tekken is not None:
+        state["tekken_model"] = torch.frombuffer(bytearray(tekken), dtype=torch.uint8)
+    return state

@@ -7,6 +7,7 @@ import copy
 import io
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,11 +21,22 @@ from meshd.check import check_models
 from meshd.config import ConfigError, DaemonConfig, load_config
 from meshd.model.files import ModelError, ModelStore
 from meshd.model.lora import LoraError, LoraFile, LoraStore
+from meshd.model.precision import Fp8Linear
 from meshd.model.presets import PRESETS
 from meshd.model.runtime import HostedModel, open_source
 from meshd.model.text_encoder_file import QWEN3_CHAT_TEMPLATE, EncoderFile
 from meshd.model.vae_file import VaeFile
-from tests.comfyui_files import TRANSFORMER, comfy_text_encoder, small_qwen3, write_comfyui
+from tests.comfyui_files import (
+    MISTRAL_SPECIALS,
+    TRANSFORMER,
+    comfy_mistral,
+    comfy_text_encoder,
+    flux2_prompt_ids,
+    small_mistral,
+    small_qwen3,
+    tekken_json,
+    write_comfyui,
+)
 from tests.daemons import running_daemon, split_generation
 from tests.test_lora import world  # noqa: F401 - the tiny model and a LoRA folder, as the LoRA tests use them
 
@@ -131,6 +143,115 @@ def test_the_tree_walk_skips_hidden_folders_and_components_and_survives_a_symlin
                      ("pipe", True)]
 
 
+# --- ComfyUI's all-in-one checkpoints -------------------------------------------------------------------
+
+def all_in_one(root, path, vae_transform=lambda state: state, encoder=None) -> None:
+    """A ComfyUI ``checkpoints/`` file of the tree's parts, with ComfyUI's Flux2 prefixes: the transformer as
+    in its single file, the VAE under ``vae.``, the Qwen3 encoder under ``text_encoders.qwen3_4b.transformer.``."""
+    from safetensors.torch import load_file
+
+    models = root / "models"
+    state = load_file(str(models / "diffusion_models" / "flux2-tiny.safetensors"))
+    vae = vae_transform(load_file(str(models / "vae" / "flux2-vae.safetensors")))
+    state.update({f"vae.{k}": v for k, v in vae.items()})
+    encoder = encoder or load_file(str(models / "text_encoders" / "qwen_3_tiny.safetensors"))
+    state.update({f"text_encoders.qwen3_4b.transformer.{k}": v for k, v in encoder.items()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path))
+
+
+def test_an_all_in_one_checkpoint_is_named_in_meshd_check_and_its_own_parts_serve_the_head(comfy, tmp_path):
+    root, _, _ = comfy
+    install = tmp_path / "ComfyUI"
+    shutil.copytree(root / "comfy", install / "comfy")  # the tokenizer; the models tree holds only the checkpoint
+    all_in_one(root, install / "models" / "checkpoints" / "flux2-tiny-aio.safetensors")
+    config = DaemonConfig(models_dir=(), comfyui_dir=install, state_dir=tmp_path / "state")
+    lines = [f.text for f in check_models(config) if f.topic == "models"]
+    line = next(t for t in lines if t.startswith("ok  model checkpoints/flux2-tiny-aio:"))
+    assert ("head parts: VAE flux2-tiny-aio.safetensors, text encoder flux2-tiny-aio.safetensors, tokenizer "
+            in line and "; all-in-one checkpoint (transformer, VAE, text encoder): VAE and text encoder from this file"
+            in line), line
+    assert len(lines) == 1, lines  # its parts are not listed again as models or parts of others
+
+    store = ModelStore([], comfyui_dir=install)
+    mine = HostedModel(open_source("checkpoints/flux2-tiny-aio", store), CPU, torch.bfloat16)
+    separate = HostedModel(open_source(TRANSFORMER, ModelStore([root / "models"])), CPU, torch.bfloat16)
+    assert torch.equal(mine.encode_prompt("a dog by the sea"), separate.encode_prompt("a dog by the sea"))
+    a, b = (m.source.vae(CPU, torch.bfloat16).state_dict() for m in (mine, separate))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_all_in_one_checkpoint_whose_vae_does_not_fit_says_so_and_the_vae_file_is_used(comfy, tmp_path):
+    root, _, _ = comfy
+    models = tmp_path / "models"
+    shutil.copytree(root / "models", models)
+
+    def other_vae(state):  # a VAE of other shapes (an SD-era one, say)
+        return {k: (v[:, :2].contiguous() if k == "decoder.conv_in.weight" else v) for k, v in state.items()}
+
+    all_in_one(root, models / "checkpoints" / "odd-aio.safetensors", other_vae)
+    files = ModelStore([models]).open("checkpoints/odd-aio")
+    assert files.parts.vae == models / "vae" / "flux2-vae.safetensors"
+    assert files.parts.text_encoder == models / "checkpoints" / "odd-aio.safetensors"
+    assert files.parts.notes.startswith("all-in-one checkpoint (transformer, VAE, text encoder): text encoder from "
+                                        "this file; its VAE part is not used (decoder.conv_in.weight has shape")
+
+
+def test_an_all_in_one_checkpoints_fp8_text_encoder_loads_as_its_own_file_would(comfy, tmp_path):
+    """Found by review: the fp8 layers' scales of a prefixed encoder were looked up by the file's names."""
+    from tests.comfyui_files import fp8mixed
+
+    root, _, ref = comfy
+    stored, _ = fp8mixed(comfy_text_encoder(ref["qwen3"]), per_row=True)
+    save_file(stored, str(tmp_path / "te.safetensors"))
+    all_in_one(root, tmp_path / "aio.safetensors", encoder=stored)
+    alone, inside = (EncoderFile.open(tmp_path / f).load(PRESET, CPU, torch.bfloat16)
+                     for f in ("te.safetensors", "aio.safetensors"))
+    a, b = alone.state_dict(), inside.state_dict()
+    assert set(a) == set(b) and all(torch.equal(a[k].float(), b[k].float()) for k in a)
+    assert any(isinstance(m, Fp8Linear) and m.format.per_row for m in inside.modules())
+
+
+# --- links out of the model folders ---------------------------------------------------------------------
+
+def test_a_link_out_of_the_model_folders_is_refused_naming_the_link_and_its_target(comfy, tmp_path):
+    """ComfyUI users link files in from other drives. meshd never reads what a link brings from outside its
+    folders (not even the header): asked for it, or listing it, it names the link, the target and the fix."""
+    root, _, _ = comfy
+    models, elsewhere = tmp_path / "ComfyUI" / "models", tmp_path / "other-drive"
+    shutil.copytree(root / "models", models)
+    (elsewhere / "vae").mkdir(parents=True)
+    shutil.copy(models / "diffusion_models" / "flux2-tiny.safetensors", elsewhere / "flux2-big.safetensors")
+    shutil.copy(models / "vae" / "flux2-vae.safetensors", elsewhere / "vae" / "flux2-vae-other.safetensors")
+    shutil.copy(models / "loras" / "style.safetensors", elsewhere / "lora.safetensors")
+    (models / "diffusion_models" / "linked.safetensors").symlink_to(elsewhere / "flux2-big.safetensors")
+    (models / "vae" / "drive").symlink_to(elsewhere / "vae", target_is_directory=True)
+    (models / "loras" / "linked.safetensors").symlink_to(elsewhere / "lora.safetensors")
+    (models / "diffusion_models" / "alias.safetensors").symlink_to(models / "diffusion_models"
+                                                                   / "flux2-tiny.safetensors")
+    store = ModelStore([models])
+    link = models / "diffusion_models" / "linked.safetensors"
+    refusal = (f"{link} is a link to {elsewhere / 'flux2-big.safetensors'}, outside the configured folders ({models}); "
+               f"meshd reads files only from there: add {elsewhere} to models_dir to use it")
+    for name in ("diffusion_models/linked", "diffusion_models/linked.safetensors", str(link)):
+        with pytest.raises(ModelError) as caught:
+            store.resolve(name)
+        assert str(caught.value) == refusal, name
+    assert store.resolve("diffusion_models/alias") == models / "diffusion_models" / "flux2-tiny.safetensors"  # inside
+    assert store.head_parts(PRESET).vae == models / "vae" / "flux2-vae.safetensors"  # the linked-in VAE is not a part
+    with pytest.raises(LoraError, match=rf"{models / 'loras' / 'linked.safetensors'} is a link to "
+                                        rf"{elsewhere / 'lora.safetensors'}, outside .* add {elsewhere} to lora_dir"):
+        LoraStore([models / "loras"]).spec("linked")
+
+    config = DaemonConfig(models_dir=(), comfyui_dir=models.parent, state_dir=tmp_path / "state")
+    lines = [f.text for f in check_models(config)]
+    assert any(t.startswith(f"BAD model diffusion_models/linked: {refusal}") for t in lines), lines
+    assert any(t.startswith(f"BAD model vae/drive/flux2-vae-other: {models / 'vae' / 'drive'}") and "is a link to" in t
+               for t in lines), lines
+    assert any(t.startswith("BAD lora  linked: ") and "is a link to" in t for t in lines), lines
+    assert any(t.startswith("ok  model diffusion_models/alias:") for t in lines), lines
+
+
 # --- each part equals the diffusers folder's --------------------------------------------------------
 
 def test_the_vae_single_file_loads_the_diffusers_vae_exactly(comfy):
@@ -198,9 +319,44 @@ def test_fp8mixed_text_encoder_reads_its_scales_and_builds_only_the_layers_read(
     assert file.num_layers == 5 and file.fits(PRESET)
     model = file.load(PRESET, CPU, torch.bfloat16)
     assert len(model.layers) == max(PRESET.text_encoder_layers) == 3  # layers 3 and 4 are never read
+    fp8 = {n: m for n, m in model.named_modules() if isinstance(m, Fp8Linear)}
+    assert len(fp8) == 3 * 7 - 3  # every projection but layer 0's bf16 MLP, as the file stores them
     for name, value in model.state_dict().items():
-        assert torch.equal(value, ref["fp8_values"][f"model.{name}"]), name  # fp8 x scale, bf16 layers as stored
+        module = name.rpartition(".")[0]
+        if module in fp8:  # held as stored: fp8 values and their scale
+            assert fp8[module].weight.dtype == torch.float8_e4m3fn and not fp8[module].native  # the CPU's path
+            if name.endswith(".weight"):
+                assert torch.equal(fp8[module].dequantized(torch.bfloat16), ref["fp8_values"][f"model.{name}"]), name
+            continue
+        assert torch.equal(value, ref["fp8_values"][f"model.{name}"]), name  # bf16 layers as stored
     assert "input_scale" not in json.dumps(list(model.state_dict()))
+
+
+@pytest.mark.parametrize("per_row", [False, True], ids=["per-tensor", "per-row"])
+def test_an_fp8_text_encoder_stays_fp8_and_embeds_as_its_dequantised_model_does(comfy, tmp_path, per_row):
+    """fp8 weights stay fp8 in memory (about half the bytes of the dequantised bf16 model); on the per-layer
+    path (CPU, and GPUs without fp8 tensor cores) each layer is dequantised to exactly the bf16 weights the
+    dequantised model holds, so the hidden states FLUX.2 reads are that model's bit for bit."""
+    from tests.comfyui_files import fp8mixed
+
+    root, _, ref = comfy
+    stored, dequantised = fp8mixed(comfy_text_encoder(ref["qwen3"]), keep_bf16=(), per_row=per_row)
+    save_file(stored, str(tmp_path / "fp8.safetensors"))
+    save_file(dequantised, str(tmp_path / "dequantised.safetensors"))
+    held = EncoderFile.open(tmp_path / "fp8.safetensors").load(PRESET, CPU, torch.bfloat16)
+    dense = EncoderFile.open(tmp_path / "dequantised.safetensors").load(PRESET, CPU, torch.bfloat16)
+
+    def linear_weight_bytes(model):
+        tensors = [*model.named_buffers(), *model.named_parameters()]
+        return sum(t.numel() * t.element_size() for n, t in tensors if n.endswith("_proj.weight"))
+
+    assert linear_weight_bytes(held) * 2 == linear_weight_bytes(dense)  # (plus one float32 per tensor or row)
+    ids = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        got = held(ids, output_hidden_states=True).hidden_states
+        want = dense(ids, output_hidden_states=True).hidden_states
+    for k in PRESET.text_encoder_layers:
+        assert torch.equal(got[k], want[k]), k
 
 
 def test_a_text_encoder_quantised_other_than_fp8_is_refused_by_name(comfy, tmp_path):
@@ -241,6 +397,80 @@ def test_without_a_tokenizer_one_message_says_which_files_to_put_where(comfy, tm
         model.encode_prompt("a dog")
 
 
+# --- Mistral's tokenizer inside the file (dev) ------------------------------------------------------
+
+MISTRAL_PROMPTS = ["a dog by the sea", "", "The Dogs' 42 boats\nat sea!  ", "[INST] is text here"]
+
+
+def mistral_file(tmp_path, tekken: bytes | None = None, **replace) -> Path:
+    state = comfy_mistral(small_mistral(), keep=4, tekken=tekken_json() if tekken is None else tekken)
+    state.update(replace)
+    path = tmp_path / "mistral_3_small_flux2_bf16.safetensors"
+    save_file(state, str(path))
+    return path
+
+
+def test_the_tekken_tokenizer_inside_a_mistral_file_gives_flux2s_prompt_ids(tmp_path):
+    """Tokenised as diffusers' dev pipeline asks (its own chat call), the ids are the tekken format's: control
+    tokens by rank, text by rank-ordered merges, left padding with <pad> (ComfyUI's Flux2Tokenizer)."""
+    from diffusers.pipelines.flux2.pipeline_flux2 import format_input
+    from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
+
+    file = EncoderFile.open(mistral_file(tmp_path))
+    assert file.describe().endswith("4 layers, pruned, bf16, tokenizer inside (tekken_model)")  # meshd check's line
+    tok = file.tokenizer(None, "")
+    for prompt in MISTRAL_PROMPTS:
+        for length in (512, 40):  # room for all of it; and cut short, as the tiny model's 32 tokens are
+            got = tok.apply_chat_template(format_input([prompt], SYSTEM_MESSAGE), add_generation_prompt=False,
+                                          tokenize=True, return_dict=True, return_tensors="pt",
+                                          padding="max_length", truncation=True, max_length=length)
+            want = flux2_prompt_ids(tekken_json(), SYSTEM_MESSAGE, prompt.replace("[IMG]", ""), length)
+            assert got["input_ids"][0].tolist() == want, (prompt, length)
+            pads = want.index(MISTRAL_SPECIALS.index("<s>"))  # <pad> never comes out of text
+            assert got["attention_mask"][0].tolist() == [0] * pads + [1] * (length - pads)
+
+
+def test_a_mistral_file_with_its_own_tokenizer_gives_the_full_models_prompt_embeddings(tmp_path):
+    from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
+
+    from meshd.model.text_encoder import FAMILIES, LanguageModelEncoder
+
+    full = small_mistral()
+    file = EncoderFile.open(mistral_file(tmp_path))
+    encoder = LanguageModelEncoder(FAMILIES["mistral3"], file.load(PRESET, CPU, torch.bfloat16),
+                                   file.tokenizer(None, ""), PRESET.text_encoder_layers, PRESET.max_sequence_length)
+    for prompt in MISTRAL_PROMPTS[:2]:
+        ids = torch.tensor([flux2_prompt_ids(tekken_json(), SYSTEM_MESSAGE, prompt, PRESET.max_sequence_length)])
+        mask = (torch.arange(ids.shape[1]) >= ids[0].tolist().index(MISTRAL_SPECIALS.index("<s>"))).long()[None]
+        with torch.no_grad():
+            states = full(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False).hidden_states
+        want = torch.cat([states[k] for k in PRESET.text_encoder_layers], dim=-1)
+        assert torch.equal(encoder(prompt), want), prompt
+
+
+@pytest.mark.parametrize(("blob", "why"), [
+    (b"\x89PNG not json", "not a UTF-8 JSON document"),
+    (tekken_json(MISTRAL_SPECIALS[:17]), "it lacks the control token \\[SYSTEM_PROMPT\\]"),
+    (tekken_json().replace(b'"pattern"', b'"patern"'), "config.pattern is missing"),
+    (tekken_json().replace(b'"token_bytes": "AA=="', b'"token_bytes": "A"'),
+     "vocab entry 0's token_bytes is not base64"),
+    (tekken_json().replace(b'"rank": 17, "token_str"', b'"rank": 37, "token_str"'),
+     "special_tokens ranks are not 0..n-1"),
+], ids=["not-json", "no-system-prompt-token", "no-pattern", "bad-base64", "rank-gap"])
+def test_a_malformed_tekken_tokenizer_is_refused_in_one_line_naming_the_file(tmp_path, blob, why):
+    file = EncoderFile.open(mistral_file(tmp_path, blob))
+    with pytest.raises(ModelError, match=f"mistral_3_small_flux2_bf16.safetensors's tekken_model is not a readable "
+                                         f"tekken tokenizer: {why}"):
+        file.tokenizer(None, "")
+
+
+def test_a_tekken_model_that_is_not_a_byte_string_is_refused_from_the_header(tmp_path):
+    path = mistral_file(tmp_path, tekken_json(), tekken_model=torch.zeros(8, 4))
+    with pytest.raises(ModelError, match=r"tekken_model is not Mistral's tokenizer \(a uint8 string of at most "
+                                         r"64 MiB\); it is F32 \[8, 4\]"):
+        EncoderFile.open(path)
+
+
 # --- klein base or distilled ----------------------------------------------------------------------
 
 def test_klein_base_or_distilled_defaults_like_diffusers_and_the_operator_decides(comfy, tmp_path):
@@ -264,7 +494,26 @@ def test_klein_base_or_distilled_defaults_like_diffusers_and_the_operator_decide
     config = load_config(tmp_path / "meshd.toml", {"state_dir": tmp_path / "state", "models_dir": ()})
     assert config.distilled is False
     line = next(f.text for f in check_models(config) if f.text.startswith(f"ok  model {TRANSFORMER}:"))
-    assert "ComfyUI single file, tiny, bf16, base (CFG)" in line
+    assert "ComfyUI single file, tiny, bf16, base (CFG), set by distilled = false;" in line
+
+
+def test_meshd_check_says_what_decided_base_or_distilled(comfy, tmp_path):
+    """Nothing in a klein file's tensors or ComfyUI's detection tells base from distilled: the check line says
+    it is assumed, and how to say otherwise; a file named as BFL names base files is taken as base."""
+    root, _, _ = comfy
+    models = tmp_path / "models" / "diffusion_models"
+    models.mkdir(parents=True)
+    for name in ("flux-2-klein-tiny.safetensors", "flux-2-klein-base-tiny-fp8.safetensors"):
+        shutil.copy(root / "models" / "diffusion_models" / "flux2-tiny.safetensors", models / name)
+    store = ModelStore([tmp_path / "models", root / "models"])
+    assert open_source("diffusion_models/flux-2-klein-base-tiny-fp8", store).distilled() is False
+    assert open_source("diffusion_models/flux-2-klein-tiny", store).distilled() is True
+    config = DaemonConfig(models_dir=(tmp_path / "models", root / "models"), state_dir=tmp_path / "state")
+    lines = {f.text.split(":", 1)[0]: f.text for f in check_models(config) if f.topic == "models"}
+    assert ("tiny, bf16, distilled, assumed: a klein base file holds the same tensors (set distilled = false for one);"
+            in lines["ok  model diffusion_models/flux-2-klein-tiny"])
+    base = lines["ok  model diffusion_models/flux-2-klein-base-tiny-fp8"]
+    assert 'tiny, bf16, base (CFG), "base" in its file name;' in base
 
 
 # --- the whole run, from ComfyUI's files only ---------------------------------------------------------
@@ -283,6 +532,23 @@ def test_meshtui_generate_runs_from_a_comfyui_tree_with_no_diffusers_folder(comf
     assert code == 0, capsys.readouterr().err
     assert Image.open(out).size == (64, 64)
     assert no_diffusers_folder_in(root)
+
+
+def test_meshtui_generate_local_finds_loras_in_the_comfyui_tree(comfy, tmp_path, capsys):
+    """``--comfyui-dir`` brings its ``models/loras`` as the daemon's ``comfyui_dir`` does (found by review:
+    the local run searched only --lora-dir)."""
+    from meshtui.cli import main
+
+    root, _, _ = comfy
+    images = []
+    for extra in ([], ["--lora", "style:10"]):
+        out = tmp_path / f"dog{len(images)}.png"
+        code = main(["generate", "--local", "--device", "cpu", "--comfyui-dir", str(root), "--model", TRANSFORMER,
+                     "--prompt", "a dog by the sea", "--seed", "3", "--size", "64x64", "--steps", "2",
+                     "--out", str(out), "--json", *extra])
+        assert code == 0, capsys.readouterr().err
+        images.append(np.asarray(Image.open(out)))
+    assert not np.array_equal(*images)  # the LoRA was applied
 
 
 async def test_a_split_from_the_comfyui_tree_equals_the_same_split_from_the_diffusers_folder(comfy, tmp_path):
@@ -368,3 +634,34 @@ def test_the_single_file_vae_and_text_encoder_load_straight_onto_the_gpu(comfy):
     cpu = HostedModel(open_source(TRANSFORMER, store), CPU, torch.bfloat16).encode_prompt("a dog by the sea")
     assert gpu.device.type == "cuda"
     assert torch.nn.functional.cosine_similarity(gpu.float().cpu().flatten(), cpu.float().flatten(), dim=0) > 0.999
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_an_fp8_text_encoder_on_the_gpu_runs_its_fp8_path_and_agrees_with_the_dequantised_model(comfy, tmp_path):
+    """On a GPU with fp8 tensor cores (H100/H200, RTX 40/50) the encoder's fp8 layers run native fp8 matmuls
+    (activations quantised per token); the hidden states FLUX.2 reads stay within that path's error of the
+    dequantised bf16 model's. Elsewhere the per-layer path is the CPU's, exact."""
+    from meshd.model.precision import fp8_compute
+    from tests.comfyui_files import fp8mixed
+
+    root, _, ref = comfy
+    cuda = torch.device("cuda")
+    stored, dequantised = fp8mixed(comfy_text_encoder(ref["qwen3"]), keep_bf16=(), per_row=True)
+    save_file(stored, str(tmp_path / "fp8.safetensors"))
+    save_file(dequantised, str(tmp_path / "dequantised.safetensors"))
+    held = EncoderFile.open(tmp_path / "fp8.safetensors").load(PRESET, cuda, torch.bfloat16)
+    dense = EncoderFile.open(tmp_path / "dequantised.safetensors").load(PRESET, cuda, torch.bfloat16)
+    layers = [m for m in held.modules() if isinstance(m, Fp8Linear)]
+    assert all(m.weight.device.type == "cuda" and m.weight.dtype == torch.float8_e4m3fn for m in layers)
+    native = fp8_compute("cuda").native
+    assert any(m.native for m in layers) == native  # q/o/MLP are 16-aligned; k/v (8 rows) dequantise
+    ids = torch.randint(0, 300, (1, 64), generator=torch.Generator().manual_seed(2)).to(cuda)
+    with torch.inference_mode():
+        got = held(ids, output_hidden_states=True).hidden_states
+        want = dense(ids, output_hidden_states=True).hidden_states
+    for k in PRESET.text_encoder_layers:
+        rel = float((got[k].float() - want[k].float()).norm() / want[k].float().norm())
+        path = "native" if native else "per-layer"
+        print(f"fp8 text encoder, hidden state {k}: rel L2 {rel:.4f} vs dequantised ({path})")
+        assert rel < (0.05 if native else 1e-6), (k, rel)

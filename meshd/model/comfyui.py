@@ -70,6 +70,14 @@ class ComfyInstall:
         return folder if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file() else None
 
 
+def lora_dirs(configured: Iterable[Path], comfyui_dir: Path | None) -> tuple[Path, ...]:
+    """The LoRA folders: the configured ``lora_dir``, then a ComfyUI install's ``models/loras`` (when it has
+    one): what the daemon and ``meshtui generate --local`` both search."""
+    configured = tuple(Path(d) for d in configured)
+    comfy = (Path(comfyui_dir) / MODELS / "loras",) if comfyui_dir else ()
+    return configured + tuple(d for d in comfy if d.is_dir() and d not in configured)
+
+
 def kind_of_keys(keys: Iterable[str]) -> str:
     """What a safetensors file holds, from its tensor names alone."""
     keys = list(keys)
@@ -84,6 +92,21 @@ def kind_of_keys(keys: Iterable[str]) -> str:
     if any(k.startswith("model.layers.") and ".self_attn.q_proj." in k for k in keys):
         return TEXT_ENCODER
     return OTHER
+
+
+def parts_of_keys(keys: Iterable[str]) -> tuple[str, ...]:
+    """The parts a file holds (TRANSFORMER, VAE, TEXT_ENCODER), from its tensor names: more than one is a
+    ComfyUI all-in-one checkpoint (``checkpoints/``: ``model.diffusion_model.``, ``vae.`` and
+    ``text_encoders.<name>.transformer.``, ComfyUI's ``supported_models.Flux2`` prefixes)."""
+    keys = list(keys)
+    found = []
+    if any(k.endswith(("single_stream_modulation.lin.weight", "single_stream_modulation.linear.weight")) for k in keys):
+        found.append(TRANSFORMER)
+    if any(k.endswith("decoder.conv_in.weight") for k in keys):
+        found.append(VAE)
+    if any(k.startswith(("model.layers.", "text_encoders.")) and ".self_attn.q_proj." in k for k in keys):
+        found.append(TEXT_ENCODER)
+    return tuple(found)
 
 
 def identify(path: Path) -> str:
@@ -143,6 +166,20 @@ def relative_name(path: Path, dirs: Iterable[Path]) -> str:
             continue
         return text.removesuffix(SAFETENSORS_SUFFIX).removesuffix(GGUF_SUFFIX)
     return path.name.removesuffix(SAFETENSORS_SUFFIX).removesuffix(GGUF_SUFFIX)
+
+
+def escapes(path: Path, dirs: Iterable[Path]) -> Path | None:
+    """Where ``path`` really is when a link takes it out of every folder of ``dirs`` (resolved folders); None
+    when it stays inside. ComfyUI users link model files and folders in from other drives: meshd reads only
+    what lies in its configured folders, so such a link is refused, never followed silently."""
+    real = path.resolve()
+    return None if any(real == d or d in real.parents for d in dirs) else real
+
+
+def link_refusal(path: Path, target: Path, dirs: Iterable[Path], setting: str = "models_dir") -> str:
+    """One line naming a link out of the configured folders, its target, and how to allow the target."""
+    return (f"{path} is a link to {target}, outside the configured folders ({', '.join(map(str, dirs))}); meshd "
+            f"reads files only from there: add {target.parent} to {setting} to use it")
 
 
 def is_relative_model_name(name: str) -> bool:

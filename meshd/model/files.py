@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,9 +32,13 @@ from . import comfyui
 from .access import require_readable, unreadable
 from .checkpoints import Checkpoint, match_preset
 from .presets import ModelPreset
-from .tensorfiles import GGUF_SUFFIX, SAFETENSORS_SUFFIX, FileHashes, ModelError, read_json, refuse_pickle
+from .tensorfiles import (GGUF_SUFFIX, SAFETENSORS_SUFFIX, FileHashes, ModelError, open_safetensors, read_json,
+                          refuse_pickle)
 
 __all__ = ["FileHashes", "HeadParts", "ModelError", "ModelFiles", "ModelStore", "match_preset"]
+
+#: What ``ModelStore`` calls a file or folder that a link takes out of the model folders.
+OUTSIDE = "outside"
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,25 @@ class HeadParts:
     tokenizer_hint: str = ""  # where to put the tokenizer, when none was found
     vae_problem: str = ""  # no VAE fits, and a file where VAEs go cannot be read: why (one line)
     text_encoder_problem: str = ""  # the same for the text encoder
+    notes: str = ""  # an all-in-one checkpoint: which of its own parts are used, and why not the others
+
+
+#: A word in a single file's name that marks klein's non-distilled base model (BFL's flux-2-klein-base-9b,
+#: ComfyUI's flux-2-klein-base-9b-fp8): the only sign a file has, since base and distilled share every tensor.
+BASE_WORD = "base"
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Whether a model is step-distilled (few steps, no CFG), and what says so (for ``meshd check``)."""
+
+    distilled: bool
+    why: str
+
+    def describe(self, preset: ModelPreset) -> str:
+        if preset.transformer.get("guidance_embeds"):  # dev: guidance is an input, never CFG
+            return "guidance-distilled (no CFG)"
+        return f"{'distilled' if self.distilled else 'base (CFG)'}, {self.why}"
 
 
 @dataclass(frozen=True)
@@ -70,6 +94,29 @@ class ModelFiles:
     @property
     def model_id(self) -> str:
         return self.name
+
+    def sampling(self, override: bool | None = None) -> Sampling:
+        """Step-distilled or base: the operator's ``distilled =`` first; then the model's own model_index.json,
+        whose missing ``is_distilled`` means False, as in diffusers' Flux2KleinPipeline; a single file cannot
+        be told by its tensors (ComfyUI's model_detection reads shapes only, diffusers maps every FLUX.2 file
+        to one config), so a "base" in its file name, else the preset's (the released klein is distilled)."""
+        if override is not None:
+            return Sampling(override, f"set by distilled = {str(override).lower()}")
+        if self.own_components and self.components is not None:
+            path = self.components / "model_index.json"
+            if path.is_file():
+                data = read_json(path)
+                if "is_distilled" in data:
+                    return Sampling(bool(data["is_distilled"]), "from model_index.json")
+                if data.get("_class_name") == "Flux2KleinPipeline":
+                    return Sampling(False, "model_index.json has no is_distilled (diffusers' default)")
+        if not self.checkpoint.folder and self.preset.distilled:
+            words = re.split(r"[^a-z0-9]+", self.checkpoint.path.name.lower())
+            if BASE_WORD in words:
+                return Sampling(False, f'"{BASE_WORD}" in its file name')
+            return Sampling(True, "assumed: a klein base file holds the same tensors (set distilled = false "
+                                  "for one)")
+        return Sampling(self.preset.distilled, f"{self.preset.name}'s default")
 
     def component(self, sub: str) -> Path:
         """The head's ``vae``/``text_encoder``/``tokenizer``/``scheduler`` folder, or a ModelError that says
@@ -106,12 +153,16 @@ class ModelStore:
         if comfyui.is_relative_model_name(name):  # relative to the model folders first, not the working dir
             for d in self.dirs:
                 for path in (d / name, d / f"{name}{SAFETENSORS_SUFFIX}", d / f"{name}{GGUF_SUFFIX}"):
-                    if (path.is_dir() or path.is_file()) and self._inside(path.resolve()):
+                    if path.is_dir() or path.is_file():
+                        self._refuse_escape(path)
                         return path.resolve()
         candidate = Path(name).expanduser()
         if candidate.is_absolute() or os.sep in name or name.startswith("."):
             path = candidate.resolve()
             if not self._inside(path):
+                spelled = Path(os.path.normpath(candidate.absolute()))  # as written, "..", but no links, followed
+                if self._inside(spelled):  # so a link in a model folder to something outside them
+                    self._refuse_escape(spelled)
                 raise ModelError(
                     f"{path} is outside the configured model folders ({', '.join(map(str, self.dirs))}); "
                     "meshd reads model files only from there"
@@ -119,6 +170,7 @@ class ModelStore:
             require_readable(path)
             if not path.exists():
                 raise ModelError(f"model {path} does not exist")
+            self._refuse_escape(path)
             return path
         if name in ("", ".", "..") or "/" in name or "\\" in name:
             raise ModelError(f"invalid model name {name!r}")
@@ -126,8 +178,18 @@ class ModelStore:
             require_readable(d, "models_dir")
             for path in (d / name, d / f"{name}{SAFETENSORS_SUFFIX}", d / f"{name}{GGUF_SUFFIX}"):
                 if path.is_dir() or path.is_file():
+                    self._refuse_escape(path)
                     return path
         raise ModelError(f"model {name!r} not found in {', '.join(map(str, self.dirs))}")
+
+    def _refuse_escape(self, path: Path) -> None:
+        """A ModelError naming the link when ``path``, or for a folder anything in it, is a link out of the
+        model folders (a diffusers folder may hold linked shards: they are read like the folder)."""
+        inside = [path, *(sorted(path.rglob("*")) if path.is_dir() and not path.is_symlink() else [])]
+        for item in inside:
+            target = comfyui.escapes(item, self.dirs)
+            if target is not None:
+                raise ModelError(comfyui.link_refusal(item, target, self.dirs))
 
     def open(self, name: str) -> ModelFiles:
         """The model ``name``: its checkpoint opened (headers read and checked) and its head parts located."""
@@ -144,7 +206,7 @@ class ModelStore:
                 return ModelFiles(model_name, checkpoint, path.parent, own_components=True)
             borrowed = self._borrowed_components(checkpoint.preset)
             return ModelFiles(model_name, checkpoint, borrowed, own_components=False,
-                              parts=self.head_parts(checkpoint.preset, borrowed))
+                              parts=self.head_parts(checkpoint.preset, borrowed, own=path))
         transformer = path / "transformer"
         if not (transformer / "config.json").is_file():
             single = sorted(path.glob(f"*{SAFETENSORS_SUFFIX}"))
@@ -158,17 +220,32 @@ class ModelStore:
                              f"with one single-file checkpoint ({len(single)} .safetensors files)")
         return ModelFiles(path.name, Checkpoint.open_folder(transformer), path, own_components=True)
 
-    def head_parts(self, preset: ModelPreset, components: Path | None = None) -> HeadParts:
+    def head_parts(self, preset: ModelPreset, components: Path | None = None, own: Path | None = None) -> HeadParts:
         """The VAE and text-encoder single files in the model folders that fit ``preset`` (recognised by
-        header, matched by shapes), for what ``components`` (a diffusers folder) does not already hold."""
+        header, matched by shapes), for what ``components`` (a diffusers folder) does not already hold. A
+        ComfyUI all-in-one checkpoint (``own``) gives its own parts first; a part of it that does not fit is
+        named in ``notes`` with the reason, never skipped in silence."""
         from .text_encoder_file import EncoderFile  # noqa: PLC0415 - pulls in transformers' configs
         from .vae_file import VaeFile  # noqa: PLC0415
 
+        inside = comfyui.parts_of_keys(_keys(own)) if own is not None and own.suffix == SAFETENSORS_SUFFIX else ()
+        used, refused = [], []
+
         def best(kind: str, opener, sub: str):
-            """When several fit: a file where ComfyUI keeps its kind first, then exact weights (bf16 before
-            fp8 of the same encoder), then by path."""
+            """The checkpoint's own part when it fits; else, when several files fit: a file where ComfyUI keeps
+            its kind first, then exact weights (bf16 before fp8 of the same encoder), then by path."""
             if components is not None and (components / sub / "config.json").is_file():
                 return None
+            if kind in inside:
+                try:
+                    part = opener.open(own)
+                    problem = part.mismatch(preset)
+                except ModelError as exc:
+                    part, problem = None, str(exc)
+                if not problem:
+                    used.append(kind)
+                    return part
+                refused.append(f"its {kind} part is not used ({problem})")
             fitting = [opener.open(p) for p, k in self.part_files() if k == kind and _fits(opener, p, preset)]
             fitting.sort(key=lambda f: (not comfyui.in_kind_folder(f.path, kind), f.quantised,
                                         str(f.path)))
@@ -183,9 +260,13 @@ class ModelStore:
         vae = best(comfyui.VAE, VaeFile, "vae")
         encoder = best(comfyui.TEXT_ENCODER, EncoderFile, "text_encoder")
         tokenizer, hint = self._tokenizer_for(encoder) if encoder is not None else (None, "")
+        notes = ""
+        if len(inside) > 1:
+            notes = "; ".join([f"all-in-one checkpoint ({', '.join(inside)})"
+                               + (f": {' and '.join(used)} from this file" if used else ""), *refused])
         return HeadParts(vae and vae.path, encoder and encoder.path, tokenizer, hint,
                          "" if vae is not None else closed(comfyui.VAE),
-                         "" if encoder is not None else closed(comfyui.TEXT_ENCODER))
+                         "" if encoder is not None else closed(comfyui.TEXT_ENCODER), notes)
 
     def _tokenizer_for(self, encoder) -> tuple[Path | None, str]:
         """The tokenizer folder for a text-encoder file, or (None, what to put where)."""
@@ -217,6 +298,7 @@ class ModelStore:
             config = folder / "transformer" / "config.json"
             if config.is_file() and (folder / "vae" / "config.json").is_file():
                 try:
+                    self._refuse_escape(folder)  # its parts linked in from outside: not a source of parts
                     if match_preset(read_json(config)) == preset:
                         return folder
                 except ModelError:
@@ -243,6 +325,9 @@ class ModelStore:
                     continue
                 seen.add(path.resolve())
                 name = comfyui.relative_name(path, [d])
+                if comfyui.escapes(path, self.dirs) is not None:  # never read, not even its header
+                    found.append((path, name, OUTSIDE))
+                    continue
                 if folder:
                     found.append((path, name, "diffusers" if (path / "transformer" / "config.json").is_file()
                                   else comfyui.OTHER))
@@ -275,11 +360,20 @@ class ModelStore:
         for path, name, kind in self._files():
             if kind == "diffusers":
                 found.append((name, path))
-            elif kind in (comfyui.TRANSFORMER, "gguf", "unreadable"):
+            elif kind in (comfyui.TRANSFORMER, "gguf", "unreadable", OUTSIDE):  # outside: opening says why not
                 own = path.parent != path.parent.parent and (path.parent / "vae" / "config.json").is_file() \
                     and path.parent not in self.dirs
                 found.append((comfyui.relative_name(path.parent, self.dirs) if own else name, path))
         return found
+
+
+def _keys(path: Path) -> list[str]:
+    """A safetensors file's tensor names (header only; none when it cannot be read: opening it says why)."""
+    try:
+        with open_safetensors(path) as f:
+            return list(f.keys())
+    except ModelError:
+        return []
 
 
 def _fits(kind, path: Path, preset: ModelPreset) -> bool:

@@ -38,13 +38,11 @@ class FileReport:
 def inventory_models(store: ModelStore, hashes: bool = True, distilled: bool | None = None) -> list[FileReport]:
     """Open every model in the model folders (headers and shapes only; sha256 when ``hashes``);
     ``distilled`` is the operator's override, shown as what the model will run as."""
-    from .runtime import FolderSource  # noqa: PLC0415 - runtime imports this module's neighbours
-
     reports = []
     for name, path in store.available():
         try:
             files = store.open(str(path))  # by path: two folders may hold a model of one name
-            sampling = _sampling(FolderSource(files, store.cache_dir, distilled))
+            sampling = files.sampling(distilled).describe(files.preset)
         except ModelError as exc:
             reports.append(FileReport("model", name, path, False, "", str(exc)))
             continue
@@ -53,11 +51,6 @@ def inventory_models(store: ModelStore, hashes: bool = True, distilled: bool | N
         digest = files.checkpoint.content_hash(store.cache_dir) if hashes else ""
         reports.append(FileReport("model", name, path, True, summary, sha256=digest))
     return reports
-
-
-def _sampling(source) -> str:
-    """How the model samples: step-distilled (few steps, no CFG) or base (CFG)."""
-    return "distilled" if source.distilled() else "base (CFG)"
 
 
 def _head_parts(files: ModelFiles) -> str:
@@ -77,6 +70,7 @@ def _head_parts(files: ModelFiles) -> str:
     text = f"head parts: {', '.join(found)}" if found else "blocks only"
     if missing:
         text += f"; no {' or '.join(missing)} for the head (see docs/models.md)"
+    text += f"; {files.parts.notes}" if files.parts.notes else ""
     return text + (f"; {files.parts.tokenizer_hint}" if files.parts.tokenizer_hint else "")
 
 
@@ -127,4 +121,7 @@ def inventory_loras(store: LoraStore, cache_dir: Path | None = None, hashes: boo
                    f"fits {', '.join(fits)}")
         reports.append(FileReport("lora", name, path, True, summary,
                                   sha256=file_hashes.sha256(path) if hashes else ""))
+    for link, target in store.escaping():  # never read: named, with what to do
+        reports.append(FileReport("lora", store.name_of(link), link, False, "",
+                                  comfyui.link_refusal(link, target, store.dirs, "lora_dir")))
     return reports

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from ..errors import MeshError
+from . import comfyui
 from .checkpoints import bfl_linear_names, bfl_to_diffusers, expected_shapes, trace_bfl
 from .precision import LINEAR_TYPES
 from .presets import PRESETS, ModelPreset
@@ -323,10 +324,17 @@ class LoraStore:
         self._opened: dict[tuple[Path, str, str], LoraFile] = {}
 
     def files(self) -> list[Path]:
-        """Every ``.safetensors`` file in the LoRA folders (subfolders included)."""
+        """Every ``.safetensors`` file in the LoRA folders (subfolders included), but links out of them."""
+        return [p for p in self._all_files() if comfyui.escapes(p, self.dirs) is None]
+
+    def escaping(self) -> list[tuple[Path, Path]]:
+        """(link, target) of each LoRA file that a link takes out of the LoRA folders: never read."""
+        return [(p, t) for p in self._all_files() if (t := comfyui.escapes(p, self.dirs)) is not None]
+
+    def _all_files(self) -> list[Path]:
         out = []
         for d in self.dirs:
-            if d.is_dir():
+            if d.is_dir():  # (rglob does not descend into linked folders; a linked file is checked by the callers)
                 out += sorted(p for p in d.rglob(f"*{SAFETENSORS_SUFFIX}") if p.is_file())
         return out
 
@@ -374,6 +382,9 @@ class LoraStore:
             raise LoraError(str(exc)) from None
         matches = [p for p in self.files() if probe.name in self._names(p)]
         if not matches:
+            linked = next(((p, t) for p, t in self.escaping() if probe.name in self._names(p)), None)
+            if linked is not None:
+                raise LoraError(comfyui.link_refusal(*linked, self.dirs, "lora_dir"))
             raise LoraError(f"no LoRA named {name} in {self._where()}")
         if len(matches) > 1:
             raise LoraError(f"LoRA name {name} is ambiguous: {', '.join(map(str, matches))}; give its relative path")

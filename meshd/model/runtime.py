@@ -242,23 +242,12 @@ class FolderSource(WeightSource):
         return super().scheduler_config()
 
     def distilled(self) -> bool:
-        """Whether the model is step-distilled (few steps, no CFG): the operator's ``distilled =`` first;
-        then a diffusers folder's model_index.json, whose missing ``is_distilled`` means False, as in
-        diffusers' pipeline; a single file (klein base and distilled have the same shapes) takes the
-        preset's default, as diffusers' single-file loading takes the released (distilled) config."""
+        """Whether the model is step-distilled (few steps, no CFG): see :meth:`.files.ModelFiles.sampling`."""
         return self._distilled
 
     @functools.cached_property
     def _distilled(self) -> bool:  # read once, not per generation
-        if self._distilled_override is not None:
-            return self._distilled_override
-        if self.files.own_components:
-            path = self.files.components / "model_index.json"
-            if path.is_file():
-                data = read_json(path)
-                if data.get("_class_name") == "Flux2KleinPipeline" or "is_distilled" in data:
-                    return bool(data.get("is_distilled", False))  # Flux2KleinPipeline's default
-        return self.preset.distilled
+        return self.files.sampling(self._distilled_override).distilled
 
 
 class RandomSource(WeightSource):

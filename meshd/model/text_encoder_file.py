@@ -4,12 +4,14 @@ ComfyUI's text-encoder files hold a language model's decoder stack in transforme
 vision tower or the LM head (``model.embed_tokens.weight``, ``model.layers.N.self_attn.q_proj.weight``,
 ``model.norm.weight``): Qwen3 4B/8B for klein (``qwen_3_4b.safetensors``, ``qwen_3_8b_fp8mixed``),
 Mistral Small 3 for dev (``mistral_3_small_flux2_bf16`` / ``_fp8``: 30 of its 40 layers, no final norm,
-the ``tekken_model`` tokenizer inside). Precisions: bf16, fp8 (e4m3 with a ``weight_scale`` per layer
-declared by a ``comfy_quant`` record or the header's ``_quantization_metadata``) and fp8mixed (some layers
-bf16). fp8 weights are dequantised to the compute dtype when they are read (the precision layers of the
-transformer are not used for the text encoder yet); ``input_scale`` is an activation scale for native
-fp8 matmuls and is not read; a ``weight_scale`` beside a layer that is not declared quantised is ignored,
-as ComfyUI ignores it.
+the ``tekken_model`` tokenizer inside, read by :mod:`.tekken`). Precisions: bf16, fp8 (e4m3 with a
+``weight_scale`` per layer declared by a ``comfy_quant`` record or the header's ``_quantization_metadata``)
+and fp8mixed (some layers bf16). fp8 linear layers stay fp8 in memory as :class:`.precision.Fp8Linear`
+(a native fp8 matmul on GPUs with fp8 tensor cores, the layer dequantised just before its matmul
+elsewhere), so the 27 layers of Qwen3-8B read take about 6.5 GB in fp8 instead of 11.7; fp8 tensors that are not linear
+weights (an embedding, a norm) are dequantised when read. ``input_scale`` / ``scale_input`` are static
+activation scales that meshd does not use (it scales activations per token); a ``weight_scale`` beside a
+layer that is not declared quantised is ignored, as ComfyUI ignores it.
 
 What FLUX.2 reads decides what is built: klein stacks Qwen3's hidden states 9, 18 and 27, dev
 Mistral's 10, 20 and 30, so the model is built with ``max(layers)`` decoder layers and nothing after
@@ -35,8 +37,10 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import FLOAT_DTYPES, FP8_DTYPES, MAX_RECORD_BYTES
+from .checkpoints import FLOAT_DTYPES, FP8_DTYPES, FP8_FORMATS, MAX_RECORD_BYTES, UNUSED_SUFFIXES
+from .precision import LinearFormat, quantised_layers
 from .presets import ModelPreset
+from .tekken import TEKKEN_KEY, check_tekken_header, read_tekken, tekken_tokenizer
 from .tensorfiles import ModelError, TensorInfo, file_stamp, open_safetensors, read_header
 
 #: What the shapes cannot tell, per family (the released configs).
@@ -49,9 +53,9 @@ FAMILY_CONSTANTS = {
 RELEASED = {("qwen3", 2560): ("Qwen3-4B", 36), ("qwen3", 4096): ("Qwen3-8B", 36),
             ("mistral3", 5120): ("Mistral Small 3", 40)}
 SCALE_SUFFIXES = ("weight_scale", "scale_weight")
-IGNORED_SUFFIXES = ("input_scale", "comfy_quant")
+IGNORED_SUFFIXES = (*UNUSED_SUFFIXES, "comfy_quant")
 #: Tensors in a text-encoder file that are not weights: the tokenizer blob, ComfyUI's legacy marker.
-NON_WEIGHTS = ("tekken_model", "spiece_model", "tokenizer_json", "scaled_fp8")
+NON_WEIGHTS = (TEKKEN_KEY, "spiece_model", "tokenizer_json", "scaled_fp8")
 #: Qwen3's chat template as it renders FLUX.2's prompt (one user turn, generation prompt, thinking off);
 #: ComfyUI's tokenizer folder carries Qwen2.5's template, which would add a system turn.
 QWEN3_CHAT_TEMPLATE = (
@@ -69,9 +73,9 @@ class EncoderFile:
     family: str  # "qwen3" or "mistral3" (the presets' text_encoder value)
     config: dict  # shape-derived config fields
     num_layers: int
-    weights: dict[str, TensorInfo]  # file key -> weight
-    scales: dict[str, TensorInfo] = field(default_factory=dict)  # file key of a weight -> its declared scale
-    embedded_tokenizer: bool = False
+    weights: dict[str, TensorInfo]  # name inside the encoder (``model.*``) -> weight (``.key``: the file's name)
+    scales: dict[str, TensorInfo] = field(default_factory=dict)  # name of a weight -> its declared scale
+    tekken: TensorInfo | None = None  # Mistral's tokenizer inside the file
     has_norm: bool = True
 
     @classmethod
@@ -81,11 +85,17 @@ class EncoderFile:
 
     @classmethod
     def _index(cls, path: Path) -> EncoderFile:
-        header, metadata = read_header(path)
+        stored, metadata = read_header(path)
+        prefix = encoder_prefix(stored)
+        # From here on tensors go by their names inside the encoder; each TensorInfo keeps the file's key.
+        header = {k[len(prefix):]: info for k, info in stored.items() if k.startswith(prefix)}
         if "model.embed_tokens.weight" not in header or "model.layers.0.self_attn.q_proj.weight" not in header:
             raise ModelError(f"{path} is not a text encoder ComfyUI ships (no model.embed_tokens / model.layers.0)")
         family = "qwen3" if "model.layers.0.self_attn.q_norm.weight" in header else "mistral3"
-        declared = _declared_layers(path, header, metadata)
+        declared = _declared_layers(path, header, metadata, prefix)
+        tekken = header.get(TEKKEN_KEY, stored.get(TEKKEN_KEY))
+        if tekken is not None:
+            check_tekken_header(path, tekken)
         weights, scales = {}, {}
         for key, info in header.items():
             leaf = key.rsplit(".", 1)[-1]
@@ -113,10 +123,14 @@ class EncoderFile:
         config = {"vocab_size": vocab, "hidden_size": hidden, "num_attention_heads": q_rows // head_dim,
                   "num_key_value_heads": k_rows // head_dim, "head_dim": head_dim,
                   "intermediate_size": header["model.layers.0.mlp.gate_proj.weight"].shape[0]}
-        return cls(path, family, config, count, weights, scales, embedded_tokenizer="tekken_model" in header,
+        return cls(path, family, config, count, weights, scales, tekken=tekken,
                    has_norm="model.norm.weight" in header)
 
     # --- what it is -----------------------------------------------------------------------------
+
+    @property
+    def embedded_tokenizer(self) -> bool:
+        return self.tekken is not None
 
     @property
     def hidden(self) -> int:
@@ -146,7 +160,9 @@ class EncoderFile:
         family = {"qwen3": "Qwen3", "mistral3": "Mistral"}[self.family]
         name = RELEASED.get((self.family, self.hidden), (family, 0))[0]
         pruned = ", pruned" if self.pruned else ""
-        return f"{name} text encoder, width {self.hidden}, {self.num_layers} layers{pruned}, {self.precision}"
+        tokenizer = f", tokenizer inside ({TEKKEN_KEY})" if self.tekken is not None else ""
+        return (f"{name} text encoder, width {self.hidden}, {self.num_layers} layers{pruned}, {self.precision}"
+                f"{tokenizer}")
 
     def mismatch(self, preset: ModelPreset) -> str:
         """Why ``preset`` cannot use this encoder ("" when it can)."""
@@ -166,8 +182,9 @@ class EncoderFile:
     # --- loading --------------------------------------------------------------------------------
 
     def load(self, preset: ModelPreset, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-        """The decoder stack up to the last layer ``preset`` reads, on ``device`` in ``dtype``; the layers
-        after it are never read from the file."""
+        """The decoder stack up to the last layer ``preset`` reads, on ``device``: fp8 linear layers as
+        :class:`.precision.Fp8Linear` (their weights as stored), everything else in ``dtype``. The layers
+        after the last one read are never read from the file."""
         problem = self.mismatch(preset)
         if problem:
             raise ModelError(f"{self.path} cannot encode prompts for {preset.name}: {problem}")
@@ -177,21 +194,45 @@ class EncoderFile:
             # model's hidden state there has no final norm. A file whose own last layer is read (no
             # released one) keeps it, as transformers applies it to the last hidden state.
             model.norm = torch.nn.Identity()
+        formats = self._fp8_linears(model)
+        quantised_layers(model, formats, device)
         state = {}
         with open_safetensors(self.path) as f:
             for name in model.state_dict(keep_vars=True):
+                module, _, leaf = name.rpartition(".")
+                if leaf == "weight_scale" and module in formats:
+                    continue  # read with its weight
                 key = f"model.{name}"
                 info = self.weights.get(key)
                 if info is None:
                     raise ModelError(f"{self.path} lacks {key}")
-                value = f.get_tensor(key)
+                value = f.get_tensor(info.key)
+                scale = f.get_tensor(self.scales[key].key) if key in self.scales else None
+                if module in formats:  # kept fp8: the stored values and a float32 scale of the layer's shape
+                    state[name] = value.to(device)
+                    state[f"{module}.weight_scale"] = _layer_scale(self.path, key, value, scale, formats[module],
+                                                                   device)
+                    continue
                 if info.dtype in FP8_DTYPES:
-                    value = _dequantise(self.path, key, value, f.get_tensor(self.scales[key].key)
-                                        if key in self.scales else None)
+                    value = _dequantise(self.path, key, value, scale)
                 state[name] = value.to(device=device, dtype=dtype)
         model.load_state_dict(state, strict=True, assign=True)
         model.rotary_emb = type(model.rotary_emb)(model.config).to(device)  # its buffer is computed, not stored
         return model.eval().requires_grad_(False)
+
+    def _fp8_linears(self, model: torch.nn.Module) -> dict[str, LinearFormat]:
+        """The built model's bias-free linear layers whose weights the file stores in fp8, by module name, with
+        how each is held (per-row when its scale has one value per output row)."""
+        formats = {}
+        for name, module in model.named_modules():
+            info = self.weights.get(f"model.{name}.weight")
+            if not isinstance(module, torch.nn.Linear) or module.bias is not None or info is None \
+                    or info.dtype not in FP8_DTYPES:
+                continue
+            scale = self.scales.get(f"model.{name}.weight")
+            per_row = scale is not None and _numel(scale.shape) > 1
+            formats[name] = LinearFormat("fp8", FP8_FORMATS[info.dtype], per_row=per_row)
+        return formats
 
     def _build(self, layers: int) -> torch.nn.Module:
         import transformers  # noqa: PLC0415
@@ -207,14 +248,13 @@ class EncoderFile:
 
     def tokenizer(self, folder: Path | None, hint: str):
         """The tokenizer for this encoder: from ``folder`` (a diffusers ``tokenizer/`` or ComfyUI's Qwen
-        folder), or a ModelError that says which files to put where."""
+        folder), else the one inside the file (Mistral's tekken), or a ModelError that says which files to put
+        where."""
         import transformers  # noqa: PLC0415
 
         if folder is None:
-            if self.embedded_tokenizer:
-                beside = self.path.parent / "tokenizer"
-                raise ModelError(f"{self.path} carries Mistral's tokenizer inside (tekken_model), which meshd cannot "
-                                 f"read yet; copy the FLUX.2-dev diffusers release's tokenizer/ folder to {beside}")
+            if self.tekken is not None:
+                return tekken_tokenizer(read_tekken(self.path, self.tekken), f"{self.path}'s {TEKKEN_KEY}")
             raise ModelError(hint or f"{self.path} has no tokenizer")
         try:
             if self.family == "mistral3":
@@ -232,9 +272,21 @@ def _open_encoder(path: Path, stamp: tuple) -> EncoderFile:
     return EncoderFile._index(path)
 
 
-def _declared_layers(path: Path, header: dict[str, TensorInfo], metadata: dict[str, str]) -> set[str]:
+def encoder_prefix(header: dict) -> str:
+    """What a file puts before the encoder's ``model.*`` names: nothing in a text-encoder file, and
+    ``text_encoders.<name>.transformer.`` in a ComfyUI all-in-one checkpoint (``supported_models.Flux2``'s
+    ``text_encoder_key_prefix``; ``<name>`` is ``qwen3_4b``, ``qwen3_8b`` or ``mistral3_24b``)."""
+    if "model.embed_tokens.weight" in header:
+        return ""
+    pattern = re.compile(r"(text_encoders\.[^.]+\.transformer\.)model\.embed_tokens\.weight")
+    found = sorted({m[1] for k in header if (m := pattern.fullmatch(k))})
+    return found[0] if len(found) == 1 else ""
+
+
+def _declared_layers(path: Path, header: dict[str, TensorInfo], metadata: dict[str, str], prefix: str = "") -> set[str]:
     """The modules a file declares quantised (``comfy_quant`` records, ``_quantization_metadata``, or the
-    legacy ``scaled_fp8`` marker, for which every scaled layer is); refuses formats other than fp8."""
+    legacy ``scaled_fp8`` marker, for which every scaled layer is), by their names inside the encoder
+    (``header`` without ``prefix``); refuses formats other than fp8."""
     declared, formats = set(), {}
     raw = metadata.get("_quantization_metadata")
     if raw:
@@ -243,9 +295,9 @@ def _declared_layers(path: Path, header: dict[str, TensorInfo], metadata: dict[s
         except (ValueError, AttributeError, TypeError):
             raise ModelError(f"{path} has unreadable _quantization_metadata") from None
         for module, record in items:
-            if isinstance(record, dict):
-                declared.add(module)
-                formats[module] = str(record.get("format", ""))
+            if isinstance(record, dict) and str(module).startswith(prefix):  # (an all-in-one file lists all parts)
+                declared.add(str(module)[len(prefix):])
+                formats[str(module)[len(prefix):]] = str(record.get("format", ""))
     records = [k.rsplit(".", 1)[0] for k in header if k.endswith(".comfy_quant")]
     if records:
         with open_safetensors(path) as f:
@@ -255,7 +307,7 @@ def _declared_layers(path: Path, header: dict[str, TensorInfo], metadata: dict[s
                     raise ModelError(f"{path}: {module}.comfy_quant is not a quantisation record (a JSON string of at "
                                      f"most {MAX_RECORD_BYTES} bytes); it is {info.dtype} {list(info.shape)}")
                 try:
-                    record = json.loads(bytes(f.get_tensor(f"{module}.comfy_quant").tolist()).decode())
+                    record = json.loads(bytes(f.get_tensor(info.key).tolist()).decode())
                     fmt = str(record.get("format", ""))
                 except (ValueError, UnicodeDecodeError, AttributeError, TypeError):
                     raise ModelError(f"{path}: {module}.comfy_quant is not a readable quantisation record") from None
@@ -268,6 +320,28 @@ def _declared_layers(path: Path, header: dict[str, TensorInfo], metadata: dict[s
         raise ModelError(f"{path} is quantised as {', '.join(bad)}; meshd reads text encoders in bf16 or fp8 "
                          "(e4m3fn / e5m2 with per-tensor or per-row scales)")
     return declared
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _layer_scale(path: Path, key: str, value: torch.Tensor, scale: torch.Tensor | None, fmt: LinearFormat,
+                 device: torch.device) -> torch.Tensor:
+    """The float32 ``weight_scale`` an :class:`.precision.Fp8Linear` of ``fmt`` holds: ``()`` per tensor (1 when
+    the file declares none), ``(rows, 1)`` per row; a scale of any other shape is refused naming the layer."""
+    if scale is None:
+        return torch.ones((), dtype=torch.float32, device=device)
+    scale = scale.to(device=device, dtype=torch.float32)
+    if not fmt.per_row:
+        return scale.reshape(())
+    if tuple(scale.shape) in ((value.shape[0],), (value.shape[0], 1)):
+        return scale.reshape(-1, 1)
+    raise ModelError(f"{path}: the scale of {key} has shape {tuple(scale.shape)}, neither one per tensor nor one "
+                     f"per row of {tuple(value.shape)}")
 
 
 def _dequantise(path: Path, key: str, value: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
