@@ -244,7 +244,7 @@ def test_without_a_tokenizer_one_message_says_which_files_to_put_where(comfy, tm
 # --- klein base or distilled ----------------------------------------------------------------------
 
 def test_klein_base_or_distilled_defaults_like_diffusers_and_the_operator_decides(comfy, tmp_path):
-    from meshd.generation import GenerationParams, uses_cfg
+    from meshd.pipeline.generation import GenerationParams, uses_cfg
 
     root, diffusers, _ = comfy
     base = tmp_path / "models" / "klein-base"
