@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.split_bench import log, sync  # noqa: E402
-from meshd.generation import GenerationParams, Sampler  # noqa: E402
+from meshd.pipeline.generation import GenerationParams, Sampler  # noqa: E402
 from meshd.model.compiled import BlockCompiler, CompileCache  # noqa: E402
 from meshd.model.runtime import HostedModel, RandomSource  # noqa: E402
 from meshd.model.presets import get_preset  # noqa: E402

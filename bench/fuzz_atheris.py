@@ -35,7 +35,7 @@ with atheris.instrument_imports(include=["meshd", "codec"]):
     from codec import CodecError, CodecSpec, Encoded
     from meshd import auth, limits
     from meshd.errors import MeshError
-    from meshd.protocol import DEFAULT_LIMITS, LENGTH, PREAUTH_LIMITS, PREFIX, FrameLimits, FrameReader, ProtocolError
+    from meshd.wire.frames import DEFAULT_LIMITS, LENGTH, PREAUTH_LIMITS, PREFIX, FrameLimits, FrameReader, ProtocolError
     from tests.daemons import server_side_of  # the same harness the hypothesis fuzz uses
 
 SMALL_LIMITS = FrameLimits(max_header=64, max_segments=2, max_segment=32, max_frame=48)
@@ -164,7 +164,7 @@ TARGETS = {"frames": fuzz_frames, "handshake": fuzz_handshake, "codec": fuzz_cod
 
 def write_seeds(folder: Path) -> None:
     """Valid inputs to start from: frames of every shape under each limit, and an honest handshake."""
-    from meshd.protocol import frame_bytes  # noqa: PLC0415
+    from meshd.wire.frames import frame_bytes  # noqa: PLC0415
 
     frames = [frame_bytes({"op": "echo", "id": 1}), frame_bytes({"op": "probe", "id": 2}, [b"abc", b""]),
               frame_bytes({"op": "hello", "proto": limits.PROTOCOL_VERSION, "nonce": bytes(32)}),

@@ -7,7 +7,7 @@
 ``cipher``: AES-256-GCM and ChaCha20-Poly1305 sealing and opening 1 MiB records (the transport's
 record size) on one thread, in GB/s. ``transport``: one process sends frames carrying one segment of
 ``--segment-mib`` (36 MiB: klein-9B's joint stream at 1024^2, raw bf16) to a receiving process over
-loopback TCP, through meshd.connection, once with every frame sealed and once unsealed (the same
+loopback TCP, through meshd.wire.connection, once with every frame sealed and once unsealed (the same
 Connection, never given keys: what protocol 1 did); per frame seconds and GB/s, and the added share.
 """
 
@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305  # noqa: E402
 
 from meshd import auth, limits  # noqa: E402
-from meshd.connection import Connection  # noqa: E402
-from meshd.link import LinkEmulation  # noqa: E402
+from meshd.wire.connection import Connection  # noqa: E402
+from meshd.wire.link import LinkEmulation  # noqa: E402
 from meshd.wire import seal  # noqa: E402
 
 

@@ -40,13 +40,13 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from meshd.auth import read_key  # noqa: E402
-from meshd.generation import GenerationParams, LocalRunner, Sampler, run_generation  # noqa: E402
-from meshd.gpu import GpuWorker  # noqa: E402
-from meshd.link import LinkEmulation  # noqa: E402
+from meshd.pipeline.generation import GenerationParams, LocalRunner, Sampler, run_generation  # noqa: E402
+from meshd.node.gpu import GpuWorker  # noqa: E402
+from meshd.wire.link import LinkEmulation  # noqa: E402
 from meshd.model.compiled import INDUCTOR_ENV, BlockCompiler, CompileCache  # noqa: E402
 from meshd.model.files import ModelStore  # noqa: E402
 from meshd.model.runtime import HostedModel, open_source  # noqa: E402
-from meshd.plan import parse_split  # noqa: E402
+from meshd.pipeline.plan import parse_split  # noqa: E402
 from meshd.wire import seal  # noqa: E402
 from meshtui.local import LocalCluster  # noqa: E402
 from meshtui.mesh import Mesh  # noqa: E402

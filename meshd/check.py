@@ -34,7 +34,7 @@ class Finding:
 
 
 def check_gpus(nvml=None) -> Iterator[Finding]:
-    from .telemetry import NvmlGpus  # noqa: PLC0415
+    from .telemetry.service import NvmlGpus  # noqa: PLC0415
 
     gpus = NvmlGpus(nvml).open()
     try:
@@ -231,7 +231,7 @@ def check_precision(config: DaemonConfig) -> Iterator[Finding]:
 
 
 def check_mdns(config: DaemonConfig) -> Iterator[Finding]:
-    from .discovery import MdnsUnavailable, choose_for, require_zeroconf  # noqa: PLC0415
+    from .node.discovery import MdnsUnavailable, choose_for, require_zeroconf  # noqa: PLC0415
 
     if not config.mdns:
         yield Finding("mDNS", NOTE, "off (mdns = false): peers must add this box by hand (host:port)")
@@ -316,7 +316,7 @@ def check_instances(config_path: Path | None, unit_dir: Path = UNIT_DIR) -> Iter
     """One line per instance of meshd@.service (enabled, or configured by a ["meshd@N"] section or a
     meshd@N.toml drop-in): its GPU, port, state directory and node id, and whether systemd runs it."""
     from .config import ConfigError, instances_configured, load_config  # noqa: PLC0415
-    from .nodeid import read_node_id  # noqa: PLC0415
+    from .node.nodeid import read_node_id  # noqa: PLC0415
 
     enabled = enabled_instances(unit_dir)
     try:
@@ -361,7 +361,7 @@ def check_instances(config_path: Path | None, unit_dir: Path = UNIT_DIR) -> Iter
 
 
 def check_node_id(config: DaemonConfig) -> Iterator[Finding]:
-    from .nodeid import read_node_id  # noqa: PLC0415
+    from .node.nodeid import read_node_id  # noqa: PLC0415
 
     node_id = read_node_id(config.state_dir)
     yield Finding("node", OK if node_id else NOTE,

@@ -178,7 +178,7 @@ def _serve(args) -> int:
 
             exc = StartupError(explain(exc))
         log.error("%s", exc)
-        from .sdnotify import Notifier  # noqa: PLC0415
+        from .node.sdnotify import Notifier  # noqa: PLC0415
 
         Notifier().status(f"failed to start: {exc}")
         return 2
@@ -197,10 +197,10 @@ async def _serve_async(args) -> int:
     from .model.compiled import compiler_for  # noqa: PLC0415
     from .model.runtime import DTYPES, FolderSource, HostedModel, open_source  # noqa: PLC0415
     from .model.text_encoder import TextEncoderOptions  # noqa: PLC0415
-    from .nodeid import stable_node_id  # noqa: PLC0415
-    from .sdnotify import Notifier  # noqa: PLC0415
-    from .server import Daemon  # noqa: PLC0415
-    from .telemetry import serve_telemetry  # noqa: PLC0415
+    from .node.nodeid import stable_node_id  # noqa: PLC0415
+    from .node.sdnotify import Notifier  # noqa: PLC0415
+    from .node.daemon import Daemon  # noqa: PLC0415
+    from .telemetry.service import serve_telemetry  # noqa: PLC0415
 
     overrides = {k: getattr(args, k) for k in ("host", "port", "model", "device", "dtype", "weights", "blocks", "random_weights",
                                                "seed", "key_file", "insecure", "state_dir", "node_name",
@@ -354,7 +354,7 @@ async def _advertise(daemon, sampler, config, port: int):
     """Register the mDNS record; returns (advertiser or None, its state in words)."""
     if not config.mdns:
         return None, "mDNS off"
-    from .discovery import Advertiser, MdnsUnavailable, choose_for, require_zeroconf, txt_record  # noqa: PLC0415
+    from .node.discovery import Advertiser, MdnsUnavailable, choose_for, require_zeroconf, txt_record  # noqa: PLC0415
 
     try:
         require_zeroconf()
@@ -394,7 +394,7 @@ def _on_span_change(daemon, sampler, advertiser, notifier, status: _Status):
     tasks: set[asyncio.Task] = set()
 
     async def update_txt() -> None:
-        from .discovery import txt_record  # noqa: PLC0415
+        from .node.discovery import txt_record  # noqa: PLC0415
 
         try:
             await advertiser.update(txt_record(daemon.node_info(), sampler.inventory()))
@@ -430,7 +430,7 @@ def _health(sampler, started: float):
 
 
 def _telemetry(args) -> int:
-    from .telemetry import snapshot_lines  # noqa: PLC0415
+    from .telemetry.service import snapshot_lines  # noqa: PLC0415
 
     try:
         snapshot = asyncio.run(_peer_snapshot(args)) if args.peer else _local_snapshot(args.window)
@@ -446,8 +446,8 @@ def _telemetry(args) -> int:
 
 def _local_snapshot(window: float):
     from .config import default_state_dir  # noqa: PLC0415
-    from .nodeid import read_node_id  # noqa: PLC0415
-    from .telemetry import TelemetrySampler  # noqa: PLC0415
+    from .node.nodeid import read_node_id  # noqa: PLC0415
+    from .telemetry.service import TelemetrySampler  # noqa: PLC0415
 
     sampler = TelemetrySampler(read_node_id(default_state_dir()) or socket.gethostname()).open()
     try:
@@ -460,9 +460,9 @@ def _local_snapshot(window: float):
 async def _peer_snapshot(args):
     from .auth import read_key  # noqa: PLC0415
     from .config import default_key_file  # noqa: PLC0415
-    from .connection import Channel  # noqa: PLC0415
-    from .plan import PeerAddress  # noqa: PLC0415
-    from .telemetry import first_snapshot  # noqa: PLC0415
+    from .wire.connection import Channel  # noqa: PLC0415
+    from .pipeline.plan import PeerAddress  # noqa: PLC0415
+    from .telemetry.service import first_snapshot  # noqa: PLC0415
 
     address = PeerAddress.parse(args.peer)
     key = read_key(args.key_file or default_key_file())
@@ -545,7 +545,7 @@ def parse_gpus(text: str, nvml=None) -> list[int]:
     from .config import MAX_INSTANCE  # noqa: PLC0415
 
     if text.strip().lower() == "all":
-        from .telemetry import NvmlGpus  # noqa: PLC0415
+        from .telemetry.service import NvmlGpus  # noqa: PLC0415
 
         gpus = NvmlGpus(nvml).open()
         try:

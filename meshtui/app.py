@@ -27,7 +27,7 @@ from textual.reactive import var
 from textual.worker import Worker, WorkerState
 
 from meshd.errors import MeshError
-from meshd.plan import PeerAddress, PlanError, SplitPlan
+from meshd.pipeline.plan import PeerAddress, PlanError, SplitPlan
 
 from . import runs as run_log
 from . import splitting, workers

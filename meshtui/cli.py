@@ -1,6 +1,6 @@
 """The ``meshtui`` command: the dashboard, ``generate`` (headless), ``demo``, ``peers``.
 
-Imports that load torch (``meshd.plan``, ``meshtui.mesh``, the model code: a second or more) or
+Imports that load torch (``meshd.pipeline.plan``, ``meshtui.mesh``, the model code: a second or more) or
 Textual (the dashboard) stay inside the commands that need them, so ``meshtui --help`` and
 ``meshtui peers`` start at once; everything cheap is imported here.
 """
@@ -207,8 +207,8 @@ async def run_local(args) -> tuple[bytes, dict]:
     # torch and the model code load only for a local run.
     import torch  # noqa: PLC0415
 
-    from meshd.generation import GenerationParams, LocalRunner, run_generation  # noqa: PLC0415
-    from meshd.gpu import GpuWorker  # noqa: PLC0415
+    from meshd.pipeline.generation import GenerationParams, LocalRunner, run_generation  # noqa: PLC0415
+    from meshd.node.gpu import GpuWorker  # noqa: PLC0415
     from meshd.model.files import ModelStore  # noqa: PLC0415
     from meshd.model.comfyui import lora_dirs  # noqa: PLC0415
     from meshd.model.lora import LoraStore  # noqa: PLC0415
@@ -234,8 +234,8 @@ async def run_local(args) -> tuple[bytes, dict]:
 
 
 async def run_split(args) -> int:
-    # These load torch (through meshd.plan and codec): only a split run pays for it.
-    from meshd.plan import PeerAddress  # noqa: PLC0415
+    # These load torch (through meshd.pipeline.plan and codec): only a split run pays for it.
+    from meshd.pipeline.plan import PeerAddress  # noqa: PLC0415
 
     from .mesh import Mesh  # noqa: PLC0415
     from .splitting import tokens_for  # noqa: PLC0415
@@ -298,7 +298,7 @@ def demo_command(args) -> int:
 
 
 async def demo_headless(args) -> int:
-    # These load torch (through meshd.plan and codec): only the demo pays for it.
+    # These load torch (through meshd.pipeline.plan and codec): only the demo pays for it.
     from .local import LocalCluster  # noqa: PLC0415
     from .mesh import Mesh  # noqa: PLC0415
     from .splitting import tokens_for  # noqa: PLC0415

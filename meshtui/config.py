@@ -17,7 +17,7 @@ from typing import Any
 
 import platformdirs
 
-from meshd.plan import PeerAddress
+from meshd.pipeline.plan import PeerAddress
 
 CONFIG_ENV = "MESHTUI_CONFIG"
 IMAGE_MODES = ("auto", "graphics", "halfblock")

@@ -11,7 +11,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from meshd.snapshot import GpuSnapshot, LinkSnapshot, NodeSnapshot
+from meshd.telemetry.snapshot import GpuSnapshot, LinkSnapshot, NodeSnapshot
 
 #: Samples kept per series (at 1 Hz: five minutes).
 HISTORY_SAMPLES = 300

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from meshd.auth import AuthError, read_key
 from meshd.config import default_key_file, default_models_dir
-from meshd.discovery import PeersFileError, load_peers_file
-from meshd.plan import PeerAddress, PlanError
+from meshd.node.discovery import PeersFileError, load_peers_file
+from meshd.pipeline.plan import PeerAddress, PlanError
 
 from .app import MeshApp
 from .config import ConfigError, TuiConfig, default_config_path, load_config

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from meshd.auth import generate_key, write_key
-from meshd.plan import PeerAddress
+from meshd.pipeline.plan import PeerAddress
 
 
 @dataclass

@@ -14,14 +14,14 @@ from dataclasses import dataclass, field
 import torch
 
 from meshd import limits
-from meshd.connection import Channel
+from meshd.wire.connection import Channel
 from meshd.errors import MeshError
-from meshd.link import LinkEmulation
+from meshd.wire.link import LinkEmulation
 from meshd.model.presets import PRESETS, ModelPreset
-from meshd.nodeid import host_key
-from meshd.plan import (PeerAddress, PeerResources, PlanError, SplitPlan, WeightBytes, parse_split, propose,
+from meshd.node.nodeid import host_key
+from meshd.pipeline.plan import (PeerAddress, PeerResources, PlanError, SplitPlan, WeightBytes, parse_split, propose,
                         same_host_links)
-from meshd.streaming import unpack_raw
+from meshd.pipeline.streaming import unpack_raw
 
 from .splitting import tokens_for
 
@@ -131,7 +131,7 @@ class Mesh:
 
     def model(self) -> tuple[ModelPreset, dict]:
         """The model every peer serves: they must agree on preset, hash, dtype and weights, as the head's
-        prepare checks (meshd.server._check_model)."""
+        prepare checks (meshd.node.daemon._check_model)."""
         peers = self.require_online()
         identities = {(p.info["model"]["preset"], p.info["model"]["hash"], p.info["model"]["dtype"],
                        p.info["model"].get("weights")): p for p in peers}
@@ -159,7 +159,7 @@ class Mesh:
         return parse_split(split, {p.label: p.address for p in peers}, preset.num_blocks)
 
     def hosts(self) -> dict[PeerAddress, str]:
-        """The box each answering peer runs on (meshd.nodeid.host_key of its host id)."""
+        """The box each answering peer runs on (meshd.node.nodeid.host_key of its host id)."""
         return {p.address: host_key(str((p.info or {}).get("host_id") or "")) for p in self.peers.values()}
 
     def describe_plan(self, plan: SplitPlan) -> str:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from textual.message import Message
 
-from meshd.plan import PeerAddress, SplitPlan
-from meshd.snapshot import NodeSnapshot
+from meshd.pipeline.plan import PeerAddress, SplitPlan
+from meshd.telemetry.snapshot import NodeSnapshot
 
 from .views import PeerView
 

@@ -1,7 +1,7 @@
 """``meshtui peers``: the daemons this machine can find, each verified, with its latest telemetry.
 
 Peers come from mDNS (browsed for a few seconds) and by hand (``--peer`` and the peers file). Every
-one is checked over an authenticated connection (:func:`meshd.discovery.verify`); a peer found
+one is checked over an authenticated connection (:func:`meshd.node.discovery.verify`); a peer found
 under two addresses (a host name by hand, an IP on mDNS) is listed once, by node id.
 """
 
@@ -17,8 +17,8 @@ from pathlib import Path
 from meshd.auth import AuthError, read_key
 from meshd.config import default_key_file, describe_ranges
 from meshd.errors import MeshError
-from meshd.snapshot import NodeSnapshot
-from meshd.telemetry import snapshot_lines
+from meshd.telemetry.snapshot import NodeSnapshot
+from meshd.telemetry.service import snapshot_lines
 
 #: How long ``meshtui peers`` listens for mDNS answers by default.
 DEFAULT_BROWSE_S = 3.0
@@ -50,7 +50,7 @@ class PeerReport:
     error: str | None = None
     txt: dict[str, str] | None = None
     info: dict = field(default_factory=dict)
-    telemetry: object = None  # meshd.snapshot.NodeSnapshot
+    telemetry: object = None  # meshd.telemetry.snapshot.NodeSnapshot
 
     def to_dict(self) -> dict:
         info = self.info
@@ -73,8 +73,8 @@ class PeerReport:
 async def find_peers(key: bytes | None, manual: list, browse_s: float, *,
                      key_problem: str | None = None) -> list[PeerReport]:
     """Browse mDNS for ``browse_s`` seconds, add the ``manual`` addresses, verify every one."""
-    # meshd.discovery loads torch (through meshd.plan): ``meshtui`` imports this module for its parser.
-    from meshd.discovery import MdnsUnavailable, browse, verify  # noqa: PLC0415
+    # meshd.node.discovery loads torch (through meshd.pipeline.plan): ``meshtui`` imports this module for its parser.
+    from meshd.node.discovery import MdnsUnavailable, browse, verify  # noqa: PLC0415
 
     # By address; the target is what verify() checks: an mDNS record (its node id and key fingerprint
     # too) where there is one, else the bare address.
@@ -140,9 +140,9 @@ def _lines(report: PeerReport) -> list[str]:
 
 
 def peers_command(args) -> int:
-    # These load torch (through meshd.plan): only this command pays for it.
-    from meshd.discovery import PeersFileError, load_peers_file  # noqa: PLC0415
-    from meshd.plan import PeerAddress, PlanError  # noqa: PLC0415
+    # These load torch (through meshd.pipeline.plan): only this command pays for it.
+    from meshd.node.discovery import PeersFileError, load_peers_file  # noqa: PLC0415
+    from meshd.pipeline.plan import PeerAddress, PlanError  # noqa: PLC0415
 
     try:
         manual = [PeerAddress.parse(text) for text in args.peer] + load_peers_file(args.peers_file)

@@ -1,6 +1,6 @@
 """The split as the dashboard edits it: propose, move a boundary, reorder, pick codecs, predict, check.
 
-Pure functions over :class:`~meshd.plan.SplitPlan` and peer views; no I/O. Predictions use what has
+Pure functions over :class:`~meshd.pipeline.plan.SplitPlan` and peer views; no I/O. Predictions use what has
 been measured: each peer's free memory (from ``info``), its block speed (from the compute times of
 earlier steps) and link bandwidth (measured by the head when it prepares a split; before that, this
 client's own measurement to the receiving peer stands in, marked as an estimate).
@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from codec import Capabilities, CodecError, CodecSpec
 from codec.policy import Calibration, choose_codec, engines
 from meshd.model.presets import PRESETS, ModelPreset
-from meshd.plan import (PeerAddress, PeerResources, PlanError, SplitPlan, Stage, WeightBytes, head_extra_bytes,
+from meshd.pipeline.plan import (PeerAddress, PeerResources, PlanError, SplitPlan, Stage, WeightBytes, head_extra_bytes,
                         propose, span_bytes, workspace_bytes)
 
 from .views import PeerView

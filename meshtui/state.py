@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from meshd.model.presets import ModelPreset
-from meshd.plan import PeerAddress, PlanError, SplitPlan
+from meshd.pipeline.plan import PeerAddress, PlanError, SplitPlan
 
 from . import runs as run_log
 from . import splitting

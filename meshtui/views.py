@@ -14,8 +14,8 @@ from typing import Any
 
 from codec import Capabilities
 from meshd.config import describe_ranges
-from meshd.nodeid import host_key
-from meshd.plan import PeerAddress
+from meshd.node.nodeid import host_key
+from meshd.pipeline.plan import PeerAddress
 
 
 class PeerStatus(StrEnum):
@@ -60,7 +60,7 @@ class PeerView:
     dtype: str | None = None
     weights: str | None = None  # the precision it holds the weights at, e.g. "fp8 e4m3fn per-row 192, bf16 9"
     compute: str | None = None  # how its quantised layers compute (native fp8 matmul or per-layer dequantise)
-    weight_bytes: dict | None = None  # its weights' real bytes per block (meshd.plan.WeightBytes on the wire)
+    weight_bytes: dict | None = None  # its weights' real bytes per block (meshd.pipeline.plan.WeightBytes on the wire)
     num_blocks: int | None = None
     blocks: tuple[tuple[int, int], ...] = ()  # held ranges, [start, end)
     caps: Capabilities | None = None  # what its device can encode and decode
@@ -68,7 +68,7 @@ class PeerView:
     emulated_link: str | None = None
     jobs: int | None = None
     text_encoder: bool | None = None  # its model folder has a text encoder (it can encode prompts)
-    host: str | None = None  # the box it runs on (meshd.nodeid.host_key of its host id)
+    host: str | None = None  # the box it runs on (meshd.node.nodeid.host_key of its host id)
     # Measured from this client:
     rtt_ms: float | None = None
     bandwidth_bps: float | None = None  # bytes/s
@@ -82,7 +82,7 @@ class PeerView:
     @property
     def model_key(self) -> tuple:
         """What two peers must share to serve one plan: the head's prepare refuses any other difference
-        (meshd.server._check_model): preset, content hash, dtype and the precision the weights are at."""
+        (meshd.node.daemon._check_model): preset, content hash, dtype and the precision the weights are at."""
         return (self.preset, self.model_hash, self.dtype, self.weights)
 
     @property

@@ -20,16 +20,16 @@ from pathlib import Path
 from textual.message import Message
 
 from meshd import limits
-from meshd.connection import Channel
+from meshd.wire.connection import Channel
 from meshd.errors import MeshError
 from meshd.model.compile_events import describe_event
-from meshd.plan import PeerAddress, SplitPlan
-from meshd.snapshot import GpuSnapshot, HostSnapshot, LinkSnapshot, NodeSnapshot
-from meshd.telemetry import counter_rate, subscribe
+from meshd.pipeline.plan import PeerAddress, SplitPlan
+from meshd.telemetry.snapshot import GpuSnapshot, HostSnapshot, LinkSnapshot, NodeSnapshot
+from meshd.telemetry.service import counter_rate, subscribe
 
 from .mesh import Mesh, Peer
-from .messages import (DiscoveryState, GenerationDone, GenerationEvent, PeerDiscovered, PeerUpdated,
-                       PeerVanished, SpanCompiling, SpanLoading, SplitApplied, TelemetryNote, TelemetrySampled)
+from .messages import (DiscoveryState, GenerationDone, GenerationEvent, PeerDiscovered, PeerUpdated, PeerVanished,
+                       SpanCompiling, SpanLoading, SplitApplied, TelemetryNote, TelemetrySampled)
 from .runs import RunParams
 from .views import PeerView
 
@@ -283,7 +283,7 @@ async def start_local_daemons(cluster) -> list[PeerAddress]:
 async def browse(post: Post) -> None:
     """Find daemons over mDNS until cancelled (discovery is an optional part of meshd)."""
     try:
-        from meshd.discovery import PeerBrowser  # noqa: PLC0415
+        from meshd.node.discovery import PeerBrowser  # noqa: PLC0415
     except ImportError:
         post(DiscoveryState(False, "mDNS discovery is not in this meshd: add peers by hand (a)"))
         return

@@ -11,13 +11,13 @@ import torch
 
 from meshd import limits
 from meshd.config import DaemonConfig
-from meshd.connection import Channel, Connection, server_handshake
+from meshd.wire.connection import Channel, Connection, server_handshake
 from meshd.errors import MeshError
 from meshd.model.compiled import BlockCompiler, CompileCache
 from meshd.model.files import ModelStore
 from meshd.model.runtime import HostedModel, open_source
-from meshd.plan import PeerAddress, parse_split
-from meshd.server import Daemon
+from meshd.pipeline.plan import PeerAddress, parse_split
+from meshd.node.daemon import Daemon
 from meshtui.mesh import GenerationOutcome, Mesh
 
 

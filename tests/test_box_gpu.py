@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from meshd.auth import generate_key, write_key
-from meshd.plan import PeerAddress
+from meshd.pipeline.plan import PeerAddress
 from tests.daemons import split_generation
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

@@ -474,7 +474,7 @@ def test_a_tekken_model_that_is_not_a_byte_string_is_refused_from_the_header(tmp
 # --- klein base or distilled ----------------------------------------------------------------------
 
 def test_klein_base_or_distilled_defaults_like_diffusers_and_the_operator_decides(comfy, tmp_path):
-    from meshd.generation import GenerationParams, uses_cfg
+    from meshd.pipeline.generation import GenerationParams, uses_cfg
 
     root, diffusers, _ = comfy
     base = tmp_path / "models" / "klein-base"

@@ -16,8 +16,8 @@ from torch._dynamo.utils import counters
 
 from meshd.check import check_compile
 from meshd.config import ConfigError, DaemonConfig, load_config
-from meshd.generation import GenerationParams, LocalRunner, run_generation
-from meshd.gpu import GpuWorker
+from meshd.pipeline.generation import GenerationParams, LocalRunner, run_generation
+from meshd.node.gpu import GpuWorker
 from meshd.model.compile_events import describe_event
 from meshd.model.compiled import BlockCompiler, CompileCache, compiler_for, wanted
 from meshd.model.files import ModelStore
@@ -247,7 +247,7 @@ def test_inductor_compiled_split_equals_compiled_local_on_cuda(models, tmp_path,
 
 def test_serve_compiles_the_default_size_before_it_is_ready(models, tmp_path, caplog):
     from meshd.cli import _warm_default
-    from meshd.sdnotify import Notifier
+    from meshd.node.sdnotify import Notifier
 
     model = hosted(models, tmp_path)
     with torch.inference_mode():

@@ -20,8 +20,8 @@ import pytest
 
 from meshd import auth, limits
 from meshd.config import DaemonConfig
-from meshd.connection import Channel
-from meshd.discovery import (
+from meshd.wire.connection import Channel
+from meshd.node.discovery import (
     DiscoveredPeer,
     Nic,
     PeerBrowser,
@@ -38,11 +38,11 @@ from meshd.discovery import (
     verify,
 )
 from meshd.errors import MeshError
-from meshd.ipc import host_id
-from meshd.nodeid import NODE_ID_FILE, host_key, read_node_id, stable_node_id
-from meshd.plan import PeerAddress
-from meshd.snapshot import GpuSnapshot
-from meshd.telemetry import NvmlGpus
+from meshd.wire.ipc import host_id
+from meshd.node.nodeid import NODE_ID_FILE, host_key, read_node_id, stable_node_id
+from meshd.pipeline.plan import PeerAddress
+from meshd.telemetry.snapshot import GpuSnapshot
+from meshd.telemetry.service import NvmlGpus
 from meshtui.local import LocalCluster
 from tests.daemons import running_daemon
 

@@ -23,10 +23,10 @@ import torch
 
 from meshd import auth, limits
 from meshd.auth import read_key
-from meshd.connection import Channel
+from meshd.wire.connection import Channel
 from meshd.errors import MeshError, PeerLost
-from meshd.plan import PeerAddress, parse_split
-from meshd.streaming import pack_raw
+from meshd.pipeline.plan import PeerAddress, parse_split
+from meshd.pipeline.streaming import pack_raw
 from meshtui.local import LocalCluster
 from meshtui.mesh import Mesh
 from tests.daemons import jobs_on, running_daemon

@@ -26,9 +26,9 @@ from hypothesis import strategies as st
 import codec
 from codec import CodecError, CodecSpec, Encoded
 from meshd import auth, limits
-from meshd.connection import Channel, Connection, client_handshake
+from meshd.wire.connection import Channel, Connection, client_handshake
 from meshd.errors import MeshError
-from meshd.protocol import (
+from meshd.wire.frames import (
     DEFAULT_LIMITS,
     LENGTH,
     PREAUTH_LIMITS,
@@ -39,8 +39,8 @@ from meshd.protocol import (
     encode_frame,
     frame_bytes,
 )
-from meshd.server import source_of
-from meshd.streaming import pack_raw
+from meshd.node.daemon import source_of
+from meshd.pipeline.streaming import pack_raw
 from tests.daemons import running_daemon, server_side_of
 from tests.fixtures import structured_stream
 
@@ -572,9 +572,9 @@ def test_codec_header_fields_of_the_wrong_type_are_codec_errors(field):
 async def test_a_daemon_keeps_a_bounded_number_of_channels_to_other_daemons(tmp_path, monkeypatch):
     """Plans name peers, so a key holder could make a head dial many addresses: idle channels beyond
     MAX_POOLED_PEERS are closed, least recently used first; failed addresses leave nothing behind."""
-    from meshd import peers
-    from meshd.link import LinkRegistry
-    from meshd.plan import PeerAddress
+    from meshd.pipeline import peers
+    from meshd.wire.link import LinkRegistry
+    from meshd.pipeline.plan import PeerAddress
 
     monkeypatch.setattr(limits, "MAX_POOLED_PEERS", 2)
     async with running_daemon(tmp_path / "a", KEY) as a, running_daemon(tmp_path / "b", KEY) as b, \

@@ -4,7 +4,7 @@ anything maps it: a view beyond the block, or a strided one, would read foreign 
 import pytest
 import torch
 
-from meshd import ipc
+from meshd.wire import ipc
 from meshd.errors import MeshError
 
 

@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from meshd.errors import MeshError
-from meshd.generation import GenerationParams, LocalRunner, run_generation
-from meshd.gpu import GpuWorker
+from meshd.pipeline.generation import GenerationParams, LocalRunner, run_generation
+from meshd.node.gpu import GpuWorker
 from meshd.model.files import ModelStore
 from meshd.model.lora import (
     MAX_LORAS,

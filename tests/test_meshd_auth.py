@@ -6,9 +6,9 @@ import asyncio
 import pytest
 
 from meshd import auth, limits
-from meshd.connection import Channel, Connection, client_handshake, connect_socket
+from meshd.wire.connection import Channel, Connection, client_handshake, connect_socket
 from meshd.errors import MeshError
-from meshd.protocol import frame_bytes
+from meshd.wire.frames import frame_bytes
 from tests.daemons import running_daemon
 
 KEY = auth.generate_key()

@@ -292,7 +292,7 @@ def test_an_encoder_retired_meanwhile_fails_as_a_codec_error():
 
 
 async def test_a_link_is_chosen_again_after_its_encoder_failed_over():
-    from meshd.streaming import LinkPlan, SendStats, link_after
+    from meshd.pipeline.streaming import LinkPlan, SendStats, link_after
 
     chosen = []
 

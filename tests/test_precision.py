@@ -439,7 +439,7 @@ def test_the_planner_sizes_stages_by_the_real_bytes_at_their_precision():
     (the issue's targets; the sizes come from the layers' formats, no weights are built)."""
     from meshd.model.presets import PRESETS
     from meshd.model.runtime import RandomSource, weight_bytes
-    from meshd.plan import PeerAddress, PeerResources, PlanError, WeightBytes, propose
+    from meshd.pipeline.plan import PeerAddress, PeerResources, PlanError, WeightBytes, propose
 
     dev = PRESETS["dev"]
     tokens = 512 + 64 * 64  # 1024 x 1024

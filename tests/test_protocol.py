@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meshd import limits
-from meshd.protocol import (
+from meshd.wire.frames import (
     PREAUTH_LIMITS,
     PREFIX,
     FrameLimits,

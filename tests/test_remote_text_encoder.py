@@ -8,11 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from meshd.connection import Channel
+from meshd.wire.connection import Channel
 from meshd.errors import MeshError
 from meshd.model.files import ModelStore
 from meshd.model.runtime import open_source
-from meshd.plan import PeerAddress
+from meshd.pipeline.plan import PeerAddress
 from tests.daemons import running_daemon, split_generation
 
 KEY = bytes(range(32))

@@ -13,8 +13,8 @@ import time
 import pytest
 
 from meshd.auth import read_key
-from meshd.connection import Channel
-from meshd.sdnotify import Notifier
+from meshd.wire.connection import Channel
+from meshd.node.sdnotify import Notifier
 from meshtui.local import LocalCluster
 
 

@@ -66,8 +66,8 @@ def test_raw_split_equals_all_local_bit_for_bit(cluster, reference, spec):
 
 def test_split_latents_equal_local_latents(cluster, models_dir):
     """Not just the 8-bit image: the final latents themselves are identical."""
-    import meshd.generation as gen
-    from meshd.gpu import GpuWorker
+    import meshd.pipeline.generation as gen
+    from meshd.node.gpu import GpuWorker
     from meshd.model.files import ModelStore
     from meshd.model.runtime import HostedModel, open_source
 

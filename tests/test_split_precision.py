@@ -5,15 +5,15 @@ different precisions refuse to form one plan, naming the difference."""
 import pytest
 import torch
 
-import meshd.generation as gen
+import meshd.pipeline.generation as gen
 from meshd import auth
 from meshd.errors import MeshError
-from meshd.gpu import GpuWorker
+from meshd.node.gpu import GpuWorker
 from meshd.model.files import ModelStore
 from meshd.model.runtime import HostedModel, open_source
 from meshd.model.tiny import write_tiny
 from safetensors.torch import load_file
-from meshd.connection import Channel
+from meshd.wire.connection import Channel
 from tests.daemons import running_daemon, split_generation
 from tests.test_checkpoints import to_bfl
 from tests.test_meshd_auth import plan_fields

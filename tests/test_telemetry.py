@@ -25,11 +25,11 @@ import psutil
 import pytest
 
 from meshd import auth
-from meshd.connection import Channel
+from meshd.wire.connection import Channel
 from meshd.errors import MeshError
-from meshd.link import LinkRegistry
-from meshd.snapshot import GpuSnapshot, NodeSnapshot
-from meshd.telemetry import (
+from meshd.wire.link import LinkRegistry
+from meshd.telemetry.snapshot import GpuSnapshot, NodeSnapshot
+from meshd.telemetry.service import (
     GPU_READINGS,
     HostReader,
     LinkReader,

@@ -26,8 +26,8 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from meshd.generation import GenerationParams, LocalRunner, run_generation
-from meshd.gpu import GpuWorker
+from meshd.pipeline.generation import GenerationParams, LocalRunner, run_generation
+from meshd.node.gpu import GpuWorker
 from meshd.model.files import ModelError, ModelStore
 from meshd.model.presets import PRESETS
 from meshd.model.runtime import HostedModel, open_source

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from meshd.auth import generate_key, read_key
-from meshd.plan import PeerAddress
+from meshd.pipeline.plan import PeerAddress
 from meshtui.app import MeshApp
 from meshtui.commands import palette_commands
 from meshtui.config import TuiConfig, load_config
@@ -237,7 +237,7 @@ async def test_a_peer_found_by_mdns_joins_like_a_manual_one(cluster, tmp_path):
     b = daemon(cluster, "b")
     app = make_app(tmp_path, read_key(cluster.key_file), [])
     async with app.run_test(size=SIZE) as pilot:
-        # What meshd.discovery.PeerBrowser reports, as the discovery worker posts it.
+        # What meshd.node.discovery.PeerBrowser reports, as the discovery worker posts it.
         app.post_message(PeerDiscovered("b-3f2a", "nodeid", b.address, {"gpu": "none", "model": "tiny"}))
         await until(pilot, all_online(app, 1), "the discovered peer online")
         assert app.peers[0].sources == frozenset({"mdns"})

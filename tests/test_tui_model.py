@@ -8,8 +8,8 @@ from PIL import Image
 
 from codec import Capabilities
 from meshd.model.presets import PRESETS
-from meshd.plan import PeerAddress, PlanError, SplitPlan, Stage
-from meshd.snapshot import GpuSnapshot, HostSnapshot, NodeSnapshot
+from meshd.pipeline.plan import PeerAddress, PlanError, SplitPlan, Stage
+from meshd.telemetry.snapshot import GpuSnapshot, HostSnapshot, NodeSnapshot
 from meshtui import runs, splitting
 from meshtui.config import ConfigError, GenerateSettings, TuiConfig, dumps, load_config, save_config
 from meshtui.history import TelemetryStore

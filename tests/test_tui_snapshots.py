@@ -14,8 +14,8 @@ import pytest
 from PIL import Image, ImageDraw
 
 from codec import Capabilities
-from meshd.plan import PeerAddress, SplitPlan, Stage
-from meshd.snapshot import GpuSnapshot, HostSnapshot, LinkSnapshot, NodeSnapshot
+from meshd.pipeline.plan import PeerAddress, SplitPlan, Stage
+from meshd.telemetry.snapshot import GpuSnapshot, HostSnapshot, LinkSnapshot, NodeSnapshot
 from meshtui.app import MeshApp
 from meshtui.config import GenerateSettings, TuiConfig
 from meshtui.runs import RunParams, RunRecord, apply_event, finish

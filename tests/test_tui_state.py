@@ -6,7 +6,7 @@ import pytest
 
 from codec import Capabilities
 from meshd.model.presets import PRESETS
-from meshd.plan import PeerAddress
+from meshd.pipeline.plan import PeerAddress
 from meshtui import splitting, state
 from meshtui.config import GenerateSettings
 from meshtui.runs import RunState

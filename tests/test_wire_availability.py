@@ -14,9 +14,9 @@ import psutil
 import pytest
 
 from meshd import auth, limits
-from meshd.connection import Channel, Connection, client_handshake
+from meshd.wire.connection import Channel, Connection, client_handshake
 from tests.daemons import jobs_on, running_daemon
-from meshd.plan import PeerAddress
+from meshd.pipeline.plan import PeerAddress
 
 KEY = auth.generate_key()
 
@@ -72,7 +72,7 @@ async def test_a_valid_hello_then_silence_holds_a_pre_auth_slot_no_longer_than_t
     """Anyone can send a well-formed hello without the key and then say nothing more: the daemon's
     side of the handshake is bounded by PREAUTH_TIMEOUT_S, the one figure docs/security.md states
     (it was the client's 10 s HANDSHAKE_TIMEOUT_S), and the slot is free again."""
-    from meshd.protocol import PREAUTH_LIMITS
+    from meshd.wire.frames import PREAUTH_LIMITS
     from meshd.wire.handshake import ClientHandshake
 
     async with running_daemon(tmp_path, KEY) as daemon:
@@ -157,7 +157,7 @@ async def test_a_client_that_stops_reading_gives_its_slots_and_jobs_up_and_anoth
 
 
 async def test_generation_slots_leave_one_for_another_source_and_pass_on_when_given_up():
-    from meshd.server import GenerationSlots
+    from meshd.node.daemon import GenerationSlots
 
     slots = GenerationSlots(total=4, per_source=3)
     for _ in range(3):

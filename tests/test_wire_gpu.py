@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from meshd.auth import read_key
-from meshd.plan import parse_split
+from meshd.pipeline.plan import parse_split
 from meshtui.local import LocalCluster
 from meshtui.mesh import Mesh
 

@@ -8,10 +8,10 @@ import socket
 import pytest
 
 from meshd import auth, limits
-from meshd.connection import Connection
+from meshd.wire.connection import Connection
 from meshd.errors import MeshError
-from meshd.link import LinkEmulation
-from meshd.protocol import encode_frame, frame_bytes
+from meshd.wire.link import LinkEmulation
+from meshd.wire.frames import encode_frame, frame_bytes
 from meshd.wire.handshake import ClientHandshake, ServerHandshake
 from meshd.wire.seal import RECORD, Opener, SealedReader, SealError, Sealer, session_keys
 
@@ -197,7 +197,7 @@ def test_a_handshake_frame_is_read_only_in_the_encoding_the_transcript_binds():
     and the wire's apart: refused before it is parsed further."""
     import msgpack
 
-    from meshd.protocol import PREAUTH_LIMITS, PREFIX, FrameReader, ProtocolError
+    from meshd.wire.frames import PREAUTH_LIMITS, PREFIX, FrameReader, ProtocolError
 
     hello = ClientHandshake(KEY).hello()
     wide = msgpack.packb({**hello, "proto": 0}, use_bin_type=True).replace(b"\xa5proto\x00", b"\xa5proto\xcd\x00\x02")
@@ -279,7 +279,7 @@ def test_a_low_order_point_as_nonce_is_refused():
 async def test_a_live_connection_rotates_its_keys_under_a_tiny_forced_limit(tmp_path, monkeypatch):
     """With a key change every 3 records, a daemon and its client rotate dozens of times, in step, over
     small frames and a big segment, and every reply still comes back right."""
-    from meshd.connection import Channel
+    from meshd.wire.connection import Channel
     from tests.daemons import running_daemon
 
     monkeypatch.setattr(limits, "REKEY_RECORDS", 3)
@@ -298,8 +298,8 @@ async def test_a_live_connection_rotates_its_keys_under_a_tiny_forced_limit(tmp_
 async def test_a_client_hears_a_refusal_sent_unsealed_in_place_of_the_welcome():
     """A server may refuse after checking the proof (its one unsealed frame then); the client reports
     that refusal, not a sealing error."""
-    from meshd.connection import client_handshake
-    from meshd.protocol import PREAUTH_LIMITS
+    from meshd.wire.connection import client_handshake
+    from meshd.wire.frames import PREAUTH_LIMITS
 
     ours, theirs = socket.socketpair()
     client, server = Connection(ours, "client"), Connection(theirs, "server")

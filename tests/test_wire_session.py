@@ -2,7 +2,7 @@
 
 import pytest
 
-from meshd.protocol import ProtocolError
+from meshd.wire.frames import ProtocolError
 from meshd.wire.session import Action, ClientRules, ServerRules
 
 

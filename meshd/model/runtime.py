@@ -14,26 +14,19 @@ from pathlib import Path
 import torch
 
 from ..config import WEIGHTS_CHOICES
-from ..plan import WeightBytes
+from ..pipeline.plan import WeightBytes
 from .access import require_readable, require_tree_readable, unreadable
+from .checkpoints import expected_shapes, target_format
 from .compiled import BlockCompiler
 from .files import ModelError, ModelFiles, ModelStore
-from .checkpoints import expected_shapes, target_format
 from .lora import LoraError, LoraPatch, LoraSpec, LoraStore, held_linears, stack_factors
 from .precision import DENSE, LinearFormat, fp8_compute, quantise, quantised_layers
 from .presets import ModelPreset, get_preset
 from .seeded import seeded_value
 from .span import HEAD_MODULES, TAIL_MODULES, SpanModel, block_prefix, span_modules
 from .tensorfiles import FileHashes, read_json, require_safetensors
-from .text_encoder import (
-    FAMILIES,
-    STAND_IN_CLASS,
-    LanguageModelEncoder,
-    PromptEmbedder,
-    PromptEncoder,
-    StandInTextEncoder,
-    TextEncoderOptions,
-)
+from .text_encoder import (FAMILIES, STAND_IN_CLASS, LanguageModelEncoder, PromptEmbedder, PromptEncoder,
+                           StandInTextEncoder, TextEncoderOptions)
 from .text_encoder_file import EncoderFile
 from .tiny import write_tiny
 from .vae_file import VaeFile

@@ -5,5 +5,5 @@
 - :mod:`meshd.wire.seal`: per-direction AEAD records with sequence numbers and key rotation.
 - :mod:`meshd.wire.session`: request ids, chunk accounting, keep-alive and cancel, per side.
 
-Nothing here touches a socket; :mod:`meshd.connection` moves the bytes. See docs/protocol.md.
+Nothing here touches a socket; :mod:`meshd.wire.connection` moves the bytes. See docs/protocol.md.
 """

@@ -8,7 +8,7 @@ from textual.containers import Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Input, Label, Static
 
-from meshd.plan import PeerAddress, PlanError
+from meshd.pipeline.plan import PeerAddress, PlanError
 
 
 class AddPeerScreen(ModalScreen[PeerAddress | None]):

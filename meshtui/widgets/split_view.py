@@ -9,7 +9,7 @@ from textual.reactive import reactive
 from textual.widget import Widget
 from textual.widgets import DataTable
 
-from meshd.plan import PlanError, SplitPlan
+from meshd.pipeline.plan import PlanError, SplitPlan
 
 from .. import splitting
 from ..splitting import Forecast

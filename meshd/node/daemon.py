@@ -23,21 +23,23 @@ import torch
 import codec
 from codec import Calibration, Capabilities, CodecSpec, TokenLayout, choose_codec
 
-from . import __version__, auth, ipc, limits
-from .config import DaemonConfig, describe_ranges, ranges
-from .connection import Connection, Request, ServerSession, address_name, server_handshake
-from .errors import MeshError
-from .generation import (GenerationParams, LocalRunner, Sampler, compile_blocks, prompts_needed, run_generation,
-                         uses_cfg)
+from .. import __version__, auth, limits
+from ..config import DaemonConfig, describe_ranges, ranges
+from ..errors import MeshError
+from ..model.lora import LoraError, LoraSpec, LoraStore, loras_from_wire, loras_to_wire
+from ..model.runtime import HostedModel
+from ..model.span import Conditioning, Stream
+from ..model.tensorfiles import ModelError
+from ..pipeline.generation import (GenerationParams, LocalRunner, Sampler, compile_blocks, prompts_needed,
+                                   run_generation, uses_cfg)
+from ..pipeline.peers import PeerPool
+from ..pipeline.plan import PeerAddress, PlanError, SplitPlan, Stage
+from ..pipeline.streaming import (LinkPlan, SendStats, link_after, pack_raw, receive_activation, send_activation,
+                                  unpack_raw)
+from ..wire import ipc
+from ..wire.connection import Connection, Request, ServerSession, address_name, server_handshake
+from ..wire.link import LinkEmulation, LinkRegistry
 from .gpu import GpuWorker
-from .link import LinkEmulation, LinkRegistry
-from .model.lora import LoraError, LoraSpec, LoraStore, loras_from_wire, loras_to_wire
-from .model.runtime import HostedModel
-from .model.tensorfiles import ModelError
-from .model.span import Conditioning, Stream
-from .peers import PeerPool
-from .plan import PeerAddress, PlanError, SplitPlan, Stage
-from .streaming import LinkPlan, SendStats, link_after, pack_raw, receive_activation, send_activation, unpack_raw
 
 log = logging.getLogger(__name__)
 

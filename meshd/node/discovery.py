@@ -26,14 +26,14 @@ from pathlib import Path
 import platformdirs
 import psutil
 
-from . import __version__, auth, limits
-from .config import describe_ranges
-from .connection import Channel
-from .errors import MeshError
+from .. import __version__, auth, limits
+from ..config import describe_ranges
+from ..errors import MeshError
+from ..pipeline.plan import PeerAddress, PlanError
+from ..telemetry.service import VIRTUAL_INTERFACE_PREFIXES
+from ..telemetry.snapshot import GpuSnapshot
+from ..wire.connection import Channel
 from .nodeid import host_key
-from .plan import PeerAddress, PlanError
-from .snapshot import GpuSnapshot
-from .telemetry import VIRTUAL_INTERFACE_PREFIXES
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def txt_record(info: dict, gpus: Sequence[GpuSnapshot] = ()) -> dict[str, str]:
     """The TXT hints of a daemon, from its node info and its GPUs (all text, well under 400 bytes).
 
     ``txtvers`` layout version, ``proto`` protocol version, ``ver`` meshd version, ``id`` node id,
-    ``host`` the box (:func:`~meshd.nodeid.host_key`: the same for every daemon of one box), ``gpu`` GPU names (``none``), ``vram`` each GPU's VRAM in GiB, ``model`` preset, ``hash`` the
+    ``host`` the box (:func:`~meshd.node.nodeid.host_key`: the same for every daemon of one box), ``gpu`` GPU names (``none``), ``vram`` each GPU's VRAM in GiB, ``model`` preset, ``hash`` the
     model's content hash (16 hex), ``blocks`` hosted span (``0-15``, ``none``), ``fp`` cluster-key
     fingerprint (``insecure`` without a key).
     """

@@ -1,7 +1,7 @@
 """Live telemetry: what this box's GPUs, host and meshd links are doing, about once a second.
 
 One sampler thread per daemon reads NVML (nvidia-ml-py) and psutil into frozen
-:class:`~meshd.snapshot.NodeSnapshot` records. Subscribers over the protocol (request op
+:class:`~meshd.telemetry.snapshot.NodeSnapshot` records. Subscribers over the protocol (request op
 ``telemetry``) are pushed the latest snapshot, so ten dashboards cost the same NVML calls as one,
 and a slow subscriber only receives fewer snapshots (its sends wait on the socket).
 
@@ -26,8 +26,8 @@ from typing import Any
 
 import psutil
 
-from .errors import MeshError
-from .link import LinkRegistry
+from ..errors import MeshError
+from ..wire.link import LinkRegistry
 from .snapshot import GpuSnapshot, HostSnapshot, InterfaceSnapshot, LinkSnapshot, NodeSnapshot
 
 log = logging.getLogger(__name__)

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 from codec import CodecSpec
 
-from . import limits
-from .model.presets import ModelPreset
+from .. import limits
+from ..model.presets import ModelPreset
 
 _STAGE = re.compile(r"^\s*([^:\s]+)\s*:\s*(\d+)\s*-\s*(\d+)\s*(?:@\s*([\w:-]+))?\s*$")
 
@@ -159,7 +159,7 @@ class PeerResources:
     label: str
     free_bytes: int
     speed: float = 1.0  # relative compute speed (higher is faster)
-    host: str = ""  # the box it runs on (meshd.nodeid.host_key); "": unknown, a box of its own
+    host: str = ""  # the box it runs on (meshd.node.nodeid.host_key); "": unknown, a box of its own
 
 
 def box_order(peers: Sequence[PeerResources]) -> list[PeerResources]:

@@ -32,7 +32,7 @@ _HEADER = "# flux-mesh node id of this box, and a digest of the machine it belon
 
 def host_key(host_id: str) -> str:
     """The box a daemon runs on, as mDNS and the dashboard show it: a digest of its host id (the machine
-    boot that decides whether CUDA IPC can work, see meshd.ipc.host_id), equal for every daemon of one
+    boot that decides whether CUDA IPC can work, see meshd.wire.ipc.host_id), equal for every daemon of one
     box (one per GPU) and different on every other. The boot id itself stays on authenticated channels."""
     if not host_id:
         return ""

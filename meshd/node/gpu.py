@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from .errors import MeshError
+from ..errors import MeshError
 
 T = TypeVar("T")
 

@@ -18,8 +18,8 @@ import torch
 import codec
 from codec import CodecError, CodecSpec
 
-from .connection import Channel, Request
-from .errors import MeshError
+from ..errors import MeshError
+from ..wire.connection import Channel, Request
 
 #: Codec work (quantise, D2H/H2D copies, HEVC) runs here, off the event loop and off the GPU queue.
 CODEC_THREADS = ThreadPoolExecutor(4, thread_name_prefix="codec")
@@ -166,7 +166,7 @@ async def send_activation(channel: Channel, fields: dict, segments: list, tensor
     if link.transport != "cuda-ipc":
         return await send_stream(channel, "forward", fields, segments, tensor, link.spec,
                                  measure_error=measure_error, timeout=None)
-    from . import ipc  # noqa: PLC0415
+    from ..wire import ipc  # noqa: PLC0415
 
     t0 = time.perf_counter()
     tensor = tensor.contiguous()  # the receiver maps dense tensors only (ipc._check_extent)
@@ -189,7 +189,7 @@ async def receive_activation(request: Request, device: torch.device, expect_shap
         raise MeshError("bad-request", "a forward carries its input either over CUDA IPC or as a chunk stream, not both")
     if device.type != "cuda":
         raise MeshError("bad-request", "CUDA IPC input sent to a CPU stage")
-    from . import ipc  # noqa: PLC0415  (whether this connection may send it: Daemon._forward)
+    from ..wire import ipc  # noqa: PLC0415  (whether this connection may send it: Daemon._forward)
 
     loop = asyncio.get_running_loop()
     t0 = time.perf_counter()

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import MeshError
+from ..errors import MeshError
 
 PROBE_ELEMENTS = 4096
 #: torch's IPC handles: a CUDA memory/event handle is 64 bytes (torch may prefix a byte or two).

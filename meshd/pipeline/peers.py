@@ -7,9 +7,9 @@ import asyncio
 import time
 from dataclasses import dataclass
 
-from . import limits
-from .connection import Channel
-from .link import LinkEmulation, LinkRegistry
+from .. import limits
+from ..wire.connection import Channel
+from ..wire.link import LinkEmulation, LinkRegistry
 from .plan import PeerAddress
 
 

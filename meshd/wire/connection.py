@@ -23,13 +23,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import limits
-from .errors import MeshError, PeerLost
+from .. import limits
+from ..errors import MeshError, PeerLost
+from . import seal as sealing
+from .frames import (DEFAULT_LIMITS, LENGTH, PREAUTH_LIMITS, PREFIX, Frame, FrameLimits, FrameReader, ProtocolError,
+                     encode_frame)
+from .handshake import ClientHandshake, ServerHandshake
 from .link import LinkEmulation, LinkStats, TokenBucket
-from .protocol import DEFAULT_LIMITS, LENGTH, PREAUTH_LIMITS, PREFIX, Frame, FrameLimits, FrameReader, ProtocolError, encode_frame
-from .wire import seal as sealing
-from .wire.handshake import ClientHandshake, ServerHandshake
-from .wire.session import ClientRules, ServerRules, announced_chunks
+from .session import ClientRules, ServerRules, announced_chunks
 
 log = logging.getLogger(__name__)
 

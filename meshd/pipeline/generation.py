@@ -26,14 +26,14 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from . import limits
-from .config import describe_ranges
-from .errors import MeshError
-from .gpu import GpuWorker
-from .model.compile_events import compiled_event, compiling_event
-from .model.lora import LoraSpec, loras_from_wire, loras_to_wire
-from .model.runtime import HostedModel
-from .model.span import Conditioning, Stream
+from .. import limits
+from ..config import describe_ranges
+from ..errors import MeshError
+from ..model.compile_events import compiled_event, compiling_event
+from ..model.lora import LoraSpec, loras_from_wire, loras_to_wire
+from ..model.runtime import HostedModel
+from ..model.span import Conditioning, Stream
+from ..node.gpu import GpuWorker
 
 log = logging.getLogger(__name__)
 
