@@ -177,7 +177,7 @@ def _serve(args) -> int:
 
 
 def _telemetry(args) -> int:
-    from .telemetry.service import snapshot_lines  # noqa: PLC0415
+    from .telemetry.text import snapshot_lines  # noqa: PLC0415
 
     try:
         snapshot = asyncio.run(_peer_snapshot(args)) if args.peer else _local_snapshot(args.window)
@@ -194,7 +194,7 @@ def _telemetry(args) -> int:
 def _local_snapshot(window: float):
     from .config import default_state_dir  # noqa: PLC0415
     from .node.nodeid import read_node_id  # noqa: PLC0415
-    from .telemetry.service import TelemetrySampler  # noqa: PLC0415
+    from .telemetry.sampler import TelemetrySampler  # noqa: PLC0415
 
     sampler = TelemetrySampler(read_node_id(default_state_dir()) or socket.gethostname()).open()
     try:
@@ -292,7 +292,7 @@ def parse_gpus(text: str, nvml=None) -> list[int]:
     from .config import MAX_INSTANCE  # noqa: PLC0415
 
     if text.strip().lower() == "all":
-        from .telemetry.service import NvmlGpus  # noqa: PLC0415
+        from .telemetry.nvml import NvmlGpus  # noqa: PLC0415
 
         gpus = NvmlGpus(nvml).open()
         try:
