@@ -30,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from meshd.wire.link import LinkRegistry  # noqa: E402
-from meshd.telemetry.service import TelemetrySampler  # noqa: E402
+from meshd.telemetry.sampler import TelemetrySampler  # noqa: E402
 
 
 def _cpu_s() -> float:

@@ -34,7 +34,7 @@ class Finding:
 
 
 def check_gpus(nvml=None) -> Iterator[Finding]:
-    from .telemetry.service import NvmlGpus  # noqa: PLC0415
+    from .telemetry.nvml import NvmlGpus  # noqa: PLC0415
 
     gpus = NvmlGpus(nvml).open()
     try:

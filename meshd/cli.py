@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import logging
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -21,15 +19,6 @@ from .config import WEIGHTS_CHOICES
 
 log = logging.getLogger("meshd")
 
-BANNER_INSECURE = """
-!!! meshd is running with --insecure: NO AUTHENTICATION. Anyone who can reach this port can run
-!!! work on this GPU and read what it computes. Use only on an isolated test machine.
-"""
-
-#: The watchdog is withheld once the sampler has been silent for this many of its periods (a hung
-#: NVML call or a wedged process), and never sooner than HEALTH_MIN_STALE_S.
-HEALTH_STALE_PERIODS = 5
-HEALTH_MIN_STALE_S = 10.0
 #: Where ``install-unit`` puts things by default.
 UNIT_DIR = Path("/etc/systemd/system")
 CONFIG_DIR = Path("/etc/meshd")
@@ -166,10 +155,12 @@ def _keygen(args) -> int:
 
 def _serve(args) -> int:
     from .logs import setup_logging  # noqa: PLC0415
+    from .node.lifecycle import StartupError, serve  # noqa: PLC0415 - torch and the model code: serve only
+    from .node.sdnotify import Notifier  # noqa: PLC0415
 
     setup_logging(args.log_level)
     try:
-        return asyncio.run(_serve_async(args))
+        return asyncio.run(serve(args))
     except KeyboardInterrupt:
         return 0
     except (StartupError, PermissionError) as exc:
@@ -178,259 +169,15 @@ def _serve(args) -> int:
 
             exc = StartupError(explain(exc))
         log.error("%s", exc)
-        from .node.sdnotify import Notifier  # noqa: PLC0415
-
         Notifier().status(f"failed to start: {exc}")
         return 2
-
-
-class StartupError(Exception):
-    pass
-
-
-async def _serve_async(args) -> int:
-    import torch  # noqa: PLC0415
-
-    from .auth import AuthError, read_key  # noqa: PLC0415
-    from .config import ConfigError, load_config, parse_blocks  # noqa: PLC0415
-    from .model.files import ModelError, ModelStore  # noqa: PLC0415
-    from .model.compiled import compiler_for  # noqa: PLC0415
-    from .model.runtime import DTYPES, FolderSource, HostedModel, open_source  # noqa: PLC0415
-    from .model.text_encoder import TextEncoderOptions  # noqa: PLC0415
-    from .node.nodeid import stable_node_id  # noqa: PLC0415
-    from .node.sdnotify import Notifier  # noqa: PLC0415
-    from .node.daemon import Daemon  # noqa: PLC0415
-    from .telemetry.service import serve_telemetry  # noqa: PLC0415
-
-    overrides = {k: getattr(args, k) for k in ("host", "port", "model", "device", "dtype", "weights", "blocks", "random_weights",
-                                               "seed", "key_file", "insecure", "state_dir", "node_name",
-                                               "emulate_link", "mdns", "advertise_address", "telemetry_interval",
-                                               "text_encoder_device", "text_encoder_idle", "comfyui_dir",
-                                               "distilled", "compile")}
-    if args.models_dir:
-        overrides["models_dir"] = tuple(p.expanduser().resolve() for p in args.models_dir)
-    if args.lora_dir:
-        overrides["lora_dir"] = tuple(p.expanduser().resolve() for p in args.lora_dir)
-    if args.interfaces:
-        overrides["interfaces"] = tuple(args.interfaces)
-    try:
-        config = load_config(args.config, overrides, instance=args.instance)
-    except ConfigError as exc:
-        raise StartupError(f"configuration: {exc}") from None
-    notifier = Notifier()
-    notifier.status("starting")
-    _check_writable(config.state_dir, "state_dir", "node id and caches")
-    if args.ready_file:
-        _check_writable(args.ready_file.parent, "--ready-file", "the ready file")
-    if config.insecure:
-        print(BANNER_INSECURE, file=sys.stderr)
-        log.warning("authentication is OFF (--insecure)")
-        key = None
-    else:
-        try:
-            key = read_key(config.key_file)
-        except AuthError as exc:
-            raise StartupError(str(exc)) from None
-    device_name = config.device
-    if device_name == "auto":
-        device_name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device_name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise StartupError(f"device {device_name} asked for, but torch sees no CUDA GPU")
-        device = torch.device("cuda", device.index if device.index is not None else 0)
-    try:
-        store = ModelStore(config.models_dir, config.cache_dir, config.comfyui_dir)
-        source = open_source(config.model, store, random_weights=config.random_weights, seed=config.seed,
-                             distilled=config.distilled)
-        text_encoder = TextEncoderOptions(device=config.text_encoder_device or None, idle=config.text_encoder_idle,
-                                          cache_bytes=config.prompt_cache_mib << 20)
-        compiler, compile_why = compiler_for(config.compile, device, config.state_dir, source.model_id)
-        model = HostedModel(source, device, DTYPES[config.dtype], text_encoder, weights=config.weights,
-                            compiler=compiler)
-        blocks = parse_blocks(config.blocks, model.preset.num_blocks)
-    except (ModelError, ConfigError, KeyError, ValueError, RuntimeError) as exc:  # RuntimeError: a bad device name
-        raise StartupError(f"model: {exc}") from None
-    if blocks:
-        log.info("loading blocks %s of %s", config.blocks, model.identity.describe())
-        notifier.status(f"loading blocks {config.blocks} of {model.identity.model_id}")
-        try:
-            with torch.inference_mode():
-                model.load(blocks, 0 in blocks, model.preset.num_blocks - 1 in blocks)
-        except ModelError as exc:
-            raise StartupError(f"model: {exc}") from None
-    if isinstance(source, FolderSource):
-        # A plan may make this daemon the head (or place prompt encoding here): say now what would fail.
-        try:
-            source.check_head_files()
-        except ModelError as exc:
-            log.warning("as a plan's head this daemon would fail: %s", exc)
-    log.info("compiled blocks: %s", compile_why)
-    if blocks and compiler is not None:
-        _warm_default(model, notifier)
-    daemon = Daemon(config, model, key, node_id=stable_node_id(config.state_dir))
-    # Clean-up runs in reverse: withdraw the mDNS record first (peers stop routing work here), end the
-    # telemetry subscriptions (so draining does not wait on them), then drain and close the daemon.
-    async with contextlib.AsyncExitStack() as cleanup:
-        try:
-            host, port = await daemon.start()
-        except OSError as exc:
-            raise StartupError(f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}") from None
-        cleanup.push_async_callback(daemon.stop)
-        telemetry = serve_telemetry(daemon)
-        cleanup.push_async_callback(telemetry.close)
-        advertiser, mdns_state = await _advertise(daemon, telemetry.sampler, config, port)
-        if advertiser is not None:
-            cleanup.push_async_callback(advertiser.close)
-        status = _Status(daemon, telemetry.sampler, mdns_state)
-        daemon.on_change.append(_on_span_change(daemon, telemetry.sampler, advertiser, notifier, status))
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        if args.ready_file:
-            tmp = args.ready_file.with_suffix(".tmp")
-            try:
-                tmp.write_text(json.dumps({"host": host, "port": port, "pid": os.getpid(), "node_id": daemon.node_id}))
-                os.replace(tmp, args.ready_file)
-            except OSError as exc:
-                from .model.access import explain  # noqa: PLC0415
-
-                raise StartupError(f"--ready-file: {explain(exc)}") from None
-        # Bound, span loaded, advertised: only now may peers and systemd rely on us.
-        notifier.ready(status.line())
-        log.info("serving %s on %s:%s (%s)", model.identity.describe(), host, port, mdns_state)
-        watchdog = asyncio.ensure_future(notifier.keep_alive(_health(telemetry.sampler, time.monotonic())))
-        cleanup.callback(watchdog.cancel)
-        await stop.wait()
-        notifier.stopping("draining requests")
-        log.info("stopping: withdrawing the mDNS record, draining requests")
-    log.info("stopped")
-    return 0
-
-
-def _check_writable(folder: Path, what: str, holds: str) -> None:
-    """A StartupError naming the folder and the permission when ``folder`` cannot be made or written."""
-    from .model.access import unwritable_dir  # noqa: PLC0415
-
-    problem = unwritable_dir(folder)
-    if problem is not None:
-        raise StartupError(f"{what} ({holds}): {problem}")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise StartupError(f"{what} ({holds}): {folder}: {exc.strerror or exc}") from None
-
-
-def _warm_default(model, notifier) -> None:
-    """Compile the loaded blocks for the model's default size before serving, so that size never waits."""
-    import torch  # noqa: PLC0415
-
-    from .config import describe_ranges  # noqa: PLC0415
-    from .model.compile_events import compiled_event, compiling_event, describe_event  # noqa: PLC0415
-
-    side = model.preset.default_size
-    pending = model.compile_pending(model.preset.max_sequence_length, (side // model.preset.size_multiple) ** 2)
-    if not pending:
-        return
-    estimate, cached = model.compiler.estimate(pending)
-    tokens = model.preset.max_sequence_length + (side // model.preset.size_multiple) ** 2
-    line = describe_event(compiling_event("", describe_ranges(model.blocks), f"{side}x{side}", tokens, cached, estimate))
-    log.info("%s", line)
-    notifier.status(line)
-    device = torch.cuda.device(model.device) if model.device.type == "cuda" else contextlib.nullcontext()
-    try:
-        with torch.inference_mode(), device:
-            seconds = model.warm_default()
-    except Exception as exc:  # noqa: BLE001 - inductor's failures: say which setting avoids them
-        log.debug("compile failed", exc_info=True)
-        first = (str(exc).strip().splitlines() or [""])[0][:300]
-        raise StartupError(f"compiling the blocks failed: {type(exc).__name__}: {first} (compile = false, or "
-                           "--compile off, runs them eagerly)") from None
-    log.info("%s", describe_event(compiled_event("", seconds)))
-
-
-async def _advertise(daemon, sampler, config, port: int):
-    """Register the mDNS record; returns (advertiser or None, its state in words)."""
-    if not config.mdns:
-        return None, "mDNS off"
-    from .node.discovery import Advertiser, MdnsUnavailable, choose_for, require_zeroconf, txt_record  # noqa: PLC0415
-
-    try:
-        require_zeroconf()
-        choice = choose_for(config)
-    except (MdnsUnavailable, ValueError) as exc:
-        raise StartupError(f"mDNS: {exc}") from None
-    if not choice.advertise:
-        log.warning("mDNS: not advertising: %s; peers must add %s:%d by hand", choice.reason, daemon.name, port)
-        return None, f"mDNS off ({choice.reason})"
-    advertiser = Advertiser(choice, port, daemon.name, daemon.node_id)
-    try:
-        name = await advertiser.register(txt_record(daemon.node_info(), sampler.inventory()))
-    except Exception as exc:  # noqa: BLE001 - serve anyway: manual peers still work
-        log.error("mDNS: could not advertise on %s (%s); peers must add this box by hand (%s:%d)",
-                  ", ".join(choice.send_on), exc, choice.advertise[0], port)
-        return None, f"mDNS failed: {exc}"
-    return advertiser, f"mDNS {name.split('.')[0]}"
-
-
-class _Status:
-    """The one-line STATUS= systemd shows."""
-
-    def __init__(self, daemon, sampler, mdns_state: str) -> None:
-        self.daemon, self.sampler, self.mdns_state = daemon, sampler, mdns_state
-
-    def line(self) -> str:
-        from .config import describe_ranges  # noqa: PLC0415
-
-        d = self.daemon
-        gpus = len(self.sampler.inventory())
-        return (f"serving blocks {describe_ranges(d.model.blocks)} of {d.model.identity.model_id} on {d.device}; "
-                f"{gpus} GPU{'s' if gpus != 1 else ''}; {self.mdns_state}")
-
-
-def _on_span_change(daemon, sampler, advertiser, notifier, status: _Status):
-    """When the hosted blocks change: new TXT hints (re-announced) and a new STATUS line."""
-    tasks: set[asyncio.Task] = set()
-
-    async def update_txt() -> None:
-        from .node.discovery import txt_record  # noqa: PLC0415
-
-        try:
-            await advertiser.update(txt_record(daemon.node_info(), sampler.inventory()))
-        except Exception as exc:  # noqa: BLE001
-            log.warning("mDNS: could not update the record: %s", exc)
-
-    def changed() -> None:
-        notifier.status(status.line())
-        if advertiser is not None:
-            task = asyncio.ensure_future(update_txt())
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-
-    return changed
-
-
-def _health(sampler, started: float):
-    """The watchdog's health check: the telemetry thread still samples (so NVML answers)."""
-    limit = max(HEALTH_STALE_PERIODS * sampler.interval, HEALTH_MIN_STALE_S)
-
-    def check() -> str | None:
-        age = sampler.age()
-        if age is None:
-            return None if time.monotonic() - started < limit else "telemetry has produced no sample"
-        if age > limit:
-            return f"telemetry sampler silent for {age:.0f} s (a hung NVML call?)"
-        return None
-
-    return check
 
 
 # --- telemetry -------------------------------------------------------------------------------------
 
 
 def _telemetry(args) -> int:
-    from .telemetry.service import snapshot_lines  # noqa: PLC0415
+    from .telemetry.text import snapshot_lines  # noqa: PLC0415
 
     try:
         snapshot = asyncio.run(_peer_snapshot(args)) if args.peer else _local_snapshot(args.window)
@@ -447,7 +194,7 @@ def _telemetry(args) -> int:
 def _local_snapshot(window: float):
     from .config import default_state_dir  # noqa: PLC0415
     from .node.nodeid import read_node_id  # noqa: PLC0415
-    from .telemetry.service import TelemetrySampler  # noqa: PLC0415
+    from .telemetry.sampler import TelemetrySampler  # noqa: PLC0415
 
     sampler = TelemetrySampler(read_node_id(default_state_dir()) or socket.gethostname()).open()
     try:
@@ -545,7 +292,7 @@ def parse_gpus(text: str, nvml=None) -> list[int]:
     from .config import MAX_INSTANCE  # noqa: PLC0415
 
     if text.strip().lower() == "all":
-        from .telemetry.service import NvmlGpus  # noqa: PLC0415
+        from .telemetry.nvml import NvmlGpus  # noqa: PLC0415
 
         gpus = NvmlGpus(nvml).open()
         try:

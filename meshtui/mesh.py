@@ -131,7 +131,7 @@ class Mesh:
 
     def model(self) -> tuple[ModelPreset, dict]:
         """The model every peer serves: they must agree on preset, hash, dtype and weights, as the head's
-        prepare checks (meshd.node.daemon._check_model)."""
+        prepare checks (meshd.node.daemon.Daemon._check_model)."""
         peers = self.require_online()
         identities = {(p.info["model"]["preset"], p.info["model"]["hash"], p.info["model"]["dtype"],
                        p.info["model"].get("weights")): p for p in peers}

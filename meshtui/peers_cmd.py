@@ -18,7 +18,7 @@ from meshd.auth import AuthError, read_key
 from meshd.config import default_key_file, describe_ranges
 from meshd.errors import MeshError
 from meshd.telemetry.snapshot import NodeSnapshot
-from meshd.telemetry.service import snapshot_lines
+from meshd.telemetry.text import snapshot_lines
 
 #: How long ``meshtui peers`` listens for mDNS answers by default.
 DEFAULT_BROWSE_S = 3.0

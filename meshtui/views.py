@@ -82,7 +82,7 @@ class PeerView:
     @property
     def model_key(self) -> tuple:
         """What two peers must share to serve one plan: the head's prepare refuses any other difference
-        (meshd.node.daemon._check_model): preset, content hash, dtype and the precision the weights are at."""
+        (meshd.node.daemon.Daemon._check_model): preset, content hash, dtype and the precision the weights are at."""
         return (self.preset, self.model_hash, self.dtype, self.weights)
 
     @property

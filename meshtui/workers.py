@@ -25,7 +25,8 @@ from meshd.errors import MeshError
 from meshd.model.compile_events import describe_event
 from meshd.pipeline.plan import PeerAddress, SplitPlan
 from meshd.telemetry.snapshot import GpuSnapshot, HostSnapshot, LinkSnapshot, NodeSnapshot
-from meshd.telemetry.service import counter_rate, subscribe
+from meshd.telemetry.host import counter_rate
+from meshd.telemetry.service import subscribe
 
 from .mesh import Mesh, Peer
 from .messages import (DiscoveryState, GenerationDone, GenerationEvent, PeerDiscovered, PeerUpdated, PeerVanished,

@@ -128,8 +128,8 @@ async def test_a_daemon_learns_from_the_hops_it_sends(tmp_path):
     async with running_daemon(tmp_path / "a", key, range(0, 3), models) as a, \
             running_daemon(tmp_path / "b", key, range(3, 6), models) as b:
         await split_generation(key, [a.bound, b.bound], "A:0-2,B:3-5", PARAMS, codec="u8", measure_error=False)
-        learned = a.calibrations[f"127.0.0.1:{b.bound[1]}"].get("u8")
+        learned = a.relay.calibrations[f"127.0.0.1:{b.bound[1]}"].get("u8")
     fresh = Calibration().get("u8")
     assert learned.ratio != fresh.ratio and learned.encode_bps["cpu"] != fresh.encode_bps["cpu"]
     assert learned.decode_bps["cpu"] != fresh.decode_bps["cpu"]
-    assert set(b.calibrations) == set()  # the last stage sends nothing on
+    assert set(b.relay.calibrations) == set()  # the last stage sends nothing on

@@ -246,7 +246,7 @@ def test_inductor_compiled_split_equals_compiled_local_on_cuda(models, tmp_path,
 
 
 def test_serve_compiles_the_default_size_before_it_is_ready(models, tmp_path, caplog):
-    from meshd.cli import _warm_default
+    from meshd.node.lifecycle import _warm_default
     from meshd.node.sdnotify import Notifier
 
     model = hosted(models, tmp_path)

@@ -42,7 +42,7 @@ from meshd.wire.ipc import host_id
 from meshd.node.nodeid import NODE_ID_FILE, host_key, read_node_id, stable_node_id
 from meshd.pipeline.plan import PeerAddress
 from meshd.telemetry.snapshot import GpuSnapshot
-from meshd.telemetry.service import NvmlGpus
+from meshd.telemetry.nvml import NvmlGpus
 from meshtui.local import LocalCluster
 from tests.daemons import running_daemon
 

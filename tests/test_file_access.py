@@ -103,7 +103,7 @@ SCENARIOS = r"""
 import json, logging, sys
 from pathlib import Path
 import torch
-from meshd.cli import StartupError, _check_writable
+from meshd.node.lifecycle import StartupError, _check_writable
 from meshd.model.files import ModelStore
 from meshd.model.runtime import HostedModel, open_source
 from meshd.model.tensorfiles import FileHashes, ModelError

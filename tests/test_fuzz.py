@@ -39,7 +39,7 @@ from meshd.wire.frames import (
     encode_frame,
     frame_bytes,
 )
-from meshd.node.daemon import source_of
+from meshd.node.admission import source_of
 from meshd.pipeline.streaming import pack_raw
 from tests.daemons import running_daemon, server_side_of
 from tests.fixtures import structured_stream

@@ -29,17 +29,12 @@ from meshd.wire.connection import Channel
 from meshd.errors import MeshError
 from meshd.wire.link import LinkRegistry
 from meshd.telemetry.snapshot import GpuSnapshot, NodeSnapshot
-from meshd.telemetry.service import (
-    GPU_READINGS,
-    HostReader,
-    LinkReader,
-    NvmlGpus,
-    TelemetrySampler,
-    first_snapshot,
-    serve_telemetry,
-    snapshot_lines,
-    subscribe,
-)
+from meshd.telemetry.host import HostReader
+from meshd.telemetry.links import LinkReader
+from meshd.telemetry.nvml import GPU_READINGS, NvmlGpus
+from meshd.telemetry.sampler import TelemetrySampler
+from meshd.telemetry.service import first_snapshot, serve_telemetry, subscribe
+from meshd.telemetry.text import snapshot_lines
 from tests.daemons import running_daemon
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -157,7 +157,7 @@ async def test_a_client_that_stops_reading_gives_its_slots_and_jobs_up_and_anoth
 
 
 async def test_generation_slots_leave_one_for_another_source_and_pass_on_when_given_up():
-    from meshd.node.daemon import GenerationSlots
+    from meshd.node.admission import GenerationSlots
 
     slots = GenerationSlots(total=4, per_source=3)
     for _ in range(3):

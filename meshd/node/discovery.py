@@ -30,7 +30,7 @@ from .. import __version__, auth, limits
 from ..config import describe_ranges
 from ..errors import MeshError
 from ..pipeline.plan import PeerAddress, PlanError
-from ..telemetry.service import VIRTUAL_INTERFACE_PREFIXES
+from ..telemetry.host import VIRTUAL_INTERFACE_PREFIXES
 from ..telemetry.snapshot import GpuSnapshot
 from ..wire.connection import Channel
 from .nodeid import host_key

@@ -1,0 +1,215 @@
+"""The head: whole generations (op ``generate``). It holds block 0 and the input layers, queues
+generations fairly (:class:`~meshd.node.admission.GenerationSlots`), runs every step's own blocks, sends
+the stream down the line (:class:`SplitRunner`, through :class:`.relay.Relay`) and samples with the
+prediction that comes back; a one-stage plan runs all-local."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import Awaitable, Callable
+
+import torch
+
+import codec
+from codec import CodecSpec
+
+from .. import limits
+from ..errors import MeshError
+from ..model.lora import LoraError, loras_to_wire
+from ..model.span import Conditioning
+from ..model.tensorfiles import ModelError
+from ..node.admission import GenerationSlots, source_of
+from ..wire.connection import Request
+from .generation import GenerationParams, LocalRunner, Sampler, run_generation, uses_cfg
+from .plan import PlanError, SplitPlan, Stage
+from .relay import Geometry, cond_needs
+from .streaming import LinkPlan, pack_raw, unpack_raw
+
+
+class HeadService:
+    """This node as the head of generations."""
+
+    def __init__(self, daemon) -> None:
+        self.daemon = daemon
+        self.slots = GenerationSlots(limits.MAX_ACTIVE_GENERATIONS, limits.MAX_ACTIVE_GENERATIONS_PER_SOURCE)
+        self.waiting = 0
+
+    def ops(self) -> dict:
+        return {"generate": self.generate}
+
+    def resolve_loras(self, data: object) -> list:
+        """LoRAs named by the client without a hash get the hash of the head's own copy."""
+        if data is None:
+            return []
+        if not isinstance(data, list) or len(data) > 8:
+            raise MeshError("bad-request", "loras must be a list of at most 8 entries")
+        out = []
+        for item in data:
+            if isinstance(item, dict) and not item.get("sha256"):
+                name, strength = item.get("name"), item.get("strength", 1.0)
+                if not isinstance(name, str) or not isinstance(strength, (int, float)) or isinstance(strength, bool):
+                    raise MeshError("bad-request", "a LoRA needs a name and a numeric strength")
+                try:
+                    item = self.daemon.lora_store.spec(name, float(strength)).to_wire()
+                except LoraError as exc:
+                    raise MeshError("not-found", f"{self.daemon.name}: {exc}") from None
+            out.append(item)
+        return out
+
+    async def generate(self, request: Request):
+        d = self.daemon
+        h = request.header
+        preset = d.model.preset
+        raw_params = h.get("params")
+        if isinstance(raw_params, dict) and "loras" in raw_params:
+            raw_params = {**raw_params, "loras": self.resolve_loras(raw_params["loras"])}
+        params = GenerationParams.from_wire(raw_params, multiple=preset.size_multiple)
+        await d._check_loras(params.loras)
+        try:
+            plan = SplitPlan.from_wire(h.get("plan")).validate(preset.num_blocks)
+        except (PlanError, codec.CodecError) as exc:
+            raise MeshError("bad-request", f"plan: {exc}") from None
+        head = plan.stages[0]
+        d._check_holds(head)
+        if not d.model.has_head:
+            raise MeshError("mismatch", f"{d.name} lacks the input layers the head runs (it must hold block 0)")
+        if len(plan.stages) == 1 and not d.model.has_tail:
+            raise MeshError("mismatch", f"{d.name} lacks the final layer")
+        floor = h.get("quality_floor", d.config.quality_floor)
+        codec_default = h.get("codec", "auto")
+        if not isinstance(codec_default, str):
+            raise MeshError("bad-request", "codec must be text")
+        if codec_default != "auto":
+            try:
+                codec_default = CodecSpec.parse(codec_default).label
+            except codec.CodecError as exc:
+                raise MeshError("bad-request", str(exc)) from None
+            plan = SplitPlan(tuple(s if s.codec != "auto" else Stage(s.peer, s.start, s.end, codec_default, s.label)
+                                   for s in plan.stages))
+        if self.waiting >= limits.MAX_QUEUED_GENERATIONS:
+            raise MeshError("busy", f"{d.name} has {self.waiting} generations waiting")
+        self.waiting += 1
+        source = source_of(request.session.conn.address or request.peer)
+        try:
+            await request.event({"kind": "queued", "position": self.waiting})
+            await self.slots.acquire(source)
+        finally:
+            self.waiting -= 1
+        try:
+            embeds = None
+            if h.get("text_encoder") is not None:
+                await request.event({"kind": "encoding", "text_encoder": str(h.get("text_encoder"))[:200]})
+                embeds = await d.text.remote_embeds(h.get("text_encoder"), params)
+            return await self._run(request, params, plan, floor, bool(h.get("measure_error", True)),
+                                   bool(h.get("return_latents", False)), embeds)
+        finally:
+            self.slots.release(source)
+
+    async def _run(self, request: Request, params: GenerationParams, plan: SplitPlan, floor,
+                   measure_error: bool, return_latents: bool, embeds: dict[str, torch.Tensor] | None = None):
+        d = self.daemon
+        if len(plan.stages) == 1:
+            runner = LocalRunner(d.worker)
+            stages_info = [{"node": d.name, "blocks": [0, d.model.preset.num_blocks]}]
+        else:
+            runner = SplitRunner(d, plan, params, floor, measure_error, events=request.event)
+        try:
+            if isinstance(runner, SplitRunner):
+                # The head compiles its own blocks while the stages compile theirs during prepare.
+                head_compile = asyncio.ensure_future(d.compile_for(runner.geometry, params.loras, request.event))
+                head_compile.add_done_callback(lambda f: f.cancelled() or f.exception())
+                try:
+                    stages_info = await runner.prepare()
+                except BaseException:
+                    head_compile.cancel()  # the generation is over: nobody waits for these graphs
+                    raise
+                await head_compile
+            await request.event({"kind": "prepared", "plan": plan.describe(), "stages": stages_info,
+                                 "distilled": d.model.source.distilled(), "cfg": uses_cfg(d.model, params)})
+            result = await run_generation(
+                d.model, d.worker, params, runner,
+                metadata={"plan": plan.describe(), "stages": stages_info, "head": d.name},
+                progress=lambda event: request.event(event), embeds=embeds,
+            )
+        except ModelError as exc:  # no text encoder here and none placed on a peer, say
+            raise MeshError("not-found", f"{d.name}: {exc}") from None
+        finally:
+            if isinstance(runner, SplitRunner):
+                d._spawn(runner.release())
+        if return_latents:
+            headers, buffers = pack_raw([result.latents])
+            return {"summary": result.summary, "latents": headers[0]}, [result.png, *buffers]
+        return {"summary": result.summary}, [result.png]
+
+
+class SplitRunner:
+    """The head's side of a split generation: its own blocks here, the rest across the mesh."""
+
+    def __init__(self, daemon, plan: SplitPlan, params: GenerationParams, floor: float,
+                 measure_error: bool, events: Callable[[dict], Awaitable[None]] | None = None) -> None:
+        self.daemon = daemon
+        self.events = events  # where the stages' compiling events go (the generate request's stream)
+        self.plan = plan
+        self.params = params
+        self.floor = floor
+        self.measure_error = measure_error
+        self.job_id = uuid.uuid4().hex
+        preset = daemon.model.preset
+        scale = preset.size_multiple
+        self.geometry = Geometry(1, preset.max_sequence_length, params.height // scale, params.width // scale)
+        self.head = plan.stages[0]
+        self.downstream = set().union(*(cond_needs(preset, s.start, s.end) for s in plan.stages[1:]))
+        self.channel = None
+        self.link: LinkPlan | None = None
+
+    async def prepare(self) -> list[dict]:
+        d = self.daemon
+        g = self.geometry
+        from diffusers.pipelines.flux2.pipeline_flux2_klein import Flux2KleinPipeline as P  # noqa: PLC0415
+
+        txt_ids = P._prepare_text_ids(torch.zeros(1, g.txt_len, 1))
+        img_ids = P._prepare_latent_ids(torch.zeros(1, 1, g.img_h, g.img_w))
+        headers, buffers = pack_raw([txt_ids.contiguous(), img_ids.contiguous()])
+        fields = {
+            "job": self.job_id,
+            "model": d.model.identity.to_dict(),
+            "geometry": g.to_wire(),
+            "quality_floor": self.floor,
+            "measure_error": self.measure_error,
+            "ids": headers,
+            "loras": loras_to_wire(self.params.loras),
+        }
+        self.channel, infos = await d.relay.prepare_next(fields, buffers, list(self.plan.stages[1:]), self.events)
+        self.link = await d.relay.choose_link(self.plan.stages[1], infos[0], g, self.head.codec, self.floor)
+        return [d.relay.stage_info(self.head, self.link), *infos]
+
+    async def forward(self, sampler: Sampler, step: int, pass_index: int, cond: Conditioning):
+        d = self.daemon
+        span = d.model.span
+
+        def head_compute() -> torch.Tensor:
+            d.model.use_loras(self.params.loras)  # jobs with other LoRAs may have run in between
+            return span.run(0, self.head.end, sampler.embed(pass_index), cond, sampler.rotary).as_joint()
+
+        joint, seconds = await d.worker.run(head_compute)
+        names = sorted(self.downstream)
+        reply, hops, self.link = await d.relay.send_step(
+            self.channel, self.link, self.job_id, step, names, d.relay.vectors(cond, names), joint,
+            measure_error=self.measure_error)
+        preset = d.model.preset
+        out_channels = int(preset.transformer.get("out_channels") or preset.transformer["in_channels"])
+        (prediction,) = unpack_raw([reply.header.get("prediction")], reply.segments, d.device,
+                                   [(1, sampler.image_tokens, out_channels)])
+        # hops[0]["bytes"]: what this head put on the wire (the send figures folded in by the relay)
+        d.links.get(self.channel.name).hop(hops[0]["bytes"], hops[0].get("wire_ms", 0.0))
+        return prediction, {"compute_ms": seconds * 1e3, "hops": hops,
+                            "return_bytes": sum(memoryview(b).nbytes for b in reply.segments)}
+
+    async def release(self) -> None:
+        """Release the job on every stage; also after a failed or cancelled prepare (the stages may have
+        prepared it anyway; releasing an unknown job is harmless)."""
+        if self.channel is not None and self.channel.alive:
+            with contextlib.suppress(Exception):
+                await self.channel.request("release", {"job": self.job_id}, timeout=10)

@@ -1,0 +1,231 @@
+"""A stage: a span of blocks that receives the stream, runs it and sends it on (or, last, returns the
+prediction to the head). Ops ``prepare``, ``forward``, ``release`` and ``ipc-probe``.
+
+``prepare`` makes a job: it checks the plan against what this node holds, unpacks the token ids into
+the rotary embedding, passes the prepare on down the line (:class:`.relay.Relay`) while this node
+compiles its blocks for the size, and chooses the link to the next stage. Each ``forward`` then
+runs one step of that job; ``release`` (or the owning connection's end) drops it on every stage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+import codec
+
+from .. import limits
+from ..errors import MeshError
+from ..model.lora import LoraSpec, loras_from_wire
+from ..model.span import Conditioning, Stream
+from ..wire import ipc
+from ..wire.connection import Request, ServerSession
+from .plan import PlanError, SplitPlan, Stage
+from .relay import Geometry, cond_needs
+from .streaming import LinkPlan, pack_raw, receive_activation, unpack_raw
+
+
+@dataclass
+class StageJob:
+    """A generation as one non-head stage sees it."""
+
+    id: str
+    owner: ServerSession | None
+    start: int
+    end: int
+    tail: bool
+    geometry: Geometry
+    rotary: tuple
+    needs: set[str]
+    downstream_needs: set[str]
+    next_peer: Stage | None = None
+    next_link: LinkPlan | None = None
+    loras: tuple[LoraSpec, ...] = ()
+    measure_error: bool = False
+    created: float = field(default_factory=time.monotonic)
+
+
+class StageService:
+    """The jobs this node runs as a non-head stage of other heads' generations."""
+
+    def __init__(self, daemon) -> None:
+        self.daemon = daemon
+        self.jobs: dict[str, StageJob] = {}
+        self._preparing: set[str] = set()  # job ids whose prepare is in progress
+
+    def ops(self) -> dict:
+        return {"prepare": self.prepare, "forward": self.forward, "release": self.release,
+                "ipc-probe": self.ipc_probe}
+
+    async def prepare(self, request: Request):
+        h = request.header
+        job_id = h.get("job")
+        if not isinstance(job_id, str) or not 1 <= len(job_id) <= limits.MAX_JOB_ID_LENGTH:
+            raise MeshError("bad-request", "prepare needs a job id")
+        if job_id in self.jobs or job_id in self._preparing:
+            raise MeshError("bad-request", f"job {job_id} is already prepared here")
+        if len(self.jobs) + len(self._preparing) >= limits.MAX_JOBS_PER_STAGE:
+            raise MeshError("busy", f"{self.daemon.name} already holds {len(self.jobs)} jobs")
+        # Reserved before the first await: two prepares of one id, or a burst past the cap, are refused.
+        self._preparing.add(job_id)
+        try:
+            return await self._prepare_job(request, job_id)
+        finally:
+            self._preparing.discard(job_id)
+
+    async def _prepare_job(self, request: Request, job_id: str):
+        d = self.daemon
+        h = request.header
+        d._check_model(h.get("model"))
+        try:
+            stages = SplitPlan.from_wire(h.get("stages")).stages
+        except (PlanError, codec.CodecError) as exc:
+            raise MeshError("bad-request", f"plan: {exc}") from None
+        preset = d.model.preset
+        me = stages[0]
+        if me.start <= 0 or me.end > preset.num_blocks or me.end <= me.start:
+            raise MeshError("bad-request", f"stage blocks {me.start}-{me.end - 1} are not a non-head range of "
+                                           f"0-{preset.num_blocks - 1}")
+        for a, b in zip(stages, stages[1:]):
+            if b.start != a.end:
+                raise MeshError("bad-request", "plan stages are not contiguous")
+        if stages[-1].end != preset.num_blocks:
+            raise MeshError("bad-request", "plan does not reach the last block")
+        d._check_holds(me)
+        tail = me.end == preset.num_blocks
+        if tail and not d.model.has_tail:
+            raise MeshError("mismatch", f"{d.name} lacks the final layer the last stage runs")
+        geometry = Geometry.from_wire(h.get("geometry"))
+        floor = h.get("quality_floor", d.config.quality_floor)
+        if not isinstance(floor, (int, float)) or not 0 <= floor <= 1:
+            raise MeshError("bad-request", "quality_floor must be in [0, 1]")
+        txt_ids, img_ids = unpack_raw(h.get("ids"), request.frame.segments, torch.device("cpu"),
+                                      [(1, geometry.txt_len, 4), (1, geometry.img_h * geometry.img_w, 4)])
+        loras = loras_from_wire(h.get("loras"))
+        rotary, _ = await d.worker.run(d.model.span.rotary, txt_ids.to(d.device), img_ids.to(d.device))
+        await d._check_loras(loras)
+        # This stage compiles for a new size while the prepare travels on, so the stages compile at once.
+        compiling = asyncio.ensure_future(d.compile_for(geometry, loras, request.event))
+        compiling.add_done_callback(lambda f: f.cancelled() or f.exception())
+        downstream = set().union(*(cond_needs(preset, s.start, s.end) for s in stages[1:])) if len(stages) > 1 else set()
+        job = StageJob(job_id, request.session, me.start, me.end, tail, geometry, rotary,
+                       cond_needs(preset, me.start, me.end), downstream, measure_error=bool(h.get("measure_error")),
+                       loras=loras)
+        infos = []
+        try:
+            if len(stages) > 1:
+                job.next_peer = stages[1]
+                onward = {k: v for k, v in h.items() if k not in ("op", "id", "stages")}
+                _, infos = await d.relay.prepare_next(onward, request.frame.segments, list(stages[1:]), request.event)
+                job.next_link = await d.relay.choose_link(stages[1], infos[0], geometry, me.codec, floor)
+            await compiling
+        except BaseException:
+            # A failed prepare downstream or a failed compile here: a compile not yet started on the GPU
+            # worker is dropped, and what the stages after this one prepared is released too.
+            compiling.cancel()
+            if job.next_peer is not None:
+                d._spawn(self._relay_release(job))
+            raise
+        self.jobs[job_id] = job
+        return {"stages": [d.relay.stage_info(me, job.next_link), *infos]}, []
+
+    def _job(self, job_id: object) -> StageJob:
+        job = self.jobs.get(job_id) if isinstance(job_id, str) else None
+        if job is None:
+            raise MeshError("not-found", f"{self.daemon.name} has no job {job_id!r:.40} (never prepared, or released)")
+        return job
+
+    async def forward(self, request: Request):
+        d = self.daemon
+        h = request.header
+        job = self._job(h.get("job"))
+        preset, g = d.model.preset, job.geometry
+        cond = self._unpack_cond(h, request.frame.segments, job.needs | job.downstream_needs, g.batch)
+        if "ipc" in h and not request.session.ipc_ok:
+            raise MeshError("bad-request", f"{d.name} takes no CUDA IPC input on this connection (a GPU daemon "
+                                           "takes it from daemons of its own host, unless same_host_ipc = false)")
+        stream, rx = await receive_activation(request, d.device, (g.batch, g.tokens, preset.hidden), d.model.dtype)
+        if not d.model.holds(job.start, job.end):
+            raise MeshError("mismatch", f"{d.name} no longer holds blocks {job.start}-{job.end - 1}")
+        span = d.model.span
+
+        def compute() -> torch.Tensor:
+            d.model.use_loras(job.loras)  # jobs with other LoRAs may have run in between
+            c = Conditioning(**{n: cond.get(n) for n in Conditioning.NAMES})
+            s = span.run(job.start, job.end, Stream(g.txt_len, joint=stream), c, job.rotary)
+            return span.final(s, c.temb) if job.tail else s.as_joint()
+
+        out, seconds = await d.worker.run(compute)
+        del stream
+        record = {"node": d.name, "blocks": [job.start, job.end - 1], "codec": rx.codec, "bytes": rx.bytes,
+                  "wire_ms": round(rx.wire_ms, 3), "decode_ms": round(rx.decode_ms, 3),
+                  "compute_ms": round(seconds * 1e3, 3)}
+        if request.session.conn.stats is not None:  # this peer's link, keyed once at the handshake
+            request.session.conn.stats.hop(rx.bytes, rx.wire_ms + rx.decode_ms)
+        if job.tail:
+            headers, buffers = pack_raw([out])
+            return {"prediction": headers[0], "hops": [record]}, buffers
+        names = sorted(job.downstream_needs)
+        channel = await d.pool.get(job.next_peer.peer)
+        reply, hops, job.next_link = await d.relay.send_step(
+            channel, job.next_link, job.id, h.get("step"), names, d.relay.vectors(cond, names), out,
+            measure_error=job.measure_error)
+        return {"prediction": reply.header.get("prediction"), "hops": [record, *hops]}, reply.segments
+
+    def _unpack_cond(self, h: dict, segments: list, needs: set[str], batch: int) -> dict[str, torch.Tensor]:
+        model = self.daemon.model
+        names = h.get("cond_names")
+        if (not isinstance(names, list) or not all(isinstance(n, str) for n in names) or set(names) != needs
+                or len(names) != len(needs)):
+            raise MeshError("bad-request", f"forward must carry exactly the vectors {sorted(needs)}, got {names!r:.80}")
+        dim = model.preset.hidden
+        widths = {"temb": dim, "mod_img": 6 * dim, "mod_txt": 6 * dim, "mod_single": 3 * dim}
+        tensors = unpack_raw(h.get("cond"), segments, self.daemon.device, [(batch, widths[n]) for n in names])
+        out = {}
+        for name, t in zip(names, tensors):
+            if t.dtype != model.dtype:
+                raise MeshError("bad-request", f"vector {name} is {t.dtype}; this stage computes in {model.dtype}")
+            out[name] = t
+        return out
+
+    def drop_job(self, job_id: str, relay: bool) -> None:
+        job = self.jobs.pop(job_id, None)
+        if job is None:
+            return
+        if relay and job.next_peer is not None:
+            self.daemon._spawn(self._relay_release(job))
+        self.daemon.worker.free_memory()
+
+    def release_owned(self, session: ServerSession) -> None:
+        """The connection that prepared these jobs is gone: drop them here and down the line."""
+        for job in [j for j in self.jobs.values() if j.owner is session]:
+            self.drop_job(job.id, relay=True)
+
+    def owns_jobs(self, session: ServerSession) -> bool:
+        return any(job.owner is session for job in self.jobs.values())
+
+    async def _relay_release(self, job: StageJob) -> None:
+        with contextlib.suppress(Exception):
+            channel = await self.daemon.pool.get(job.next_peer.peer)
+            await channel.request("release", {"job": job.id}, timeout=10)
+
+    async def release(self, request: Request):
+        job_id = request.header.get("job")
+        known = isinstance(job_id, str) and job_id in self.jobs
+        if known:
+            job = self.jobs[job_id]
+            self.drop_job(job_id, relay=False)
+            if job.next_peer is not None:
+                await self._relay_release(job)
+        return {"released": known}, []
+
+    async def ipc_probe(self, request: Request):
+        if not request.session.ipc_ok:
+            return {"ok": False}, []
+        loop = asyncio.get_running_loop()
+        ok = await loop.run_in_executor(None, ipc.check_probe, request.header.get("ipc"), self.daemon.device)
+        return {"ok": ok}, []
