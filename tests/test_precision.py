@@ -252,13 +252,14 @@ def test_fp8_quantiser_and_gguf_quantisers_match_their_references():
 # --- GGUF files -------------------------------------------------------------------------------------------
 
 def packed_blocks(qtype: str, rows: int, cols: int, seed: int) -> np.ndarray:
-    """Random but valid GGUF blocks of ``qtype``: random bits with finite f16 super-block scales."""
+    """Random but valid GGUF blocks of ``qtype``: random bits with random finite f16 super-block scales."""
     block, size = gguf.GGML_QUANT_SIZES[T[qtype]]
     rng = np.random.default_rng(seed)
     data = rng.integers(0, 256, (rows * cols // block, size), dtype=np.uint8)
     at = {"Q6_K": [size - 2], "Q5_K": [0, 2], "Q4_K": [0, 2], "Q3_K": [size - 2], "Q8_0": [0]}[qtype]
     for i, offset in enumerate(at):
-        data[:, offset:offset + 2] = np.array([0.001 * (i + 1)], dtype=np.float16).view(np.uint8)
+        scale = rng.uniform(0.0005, 0.002, len(data)) * (i + 1)
+        data[:, offset:offset + 2] = scale.astype(np.float16).view(np.uint8).reshape(-1, 2)
     return data.reshape(rows, -1)
 
 
@@ -301,14 +302,62 @@ def test_a_gguf_file_stays_packed_and_computes_what_ggufs_own_dequantiser_reads(
     assert all(m.weight.dtype == torch.uint8 for m in packed.values())
     assert not any(n.startswith(("x_embedder", "context_embedder", "proj_out")) for n in packed)
     got = loaded_state(model)
-    for key, value in expected.items():  # diffusers' torch dequantisers (f16 arithmetic) vs gguf's numpy ones
-        assert torch.allclose(got[key].float(), value.to(torch.bfloat16).float(), rtol=1e-2, atol=1e-4), key
+    for key, value in expected.items():  # gguf's numpy dequantisers (float32) rounded once: bit for bit
+        assert torch.equal(got[key], value.to(torch.bfloat16)), key
     assert f"gguf {linear2}" in model.source.checkpoint.quantisation
     assert model.identity.weights.startswith("gguf Q8_0")
     sizes = model.weight_bytes().blocks
     assert sizes[0] == sum(m.weight.numel() for n, m in packed.items() if n.startswith("transformer_blocks.0.")) + \
         sum(t.numel() * 2 for n, t in model.span.state_dict().items()
             if n.startswith("transformer_blocks.0.") and t.dtype == torch.bfloat16)
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q6_K", "Q5_K", "Q4_K"])
+def test_gguf_layers_dequantise_straight_to_bf16_with_the_references_numbers(qtype):
+    """Every value exact in float32 and rounded once into the compute dtype: bit for bit gguf's numpy
+    reference and diffusers' torch ports in float32, each rounded to bf16; diffusers' ports as diffusers
+    calls them (float16 arithmetic, then bf16) are at most one bf16 step of the block's largest value away."""
+    from diffusers.quantizers.gguf.utils import dequantize_functions
+
+    block, size = gguf.GGML_QUANT_SIZES[T[qtype]]
+    packed = packed_blocks(qtype, 48, 1024, seed=11)
+    layer = GgufLinear(1024, 48, LinearFormat("gguf", qtype=qtype))
+    layer.weight = torch.from_numpy(packed)
+    got = layer.dequantized(torch.bfloat16)
+    assert got.dtype == torch.bfloat16 and got.shape == (48, 1024)
+    assert torch.equal(got, torch.from_numpy(gguf.quants.dequantize(packed, T[qtype])).to(torch.bfloat16))
+    blocks = torch.from_numpy(packed).reshape(-1, size)
+    port = dequantize_functions[T[qtype]]
+    assert torch.equal(got, port(blocks, block, size, torch.float32).reshape(48, 1024).to(torch.bfloat16))
+    assert torch.equal(layer.dequantized(torch.float32), port(blocks, block, size, torch.float32).reshape(48, 1024))
+    as_diffusers = port(blocks, block, size).to(torch.bfloat16).float().reshape(-1, block)
+    ours = got.float().reshape(-1, block)
+    assert ((ours - as_diffusers).abs() <= 2**-7 * ours.abs().amax(dim=1, keepdim=True)).all()
+    assert torch.equal(layer.dequantized(torch.bfloat16, 8, 24), got[8:24])  # a row slice, as the chunks take
+
+
+def test_a_compiled_gguf_layer_is_one_fused_dequantisation_kernel_with_the_eager_bits():
+    """torch.compile over a GgufLinear (as BlockCompiler compiles it inside a block): no graph break, the
+    same output bits as eager (aot_eager, and inductor's C++ backend where a compiler exists), and inductor
+    writes one kernel for the dequantisation (the matmul is the library's)."""
+    import shutil
+
+    from torch._inductor import metrics
+
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 9, 512, generator=g).to(torch.bfloat16)
+    backends = ["aot_eager"] + (["inductor"] if shutil.which("c++") else [])
+    for qtype in ("Q8_0", "Q6_K", "Q5_K", "Q4_K"):
+        layer = GgufLinear(512, 64, LinearFormat("gguf", qtype=qtype))
+        layer.weight = torch.from_numpy(packed_blocks(qtype, 64, 512, seed=2))
+        with torch.inference_mode():
+            eager = layer(x)
+            for backend in backends:
+                metrics.reset()
+                compiled = torch.compile(layer, fullgraph=True, dynamic=False, backend=backend)
+                assert torch.equal(compiled(x), eager), (qtype, backend)
+                if backend == "inductor":
+                    assert metrics.generated_kernel_count == 1, qtype
 
 
 def test_a_gguf_span_reads_only_its_own_tensors(tiny, tmp_path):

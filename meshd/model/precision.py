@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .dequant import dequantise_fp8, dequantise_gguf
+
 FP8_DTYPES = {"e4m3fn": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 FP8_MAX = {"e4m3fn": 448.0, "e5m2": 57344.0}
 #: GGUF types a file may hold quantised block weights in (diffusers has a torch dequantiser for each).
@@ -179,7 +181,7 @@ class Fp8Linear(torch.nn.Module):
     def dequantized(self, dtype: torch.dtype, start: int = 0, end: int | None = None) -> torch.Tensor:
         """Rows ``[start, end)`` of the weight as numbers in ``dtype`` (product taken in float32, rounded once)."""
         scale = self.weight_scale[start:end] if self.format.per_row else self.weight_scale
-        return (self.weight[start:end].float() * scale).to(dtype)
+        return dequantise_fp8(self.weight[start:end], scale, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.native and x.dtype == torch.bfloat16 and x.is_cuda:
@@ -193,27 +195,21 @@ class Fp8Linear(torch.nn.Module):
 
 class GgufLinear(torch.nn.Module):
     """A bias-free linear layer whose weight is GGUF blocks (``[out, packed bytes per row]`` uint8),
-    dequantised at every forward."""
+    dequantised at every forward straight into the compute dtype (:mod:`.dequant`; under torch.compile
+    the dequantisation is one fused kernel feeding the matmul)."""
 
     def __init__(self, in_features: int, out_features: int, fmt: LinearFormat) -> None:
         super().__init__()
-        import gguf  # noqa: PLC0415
-        from diffusers.quantizers.gguf.utils import dequantize_functions  # noqa: PLC0415
-
         self.in_features, self.out_features, self.format = in_features, out_features, fmt
         self.block_size, self.type_size = gguf_sizes(fmt.qtype)
         if in_features % self.block_size:
             raise ValueError(f"{fmt.qtype} needs rows of a multiple of {self.block_size} values, not {in_features}")
-        self._dequantise = dequantize_functions[gguf.GGMLQuantizationType[fmt.qtype]]
         self.register_buffer("weight", torch.empty(out_features, in_features // self.block_size * self.type_size,
                                                    dtype=torch.uint8))
 
     def dequantized(self, dtype: torch.dtype, start: int = 0, end: int | None = None) -> torch.Tensor:
-        """Rows ``[start, end)`` of the weight as numbers in ``dtype`` (diffusers' dequantiser computes in
-        float16, as GGUF stores its block scales)."""
-        rows = self.weight[start:end]
-        values = self._dequantise(rows.reshape(-1, self.type_size), self.block_size, self.type_size)
-        return values.reshape(rows.shape[0], self.in_features).to(dtype)
+        """Rows ``[start, end)`` of the weight as numbers in ``dtype`` (exact in float32, rounded once)."""
+        return dequantise_gguf(self.weight[start:end], self.format.qtype, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _dequantised_linear(x, self, self.out_features, self.in_features)
