@@ -436,6 +436,24 @@ def test_the_native_fp8_matmul_computes_the_layer_within_activation_rounding():
             assert rel(got, layer(x)) < bound, (per_row, scaling)
 
 
+def test_the_tensorwise_fp8_matmul_keeps_the_row_scales_in_float32():
+    """Issue 18: where the GPU's _scaled_mm scales per tensor only, the weight's row scales were applied to a
+    bf16 product, rounded to bf16 themselves (up to 0.2% off, the same for every token of an output channel).
+    On exact operands (integers in e4m3, every token's amax 448 so its scale is 1) each path must give the
+    exact product times the float32 scale, rounded once."""
+    from meshd.model.precision import scaled_matmul
+
+    g = torch.Generator().manual_seed(7)
+    x = torch.randint(-16, 17, (2, 5, 32), generator=g).to(torch.bfloat16)
+    x[..., 0] = 448
+    q = torch.randint(-16, 17, (48, 32), generator=g).to(torch.float8_e4m3fn)
+    exact = x.double() @ q.double().t()  # integers below 2^24: exact in the kernel's float32 accumulator too
+    for scale in (torch.rand(48, 1, generator=g) * 0.01 + 0.001, torch.tensor(0.0123)):
+        want = (exact.float() * scale.reshape(1, -1)).to(torch.bfloat16)
+        for scaling in ("rowwise", "tensorwise"):
+            assert torch.equal(scaled_matmul(x, q, scale, torch.bfloat16, scaling), want), (scaling, scale.numel())
+
+
 # --- on the GPU machine ------------------------------------------------------------------------------------
 
 @pytest.mark.gpu
