@@ -276,8 +276,8 @@ def _rows(weight: torch.Tensor, rows: slice, device: torch.device, dtype: torch.
     return part.to(torch.float32, copy=True)
 
 
-def quantise_fp8(weight: torch.Tensor, fp8: str = "e4m3fn", per_row: bool = True, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def quantise_fp8(weight: torch.Tensor, fp8: str = "e4m3fn", per_row: bool = True,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(fp8 values, float32 scale) of a 2-D weight on ``device``: scale = amax / fp8 max per row (or per
     tensor), one row chunk at a time."""
     device = weight.device if device is None else torch.device(device)
