@@ -565,6 +565,35 @@ def test_the_planner_sizes_stages_by_the_real_bytes_at_their_precision():
     assert WeightBytes.from_wire({**wire, "head": -1}, dev) is None
 
 
+def test_the_planner_puts_the_tail_on_the_last_stage_and_the_dense_estimate_counts_what_peers_hold():
+    """Issue 18: the final norm and projection (dev: 76 M params) were charged to the head, which never holds
+    them in a split, and the dense estimate (no report from the peer) left them out while counting a
+    guidance embedder klein does not have. A stage that fits exactly what it holds must be accepted."""
+    from meshd.model.presets import PRESETS
+    from meshd.model.runtime import RandomSource, weight_bytes
+    from meshd.plan import PeerAddress, PeerResources, WeightBytes, propose, span_bytes, stage_extra_bytes, \
+        workspace_bytes
+
+    for preset in PRESETS.values():
+        real = weight_bytes(preset, RandomSource(preset).linear_formats("bf16"), torch.bfloat16)
+        estimate = WeightBytes.dense(preset)
+        assert (estimate.head, estimate.tail) == (real.head, real.tail), preset.name
+        assert abs(sum(estimate.blocks) - sum(real.blocks)) < 1e-3 * sum(real.blocks)  # the norms' few weights
+    dev = PRESETS["dev"]
+    tokens = 512 + 64 * 64
+    for weights in (None, weight_bytes(dev, RandomSource(dev).linear_formats("fp8"), torch.bfloat16)):
+        sizes = weights or WeightBytes.dense(dev)
+        cut, n = 20, dev.num_blocks
+        work = workspace_bytes(dev, tokens)
+        head = span_bytes(dev, 0, cut, weights=weights) + work + stage_extra_bytes(dev, True, False, weights=weights)
+        last = span_bytes(dev, cut, n, weights=weights) + work + stage_extra_bytes(dev, False, True, weights=weights)
+        assert stage_extra_bytes(dev, True, True, weights=weights) == \
+            stage_extra_bytes(dev, True, False, weights=weights) + sizes.tail > sizes.tail > 0
+        plan = propose(dev, [PeerResources(PeerAddress("10.0.0.1", 7777), "A", head),
+                             PeerResources(PeerAddress("10.0.0.2", 7777), "B", last)], tokens, weights=weights)
+        assert [(s.start, s.end) for s in plan.stages] == [(0, cut), (cut, n)]
+
+
 def test_meshd_check_shows_the_precision_the_compute_path_and_the_gguf_file(tiny, tmp_path):
     from meshd.check import check_precision
     from meshd.config import ConfigError, DaemonConfig, load_config
