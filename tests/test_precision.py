@@ -516,6 +516,25 @@ def test_native_fp8_matmul_is_probed_and_close_to_the_dequantised_one():
     assert rel(compiled(x), fast) < 1e-2
 
 
+@pytest.mark.gpu
+def test_a_compiled_gguf_layer_on_the_gpu_is_one_triton_kernel_with_the_eager_bits():
+    """The GPU path of the compiled-layer test above: inductor (deterministic, as BlockCompiler) writes one
+    kernel for each type's dequantisation, and the output equals the eager layer's bit for bit."""
+    from torch._inductor import metrics
+
+    device = torch.device("cuda")
+    g = torch.Generator(device=device).manual_seed(6)
+    x = torch.randn(1, 4608, 4096, generator=g, device=device).to(torch.bfloat16)  # klein-9B at 1024²
+    for qtype in ("Q8_0", "Q6_K", "Q5_K", "Q4_K"):
+        layer = GgufLinear(4096, 4096, LinearFormat("gguf", qtype=qtype)).to(device)
+        layer.weight = torch.from_numpy(packed_blocks(qtype, 4096, 4096, seed=2)).to(device)
+        with torch.inference_mode():
+            metrics.reset()
+            compiled = torch.compile(layer, fullgraph=True, dynamic=False, options={"deterministic": True})
+            assert torch.equal(compiled(x), layer(x)), qtype
+            assert metrics.generated_kernel_count == 1, qtype
+
+
 def test_large_layers_dequantise_in_row_chunks_with_the_numbers_of_one_pass(monkeypatch):
     """A big layer is dequantised a slice of rows at a time (bounded VRAM); the result is the plain linear's."""
     import meshd.model.precision as precision

@@ -7,14 +7,16 @@
   3080, the CPU, e5m2 weights) each layer is dequantised just before its matmul and the copy dropped,
   as ComfyUI does: VRAM holds fp8, the arithmetic is bf16.
 - :class:`GgufLinear`: a GGUF block-quantised weight kept as its packed bytes, dequantised at every
-  forward by diffusers' torch ports of GGUF's dequantisers.
+  forward straight into the compute dtype (:mod:`.dequant`: exact float32 products rounded once, bit for
+  bit diffusers' torch ports in float32; under torch.compile one fused kernel per layer).
 
 Both are torch.compile-friendly: the path is a Python constant fixed at construction, forward has
 no ``.item()`` and no branch on tensor values. LoRA forward hooks attach to them as to ``nn.Linear``
 (they receive the input and add to the output; see :mod:`.lora`).
 
 :class:`LinearFormat` says how one layer is held; :func:`quantise` turns a dense weight into a format's
-tensors on the device (``weights = "fp8"`` and the benchmark's GGUF formats quantise at load).
+tensors on the device, a chunk of rows at a time (``weights = "fp8"`` and the benchmark's GGUF formats
+quantise at load).
 """
 
 from __future__ import annotations
