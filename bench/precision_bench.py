@@ -222,7 +222,8 @@ def run_layers(args, device) -> list[dict]:
                     "compiled_ms": round(compiled_ms, 3), "compile_s": round(compile_s, 1),
                     "dequantise_only_eager_ms": round(dequant_ms, 3),
                     "diffusers_dequantise_only_eager_ms": round(diffusers_ms, 3),
-                    "eager_over_bf16": round(eager_ms / bf16_ms, 3), "compiled_over_bf16": round(compiled_ms / bf16_ms, 3),
+                    "eager_over_bf16": round(eager_ms / bf16_ms, 3),
+                    "compiled_over_bf16": round(compiled_ms / bf16_ms, 3),
                     "compiled_equals_eager": bool(torch.equal(compiled_out, eager_out)),
                     "packed_mib": round(layer.weight.numel() / 2**20, 1),
                 })

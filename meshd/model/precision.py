@@ -30,7 +30,7 @@ from .dequant import affine, dequantise_fp8, dequantise_gguf
 
 FP8_DTYPES = {"e4m3fn": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 FP8_MAX = {"e4m3fn": 448.0, "e5m2": 57344.0}
-#: GGUF types a file may hold quantised block weights in (diffusers has a torch dequantiser for each).
+#: GGUF types a file may hold quantised block weights in (:mod:`.dequant` dequantises each).
 GGUF_QUANTISED = ("Q8_0", "Q6_K", "Q5_K", "Q4_K")
 #: GGUF types that are plain floats: read and cast like safetensors' bf16/fp16/fp32.
 GGUF_FLOATS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -279,7 +279,8 @@ def _rows(weight: torch.Tensor, rows: slice, device: torch.device, dtype: torch.
 
 
 def quantise_fp8(weight: torch.Tensor, fp8: str = "e4m3fn", per_row: bool = True,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(fp8 values, float32 scale) of a 2-D weight on ``device``: scale = amax / fp8 max per row (or per
     tensor), one row chunk at a time."""
     device = weight.device if device is None else torch.device(device)
