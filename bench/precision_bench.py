@@ -3,6 +3,7 @@
 
     python bench/precision_bench.py --model dev --weights bf16,fp8,gguf-q8_0,gguf-q4_k --size 1024 --steps 2 --json
     python bench/precision_bench.py --model klein-9b --mode forward --weights bf16,fp8 --json
+    python bench/precision_bench.py --mode layer --json          # one GgufLinear per type, klein-9b and dev
 
 Every format is built the way a daemon builds it with ``--random-weights --weights W``: the seeded bf16
 weights of each block are made on the GPU and quantised there, one tensor at a time (fp8 with one scale
@@ -14,8 +15,12 @@ GPU holding everything, step ms), then a two-stage split over two daemons on the
 planner's split at that precision, raw codec: per-stage peak VRAM, step ms, and whether it equals the
 all-local run bit for bit), and the final-latent relative L2 and image PSNR against the bf16 run of the
 same seed. ``--mode forward``: one whole transformer forward at the size, median ms and output rel L2
-against bf16. Error figures are labelled: random weights are near-uniform, trained weights have
-outliers, so quantisation error on them says little about real images.
+against bf16. ``--mode layer``: one GgufLinear of each type (Q8_0, Q6_K, Q5_K, Q4_K) at the shapes of a
+single block's two linears (klein-9B and dev unless --model names one), on the tokens of --size: median ms
+eager and compiled (torch.compile over the layer, inductor in deterministic mode as BlockCompiler uses
+it), the dequantisation alone, diffusers' dequantiser (what meshd ran before) and the bf16 nn.Linear of
+the same shape, all in one process. Error figures are labelled: random weights are near-uniform, trained
+weights have outliers, so quantisation error on them says little about real images.
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.split_bench import log, psnr, run_local, run_split, sync  # noqa: E402
 from meshd.pipeline.generation import GenerationParams, Sampler  # noqa: E402
+from meshd.model.checkpoints import expected_shapes  # noqa: E402
+from meshd.model.precision import GGUF_QUANTISED, GgufLinear, LinearFormat, gguf_sizes  # noqa: E402
 from meshd.model.presets import get_preset  # noqa: E402
 from meshd.model.runtime import HostedModel, RandomSource  # noqa: E402
 from meshtui.local import LocalCluster  # noqa: E402
@@ -138,6 +145,97 @@ def run_generate(args, device, params) -> list[dict]:
     return rows
 
 
+#: The layers ``--mode layer`` times: a single block's fused input projection and its output projection
+#: (single blocks hold 80% of klein-9B's block weights and 75% of dev's).
+LAYERS = ("single_transformer_blocks.0.attn.to_qkv_mlp_proj", "single_transformer_blocks.0.attn.to_out")
+#: Byte offsets of each type's float16 block scale(s): random blocks get finite scales there.
+F16_AT = {"Q8_0": (0,), "Q6_K": (208,), "Q5_K": (0, 2), "Q4_K": (0, 2)}
+
+
+def random_gguf(qtype: str, rows: int, cols: int, device: torch.device) -> torch.Tensor:
+    """Random valid GGUF blocks (random codes and sub-block scales, finite f16 scales) as a layer holds them:
+    the time of a dequantisation does not depend on the values."""
+    block, size = gguf_sizes(qtype)
+    g = torch.Generator(device=device).manual_seed(0)
+    blocks = torch.randint(0, 256, (rows * cols // block, size), dtype=torch.uint8, device=device, generator=g)
+    for at in F16_AT[qtype]:
+        blocks[:, at:at + 2] = torch.tensor([1e-3], dtype=torch.float16, device=device).view(torch.uint8)
+    return blocks.reshape(rows, -1)
+
+
+def median_ms(fn, device: torch.device, repeat: int) -> float:
+    """Median ms of ``repeat`` calls of ``fn`` after two untimed ones."""
+    fn(), fn()
+    times = []
+    for _ in range(repeat):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def run_layers(args, device) -> list[dict]:
+    """One GgufLinear per type at each model's single-block shapes: eager, compiled, against bf16 and diffusers."""
+    import gguf  # noqa: PLC0415
+    from diffusers.quantizers.gguf.utils import dequantize_functions  # noqa: PLC0415
+
+    rows = []
+    for name in args.layer_models:
+        preset = get_preset(name)
+        shapes = expected_shapes(preset)
+        side = args.size // preset.size_multiple
+        tokens = preset.max_sequence_length + side * side
+        g = torch.Generator(device=device).manual_seed(1)
+        for layer_name in LAYERS:
+            out_f, in_f = shapes[f"{layer_name}.weight"]
+            x = torch.randn(1, tokens, in_f, device=device, dtype=torch.bfloat16, generator=g)
+            dense = torch.nn.Linear(in_f, out_f, bias=False, device=device, dtype=torch.bfloat16)
+            with torch.inference_mode():
+                bf16_ms = median_ms(lambda: dense(x), device, args.repeat)
+            del dense
+            for qtype in GGUF_QUANTISED:
+                block, size = gguf_sizes(qtype)
+                row = {"model": name, "layer": layer_name, "shape": [out_f, in_f], "tokens": tokens, "qtype": qtype}
+                if in_f % block:
+                    rows.append({**row, "skipped": f"rows of {in_f} are not whole {qtype} blocks"})
+                    continue
+                layer = GgufLinear(in_f, out_f, LinearFormat("gguf", qtype=qtype)).to(device)
+                layer.weight = random_gguf(qtype, out_f, in_f, device)
+                port = dequantize_functions[gguf.GGMLQuantizationType[qtype]]
+                with torch.inference_mode():
+                    eager_out = layer(x)
+                    eager_ms = median_ms(lambda: layer(x), device, args.repeat)
+                    dequant_ms = median_ms(lambda: layer.dequantized(torch.bfloat16), device, args.repeat)
+                    diffusers_ms = median_ms(lambda: port(layer.weight.reshape(-1, size), block, size)
+                                             .reshape(out_f, in_f).to(torch.bfloat16), device, args.repeat)
+                    compiled = torch.compile(layer, fullgraph=True, dynamic=False,
+                                             options={"deterministic": True} if device.type == "cuda" else None)
+                    t0 = time.perf_counter()
+                    compiled_out = compiled(x)
+                    sync(device)
+                    compile_s = time.perf_counter() - t0
+                    compiled_ms = median_ms(lambda: compiled(x), device, args.repeat)
+                row.update({
+                    "bf16_linear_ms": round(bf16_ms, 3), "eager_ms": round(eager_ms, 3),
+                    "compiled_ms": round(compiled_ms, 3), "compile_s": round(compile_s, 1),
+                    "dequantise_only_eager_ms": round(dequant_ms, 3),
+                    "diffusers_dequantise_only_eager_ms": round(diffusers_ms, 3),
+                    "eager_over_bf16": round(eager_ms / bf16_ms, 3),
+                    "compiled_over_bf16": round(compiled_ms / bf16_ms, 3),
+                    "compiled_equals_eager": bool(torch.equal(compiled_out, eager_out)),
+                    "packed_mib": round(layer.weight.numel() / 2**20, 1),
+                })
+                log(f"{name} {layer_name.rsplit('.', 1)[-1]} {out_f}x{in_f} {qtype}: bf16 {bf16_ms:.2f} ms, eager "
+                    f"{eager_ms:.2f} ms (dequantise {dequant_ms:.2f}, diffusers' {diffusers_ms:.2f}), compiled "
+                    f"{compiled_ms:.2f} ms, compiled == eager: {row['compiled_equals_eager']}")
+                rows.append(row)
+                del layer, compiled, eager_out, compiled_out
+                _free(device)
+    return rows
+
+
 def _gib(model: HostedModel) -> float:
     sizes = model.weight_bytes()
     return (sum(sizes.blocks) + sizes.head + sizes.tail) / GIB
@@ -155,13 +253,15 @@ def _free(device) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="klein-9b", choices=["klein-9b", "klein-4b", "dev", "tiny"])
+    parser.add_argument("--model", choices=["klein-9b", "klein-4b", "dev", "tiny"],
+                        help="preset (default klein-9b; --mode layer: klein-9b and dev)")
     parser.add_argument("--weights", default="bf16,fp8,gguf-q8_0,gguf-q4_k",
                         help="comma-separated: bf16, fp8, gguf-q8_0, gguf-q4_k (bf16 is always run first)")
-    parser.add_argument("--mode", choices=["generate", "forward"], default="generate")
+    parser.add_argument("--mode", choices=["generate", "forward", "layer"], default="generate")
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--repeat", type=int, default=1, help="timed generations (or forwards) per format")
+    parser.add_argument("--repeat", type=int, help="timed generations (or forwards) per format (default 1; "
+                        "--mode layer: timed calls per layer, default 20)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--models-dir", type=Path, default=Path("/tmp/flux-mesh-models"))
     parser.add_argument("--workdir", type=Path, help="keep the daemons' key, state and logs here")
@@ -174,6 +274,9 @@ def main() -> int:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     args.weights = ([] if args.no_reference else ["bf16"]) + [w for w in args.weights.split(",") if w and w != "bf16"]
+    args.layer_models = [args.model] if args.model else ["klein-9b", "dev"]
+    args.repeat = args.repeat or (20 if args.mode == "layer" else 1)
+    args.model = args.model or "klein-9b"
     args.random_weights, args.transport = True, "auto"
     plan_source = f"the plan {args.split}" if args.split else "the planner's split"
     device = torch.device(args.device)
@@ -181,7 +284,8 @@ def main() -> int:
         device = torch.device("cuda", torch.cuda.current_device())
     params = GenerationParams(prompt="a lighthouse on a cliff at dawn", seed=1, width=args.size, height=args.size,
                               steps=args.steps, guidance=1.0)
-    rows = run_forward(args, device, params) if args.mode == "forward" else run_generate(args, device, params)
+    runs = {"generate": run_generate, "forward": run_forward, "layer": lambda a, d, _: run_layers(a, d)}
+    rows = runs[args.mode](args, device, params)
     result = {
         "bench": "precision",
         "mode": args.mode,
@@ -189,7 +293,10 @@ def main() -> int:
                     "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
         "config": {"model": args.model, "weights_source": "random weights (seeded bf16, quantised on the device)",
                    "size": args.size, "steps": args.steps, "repeat": args.repeat,
-                   "split": f"two daemons on this machine, {plan_source}, raw codec"},
+                   "split": f"two daemons on this machine, {plan_source}, raw codec"} if args.mode != "layer" else
+                  {"models": args.layer_models, "size": args.size, "repeat": args.repeat,
+                   "weights_source": "random valid GGUF blocks (a dequantisation's time does not depend on values)",
+                   "compile": "torch.compile(GgufLinear, fullgraph=True, dynamic=False), inductor deterministic"},
         "rows": rows,
     }
     print(json.dumps(result, indent=1 if args.json else None, default=str))

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from codec import Capabilities, CodecError, CodecSpec
 from codec.policy import Calibration, choose_codec, engines
 from meshd.model.presets import PRESETS, ModelPreset
-from meshd.pipeline.plan import (PeerAddress, PeerResources, PlanError, SplitPlan, Stage, WeightBytes, head_extra_bytes,
+from meshd.pipeline.plan import (PeerAddress, PeerResources, PlanError, SplitPlan, Stage, WeightBytes, stage_extra_bytes,
                         propose, span_bytes, workspace_bytes)
 
 from .views import PeerView
@@ -301,8 +301,7 @@ def forecast(plan: SplitPlan, peers: Mapping[PeerAddress, PeerView], width: int,
             problems.append(f"{name} serves {peer.model_id}, the head serves {head.model_id}")
         sizes = weight_bytes(head, preset)
         need = span_bytes(preset, stage.start, stage.end, size, sizes) + workspace_bytes(preset, tokens, size)
-        if i == 0:
-            need += head_extra_bytes(preset, size, sizes)
+        need += stage_extra_bytes(preset, i == 0, i == len(plan.stages) - 1, size, sizes)
         need_per_peer[stage.peer] = need_per_peer.get(stage.peer, 0) + need
         available = available_bytes(peer, preset) if peer is not None and peer.free_bytes is not None else None
         compute = speeds.ms(stage.peer, stage.blocks)

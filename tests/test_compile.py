@@ -207,6 +207,25 @@ def test_a_compiled_split_equals_the_compiled_all_local_run(models, tmp_path):
     assert {e["blocks"] for e in announced} == {head_blocks, stage_blocks}
 
 
+def test_the_gpu_thread_compiles_more_graphs_than_dynamos_default_limit(models, tmp_path):
+    """Dynamo's config is per thread: the recompile limit the compiler raised where it was made (the main
+    thread) did not hold on the GPU thread, whose 9th graph (5 sizes of a double and a single block here,
+    or fewer after other models' graphs in one process) failed with FailOnRecompileLimitHit."""
+    model = hosted(models, tmp_path)
+
+    async def compile_sizes():
+        worker = GpuWorker(torch.device("cpu"))
+        try:
+            await worker.run(model.load, range(6), True, True)
+            for side in range(1, 6):
+                await worker.run(model.warm_compiled, TINY_TXT, side * side)
+        finally:
+            worker.shutdown()
+
+    asyncio.run(compile_sizes())
+    assert len(model.compile_pending(TINY_TXT, 25)) == 0 and model.compiler.status()["compiled_shapes"] == 10
+
+
 def test_the_dashboard_and_check_show_compiling(tmp_path):
     record = RunRecord(1, 0.0, RunParams("p", 1, 1024, 1024, 4, 1.0), "A:0-15,B:16-31")
     event = {"kind": "compiling", "node": "b", "blocks": "16-31", "size": "1024x1024", "cached": False,

@@ -1,6 +1,8 @@
 """A split whose peers hold fp8 or GGUF weights (as stored, or quantised at load) computes the same latents
-as the all-local run with the same weights, bit for bit over the raw codec; peers holding the same file at
-different precisions refuse to form one plan, naming the difference."""
+as the all-local run with the same weights, bit for bit over the raw codec, with the blocks eager or compiled
+(torch.compile's aot_eager backend on the CPU: Dynamo traces the quantised layers' dequantisation into the
+block graphs as inductor does on the GPU); peers holding the same file at different precisions refuse to
+form one plan, naming the difference."""
 
 import pytest
 import torch
@@ -9,6 +11,7 @@ import meshd.pipeline.generation as gen
 from meshd import auth
 from meshd.errors import MeshError
 from meshd.node.gpu import GpuWorker
+from meshd.model.compiled import BlockCompiler, CompileCache
 from meshd.model.files import ModelStore
 from meshd.model.runtime import HostedModel, open_source
 from meshd.model.tiny import write_tiny
@@ -35,8 +38,11 @@ def models(tmp_path_factory):
     return root
 
 
-async def local_latents(models, name: str, weights: str) -> torch.Tensor:
-    model = HostedModel(open_source(name, ModelStore([models])), torch.device("cpu"), torch.bfloat16, weights=weights)
+async def local_latents(models, name: str, weights: str, compile_dir=None) -> torch.Tensor:
+    """The all-local run's final latents; its blocks compiled (aot_eager) when ``compile_dir`` is given."""
+    source = open_source(name, ModelStore([models]))
+    compiler = BlockCompiler(CompileCache(compile_dir), source.model_id, backend="aot_eager") if compile_dir else None
+    model = HostedModel(source, torch.device("cpu"), torch.bfloat16, weights=weights, compiler=compiler)
     worker = GpuWorker(torch.device("cpu"))
     try:
         await worker.run(model.load, range(6), True, True)
@@ -46,16 +52,21 @@ async def local_latents(models, name: str, weights: str) -> torch.Tensor:
     return result.latents
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("name,weights", [("tiny-fp8", "auto"), ("tiny-q", "auto"), ("tiny", "fp8"),
-                                          ("tiny", "gguf-q8_0")],
-                         ids=["fp8-file", "gguf-file", "fp8-at-load", "q8_0-at-load"])
-async def test_a_split_with_quantised_weights_equals_all_local_bit_for_bit(models, tmp_path, name, weights):
-    expected = await local_latents(models, name, weights)
-    async with running_daemon(tmp_path / "a", KEY, models_dir=models, model=name, weights=weights) as a, \
-            running_daemon(tmp_path / "b", KEY, models_dir=models, model=name, weights=weights) as b:
+                                          ("tiny", "gguf-q8_0"), ("tiny", "gguf-q4_k")],
+                         ids=["fp8-file", "gguf-file", "fp8-at-load", "q8_0-at-load", "q4_k-at-load"])
+async def test_a_split_with_quantised_weights_equals_all_local_bit_for_bit(models, tmp_path, name, weights, compiled):
+    backend = "aot_eager" if compiled else None
+    expected = await local_latents(models, name, weights, tmp_path / "local" if compiled else None)
+    async with running_daemon(tmp_path / "a", KEY, models_dir=models, model=name, weights=weights,
+                              compile_backend=backend) as a, \
+            running_daemon(tmp_path / "b", KEY, models_dir=models, model=name, weights=weights,
+                           compile_backend=backend) as b:
         outcome = await split_generation(KEY, [a.bound, b.bound], "A:0-2,B:3-5", PARAMS, codec="raw",
                                          return_latents=True)
         assert a.model.identity.weights != "bf16"
+        assert (a.model.span.block_call is not None) == compiled  # the blocks really ran compiled (or not)
     assert torch.equal(outcome.latents, expected)
     dense = await local_latents(models, "tiny", "bf16")
     assert not torch.equal(expected, dense)  # the quantised weights really were used

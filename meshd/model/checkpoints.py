@@ -43,11 +43,11 @@ from pathlib import Path
 import torch
 
 from .gguf import GGUF_SUFFIX, gguf_type, open_gguf, read_gguf_header
+from .dequant import dequantise_fp8, dequantise_gguf
 from .precision import (
     DENSE,
     GGUF_FLOATS,
     LOAD_FORMATS,
-    GgufLinear,
     LinearFormat,
     gguf_sizes,
     load_format,
@@ -556,23 +556,19 @@ def _config_from_shapes(path: Path, shapes: dict[str, tuple[int, ...]]) -> dict:
 def _as_format(value: torch.Tensor, stored: LinearFormat, scale: torch.Tensor | None, fmt: LinearFormat,
                device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """One stored weight (as the converter hands it out) as the tensors of a ``fmt`` layer on ``device``:
-    kept as stored, dequantised, or quantised at load (on the device, so no dense copy stays behind)."""
+    kept as stored, dequantised into ``dtype`` (the numbers the stored layer computes with), or quantised at
+    load a chunk of rows at a time (on the device, so no dense copy stays behind)."""
     if fmt == stored and fmt.kind == "fp8":
         return {"weight": value.to(device), "weight_scale": scale.to(device)}
     if fmt == stored and fmt.kind == "gguf":
         return {"weight": value.to(device)}
-    if stored.kind == "fp8":  # in float32 first, rounded once to the compute dtype
-        dense = value.float() * scale
+    if stored.kind == "fp8":
+        dense = dequantise_fp8(value.to(device), scale.to(device), dtype)
     elif stored.kind == "gguf":
-        rows, packed = value.shape
-        block, size = gguf_sizes(stored.qtype)
-        with torch.device("meta"):
-            layer = GgufLinear(packed // size * block, rows, stored)
-        layer.weight = value.to(device)
-        dense = layer.dequantized(torch.float32)
+        dense = dequantise_gguf(value.to(device), stored.qtype, dtype)
     else:
         dense = value
     cast = dtype if dense.dtype.is_floating_point else dense.dtype
     if fmt.kind == "dense":
         return {"weight": dense.to(device=device, dtype=cast)}
-    return quantise(dense.to(device=device, dtype=cast), fmt)
+    return quantise(dense, fmt, device, cast)

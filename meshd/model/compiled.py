@@ -216,6 +216,10 @@ class BlockCompiler:
 
     def call(self, block: torch.nn.Module, **kwargs):
         """``block(**kwargs)`` through the compiled graph of its class and shape."""
+        # Dynamo's config is per thread (a ContextVar): the limit raised in __init__ holds in the thread that
+        # made the compiler, not in the GPU thread that compiles, where the 9th graph failed (fullgraph).
+        if torch._dynamo.config.recompile_limit < RECOMPILE_LIMIT:
+            torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
         if torch.is_inference_mode_enabled():
             kwargs = {name: _canonical(value) for name, value in kwargs.items()}
         return self._fn(block, kwargs)

@@ -7,14 +7,16 @@
   3080, the CPU, e5m2 weights) each layer is dequantised just before its matmul and the copy dropped,
   as ComfyUI does: VRAM holds fp8, the arithmetic is bf16.
 - :class:`GgufLinear`: a GGUF block-quantised weight kept as its packed bytes, dequantised at every
-  forward by diffusers' torch ports of GGUF's dequantisers.
+  forward straight into the compute dtype (:mod:`.dequant`: exact float32 products rounded once, bit for
+  bit diffusers' torch ports in float32; under torch.compile one fused kernel per layer).
 
 Both are torch.compile-friendly: the path is a Python constant fixed at construction, forward has
 no ``.item()`` and no branch on tensor values. LoRA forward hooks attach to them as to ``nn.Linear``
 (they receive the input and add to the output; see :mod:`.lora`).
 
 :class:`LinearFormat` says how one layer is held; :func:`quantise` turns a dense weight into a format's
-tensors on the device (``weights = "fp8"`` and the benchmark's GGUF formats quantise at load).
+tensors on the device, a chunk of rows at a time (``weights = "fp8"`` and the benchmark's GGUF formats
+quantise at load).
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ from dataclasses import dataclass
 
 import torch
 
+from .dequant import affine, dequantise_fp8, dequantise_gguf
+
 FP8_DTYPES = {"e4m3fn": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 FP8_MAX = {"e4m3fn": 448.0, "e5m2": 57344.0}
-#: GGUF types a file may hold quantised block weights in (diffusers has a torch dequantiser for each).
+#: GGUF types a file may hold quantised block weights in (:mod:`.dequant` dequantises each).
 GGUF_QUANTISED = ("Q8_0", "Q6_K", "Q5_K", "Q4_K")
 #: GGUF types that are plain floats: read and cast like safetensors' bf16/fp16/fp32.
 GGUF_FLOATS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -38,6 +42,8 @@ _AMAX_FLOOR = 1e-12
 #: copy (and the dequantiser's intermediates) stays ~128 MiB however large the layer: dev's fused
 #: single-block input layer (55296 x 6144) would otherwise need ~2 GiB of temporaries per forward.
 DEQUANT_CHUNK = 1 << 26
+#: Quantising at load works through a weight this many values at a time (a 64 MiB float32 working copy).
+QUANTISE_CHUNK = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -154,10 +160,15 @@ def scaled_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Ten
     if scaling == "rowwise":
         scale_b = weight_scale.float().reshape(1, -1).expand(1, n).contiguous()
         out = torch._scaled_mm(xq, weight.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)
+    elif weight_scale.numel() == 1:  # one scale per tensor: both scales go into the kernel's float32 epilogue
+        out = torch._scaled_mm(xq, weight.t(), scale_a=scale_a, scale_b=weight_scale.float().reshape(()),
+                               out_dtype=out_dtype)
     else:
+        # The kernel scales by one number only: the product comes out in float32 and is rounded once, after
+        # the float32 row scales (a row scale rounded to bf16 is off by up to 0.2%, for every token alike).
         one = torch.ones((), device=x.device, dtype=torch.float32)
-        out = torch._scaled_mm(xq, weight.t(), scale_a=scale_a, scale_b=one, out_dtype=out_dtype)
-        out = out * weight_scale.reshape(1, -1).to(out_dtype)
+        out = torch._scaled_mm(xq, weight.t(), scale_a=scale_a, scale_b=one, out_dtype=torch.float32)
+        out = affine(out, weight_scale.float().reshape(1, -1), None, out_dtype)
     return out.reshape(*x.shape[:-1], n)
 
 
@@ -179,7 +190,7 @@ class Fp8Linear(torch.nn.Module):
     def dequantized(self, dtype: torch.dtype, start: int = 0, end: int | None = None) -> torch.Tensor:
         """Rows ``[start, end)`` of the weight as numbers in ``dtype`` (product taken in float32, rounded once)."""
         scale = self.weight_scale[start:end] if self.format.per_row else self.weight_scale
-        return (self.weight[start:end].float() * scale).to(dtype)
+        return dequantise_fp8(self.weight[start:end], scale, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.native and x.dtype == torch.bfloat16 and x.is_cuda:
@@ -193,27 +204,21 @@ class Fp8Linear(torch.nn.Module):
 
 class GgufLinear(torch.nn.Module):
     """A bias-free linear layer whose weight is GGUF blocks (``[out, packed bytes per row]`` uint8),
-    dequantised at every forward."""
+    dequantised at every forward straight into the compute dtype (:mod:`.dequant`; under torch.compile
+    the dequantisation is one fused kernel feeding the matmul)."""
 
     def __init__(self, in_features: int, out_features: int, fmt: LinearFormat) -> None:
         super().__init__()
-        import gguf  # noqa: PLC0415
-        from diffusers.quantizers.gguf.utils import dequantize_functions  # noqa: PLC0415
-
         self.in_features, self.out_features, self.format = in_features, out_features, fmt
         self.block_size, self.type_size = gguf_sizes(fmt.qtype)
         if in_features % self.block_size:
             raise ValueError(f"{fmt.qtype} needs rows of a multiple of {self.block_size} values, not {in_features}")
-        self._dequantise = dequantize_functions[gguf.GGMLQuantizationType[fmt.qtype]]
         self.register_buffer("weight", torch.empty(out_features, in_features // self.block_size * self.type_size,
                                                    dtype=torch.uint8))
 
     def dequantized(self, dtype: torch.dtype, start: int = 0, end: int | None = None) -> torch.Tensor:
-        """Rows ``[start, end)`` of the weight as numbers in ``dtype`` (diffusers' dequantiser computes in
-        float16, as GGUF stores its block scales)."""
-        rows = self.weight[start:end]
-        values = self._dequantise(rows.reshape(-1, self.type_size), self.block_size, self.type_size)
-        return values.reshape(rows.shape[0], self.in_features).to(dtype)
+        """Rows ``[start, end)`` of the weight as numbers in ``dtype`` (exact in float32, rounded once)."""
+        return dequantise_gguf(self.weight[start:end], self.format.qtype, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _dequantised_linear(x, self, self.out_features, self.in_features)
@@ -260,12 +265,40 @@ def quantised_layers(span: torch.nn.Module, formats: dict[str, LinearFormat], de
 
 # --- quantising on the device (weights = "fp8", and the benchmark's GGUF formats) ------------------------
 
-def quantise_fp8(weight: torch.Tensor, fp8: str = "e4m3fn", per_row: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fp8 values, float32 scale) of a 2-D weight: scale = amax / fp8 max per row (or per tensor)."""
-    w = weight.to(torch.float32, copy=True)  # one float32 copy, then in place: cheap in VRAM at load
-    amax = w.abs().amax(dim=1, keepdim=True) if per_row else w.abs().amax()
-    scale = amax.clamp_min(_AMAX_FLOOR) / FP8_MAX[fp8]
-    q = w.div_(scale).clamp_(-FP8_MAX[fp8], FP8_MAX[fp8]).to(FP8_DTYPES[fp8])
+def row_chunks(rows: int, cols: int) -> list[slice]:
+    """Slices of whole rows of at most :data:`QUANTISE_CHUNK` values (at least one row each)."""
+    step = max(1, QUANTISE_CHUNK // max(cols, 1))
+    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
+def _rows(weight: torch.Tensor, rows: slice, device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:
+    """Rows of ``weight`` on ``device`` in float32, in a copy of their own (the quantisers work in place),
+    after rounding them to ``dtype``: the numbers a dense layer of that dtype would have held."""
+    part = weight[rows].to(device=device, dtype=dtype or weight.dtype)
+    return part.to(torch.float32, copy=True)
+
+
+def quantise_fp8(weight: torch.Tensor, fp8: str = "e4m3fn", per_row: bool = True,
+                 device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp8 values, float32 scale) of a 2-D weight on ``device``: scale = amax / fp8 max per row (or per
+    tensor), one row chunk at a time."""
+    device = weight.device if device is None else torch.device(device)
+    rows, cols = weight.shape
+    chunks = row_chunks(rows, cols)
+    q = torch.empty(rows, cols, dtype=FP8_DTYPES[fp8], device=device)
+    if per_row:
+        scale = torch.empty(rows, 1, dtype=torch.float32, device=device)
+    else:  # the tensor's amax first, a chunk at a time (max is exact, so the order does not matter)
+        amax = torch.zeros((), dtype=torch.float32, device=device)
+        for part in chunks:
+            amax = torch.maximum(amax, _rows(weight, part, device, dtype).abs().amax())
+        scale = amax.clamp_min(_AMAX_FLOOR) / FP8_MAX[fp8]
+    for part in chunks:
+        w = _rows(weight, part, device, dtype)
+        if per_row:
+            scale[part] = w.abs().amax(dim=1, keepdim=True).clamp_min(_AMAX_FLOOR) / FP8_MAX[fp8]
+        q[part] = w.div_(scale[part] if per_row else scale).clamp_(-FP8_MAX[fp8], FP8_MAX[fp8])
     return q, scale
 
 
@@ -274,10 +307,27 @@ def _round_away(x: torch.Tensor) -> torch.Tensor:
     return torch.sign(x) * torch.floor(x.abs() + 0.5)
 
 
-def quantise_q8_0(weight: torch.Tensor) -> torch.Tensor:
+def _packed_by_rows(weight: torch.Tensor, qtype: str, pack, device, dtype) -> torch.Tensor:
+    """GGUF ``qtype`` rows of ``weight`` on ``device``, packed by ``pack`` (float32 rows -> uint8 rows) one row
+    chunk at a time, so its float32 intermediates never exist for the whole tensor."""
+    device = weight.device if device is None else torch.device(device)
+    rows, cols = weight.shape
+    block, size = gguf_sizes(qtype)
+    out = torch.empty(rows, cols // block * size, dtype=torch.uint8, device=device)
+    for part in row_chunks(rows, cols):
+        out[part] = pack(_rows(weight, part, device, dtype))
+    return out
+
+
+def quantise_q8_0(weight: torch.Tensor, device: torch.device | str | None = None,
+                  dtype: torch.dtype | None = None) -> torch.Tensor:
     """GGUF Q8_0 blocks of a 2-D weight, bit for bit what gguf's reference quantiser writes."""
-    out_f, in_f = weight.shape
-    blocks = weight.float().reshape(-1, 32)
+    return _packed_by_rows(weight, "Q8_0", _pack_q8_0, device, dtype)
+
+
+def _pack_q8_0(rows: torch.Tensor) -> torch.Tensor:
+    out_f, in_f = rows.shape
+    blocks = rows.reshape(-1, 32)
     d = blocks.abs().amax(dim=1, keepdim=True) / 127
     inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
     qs = _round_away(blocks * inv).to(torch.int8)
@@ -285,12 +335,17 @@ def quantise_q8_0(weight: torch.Tensor) -> torch.Tensor:
     return packed.reshape(out_f, in_f // 32 * 34)
 
 
-def quantise_q4_k(weight: torch.Tensor) -> torch.Tensor:
+def quantise_q4_k(weight: torch.Tensor, device: torch.device | str | None = None,
+                  dtype: torch.dtype | None = None) -> torch.Tensor:
     """GGUF Q4_K blocks of a 2-D weight: per 32 values a 6-bit scale and min, per 256 an f16 scale of
     each. A direct min/max fit (llama.cpp's search for the best scale is slower and slightly better);
     the layout is GGUF's, checked against gguf's reference dequantiser."""
-    out_f, in_f = weight.shape
-    x = weight.float().reshape(-1, 8, 32)  # super-blocks of 8 sub-blocks of 32
+    return _packed_by_rows(weight, "Q4_K", _pack_q4_k, device, dtype)
+
+
+def _pack_q4_k(rows: torch.Tensor) -> torch.Tensor:
+    out_f, in_f = rows.shape
+    x = rows.reshape(-1, 8, 32)  # super-blocks of 8 sub-blocks of 32
     lo = x.amin(dim=2).clamp(max=0)
     hi = x.amax(dim=2)
     scale = (hi - lo) / 15  # per sub-block
@@ -318,13 +373,18 @@ def quantise_q4_k(weight: torch.Tensor) -> torch.Tensor:
     return packed.reshape(out_f, in_f // 256 * 144)
 
 
-def quantise(weight: torch.Tensor, fmt: LinearFormat) -> dict[str, torch.Tensor]:
-    """A dense weight as the tensors of ``fmt``'s layer (``weight``, and ``weight_scale`` for fp8)."""
+def quantise(weight: torch.Tensor, fmt: LinearFormat, device: torch.device | str | None = None,
+             dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """A dense weight (on any device) as the tensors of ``fmt``'s layer on ``device`` (``weight``, and
+    ``weight_scale`` for fp8), from its values rounded to ``dtype``. It works through the rows in chunks of
+    :data:`QUANTISE_CHUNK` values, each moved and quantised on its own, so the peak while loading is the
+    quantised layer plus one chunk's working copies, not a float32 copy of the whole weight (dev's fused
+    single-block layer: 1.3 GiB, several times that in Q4_K's intermediates)."""
     if fmt.kind == "fp8":
-        q, scale = quantise_fp8(weight, fmt.fp8, fmt.per_row)
+        q, scale = quantise_fp8(weight, fmt.fp8, fmt.per_row, device, dtype)
         return {"weight": q, "weight_scale": scale}
     if fmt.kind == "gguf" and fmt.qtype == "Q8_0":
-        return {"weight": quantise_q8_0(weight)}
+        return {"weight": quantise_q8_0(weight, device, dtype)}
     if fmt.kind == "gguf" and fmt.qtype == "Q4_K":
-        return {"weight": quantise_q4_k(weight)}
+        return {"weight": quantise_q4_k(weight, device, dtype)}
     raise ValueError(f"meshd cannot quantise to {fmt.label()}")

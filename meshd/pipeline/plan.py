@@ -187,8 +187,9 @@ def network_crossings(plan: SplitPlan, hosts: dict[PeerAddress, str]) -> int:
 @dataclass(frozen=True)
 class WeightBytes:
     """Device bytes of a model's weights at the precision the peers hold them (fp8, GGUF or dense): per
-    block in flat order, the head's modules (embedders, modulation) and the tail's (final norm, projection).
-    A daemon reports its own in ``info``; without one the planner assumes dense weights."""
+    block in flat order, the head's modules (embedders, timestep embedding, modulation: the first stage
+    holds them) and the tail's (final norm and projection: the last stage holds them). A daemon reports its
+    own in ``info``; without one the planner assumes dense weights."""
 
     blocks: tuple[int, ...]
     head: int
@@ -198,7 +199,7 @@ class WeightBytes:
     def dense(cls, preset: ModelPreset, itemsize: int = 2) -> WeightBytes:
         """The dense estimate: parameters times ``itemsize``."""
         return cls(tuple(preset.block_params(i) * itemsize for i in range(preset.num_blocks)),
-                   _head_params(preset) * itemsize, 0)
+                   _head_params(preset) * itemsize, _tail_params(preset) * itemsize)
 
     def span(self, start: int, end: int) -> int:
         return sum(self.blocks[start:end])
@@ -229,18 +230,33 @@ def span_bytes(preset: ModelPreset, start: int, end: int, itemsize: int = 2, wei
 def _head_params(preset: ModelPreset) -> int:
     d = preset.hidden
     cfg = preset.transformer
+    timestep = d * int(cfg["timestep_guidance_channels"]) + d * d  # a two-layer MLP
     return (
         d * int(cfg["in_channels"]) + d * int(cfg["joint_attention_dim"])  # x / context embedders
-        + 2 * d * int(cfg["timestep_guidance_channels"]) + 2 * d * d  # timestep (+ guidance) MLPs
+        + timestep * (2 if cfg["guidance_embeds"] else 1)  # the timestep MLP, and dev's guidance MLP
         + 15 * d * d  # double img/txt (6D each) and single (3D) modulation
     )
 
 
-def head_extra_bytes(preset: ModelPreset, itemsize: int = 2, weights: WeightBytes | None = None) -> int:
-    """Embedders, modulation and VAE (~354 M params on klein-9B); the text encoder is placed apart."""
-    vae = 84_000_000 if preset.name != "tiny" else 50_000
-    head = weights.head + weights.tail if weights is not None else _head_params(preset) * itemsize
-    return head + vae * itemsize
+def _tail_params(preset: ModelPreset) -> int:
+    d = preset.hidden
+    cfg = preset.transformer
+    out_channels = int(cfg.get("out_channels") or cfg["in_channels"])
+    return 2 * d * d + d * int(cfg["patch_size"]) ** 2 * out_channels  # norm_out's shift/scale, proj_out
+
+
+def _vae_params(preset: ModelPreset) -> int:
+    return 84_000_000 if preset.name != "tiny" else 50_000
+
+
+def stage_extra_bytes(preset: ModelPreset, first: bool, last: bool, itemsize: int = 2,
+                      weights: WeightBytes | None = None) -> int:
+    """What a stage holds besides its blocks: the first (the head) the embedders, timestep embedding and
+    modulation and the VAE it decodes with (klein-9B: 320 M + 84 M params); the last the final norm and
+    projection (34 M). One stage alone holds both; the text encoder is placed apart."""
+    head = weights.head if weights is not None else _head_params(preset) * itemsize
+    tail = weights.tail if weights is not None else _tail_params(preset) * itemsize
+    return (head + _vae_params(preset) * itemsize if first else 0) + (tail if last else 0)
 
 
 def workspace_bytes(preset: ModelPreset, tokens: int, itemsize: int = 2) -> int:
@@ -270,9 +286,8 @@ def propose(preset: ModelPreset, peers: Sequence[PeerResources], tokens: int, it
     work = workspace_bytes(preset, tokens, itemsize)
 
     def stage_cost(k: int, s: int, e: int) -> tuple[float, float]:
-        mem = span_bytes(preset, s, e, itemsize, weights) + work
-        if k == 0:
-            mem += head_extra_bytes(preset, itemsize, weights)
+        mem = span_bytes(preset, s, e, itemsize, weights) + work + stage_extra_bytes(preset, k == 0, e == n, itemsize,
+                                                                                      weights)
         if mem > peers[k].free_bytes:
             return (math.inf, math.inf)
         return ((e - s) / max(peers[k].speed, 1e-9), mem / max(peers[k].free_bytes, 1))
@@ -290,7 +305,8 @@ def propose(preset: ModelPreset, peers: Sequence[PeerResources], tokens: int, it
                 if value < best[k][e]:
                     best[k][e], cut[k][e] = value, s
     if math.isinf(best[p - 1][n][0]):
-        need = span_bytes(preset, 0, n, itemsize, weights) + head_extra_bytes(preset, itemsize, weights) + p * work
+        need = span_bytes(preset, 0, n, itemsize, weights) + stage_extra_bytes(preset, True, True, itemsize, weights) \
+            + p * work
         have = sum(x.free_bytes for x in peers)
         raise PlanError(
             f"{preset.name} does not fit: it needs about {need / 2**30:.1f} GiB across the peers "
