@@ -36,6 +36,7 @@ from .model.lora import LoraError, LoraSpec, LoraStore, loras_from_wire, loras_t
 from .model.runtime import HostedModel
 from .model.tensorfiles import ModelError
 from .model.span import Conditioning, Stream
+from .nodeinfo import ModelInfo
 from .peers import PeerPool
 from .plan import PeerAddress, PlanError, SplitPlan, Stage
 from .streaming import LinkPlan, SendStats, link_after, pack_raw, receive_activation, send_activation, unpack_raw
@@ -492,8 +493,8 @@ class Daemon:
         mine = self.model.identity
         if not isinstance(expected, dict):
             raise MeshError("bad-request", "prepare needs the plan's model identity")
-        keys = ("preset", "hash", "dtype", "weights")
-        if tuple(expected.get(k) for k in keys) != (mine.preset, mine.content_hash, mine.dtype, mine.weights):
+        # The rule every client plans by (meshd.nodeinfo.disagreement), so no proposal is refused here.
+        if ModelInfo.from_wire(expected).agreement != ModelInfo.from_wire(mine.to_dict()).agreement:
             theirs = (f"{expected.get('model_id')!s:.40} ({expected.get('preset')!s:.20}, {expected.get('dtype')!s:.10}, "
                       f"sha256 {str(expected.get('hash'))[:12]}, weights {expected.get('weights')!s:.80})")
             raise MeshError("mismatch", f"{self.name} holds {mine.describe()}; the plan expects {theirs}")

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from meshd.auth import AuthError, read_key
-from meshd.config import default_key_file, describe_ranges
+from meshd.config import default_key_file
+from meshd.blocks import blocks_shown
 from meshd.errors import MeshError
 from meshd.snapshot import NodeSnapshot
 from meshd.telemetry import snapshot_lines
@@ -130,10 +131,11 @@ def _lines(report: PeerReport) -> list[str]:
     head = f"{report.name}  {report.address}  ({'+'.join(report.sources)})"
     if not report.verified:
         return [f"{head}  NOT VERIFIED: {report.error}"]
-    model = report.info.get("model") or {}
-    blocks = describe_ranges([i for a, b in report.info.get("blocks") or () for i in range(a, b)])
-    lines = [f"{head}  verified, node {report.node_id}, {model.get('model_id', '?')}, blocks {blocks}, "
-             f"{report.info.get('device', '?')}"]
+    from meshd.nodeinfo import NodeInfo  # noqa: PLC0415 - loads torch (through codec), as above
+
+    node = NodeInfo.from_wire(report.info)
+    lines = [f"{head}  verified, node {report.node_id}, {node.model.model_id or '?'}, "
+             f"blocks {blocks_shown(node.blocks)}, {node.device or '?'}"]
     if report.telemetry is not None:
         lines += ["    " + line for line in snapshot_lines(report.telemetry)[1:]]
     return lines

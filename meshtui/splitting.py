@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from codec import Capabilities, CodecError, CodecSpec
 from codec.policy import Calibration, choose_codec, engines
 from meshd.model.presets import PRESETS, ModelPreset
+from meshd.nodeinfo import disagreement
 from meshd.plan import (PeerAddress, PeerResources, PlanError, SplitPlan, Stage, WeightBytes, head_extra_bytes,
                         propose, span_bytes, workspace_bytes)
 
@@ -82,7 +83,7 @@ class BlockSpeeds:
 @dataclass(frozen=True)
 class MeasuredLink:
     transport: str  # "tcp", or "cuda-ipc" between GPUs of one host (no codec, no wire)
-    bandwidth_bps: float | None
+    bandwidth_bytes_per_s: float | None
     rtt_ms: float | None
     codec: str | None  # what the head chose last time, and why
     why: str | None
@@ -127,7 +128,7 @@ class LinkBook:
             if not (isinstance(link, dict) and isinstance(stage.get("peer"), str) and isinstance(link.get("to"), str)):
                 continue
             transport = "cuda-ipc" if link.get("transport") == "cuda-ipc" else "tcp"
-            bandwidth = _number(link.get("bandwidth_bps"))
+            bandwidth = _number(link.get("bandwidth_bps"))  # the wire's name; bytes/s, as meshd.peers measures
             if transport == "tcp" and bandwidth is None:
                 continue
             text = lambda key: str(link[key])[:200] if isinstance(link.get(key), str) else None  # noqa: E731
@@ -159,11 +160,9 @@ def plan_preset(peers: Iterable[PeerView]) -> ModelPreset:
     online = [p for p in peers if p.online]
     if not online:
         raise PlanError("no peer is online")
-    identities = {p.model_key for p in online}
-    if len(identities) != 1:
-        detail = "; ".join(f"{p.label} serves {p.model_id} ({p.preset}, {p.dtype}, sha256 {(p.model_hash or '')[:12]}, "
-                           f"weights {p.weights})" for p in online)
-        raise PlanError(f"peers serve different models: {detail}")
+    problem = disagreement((p.label, p.model) for p in online)
+    if problem:
+        raise PlanError(problem)
     preset = online[0].preset
     if preset not in PRESETS:
         raise PlanError(f"{online[0].label} serves an unknown model preset {preset!r}")
@@ -234,8 +233,8 @@ def cycle_codec(plan: SplitPlan, index: int) -> SplitPlan:
 @dataclass(frozen=True)
 class LinkForecast:
     codec: str  # the codec it would use (auto resolved by the policy)
-    bandwidth_bps: float | None
-    measured: bool  # False: this client's bandwidth to the receiver stands in
+    bandwidth_bytes_per_s: float | None
+    measured: bool  # False: this client's measurement to the receiver (the same formula) stands in
     ms: float | None  # encode + wire + decode, chunks overlapped
     wire_bytes: int | None
     same_host: bool = False  # both ends run on one box: CUDA IPC where the daemons share a user
@@ -332,8 +331,8 @@ def _link_forecast(stage: Stage, nxt: Stage, peers: Mapping[PeerAddress, PeerVie
     if measured is not None and measured.transport == "cuda-ipc" and stage.codec in ("auto", "raw"):
         return LinkForecast("cuda-ipc", None, True, 0.0, 0), None  # GPU to GPU on one host: nothing on a wire
     # The head's measurement of this very link if there is one, else this client's to the receiver.
-    head_measured = measured is not None and measured.bandwidth_bps is not None
-    bps = measured.bandwidth_bps if head_measured else (receiver.bandwidth_bps if receiver else None)
+    head_measured = measured is not None and measured.bandwidth_bytes_per_s is not None
+    bps = measured.bandwidth_bytes_per_s if head_measured else (receiver.bandwidth_bytes_per_s if receiver else None)
     label = stage.codec
     if sender is None or receiver is None or sender.caps is None or receiver.caps is None:
         return LinkForecast(label, bps, head_measured, None, None), None
