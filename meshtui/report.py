@@ -5,6 +5,8 @@ from __future__ import annotations
 import statistics
 from collections import OrderedDict
 
+from meshd.blocks import BlockRange, blocks_shown
+
 
 def hop_totals(summary: dict) -> list[dict]:
     """Per link (in plan order): codec, bytes per step, mean encode/wire/decode/compute ms, worst error."""
@@ -43,6 +45,38 @@ def hop_totals(summary: dict) -> list[dict]:
             }
         out.append(entry)
     return out
+
+
+def _with_blocks_shown(records: object, *, inclusive: bool) -> object:
+    """A list of records (maps with ``blocks``) with each range in the user's notation."""
+    if not isinstance(records, list):
+        return records
+    out = []
+    for record in records:
+        if isinstance(record, dict):
+            parsed = (BlockRange.from_inclusive if inclusive else BlockRange.from_wire)(record.get("blocks"))
+            record = {**record, "blocks": parsed.shown()} if parsed is not None else record
+        out.append(record)
+    return out
+
+
+def shown_blocks(summary: dict) -> dict:
+    """``summary`` with every block range in the user's notation (``0-15``, as ``--split A:0-15`` writes
+    it): the stages' ranges travel half-open, the hop records' inclusive; a user reads one notation."""
+    out = {**summary, "stages": _with_blocks_shown(summary.get("stages"), inclusive=False),
+           "hops": _with_blocks_shown(summary.get("hops"), inclusive=True)}
+    if isinstance(summary.get("steps"), list):
+        out["steps"] = [{**step, "passes": [{**p, "hops": _with_blocks_shown(p.get("hops"), inclusive=True)}
+                                            for p in step.get("passes") or () if isinstance(p, dict)]}
+                        if isinstance(step, dict) else step for step in summary["steps"]]
+    if isinstance(summary.get("images"), list):
+        out["images"] = [shown_blocks(i) if isinstance(i, dict) else i for i in summary["images"]]
+    return {k: v for k, v in out.items() if k in summary}
+
+
+def load_ranges_shown(ranges: object) -> str:
+    """The ``[[0, 16]]`` of a ``load-start`` event as ``0-15``."""
+    return blocks_shown(BlockRange.many_from_wire(ranges))
 
 
 def human_bytes(n: float | None) -> str:

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 
+from meshd.generation_request import GenerationParams, LoraByName
 from meshd.model.compile_events import describe_event
 
 from .report import hop_totals
@@ -26,22 +27,6 @@ class RunState(StrEnum):
     DONE = "done"
     FAILED = "failed"
     CANCELLED = "cancelled"
-
-
-@dataclass(frozen=True)
-class RunParams:
-    prompt: str
-    seed: int
-    width: int
-    height: int
-    steps: int
-    guidance: float
-    codec: str = "auto"
-
-    def to_wire(self) -> dict:
-        """The ``params`` of a generate request (the codec travels apart)."""
-        return {"prompt": self.prompt, "seed": self.seed, "width": self.width, "height": self.height,
-                "steps": self.steps, "guidance": self.guidance}
 
 
 @dataclass(frozen=True)
@@ -72,8 +57,9 @@ class StepRow:
 class RunRecord:
     id: int
     started: float
-    params: RunParams
+    params: GenerationParams
     plan: str
+    codec: str = "auto"  # the run's codec for the links the plan leaves on auto (it travels beside the params)
     state: RunState = RunState.RUNNING
     phase: str = "sending"  # queued, preparing, step n/N, decoding, ...
     steps: tuple[StepRow, ...] = ()
@@ -98,9 +84,13 @@ class RunRecord:
     @classmethod
     def from_json(cls, text: str) -> RunRecord:
         data = json.loads(text)
+        params = dict(data["params"])
+        codec = data.get("codec", params.pop("codec", "auto"))  # older history lines kept it in the params
+        params["loras"] = tuple(LoraByName(str(lora["name"]), float(lora.get("strength", 1.0)))
+                                for lora in params.get("loras") or ())
         return cls(
-            id=int(data["id"]), started=float(data["started"]), params=RunParams(**data["params"]),
-            plan=str(data["plan"]), state=RunState(data["state"]), phase=str(data.get("phase", "")),
+            id=int(data["id"]), started=float(data["started"]), params=GenerationParams(**params),
+            plan=str(data["plan"]), codec=str(codec), state=RunState(data["state"]), phase=str(data.get("phase", "")),
             stages=tuple(tuple(s) for s in data.get("stages", ())), hops=tuple(data.get("hops", ())),
             total_s=data.get("total_s"), path=Path(data["path"]) if data.get("path") else None,
             error=data.get("error"),

@@ -15,6 +15,7 @@ from PIL import Image
 
 from bench.soak import soak
 from meshd.auth import read_key
+from meshd.generation_request import GenerationParams
 from meshd.plan import parse_split
 from meshtui.local import LocalCluster
 from meshtui.mesh import Mesh
@@ -34,9 +35,9 @@ def cluster(tmp_path_factory):
         yield c
 
 
-def params(client: int, n: int) -> dict:
-    return {"prompt": f"client {client}: a lighthouse, take {n}", "seed": 100 * client + n, "width": 64,
-            "height": 64, "steps": 4, "guidance": 1.0}
+def params(client: int, n: int) -> GenerationParams:
+    return GenerationParams(f"client {client}: a lighthouse, take {n}", seed=100 * client + n, width=64, height=64,
+                            steps=4, guidance=1.0)
 
 
 async def client_mesh(cluster) -> tuple[Mesh, object]:
