@@ -20,6 +20,7 @@ from meshd.config import default_key_file, default_models_dir
 from meshd.errors import MeshError
 from meshd.generation_request import GenerationParams, LoraByName
 from meshd.model.compile_events import describe_event
+from meshd.progress import StageInfo
 
 from . import __version__
 from .peers_cmd import add_peers_parser, peers_command
@@ -161,12 +162,13 @@ async def _on_event(event: dict) -> None:
     elif kind == "prepared":
         sampling = {True: " (step-distilled)", False: " (base model" + (", CFG)" if event.get("cfg") else ")")}
         _log(f"plan {event.get('plan')}{sampling.get(event.get('distilled'), '')}")
-        for stage in event.get("stages", []):
-            link = stage.get("link") or {}
-            if link:
-                bw = link.get("bandwidth_bps", 0) * 8 / 1e9
-                _log(f"  {stage.get('node')} -> {link.get('to')}: {link.get('codec')} ({bw:.2f} Gbit/s measured"
-                     + (", emulated" if link.get("emulated") else "") + ")")
+        for stage in StageInfo.many_from_wire(event.get("stages")):
+            link = stage.link
+            if link is None:
+                continue
+            rate = link.bandwidth_bytes_per_s
+            how = f"{rate * 8 / 1e9:.2f} Gbit/s measured" if rate is not None else link.transport
+            _log(f"  {stage.node} -> {link.to}: {link.codec} ({how}" + (", emulated" if link.emulated else "") + ")")
     elif kind in ("load-start", "load-done"):
         _log(f"{event.get('peer')}: " + (f"loading blocks {load_ranges_shown(event.get('blocks'))}"
                                          if kind == "load-start" else "loaded"))

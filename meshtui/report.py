@@ -6,27 +6,28 @@ import statistics
 from collections import OrderedDict
 
 from meshd.blocks import BlockRange, blocks_shown
+from meshd.progress import passes_from_wire
 
 
 def hop_totals(summary: dict) -> list[dict]:
     """Per link (in plan order): codec, bytes per step, mean encode/wire/decode/compute ms, worst error."""
     table: OrderedDict[str, dict] = OrderedDict()
-    for step in summary.get("steps", []):
-        for p in step.get("passes", []):
-            sender = None  # only the first hop names its sender; each later one leaves the previous stage
-            for hop in p.get("hops", []):
-                key = f"{hop.get('from') or sender or '?'} -> {hop.get('node', '?')}"
-                sender = hop.get("node")
-                row = table.setdefault(key, {"link": key, "codec": hop.get("codec"), "blocks": hop.get("blocks"),
-                                             "bytes": [], "raw_bytes": [], "encode_ms": [], "wire_ms": [],
-                                             "decode_ms": [], "compute_ms": [], "errors": []})
-                for name in ("bytes", "raw_bytes", "encode_ms", "wire_ms", "decode_ms", "compute_ms"):
-                    if isinstance(hop.get(name), (int, float)):
-                        row[name].append(hop[name])
-                if isinstance(hop.get("error"), dict):
-                    row["errors"].append(hop["error"])
-                if isinstance(hop.get("encoder_note"), str):
-                    row.setdefault("encoder_note", hop["encoder_note"])  # the first: when the encoder changed
+    for step in summary.get("steps") or ():
+        for p in passes_from_wire(step):
+            for hop in p.hops:
+                row = table.setdefault(hop.link, {
+                    "link": hop.link, "codec": hop.codec, "blocks": hop.blocks.shown() if hop.blocks else None,
+                    "bytes": [], "raw_bytes": [], "encode_ms": [], "wire_ms": [], "decode_ms": [], "compute_ms": [],
+                    "errors": []})
+                for name, value in (("bytes", hop.wire_bytes), ("raw_bytes", hop.raw_bytes),
+                                    ("encode_ms", hop.encode_ms), ("wire_ms", hop.wire_ms),
+                                    ("decode_ms", hop.decode_ms), ("compute_ms", hop.compute_ms)):
+                    if value is not None:
+                        row[name].append(value)
+                if None not in (hop.cosine, hop.rel_l2, hop.max_abs):
+                    row["errors"].append(hop)
+                if hop.encoder_note is not None:
+                    row.setdefault("encoder_note", hop.encoder_note)  # the first: when the encoder changed
     out = []
     for row in table.values():
         errors = row.pop("errors")
@@ -39,9 +40,9 @@ def hop_totals(summary: dict) -> list[dict]:
             entry[name] = round(statistics.mean(row[name]), 3) if row[name] else None
         if errors:
             entry["error_worst"] = {
-                "cosine": min(e["cosine"] for e in errors),
-                "rel_l2": max(e["rel_l2"] for e in errors),
-                "max_abs": max(e["max_abs"] for e in errors),
+                "cosine": min(e.cosine for e in errors),
+                "rel_l2": max(e.rel_l2 for e in errors),
+                "max_abs": max(e.max_abs for e in errors),
             }
         out.append(entry)
     return out
@@ -62,9 +63,9 @@ def _with_blocks_shown(records: object, *, inclusive: bool) -> object:
 
 def shown_blocks(summary: dict) -> dict:
     """``summary`` with every block range in the user's notation (``0-15``, as ``--split A:0-15`` writes
-    it): the stages' ranges travel half-open, the hop records' inclusive; a user reads one notation."""
-    out = {**summary, "stages": _with_blocks_shown(summary.get("stages"), inclusive=False),
-           "hops": _with_blocks_shown(summary.get("hops"), inclusive=True)}
+    it): the stages' ranges travel half-open, the hop records' inclusive; a user reads one notation.
+    (:func:`hop_totals` shows its links' blocks so already.)"""
+    out = {**summary, "stages": _with_blocks_shown(summary.get("stages"), inclusive=False)}
     if isinstance(summary.get("steps"), list):
         out["steps"] = [{**step, "passes": [{**p, "hops": _with_blocks_shown(p.get("hops"), inclusive=True)}
                                             for p in step.get("passes") or () if isinstance(p, dict)]}

@@ -15,6 +15,7 @@ from codec import Capabilities, CodecError, CodecSpec
 from codec.policy import Calibration, choose_codec, engines
 from meshd.model.presets import PRESETS, ModelPreset
 from meshd.nodeinfo import disagreement
+from meshd.progress import LinkInfo, StageInfo, passes_from_wire
 from meshd.plan import (PeerAddress, PeerResources, PlanError, SplitPlan, Stage, WeightBytes, head_extra_bytes,
                         propose, span_bytes, workspace_bytes)
 
@@ -57,15 +58,15 @@ class BlockSpeeds:
 
     def observe_step(self, stages: Sequence[tuple[str, int, int]], event: dict) -> None:
         """Fold one ``step`` event in; ``stages`` are (address, start, end) in plan order, as prepared."""
-        for p in event.get("passes") or ():
-            if not isinstance(p, dict) or not stages:
-                continue
-            head, start, end = stages[0]
-            if isinstance(p.get("compute_ms"), (int, float)):
-                self.observe(head, end - start, float(p["compute_ms"]))
-            for (address, start, end), hop in zip(stages[1:], p.get("hops") or ()):
-                if isinstance(hop, dict) and isinstance(hop.get("compute_ms"), (int, float)):
-                    self.observe(address, end - start, float(hop["compute_ms"]))
+        if not stages:
+            return
+        head, start, end = stages[0]
+        for p in passes_from_wire(event):
+            if p.compute_ms is not None:
+                self.observe(head, end - start, p.compute_ms)
+            for (address, start, end), hop in zip(stages[1:], p.hops):
+                if hop.compute_ms is not None:
+                    self.observe(address, end - start, hop.compute_ms)
 
     def ms(self, address: PeerAddress, blocks: int) -> float | None:
         rate = self._ms_per_block.get(str(address))
@@ -80,25 +81,12 @@ class BlockSpeeds:
         return 1.0 / rate
 
 
-@dataclass(frozen=True)
-class MeasuredLink:
-    transport: str  # "tcp", or "cuda-ipc" between GPUs of one host (no codec, no wire)
-    bandwidth_bytes_per_s: float | None
-    rtt_ms: float | None
-    codec: str | None  # what the head chose last time, and why
-    why: str | None
-
-
-def _number(value: object) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 else None
-
-
 class LinkBook:
     """Peer-to-peer links as the head measured and chose them (from ``prepared`` events), and each
     link's codec calibration, learned from the hops of every step (encode, decode, ratio)."""
 
     def __init__(self) -> None:
-        self._links: dict[tuple[str, str], MeasuredLink] = {}
+        self._links: dict[tuple[str, str], LinkInfo] = {}
         self._calibrations: dict[tuple[str, str], Calibration] = {}
         self.revision = 0  # counts changes, like BlockSpeeds.revision
 
@@ -110,46 +98,27 @@ class LinkBook:
                      caps: Mapping[str, Capabilities | None]) -> None:
         """Fold one ``step`` event's hops into their links' calibrations; ``stages`` as for
         :meth:`BlockSpeeds.observe_step`, ``caps`` by address (to know which engine did the work)."""
-        for p in event.get("passes") or ():
-            if not isinstance(p, dict):
-                continue
-            for (sender, _, _), (receiver, _, _), hop in zip(stages, stages[1:], p.get("hops") or ()):
-                figures = _hop_figures(hop)
-                if figures is None:
-                    continue
-                label, raw, wire, encode_ms, decode_ms = figures
-                self.calibration(sender, receiver).observe_hop(label, caps.get(sender), caps.get(receiver), raw, wire,
-                                                               encode_ms / 1e3, decode_ms / 1e3)
+        for p in passes_from_wire(event):
+            for (sender, _, _), (receiver, _, _), hop in zip(stages, stages[1:], p.hops):
+                figures = (hop.raw_bytes, hop.wire_bytes, hop.encode_ms, hop.decode_ms)
+                if hop.codec is None or any(v is None or v <= 0 for v in figures):
+                    continue  # a record without every figure teaches nothing
+                self.calibration(sender, receiver).observe_hop(hop.codec[:32], caps.get(sender), caps.get(receiver),
+                                                               hop.raw_bytes, hop.wire_bytes, hop.encode_ms / 1e3,
+                                                               hop.decode_ms / 1e3)
                 self.revision += 1
 
     def observe_prepared(self, event: dict) -> None:
-        for stage in event.get("stages") or ():
-            link = stage.get("link") if isinstance(stage, dict) else None
-            if not (isinstance(link, dict) and isinstance(stage.get("peer"), str) and isinstance(link.get("to"), str)):
+        for stage in StageInfo.many_from_wire(event.get("stages")):
+            link = stage.link
+            if link is None or (link.transport == "tcp" and link.bandwidth_bytes_per_s is None):
                 continue
-            transport = "cuda-ipc" if link.get("transport") == "cuda-ipc" else "tcp"
-            bandwidth = _number(link.get("bandwidth_bps"))  # the wire's name; bytes/s, as meshd.peers measures
-            if transport == "tcp" and bandwidth is None:
-                continue
-            text = lambda key: str(link[key])[:200] if isinstance(link.get(key), str) else None  # noqa: E731
-            measured = MeasuredLink(transport, bandwidth, _number(link.get("rtt_ms")), text("codec"), text("why"))
-            key = (stage["peer"], link["to"])
-            self.revision += self._links.get(key) != measured
-            self._links[key] = measured
+            key = (stage.peer, link.to)
+            self.revision += self._links.get(key) != link
+            self._links[key] = link
 
-    def get(self, sender: PeerAddress, receiver: PeerAddress) -> MeasuredLink | None:
+    def get(self, sender: PeerAddress, receiver: PeerAddress) -> LinkInfo | None:
         return self._links.get((str(sender), str(receiver)))
-
-
-def _hop_figures(hop: object) -> tuple[str, int, int, float, float] | None:
-    """(codec label, raw bytes, wire bytes, encode ms, decode ms) of a hop record that has them all."""
-    if not isinstance(hop, dict) or not isinstance(hop.get("codec"), str):
-        return None
-    numbers = [_number(hop.get(key)) for key in ("raw_bytes", "bytes", "encode_ms", "decode_ms")]
-    if any(n is None for n in numbers):
-        return None
-    raw, wire, encode_ms, decode_ms = numbers
-    return hop["codec"][:32], int(raw), int(wire), encode_ms, decode_ms
 
 
 # --- proposing and editing -------------------------------------------------------------------------
