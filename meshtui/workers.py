@@ -21,6 +21,7 @@ from textual.message import Message
 
 from meshd import limits
 from meshd.connection import Channel
+from meshd.discovery import PeerBrowser
 from meshd.errors import BadRequest, MeshError, PeerLost, ProtocolViolation
 from meshd.model.compile_events import describe_event
 from meshd.nodeinfo import NodeInfo
@@ -241,12 +242,7 @@ async def start_local_daemons(cluster) -> list[PeerAddress]:
 
 
 async def browse(post: Post) -> None:
-    """Find daemons over mDNS until cancelled (discovery is an optional part of meshd)."""
-    try:
-        from meshd.discovery import PeerBrowser  # noqa: PLC0415
-    except ImportError:
-        post(DiscoveryState(False, "mDNS discovery is not in this meshd: add peers by hand (a)"))
-        return
+    """Find daemons over mDNS until cancelled (without python-zeroconf or multicast the app goes on)."""
 
     def added(found) -> None:
         hints = {str(k)[:32]: str(v)[:64] for k, v in (found.txt or {}).items()}
@@ -258,7 +254,7 @@ async def browse(post: Post) -> None:
     browser = PeerBrowser()
     try:
         await browser.start(added, removed)
-    except Exception as exc:  # noqa: BLE001 - no multicast, no network: the app works without discovery
+    except Exception as exc:  # noqa: BLE001 - no zeroconf, no multicast, no network: the app works without it
         post(DiscoveryState(False, f"mDNS discovery could not start ({type(exc).__name__}: {exc}); "
                                    "add peers by hand (a)"))
         return

@@ -2,6 +2,7 @@
 the network once per box, and says which links stay on one box."""
 
 from meshd.model.presets import PRESETS
+from meshd.nodeinfo import NodeInfo
 from meshd.plan import PeerAddress, PeerResources, box_order, network_crossings, parse_split, propose, same_host_links
 
 GiB = 1 << 30
@@ -39,7 +40,6 @@ def test_one_box_with_two_gpus_never_crosses_the_network():
 
 def test_the_dashboard_groups_a_boxs_daemons_and_marks_their_links_same_host():
     from meshd.nodeid import host_key  # noqa: PLC0415
-    from meshd.nodeinfo import NodeInfo  # noqa: PLC0415
     from meshtui.splitting import BlockSpeeds, LinkBook, forecast, propose_plan  # noqa: PLC0415
     from meshtui.views import PeerView  # noqa: PLC0415
     from meshtui.widgets.peer_table import by_box  # noqa: PLC0415
@@ -64,7 +64,6 @@ def test_the_dashboard_groups_a_boxs_daemons_and_marks_their_links_same_host():
 
 
 def test_the_headless_plan_line_says_which_links_stay_on_one_box():
-    from meshd.nodeinfo import NodeInfo  # noqa: PLC0415
     from meshtui.mesh import Mesh  # noqa: PLC0415
 
     mesh = Mesh(None)
