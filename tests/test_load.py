@@ -85,7 +85,7 @@ async def test_concurrent_clients_each_get_their_own_images_none_lost_in_fair_tu
     for c, done in enumerate(results):
         assert [n for n, _, _ in done] == list(range(PER_CLIENT))  # none lost
         for n, png, _ in done:
-            assert png_params(png)["seed"] == 100 * c + n and png_params(png)["prompt"] == params(c, n)["prompt"]
+            assert png_params(png)["seed"] == 100 * c + n and png_params(png)["prompt"] == params(c, n).prompt
             assert np.array_equal(pixels(png), expected[(c, n)]), f"client {c} image {n} is not its own"
     # Fair turns: every client did the same work, so under FIFO queueing and step interleaving they
     # finish close together; serving one client at a time would finish the first at ~1/6 of the total.
