@@ -23,6 +23,7 @@ import json
 import platform
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import psutil
@@ -31,13 +32,14 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from meshd.auth import read_key  # noqa: E402
+from meshd.generation_request import GenerationParams  # noqa: E402
 from meshd.pipeline.plan import PeerAddress, parse_split  # noqa: E402
 from meshtui.local import LocalCluster  # noqa: E402
 from meshtui.mesh import Mesh  # noqa: E402
 from tests.daemons import jobs_on  # noqa: E402 - the tests' own check
 
 CODECS = ("raw", "u8", "fp8", "hevc-qp20")
-PARAMS = {"prompt": "a lighthouse at dawn", "width": 64, "height": 64, "steps": 2, "guidance": 1.0}
+PARAMS = GenerationParams("a lighthouse at dawn", width=64, height=64, steps=2, guidance=1.0)
 SPLIT = "A:0-2,B:3-5"
 
 
@@ -82,7 +84,7 @@ async def client_round(key: bytes, addresses: list[PeerAddress], jobs: list[int]
         failed = mixed = 0
         for n in jobs:
             try:
-                outcome = await mesh.generate(plan, {**PARAMS, "seed": n}, codec=CODECS[n % len(CODECS)],
+                outcome = await mesh.generate(plan, replace(PARAMS, seed=n), codec=CODECS[n % len(CODECS)],
                                               measure_error=n % 2 == 0)
                 mixed += png_seed(outcome.png) != n
             except Exception as exc:  # noqa: BLE001 - a soak counts failures, it does not stop at one

@@ -31,6 +31,7 @@ import platform
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -169,7 +170,7 @@ async def timed_generations(mesh, plan, params, codec_name, repeat):
     times, outcome = [], None
     for i in range(repeat + 1):
         t0 = time.perf_counter()
-        outcome = await mesh.generate(plan, params.to_wire(), codec=codec_name, measure_error=False, return_latents=True)
+        outcome = await mesh.generate(plan, params, codec=codec_name, measure_error=False, return_latents=True)
         if i:
             times.append(time.perf_counter() - t0)
     return times, outcome
@@ -199,7 +200,7 @@ async def run_split(args, cluster, params, local, emulation) -> dict:
                 reply = await p.channel.request("info")
                 peaks[p.label] = reply.header["node"]["memory"].get("peak_allocated")
             measured = outcome if codec_name == "raw" else await mesh.generate(
-                plan, params.to_wire(), codec=codec_name, measure_error=True, return_latents=True)
+                plan, params, codec=codec_name, measure_error=True, return_latents=True)
             pixels = np.asarray(Image.open(io.BytesIO(outcome.png)))
             ref = local["latents"]
             split_s = statistics.median(times)
@@ -238,10 +239,10 @@ async def run_split(args, cluster, params, local, emulation) -> dict:
             await timed_generations(mesh, plan, params, codec_name, 0)  # warm-up
             t0 = time.perf_counter()
             for i in range(args.queue):
-                await mesh.generate(plan, {**params.to_wire(), "seed": params.seed + i}, codec=codec_name, measure_error=False)
+                await mesh.generate(plan, replace(params, seed=params.seed + i), codec=codec_name, measure_error=False)
             sequential = time.perf_counter() - t0
             t0 = time.perf_counter()
-            await asyncio.gather(*(mesh.generate(plan, {**params.to_wire(), "seed": params.seed + i}, codec=codec_name,
+            await asyncio.gather(*(mesh.generate(plan, replace(params, seed=params.seed + i), codec=codec_name,
                                                  measure_error=False) for i in range(args.queue)))
             pipelined = time.perf_counter() - t0
             result["queue"] = {"images": args.queue, "codec": codec_name, "sequential_s": sequential,

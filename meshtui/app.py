@@ -369,7 +369,7 @@ class MeshApp(App[int]):
         def save(png: bytes) -> Path:
             return run_log.save_png(self.config.images_dir, png, record)
 
-        self.run_worker(workers.generate(self.mesh, plan, record.params, record.id, self.post_message, save=save,
+        self.run_worker(workers.generate(self.mesh, plan, record, self.post_message, save=save,
                                          text_encoder=dash.text_encoder_address(plan)),
                         group="generate", exclusive=True, exit_on_error=False, description=f"run {record.id}")
 

@@ -12,15 +12,19 @@ import asyncio
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from meshd.auth import read_key
 from meshd.config import default_key_file, default_models_dir
 from meshd.errors import MeshError
+from meshd.generation_request import GenerationParams, LoraByName
+from meshd.model.compile_events import describe_event
+from meshd.progress import StageInfo
 
 from . import __version__
 from .peers_cmd import add_peers_parser, peers_command
-from .report import hop_totals, step_line
+from .report import hop_totals, load_ranges_shown, shown_blocks, step_line
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -114,29 +118,24 @@ def _log(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def _lora_entries(texts: list[str]) -> list[dict]:
-    """``NAME[:STRENGTH]`` -> wire entries without a hash (the head fills it in from its own copy)."""
+def _loras(texts: list[str]) -> tuple[LoraByName, ...]:
+    """``NAME[:STRENGTH]``, named without a hash (the head fills it in from its own copy)."""
     out = []
     for text in texts:
         name, _, strength = text.rpartition(":") if ":" in text else (text, "", "")
         try:
-            out.append({"name": name, "strength": float(strength) if strength else 1.0})
+            out.append(LoraByName(name, float(strength) if strength else 1.0))
         except ValueError:
             raise SystemExit(f"meshtui: --lora {text!r}: strength must be a number") from None
-    return out
+    return tuple(out)
 
 
-def _params(args, preset) -> dict:
+def _params(args, preset) -> GenerationParams:
+    """The request the flags ask for, the model's defaults where they are silent."""
     width, height = args.size or (preset.default_size, preset.default_size)
-    return {
-        "prompt": args.prompt,
-        "seed": args.seed,
-        "width": width,
-        "height": height,
-        "steps": args.steps or preset.default_steps,
-        "guidance": preset.default_guidance if args.guidance is None else args.guidance,
-        "loras": _lora_entries(getattr(args, "lora", [])),
-    }
+    return GenerationParams(args.prompt, args.seed, width, height, args.steps or preset.default_steps,
+                            preset.default_guidance if args.guidance is None else args.guidance,
+                            _loras(getattr(args, "lora", [])))
 
 
 def _finish(args, png: bytes, summary: dict) -> int:
@@ -152,7 +151,7 @@ def _finish(args, png: bytes, summary: dict) -> int:
              f"wire {hop['wire_ms']} ms, decode {hop['decode_ms']} ms"
              + (f", worst cosine {err['cosine']:.5f}" if err else ""))
     if args.json:
-        print(json.dumps(summary, indent=2, default=str))
+        print(json.dumps(shown_blocks(summary), indent=2, default=str))
     return 0
 
 
@@ -163,17 +162,17 @@ async def _on_event(event: dict) -> None:
     elif kind == "prepared":
         sampling = {True: " (step-distilled)", False: " (base model" + (", CFG)" if event.get("cfg") else ")")}
         _log(f"plan {event.get('plan')}{sampling.get(event.get('distilled'), '')}")
-        for stage in event.get("stages", []):
-            link = stage.get("link") or {}
-            if link:
-                bw = link.get("bandwidth_bps", 0) * 8 / 1e9
-                _log(f"  {stage.get('node')} -> {link.get('to')}: {link.get('codec')} ({bw:.2f} Gbit/s measured"
-                     + (", emulated" if link.get("emulated") else "") + ")")
+        for stage in StageInfo.many_from_wire(event.get("stages")):
+            link = stage.link
+            if link is None:
+                continue
+            rate = link.bandwidth_bytes_per_s
+            how = f"{rate * 8 / 1e9:.2f} Gbit/s measured" if rate is not None else link.transport
+            _log(f"  {stage.node} -> {link.to}: {link.codec} ({how}" + (", emulated" if link.emulated else "") + ")")
     elif kind in ("load-start", "load-done"):
-        _log(f"{event.get('peer')}: {'loading blocks ' + str(event.get('blocks')) if kind == 'load-start' else 'loaded'}")
+        _log(f"{event.get('peer')}: " + (f"loading blocks {load_ranges_shown(event.get('blocks'))}"
+                                         if kind == "load-start" else "loaded"))
     elif kind in ("compiling", "compiled"):
-        from meshd.model.compile_events import describe_event  # noqa: PLC0415
-
         _log(describe_event(event))
     elif kind == "decode":
         _log("decoding image")
@@ -207,7 +206,7 @@ async def run_local(args) -> tuple[bytes, dict]:
     # torch and the model code load only for a local run.
     import torch  # noqa: PLC0415
 
-    from meshd.pipeline.generation import GenerationParams, LocalRunner, run_generation  # noqa: PLC0415
+    from meshd.pipeline.generation import LocalRunner, run_generation, GenerationParams  # noqa: PLC0415
     from meshd.node.gpu import GpuWorker  # noqa: PLC0415
     from meshd.model.files import ModelStore  # noqa: PLC0415
     from meshd.model.comfyui import lora_dirs  # noqa: PLC0415
@@ -224,9 +223,10 @@ async def run_local(args) -> tuple[bytes, dict]:
     worker = GpuWorker(device)
     n = model.preset.num_blocks
     await worker.run(model.load, range(n), True, True)
-    wire = _params(args, model.preset)
-    wire["loras"] = [model.lora_store.spec(e["name"], e["strength"]).to_wire() for e in wire["loras"]]
-    params = GenerationParams.from_wire(wire, multiple=model.preset.size_multiple)
+    asked = _params(args, model.preset)
+    resolved = replace(asked, loras=tuple(model.lora_store.spec(lora.name, lora.strength) for lora in asked.loras))
+    # Checked as the head checks a request (sizes, steps, LoRAs), so --local refuses what a split refuses.
+    params = GenerationParams.from_wire(resolved.to_wire(), multiple=model.preset.size_multiple)
     result = await run_generation(model, worker, params, LocalRunner(worker), metadata={"plan": "local"},
                                   progress=_on_event)
     worker.shutdown()
@@ -250,11 +250,11 @@ async def run_split(args) -> int:
             mesh.add(PeerAddress.parse(text))
         for peer in await mesh.connect_all():
             if peer.online:
-                _log(f"{peer.label} {peer.address}: {peer.name}, {peer.info['model']['model_id']}, "
-                     f"{peer.info['device']}, rtt {peer.rtt_ms:.1f} ms")
+                _log(f"{peer.label} {peer.address}: {peer.name}, {peer.info.model.model_id}, "
+                     f"{peer.info.device}, rtt {peer.rtt_ms:.1f} ms")
         preset, _ = mesh.model()
         params = _params(args, preset)
-        tokens = tokens_for(preset, params["width"], params["height"])
+        tokens = tokens_for(preset, params.width, params.height)
         plan = mesh.plan(args.split, tokens)
         _log(f"split: {mesh.describe_plan(plan)}")
         text_encoder = None
@@ -264,7 +264,7 @@ async def run_split(args) -> int:
             _log(f"text encoder on {text_encoder}")
         await mesh.apply(plan, on_event=_on_event)
         runs = await asyncio.gather(*(
-            mesh.generate_with_retry(plan, {**params, "seed": params["seed"] + i}, retries=args.retry,
+            mesh.generate_with_retry(plan, replace(params, seed=params.seed + i), retries=args.retry,
                                      codec=args.codec, quality_floor=args.quality_floor,
                                      measure_error=args.measure_error, text_encoder=text_encoder,
                                      on_event=_on_event)
@@ -317,7 +317,7 @@ async def demo_headless(args) -> int:
             await mesh.connect_all()
             preset, _ = mesh.model()
             params = _params(args, preset)
-            tokens = tokens_for(preset, params["width"], params["height"])
+            tokens = tokens_for(preset, params.width, params.height)
             plan = mesh.plan("auto", tokens)
             _log(f"split: {mesh.describe_plan(plan)}")
             await mesh.apply(plan, on_event=_on_event)

@@ -14,22 +14,21 @@ from dataclasses import dataclass, field
 import torch
 
 from meshd import limits
-from meshd.wire.connection import Channel
-from meshd.errors import MeshError
-from meshd.wire.link import LinkEmulation
+from meshd.config import ranges
+from meshd.errors import RETRYABLE, MeshError, Mismatch, PeerLost, ProtocolViolation
+from meshd.generation_request import GenerationParams
 from meshd.model.presets import PRESETS, ModelPreset
-from meshd.node.nodeid import host_key
-from meshd.pipeline.plan import (PeerAddress, PeerResources, PlanError, SplitPlan, WeightBytes, parse_split, propose,
-                        same_host_links)
+from meshd.nodeinfo import ModelInfo, NodeInfo, disagreement
+from meshd.pipeline.peers import read_info
+from meshd.pipeline.plan import PeerAddress, PlanError, SplitPlan, parse_split, same_host_links
 from meshd.pipeline.streaming import unpack_raw
+from meshd.wire.connection import Channel
+from meshd.wire.link import LinkEmulation
 
-from .splitting import tokens_for
+from .splitting import BlockSpeeds, propose_plan, tokens_for
+from .views import PeerView
 
 EventFn = Callable[[dict], Awaitable[None] | None]
-
-#: Errors after which a generation is worth running again on the peers left: one of them died, froze,
-#: was cut off, or is shutting down.
-RETRY_CODES = ("peer-lost", "draining")
 
 
 @dataclass
@@ -37,16 +36,23 @@ class Peer:
     label: str
     address: PeerAddress
     channel: Channel | None = None
-    info: dict | None = None
+    info: NodeInfo | None = None
     error: str | None = None
-    error_code: str | None = None  # the MeshError code: "auth" (wrong key) vs "peer-lost" (unreachable)...
+    failure: MeshError | None = None  # why the last connect failed: AuthRefused (wrong key), PeerLost...
     links: list = field(default_factory=list)  # the daemon's per-peer link counters from its last info
     rtt_ms: float | None = None
     seen: float = 0.0
 
     @property
     def name(self) -> str:
-        return (self.info or {}).get("name") or str(self.address)
+        return (self.info.name if self.info else None) or str(self.address)
+
+    def view(self) -> PeerView:
+        """How the planner and the screens see this peer (its last info, or connecting/failed)."""
+        base = PeerView(self.label, self.address)
+        if self.info is not None:
+            return base.with_info(self.info, self.rtt_ms, now=self.seen)
+        return base.failed(self.failure, self.error) if self.failure is not None else base
 
     @property
     def online(self) -> bool:
@@ -105,18 +111,16 @@ class Mesh:
             if peer.channel is None or not peer.channel.alive:
                 if peer.channel is not None:
                     await peer.channel.close()
+                    peer.channel = None
                 peer.channel = await Channel.connect(peer.address.host, peer.address.port, self.key,
                                                      emulation=self.emulation, hello={"node": "meshtui"})
-            t0 = time.perf_counter()
-            reply = await peer.channel.request("info", timeout=timeout)
-            peer.rtt_ms = (time.perf_counter() - t0) * 1e3
-            peer.info = reply.header.get("node") or {}
-            peer.links = reply.header.get("links") if isinstance(reply.header.get("links"), list) else []
-            peer.error = peer.error_code = None
-            peer.seen = time.time()
+            reply = await read_info(peer.channel, timeout)
         except MeshError as exc:
-            peer.error, peer.error_code = exc.message, exc.code
-            peer.info = None
+            peer.error, peer.failure, peer.info = exc.message, exc, None
+            return peer
+        peer.info, peer.links, peer.rtt_ms = reply.node, reply.links, reply.rtt_ms
+        peer.error = peer.failure = None
+        peer.seen = time.time()
         return peer
 
     async def connect_all(self) -> list[Peer]:
@@ -126,41 +130,33 @@ class Mesh:
     def require_online(self) -> list[Peer]:
         down = [p for p in self.peers.values() if not p.online]
         if down:
-            raise MeshError("peer-lost", "; ".join(f"{p.label} {p.address}: {p.error or 'offline'}" for p in down))
+            raise PeerLost(None, "; ".join(f"{p.label} {p.address}: {p.error or 'offline'}" for p in down))
         return list(self.peers.values())
 
-    def model(self) -> tuple[ModelPreset, dict]:
-        """The model every peer serves: they must agree on preset, hash, dtype and weights, as the head's
-        prepare checks (meshd.node.daemon.Daemon._check_model)."""
+    def model(self) -> tuple[ModelPreset, ModelInfo]:
+        """The model every peer serves (Mismatch when they do not agree on it, by
+        :func:`meshd.nodeinfo.disagreement`, the rule the head's prepare checks)."""
         peers = self.require_online()
-        identities = {(p.info["model"]["preset"], p.info["model"]["hash"], p.info["model"]["dtype"],
-                       p.info["model"].get("weights")): p for p in peers}
-        if len(identities) != 1:
-            detail = "; ".join(f"{p.label} serves {p.info['model']['model_id']} ({preset}, {dtype}, sha256 {h[:12]}, "
-                               f"weights {weights})" for (preset, h, dtype, weights), p in identities.items())
-            raise MeshError("mismatch", f"peers serve different models: {detail}")
-        (preset_name, _, _, _), first = next(iter(identities.items()))
-        return PRESETS[preset_name], first.info["model"]
+        problem = disagreement((p.label, p.info.model) for p in peers)
+        if problem:
+            raise Mismatch(problem)
+        model = peers[0].info.model
+        if model.preset not in PRESETS:
+            raise Mismatch(f"{peers[0].label} serves an unknown model preset {model.preset!r:.40}")
+        return PRESETS[model.preset], model
 
     def plan(self, split: str, tokens: int) -> SplitPlan:
         """``auto`` (every peer, balanced, within free memory) or a SPEC like ``A:0-15,B:16-31``."""
-        preset, model = self.model()
+        preset, _ = self.model()
         peers = list(self.peers.values())
         if split == "auto":
-            # The blocks' real bytes at the peers' precision (they all hold the same weights, see prepare).
-            weights = WeightBytes.from_wire(model.get("weight_bytes"), preset) or WeightBytes.dense(preset)
-            resources = []
-            for p in peers:
-                memory = p.info.get("memory") or {}
-                # Memory already holding blocks counts as available for this plan's blocks.
-                free = int(memory.get("free", 0)) + sum(weights.span(a, b) for a, b in p.info.get("blocks", []))
-                resources.append(PeerResources(p.address, p.label, free, host=self.hosts().get(p.address, "")))
-            return propose(preset, resources, tokens, weights=weights)
+            # The dashboard's proposal, over the same views: no block speeds measured from here.
+            return propose_plan([p.view() for p in peers], tokens, BlockSpeeds())
         return parse_split(split, {p.label: p.address for p in peers}, preset.num_blocks)
 
     def hosts(self) -> dict[PeerAddress, str]:
-        """The box each answering peer runs on (meshd.node.nodeid.host_key of its host id)."""
-        return {p.address: host_key(str((p.info or {}).get("host_id") or "")) for p in self.peers.values()}
+        """The box each answering peer runs on (meshd.node.nodeid.host_key of its host id; "" unknown)."""
+        return {p.address: (p.info.host if p.info else None) or "" for p in self.peers.values()}
 
     def describe_plan(self, plan: SplitPlan) -> str:
         """``A:0-15 => B:16-23 -> C:24-31``: ``=>`` is a link within one box, ``->`` one across the network."""
@@ -189,34 +185,29 @@ class Mesh:
         await asyncio.gather(*(self.connect(self.peers[label]) for label in wanted))
         down = [self.peers[label] for label in wanted if not self.peers[label].online]
         if down:
-            raise MeshError("peer-lost", "; ".join(f"{p.label} {p.address}: {p.error or 'offline'}" for p in down))
+            raise PeerLost(None, "; ".join(f"{p.label} {p.address}: {p.error or 'offline'}" for p in down))
 
         async def load(label: str, blocks: set[int]) -> None:
             peer = self.peers[label]
-            held = {i for a, b in peer.info.get("blocks", []) for i in range(a, b)}
-            if held == blocks:
+            if peer.info.held == blocks:
                 return
-            ranges = []
-            for i in sorted(blocks):
-                if ranges and ranges[-1][1] == i:
-                    ranges[-1][1] = i + 1
-                else:
-                    ranges.append([i, i + 1])
-            await _call(on_event, {"kind": "load-start", "peer": label, "blocks": ranges})
+            wanted_ranges = ranges(sorted(blocks))
+            await _call(on_event, {"kind": "load-start", "peer": label, "blocks": wanted_ranges})
 
             async def progress(frame) -> None:
                 kind = frame.header.get("kind")  # loading, then compiling for the default size
                 await _call(on_event, {"peer": label, **frame.header,
                                        "kind": kind if kind in ("compiling", "compiled") else "load"})
 
-            reply = await peer.channel.request("load", {"blocks": ranges}, on_event=progress,
+            reply = await peer.channel.request("load", {"blocks": wanted_ranges}, on_event=progress,
                                              timeout=limits.LOAD_TIMEOUT_S)
-            peer.info = reply.header.get("node") or peer.info
+            if isinstance(reply.header.get("node"), dict):
+                peer.info = NodeInfo.from_wire(reply.header["node"])
             await _call(on_event, {"kind": "load-done", "peer": label, "seconds": reply.header.get("seconds")})
 
         await asyncio.gather(*(load(label, blocks) for label, blocks in wanted.items()))
 
-    async def generate(self, plan: SplitPlan, params: dict, *, codec: str = "auto", quality_floor: float | None = None,
+    async def generate(self, plan: SplitPlan, params: GenerationParams, *, codec: str = "auto", quality_floor: float | None = None,
                        measure_error: bool = True, return_latents: bool = False,
                        text_encoder: PeerAddress | None = None,
                        on_event: EventFn | None = None) -> GenerationOutcome:
@@ -235,7 +226,7 @@ class Mesh:
             events.append(event)
             await _call(on_event, event)
 
-        fields = {"params": params, "plan": plan.to_wire(), "codec": codec, "measure_error": measure_error,
+        fields = {"params": params.to_wire(), "plan": plan.to_wire(), "codec": codec, "measure_error": measure_error,
                   "return_latents": return_latents}
         if quality_floor is not None:
             fields["quality_floor"] = quality_floor
@@ -243,13 +234,13 @@ class Mesh:
             fields["text_encoder"] = str(text_encoder)
         reply = await head.channel.request("generate", fields, on_event=handle, timeout=None)
         if len(reply.segments) != (2 if return_latents else 1):
-            raise MeshError("protocol", "generate reply must carry the PNG (and the latents if asked)", peer=head.name)
+            raise ProtocolViolation("generate reply must carry the PNG (and the latents if asked)", peer=head.name)
         latents = None
         if return_latents:
             (latents,) = unpack_raw([reply.header.get("latents")], reply.segments[1:], torch.device("cpu"))
         return GenerationOutcome(bytes(reply.segments[0]), reply.header.get("summary") or {}, events, latents)
 
-    async def generate_with_retry(self, plan: SplitPlan, params: dict, *, retries: int = 1,
+    async def generate_with_retry(self, plan: SplitPlan, params: GenerationParams, *, retries: int = 1,
                                   on_event: EventFn | None = None, **kw) -> tuple[GenerationOutcome, SplitPlan]:
         """:meth:`generate`; when a peer is lost (killed, frozen, cut off, shutting down), drop it,
         re-plan over the peers left, load that plan and run again, up to ``retries`` times. Returns the
@@ -258,8 +249,8 @@ class Mesh:
         while True:
             try:
                 return await self.generate(plan, params, on_event=on_event, **kw), plan
-            except MeshError as exc:
-                if exc.code not in RETRY_CODES or attempt >= retries:
+            except RETRYABLE as exc:
+                if attempt >= retries:
                     raise
                 attempt += 1
                 lost = self.peer_named(exc.peer)
@@ -270,7 +261,7 @@ class Mesh:
                                        "reason": exc.message, "attempt": attempt})
                 plan = await self.replan(params, lost, on_event, failed=plan)
 
-    async def replan(self, params: dict, lost: Peer | None = None, on_event: EventFn | None = None,
+    async def replan(self, params: GenerationParams, lost: Peer | None = None, on_event: EventFn | None = None,
                      failed: SplitPlan | None = None) -> SplitPlan:
         """Drop ``lost`` and every peer that no longer answers, propose a plan over the rest and load it.
 
@@ -292,9 +283,9 @@ class Mesh:
                 await self.remove(peer.label)
                 await _call(on_event, {"kind": "dropped", "peer": peer.label, "reason": peer.error})
             if not self.peers:
-                raise MeshError("peer-lost", "no peer is left to run on")
+                raise PeerLost(None, "no peer is left to run on")
             preset, _ = self.model()
-            plan = self.plan("auto", tokens_for(preset, params["width"], params["height"]))
+            plan = self.plan("auto", tokens_for(preset, params.width, params.height))
             await _call(on_event, {"kind": "replanned", "plan": plan.describe()})
             await self.apply(plan, on_event)
             self._replanned = plan

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from meshd.auth import AuthError, read_key
-from meshd.config import default_key_file, describe_ranges
+from meshd.config import default_key_file
+from meshd.blocks import blocks_shown
 from meshd.errors import MeshError
 from meshd.telemetry.snapshot import NodeSnapshot
 from meshd.telemetry.text import snapshot_lines
@@ -49,7 +50,8 @@ class PeerReport:
     verified: bool = False
     error: str | None = None
     txt: dict[str, str] | None = None
-    info: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)  # the daemon's own map, printed by --json as it sent it
+    node: object = None  # meshd.nodeinfo.NodeInfo of a verified peer (the info, parsed)
     telemetry: object = None  # meshd.telemetry.snapshot.NodeSnapshot
 
     def to_dict(self) -> dict:
@@ -75,6 +77,7 @@ async def find_peers(key: bytes | None, manual: list, browse_s: float, *,
     """Browse mDNS for ``browse_s`` seconds, add the ``manual`` addresses, verify every one."""
     # meshd.node.discovery loads torch (through meshd.pipeline.plan): ``meshtui`` imports this module for its parser.
     from meshd.node.discovery import MdnsUnavailable, browse, verify  # noqa: PLC0415
+    from meshd.nodeinfo import NodeInfo  # noqa: PLC0415 - loads torch (through codec) as well
 
     # By address; the target is what verify() checks: an mDNS record (its node id and key fingerprint
     # too) where there is one, else the bare address.
@@ -103,9 +106,9 @@ async def find_peers(key: bytes | None, manual: list, browse_s: float, *,
         except MeshError as exc:
             report.error = str(exc)
             return
-        report.verified, report.info = True, info
-        report.node_id = info.get("node_id") or report.node_id
-        report.name = info.get("name") or report.name
+        report.verified, report.info, report.node = True, info, NodeInfo.from_wire(info)
+        report.node_id = report.node.node_id or report.node_id
+        report.name = report.node.name or report.name
         try:
             report.telemetry = NodeSnapshot.from_dict(info["telemetry"]) if info.get("telemetry") else None
         except (ValueError, TypeError) as exc:
@@ -130,10 +133,9 @@ def _lines(report: PeerReport) -> list[str]:
     head = f"{report.name}  {report.address}  ({'+'.join(report.sources)})"
     if not report.verified:
         return [f"{head}  NOT VERIFIED: {report.error}"]
-    model = report.info.get("model") or {}
-    blocks = describe_ranges([i for a, b in report.info.get("blocks") or () for i in range(a, b)])
-    lines = [f"{head}  verified, node {report.node_id}, {model.get('model_id', '?')}, blocks {blocks}, "
-             f"{report.info.get('device', '?')}"]
+    node = report.node
+    lines = [f"{head}  verified, node {report.node_id}, {node.model.model_id or '?'}, "
+             f"blocks {blocks_shown(node.blocks)}, {node.device or '?'}"]
     if report.telemetry is not None:
         lines += ["    " + line for line in snapshot_lines(report.telemetry)[1:]]
     return lines

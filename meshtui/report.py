@@ -5,26 +5,29 @@ from __future__ import annotations
 import statistics
 from collections import OrderedDict
 
+from meshd.blocks import BlockRange, blocks_shown
+from meshd.progress import passes_from_wire
+
 
 def hop_totals(summary: dict) -> list[dict]:
     """Per link (in plan order): codec, bytes per step, mean encode/wire/decode/compute ms, worst error."""
     table: OrderedDict[str, dict] = OrderedDict()
-    for step in summary.get("steps", []):
-        for p in step.get("passes", []):
-            sender = None  # only the first hop names its sender; each later one leaves the previous stage
-            for hop in p.get("hops", []):
-                key = f"{hop.get('from') or sender or '?'} -> {hop.get('node', '?')}"
-                sender = hop.get("node")
-                row = table.setdefault(key, {"link": key, "codec": hop.get("codec"), "blocks": hop.get("blocks"),
-                                             "bytes": [], "raw_bytes": [], "encode_ms": [], "wire_ms": [],
-                                             "decode_ms": [], "compute_ms": [], "errors": []})
-                for name in ("bytes", "raw_bytes", "encode_ms", "wire_ms", "decode_ms", "compute_ms"):
-                    if isinstance(hop.get(name), (int, float)):
-                        row[name].append(hop[name])
-                if isinstance(hop.get("error"), dict):
-                    row["errors"].append(hop["error"])
-                if isinstance(hop.get("encoder_note"), str):
-                    row.setdefault("encoder_note", hop["encoder_note"])  # the first: when the encoder changed
+    for step in summary.get("steps") or ():
+        for p in passes_from_wire(step):
+            for hop in p.hops:
+                row = table.setdefault(hop.link, {
+                    "link": hop.link, "codec": hop.codec, "blocks": hop.blocks.shown() if hop.blocks else None,
+                    "bytes": [], "raw_bytes": [], "encode_ms": [], "wire_ms": [], "decode_ms": [], "compute_ms": [],
+                    "errors": []})
+                for name, value in (("bytes", hop.wire_bytes), ("raw_bytes", hop.raw_bytes),
+                                    ("encode_ms", hop.encode_ms), ("wire_ms", hop.wire_ms),
+                                    ("decode_ms", hop.decode_ms), ("compute_ms", hop.compute_ms)):
+                    if value is not None:
+                        row[name].append(value)
+                if None not in (hop.cosine, hop.rel_l2, hop.max_abs):
+                    row["errors"].append(hop)
+                if hop.encoder_note is not None:
+                    row.setdefault("encoder_note", hop.encoder_note)  # the first: when the encoder changed
     out = []
     for row in table.values():
         errors = row.pop("errors")
@@ -37,12 +40,44 @@ def hop_totals(summary: dict) -> list[dict]:
             entry[name] = round(statistics.mean(row[name]), 3) if row[name] else None
         if errors:
             entry["error_worst"] = {
-                "cosine": min(e["cosine"] for e in errors),
-                "rel_l2": max(e["rel_l2"] for e in errors),
-                "max_abs": max(e["max_abs"] for e in errors),
+                "cosine": min(e.cosine for e in errors),
+                "rel_l2": max(e.rel_l2 for e in errors),
+                "max_abs": max(e.max_abs for e in errors),
             }
         out.append(entry)
     return out
+
+
+def _with_blocks_shown(records: object, *, inclusive: bool) -> object:
+    """A list of records (maps with ``blocks``) with each range in the user's notation."""
+    if not isinstance(records, list):
+        return records
+    out = []
+    for record in records:
+        if isinstance(record, dict):
+            parsed = (BlockRange.from_inclusive if inclusive else BlockRange.from_wire)(record.get("blocks"))
+            record = {**record, "blocks": parsed.shown()} if parsed is not None else record
+        out.append(record)
+    return out
+
+
+def shown_blocks(summary: dict) -> dict:
+    """``summary`` with every block range in the user's notation (``0-15``, as ``--split A:0-15`` writes
+    it): the stages' ranges travel half-open, the hop records' inclusive; a user reads one notation.
+    (:func:`hop_totals` shows its links' blocks so already.)"""
+    out = {**summary, "stages": _with_blocks_shown(summary.get("stages"), inclusive=False)}
+    if isinstance(summary.get("steps"), list):
+        out["steps"] = [{**step, "passes": [{**p, "hops": _with_blocks_shown(p.get("hops"), inclusive=True)}
+                                            for p in step.get("passes") or () if isinstance(p, dict)]}
+                        if isinstance(step, dict) else step for step in summary["steps"]]
+    if isinstance(summary.get("images"), list):
+        out["images"] = [shown_blocks(i) if isinstance(i, dict) else i for i in summary["images"]]
+    return {k: v for k, v in out.items() if k in summary}
+
+
+def load_ranges_shown(ranges: object) -> str:
+    """The ``[[0, 16]]`` of a ``load-start`` event as ``0-15``."""
+    return blocks_shown(BlockRange.many_from_wire(ranges))
 
 
 def human_bytes(n: float | None) -> str:

@@ -13,7 +13,9 @@ from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 
+from meshd.generation_request import GenerationParams, LoraByName
 from meshd.model.compile_events import describe_event
+from meshd.progress import HopRecord, StageInfo, StepRecord
 
 from .report import hop_totals
 
@@ -26,22 +28,6 @@ class RunState(StrEnum):
     DONE = "done"
     FAILED = "failed"
     CANCELLED = "cancelled"
-
-
-@dataclass(frozen=True)
-class RunParams:
-    prompt: str
-    seed: int
-    width: int
-    height: int
-    steps: int
-    guidance: float
-    codec: str = "auto"
-
-    def to_wire(self) -> dict:
-        """The ``params`` of a generate request (the codec travels apart)."""
-        return {"prompt": self.prompt, "seed": self.seed, "width": self.width, "height": self.height,
-                "steps": self.steps, "guidance": self.guidance}
 
 
 @dataclass(frozen=True)
@@ -72,8 +58,9 @@ class StepRow:
 class RunRecord:
     id: int
     started: float
-    params: RunParams
+    params: GenerationParams
     plan: str
+    codec: str = "auto"  # the run's codec for the links the plan leaves on auto (it travels beside the params)
     state: RunState = RunState.RUNNING
     phase: str = "sending"  # queued, preparing, step n/N, decoding, ...
     steps: tuple[StepRow, ...] = ()
@@ -98,9 +85,13 @@ class RunRecord:
     @classmethod
     def from_json(cls, text: str) -> RunRecord:
         data = json.loads(text)
+        params = dict(data["params"])
+        codec = data.get("codec", params.pop("codec", "auto"))  # older history lines kept it in the params
+        params["loras"] = tuple(LoraByName(str(lora["name"]), float(lora.get("strength", 1.0)))
+                                for lora in params.get("loras") or ())
         return cls(
-            id=int(data["id"]), started=float(data["started"]), params=RunParams(**data["params"]),
-            plan=str(data["plan"]), state=RunState(data["state"]), phase=str(data.get("phase", "")),
+            id=int(data["id"]), started=float(data["started"]), params=GenerationParams(**params),
+            plan=str(data["plan"]), codec=str(codec), state=RunState(data["state"]), phase=str(data.get("phase", "")),
             stages=tuple(tuple(s) for s in data.get("stages", ())), hops=tuple(data.get("hops", ())),
             total_s=data.get("total_s"), path=Path(data["path"]) if data.get("path") else None,
             error=data.get("error"),
@@ -111,26 +102,10 @@ def _num(value: object) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-def hop_row(hop: dict) -> HopRow:
-    error = hop.get("error") if isinstance(hop.get("error"), dict) else {}
-    size = hop.get("bytes")
-    return HopRow(
-        link=f"{hop.get('from', '?')}→{hop.get('node', '?')}", codec=str(hop.get("codec", "?")),
-        bytes=size if isinstance(size, int) else None, encode_ms=_num(hop.get("encode_ms")),
-        wire_ms=_num(hop.get("wire_ms")), decode_ms=_num(hop.get("decode_ms")),
-        compute_ms=_num(hop.get("compute_ms")), cosine=_num(error.get("cosine")), rel_l2=_num(error.get("rel_l2")),
-    )
-
-
-def hop_rows(hops: object) -> list[HopRow]:
-    """The hops of one pass; only the first names its sender, the others leave the previous stage."""
-    rows: list[HopRow] = []
-    sender = None
-    for hop in hops if isinstance(hops, list) else ():
-        if isinstance(hop, dict):
-            rows.append(hop_row({**hop, "from": hop.get("from") or sender or "?"}))
-            sender = hop.get("node")
-    return rows
+def hop_row(hop: HopRecord) -> HopRow:
+    return HopRow(link=f"{hop.sender}→{hop.receiver}", codec=hop.codec or "?", bytes=hop.wire_bytes,
+                  encode_ms=hop.encode_ms, wire_ms=hop.wire_ms, decode_ms=hop.decode_ms, compute_ms=hop.compute_ms,
+                  cosine=hop.cosine, rel_l2=hop.rel_l2)
 
 
 def apply_event(record: RunRecord, event: dict) -> RunRecord:
@@ -141,22 +116,17 @@ def apply_event(record: RunRecord, event: dict) -> RunRecord:
         return replace(record, phase=f"queued at position {position}" if isinstance(position, int) and position > 1
                        else "starting")
     if kind == "prepared":
-        stages = []
-        for s in event.get("stages") or ():
-            blocks = s.get("blocks") if isinstance(s, dict) else None
-            if (isinstance(blocks, list) and len(blocks) == 2 and all(isinstance(b, int) for b in blocks)
-                    and isinstance(s.get("peer"), str)):
-                stages.append((s["peer"], blocks[0], blocks[1]))
-        return replace(record, phase="prepared", stages=tuple(stages), plan=str(event.get("plan") or record.plan))
+        stages = tuple((s.peer, s.blocks.start, s.blocks.end) for s in StageInfo.many_from_wire(event.get("stages"))
+                       if s.blocks is not None)
+        return replace(record, phase="prepared", stages=stages, plan=str(event.get("plan") or record.plan))
     if kind == "step":
-        passes = [p for p in event.get("passes") or () if isinstance(p, dict)]
-        first = passes[0] if passes else {}
-        hops = tuple(row for p in passes for row in hop_rows(p.get("hops")))
-        step, steps = event.get("step"), event.get("steps")
-        if not isinstance(step, int) or not isinstance(steps, int):
+        step = StepRecord.from_wire(event)
+        if step is None or step.steps is None:
             return record
-        row = StepRow(step, steps, _num(event.get("ms")) or 0.0, _num(first.get("compute_ms")) or 0.0, hops)
-        return replace(record, phase=f"step {step}/{steps}", steps=(*record.steps, row))
+        head_ms = step.passes[0].compute_ms if step.passes else None
+        row = StepRow(step.step, step.steps, step.ms or 0.0, head_ms or 0.0,
+                      tuple(hop_row(hop) for p in step.passes for hop in p.hops))
+        return replace(record, phase=f"step {step.step}/{step.steps}", steps=(*record.steps, row))
     if kind in ("compiling", "compiled"):
         # "compiling blocks 0-15 on a for 1024x1024 (first time, ~18 s)": a new size's first run waits on it.
         return replace(record, phase=describe_event(event) or record.phase)

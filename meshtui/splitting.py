@@ -14,8 +14,10 @@ from dataclasses import dataclass, replace
 from codec import Capabilities, CodecError, CodecSpec
 from codec.policy import Calibration, choose_codec, engines
 from meshd.model.presets import PRESETS, ModelPreset
-from meshd.pipeline.plan import (PeerAddress, PeerResources, PlanError, SplitPlan, Stage, WeightBytes, stage_extra_bytes,
-                        propose, span_bytes, workspace_bytes)
+from meshd.nodeinfo import disagreement
+from meshd.pipeline.plan import (PeerAddress, PeerResources, PlanError, SplitPlan, Stage, WeightBytes,
+                                 stage_extra_bytes, propose, span_bytes, workspace_bytes)
+from meshd.progress import LinkInfo, StageInfo, passes_from_wire
 
 from .views import PeerView
 
@@ -56,15 +58,15 @@ class BlockSpeeds:
 
     def observe_step(self, stages: Sequence[tuple[str, int, int]], event: dict) -> None:
         """Fold one ``step`` event in; ``stages`` are (address, start, end) in plan order, as prepared."""
-        for p in event.get("passes") or ():
-            if not isinstance(p, dict) or not stages:
-                continue
-            head, start, end = stages[0]
-            if isinstance(p.get("compute_ms"), (int, float)):
-                self.observe(head, end - start, float(p["compute_ms"]))
-            for (address, start, end), hop in zip(stages[1:], p.get("hops") or ()):
-                if isinstance(hop, dict) and isinstance(hop.get("compute_ms"), (int, float)):
-                    self.observe(address, end - start, float(hop["compute_ms"]))
+        if not stages:
+            return
+        head, start, end = stages[0]
+        for p in passes_from_wire(event):
+            if p.compute_ms is not None:
+                self.observe(head, end - start, p.compute_ms)
+            for (address, start, end), hop in zip(stages[1:], p.hops):
+                if hop.compute_ms is not None:
+                    self.observe(address, end - start, hop.compute_ms)
 
     def ms(self, address: PeerAddress, blocks: int) -> float | None:
         rate = self._ms_per_block.get(str(address))
@@ -79,25 +81,12 @@ class BlockSpeeds:
         return 1.0 / rate
 
 
-@dataclass(frozen=True)
-class MeasuredLink:
-    transport: str  # "tcp", or "cuda-ipc" between GPUs of one host (no codec, no wire)
-    bandwidth_bps: float | None
-    rtt_ms: float | None
-    codec: str | None  # what the head chose last time, and why
-    why: str | None
-
-
-def _number(value: object) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 else None
-
-
 class LinkBook:
     """Peer-to-peer links as the head measured and chose them (from ``prepared`` events), and each
     link's codec calibration, learned from the hops of every step (encode, decode, ratio)."""
 
     def __init__(self) -> None:
-        self._links: dict[tuple[str, str], MeasuredLink] = {}
+        self._links: dict[tuple[str, str], LinkInfo] = {}
         self._calibrations: dict[tuple[str, str], Calibration] = {}
         self.revision = 0  # counts changes, like BlockSpeeds.revision
 
@@ -109,46 +98,27 @@ class LinkBook:
                      caps: Mapping[str, Capabilities | None]) -> None:
         """Fold one ``step`` event's hops into their links' calibrations; ``stages`` as for
         :meth:`BlockSpeeds.observe_step`, ``caps`` by address (to know which engine did the work)."""
-        for p in event.get("passes") or ():
-            if not isinstance(p, dict):
-                continue
-            for (sender, _, _), (receiver, _, _), hop in zip(stages, stages[1:], p.get("hops") or ()):
-                figures = _hop_figures(hop)
-                if figures is None:
-                    continue
-                label, raw, wire, encode_ms, decode_ms = figures
-                self.calibration(sender, receiver).observe_hop(label, caps.get(sender), caps.get(receiver), raw, wire,
-                                                               encode_ms / 1e3, decode_ms / 1e3)
+        for p in passes_from_wire(event):
+            for (sender, _, _), (receiver, _, _), hop in zip(stages, stages[1:], p.hops):
+                figures = (hop.raw_bytes, hop.wire_bytes, hop.encode_ms, hop.decode_ms)
+                if hop.codec is None or any(v is None or v <= 0 for v in figures):
+                    continue  # a record without every figure teaches nothing
+                self.calibration(sender, receiver).observe_hop(hop.codec[:32], caps.get(sender), caps.get(receiver),
+                                                               hop.raw_bytes, hop.wire_bytes, hop.encode_ms / 1e3,
+                                                               hop.decode_ms / 1e3)
                 self.revision += 1
 
     def observe_prepared(self, event: dict) -> None:
-        for stage in event.get("stages") or ():
-            link = stage.get("link") if isinstance(stage, dict) else None
-            if not (isinstance(link, dict) and isinstance(stage.get("peer"), str) and isinstance(link.get("to"), str)):
+        for stage in StageInfo.many_from_wire(event.get("stages")):
+            link = stage.link
+            if link is None or (link.transport == "tcp" and link.bandwidth_bytes_per_s is None):
                 continue
-            transport = "cuda-ipc" if link.get("transport") == "cuda-ipc" else "tcp"
-            bandwidth = _number(link.get("bandwidth_bps"))
-            if transport == "tcp" and bandwidth is None:
-                continue
-            text = lambda key: str(link[key])[:200] if isinstance(link.get(key), str) else None  # noqa: E731
-            measured = MeasuredLink(transport, bandwidth, _number(link.get("rtt_ms")), text("codec"), text("why"))
-            key = (stage["peer"], link["to"])
-            self.revision += self._links.get(key) != measured
-            self._links[key] = measured
+            key = (stage.peer, link.to)
+            self.revision += self._links.get(key) != link
+            self._links[key] = link
 
-    def get(self, sender: PeerAddress, receiver: PeerAddress) -> MeasuredLink | None:
+    def get(self, sender: PeerAddress, receiver: PeerAddress) -> LinkInfo | None:
         return self._links.get((str(sender), str(receiver)))
-
-
-def _hop_figures(hop: object) -> tuple[str, int, int, float, float] | None:
-    """(codec label, raw bytes, wire bytes, encode ms, decode ms) of a hop record that has them all."""
-    if not isinstance(hop, dict) or not isinstance(hop.get("codec"), str):
-        return None
-    numbers = [_number(hop.get(key)) for key in ("raw_bytes", "bytes", "encode_ms", "decode_ms")]
-    if any(n is None for n in numbers):
-        return None
-    raw, wire, encode_ms, decode_ms = numbers
-    return hop["codec"][:32], int(raw), int(wire), encode_ms, decode_ms
 
 
 # --- proposing and editing -------------------------------------------------------------------------
@@ -159,11 +129,9 @@ def plan_preset(peers: Iterable[PeerView]) -> ModelPreset:
     online = [p for p in peers if p.online]
     if not online:
         raise PlanError("no peer is online")
-    identities = {p.model_key for p in online}
-    if len(identities) != 1:
-        detail = "; ".join(f"{p.label} serves {p.model_id} ({p.preset}, {p.dtype}, sha256 {(p.model_hash or '')[:12]}, "
-                           f"weights {p.weights})" for p in online)
-        raise PlanError(f"peers serve different models: {detail}")
+    problem = disagreement((p.label, p.model) for p in online)
+    if problem:
+        raise PlanError(problem)
     preset = online[0].preset
     if preset not in PRESETS:
         raise PlanError(f"{online[0].label} serves an unknown model preset {preset!r}")
@@ -234,8 +202,8 @@ def cycle_codec(plan: SplitPlan, index: int) -> SplitPlan:
 @dataclass(frozen=True)
 class LinkForecast:
     codec: str  # the codec it would use (auto resolved by the policy)
-    bandwidth_bps: float | None
-    measured: bool  # False: this client's bandwidth to the receiver stands in
+    bandwidth_bytes_per_s: float | None
+    measured: bool  # False: this client's measurement to the receiver (the same formula) stands in
     ms: float | None  # encode + wire + decode, chunks overlapped
     wire_bytes: int | None
     same_host: bool = False  # both ends run on one box: CUDA IPC where the daemons share a user
@@ -331,8 +299,8 @@ def _link_forecast(stage: Stage, nxt: Stage, peers: Mapping[PeerAddress, PeerVie
     if measured is not None and measured.transport == "cuda-ipc" and stage.codec in ("auto", "raw"):
         return LinkForecast("cuda-ipc", None, True, 0.0, 0), None  # GPU to GPU on one host: nothing on a wire
     # The head's measurement of this very link if there is one, else this client's to the receiver.
-    head_measured = measured is not None and measured.bandwidth_bps is not None
-    bps = measured.bandwidth_bps if head_measured else (receiver.bandwidth_bps if receiver else None)
+    head_measured = measured is not None and measured.bandwidth_bytes_per_s is not None
+    bps = measured.bandwidth_bytes_per_s if head_measured else (receiver.bandwidth_bytes_per_s if receiver else None)
     label = stage.codec
     if sender is None or receiver is None or sender.caps is None or receiver.caps is None:
         return LinkForecast(label, bps, head_measured, None, None), None

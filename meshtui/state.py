@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from meshd.generation_request import GenerationParams
 from meshd.model.presets import ModelPreset
 from meshd.pipeline.plan import PeerAddress, PlanError, SplitPlan
 
@@ -22,7 +23,7 @@ from . import runs as run_log
 from . import splitting
 from .config import GenerateSettings
 from .history import TelemetryStore
-from .runs import RunParams, RunRecord, RunState
+from .runs import RunRecord, RunState
 from .views import PeerStatus, PeerView
 
 #: Runs whose PNG bytes stay in memory (older ones are read back from their file).
@@ -260,9 +261,9 @@ class Dashboard:
         """A run of the current settings on the current plan (the caller checked that it can run)."""
         preset, plan, s = self.preset(), self.plan, self.settings
         width, height = self.resolved_size()
-        params = RunParams(s.prompt, s.seed, width, height, s.steps or preset.default_steps,
-                           preset.default_guidance if s.guidance is None else s.guidance, s.codec)
-        record = RunRecord(self.next_run, self.clock(), params, plan.describe())
+        params = GenerationParams(s.prompt, s.seed, width, height, s.steps or preset.default_steps,
+                                  preset.default_guidance if s.guidance is None else s.guidance)
+        record = RunRecord(self.next_run, self.clock(), params, plan.describe(), codec=s.codec)
         self.next_run += 1
         self.active_run, self._active_plan = record.id, plan
         self.runs = (*self.runs, record)

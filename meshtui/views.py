@@ -10,11 +10,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
-from typing import Any
 
 from codec import Capabilities
 from meshd.config import describe_ranges
-from meshd.node.nodeid import host_key
+from meshd.errors import AuthRefused, MeshError, ProtocolViolation, VersionMismatch
+from meshd.nodeinfo import ModelInfo, NodeInfo
 from meshd.pipeline.plan import PeerAddress
 
 
@@ -26,16 +26,13 @@ class PeerStatus(StrEnum):
     INCOMPATIBLE = "incompatible"
 
     @classmethod
-    def for_error(cls, code: str | None) -> PeerStatus:
-        """The state a failed connection puts a peer in, from the error's wire code."""
-        if code == "auth":
+    def for_error(cls, error: MeshError | None) -> PeerStatus:
+        """The state a failed connection puts a peer in, from the error's type."""
+        if isinstance(error, AuthRefused):
             return cls.UNAUTHENTICATED
-        if code in ("version", "protocol"):
+        if isinstance(error, (VersionMismatch, ProtocolViolation)):
             return cls.INCOMPATIBLE
         return cls.UNREACHABLE
-
-
-#: How a peer came to be known.
 
 
 @dataclass(frozen=True)
@@ -71,7 +68,7 @@ class PeerView:
     host: str | None = None  # the box it runs on (meshd.node.nodeid.host_key of its host id)
     # Measured from this client:
     rtt_ms: float | None = None
-    bandwidth_bps: float | None = None  # bytes/s
+    bandwidth_bytes_per_s: float | None = None
     seen: float | None = None  # wall time of the last good answer
     hints: dict[str, str] = field(default_factory=dict)  # mDNS TXT hints (unverified)
 
@@ -80,10 +77,15 @@ class PeerView:
         return self.status is PeerStatus.ONLINE
 
     @property
+    def model(self) -> ModelInfo:
+        """The model it serves, as its info said (the fields below, kept while it is offline)."""
+        return ModelInfo(self.model_id, self.preset, self.model_hash, self.dtype, self.weights, self.compute,
+                         self.weight_bytes, self.num_blocks)
+
+    @property
     def model_key(self) -> tuple:
-        """What two peers must share to serve one plan: the head's prepare refuses any other difference
-        (meshd.node.daemon.Daemon._check_model): preset, content hash, dtype and the precision the weights are at."""
-        return (self.preset, self.model_hash, self.dtype, self.weights)
+        """What two peers must share to serve one plan (:attr:`meshd.nodeinfo.ModelInfo.agreement`)."""
+        return self.model.agreement
 
     @property
     def box(self) -> str | None:
@@ -94,67 +96,43 @@ class PeerView:
     def title(self) -> str:
         return self.name or self.hints.get("name") or str(self.address)
 
-    def with_info(self, info: dict[str, Any], rtt_ms: float | None, now: float | None = None) -> PeerView:
-        """This view updated from a successful ``info`` reply (untrusted: only known shapes are read)."""
-        model = info.get("model") if isinstance(info.get("model"), dict) else {}
-        memory = info.get("memory") if isinstance(info.get("memory"), dict) else {}
-        blocks = tuple((int(a), int(b)) for a, b in _pairs(info.get("blocks")))
+    def with_info(self, info: NodeInfo, rtt_ms: float | None, now: float | None = None) -> PeerView:
+        """This view updated from a successful ``info`` reply."""
+        model = info.model
         return replace(
             self,
             status=PeerStatus.ONLINE,
             error=None,
-            name=_text(info.get("name")),
-            node_id=_text(info.get("node_id")),
-            version=_text(info.get("version")),
-            device=_text(info.get("device")),
-            gpu_name=_text(info.get("gpu_name")),
-            memory_kind=_text(memory.get("kind")),
-            free_bytes=_int(memory.get("free")),
-            total_bytes=_int(memory.get("total")),
-            model_id=_text(model.get("model_id")),
-            preset=_text(model.get("preset")),
-            model_hash=_text(model.get("hash")),
-            dtype=_text(model.get("dtype")),
-            weights=_text(model.get("weights")),
-            compute=_text(model.get("compute")),
-            weight_bytes=model.get("weight_bytes") if isinstance(model.get("weight_bytes"), dict) else None,
-            num_blocks=_int(model.get("num_blocks")),
-            blocks=blocks,
-            caps=_caps(info.get("caps")),
-            key_fingerprint=_text(info.get("key_fingerprint")),
-            emulated_link=_text(info.get("emulated_link")),
-            jobs=_int(info.get("jobs")),
-            text_encoder=info.get("text_encoder") if isinstance(info.get("text_encoder"), bool) else None,
-            host=host_key(_text(info.get("host_id")) or "") or None,
+            name=info.name,
+            node_id=info.node_id,
+            version=info.version,
+            device=info.device,
+            gpu_name=info.gpu_name,
+            memory_kind=info.memory_kind,
+            free_bytes=info.free_bytes,
+            total_bytes=info.total_bytes,
+            model_id=model.model_id,
+            preset=model.preset,
+            model_hash=model.hash,
+            dtype=model.dtype,
+            weights=model.weights,
+            compute=model.compute,
+            weight_bytes=model.weight_bytes,
+            num_blocks=model.num_blocks,
+            blocks=tuple((r.start, r.end) for r in info.blocks),
+            caps=info.caps,
+            key_fingerprint=info.key_fingerprint,
+            emulated_link=info.emulated_link,
+            jobs=info.jobs,
+            text_encoder=info.text_encoder,
+            host=info.host,
             rtt_ms=rtt_ms,
             seen=time.time() if now is None else now,
         )
 
-    def failed(self, code: str | None, message: str) -> PeerView:
+    def failed(self, error: MeshError | None, message: str) -> PeerView:
         """This view after a failed connection or poll; last-known facts stay."""
-        return replace(self, status=PeerStatus.for_error(code), error=message)
-
-
-def _text(value: object) -> str | None:
-    return value[:200] if isinstance(value, str) else None
-
-
-def _int(value: object) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def _caps(value: object) -> Capabilities | None:
-    try:
-        return Capabilities.from_dict(value)
-    except ValueError:
-        return None
-
-
-def _pairs(value: object) -> list[tuple[int, int]]:
-    if not isinstance(value, list):
-        return []
-    return [(a, b) for a, b in (item for item in value if isinstance(item, list) and len(item) == 2)
-            if _int(a) is not None and _int(b) is not None]
+        return replace(self, status=PeerStatus.for_error(error), error=message)
 
 
 def describe_blocks(blocks: tuple[tuple[int, int], ...]) -> str:

@@ -20,18 +20,21 @@ from pathlib import Path
 from textual.message import Message
 
 from meshd import limits
-from meshd.wire.connection import Channel
-from meshd.errors import MeshError
+from meshd.errors import BadRequest, MeshError, PeerLost, ProtocolViolation
 from meshd.model.compile_events import describe_event
+from meshd.node.discovery import PeerBrowser
+from meshd.nodeinfo import NodeInfo
+from meshd.pipeline.peers import measure_bandwidth
 from meshd.pipeline.plan import PeerAddress, SplitPlan
-from meshd.telemetry.snapshot import GpuSnapshot, HostSnapshot, LinkSnapshot, NodeSnapshot
 from meshd.telemetry.host import counter_rate
 from meshd.telemetry.service import subscribe
+from meshd.telemetry.snapshot import GpuSnapshot, HostSnapshot, LinkSnapshot, NodeSnapshot
+from meshd.wire.connection import Channel
 
 from .mesh import Mesh, Peer
-from .messages import (DiscoveryState, GenerationDone, GenerationEvent, PeerDiscovered, PeerUpdated, PeerVanished,
-                       SpanCompiling, SpanLoading, SplitApplied, TelemetryNote, TelemetrySampled)
-from .runs import RunParams
+from .messages import (DiscoveryState, GenerationDone, GenerationEvent, PeerDiscovered, PeerUpdated,
+                       PeerVanished, SpanCompiling, SpanLoading, SplitApplied, TelemetryNote, TelemetrySampled)
+from .runs import RunRecord
 from .views import PeerView
 
 Post = Callable[[Message], object]
@@ -40,53 +43,13 @@ Post = Callable[[Message], object]
 INFO_TIMEOUT_S = 5.0
 #: Bytes sent to measure this client's bandwidth to a peer, and how often it is measured again.
 LINK_PROBE_BYTES = limits.BANDWIDTH_PROBE_BYTES
-LINK_MAX_AGE_S = 300.0
+LINK_MAX_AGE_S = limits.BANDWIDTH_MAX_AGE_S
 LINK_TIMEOUT_S = 30.0
 #: Retry delays for a peer that cannot be reached: doubling up to this.
 MAX_BACKOFF_S = 15.0
 
 TELEMETRY_UNSUPPORTED = ("waiting for daemon support: this meshd does not stream telemetry yet, so GPU load, "
                          "NVENC/NVDEC and PCIe are n/a; memory and link throughput come from health polls")
-
-
-async def probe_peer(mesh: Mesh, peer: Peer, timeout: float = INFO_TIMEOUT_S) -> tuple[str | None, list]:
-    """(Re)connect and read ``info``; returns (error code or None, the daemon's link counters).
-
-    Keeps ``peer``'s fields as :meth:`Mesh.connect` does, and also the error's code, which tells an
-    unauthenticated peer from an unreachable one.
-    """
-    try:
-        if peer.channel is None or not peer.channel.alive:
-            if peer.channel is not None:
-                await peer.channel.close()
-                peer.channel = None
-            peer.channel = await Channel.connect(peer.address.host, peer.address.port, mesh.key,
-                                                 emulation=mesh.emulation, hello={"node": "meshtui"})
-        t0 = time.perf_counter()
-        reply = await peer.channel.request("info", timeout=timeout)
-    except MeshError as exc:
-        peer.error, peer.info = exc.message, None
-        return exc.code, []
-    peer.rtt_ms = (time.perf_counter() - t0) * 1e3
-    node = reply.header.get("node")
-    peer.info = node if isinstance(node, dict) else {}
-    peer.error = None
-    peer.seen = time.time()
-    links = reply.header.get("links")
-    return None, links if isinstance(links, list) else []
-
-
-async def measure_link(channel: Channel, nbytes: int = LINK_PROBE_BYTES) -> tuple[float, float]:
-    """(bytes/s, round-trip ms) from this client to the peer: an echo, then ``nbytes`` one way.
-
-    The bandwidth is ``nbytes`` over the whole probe request, a lower bound that is close for the slow
-    links that matter (subtracting a round trip measured apart overshoots wildly on fast ones)."""
-    t0 = time.perf_counter()
-    await channel.request("echo", timeout=LINK_TIMEOUT_S)
-    rtt = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    await channel.request("probe", {}, [bytes(nbytes)], timeout=LINK_TIMEOUT_S)
-    return nbytes / max(time.perf_counter() - t0, 1e-6), rtt * 1e3
 
 
 class InfoTelemetry:
@@ -96,20 +59,18 @@ class InfoTelemetry:
     def __init__(self) -> None:
         self._last: dict[str, tuple[float, int, int]] = {}
 
-    def snapshot(self, info: dict, links: list, at: float) -> NodeSnapshot:
-        memory = info.get("memory") if isinstance(info.get("memory"), dict) else {}
-        free, total = memory.get("free"), memory.get("total")
-        used = total - free if isinstance(free, int) and isinstance(total, int) else None
+    def snapshot(self, info: NodeInfo, links: list, at: float) -> NodeSnapshot:
+        free, total = info.free_bytes, info.total_bytes
+        used = total - free if free is not None and total is not None else None
         gpus: tuple[GpuSnapshot, ...] = ()
         host = HostSnapshot()
-        if memory.get("kind") == "gpu":
-            device = str(info.get("device", "cuda"))
+        if info.memory_kind == "gpu":
+            device = info.device or "cuda"
             _, _, index = device.partition(":")
-            gpus = (GpuSnapshot(uuid=f"{info.get('node_id')}/{device}", index=int(index) if index.isdigit() else 0,
-                                name=str(info.get("gpu_name") or device), vram_used_bytes=used,
-                                vram_total_bytes=total if isinstance(total, int) else None),)
+            gpus = (GpuSnapshot(uuid=f"{info.node_id}/{device}", index=int(index) if index.isdigit() else 0,
+                                name=info.gpu_name or device, vram_used_bytes=used, vram_total_bytes=total),)
         else:
-            host = HostSnapshot(ram_used_bytes=used, ram_total_bytes=total if isinstance(total, int) else None)
+            host = HostSnapshot(ram_used_bytes=used, ram_total_bytes=total)
         out = []
         for link in links[:64]:
             if not isinstance(link, dict) or not isinstance(link.get("peer"), str):
@@ -126,7 +87,7 @@ class InfoTelemetry:
                 rx = counter_rate(received, before[2], at - before[0])
             out.append(LinkSnapshot(peer=name, sent_bytes_per_s=tx, received_bytes_per_s=rx, bytes_sent=sent,
                                     bytes_received=received))
-        return NodeSnapshot(node_id=str(info.get("node_id") or "?"), time=at, monotonic=time.monotonic(),
+        return NodeSnapshot(node_id=info.node_id or "?", time=at, monotonic=time.monotonic(),
                             gpus=gpus, host=host, links=tuple(out), nvml=TELEMETRY_UNSUPPORTED)
 
 
@@ -181,10 +142,10 @@ class PeerMonitor:
         peer = self.mesh.peers.get(self.label)
         if peer is None:
             return
-        code, links = await probe_peer(self.mesh, peer)
-        if code is not None or not peer.online:
+        await self.mesh.connect(peer, INFO_TIMEOUT_S)
+        if not peer.online:
             self._stop_subscription()
-            self.publish(self.view.failed(code, peer.error or "offline"))
+            self.publish(self.view.failed(peer.failure, peer.error or "offline"))
             return
         if peer.channel is not self._channel:  # a new connection: ask again what it supports
             self._stop_subscription()
@@ -194,7 +155,7 @@ class PeerMonitor:
         if self._measure or time.monotonic() - self._measured_at > LINK_MAX_AGE_S:
             await self._measure_link(peer)
         if self._streams is False:
-            self.post(TelemetrySampled(self.label, self._fallback.snapshot(peer.info, links, time.time()), "info"))
+            self.post(TelemetrySampled(self.label, self._fallback.snapshot(peer.info, peer.links, time.time()), "info"))
         elif self._subscription is None or self._subscription.done():
             self._subscription = asyncio.ensure_future(self._subscribe(peer.channel))
 
@@ -202,10 +163,10 @@ class PeerMonitor:
         self._measure = False
         self._measured_at = time.monotonic()
         try:
-            bps, rtt = await measure_link(peer.channel)
+            link = await measure_bandwidth(peer.channel, LINK_PROBE_BYTES, LINK_TIMEOUT_S)
         except MeshError:
             return  # the next health poll reports the peer's state
-        self.publish(replace(self.view, bandwidth_bps=bps, rtt_ms=rtt))
+        self.publish(replace(self.view, bandwidth_bytes_per_s=link.bytes_per_s, rtt_ms=link.rtt_ms))
 
     async def _subscribe(self, channel: Channel) -> None:
         """Stream the daemon's telemetry until cancelled, the daemon ends it, or the link fails."""
@@ -219,11 +180,11 @@ class PeerMonitor:
         try:
             await subscribe(channel, on_snapshot, self.telemetry_interval)
         except MeshError as exc:
-            if exc.code == "bad-request" and self._streams is None:
+            if isinstance(exc, BadRequest) and self._streams is None:
                 self._streams = False  # an older daemon: fall back to health polls
                 self.post(TelemetryNote(self.label, TELEMETRY_UNSUPPORTED))
                 self.wake()
-            elif exc.code == "protocol":
+            elif isinstance(exc, ProtocolViolation):
                 self.post(TelemetryNote(self.label, f"this peer sent telemetry we cannot read: {exc.message}"))
             # Otherwise the link failed: the next health poll reports it and subscribes again.
 
@@ -260,19 +221,19 @@ def require_online(mesh: Mesh, plan: SplitPlan) -> None:
         if not peer.online:
             down.append(f"{peer.label} ({peer.address}): {peer.error or 'not connected'}")
     if down:
-        raise MeshError("peer-lost", "the split needs peers that are offline: " + "; ".join(down))
+        raise PeerLost(None, "the split needs peers that are offline: " + "; ".join(down))
 
 
-async def generate(mesh: Mesh, plan: SplitPlan, params: RunParams, run_id: int, post: Post, *,
+async def generate(mesh: Mesh, plan: SplitPlan, run: RunRecord, post: Post, *,
                    save: Callable[[bytes], Path], text_encoder: PeerAddress | None = None) -> Path:
     """Apply the plan if a peer lost its blocks, run the generation with live events, save the PNG.
     ``text_encoder``: the peer that encodes the prompt, when not the head."""
     require_online(mesh, plan)
     await mesh.apply(plan)
-    outcome = await mesh.generate(plan, params.to_wire(), codec=params.codec, text_encoder=text_encoder,
-                                  on_event=lambda event: post(GenerationEvent(run_id, event)))
+    outcome = await mesh.generate(plan, run.params, codec=run.codec, text_encoder=text_encoder,
+                                  on_event=lambda event: post(GenerationEvent(run.id, event)))
     path = await asyncio.to_thread(save, outcome.png)
-    post(GenerationDone(run_id, outcome.summary, outcome.png, path))
+    post(GenerationDone(run.id, outcome.summary, outcome.png, path))
     return path
 
 
@@ -282,12 +243,7 @@ async def start_local_daemons(cluster) -> list[PeerAddress]:
 
 
 async def browse(post: Post) -> None:
-    """Find daemons over mDNS until cancelled (discovery is an optional part of meshd)."""
-    try:
-        from meshd.node.discovery import PeerBrowser  # noqa: PLC0415
-    except ImportError:
-        post(DiscoveryState(False, "mDNS discovery is not in this meshd: add peers by hand (a)"))
-        return
+    """Find daemons over mDNS until cancelled (without python-zeroconf or multicast the app goes on)."""
 
     def added(found) -> None:
         hints = {str(k)[:32]: str(v)[:64] for k, v in (found.txt or {}).items()}
@@ -299,7 +255,7 @@ async def browse(post: Post) -> None:
     browser = PeerBrowser()
     try:
         await browser.start(added, removed)
-    except Exception as exc:  # noqa: BLE001 - no multicast, no network: the app works without discovery
+    except Exception as exc:  # noqa: BLE001 - no zeroconf, no multicast, no network: the app works without it
         post(DiscoveryState(False, f"mDNS discovery could not start ({type(exc).__name__}: {exc}); "
                                    "add peers by hand (a)"))
         return

@@ -13,6 +13,7 @@ from meshd import limits
 from meshd.config import DaemonConfig
 from meshd.wire.connection import Channel, Connection, server_handshake
 from meshd.errors import MeshError
+from meshd.generation_request import GenerationParams
 from meshd.model.compiled import BlockCompiler, CompileCache
 from meshd.model.files import ModelStore
 from meshd.model.runtime import HostedModel, open_source
@@ -32,7 +33,7 @@ async def split_generation(key: bytes, addresses, spec: str, params: dict, **gen
         preset, _ = mesh.model()
         plan = parse_split(spec, {p.label: p.address for p in mesh.peers.values()}, preset.num_blocks)
         await mesh.apply(plan)
-        return await mesh.generate(plan, params, **generate)
+        return await mesh.generate(plan, GenerationParams(**params), **generate)
     finally:
         await mesh.close()
 

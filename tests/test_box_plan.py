@@ -2,7 +2,9 @@
 the network once per box, and says which links stay on one box."""
 
 from meshd.model.presets import PRESETS
-from meshd.pipeline.plan import PeerAddress, PeerResources, box_order, network_crossings, parse_split, propose, same_host_links
+from meshd.nodeinfo import NodeInfo
+from meshd.pipeline.plan import (PeerAddress, PeerResources, box_order, network_crossings, parse_split, propose,
+                                 same_host_links)
 
 GiB = 1 << 30
 KLEIN = PRESETS["klein-9b"]
@@ -48,7 +50,7 @@ def test_the_dashboard_groups_a_boxs_daemons_and_marks_their_links_same_host():
                                          "num_blocks": 32}, "memory": {"kind": "gpu", "free": 40 * GiB, "total": 48 * GiB},
                 "blocks": [], "host_id": boot}
         base = PeerView(label, PeerAddress(f"10.0.0.{ord(label)}", 7777), hints={"host": hint} if hint else {})
-        return base.with_info(info, 0.5, now=0.0) if boot is not None else base
+        return base.with_info(NodeInfo.from_wire(info), 0.5, now=0.0) if boot is not None else base
 
     # A and C: one tower's two daemons (one verified, one only as mDNS hinted); B another box; D unknown.
     views = [view("A", "boot-1"), view("B", "boot-2"), view("C", None, hint=host_key("boot-1")), view("D", "")]
@@ -69,6 +71,6 @@ def test_the_headless_plan_line_says_which_links_stay_on_one_box():
     boots = {"A": "boot-1", "B": "boot-1", "C": "boot-2"}
     for label, boot in boots.items():
         peer = mesh.add(PeerAddress(f"10.0.0.{ord(label)}", 7777))
-        peer.info = {"host_id": boot}
+        peer.info = NodeInfo(host_id=boot)
     plan = parse_split("A:0-15,B:16-23,C:24-31", {p.label: p.address for p in mesh.peers.values()}, KLEIN.num_blocks)
     assert mesh.describe_plan(plan) == "A:0-15 => B:16-23 -> C:24-31 (=> same host)"

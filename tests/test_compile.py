@@ -24,7 +24,7 @@ from meshd.model.files import ModelStore
 from meshd.model.lora import LoraPatch
 from meshd.model.runtime import HostedModel, open_source
 from meshd.model.span import Conditioning, Stream
-from meshtui.runs import RunParams, RunRecord, apply_event
+from meshtui.runs import RunRecord, apply_event
 from tests.daemons import running_daemon, split_generation
 
 TINY_TXT = 32  # the tiny preset's max_sequence_length
@@ -227,7 +227,7 @@ def test_the_gpu_thread_compiles_more_graphs_than_dynamos_default_limit(models, 
 
 
 def test_the_dashboard_and_check_show_compiling(tmp_path):
-    record = RunRecord(1, 0.0, RunParams("p", 1, 1024, 1024, 4, 1.0), "A:0-15,B:16-31")
+    record = RunRecord(1, 0.0, GenerationParams("p", 1, 1024, 1024, 4, 1.0), "A:0-15,B:16-31")
     event = {"kind": "compiling", "node": "b", "blocks": "16-31", "size": "1024x1024", "cached": False,
              "estimate_s": 18.2}
     assert apply_event(record, event).phase == "compiling blocks 16-31 on b for 1024x1024 (first time, ~18 s)"

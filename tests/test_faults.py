@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -25,6 +26,7 @@ from meshd import auth, limits
 from meshd.auth import read_key
 from meshd.wire.connection import Channel
 from meshd.errors import MeshError, PeerLost
+from meshd.generation_request import GenerationParams
 from meshd.pipeline.plan import PeerAddress, parse_split
 from meshd.pipeline.streaming import pack_raw
 from meshtui.local import LocalCluster
@@ -32,8 +34,8 @@ from meshtui.mesh import Mesh
 from tests.daemons import jobs_on, running_daemon
 
 #: Long enough to be interrupted mid-run (~25 ms a step here), short enough to finish when it must.
-LONG = {"prompt": "a lighthouse at dawn", "seed": 3, "width": 64, "height": 64, "steps": 200, "guidance": 1.0}
-SHORT = {**LONG, "steps": 2}
+LONG = GenerationParams("a lighthouse at dawn", seed=3, width=64, height=64, steps=200, guidance=1.0)
+SHORT = replace(LONG, steps=2)
 SPLIT = "A:0-1,B:2-3,C:4-5"
 KEY = auth.generate_key()  # for the in-process daemons (the cluster has its own key file)
 
@@ -173,7 +175,7 @@ async def test_a_stage_restarted_during_a_generation_drains_it_first(cluster):
         plan = split_plan(mesh)
         await mesh.apply(plan)
         steps = []
-        run = asyncio.ensure_future(mesh.generate(plan, {**LONG, "steps": 60}, codec="raw",
+        run = asyncio.ensure_future(mesh.generate(plan, replace(LONG, steps=60), codec="raw",
                                                   on_event=lambda e: steps.append(e) if e["kind"] == "step" else None))
         await until(lambda: len(steps) >= 3, 60, "3 steps")
         b.signal(signal.SIGTERM)
@@ -333,7 +335,7 @@ async def test_out_of_memory_on_one_stage_is_an_oom_error_and_frees_the_job(tmp_
         out_of_memory_once(victim)
         started = time.monotonic()
         with pytest.raises(MeshError, match="ran out of memory") as error:
-            await mesh.generate_with_retry(plan, {**SHORT, "steps": 4}, retries=1, codec="raw")
+            await mesh.generate_with_retry(plan, replace(SHORT, steps=4), retries=1, codec="raw")
         record(f"GPU out of memory on the {where} (injected)", time.monotonic() - started)
         assert error.value.code == "oom"
         assert len(mesh.peers) == 2  # not a lost peer: nothing dropped, nothing re-planned
@@ -394,7 +396,7 @@ async def test_a_request_given_up_by_its_client_stops_on_the_daemon(tmp_path):
         channel = await Channel.connect(*daemon.bound, KEY)
         me = "%s:%d" % daemon.bound
         with pytest.raises(MeshError, match="no reply within"):
-            await channel.request("generate", {"params": LONG, "plan": [{"peer": me, "start": 0, "end": 6}],
+            await channel.request("generate", {"params": LONG.to_wire(), "plan": [{"peer": me, "start": 0, "end": 6}],
                                                "codec": "raw"}, timeout=0.5)
         await until(lambda: not any(s.tasks for s in daemon.sessions), 3, "the generation stopped")
         assert (await channel.request("echo")).op == "reply"

@@ -15,6 +15,7 @@ from PIL import Image
 
 from bench.soak import soak
 from meshd.auth import read_key
+from meshd.generation_request import GenerationParams
 from meshd.pipeline.plan import parse_split
 from meshtui.local import LocalCluster
 from meshtui.mesh import Mesh
@@ -34,9 +35,9 @@ def cluster(tmp_path_factory):
         yield c
 
 
-def params(client: int, n: int) -> dict:
-    return {"prompt": f"client {client}: a lighthouse, take {n}", "seed": 100 * client + n, "width": 64,
-            "height": 64, "steps": 4, "guidance": 1.0}
+def params(client: int, n: int) -> GenerationParams:
+    return GenerationParams(f"client {client}: a lighthouse, take {n}", seed=100 * client + n, width=64, height=64,
+                            steps=4, guidance=1.0)
 
 
 async def client_mesh(cluster) -> tuple[Mesh, object]:
@@ -84,7 +85,7 @@ async def test_concurrent_clients_each_get_their_own_images_none_lost_in_fair_tu
     for c, done in enumerate(results):
         assert [n for n, _, _ in done] == list(range(PER_CLIENT))  # none lost
         for n, png, _ in done:
-            assert png_params(png)["seed"] == 100 * c + n and png_params(png)["prompt"] == params(c, n)["prompt"]
+            assert png_params(png)["seed"] == 100 * c + n and png_params(png)["prompt"] == params(c, n).prompt
             assert np.array_equal(pixels(png), expected[(c, n)]), f"client {c} image {n} is not its own"
     # Fair turns: every client did the same work, so under FIFO queueing and step interleaving they
     # finish close together; serving one client at a time would finish the first at ~1/6 of the total.

@@ -3,6 +3,8 @@
 import argparse
 import asyncio
 import io
+import json
+import re
 
 import numpy as np
 import pytest
@@ -11,7 +13,7 @@ from PIL import Image
 
 from meshd.auth import read_key
 from meshd.errors import MeshError
-from meshtui.cli import run_local
+from meshtui.cli import main, run_local
 from meshtui.local import LocalCluster
 from meshtui.mesh import Mesh
 from meshtui.report import hop_totals
@@ -125,3 +127,19 @@ def test_plan_over_a_stopped_peer_fails_clearly(cluster, tmp_path):
                 await mesh.close()
 
         asyncio.run(run())
+
+
+def test_the_json_summary_names_blocks_as_the_user_wrote_the_split(cluster, capsys):
+    """``--split A:0-2,B:3-5 --json`` reports stage A's blocks as ``0-2``, not the wire's half-open ``[0, 3]``."""
+    a, b = (str(d.address) for d in cluster.daemons[:2])
+    code = main(["generate", "--peer", a, "--peer", b, "--key-file", str(cluster.key_file), "--split", "A:0-2,B:3-5",
+                 "--size", "64", "--steps", "1", "--codec", "raw", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    summary = json.loads(out)
+    assert [s["blocks"] for s in summary["stages"]] == ["0-2", "3-5"]
+    assert [h["blocks"] for h in summary["hops"]] == ["3-5"]
+    assert {h["blocks"] for step in summary["steps"] for p in step["passes"] for h in p["hops"]} == {"3-5"}
+    # The load progress (there is some: the tests before left other splits loaded) names blocks so too.
+    loads = re.findall(r"loading blocks (\S+)", err)
+    assert loads and all(re.fullmatch(r"[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*", blocks) for blocks in loads), err

@@ -11,6 +11,7 @@ import torch
 
 from meshd.auth import read_key
 from meshd.errors import MeshError
+from meshd.generation_request import LoraByName
 from meshd.model.checkpoints import expected_shapes
 from meshd.model.presets import PRESETS
 from meshtui.cli import run_local
@@ -44,7 +45,8 @@ def world(tmp_path_factory):
 
 async def split(cluster, spec: str, loras: list[dict]):
     return await split_generation(read_key(cluster.key_file), [d.address for d in cluster.daemons], spec,
-                                  {**PARAMS, "loras": loras}, codec="raw", return_latents=True)
+                                  {**PARAMS, "loras": tuple(LoraByName(**lora) for lora in loras)}, codec="raw",
+                                  return_latents=True)
 
 
 def local(world, lora: list[str]) -> np.ndarray:

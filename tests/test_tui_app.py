@@ -98,7 +98,7 @@ async def test_the_users_path_peers_split_generate_image_telemetry(cluster, tmp_
         # Peers: both appear online with what they hold and the link measured from here.
         assert isinstance(app.screen, PeersScreen)
         await until(pilot, all_online(app, 2), "both peers online")
-        await until(pilot, lambda: all(p.bandwidth_bps for p in app.peers), "link measurements")
+        await until(pilot, lambda: all(p.bandwidth_bytes_per_s for p in app.peers), "link measurements")
         table = app.screen.query_one(PeerTable)
         rows = {key.value: [str(c) for c in table.get_row(key)] for key in table.rows}
         assert rows["A"][1] == "● online" and rows["A"][2] == "a" and rows["B"][2] == "b"

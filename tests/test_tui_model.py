@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from codec import Capabilities
+from meshd.generation_request import GenerationParams
 from meshd.model.presets import PRESETS
 from meshd.pipeline.plan import PeerAddress, PlanError, SplitPlan, Stage
 from meshd.telemetry.snapshot import GpuSnapshot, HostSnapshot, NodeSnapshot
@@ -27,7 +28,7 @@ H200_CAPS = Capabilities(device="cuda:0", gpu_name="NVIDIA H200", nvenc=False, n
 def peer(label, address, free=8 << 30, caps=CPU_CAPS, bandwidth=125e6, **kw) -> PeerView:
     return PeerView(label, address, status=PeerStatus.ONLINE, name=f"box-{label}", preset="tiny", model_id="tiny",
                     model_hash="ab" * 32, dtype="bfloat16", num_blocks=6, free_bytes=free, total_bytes=16 << 30,
-                    memory_kind="gpu", caps=caps, bandwidth_bps=bandwidth, **kw)
+                    memory_kind="gpu", caps=caps, bandwidth_bytes_per_s=bandwidth, **kw)
 
 
 # --- settings file ------------------------------------------------------------------------------
@@ -150,7 +151,7 @@ def test_the_forecast_predicts_memory_compute_and_link_time_from_measurements():
     after = splitting.forecast(plan, peers, 64, 64, speeds, links)
     assert after.stages[0].compute_ms == pytest.approx(4.0)
     assert after.stages[1].compute_ms == pytest.approx(6.0)
-    assert after.stages[0].link.measured and after.stages[0].link.bandwidth_bps == 1.25e9
+    assert after.stages[0].link.measured and after.stages[0].link.bandwidth_bytes_per_s == 1.25e9
     assert after.step_ms == pytest.approx(10.0 + after.stages[0].link.ms)
     moved = splitting.forecast(splitting.move_boundary(plan, 0, 1), peers, 64, 64, speeds, links)
     assert moved.stages[0].compute_ms == pytest.approx(6.0)  # 3 blocks at A's 2 ms per block
@@ -215,7 +216,7 @@ def test_unsupported_readings_stay_na_and_a_gap_keeps_the_last_good_value_with_i
 
 
 def test_a_run_record_follows_the_head_events_and_names_every_hop():
-    record = runs.RunRecord(1, 1000.0, runs.RunParams("p", 3, 64, 64, 2, 1.0), "A:0-1 -> B:2-3 -> C:4-5")
+    record = runs.RunRecord(1, 1000.0, GenerationParams("p", 3, 64, 64, 2, 1.0), "A:0-1 -> B:2-3 -> C:4-5")
     record = runs.apply_event(record, {"kind": "queued", "position": 1})
     record = runs.apply_event(record, {"kind": "prepared", "plan": "A:0-1 -> B:2-3 -> C:4-5", "stages": [
         {"peer": str(A), "blocks": [0, 2]}, {"peer": str(B), "blocks": [2, 4]}, {"peer": str(C), "blocks": [4, 6]}]})
@@ -233,18 +234,27 @@ def test_a_run_record_follows_the_head_events_and_names_every_hop():
 
 
 def test_finished_runs_are_kept_in_a_history_file_that_survives_bad_lines(tmp_path):
-    record = runs.RunRecord(7, 1000.0, runs.RunParams("a fox", 3, 64, 64, 4, 1.0, "fp8"), "A:0-5")
+    record = runs.RunRecord(7, 1000.0, GenerationParams("a fox", 3, 64, 64, 4, 1.0), "A:0-5", codec="fp8")
     done = runs.finish(record, {"total_s": 1.5, "steps": []}, tmp_path / "x.png")
     runs.append_history(tmp_path, done)
     with open(tmp_path / runs.HISTORY_FILE, "a") as f:
         f.write("{not json\n")
     (loaded,) = runs.load_history(tmp_path)
     assert loaded.id == 7 and loaded.params == record.params and loaded.state is runs.RunState.DONE
-    assert loaded.total_s == 1.5 and loaded.path == tmp_path / "x.png"
+    assert loaded.total_s == 1.5 and loaded.path == tmp_path / "x.png" and loaded.codec == "fp8"
+
+
+def test_history_written_before_the_codec_left_the_params_still_loads(tmp_path):
+    old = ('{"hops": [], "id": 3, "params": {"codec": "u8", "guidance": 1.0, "height": 64, "prompt": "a fox", '
+           '"seed": 2, "steps": 4, "width": 64}, "path": null, "phase": "done", "plan": "A:0-5", "stages": [], '
+           '"started": 1000.0, "state": "done", "total_s": 1.0, "error": null}\n')
+    (tmp_path / runs.HISTORY_FILE).write_text(old)
+    (loaded,) = runs.load_history(tmp_path)
+    assert loaded.params == GenerationParams("a fox", 2, 64, 64, 4, 1.0) and loaded.codec == "u8"
 
 
 def test_saved_images_never_overwrite_each_other(tmp_path):
-    record = runs.RunRecord(1, 1000.0, runs.RunParams("p", 5, 64, 64, 4, 1.0), "A:0-5")
+    record = runs.RunRecord(1, 1000.0, GenerationParams("p", 5, 64, 64, 4, 1.0), "A:0-5")
     first = runs.save_png(tmp_path, b"one", record)
     second = runs.save_png(tmp_path, b"two", record)
     assert first != second and first.read_bytes() == b"one" and second.read_bytes() == b"two"
@@ -292,10 +302,11 @@ def test_a_png_from_the_head_decodes_into_the_renderer():
 
 
 def test_link_rates_from_health_polls_and_a_counter_reset_is_not_zero():
+    from meshd.nodeinfo import NodeInfo
     from meshtui.workers import InfoTelemetry
 
     telemetry = InfoTelemetry()
-    info = {"node_id": "n", "memory": {"kind": "host", "free": 1, "total": 2}}
+    info = NodeInfo.from_wire({"node_id": "n", "memory": {"kind": "host", "free": 1, "total": 2}})
     first = telemetry.snapshot(info, [{"peer": "b", "bytes_sent": 1000, "bytes_received": 0}], at=10.0)
     assert first.links[0].sent_bytes_per_s is None  # one reading is no rate
     second = telemetry.snapshot(info, [{"peer": "b", "bytes_sent": 3000, "bytes_received": 500}], at=12.0)

@@ -14,11 +14,12 @@ import pytest
 from PIL import Image, ImageDraw
 
 from codec import Capabilities
+from meshd.generation_request import GenerationParams
 from meshd.pipeline.plan import PeerAddress, SplitPlan, Stage
 from meshd.telemetry.snapshot import GpuSnapshot, HostSnapshot, LinkSnapshot, NodeSnapshot
 from meshtui.app import MeshApp
 from meshtui.config import GenerateSettings, TuiConfig
-from meshtui.runs import RunParams, RunRecord, apply_event, finish
+from meshtui.runs import RunRecord, apply_event, finish
 from meshtui.views import PeerStatus, PeerView
 
 NOW = 1_795_000_000.0
@@ -46,11 +47,11 @@ def peers() -> tuple[PeerView, ...]:
     return (
         PeerView("A", A, frozenset({"mdns"}), PeerStatus.ONLINE, name="desk-4090", node_id="3f2a9c0d11aa4b2e",
                  device="cuda:0", gpu_name="NVIDIA GeForce RTX 4090", free_bytes=21 << 30, total_bytes=24 << 30,
-                 blocks=((0, 2),), caps=nv, rtt_ms=0.42, bandwidth_bps=117e6, seen=NOW - 1,
+                 blocks=((0, 2),), caps=nv, rtt_ms=0.42, bandwidth_bytes_per_s=117e6, seen=NOW - 1,
                  key_fingerprint="e108b19ab6e1bce3", host="5d1e2b7c0a9f3e41", **GPU),
         PeerView("B", B, frozenset({"manual"}), PeerStatus.ONLINE, name="lab-h200", node_id="833255f9dc4f4463",
                  device="cuda:0", gpu_name="NVIDIA H200", free_bytes=130 << 30, total_bytes=141 << 30,
-                 blocks=((2, 6),), caps=h200, rtt_ms=1.9, bandwidth_bps=1.17e9, seen=NOW - 1, **GPU),
+                 blocks=((2, 6),), caps=h200, rtt_ms=1.9, bandwidth_bytes_per_s=1.17e9, seen=NOW - 1, **GPU),
         PeerView("C", C, frozenset({"manual"}), PeerStatus.UNREACHABLE, "no data for 4 s", name="old-3080",
                  device="cuda:0", gpu_name="NVIDIA GeForce RTX 3080", free_bytes=9 << 30, total_bytes=10 << 30,
                  caps=nv, rtt_ms=3.1, seen=NOW - 42, host="5d1e2b7c0a9f3e41", **GPU),  # A's box, second GPU
@@ -77,8 +78,8 @@ def image_png() -> bytes:
 
 
 def finished_run() -> RunRecord:
-    record = RunRecord(1, NOW - 20, RunParams("a lighthouse on a cliff at dawn, oil painting", 7, 64, 64, 4, 1.0,
-                                              "auto"), "A:0-2 -> B:3-5")
+    record = RunRecord(1, NOW - 20, GenerationParams("a lighthouse on a cliff at dawn, oil painting", 7, 64, 64, 4, 1.0),
+                       "A:0-2 -> B:3-5", codec="auto")
     record = apply_event(record, {"kind": "prepared", "plan": record.plan, "stages": [
         {"peer": str(A), "blocks": [0, 3]}, {"peer": str(B), "blocks": [3, 6]}]})
     summary_steps = []

@@ -21,7 +21,7 @@ CPU_CAPS = Capabilities(device="cpu", cpu_hevc=True, cpu_hevc_reason="libx265 th
 def online(label, address, free=8 << 30, **kw) -> PeerView:
     return PeerView(label, address, status=PeerStatus.ONLINE, name=f"box-{label}", preset="tiny", model_id="tiny",
                     model_hash="ab" * 32, dtype="bfloat16", num_blocks=6, free_bytes=free, total_bytes=16 << 30,
-                    memory_kind="gpu", caps=CPU_CAPS, bandwidth_bps=125e6, rtt_ms=0.5, seen=100.0, **kw)
+                    memory_kind="gpu", caps=CPU_CAPS, bandwidth_bytes_per_s=125e6, rtt_ms=0.5, seen=100.0, **kw)
 
 
 @pytest.fixture
@@ -89,7 +89,7 @@ def test_the_forecast_already_counts_the_event_that_just_arrived(forecasts):
     dash.run_event(record.id, prepared(1.25e9))
     dash.derive()
     link = dash.forecast.stages[0].link
-    assert link.measured is True and link.bandwidth_bps == 1.25e9  # the head's measurement, at once
+    assert link.measured is True and link.bandwidth_bytes_per_s == 1.25e9  # the head's measurement, at once
     assert dash.forecast.stages[1].compute_ms is None
     dash.run_event(record.id, step(1, 6.0, 9.0))
     dash.derive()

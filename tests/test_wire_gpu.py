@@ -7,13 +7,14 @@ import asyncio
 import pytest
 
 from meshd.auth import read_key
+from meshd.generation_request import GenerationParams
 from meshd.pipeline.plan import parse_split
 from meshtui.local import LocalCluster
 from meshtui.mesh import Mesh
 
 pytestmark = pytest.mark.gpu
 
-PARAMS = {"prompt": "a lighthouse at dawn", "seed": 3, "width": 128, "height": 128, "steps": 3, "guidance": 1.0}
+PARAMS = GenerationParams("a lighthouse at dawn", seed=3, width=128, height=128, steps=3, guidance=1.0)
 
 
 @pytest.mark.parametrize("transport", ["cuda-ipc", "tcp"])

@@ -29,6 +29,7 @@ from ..config import DaemonConfig, describe_ranges, ranges
 from ..errors import MeshError
 from ..model.lora import LoraError, LoraSpec, LoraStore
 from ..model.runtime import HostedModel
+from ..nodeinfo import ModelInfo
 from ..pipeline.generation import compile_blocks
 from ..pipeline.head import HeadService
 from ..pipeline.peers import PeerPool
@@ -338,8 +339,8 @@ class Daemon:
         mine = self.model.identity
         if not isinstance(expected, dict):
             raise MeshError("bad-request", "prepare needs the plan's model identity")
-        keys = ("preset", "hash", "dtype", "weights")
-        if tuple(expected.get(k) for k in keys) != (mine.preset, mine.content_hash, mine.dtype, mine.weights):
+        # The rule every client plans by (meshd.nodeinfo.disagreement), so no proposal is refused here.
+        if ModelInfo.from_wire(expected).agreement != ModelInfo.from_wire(mine.to_dict()).agreement:
             theirs = (f"{expected.get('model_id')!s:.40} ({expected.get('preset')!s:.20}, {expected.get('dtype')!s:.10}, "
                       f"sha256 {str(expected.get('hash'))[:12]}, weights {expected.get('weights')!s:.80})")
             raise MeshError("mismatch", f"{self.name} holds {mine.describe()}; the plan expects {theirs}")

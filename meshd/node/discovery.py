@@ -28,12 +28,13 @@ import psutil
 
 from .. import __version__, auth, limits
 from ..config import describe_ranges
-from ..errors import MeshError
-from ..pipeline.plan import PeerAddress, PlanError
-from ..telemetry.host import VIRTUAL_INTERFACE_PREFIXES
-from ..telemetry.snapshot import GpuSnapshot
 from ..wire.connection import Channel
+from ..errors import AuthRefused, Mismatch, PeerLost, MeshError
 from .nodeid import host_key
+from ..nodeinfo import NodeInfo
+from ..pipeline.plan import PeerAddress, PlanError
+from ..telemetry.snapshot import GpuSnapshot
+from ..telemetry.host import VIRTUAL_INTERFACE_PREFIXES
 
 log = logging.getLogger(__name__)
 
@@ -443,31 +444,32 @@ async def browse(seconds: float, *, interfaces: Sequence[str] | None = None) -> 
 
 
 async def verify(peer: DiscoveredPeer | PeerAddress, key: bytes | None, *, timeout: float = VERIFY_TIMEOUT_S) -> dict:
-    """Prove ``peer`` holds our cluster key (mutual HMAC handshake) and return its node info.
+    """Prove ``peer`` holds our cluster key (mutual HMAC handshake) and return its node info (the map
+    it sent, with any extra fields such as its telemetry; :class:`~meshd.nodeinfo.NodeInfo` reads it).
 
-    Raises MeshError: ``auth`` when it belongs to another cluster (its advertised key fingerprint
-    already says so, or the handshake fails), ``mismatch`` when the daemon that answers is not the
-    node the mDNS record names, ``peer-lost`` when it cannot be reached.
+    Raises AuthRefused when it belongs to another cluster (its advertised key fingerprint already says
+    so, or the handshake fails), Mismatch when the daemon that answers is not the node the mDNS record
+    names, PeerLost when it cannot be reached.
     """
     address = peer.address if isinstance(peer, DiscoveredPeer) else peer
     if isinstance(peer, DiscoveredPeer) and key is not None:
         theirs, ours = peer.txt.get("fp"), auth.fingerprint(key)
         if theirs and theirs != ours:
-            raise MeshError("auth", f"{peer.name} advertises cluster key fingerprint {theirs:.16}; ours is {ours}: "
-                                    "it belongs to another cluster", peer=str(address))
+            raise AuthRefused(f"{peer.name} advertises cluster key fingerprint {theirs:.16}; ours is {ours}: "
+                              "it belongs to another cluster", peer=str(address))
     try:
         channel = await asyncio.wait_for(
             Channel.connect(address.host, address.port, key, hello={"node": "discovery"}), timeout)
     except asyncio.TimeoutError:
-        raise MeshError("peer-lost", f"no authenticated answer within {timeout:.0f} s", peer=str(address)) from None
+        raise PeerLost(str(address), f"no authenticated answer within {timeout:.0f} s") from None
     try:
         info = dict(channel.node)
     finally:
         await channel.close()
-    if isinstance(peer, DiscoveredPeer) and info.get("node_id") != peer.node_id:
-        raise MeshError("mismatch", f"the daemon at {address} is node {info.get('node_id')!s:.20}, but the mDNS record "
-                                    f"{peer.name} names node {peer.node_id} (a stale record, or the address moved)",
-                        peer=str(address))
+    answered = NodeInfo.from_wire(info).node_id
+    if isinstance(peer, DiscoveredPeer) and answered != peer.node_id:
+        raise Mismatch(f"the daemon at {address} is node {answered!s:.20}, but the mDNS record {peer.name} names "
+                       f"node {peer.node_id} (a stale record, or the address moved)", peer=str(address))
     return info
 
 

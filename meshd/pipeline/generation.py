@@ -14,7 +14,7 @@ import io
 import json
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import functools
@@ -26,14 +26,15 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from .. import limits
 from ..config import describe_ranges
 from ..errors import MeshError
+from ..generation_request import GenerationParams
+from ..node.gpu import GpuWorker
 from ..model.compile_events import compiled_event, compiling_event
 from ..model.lora import LoraSpec, loras_from_wire, loras_to_wire
 from ..model.runtime import HostedModel
 from ..model.span import Conditioning, Stream
-from ..node.gpu import GpuWorker
+from .. import limits
 
 log = logging.getLogger(__name__)
 
@@ -56,47 +57,6 @@ def _diffusers() -> SimpleNamespace:
     return SimpleNamespace(pipe=Flux2KleinPipeline, scheduler=FlowMatchEulerDiscreteScheduler,
                            image_processor=Flux2ImageProcessor, mu=compute_empirical_mu,
                            timesteps=retrieve_timesteps, randn=randn_tensor)
-
-
-@dataclass(frozen=True)
-class GenerationParams:
-    prompt: str
-    seed: int = 0
-    width: int = 1024
-    height: int = 1024
-    steps: int = 4
-    guidance: float = 1.0
-    loras: tuple[LoraSpec, ...] = ()  # applied on every peer from its own copy (found by hash)
-
-    def to_wire(self) -> dict:
-        out = asdict(self)
-        out["loras"] = loras_to_wire(self.loras)
-        return out
-
-    @classmethod
-    def from_wire(cls, data: object, multiple: int = 16) -> GenerationParams:
-        """Validate untrusted parameters; MeshError("bad-request") names the first bad field."""
-        if not isinstance(data, dict):
-            raise MeshError("bad-request", "generation parameters must be a map")
-        prompt = data.get("prompt")
-        if not isinstance(prompt, str) or len(prompt.encode()) > limits.MAX_PROMPT_BYTES:
-            raise MeshError("bad-request", f"prompt must be text of at most {limits.MAX_PROMPT_BYTES} bytes")
-        out = {"prompt": prompt}
-        for name, lo, hi in (("seed", 0, 2**63 - 1), ("width", multiple, limits.MAX_IMAGE_SIDE),
-                             ("height", multiple, limits.MAX_IMAGE_SIDE), ("steps", 1, limits.MAX_STEPS)):
-            value = data.get(name)
-            if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
-                raise MeshError("bad-request", f"{name}={value!r:.20} must be an integer in [{lo}, {hi}]")
-            out[name] = value
-        for side in ("width", "height"):
-            if out[side] % multiple:
-                raise MeshError("bad-request", f"{side} {out[side]} must be a multiple of {multiple} for this model")
-        guidance = data.get("guidance")
-        if not isinstance(guidance, (int, float)) or isinstance(guidance, bool) or not 0 <= guidance <= 100:
-            raise MeshError("bad-request", f"guidance={guidance!r:.20} must be a number in [0, 100]")
-        out["guidance"] = float(guidance)
-        out["loras"] = loras_from_wire(data.get("loras"))
-        return cls(**out)
 
 
 def uses_cfg(model: HostedModel, params: GenerationParams) -> bool:

@@ -1,5 +1,11 @@
-"""Authenticated channels from this process to other daemons, reused across jobs, with measured
-link bandwidth per peer."""
+"""The one client side of a peer, used by every part that talks to one: the head's pool of
+authenticated channels to its stages (:class:`PeerPool`), the dashboard's and ``meshtui generate``'s
+mesh, the dashboard's peer monitor, and discovery's verification.
+
+One way to connect and read a peer's info (:func:`read_info`), one way to measure the link to it
+(:func:`measure_bandwidth`): the head's figure for a link and the dashboard's own one are the same
+quantity, so the Split screen can show them in one column.
+"""
 
 from __future__ import annotations
 
@@ -10,18 +16,57 @@ from dataclasses import dataclass
 from .. import limits
 from ..wire.connection import Channel
 from ..wire.link import LinkEmulation, LinkRegistry
+from ..nodeinfo import NodeInfo
 from .plan import PeerAddress
 
 
-
-@dataclass
+@dataclass(frozen=True)
 class Bandwidth:
+    """One measurement of a link: its throughput and round-trip time, and when it was taken."""
+
     bytes_per_s: float
     rtt_ms: float
-    measured_at: float
+    measured_at: float  # time.monotonic()
+
+
+@dataclass(frozen=True)
+class InfoReply:
+    """A peer's ``info``, parsed: what it says about itself, its per-peer link counters (raw maps, read by
+    the telemetry code) and the round trip the request took."""
+
+    node: NodeInfo
+    links: list
+    rtt_ms: float
+
+
+async def read_info(channel: Channel, timeout: float | None = limits.REQUEST_TIMEOUT_S) -> InfoReply:
+    """Ask ``channel``'s peer for its ``info`` (MeshError when it cannot answer)."""
+    t0 = time.perf_counter()
+    reply = await channel.request("info", timeout=timeout)
+    rtt_ms = (time.perf_counter() - t0) * 1e3
+    links = reply.header.get("links")
+    return InfoReply(NodeInfo.from_wire(reply.header.get("node")), links if isinstance(links, list) else [], rtt_ms)
+
+
+async def measure_bandwidth(channel: Channel, nbytes: int = limits.BANDWIDTH_PROBE_BYTES,
+                            timeout: float | None = limits.REQUEST_TIMEOUT_S) -> Bandwidth:
+    """Bytes/s from this process to ``channel``'s peer: an echo (the round trip), then ``nbytes`` one way.
+
+    The throughput is ``nbytes`` over the whole probe request. That is a lower bound, close on the slow
+    links where the figure decides the codec; subtracting a round trip measured apart instead overshoots
+    wildly on fast ones, where the probe takes little longer than the echo's jitter."""
+    t0 = time.perf_counter()
+    await channel.request("echo", timeout=timeout)
+    rtt = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    await channel.request("probe", {}, [bytes(nbytes)], timeout=timeout)
+    return Bandwidth(nbytes / max(time.perf_counter() - t0, 1e-6), rtt * 1e3, time.monotonic())
 
 
 class PeerPool:
+    """The head's authenticated channels to other daemons, reused across jobs (least recently used
+    idle ones closed beyond limits.MAX_POOLED_PEERS), with each link's last measurement."""
+
     def __init__(self, key: bytes | None, links: LinkRegistry, emulation: LinkEmulation | None = None,
                  hello: dict | None = None, allocator=None) -> None:
         self.key = key
@@ -75,20 +120,12 @@ class PeerPool:
             await channel.close()
 
     async def bandwidth(self, address: PeerAddress) -> Bandwidth:
-        """Measured bytes/s to ``address`` (a probe of BANDWIDTH_PROBE_BYTES, re-measured every 5 min)."""
+        """The link to ``address`` (:func:`measure_bandwidth`), measured again after BANDWIDTH_MAX_AGE_S."""
         key = str(address)
         known = self._bandwidth.get(key)
         if known and time.monotonic() - known.measured_at < limits.BANDWIDTH_MAX_AGE_S:
             return known
-        channel = await self.get(address)
-        t0 = time.perf_counter()
-        await channel.request("echo")
-        rtt = time.perf_counter() - t0
-        payload = bytes(limits.BANDWIDTH_PROBE_BYTES)
-        t0 = time.perf_counter()
-        await channel.request("probe", {}, [payload])
-        elapsed = max(time.perf_counter() - t0 - rtt, 1e-6)
-        measured = Bandwidth(len(payload) / elapsed, rtt * 1e3, time.monotonic())
+        measured = await measure_bandwidth(await self.get(address))
         self._bandwidth[key] = measured
         return measured
 

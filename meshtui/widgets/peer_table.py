@@ -117,7 +117,7 @@ class PeerTable(DataTable):
         seen = units.age(now - view.seen) if view.seen else "never"
         return [
             Text(mark + view.label, style="bold"), state_text(view), view.title, str(view.address), device_text(view),
-            memory_text(view), model_text(view), codecs_text(view), units.link_rate(view.bandwidth_bps),
+            memory_text(view), model_text(view), codecs_text(view), units.link_rate(view.bandwidth_bytes_per_s),
             units.ms(view.rtt_ms), seen, ",".join(sorted(view.sources)),
         ]
 

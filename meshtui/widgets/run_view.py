@@ -66,7 +66,7 @@ class RunSummary(Static):
         head = Text()
         p = run.params
         head.append(f"run {run.id}: ", style="bold")
-        head.append(f"{p.width}x{p.height}, {p.steps} steps, seed {p.seed}, codec {p.codec}, split {run.plan}\n")
+        head.append(f"{p.width}x{p.height}, {p.steps} steps, seed {p.seed}, codec {run.codec}, split {run.plan}\n")
         if run.state is RunState.RUNNING:
             done, total = run.done_steps, p.steps
             bar = "█" * int(30 * done / max(total, 1))
@@ -124,7 +124,7 @@ class RunHistory(DataTable):
             state = Text(str(run.state), style={"done": "green", "running": "yellow"}.get(run.state, "red"))
             self.add_row(str(run.id), time.strftime("%H:%M:%S", time.localtime(run.started)), state,
                          f"{run.total_s:.2f}" if run.total_s is not None else "-", f"{p.width}x{p.height}",
-                         str(p.steps), str(p.seed), p.codec, run.plan, p.prompt[:60], key=str(run.id))
+                         str(p.steps), str(p.seed), run.codec, run.plan, p.prompt[:60], key=str(run.id))
         self._select(selected)
 
     def _select(self, run_id: int | None) -> None:

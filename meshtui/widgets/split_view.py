@@ -140,7 +140,7 @@ class StageTable(DataTable, can_focus=False):
             elif link.codec == "cuda-ipc":
                 out, codec, link_ms, wire = "same host", "CUDA IPC", "~0", "0 B"
             else:
-                out = units.link_rate(link.bandwidth_bps) + ("" if link.measured or link.bandwidth_bps is None
+                out = units.link_rate(link.bandwidth_bytes_per_s) + ("" if link.measured or link.bandwidth_bytes_per_s is None
                                                              else " (est.)")
                 if link.same_host:  # one box: never the network (CUDA IPC once the head finds it works)
                     out = f"same host · {out}"
