@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305  # noqa: E402
 
-from meshd import auth, limits  # noqa: E402
+from meshd import limits  # noqa: E402
 from meshd.wire.connection import Connection  # noqa: E402
 from meshd.wire.link import LinkEmulation  # noqa: E402
 from meshd.wire import seal  # noqa: E402

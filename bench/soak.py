@@ -32,7 +32,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from meshd.auth import read_key  # noqa: E402
-from meshd.generation_request import GenerationParams  # noqa: E402
+from meshd.pipeline.request import GenerationParams  # noqa: E402
 from meshd.pipeline.plan import PeerAddress, parse_split  # noqa: E402
 from meshtui.local import LocalCluster  # noqa: E402
 from meshtui.mesh import Mesh  # noqa: E402

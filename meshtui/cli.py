@@ -18,9 +18,9 @@ from pathlib import Path
 from meshd.auth import read_key
 from meshd.config import default_key_file, default_models_dir
 from meshd.errors import MeshError
-from meshd.generation_request import GenerationParams, LoraByName
+from meshd.pipeline.request import GenerationParams, LoraByName
 from meshd.model.compile_events import describe_event
-from meshd.progress import StageInfo
+from meshd.pipeline.progress import StageInfo
 
 from . import __version__
 from .peers_cmd import add_peers_parser, peers_command

@@ -16,9 +16,9 @@ import torch
 from meshd import limits
 from meshd.config import ranges
 from meshd.errors import RETRYABLE, MeshError, Mismatch, PeerLost, ProtocolViolation
-from meshd.generation_request import GenerationParams
+from meshd.pipeline.request import GenerationParams
 from meshd.model.presets import PRESETS, ModelPreset
-from meshd.nodeinfo import ModelInfo, NodeInfo, disagreement
+from meshd.node.info import ModelInfo, NodeInfo, disagreement
 from meshd.pipeline.peers import read_info
 from meshd.pipeline.plan import PeerAddress, PlanError, SplitPlan, parse_split, same_host_links
 from meshd.pipeline.streaming import unpack_raw
@@ -135,7 +135,7 @@ class Mesh:
 
     def model(self) -> tuple[ModelPreset, ModelInfo]:
         """The model every peer serves (Mismatch when they do not agree on it, by
-        :func:`meshd.nodeinfo.disagreement`, the rule the head's prepare checks)."""
+        :func:`meshd.node.info.disagreement`, the rule the head's prepare checks)."""
         peers = self.require_online()
         problem = disagreement((p.label, p.info.model) for p in peers)
         if problem:

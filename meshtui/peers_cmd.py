@@ -16,7 +16,7 @@ from pathlib import Path
 
 from meshd.auth import AuthError, read_key
 from meshd.config import default_key_file
-from meshd.blocks import blocks_shown
+from meshd.pipeline.blocks import blocks_shown
 from meshd.errors import MeshError
 from meshd.telemetry.snapshot import NodeSnapshot
 from meshd.telemetry.text import snapshot_lines
@@ -51,7 +51,7 @@ class PeerReport:
     error: str | None = None
     txt: dict[str, str] | None = None
     info: dict = field(default_factory=dict)  # the daemon's own map, printed by --json as it sent it
-    node: object = None  # meshd.nodeinfo.NodeInfo of a verified peer (the info, parsed)
+    node: object = None  # meshd.node.info.NodeInfo of a verified peer (the info, parsed)
     telemetry: object = None  # meshd.telemetry.snapshot.NodeSnapshot
 
     def to_dict(self) -> dict:
@@ -77,7 +77,7 @@ async def find_peers(key: bytes | None, manual: list, browse_s: float, *,
     """Browse mDNS for ``browse_s`` seconds, add the ``manual`` addresses, verify every one."""
     # meshd.node.discovery loads torch (through meshd.pipeline.plan): ``meshtui`` imports this module for its parser.
     from meshd.node.discovery import MdnsUnavailable, browse, verify  # noqa: PLC0415
-    from meshd.nodeinfo import NodeInfo  # noqa: PLC0415 - loads torch (through codec) as well
+    from meshd.node.info import NodeInfo  # noqa: PLC0415 - loads torch (through codec) as well
 
     # By address; the target is what verify() checks: an mDNS record (its node id and key fingerprint
     # too) where there is one, else the bare address.

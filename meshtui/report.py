@@ -5,8 +5,8 @@ from __future__ import annotations
 import statistics
 from collections import OrderedDict
 
-from meshd.blocks import BlockRange, blocks_shown
-from meshd.progress import passes_from_wire
+from meshd.pipeline.blocks import BlockRange, blocks_shown
+from meshd.pipeline.progress import passes_from_wire
 
 
 def hop_totals(summary: dict) -> list[dict]:

@@ -13,9 +13,9 @@ from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 
-from meshd.generation_request import GenerationParams, LoraByName
+from meshd.pipeline.request import GenerationParams, LoraByName
 from meshd.model.compile_events import describe_event
-from meshd.progress import HopRecord, StageInfo, StepRecord
+from meshd.pipeline.progress import HopRecord, StageInfo, StepRecord
 
 from .report import hop_totals
 

@@ -14,10 +14,10 @@ from dataclasses import dataclass, replace
 from codec import Capabilities, CodecError, CodecSpec
 from codec.policy import Calibration, choose_codec, engines
 from meshd.model.presets import PRESETS, ModelPreset
-from meshd.nodeinfo import disagreement
+from meshd.node.info import disagreement
 from meshd.pipeline.plan import (PeerAddress, PeerResources, PlanError, SplitPlan, Stage, WeightBytes,
                                  stage_extra_bytes, propose, span_bytes, workspace_bytes)
-from meshd.progress import LinkInfo, StageInfo, passes_from_wire
+from meshd.pipeline.progress import LinkInfo, StageInfo, passes_from_wire
 
 from .views import PeerView
 

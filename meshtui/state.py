@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from meshd.generation_request import GenerationParams
+from meshd.pipeline.request import GenerationParams
 from meshd.model.presets import ModelPreset
 from meshd.pipeline.plan import PeerAddress, PlanError, SplitPlan
 

@@ -14,7 +14,7 @@ from enum import StrEnum
 from codec import Capabilities
 from meshd.config import describe_ranges
 from meshd.errors import AuthRefused, MeshError, ProtocolViolation, VersionMismatch
-from meshd.nodeinfo import ModelInfo, NodeInfo
+from meshd.node.info import ModelInfo, NodeInfo
 from meshd.pipeline.plan import PeerAddress
 
 
@@ -84,7 +84,7 @@ class PeerView:
 
     @property
     def model_key(self) -> tuple:
-        """What two peers must share to serve one plan (:attr:`meshd.nodeinfo.ModelInfo.agreement`)."""
+        """What two peers must share to serve one plan (:attr:`meshd.node.info.ModelInfo.agreement`)."""
         return self.model.agreement
 
     @property

@@ -23,7 +23,7 @@ from meshd import limits
 from meshd.errors import BadRequest, MeshError, PeerLost, ProtocolViolation
 from meshd.model.compile_events import describe_event
 from meshd.node.discovery import PeerBrowser
-from meshd.nodeinfo import NodeInfo
+from meshd.node.info import NodeInfo
 from meshd.pipeline.peers import measure_bandwidth
 from meshd.pipeline.plan import PeerAddress, SplitPlan
 from meshd.telemetry.host import counter_rate
@@ -32,8 +32,8 @@ from meshd.telemetry.snapshot import GpuSnapshot, HostSnapshot, LinkSnapshot, No
 from meshd.wire.connection import Channel
 
 from .mesh import Mesh, Peer
-from .messages import (DiscoveryState, GenerationDone, GenerationEvent, PeerDiscovered, PeerUpdated,
-                       PeerVanished, SpanCompiling, SpanLoading, SplitApplied, TelemetryNote, TelemetrySampled)
+from .messages import (DiscoveryState, GenerationDone, GenerationEvent, PeerDiscovered, PeerUpdated, PeerVanished,
+                       SpanCompiling, SpanLoading, SplitApplied, TelemetryNote, TelemetrySampled)
 from .runs import RunRecord
 from .views import PeerView
 

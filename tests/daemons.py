@@ -13,7 +13,7 @@ from meshd import limits
 from meshd.config import DaemonConfig
 from meshd.wire.connection import Channel, Connection, server_handshake
 from meshd.errors import MeshError
-from meshd.generation_request import GenerationParams
+from meshd.pipeline.request import GenerationParams
 from meshd.model.compiled import BlockCompiler, CompileCache
 from meshd.model.files import ModelStore
 from meshd.model.runtime import HostedModel, open_source

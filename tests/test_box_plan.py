@@ -2,7 +2,7 @@
 the network once per box, and says which links stay on one box."""
 
 from meshd.model.presets import PRESETS
-from meshd.nodeinfo import NodeInfo
+from meshd.node.info import NodeInfo
 from meshd.pipeline.plan import (PeerAddress, PeerResources, box_order, network_crossings, parse_split, propose,
                                  same_host_links)
 

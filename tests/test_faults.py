@@ -26,7 +26,7 @@ from meshd import auth, limits
 from meshd.auth import read_key
 from meshd.wire.connection import Channel
 from meshd.errors import MeshError, PeerLost
-from meshd.generation_request import GenerationParams
+from meshd.pipeline.request import GenerationParams
 from meshd.pipeline.plan import PeerAddress, parse_split
 from meshd.pipeline.streaming import pack_raw
 from meshtui.local import LocalCluster

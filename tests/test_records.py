@@ -3,9 +3,9 @@ generation reports, the blocks a stage holds. Untrusted maps read as unknown, ne
 
 import pytest
 
-from meshd.blocks import BlockRange, blocks_shown
-from meshd.nodeinfo import ModelInfo, NodeInfo, disagreement
-from meshd.progress import LinkInfo, StageInfo, StepRecord, hops_from_wire
+from meshd.pipeline.blocks import BlockRange, blocks_shown
+from meshd.node.info import ModelInfo, NodeInfo, disagreement
+from meshd.pipeline.progress import LinkInfo, StageInfo, StepRecord, hops_from_wire
 
 MODEL = {"model_id": "klein-9b", "preset": "klein-9b", "hash": "ab" * 32, "dtype": "bfloat16",
          "weights": "fp8 e4m3fn per-row 192, bf16 9"}

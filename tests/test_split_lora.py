@@ -11,7 +11,7 @@ import torch
 
 from meshd.auth import read_key
 from meshd.errors import MeshError
-from meshd.generation_request import LoraByName
+from meshd.pipeline.request import LoraByName
 from meshd.model.checkpoints import expected_shapes
 from meshd.model.presets import PRESETS
 from meshtui.cli import run_local

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from codec import Capabilities
-from meshd.generation_request import GenerationParams
+from meshd.pipeline.request import GenerationParams
 from meshd.model.presets import PRESETS
 from meshd.pipeline.plan import PeerAddress, PlanError, SplitPlan, Stage
 from meshd.telemetry.snapshot import GpuSnapshot, HostSnapshot, NodeSnapshot
@@ -302,7 +302,7 @@ def test_a_png_from_the_head_decodes_into_the_renderer():
 
 
 def test_link_rates_from_health_polls_and_a_counter_reset_is_not_zero():
-    from meshd.nodeinfo import NodeInfo
+    from meshd.node.info import NodeInfo
     from meshtui.workers import InfoTelemetry
 
     telemetry = InfoTelemetry()

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from codec import Capabilities
-from meshd.generation_request import GenerationParams
+from meshd.pipeline.request import GenerationParams
 from meshd.pipeline.plan import PeerAddress, SplitPlan, Stage
 from meshd.telemetry.snapshot import GpuSnapshot, HostSnapshot, LinkSnapshot, NodeSnapshot
 from meshtui.app import MeshApp

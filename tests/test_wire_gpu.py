@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from meshd.auth import read_key
-from meshd.generation_request import GenerationParams
+from meshd.pipeline.request import GenerationParams
 from meshd.pipeline.plan import parse_split
 from meshtui.local import LocalCluster
 from meshtui.mesh import Mesh

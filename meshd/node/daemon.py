@@ -29,7 +29,6 @@ from ..config import DaemonConfig, describe_ranges, ranges
 from ..errors import MeshError
 from ..model.lora import LoraError, LoraSpec, LoraStore
 from ..model.runtime import HostedModel
-from ..nodeinfo import ModelInfo
 from ..pipeline.generation import compile_blocks
 from ..pipeline.head import HeadService
 from ..pipeline.peers import PeerPool
@@ -42,6 +41,7 @@ from ..wire.connection import Connection, Request, ServerSession, address_name, 
 from ..wire.link import LinkEmulation, LinkRegistry
 from .admission import HalfOpen, source_of
 from .gpu import GpuWorker
+from .info import ModelInfo
 
 log = logging.getLogger(__name__)
 
@@ -339,7 +339,7 @@ class Daemon:
         mine = self.model.identity
         if not isinstance(expected, dict):
             raise MeshError("bad-request", "prepare needs the plan's model identity")
-        # The rule every client plans by (meshd.nodeinfo.disagreement), so no proposal is refused here.
+        # The rule every client plans by (meshd.node.info.disagreement), so no proposal is refused here.
         if ModelInfo.from_wire(expected).agreement != ModelInfo.from_wire(mine.to_dict()).agreement:
             theirs = (f"{expected.get('model_id')!s:.40} ({expected.get('preset')!s:.20}, {expected.get('dtype')!s:.10}, "
                       f"sha256 {str(expected.get('hash'))[:12]}, weights {expected.get('weights')!s:.80})")

@@ -28,13 +28,13 @@ import psutil
 
 from .. import __version__, auth, limits
 from ..config import describe_ranges
-from ..wire.connection import Channel
-from ..errors import AuthRefused, Mismatch, PeerLost, MeshError
-from .nodeid import host_key
-from ..nodeinfo import NodeInfo
+from ..errors import AuthRefused, Mismatch, PeerLost
 from ..pipeline.plan import PeerAddress, PlanError
-from ..telemetry.snapshot import GpuSnapshot
 from ..telemetry.host import VIRTUAL_INTERFACE_PREFIXES
+from ..telemetry.snapshot import GpuSnapshot
+from ..wire.connection import Channel
+from .info import NodeInfo
+from .nodeid import host_key
 
 log = logging.getLogger(__name__)
 
@@ -445,7 +445,7 @@ async def browse(seconds: float, *, interfaces: Sequence[str] | None = None) -> 
 
 async def verify(peer: DiscoveredPeer | PeerAddress, key: bytes | None, *, timeout: float = VERIFY_TIMEOUT_S) -> dict:
     """Prove ``peer`` holds our cluster key (mutual HMAC handshake) and return its node info (the map
-    it sent, with any extra fields such as its telemetry; :class:`~meshd.nodeinfo.NodeInfo` reads it).
+    it sent, with any extra fields such as its telemetry; :class:`~meshd.node.info.NodeInfo` reads it).
 
     Raises AuthRefused when it belongs to another cluster (its advertised key fingerprint already says
     so, or the handshake fails), Mismatch when the daemon that answers is not the node the mDNS record

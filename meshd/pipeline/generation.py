@@ -28,13 +28,12 @@ from PIL.PngImagePlugin import PngInfo
 
 from ..config import describe_ranges
 from ..errors import MeshError
-from ..generation_request import GenerationParams
-from ..node.gpu import GpuWorker
 from ..model.compile_events import compiled_event, compiling_event
-from ..model.lora import LoraSpec, loras_from_wire, loras_to_wire
+from ..model.lora import LoraSpec
 from ..model.runtime import HostedModel
 from ..model.span import Conditioning, Stream
-from .. import limits
+from ..node.gpu import GpuWorker
+from .request import GenerationParams
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ import time
 from dataclasses import dataclass
 
 from .. import limits
+from ..node.info import NodeInfo
 from ..wire.connection import Channel
 from ..wire.link import LinkEmulation, LinkRegistry
-from ..nodeinfo import NodeInfo
 from .plan import PeerAddress
 
 

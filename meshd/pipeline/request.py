@@ -11,17 +11,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from . import limits
-from .errors import BadRequest
+from .. import limits
+from ..errors import BadRequest
 
 if TYPE_CHECKING:
-    from .model.lora import LoraSpec
+    from ..model.lora import LoraSpec
 
 
 @dataclass(frozen=True)
 class LoraByName:
     """A LoRA a client names without its hash (``--lora NAME[:STRENGTH]``): the head resolves it to its
-    own copy's sha256 (meshd.server's ``resolve_loras``), and every stage then finds its copy by hash."""
+    own copy's sha256 (meshd.node.daemon's ``resolve_loras``), and every stage then finds its copy by hash."""
 
     name: str
     strength: float = 1.0
@@ -48,7 +48,7 @@ class GenerationParams:
     @classmethod
     def from_wire(cls, data: object, multiple: int = 16) -> GenerationParams:
         """Validate untrusted parameters; BadRequest names the first bad field."""
-        from .model.lora import loras_from_wire  # noqa: PLC0415 - the model code: only daemons parse requests
+        from ..model.lora import loras_from_wire  # noqa: PLC0415 - the model code: only daemons parse requests
 
         if not isinstance(data, dict):
             raise BadRequest("generation parameters must be a map")

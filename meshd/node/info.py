@@ -4,7 +4,7 @@ The wire map is untrusted: a field of the wrong shape reads as unknown (None, or
 crash and never as 0. Every reader of a peer's info (the client's mesh, the dashboard's views and
 monitor, discovery, ``meshtui peers``) reads these records, not the map.
 
-Held blocks are :class:`~meshd.blocks.BlockRange`: half-open inside, inclusive only when shown.
+Held blocks are :class:`~meshd.pipeline.blocks.BlockRange`: half-open inside, inclusive only when shown.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from codec import Capabilities
 
-from .blocks import BlockRange
+from ..pipeline.blocks import BlockRange
 from .nodeid import host_key
 
 #: Text fields longer than this are cut (frame headers are capped already; this bounds what is kept).
@@ -43,7 +43,7 @@ class ModelInfo:
     dtype: str | None = None
     weights: str | None = None  # e.g. "fp8 e4m3fn per-row 192, bf16 9"
     compute: str | None = None  # how quantised layers compute (native fp8 matmul, per-layer dequantise)
-    weight_bytes: dict | None = None  # real bytes per block (meshd.plan.WeightBytes on the wire)
+    weight_bytes: dict | None = None  # real bytes per block (meshd.pipeline.plan.WeightBytes on the wire)
     num_blocks: int | None = None
 
     @classmethod
@@ -104,7 +104,7 @@ class NodeInfo:
 
     @property
     def host(self) -> str | None:
-        """The box it runs on (:func:`~meshd.nodeid.host_key`: the same for every daemon of one box)."""
+        """The box it runs on (:func:`~meshd.node.nodeid.host_key`: the same for every daemon of one box)."""
         return host_key(self.host_id or "") or None
 
     @property
@@ -116,7 +116,7 @@ class NodeInfo:
 def disagreement(models: Iterable[tuple[str, ModelInfo]]) -> str | None:
     """Why peers (by label) cannot serve one plan together, or None when they agree on
     :attr:`ModelInfo.agreement`. The one rule: the dashboard, ``meshtui generate`` and the head's
-    prepare (meshd.server) all check this, so nothing proposes a plan the head would refuse."""
+    prepare (meshd.node.daemon) all check this, so nothing proposes a plan the head would refuse."""
     models = list(models)
     if len({m.agreement for _, m in models}) <= 1:
         return None

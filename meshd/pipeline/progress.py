@@ -4,7 +4,7 @@ The head streams events (``prepared``, ``step``, ...) and ends with a summary wh
 same step records. On the wire a hop record names only its receiver (``node``), and only the first
 hop of a pass names its sender (``from``): each later hop leaves the stage before it. A
 :class:`HopRecord` carries both ends, resolved here once. Its blocks travel inclusive (the receiver's
-first and last block) and are held as a half-open :class:`~meshd.blocks.BlockRange` like every other.
+first and last block) and are held as a half-open :class:`~meshd.pipeline.blocks.BlockRange` like every other.
 
 Untrusted input: a field of the wrong shape reads as unknown (None), never as a crash or a 0.
 No torch here: the headless command's output uses it.
@@ -120,7 +120,7 @@ class LinkInfo:
 
     to: str  # the receiving peer's address
     transport: str  # "tcp", or "cuda-ipc" between GPUs of one host (no codec, no wire)
-    bandwidth_bytes_per_s: float | None  # meshd.peers.measure_bandwidth (the wire calls it bandwidth_bps)
+    bandwidth_bytes_per_s: float | None  # meshd.pipeline.peers.measure_bandwidth (the wire calls it bandwidth_bps)
     rtt_ms: float | None
     codec: str | None
     why: str | None
