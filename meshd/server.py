@@ -360,7 +360,7 @@ class Daemon:
             conn.stats = self.links.get(f"{node[:64]}@{host}" if isinstance(node, str) and node else host)
             session = ServerSession(conn, self.handle, hello,
                                     holds=lambda: any(job.owner is session for job in self.jobs.values()))
-            session.ipc_ok = self.device.type == "cuda" and self.config.same_host_ipc and ipc.is_local_peer(name)
+            session.ipc_ok = self.device.type == "cuda" and self.config.same_host_ipc and ipc.is_local_peer(conn.address)
             self.sessions.add(session)
             try:
                 await session.run()
@@ -717,7 +717,7 @@ class Daemon:
         del stream
         record = {"node": self.name, "blocks": [job.start, job.end - 1], "codec": rx.codec, "bytes": rx.bytes,
                   "wire_ms": round(rx.wire_ms, 3), "decode_ms": round(rx.decode_ms, 3),
-                  "compute_ms": round(seconds * 1e3, 3)}
+                  "compute_ms": round(seconds * 1e3, 3), **rx.breakdown()}
         if request.session.conn.stats is not None:  # this peer's link, keyed once at the handshake
             request.session.conn.stats.hop(rx.bytes, rx.wire_ms + rx.decode_ms)
         if job.tail:
