@@ -5,7 +5,7 @@ host memory. Through pageable memory every device copy is synchronous and stages
 own bounce buffer (~3 ms per 36 MiB on an H200); through page-locked memory it is one DMA at PCIe
 speed (~0.7 ms) that runs on a side stream while the bytes before it are sealed and sent.
 
-The memory is *ours*, never torch's: an anonymous mapping registered with ``cudaHostRegister`` once,
+The memory is *ours*, never torch's: an anonymous mapping registered with the CUDA driver once (``cuMemHostRegister``),
 when a connection first needs it, and unregistered only when the connection is gone and nothing
 points into it. Pinned blocks from torch's caching host allocator were tried before and crashed the
 daemons on the GPU machine (cudaErrorInvalidResourceHandle once blocks freed on I/O threads were
@@ -23,6 +23,8 @@ receiver's ChunkDecoder keeps its buffers until ``result`` synchronises).
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
 import math
 import mmap
@@ -41,7 +43,7 @@ PAGE_BYTES = 1 << 20
 ARENA_BYTES = 64 << 20
 #: Largest arena a link direction may pin (page-locked memory is taken from everything else on the host).
 MAX_ARENA_BYTES = 1 << 30
-#: cudaHostRegisterPortable: the memory counts as pinned in every CUDA context of the process.
+#: CU_MEMHOSTREGISTER_PORTABLE: the memory counts as pinned in every CUDA context of the process.
 _REGISTER_PORTABLE = 1
 
 
@@ -63,12 +65,38 @@ def say_once(reason: str) -> None:
                 "buffers (slower, same bytes)", reason)
 
 
-def _cudart():
+@functools.cache
+def _driver():
+    """The CUDA driver's registration calls. The driver API, not the runtime's cudaHostRegister: a
+    runtime failure would linger as the runtime's "last error" and fail torch's next kernel launch."""
+    lib = ctypes.CDLL("libcuda.so.1")
+    lib.cuMemHostRegister_v2.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
+    lib.cuMemHostUnregister.argtypes = [ctypes.c_void_p]
+    lib.cuGetErrorString.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
+    for fn in (lib.cuMemHostRegister_v2, lib.cuMemHostUnregister, lib.cuGetErrorString):
+        fn.restype = ctypes.c_int
+    return lib
+
+
+def _error(lib, rc: int) -> str:
+    text = ctypes.c_char_p()
+    if lib.cuGetErrorString(rc, ctypes.byref(text)) == 0 and text.value:
+        return f"{text.value.decode(errors='replace')} (CUDA driver error {rc})"
+    return f"CUDA driver error {rc}"
+
+
+def _current_context():
+    """Make this thread's CUDA context current (the owner thread's first CUDA call): the driver
+    registers memory for the current context, and a fresh thread has none."""
     import torch  # noqa: PLC0415 - only a GPU process gets here
 
     if not torch.cuda.is_available():
         raise PinningUnavailable("CUDA is not available in this process")
-    return torch, torch.cuda.cudart()
+    torch.cuda.set_device(torch.cuda.current_device())  # binds the device's primary context here
+    try:
+        return _driver()
+    except (OSError, AttributeError) as exc:
+        raise PinningUnavailable(f"the CUDA driver library cannot register memory: {exc}") from None
 
 
 class PinnedArena:
@@ -106,19 +134,19 @@ class PinnedArena:
         return self.owner.submit(fn, *args).result()
 
     def _register(self) -> None:
-        torch, cudart = _cudart()
-        rc = cudart.cudaHostRegister(self._base.ctypes.data, self.nbytes, _REGISTER_PORTABLE)
-        if int(rc) != 0:
-            raise PinningUnavailable(f"cudaHostRegister of {self.nbytes >> 20} MiB failed: {_cuda_error(torch, rc)}")
+        lib = _current_context()
+        rc = lib.cuMemHostRegister_v2(self._base.ctypes.data, self.nbytes, _REGISTER_PORTABLE)
+        if rc != 0:
+            raise PinningUnavailable(f"registering {self.nbytes >> 20} MiB of host memory failed: {_error(lib, rc)}")
         self.pinned = True
 
     def _unregister(self) -> None:
         if self.pinned:
-            torch, cudart = _cudart()
-            rc = cudart.cudaHostUnregister(self._base.ctypes.data)
+            lib = _driver()
+            rc = lib.cuMemHostUnregister(self._base.ctypes.data)
             self.pinned = False
-            if int(rc) != 0:
-                log.warning("%s: cudaHostUnregister failed: %s", self.name, _cuda_error(torch, rc))
+            if rc != 0:
+                log.warning("%s: unregistering its host memory failed: %s", self.name, _error(lib, rc))
 
     # --- runs -----------------------------------------------------------------------------------
 
@@ -191,13 +219,6 @@ class PinnedArena:
         future = self.owner.submit(self._unregister)
         future.add_done_callback(lambda f: f.exception())  # logged there; never raised into a finaliser
         self.owner.shutdown(wait=False)
-
-
-def _cuda_error(torch, rc) -> str:
-    try:
-        return str(torch.cuda.CudaError(int(rc))).splitlines()[0]
-    except Exception:  # noqa: BLE001 - the code alone still names the failure
-        return f"CUDA error {int(rc)}"
 
 
 class LinkStaging:

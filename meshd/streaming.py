@@ -331,6 +331,7 @@ async def receive_stream(request: Request, device: torch.device, expect_shape: S
         arena = await loop.run_in_executor(CODEC_THREADS, request.session.conn.stage_inbound)
         if arena is not None:
             worker = arena.owner
+    stats.staged = arena is not None
     copies: list = []  # (before, after) events around each raw chunk's host-to-device copy
     timed = stream is not None and decoder.header.codec == "raw"
 
@@ -341,7 +342,7 @@ async def receive_stream(request: Request, device: torch.device, expect_shape: S
             decoder.feed(index, buffers)
             if timed:
                 copies.append((before, _recorded(stream)))
-        stats.staged |= arena is not None and all(arena.holds(b) for b in buffers)
+        stats.staged &= all(arena.holds(b) for b in buffers)  # every chunk, not some
         return time.perf_counter() - t0
 
     def finish() -> tuple[torch.Tensor, float]:
