@@ -282,11 +282,12 @@ class Connection:
             helper = self._helpers[which] = ThreadPoolExecutor(1, thread_name_prefix=f"bulk-{which}")
         return helper
 
-    def stage_inbound(self) -> staging.PinnedArena | None:
-        """From now on receive big segments into pinned host memory (this connection's streams go to a
-        GPU: copies from there are asynchronous DMA). Makes the arena on first call: call it off the
-        event loop. None where pinning is unavailable (said once in the log)."""
-        arena = self.inbound.arena()
+    def stage_inbound(self, nbytes: int = staging.ARENA_BYTES, device=None) -> staging.PinnedArena | None:
+        """From now on receive big segments into pinned host memory (this connection's streams go to
+        ``device``: copies from there are asynchronous DMA), room for ``nbytes`` at once. Makes the
+        arena on first call: call it off the event loop. None where pinning is unavailable (said once
+        in the log)."""
+        arena = self.inbound.arena(nbytes, device)
         self._inbound_staged = arena is not None
         return arena
 

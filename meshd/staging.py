@@ -85,14 +85,15 @@ def _error(lib, rc: int) -> str:
     return f"CUDA driver error {rc}"
 
 
-def _current_context():
-    """Make this thread's CUDA context current (the owner thread's first CUDA call): the driver
-    registers memory for the current context, and a fresh thread has none."""
+def _current_context(device):
+    """Make ``device``'s CUDA context current on this thread (the owner thread's first CUDA call): the
+    driver registers memory for the current context, a fresh thread has none, and a fresh thread's
+    default device 0 would cost a daemon of another GPU a context there."""
     import torch  # noqa: PLC0415 - only a GPU process gets here
 
     if not torch.cuda.is_available():
         raise PinningUnavailable("CUDA is not available in this process")
-    torch.cuda.set_device(torch.cuda.current_device())  # binds the device's primary context here
+    torch.cuda.set_device(device)  # binds the device's primary context to this thread
     try:
         return _driver()
     except (OSError, AttributeError) as exc:
@@ -106,7 +107,7 @@ class PinnedArena:
     CPU-only machine (tests), and copies into it are simply synchronous.
     """
 
-    def __init__(self, nbytes: int, *, pin: bool = True, name: str = "staging") -> None:
+    def __init__(self, nbytes: int, *, pin: bool = True, name: str = "staging", device=None) -> None:
         if not 0 < nbytes <= MAX_ARENA_BYTES:
             raise PinningUnavailable(f"a staging arena of {nbytes} bytes is outside 1..{MAX_ARENA_BYTES}")
         self.pages = math.ceil(nbytes / PAGE_BYTES)
@@ -120,6 +121,7 @@ class PinnedArena:
         self._live = 0
         self._closed = False
         self.pinned = False
+        self.device = device  # the GPU whose copies use this memory (its owner thread's current device)
         if pin:
             try:
                 self.run(self._register)
@@ -134,7 +136,7 @@ class PinnedArena:
         return self.owner.submit(fn, *args).result()
 
     def _register(self) -> None:
-        lib = _current_context()
+        lib = _current_context(self.device)
         rc = lib.cuMemHostRegister_v2(self._base.ctypes.data, self.nbytes, _REGISTER_PORTABLE)
         if rc != 0:
             raise PinningUnavailable(f"registering {self.nbytes >> 20} MiB of host memory failed: {_error(lib, rc)}")
@@ -233,8 +235,9 @@ class LinkStaging:
         self._failed = False
         self._lock = threading.Lock()
 
-    def arena(self, nbytes: int = ARENA_BYTES) -> PinnedArena | None:
-        """An arena that can hold ``nbytes`` at once (made or grown here: call off the event loop)."""
+    def arena(self, nbytes: int = ARENA_BYTES, device=None) -> PinnedArena | None:
+        """An arena that can hold ``nbytes`` at once, for copies to and from ``device`` (made or grown
+        here: call off the event loop)."""
         with self._lock:
             if self._failed:
                 return None
@@ -246,7 +249,7 @@ class LinkStaging:
                 say_once(f"a stream of {nbytes >> 20} MiB exceeds the {MAX_ARENA_BYTES >> 20} MiB staging limit")
                 return None
             try:
-                arena = PinnedArena(size, pin=self.pin, name=self.name)
+                arena = PinnedArena(size, pin=self.pin, name=self.name, device=device)
             except PinningUnavailable as exc:
                 self._failed = True
                 say_once(str(exc))

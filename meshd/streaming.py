@@ -137,7 +137,8 @@ async def send_stream(channel: Channel, op: str, fields: dict, segments: list, t
     arena = None
     if header.codec == "raw" and tensor.device.type == "cuda":
         # Made (pinned) on the first stream of this link direction, then reused for its life.
-        arena = await loop.run_in_executor(CODEC_THREADS, channel.conn.outbound.arena, header.raw_bytes)
+        arena = await loop.run_in_executor(CODEC_THREADS, channel.conn.outbound.arena, header.raw_bytes,
+                                           tensor.device)
     if arena is not None:
         chunk_iter = staged_raw_chunks(tensor, header, arena, stream, stats)
         worker = arena.owner  # every CUDA call on the arena's memory happens on its owner thread
@@ -176,6 +177,8 @@ async def send_stream(channel: Channel, op: str, fields: dict, segments: list, t
     finally:
         stats.encode_ms = (await producer) * 1e3
     stats.seal_ms, stats.send_ms = timing.seal_s * 1e3, timing.send_s * 1e3
+    if stats.d2h_ms is None and header.codec == "raw" and tensor.device.type == "cuda":
+        stats.d2h_ms = stats.encode_ms  # pageable: encoding a raw stream is its synchronous copies
     if measure_error and header.codec != "raw":
         stats.error = await loop.run_in_executor(CODEC_THREADS, _measure, tensor, header, produced, stream)
     return reply, stats
@@ -328,7 +331,8 @@ async def receive_stream(request: Request, device: torch.device, expect_shape: S
     if device.type == "cuda":
         # This connection's streams go to the GPU: its later chunks land in pinned memory, and the
         # copies from there are issued on the arena's owner thread.
-        arena = await loop.run_in_executor(CODEC_THREADS, request.session.conn.stage_inbound)
+        arena = await loop.run_in_executor(CODEC_THREADS, request.session.conn.stage_inbound,
+                                           decoder.header.raw_bytes, device)
         if arena is not None:
             worker = arena.owner
     stats.staged = arena is not None
@@ -342,7 +346,8 @@ async def receive_stream(request: Request, device: torch.device, expect_shape: S
             decoder.feed(index, buffers)
             if timed:
                 copies.append((before, _recorded(stream)))
-        stats.staged &= all(arena.holds(b) for b in buffers)  # every chunk, not some
+        if arena is not None:
+            stats.staged &= all(arena.holds(b) for b in buffers)  # every chunk, not some
         return time.perf_counter() - t0
 
     def finish() -> tuple[torch.Tensor, float]:

@@ -229,3 +229,33 @@ async def test_a_peer_that_dies_inside_a_big_segment_is_lost_within_seconds_not_
     finally:
         await client.close()
         await served.close()
+
+
+async def test_a_hop_over_tcp_reports_where_its_time_went_at_both_ends():
+    """CPU stages take the pageable path (nothing to pin for), yet the hop's breakdown is measured."""
+    from meshd.connection import Channel, ServerSession  # noqa: PLC0415
+    from meshd.streaming import receive_stream, send_stream  # noqa: PLC0415
+
+    shape = (1, 16 + 32 * 32, 1024)  # chunks of 2 MiB: big segments, through the record pipeline
+    tensor = torch.randn(shape, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    client, served = await sealed_pair()
+    got: list = []
+
+    async def handler(request):
+        got.append(await receive_stream(request, torch.device("cpu"), shape, torch.bfloat16))
+        return {}, []
+
+    serving = asyncio.ensure_future(ServerSession(served, handler, {}).run())
+    channel = Channel(client)
+    try:
+        _, sent = await send_stream(channel, "forward", {}, [], tensor, CodecSpec("raw", layout=TokenLayout(16, 32, 32)))
+        ((received, rx),) = got
+        assert torch.equal(received, tensor)
+        hop = {**rx.breakdown(), **sent.to_dict()}
+        assert hop["seal_ms"] > 0 and hop["send_ms"] > 0 and hop["recv_ms"] > 0 and hop["open_ms"] > 0
+        assert hop["d2h_ms"] is None and hop["h2d_ms"] is not None  # no device copy to time on the send side
+        assert hop["staged_send"] is False and hop["staged_recv"] is False
+    finally:
+        await channel.close()
+        serving.cancel()
+        await asyncio.gather(serving, return_exceptions=True)
