@@ -569,6 +569,7 @@ class Connection:
             self.sock.close()
         for helper in self._helpers.values():
             helper.shutdown(wait=False)
+        self._helpers.clear()  # a late transfer gets a fresh one, and fails on the closed socket
         self.outbound.close()
         self.inbound.close()
 

@@ -126,7 +126,7 @@ class PinnedArena:
             try:
                 self.run(self._register)
             except BaseException:
-                self.owner.shutdown(wait=False)
+                self.owner.shutdown(wait=False)  # this arena is never handed out
                 raise
 
     # --- the owner thread -----------------------------------------------------------------------
@@ -218,9 +218,11 @@ class PinnedArena:
             self._retire()
 
     def _retire(self) -> None:
+        # The owner thread stays usable (a stream that raced the close may still submit to it; it then
+        # finds no free run and copies through pageable memory). It ends with the arena: an executor's
+        # idle thread exits once the executor is garbage.
         future = self.owner.submit(self._unregister)
         future.add_done_callback(lambda f: f.exception())  # logged there; never raised into a finaliser
-        self.owner.shutdown(wait=False)
 
 
 class LinkStaging:

@@ -372,7 +372,7 @@ async def receive_stream(request: Request, device: torch.device, expect_shape: S
         if not finished and stream is not None:
             # Given up half-way: copies already queued read received buffers and write the decoder's
             # tensor; both stay referenced until those copies are done, then go.
-            worker.submit(_drain, stream, decoder)
+            CODEC_THREADS.submit(_drain, stream, decoder)
     stats.wire_ms = wire_s * 1e3
     stats.decode_ms = (decode_s + finish_s) * 1e3
     if timed:
