@@ -266,13 +266,13 @@ class Connection:
         self.sealer, self.opener = sealing.Sealer(keys.send), sealing.Opener(keys.receive)
         self._peer_may_refuse = peer_may_refuse
 
-    def _ring(self, which: str) -> list[bytearray]:
-        """RECORDS_IN_FLIGHT record-sized buffers for one direction, made when the first segment needs
-        them (most connections carry small frames only, and each buffer is 1 MiB)."""
-        ring = self._rings.get(which)
-        if ring is None:
-            size = sealing.RECORD.size + self.sealer.record_bytes + sealing.TAG_BYTES
-            ring = self._rings[which] = [bytearray(size) for _ in range(RECORDS_IN_FLIGHT)]
+    def _ring(self, which: str, count: int = RECORDS_IN_FLIGHT) -> list[bytearray]:
+        """At least ``count`` record-sized buffers for one direction, made when a segment first needs
+        them: one for segments sealed on the event loop, RECORDS_IN_FLIGHT once a big one went through
+        the record pipeline (most connections carry small frames only, and each buffer is 1 MiB)."""
+        ring = self._rings.setdefault(which, [])
+        size = sealing.RECORD.size + self.sealer.record_bytes + sealing.TAG_BYTES
+        ring.extend(bytearray(size) for _ in range(count - len(ring)))
         return ring
 
     def _helper(self, which: str) -> ThreadPoolExecutor:
@@ -372,7 +372,7 @@ class Connection:
         else:
             for piece in self.sealer.pieces(view):
                 t0 = time.perf_counter()
-                record = self.sealer.seal(piece, self._ring("send")[0])  # sent before the next is sealed
+                record = self.sealer.seal(piece, self._ring("send", 1)[0])  # sent before the next is sealed
                 timing.seal_s += time.perf_counter() - t0
                 yield record
 
