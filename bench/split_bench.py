@@ -157,6 +157,36 @@ async def run_local(args, device, params, compiled: bool = False, state_dir: Pat
     return out
 
 
+#: A TCP hop's time, part by part, as the two daemons measured it on the threads that did each part:
+#: device-to-host copies (GPU-timed), sealing, the sender's socket writes, the receiver's socket
+#: reads, opening records, host-to-device copies (GPU-timed). Parts overlap (they are pipelined), so
+#: they do not add up to the hop; the largest one bounds it.
+BREAKDOWN = ("d2h_ms", "seal_ms", "send_ms", "recv_ms", "open_ms", "h2d_ms")
+
+
+def hop_breakdown(summary: dict) -> list[dict]:
+    """Per TCP link (in plan order): the median of each part of BREAKDOWN over the generation's steps,
+    and whether every step went through pinned staging at each end."""
+    links: dict[str, dict] = {}
+    for step in summary["steps"]:
+        for p in step["passes"]:
+            sender = None
+            for hop in p["hops"]:
+                key = f"{hop.get('from') or sender or '?'} -> {hop.get('node', '?')}"
+                sender = hop.get("node")
+                if hop.get("seal_ms") is None:  # CUDA IPC, or a hop that never left a daemon
+                    continue
+                row = links.setdefault(key, {"link": key, "codec": hop.get("codec"), "staged_send": True,
+                                             "staged_recv": True, **{name: [] for name in BREAKDOWN}})
+                for name in BREAKDOWN:
+                    if isinstance(hop.get(name), (int, float)):
+                        row[name].append(hop[name])
+                row["staged_send"] &= hop.get("staged_send") is True
+                row["staged_recv"] &= hop.get("staged_recv") is True
+    return [{**row, **{name: round(statistics.median(row[name]), 3) if row[name] else None for name in BREAKDOWN}}
+            for row in links.values()]
+
+
 def wire_bytes(summary: dict) -> int:
     """Bytes that crossed the links in one generation (streams out, predictions back)."""
     total = 0
@@ -218,6 +248,7 @@ async def run_split(args, cluster, params, local, emulation) -> dict:
                 "image_psnr_db": psnr(pixels, local["pixels"]),
                 "hops": hops,
                 "stream_bytes_per_step": [h["bytes_per_step"] for h in hops],
+                "hop_breakdown_ms": hop_breakdown(outcome.summary),
                 "return_bytes_per_step": measured.summary["steps"][0]["passes"][0].get("return_bytes"),
                 "wire_bytes_total": wire_bytes(outcome.summary),
                 "step_ms": [round(s["ms"], 2) for s in outcome.summary["steps"]],
@@ -234,6 +265,9 @@ async def run_split(args, cluster, params, local, emulation) -> dict:
                 f"(x{row['split_over_local']:.3f}), bit-identical={row['bit_identical_latents']}, "
                 f"rel_l2={row['final_latent_rel_l2']:.2e}, bytes/step={row['stream_bytes_per_step']}"
                 + (f", overhead/wire={row['overhead_over_wire']:.3f}" if emulation else ""))
+            for part in row["hop_breakdown_ms"]:
+                log(f"  {part['link']} ({part['codec']}, staged send/recv {part['staged_send']}/{part['staged_recv']}): "
+                    + ", ".join(f"{name[:-3]} {part[name]}" for name in BREAKDOWN) + " ms (median per step)")
         if args.queue:
             codec_name = args.queue_codec
             await timed_generations(mesh, plan, params, codec_name, 0)  # warm-up

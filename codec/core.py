@@ -299,12 +299,14 @@ def hevc_decoder(device: torch.device):
 # --- encode -----------------------------------------------------------------------------------
 
 
-def _host_bytes(t: torch.Tensor) -> memoryview:
+def host_bytes(t: torch.Tensor) -> memoryview:
     """A tensor's bytes in host memory (no copy on CPU; a device-to-host copy for GPU tensors).
 
     Pageable memory on purpose: pinned blocks from torch's caching host allocator crashed the
     daemons on the H200 VM (cudaErrorInvalidResourceHandle when blocks freed on I/O threads were
-    recycled), and the synchronous copy costs ~3 ms per 36 MiB there.
+    recycled), and the synchronous copy costs ~3 ms per 36 MiB there. The fast path for raw streams
+    over TCP copies into memory the link pins and owns itself instead (meshd.wire.staging); this is what
+    it falls back to, and what every other codec's (small) buffers use.
     """
     flat = t.contiguous().view(torch.uint8).reshape(-1)
     return memoryview(flat.cpu().numpy())
@@ -350,19 +352,19 @@ def encode_chunks(tensor: torch.Tensor, spec: CodecSpec) -> tuple[Header, Iterat
 def _encode_chunk(x: torch.Tensor, header: Header, info: ChunkInfo, encoder) -> list:
     codec = header.codec
     if codec == "raw":
-        return [_host_bytes(x)]
+        return [host_bytes(x)]
     if codec == "fp8":
         codes, scale = fp8_quantize(x)
-        return [_host_bytes(scale), _host_bytes(codes)]
+        return [host_bytes(scale), host_bytes(codes)]
     codes, params = u8_quantize(x)
     if codec == "u8":
-        return [_host_bytes(params), _host_bytes(codes)]
+        return [host_bytes(params), host_bytes(codes)]
     frames = framing.tile(codes, info.geometry)
     bitstreams = encoder.encode(frames, header.qp)
     # Lengths and CRCs catch a frame cut short or damaged on the way: decoders conceal such damage
     # silently instead of failing.
     table = np.array([(len(b), zlib.crc32(b)) for b in bitstreams], dtype="<u4")
-    return [bytes(_host_bytes(params)) + table.tobytes(), *bitstreams]
+    return [bytes(host_bytes(params)) + table.tobytes(), *bitstreams]
 
 
 def encode(tensor: torch.Tensor, spec: CodecSpec | str, *, measure: bool = False) -> Encoded:

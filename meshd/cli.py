@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -341,6 +342,39 @@ def _run(command: list[str]) -> str | None:
     return None
 
 
+def _activate(args, template: bool, sysusers_dir: Path, instances: list[str]) -> bool | None:
+    """Create the shared user, reload systemd and enable the instances, saying what each step did.
+    A tool this machine lacks (a container, an image being built) is not run: the commands left for
+    the user are printed instead. True if the instances were enabled, None if a step failed."""
+    root = [f"--root={args.root}"] if args.root is not None else []
+    steps: list[tuple[list[str], str]] = []  # the command, and what it did when it worked
+    if template:
+        steps.append((["systemd-sysusers", *root, str(sysusers_dir / SYSUSERS_FILE)],
+                      f"created the shared system user from {sysusers_dir / SYSUSERS_FILE}"))
+    if args.root is None:
+        steps.append((["systemctl", "daemon-reload"], "reloaded systemd"))
+    if instances:
+        steps.append((["systemctl", *root, "enable", *instances], f"enabled {', '.join(instances)}"))
+    left: list[list[str]] = []
+    enabled = False
+    for command, done in steps:
+        if not args.reload or shutil.which(command[0]) is None:
+            left.append(command)
+            continue
+        if (problem := _run(command)) is not None:
+            print(problem, file=sys.stderr)
+            return None
+        print(done)
+        enabled |= "enable" in command
+    if left:
+        why = ("--no-reload: not run" if not args.reload else
+               f"{' and '.join(dict.fromkeys(c[0] for c in left))} not found on this machine: not run")
+        print(f"{why}; run these where systemd's tools are:", file=sys.stderr)
+        for command in left:
+            print(f"  sudo {shlex.join(command)}", file=sys.stderr)
+    return enabled
+
+
 def _install_unit(args) -> int:
     from .auth import fingerprint, generate_key, read_key, write_key  # noqa: PLC0415
     from .config import CREDENTIAL_NAME  # noqa: PLC0415
@@ -393,26 +427,14 @@ def _install_unit(args) -> int:
     if gpus is not None and (unit_dir / UNIT_FILE).exists():
         print(f"note: {unit_dir / UNIT_FILE} is installed too; it and meshd@0 both listen on port 7777 by default: "
               "sudo systemctl disable --now meshd", file=sys.stderr)
-    if args.reload:
-        root = [f"--root={args.root}"] if args.root is not None else []
-        steps = []
-        if gpus is not None and shutil.which("systemd-sysusers"):
-            steps.append(["systemd-sysusers", *root, str(sysusers_dir / SYSUSERS_FILE)])
-        if shutil.which("systemctl"):
-            if args.root is None:
-                steps.append(["systemctl", "daemon-reload"])
-            if instances:
-                steps.append(["systemctl", *root, "enable", *instances])
-        for step in steps:
-            if (problem := _run(step)) is not None:
-                print(problem, file=sys.stderr)
-                return 1
-        if instances and steps:
-            print(f"enabled {', '.join(instances)}")
+    enabled = _activate(args, gpus is not None, sysusers_dir, instances)
+    if enabled is None:
+        return 1
     if gpus is None:
         print("next: sudo systemctl enable --now meshd; journalctl -u meshd -f; meshd check")
     else:
         names = " ".join(i.removesuffix(".service") for i in instances)
-        print(f"next: edit {config_path} (shared) or {config_dir}/meshd@N.toml (one GPU); sudo systemctl start "
+        start = "start" if enabled else "enable --now"
+        print(f"next: edit {config_path} (shared) or {config_dir}/meshd@N.toml (one GPU); sudo systemctl {start} "
               f"{names}; journalctl -u 'meshd@*' -f; meshd check")
     return 0

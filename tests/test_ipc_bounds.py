@@ -60,9 +60,26 @@ def test_handles_and_offsets_a_peer_makes_up_are_refused_before_torch_sees_them(
     assert info.value.code == "bad-request"
 
 
-@pytest.mark.parametrize("name, local", [
-    ("127.0.0.1:5000", True), ("[::1]:5000", True), ("[::ffff:127.0.0.1]:7777", True),
-    ("192.0.2.7:7777", False), ("[2001:db8::1]:7777", False), ("not-an-address:1", False),
+@pytest.mark.parametrize("address, local", [
+    (("127.0.0.1", 5000), True), (("::1", 5000, 0, 0), True), (("::ffff:127.0.0.1", 7777, 0, 0), True),
+    (("192.0.2.7", 7777), False), (("2001:db8::1", 7777, 0, 0), False), (("not-an-address", 1), False),
+    (None, False), ((), False),
 ])
-def test_cuda_handles_are_taken_only_from_this_host(name, local):
-    assert ipc.is_local_peer(name) is local
+def test_cuda_handles_are_taken_only_from_this_host(address, local):
+    assert ipc.is_local_peer(address) is local
+
+
+async def test_a_loopback_connection_is_local_by_its_socket_address_not_its_name():
+    import socket
+
+    from meshd.wire.connection import Connection
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname())
+    served, _ = listener.accept()
+    try:
+        conn = Connection(served, "a name that is no address")  # the name is for people, not for this test
+        assert ipc.is_local_peer(conn.address) is True
+    finally:
+        for s in (client, served, listener):
+            s.close()

@@ -273,3 +273,39 @@ def test_install_unit_refuses_a_gpu_list_it_cannot_read_in_one_line(tmp_path):
         result = meshd("install-unit", "--gpus", gpus, "--root", str(tmp_path))
         assert result.returncode == 1 and cause in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "etc").exists()
+
+
+def meshd_with_path(path: Path, *args: str) -> subprocess.CompletedProcess:
+    """meshd run where PATH is only ``path``: a container or an image build without systemd's tools."""
+    env = {**os.environ, "PATH": str(path)}
+    return subprocess.run([sys.executable, "-m", "meshd", *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=60, env=env)
+
+
+def test_without_systemctl_install_unit_enables_nothing_and_says_what_to_run(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    sysusers = shutil.which("systemd-sysusers")
+    if sysusers:  # present, as it is here: it runs for real; only systemctl is missing
+        (bin_dir / "systemd-sysusers").symlink_to(sysusers)
+    root = tmp_path / "root"
+    result = meshd_with_path(bin_dir, "install-unit", "--gpus", "0,1", "--root", str(root),
+                             "--exec", "/opt/flux-mesh/bin/meshd")
+    assert result.returncode == 0, result.stderr
+    assert "enabled" not in result.stdout, "nothing was enabled: systemctl is not there"
+    assert f"wrote {root / 'etc' / 'systemd' / 'system' / 'meshd@.service'}" in result.stdout
+    assert "systemctl not found on this machine: not run" in result.stderr
+    assert f"sudo systemctl --root={root} enable meshd@0.service meshd@1.service" in result.stderr
+    assert "sudo systemctl enable --now meshd@0 meshd@1" in result.stdout  # the next step, since not enabled
+    assert not (root / "etc" / "systemd" / "system" / "multi-user.target.wants").exists()
+    if sysusers:
+        assert "created the shared system user" in result.stdout
+    else:
+        assert f"sudo systemd-sysusers --root={root} {root / 'etc' / 'sysusers.d' / 'meshd.conf'}" in result.stderr
+
+
+def test_install_unit_with_no_reload_lists_the_commands_it_left(tmp_path):
+    result = meshd("install-unit", "--gpus", "0", "--root", str(tmp_path), "--exec", "/opt/x/meshd", "--no-reload")
+    assert result.returncode == 0, result.stderr
+    assert "enabled" not in result.stdout and "created" not in result.stdout
+    assert "--no-reload: not run" in result.stderr and f"systemctl --root={tmp_path} enable meshd@0.service" in result.stderr

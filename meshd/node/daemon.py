@@ -218,7 +218,7 @@ class Daemon:
             conn.stats = self.links.get(f"{node[:64]}@{host}" if isinstance(node, str) and node else host)
             session = ServerSession(conn, self.handle, hello,
                                     holds=lambda: self.stage.owns_jobs(session))
-            session.ipc_ok = self.device.type == "cuda" and self.config.same_host_ipc and ipc.is_local_peer(name)
+            session.ipc_ok = self.device.type == "cuda" and self.config.same_host_ipc and ipc.is_local_peer(conn.address)
             self.sessions.add(session)
             try:
                 await session.run()

@@ -163,7 +163,7 @@ class StageService:
         del stream
         record = {"node": d.name, "blocks": [job.start, job.end - 1], "codec": rx.codec, "bytes": rx.bytes,
                   "wire_ms": round(rx.wire_ms, 3), "decode_ms": round(rx.decode_ms, 3),
-                  "compute_ms": round(seconds * 1e3, 3)}
+                  "compute_ms": round(seconds * 1e3, 3), **rx.breakdown()}
         if request.session.conn.stats is not None:  # this peer's link, keyed once at the handshake
             request.session.conn.stats.hop(rx.bytes, rx.wire_ms + rx.decode_ms)
         if job.tail:

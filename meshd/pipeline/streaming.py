@@ -2,6 +2,12 @@
 
 The sender encodes chunk ``i + 1`` on a codec thread while chunk ``i`` is on the wire; the receiver
 decodes each chunk as it lands. Both ends time their part; the per-hop figures come from here.
+
+A raw CUDA stream over TCP goes through the link's pinned staging (:mod:`meshd.wire.staging`): every
+chunk's device-to-host copy is issued at once on a side stream, an event after each, and chunk ``i``
+is sealed and written as soon as its event fires while the copies after it still run; the receiver
+reads each chunk into pinned memory and issues its host-to-device copy while the next arrives. The
+bytes are the same as through pageable memory, so raw stays bit-exact; only the copies got cheaper.
 """
 
 from __future__ import annotations
@@ -9,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -19,7 +25,8 @@ import codec
 from codec import CodecError, CodecSpec
 
 from ..errors import MeshError
-from ..wire.connection import Channel, Request
+from ..wire.connection import Channel, Request, SendTiming
+from ..wire.staging import PinnedArena
 
 #: Codec work (quantise, D2H/H2D copies, HEVC) runs here, off the event loop and off the GPU queue.
 CODEC_THREADS = ThreadPoolExecutor(4, thread_name_prefix="codec")
@@ -71,6 +78,12 @@ class SendStats:
     error: dict | None = None
     chunks: int = 0
     encoder_note: str | None = None  # why the encoder changed mid-stream (NVENC failed: libx265 took over)
+    #: Where a TCP hop's sending time went (None on CUDA IPC): the device-to-host copies as the GPU
+    #: timed them (raw CUDA streams only), sealing, and socket writes, on the threads that did them.
+    d2h_ms: float | None = None
+    seal_ms: float | None = None
+    send_ms: float | None = None
+    staged: bool = False  # the stream left through the link's pinned staging
 
     def to_dict(self) -> dict:
         out = {"codec": self.codec, "raw_bytes": self.raw_bytes, "bytes": self.wire_bytes,
@@ -79,7 +92,14 @@ class SendStats:
             out["error"] = self.error
         if self.encoder_note is not None:
             out["encoder_note"] = self.encoder_note
+        if self.seal_ms is not None:
+            out.update(d2h_ms=_ms(self.d2h_ms), seal_ms=_ms(self.seal_ms), send_ms=_ms(self.send_ms),
+                       staged_send=self.staged)
         return out
+
+
+def _ms(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
 
 
 @dataclass
@@ -88,6 +108,19 @@ class ReceiveStats:
     decode_ms: float = 0.0
     bytes: int = 0
     codec: str = ""
+    #: Where a TCP hop's receiving time went (None on CUDA IPC): socket reads, opening records, and the
+    #: host-to-device copies as the GPU timed them (raw streams to a CUDA device only).
+    recv_ms: float | None = None
+    open_ms: float | None = None
+    h2d_ms: float | None = None
+    staged: bool = False  # the chunks landed in the link's pinned staging
+
+    def breakdown(self) -> dict:
+        """The receiving half of a hop's time breakdown, for its hop record (empty on CUDA IPC)."""
+        if self.recv_ms is None:
+            return {}
+        return {"recv_ms": _ms(self.recv_ms), "open_ms": _ms(self.open_ms), "h2d_ms": _ms(self.h2d_ms),
+                "staged_recv": self.staged}
 
 
 async def send_stream(channel: Channel, op: str, fields: dict, segments: list, tensor: torch.Tensor,
@@ -96,9 +129,20 @@ async def send_stream(channel: Channel, op: str, fields: dict, segments: list, t
     loop = asyncio.get_running_loop()
     header, chunk_iter = codec.encode_chunks(tensor, spec)
     stats = SendStats(codec=header.label, raw_bytes=header.raw_bytes, chunks=len(header.chunks))
+    timing = SendTiming()
     queue: asyncio.Queue = asyncio.Queue()
     produced: list = []
     stream = side_stream(tensor.device)
+    worker = CODEC_THREADS
+    arena = None
+    if header.codec == "raw" and tensor.device.type == "cuda":
+        # Made (pinned) on the first stream of this link direction, then reused for its life.
+        arena = await loop.run_in_executor(CODEC_THREADS, channel.conn.outbound.arena, header.raw_bytes,
+                                           tensor.device)
+    if arena is not None:
+        chunk_iter = staged_raw_chunks(tensor, header, arena, stream, stats)
+        worker = arena.owner  # every CUDA call on the arena's memory happens on its owner thread
+        stats.staged = True
 
     def produce() -> float:
         t0 = time.perf_counter()
@@ -125,15 +169,70 @@ async def send_stream(channel: Channel, op: str, fields: dict, segments: list, t
                 stats.encoder_note = item.note
             yield item.index, item.buffers
 
-    producer = loop.run_in_executor(CODEC_THREADS, produce)
+    producer = loop.run_in_executor(worker, produce)
     request_fields = {**fields, "stream": header.to_dict(), "chunks": len(header.chunks)}
     try:
-        reply = await channel.request(op, request_fields, segments, chunks=chunks(), timeout=timeout)
+        reply = await channel.request(op, request_fields, segments, chunks=chunks(), timeout=timeout,
+                                      chunk_timing=timing)
     finally:
         stats.encode_ms = (await producer) * 1e3
+    stats.seal_ms, stats.send_ms = timing.seal_s * 1e3, timing.send_s * 1e3
+    if stats.d2h_ms is None and header.codec == "raw" and tensor.device.type == "cuda":
+        stats.d2h_ms = stats.encode_ms  # pageable: encoding a raw stream is its synchronous copies
     if measure_error and header.codec != "raw":
         stats.error = await loop.run_in_executor(CODEC_THREADS, _measure, tensor, header, produced, stream)
     return reply, stats
+
+
+def staged_raw_chunks(tensor: torch.Tensor, header: codec.Header, arena: PinnedArena, stream,
+                      stats: SendStats) -> Iterator[codec.EncodedChunk]:
+    """A raw stream's chunks through pinned staging; iterate on ``arena``'s owner thread.
+
+    Every chunk's device-to-host copy is queued at once on ``stream`` with an event after each, and
+    chunk ``i`` is yielded as soon as its event has fired, while the later copies still run. A chunk
+    for which the arena has no room (several streams at once) is copied through pageable memory when
+    its turn comes. ``stats.d2h_ms`` is the copies' time on the GPU, first to last."""
+    rows = tensor.detach().contiguous().view(torch.uint8).reshape(header.tokens, -1)
+    gpu = stream is not None  # on the CPU (tests) the same pipeline copies synchronously
+
+    def marker():
+        if not gpu:
+            return None
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(stream)
+        return event
+
+    pending: list = []
+    try:
+        t0 = time.perf_counter()
+        with on_stream(stream):
+            start = marker()
+            for info in header.chunks:
+                source = rows[info.start : info.start + info.count].reshape(-1)
+                run = arena.allocate(source.numel())
+                if run is None:
+                    pending.append((None, source))
+                    continue
+                torch.from_numpy(run).copy_(source, non_blocking=gpu)
+                pending.append((run, marker()))
+        copied_s = time.perf_counter() - t0
+        last = None
+        for index in range(len(pending)):
+            run, done = pending[index]
+            pending[index] = None  # the consumer holds the run from here; it returns once sent
+            if run is None:
+                yield codec.EncodedChunk(index, [codec.core.host_bytes(done)])
+                continue
+            if done is not None:
+                done.synchronize()
+                last = done
+            yield codec.EncodedChunk(index, [memoryview(run)])
+        stats.d2h_ms = start.elapsed_time(last) if last is not None else copied_s * 1e3
+    finally:
+        if gpu:
+            # Abandoned half-way (an error downstream): copies still queued must land before the runs
+            # they write into can be handed out again.
+            stream.synchronize()
 
 
 @dataclass(frozen=True)
@@ -224,15 +323,31 @@ async def receive_stream(request: Request, device: torch.device, expect_shape: S
     if count != len(decoder.header.chunks):
         raise MeshError("bad-request", f"request announces {count!r} chunks; the stream header has "
                                        f"{len(decoder.header.chunks)}")
-    stats = ReceiveStats(codec=decoder.header.label)
+    stats = ReceiveStats(codec=decoder.header.label, recv_ms=0.0, open_ms=0.0)
     decode_s = 0.0
     wire_s = 0.0
     stream = side_stream(device)
+    worker, arena = CODEC_THREADS, None
+    if device.type == "cuda":
+        # This connection's streams go to the GPU: its later chunks land in pinned memory, and the
+        # copies from there are issued on the arena's owner thread.
+        arena = await loop.run_in_executor(CODEC_THREADS, request.session.conn.stage_inbound,
+                                           decoder.header.raw_bytes, device)
+        if arena is not None:
+            worker = arena.owner
+    stats.staged = arena is not None
+    copies: list = []  # (before, after) events around each raw chunk's host-to-device copy
+    timed = stream is not None and decoder.header.codec == "raw"
 
     def feed(index: int, buffers: list) -> float:
         t0 = time.perf_counter()
         with on_stream(stream):
+            before = _recorded(stream) if timed else None
             decoder.feed(index, buffers)
+            if timed:
+                copies.append((before, _recorded(stream)))
+        if arena is not None:
+            stats.staged &= all(arena.holds(b) for b in buffers)  # every chunk, not some
         return time.perf_counter() - t0
 
     def finish() -> tuple[torch.Tensor, float]:
@@ -241,14 +356,39 @@ async def receive_stream(request: Request, device: torch.device, expect_shape: S
             out = decoder.result()  # synchronises its stream: the tensor is complete for the compute queue
         return out, time.perf_counter() - t0
 
+    finished = False
     try:
         async for frame in request.chunks(count):
             stats.bytes += frame.payload_bytes
             wire_s += frame.finished_at - frame.started_at
-            decode_s += await loop.run_in_executor(CODEC_THREADS, feed, frame.header.get("index"), frame.segments)
-        tensor, finish_s = await loop.run_in_executor(CODEC_THREADS, finish)
+            stats.recv_ms += frame.recv_s * 1e3
+            stats.open_ms += frame.open_s * 1e3
+            decode_s += await loop.run_in_executor(worker, feed, frame.header.get("index"), frame.segments)
+        tensor, finish_s = await loop.run_in_executor(worker, finish)
+        finished = True
     except CodecError as exc:
         raise MeshError("codec", f"stream: {exc}") from None
+    finally:
+        if not finished and stream is not None:
+            # Given up half-way: copies already queued read received buffers and write the decoder's
+            # tensor; both stay referenced until those copies are done, then go.
+            CODEC_THREADS.submit(_drain, stream, decoder)
     stats.wire_ms = wire_s * 1e3
     stats.decode_ms = (decode_s + finish_s) * 1e3
+    if timed:
+        stats.h2d_ms = sum(before.elapsed_time(after) for before, after in copies)
+    elif decoder.header.codec == "raw":
+        stats.h2d_ms = stats.decode_ms  # a CPU stage: the copy is the decode
     return tensor, stats
+
+
+def _recorded(stream) -> torch.cuda.Event:
+    event = torch.cuda.Event(enable_timing=True)
+    event.record(stream)
+    return event
+
+
+def _drain(stream, decoder: codec.ChunkDecoder) -> None:
+    """Wait for ``stream``'s copies; ``decoder`` (its buffers and tensor) is let go only after."""
+    stream.synchronize()
+    del decoder

@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import queue
 import random
 import select
 import socket
 import time
+from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -26,6 +29,7 @@ from typing import Any
 from .. import limits
 from ..errors import MeshError, PeerLost
 from . import seal as sealing
+from . import staging
 from .frames import (DEFAULT_LIMITS, LENGTH, PREAUTH_LIMITS, PREFIX, Frame, FrameLimits, FrameReader, ProtocolError,
                      encode_frame)
 from .handshake import ClientHandshake, ServerHandshake
@@ -80,33 +84,123 @@ def _bulk_send(sock: socket.socket, view: memoryview, timeout: float) -> None:
                 raise TimeoutError from None
 
 
-def _bulk_send_sealed(sock: socket.socket, view: memoryview, sealer: sealing.Sealer, scratch: bytearray,
-                      timeout: float) -> int:
-    """Seal a big segment record by record into ``scratch`` and send each: the kernel sends one record
-    while the next is sealed, and memory stays one record's worth. Returns the bytes sent."""
-    sent = 0
-    for piece in sealer.pieces(view):
-        record = sealer.seal(piece, scratch)
-        _bulk_send(sock, record, timeout)
-        sent += len(record)
+@dataclass
+class SendTiming:
+    """Where a frame's sending time went, summed over its big segments: sealing, and socket writes
+    (which include waiting for the peer to read). Measured on the threads that do the work."""
+
+    seal_s: float = 0.0
+    send_s: float = 0.0
+
+
+#: Sealed records in flight per big segment between the sealing (or receiving) thread and the thread
+#: that writes (or opens) them: the two overlap, and memory stays a few records' worth.
+RECORDS_IN_FLIGHT = 3
+
+
+def _take(free: queue.Queue, partner) -> bytearray:
+    """A free record buffer, or the partner thread's failure if it ended early (never a hang)."""
+    while True:
+        try:
+            return free.get(timeout=0.05)
+        except queue.Empty:
+            if partner.done():
+                partner.result()  # raises its error
+                raise ConnectionError("record pipeline ended early")
+
+
+def _bulk_send_sealed(sock: socket.socket, view: memoryview, sealer: sealing.Sealer, ring: list[bytearray],
+                      writer_thread: ThreadPoolExecutor, timeout: float, timing: SendTiming | None) -> int:
+    """Seal a big segment record by record on this thread while ``writer_thread`` writes the records
+    sealed before, in order (the sealer's counter is touched by this thread only). Returns the bytes
+    sent."""
+    free: queue.Queue = queue.Queue()
+    for buf in ring:
+        free.put(buf)
+    ready: queue.Queue = queue.Queue()
+    spent = SendTiming()
+
+    def write() -> int:
+        sent = 0
+        while (item := ready.get()) is not None:
+            record, buf = item
+            t0 = time.perf_counter()
+            _bulk_send(sock, record, timeout)
+            spent.send_s += time.perf_counter() - t0
+            sent += len(record)
+            free.put(buf)
+        return sent
+
+    writer = writer_thread.submit(write)
+    try:
+        for piece in sealer.pieces(view):
+            buf = _take(free, writer)
+            t0 = time.perf_counter()
+            record = sealer.seal(piece, buf)
+            spent.seal_s += time.perf_counter() - t0
+            ready.put((record, buf))
+    finally:
+        ready.put(None)
+        sent = writer.result()  # waits: nothing may write from our buffers once we return
+    if timing is not None:
+        timing.seal_s += spent.seal_s
+        timing.send_s += spent.send_s
     return sent
 
 
-def _bulk_recv_sealed(sock: socket.socket, view: memoryview, opener: sealing.Opener, scratch: bytearray,
-                      progress: Callable[[], None], timeout: float) -> int:
-    """Receive a big segment's records, each opened straight into its place in ``view``. Returns the
-    bytes received."""
-    head = bytearray(sealing.RECORD.size)
+@dataclass
+class ReceiveTiming:
+    """Where a frame's receiving time went: socket reads (including waiting for the sender) and opening
+    records. Measured on the threads that do the work; set on each received :class:`Frame`."""
+
+    recv_s: float = 0.0
+    open_s: float = 0.0
+
+
+def _bulk_recv_sealed(sock: socket.socket, view: memoryview, opener: sealing.Opener, ring: list[bytearray],
+                      opener_thread: ThreadPoolExecutor, progress: Callable[[], None], timeout: float,
+                      timing: ReceiveTiming) -> int:
+    """Receive a big segment's records on this thread while ``opener_thread`` checks and opens the ones
+    before, in order, each straight into its place in ``view``. A record's size is the piece due, never
+    what its header claims: the header is checked (on the opener, where its number is due) before its
+    body is decrypted. Returns the bytes received."""
+    free: queue.Queue = queue.Queue()
+    for buf in ring:
+        free.put(buf)
+    ready: queue.Queue = queue.Queue()
+    spent = ReceiveTiming()
+    head_bytes = sealing.RECORD.size
+
+    def open_records() -> None:
+        while (item := ready.get()) is not None:
+            start, n, buf = item
+            t0 = time.perf_counter()
+            record = memoryview(buf)
+            body = record[head_bytes : head_bytes + opener.check(record[:head_bytes], n)]
+            opener.open_into(record[:head_bytes], body, view[start : start + n])
+            spent.open_s += time.perf_counter() - t0
+            free.put(buf)
+
+    worker = opener_thread.submit(open_records)
     got = 0
-    for start in range(0, len(view), opener.record_bytes):
-        n = min(opener.record_bytes, len(view) - start)
-        if _bulk_recv_into(sock, memoryview(head), progress, timeout) < len(head):
-            raise ConnectionError("connection closed by peer")
-        body = memoryview(scratch)[: opener.check(head, n)]
-        if _bulk_recv_into(sock, body, progress, timeout) < len(body):
-            raise ConnectionError("connection closed by peer")
-        opener.open_into(head, body, view[start : start + n])
-        got += len(head) + len(body)
+    try:
+        for start in range(0, len(view), opener.record_bytes):
+            n = min(opener.record_bytes, len(view) - start)
+            buf = _take(free, worker)
+            record = memoryview(buf)[: head_bytes + n + sealing.TAG_BYTES]
+            t0 = time.perf_counter()
+            count = _bulk_recv_into(sock, record, progress, timeout)
+            spent.recv_s += time.perf_counter() - t0
+            if count < len(record):
+                raise ConnectionError("connection closed by peer")
+            got += count
+            ready.put((start, n, buf))
+    finally:
+        ready.put(None)
+        futures.wait([worker])  # even when reading failed: it must not write into ``view`` once we return
+    worker.result()  # its SealError, when the reading itself went fine
+    timing.recv_s += spent.recv_s
+    timing.open_s += spent.open_s
     return got
 
 
@@ -123,10 +217,11 @@ class Connection:
     """One TCP connection carrying frames, on a non-blocking socket driven by the event loop.
 
     Segments are sent straight from the caller's buffers and received straight into buffers from
-    ``allocator`` (pageable bytearrays today: pinned blocks from torch's host allocator crashed
-    daemons on the GPU machine, see codec/core.py): the only copy in between is the cipher's, into and
-    out of one record-sized scratch buffer per direction. Writes are serialised; reads happen in one
-    task.
+    ``allocator``, or, once :meth:`stage_inbound` says this connection's streams go to a GPU, into
+    its pinned receive arena (:mod:`meshd.wire.staging`; never torch's caching host allocator, whose
+    recycled blocks crashed daemons on the GPU machine). The only copy in between is the cipher's,
+    through a few record-sized buffers per direction: one thread seals (or receives) while another
+    writes (or opens) the records before, in order. Writes are serialised; reads happen in one task.
     """
 
     def __init__(self, sock: socket.socket, name: str, *, stats: LinkStats | None = None,
@@ -153,7 +248,13 @@ class Connection:
         self.sealer: sealing.Sealer | None = None
         self.opener: sealing.Opener | None = None
         self._peer_may_refuse = False
-        self._send_scratch = self._recv_scratch = bytearray(0)
+        self._rings: dict[str, list[bytearray]] = {}  # record buffers per direction, made when first needed
+        self._helpers: dict[str, ThreadPoolExecutor] = {}  # the writing / opening thread per direction
+        #: Pinned host memory per direction: ``outbound`` for CUDA tensors this side sends
+        #: (meshd.pipeline.streaming), ``inbound`` for big segments received once :meth:`stage_inbound` was called.
+        self.outbound = staging.LinkStaging(f"stage-out {name}")
+        self.inbound = staging.LinkStaging(f"stage-in {name}")
+        self._inbound_staged = False
         sock.setblocking(False)
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -167,14 +268,40 @@ class Connection:
         self.sealer, self.opener = sealing.Sealer(keys.send), sealing.Opener(keys.receive)
         self._peer_may_refuse = peer_may_refuse
 
-    def _scratch(self, which: str) -> bytearray:
-        """One record's worth of buffer per direction, made when the first segment needs it (most
-        connections carry small frames only, and each record-sized buffer is 1 MiB)."""
-        buf = getattr(self, which)
-        if not buf:
-            buf = bytearray(sealing.RECORD.size + self.sealer.record_bytes + sealing.TAG_BYTES)
-            setattr(self, which, buf)
-        return buf
+    def _ring(self, which: str, count: int = RECORDS_IN_FLIGHT) -> list[bytearray]:
+        """At least ``count`` record-sized buffers for one direction, made when a segment first needs
+        them: one for segments sealed on the event loop, RECORDS_IN_FLIGHT once a big one went through
+        the record pipeline (most connections carry small frames only, and each buffer is 1 MiB)."""
+        ring = self._rings.setdefault(which, [])
+        size = sealing.RECORD.size + self.sealer.record_bytes + sealing.TAG_BYTES
+        ring.extend(bytearray(size) for _ in range(count - len(ring)))
+        return ring
+
+    def _helper(self, which: str) -> ThreadPoolExecutor:
+        """The thread that writes (``send``) or opens (``recv``) records beside the bulk-I/O thread."""
+        helper = self._helpers.get(which)
+        if helper is None:
+            helper = self._helpers[which] = ThreadPoolExecutor(1, thread_name_prefix=f"bulk-{which}")
+        return helper
+
+    def stage_inbound(self, nbytes: int = staging.ARENA_BYTES, device=None) -> staging.PinnedArena | None:
+        """From now on receive big segments into pinned host memory (this connection's streams go to
+        ``device``: copies from there are asynchronous DMA), room for ``nbytes`` at once. Makes the
+        arena on first call: call it off the event loop. None where pinning is unavailable (said once
+        in the log)."""
+        arena = self.inbound.arena(nbytes, device)
+        self._inbound_staged = arena is not None
+        return arena
+
+    def _segment_buffer(self, n: int):
+        """Where a big received segment lands: a pinned run when staged and one is free, else the
+        allocator's buffer (a full arena only costs speed)."""
+        if self._inbound_staged:
+            arena = self.inbound.current
+            run = arena.allocate(n) if arena is not None else None
+            if run is not None:
+                return run
+        return self.allocator(n)
 
     @property
     def sealed(self) -> bool:
@@ -186,18 +313,14 @@ class Connection:
         self.emulation = emulation
         self._bucket = TokenBucket(emulation.rate_bps) if emulation else None
 
-    @property
-    def peer_address(self) -> tuple | None:
-        return self.address
-
-    async def send(self, header: dict[str, Any], segments: Iterable = ()) -> int:
-        """Send one frame; returns its size in bytes on the wire.
+    async def send(self, header: dict[str, Any], segments: Iterable = (), *, timing: SendTiming | None = None) -> int:
+        """Send one frame; returns its size in bytes on the wire. ``timing`` adds up where the time went.
 
         A frame is written whole even if the caller is cancelled meanwhile: a frame cut short (or a
         bulk-I/O thread still writing after its caller left) would corrupt the stream for every other
         request on this connection."""
         buffers = encode_frame(header, list(segments))
-        write = asyncio.ensure_future(self._write(buffers))
+        write = asyncio.ensure_future(self._write(buffers, timing))
         try:
             return await asyncio.shield(write)
         except asyncio.CancelledError:
@@ -223,13 +346,13 @@ class Connection:
             if self.closed and not self._users:
                 self._close_socket()
 
-    async def _write(self, buffers: list) -> int:
+    async def _write(self, buffers: list, timing: SendTiming | None = None) -> int:
         async with self._write_lock:
             if self.closed:
                 raise PeerLost(self.name, "connection is closed")
             try:
                 with self._using_socket():
-                    size = await self._write_buffers(buffers)
+                    size = await self._write_buffers(buffers, timing)
             except TimeoutError:
                 self.abort()  # the stream is broken mid-frame: end it, so that every reader hears of it
                 raise PeerLost(self.name, f"peer took nothing we sent for {limits.SEND_PROGRESS_TIMEOUT_S:g} s "
@@ -241,7 +364,7 @@ class Connection:
             self.stats.sent(size)
         return size
 
-    def _pieces(self, view: memoryview, head: bool):
+    def _pieces(self, view: memoryview, head: bool, timing: SendTiming):
         """What goes on the wire for one buffer: its sealed records, or (unsealed) slices of it small
         enough for the send deadline to mean progress."""
         if self.sealer is None:
@@ -250,9 +373,13 @@ class Connection:
             yield self.sealer.seal(view)
         else:
             for piece in self.sealer.pieces(view):
-                yield self.sealer.seal(piece, self._scratch("_send_scratch"))  # sent before the next is sealed
+                t0 = time.perf_counter()
+                record = self.sealer.seal(piece, self._ring("send", 1)[0])  # sent before the next is sealed
+                timing.seal_s += time.perf_counter() - t0
+                yield record
 
-    async def _write_buffers(self, buffers: list) -> int:
+    async def _write_buffers(self, buffers: list, timing: SendTiming | None) -> int:
+        timing = timing if timing is not None else SendTiming()
         if self._bucket is not None and self.emulation.delay_s and \
                 time.monotonic() - self._last_send > self.emulation.delay_s:
             await asyncio.sleep(self.emulation.delay_s)  # latency delays a burst; frames back to back share it
@@ -261,17 +388,21 @@ class Connection:
             view = memoryview(buf).cast("B")
             if self._bucket is None and index and len(view) >= BIG_SEGMENT:
                 if self.sealer is None:
+                    t0 = time.perf_counter()
                     await self._loop.run_in_executor(BULK_IO, _bulk_send, self.sock, view,
                                                      limits.SEND_PROGRESS_TIMEOUT_S)
+                    timing.send_s += time.perf_counter() - t0
                     total += len(view)
                 else:
                     total += await self._loop.run_in_executor(BULK_IO, _bulk_send_sealed, self.sock, view,
-                                                              self.sealer, self._scratch("_send_scratch"),
-                                                              limits.SEND_PROGRESS_TIMEOUT_S)
+                                                              self.sealer, self._ring("send"), self._helper("send"),
+                                                              limits.SEND_PROGRESS_TIMEOUT_S, timing)
                 continue
-            for piece in self._pieces(view, head=index == 0):
+            for piece in self._pieces(view, index == 0, timing):
                 total += len(piece)
+                t0 = time.perf_counter()
                 await self._send_piece(piece)
+                timing.send_s += time.perf_counter() - t0
         self._last_send = time.monotonic()
         return total
 
@@ -287,23 +418,26 @@ class Connection:
     def _progress(self) -> None:
         self.last_rx = time.monotonic()
 
-    async def _read_into(self, buf, idle_timeout: float | None) -> None:
+    async def _read_into(self, buf, idle_timeout: float | None, timing: ReceiveTiming | None = None) -> None:
         view = memoryview(buf).cast("B")
         if len(view) >= BIG_SEGMENT and idle_timeout is None:  # inside a frame: a big segment
+            t0 = time.perf_counter()
             if await self._in_thread(_bulk_recv_into, view) < len(view):
                 raise PeerLost(self.name, "connection closed by peer")
+            if timing is not None:
+                timing.recv_s += time.perf_counter() - t0
             if self.stats:
                 self.stats.received(len(view))
             return
         with self._using_socket():
             await self._read_socket(view, idle_timeout)
 
-    async def _in_thread(self, fn, *args) -> int:
+    async def _in_thread(self, fn, *args, **kw) -> int:
         """Run a bulk receive on an I/O thread; its failures become PeerLost (SealError passes through)."""
         with self._using_socket():
             try:
-                return await self._loop.run_in_executor(BULK_IO, fn, self.sock, *args, self._progress,
-                                                        limits.FRAME_PROGRESS_TIMEOUT_S)
+                return await self._loop.run_in_executor(
+                    BULK_IO, functools.partial(fn, self.sock, *args, self._progress, limits.FRAME_PROGRESS_TIMEOUT_S, **kw))
             except TimeoutError:
                 raise PeerLost(self.name, f"no data for {limits.FRAME_PROGRESS_TIMEOUT_S:.0f} s") from None
             except (ConnectionError, OSError, ValueError) as exc:
@@ -339,8 +473,9 @@ class Connection:
             await self._read_into(first, idle_timeout)
             started = time.perf_counter()
             self.reading = True
+            timing = ReceiveTiming()
             if self.opener is None:
-                frame = await self._recv_plain(first, FrameReader(frame_limits))
+                frame = await self._recv_plain(first, FrameReader(frame_limits), timing)
             elif self._peer_may_refuse and self.opener.sequence == 0 and first[:4] == limits.MAGIC:
                 # The peer refused us after the handshake's keys were known (e.g. our proof): its
                 # error is the one unsealed frame it may still send.
@@ -349,23 +484,25 @@ class Connection:
                     raise sealing.SealError(f"an unsealed {frame.op[:32]!r} frame arrived where the first sealed "
                                             "record was due")
             else:
-                frame = await self._recv_sealed(first, FrameReader(frame_limits), frame_limits)
+                frame = await self._recv_sealed(first, FrameReader(frame_limits), frame_limits, timing)
             frame.started_at, frame.finished_at = started, time.perf_counter()
+            frame.recv_s, frame.open_s = timing.recv_s, timing.open_s
             self.frames_received += 1
             return frame
         finally:
             self.reading = False
 
-    async def _recv_plain(self, prefix: bytearray, reader: FrameReader) -> Frame:
+    async def _recv_plain(self, prefix: bytearray, reader: FrameReader, timing: ReceiveTiming | None = None) -> Frame:
         frame = reader.push(prefix)
         while frame is None:
             n = reader.needed()
-            buf = self.allocator(n) if reader.expecting_segment and n >= BIG_SEGMENT else bytearray(n)
-            await self._read_into(buf, None)
+            buf = self._segment_buffer(n) if reader.expecting_segment and n >= BIG_SEGMENT else bytearray(n)
+            await self._read_into(buf, None, timing)
             frame = reader.push(buf)
         return frame
 
-    async def _recv_sealed(self, head: bytearray, reader: FrameReader, frame_limits: FrameLimits) -> Frame:
+    async def _recv_sealed(self, head: bytearray, reader: FrameReader, frame_limits: FrameLimits,
+                           timing: ReceiveTiming) -> Frame:
         opener = self.opener
         maximum = PREFIX.size + LENGTH.size * frame_limits.max_segments + frame_limits.max_header
         body = bytearray(opener.check(head, None, maximum))
@@ -373,10 +510,11 @@ class Connection:
         frame = sealing.split_head(opener.open(head, body), reader)
         while frame is None:
             n = reader.needed()
-            buf = self.allocator(n) if n >= BIG_SEGMENT else bytearray(n)
+            buf = self._segment_buffer(n) if n >= BIG_SEGMENT else bytearray(n)
             view = memoryview(buf).cast("B")
             if n >= BIG_SEGMENT:
-                received = await self._in_thread(_bulk_recv_sealed, view, opener, self._scratch("_recv_scratch"))
+                received = await self._in_thread(_bulk_recv_sealed, view, opener, self._ring("recv"),
+                                                 self._helper("recv"), timing=timing)
                 if self.stats:
                     self.stats.received(received)
             else:
@@ -427,8 +565,15 @@ class Connection:
         # waiting forever (epoll forgets closed descriptors), and its number may be reused meanwhile.
 
     def _close_socket(self) -> None:
+        # Nothing uses the socket any more, so no bulk transfer runs on the helpers or reads the arenas
+        # for a transfer (a received segment still referenced keeps its run until it is dropped).
         with contextlib.suppress(OSError):
             self.sock.close()
+        for helper in self._helpers.values():
+            helper.shutdown(wait=False)
+        self._helpers.clear()  # a late transfer gets a fresh one, and fails on the closed socket
+        self.outbound.close()
+        self.inbound.close()
 
     async def close(self) -> None:
         self.abort()
@@ -646,8 +791,9 @@ class Channel:
     async def request(self, op: str, fields: dict | None = None, segments: Iterable = (), *,
                       chunks: AsyncIterator[tuple[int, list]] | None = None,
                       on_event: Callable[[Frame], Awaitable[None] | None] | None = None,
-                      timeout: float | None = limits.REQUEST_TIMEOUT_S) -> Frame:
-        """Send a request (and its chunk stream); return the reply frame or raise MeshError."""
+                      timeout: float | None = limits.REQUEST_TIMEOUT_S, chunk_timing: SendTiming | None = None) -> Frame:
+        """Send a request (and its chunk stream, its sending times added to ``chunk_timing``); return the
+        reply frame or raise MeshError."""
         if self._error is not None:
             raise self._error
         rid = self.rules.next_id()
@@ -660,7 +806,7 @@ class Channel:
             await self.conn.send({**(fields or {}), "op": op, "id": rid}, segments)
             if chunks is not None:
                 async for index, buffers in chunks:
-                    await self.conn.send({"op": "chunk", "id": rid, "index": index}, buffers)
+                    await self.conn.send({"op": "chunk", "id": rid, "index": index}, buffers, timing=chunk_timing)
             while True:
                 remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
                 try:

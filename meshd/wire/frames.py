@@ -44,6 +44,8 @@ class Frame:
     segments: list = field(default_factory=list)
     started_at: float = 0.0  # perf_counter when its first bytes arrived (set by the transport)
     finished_at: float = 0.0  # ... and when its last did
+    recv_s: float = 0.0  # time its big segments spent in socket reads (set by the transport)
+    open_s: float = 0.0  # ... and in opening their sealed records
 
     @property
     def op(self) -> str:

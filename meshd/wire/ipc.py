@@ -33,12 +33,14 @@ REF_HANDLE = re.compile(rb"/torch_\d{1,10}_\d{1,20}_\d{1,20}")
 REF_COUNTER_SLOTS = 10000
 
 
-def is_local_peer(name: str) -> bool:
-    """True when a connection (``host:port``) comes from this host: a loopback address or one of this
-    host's own. CUDA memory handles are taken only from such connections."""
-    host = name.rsplit(":", 1)[0].strip("[]")
+def is_local_peer(address: tuple | None) -> bool:
+    """True when a connection's peer address (``Connection.address``, as the socket gives it) is on
+    this host: a loopback address or one of this host's own. CUDA memory handles are taken only from
+    such connections. No address (the socket was gone already) is not local."""
+    if not isinstance(address, tuple) or not address or not isinstance(address[0], str):
+        return False
     try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
+        ip = ipaddress.ip_address(address[0].split("%", 1)[0])
     except ValueError:
         return False
     if ip.version == 6 and ip.ipv4_mapped is not None:
