@@ -22,7 +22,7 @@ from meshd.auth import generate_key
 from meshd.wire.connection import (BIG_SEGMENT, Connection, SendTiming, address_name, client_handshake, connect_socket,
                               server_handshake)
 from meshd.errors import PeerLost
-from meshd.protocol import encode_frame
+from meshd.wire.frames import encode_frame
 from meshd.pipeline.streaming import SendStats, staged_raw_chunks
 from meshd.wire import seal as sealing
 
