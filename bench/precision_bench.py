@@ -210,6 +210,10 @@ def run_layers(args, device) -> list[dict]:
                     dequant_ms = median_ms(lambda: layer.dequantized(torch.bfloat16), device, args.repeat)
                     diffusers_ms = median_ms(lambda: port(layer.weight.reshape(-1, size), block, size)
                                              .reshape(out_f, in_f).to(torch.bfloat16), device, args.repeat)
+                    # Every GgufLinear shares one forward code object: each layer here is a new graph of
+                    # it, and Dynamo's recompile limit (8) would end the sweep at its 9th layer (as it did
+                    # on the H200). The layers are measured one at a time, so start each from a clean slate.
+                    torch._dynamo.reset()
                     compiled = torch.compile(layer, fullgraph=True, dynamic=False,
                                              options={"deterministic": True} if device.type == "cuda" else None)
                     t0 = time.perf_counter()
