@@ -143,6 +143,10 @@ async def run_local(args, device, params, compiled: bool = False, state_dir: Pat
         "pixels": np.asarray(Image.open(io.BytesIO(result.png))),
         "step_ms": [s["ms"] for s in result.summary["steps"]],
         "decode_ms": result.summary["decode_ms"],
+        # Where a generation's time goes outside the steps (none of it runs compiled blocks): the
+        # prompt and latents before step 1, and after the decode the PNG (the last timed run's figures).
+        "prepare_ms": result.summary["prepare_ms"],
+        "png_and_copies_ms": (times[-1] - result.summary["total_s"]) * 1e3 if times else None,
         "compiled": compiled,
         "compile_s": compile_s,
     }
