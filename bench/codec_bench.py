@@ -26,25 +26,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import codec  # noqa: E402
 from bench.fixtures import noise_stream, structured_stream  # noqa: E402
+from bench.timing import time_calls  # noqa: E402
 from codec import CodecSpec, TokenLayout  # noqa: E402
 
 LAYOUT = TokenLayout(prefix=512, height=64, width=64)
 DEFAULT_CODECS = "raw,fp8,u8,hevc-lossless,hevc-qp12,hevc-qp18,hevc-qp24"
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed(fn, device, repeat):
-    times, result = [], None
-    for _ in range(repeat):
-        sync(device)
-        t0 = time.perf_counter()
-        result = fn()
-        sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
+    times, result = time_calls(fn, device, repeat)
     return result, statistics.median(times), times
 
 

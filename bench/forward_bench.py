@@ -27,7 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.split_bench import log, sync  # noqa: E402
+from bench.split_bench import log  # noqa: E402
+from bench.timing import sync, time_calls  # noqa: E402
 from meshd.pipeline.generation import GenerationParams, Sampler  # noqa: E402
 from meshd.model.compiled import BlockCompiler, CompileCache  # noqa: E402
 from meshd.model.runtime import HostedModel, RandomSource  # noqa: E402
@@ -36,14 +37,8 @@ from meshd.model.presets import get_preset  # noqa: E402
 
 def timed(fn, device: torch.device, repeat: int) -> tuple[float, list[float], torch.Tensor]:
     """(median ms, every ms, last output) of ``repeat`` calls after one untimed call."""
-    out = fn()
-    times = []
-    for _ in range(repeat):
-        sync(device)
-        t0 = time.perf_counter()
-        out = fn()
-        sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
+    fn()
+    times, out = time_calls(fn, device, repeat)
     return statistics.median(times), times, out
 
 

@@ -41,7 +41,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.split_bench import log, psnr, run_local, run_split, sync  # noqa: E402
+from bench.split_bench import log, psnr, run_local, run_split  # noqa: E402
+from bench.timing import sync, time_calls  # noqa: E402
 from meshd.pipeline.generation import GenerationParams, Sampler  # noqa: E402
 from meshd.model.checkpoints import expected_shapes  # noqa: E402
 from meshd.model.precision import GGUF_QUANTISED, GgufLinear, LinearFormat, gguf_sizes  # noqa: E402
@@ -166,14 +167,7 @@ def random_gguf(qtype: str, rows: int, cols: int, device: torch.device) -> torch
 def median_ms(fn, device: torch.device, repeat: int) -> float:
     """Median ms of ``repeat`` calls of ``fn`` after two untimed ones."""
     fn(), fn()
-    times = []
-    for _ in range(repeat):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return statistics.median(time_calls(fn, device, repeat)[0])
 
 
 def run_layers(args, device) -> list[dict]:

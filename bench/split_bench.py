@@ -40,6 +40,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.timing import time_calls  # noqa: E402
 from meshd.auth import read_key  # noqa: E402
 from meshd.pipeline.generation import GenerationParams, LocalRunner, Sampler, run_generation  # noqa: E402
 from meshd.node.gpu import GpuWorker  # noqa: E402
@@ -61,11 +62,6 @@ def log(text: str) -> None:
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
     return math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
-
-
-def sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def time_forward_vs_diffusers(model: HostedModel, params: GenerationParams, repeat: int = 5) -> dict:
@@ -100,13 +96,7 @@ def time_forward_vs_diffusers(model: HostedModel, params: GenerationParams, repe
         out = {}
         for name, fn in (("ours", ours), ("diffusers", theirs), ("ours_again", ours)):
             fn()
-            times = []
-            for _ in range(repeat):
-                sync(device)
-                t0 = time.perf_counter()
-                result = fn()
-                sync(device)
-                times.append((time.perf_counter() - t0) * 1e3)
+            times, result = time_calls(fn, device, repeat)
             out[f"{name}_forward_ms"] = statistics.median(times)
             out[f"{name}_result"] = result
         same = torch.equal(out.pop("ours_result"), out.pop("diffusers_result"))
