@@ -249,7 +249,7 @@ async def run_split(args, cluster, params, local, emulation) -> dict:
                 "peak_vram_bytes": peaks,
             }
             if emulation:
-                wire_s = row["wire_bytes_total"] / emulation.rate_bps
+                wire_s = row["wire_bytes_total"] / emulation.rate_bytes_per_s
                 row["emulated_wire_s"] = wire_s
                 row["overhead_over_wire"] = (split_s - local["median_s"]) / wire_s
             if local.get("peak_vram_bytes"):

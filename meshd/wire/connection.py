@@ -235,7 +235,7 @@ class Connection:
         self.stats = stats
         self.emulation = emulation
         self.allocator = allocator or _bytearray
-        self._bucket = TokenBucket(emulation.rate_bps) if emulation else None
+        self._bucket = TokenBucket(emulation.rate_bytes_per_s) if emulation else None
         self._write_lock = asyncio.Lock()
         self._last_send = 0.0
         self._loop = asyncio.get_running_loop()
@@ -311,7 +311,7 @@ class Connection:
     def set_emulation(self, emulation: LinkEmulation | None) -> None:
         """Shape (or stop shaping) what this connection sends from now on."""
         self.emulation = emulation
-        self._bucket = TokenBucket(emulation.rate_bps) if emulation else None
+        self._bucket = TokenBucket(emulation.rate_bytes_per_s) if emulation else None
 
     async def send(self, header: dict[str, Any], segments: Iterable = (), *, timing: SendTiming | None = None) -> int:
         """Send one frame; returns its size in bytes on the wire. ``timing`` adds up where the time went.

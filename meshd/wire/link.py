@@ -22,9 +22,9 @@ _SCALE = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}
 
 @dataclass(frozen=True)
 class LinkEmulation:
-    """A link of ``rate_bps`` bytes per second that delivers each frame ``delay_s`` late."""
+    """A link of ``rate_bytes_per_s`` that delivers each frame ``delay_s`` late."""
 
-    rate_bps: float
+    rate_bytes_per_s: float
     delay_s: float = 0.0
 
     @classmethod
@@ -50,7 +50,7 @@ class LinkEmulation:
         return cls(rate, delay)
 
     def describe(self) -> str:
-        return f"{self.rate_bps * 8 / 1e9:g} Gbit/s, {self.delay_s * 1e3:g} ms (emulated)"
+        return f"{self.rate_bytes_per_s * 8 / 1e9:g} Gbit/s, {self.delay_s * 1e3:g} ms (emulated)"
 
 
 class TokenBucket:
