@@ -208,7 +208,7 @@ def _local_snapshot(window: float):
 async def _peer_snapshot(args):
     from .auth import read_key  # noqa: PLC0415
     from .config import default_key_file  # noqa: PLC0415
-    from .wire.connection import Channel  # noqa: PLC0415
+    from .wire.channel import Channel  # noqa: PLC0415
     from .pipeline.plan import PeerAddress  # noqa: PLC0415
     from .telemetry.service import first_snapshot  # noqa: PLC0415
 

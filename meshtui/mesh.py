@@ -22,7 +22,7 @@ from meshd.node.info import ModelInfo, NodeInfo, disagreement
 from meshd.pipeline.peers import read_info
 from meshd.pipeline.plan import PeerAddress, PlanError, SplitPlan, parse_split, same_host_links
 from meshd.pipeline.streaming import unpack_raw
-from meshd.wire.connection import Channel
+from meshd.wire.channel import Channel
 from meshd.wire.link import LinkEmulation
 
 from .splitting import BlockSpeeds, propose_plan, tokens_for

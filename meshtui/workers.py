@@ -29,7 +29,7 @@ from meshd.pipeline.plan import PeerAddress, SplitPlan
 from meshd.telemetry.host import counter_rate
 from meshd.telemetry.service import subscribe
 from meshd.telemetry.snapshot import GpuSnapshot, HostSnapshot, LinkSnapshot, NodeSnapshot
-from meshd.wire.connection import Channel
+from meshd.wire.channel import Channel
 
 from .mesh import Mesh, Peer
 from .messages import (DiscoveryState, GenerationDone, GenerationEvent, PeerDiscovered, PeerUpdated, PeerVanished,

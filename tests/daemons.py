@@ -11,7 +11,8 @@ import torch
 
 from meshd import limits
 from meshd.config import DaemonConfig
-from meshd.wire.connection import Channel, Connection, server_handshake
+from meshd.wire.channel import Channel
+from meshd.wire.connection import Connection, server_handshake
 from meshd.errors import MeshError
 from meshd.pipeline.request import GenerationParams
 from meshd.model.compiled import BlockCompiler, CompileCache

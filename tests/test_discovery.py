@@ -20,7 +20,7 @@ import pytest
 
 from meshd import auth, limits
 from meshd.config import DaemonConfig
-from meshd.wire.connection import Channel
+from meshd.wire.channel import Channel
 from meshd.node.discovery import (
     DiscoveredPeer,
     Nic,

@@ -2,7 +2,7 @@
 
 import time
 
-from meshd.wire.connection import Channel
+from meshd.wire.channel import Channel
 from tests.daemons import running_daemon
 
 KEY = bytes(range(32))

@@ -24,7 +24,7 @@ import torch
 
 from meshd import auth, limits
 from meshd.auth import read_key
-from meshd.wire.connection import Channel
+from meshd.wire.channel import Channel
 from meshd.errors import MeshError, PeerLost
 from meshd.pipeline.request import GenerationParams
 from meshd.pipeline.plan import PeerAddress, parse_split

@@ -26,7 +26,8 @@ from hypothesis import strategies as st
 import codec
 from codec import CodecError, CodecSpec, Encoded
 from meshd import auth, limits
-from meshd.wire.connection import Channel, Connection, client_handshake
+from meshd.wire.channel import Channel
+from meshd.wire.connection import Connection, client_handshake
 from meshd.errors import MeshError
 from meshd.wire.frames import (
     DEFAULT_LIMITS,

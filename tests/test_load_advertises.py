@@ -8,7 +8,7 @@ import torch._dynamo
 
 from meshd import auth
 from meshd.config import ranges
-from meshd.wire.connection import Channel
+from meshd.wire.channel import Channel
 from meshd.errors import MeshError
 from tests.daemons import running_daemon
 

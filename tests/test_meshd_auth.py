@@ -6,7 +6,8 @@ import asyncio
 import pytest
 
 from meshd import auth, limits
-from meshd.wire.connection import Channel, Connection, client_handshake, connect_socket
+from meshd.wire.channel import Channel
+from meshd.wire.connection import Connection, client_handshake, connect_socket
 from meshd.errors import MeshError
 from meshd.wire.frames import frame_bytes
 from tests.daemons import running_daemon

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from meshd.wire.connection import Channel
+from meshd.wire.channel import Channel
 from meshd.errors import MeshError
 from meshd.model.files import ModelStore
 from meshd.model.runtime import open_source

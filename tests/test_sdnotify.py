@@ -13,7 +13,7 @@ import time
 import pytest
 
 from meshd.auth import read_key
-from meshd.wire.connection import Channel
+from meshd.wire.channel import Channel
 from meshd.node.sdnotify import Notifier
 from meshtui.local import LocalCluster
 

@@ -16,7 +16,7 @@ from meshd.model.files import ModelStore
 from meshd.model.runtime import HostedModel, open_source
 from meshd.model.tiny import write_tiny
 from safetensors.torch import load_file
-from meshd.wire.connection import Channel
+from meshd.wire.channel import Channel
 from tests.daemons import running_daemon, split_generation
 from tests.test_checkpoints import to_bfl
 from tests.test_meshd_auth import plan_fields

@@ -19,8 +19,9 @@ import codec
 from codec import CodecSpec, TokenLayout
 from meshd.wire import staging
 from meshd.auth import generate_key
-from meshd.wire.connection import (BIG_SEGMENT, Connection, SendTiming, address_name, client_handshake, connect_socket,
-                              server_handshake)
+from meshd.wire.bulk import SendTiming
+from meshd.wire.connection import (BIG_SEGMENT, Connection, address_name, client_handshake, connect_socket,
+                                   server_handshake)
 from meshd.errors import PeerLost
 from meshd.wire.frames import encode_frame
 from meshd.pipeline.streaming import SendStats, staged_raw_chunks
@@ -232,7 +233,7 @@ async def test_a_peer_that_dies_inside_a_big_segment_is_lost_within_seconds_not_
 
 async def test_a_hop_over_tcp_reports_where_its_time_went_at_both_ends():
     """CPU stages take the pageable path (nothing to pin for), yet the hop's breakdown is measured."""
-    from meshd.wire.connection import Channel, ServerSession  # noqa: PLC0415
+    from meshd.wire.channel import Channel, ServerSession  # noqa: PLC0415
     from meshd.pipeline.streaming import receive_stream, send_stream  # noqa: PLC0415
 
     shape = (1, 16 + 32 * 32, 1024)  # chunks of 2 MiB: big segments, through the record pipeline

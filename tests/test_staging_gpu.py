@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from codec import CodecSpec, TokenLayout
-from meshd.wire.connection import Channel, ServerSession
+from meshd.wire.channel import Channel, ServerSession
 from meshd.pipeline.streaming import receive_stream, send_stream
 from tests.test_staging import eventually, sealed_pair
 

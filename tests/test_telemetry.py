@@ -25,7 +25,7 @@ import psutil
 import pytest
 
 from meshd import auth
-from meshd.wire.connection import Channel
+from meshd.wire.channel import Channel
 from meshd.errors import MeshError
 from meshd.wire.link import LinkRegistry
 from meshd.telemetry.snapshot import GpuSnapshot, NodeSnapshot

@@ -14,7 +14,8 @@ import psutil
 import pytest
 
 from meshd import auth, limits
-from meshd.wire.connection import Channel, Connection, client_handshake
+from meshd.wire.channel import Channel
+from meshd.wire.connection import Connection, client_handshake
 from tests.daemons import jobs_on, running_daemon
 from meshd.pipeline.plan import PeerAddress
 

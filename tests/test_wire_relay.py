@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from meshd import auth, limits
-from meshd.wire.connection import Channel
+from meshd.wire.channel import Channel
 from meshd.errors import MeshError
 from meshd.wire.frames import LENGTH, PREFIX, frame_bytes, unpack_header
 from meshd.wire import seal
@@ -228,7 +228,7 @@ async def test_the_relay_would_see_the_prompt_if_frames_were_not_sealed(tmp_path
 
 UNSEALED_CLIENT = r"""
 import asyncio, sys
-from meshd.wire.connection import Channel
+from meshd.wire.channel import Channel
 from meshd.errors import MeshError
 from meshd.wire import seal
 async def main():

@@ -279,7 +279,7 @@ def test_a_low_order_point_as_nonce_is_refused():
 async def test_a_live_connection_rotates_its_keys_under_a_tiny_forced_limit(tmp_path, monkeypatch):
     """With a key change every 3 records, a daemon and its client rotate dozens of times, in step, over
     small frames and a big segment, and every reply still comes back right."""
-    from meshd.wire.connection import Channel
+    from meshd.wire.channel import Channel
     from tests.daemons import running_daemon
 
     monkeypatch.setattr(limits, "REKEY_RECORDS", 3)

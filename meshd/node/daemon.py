@@ -37,7 +37,8 @@ from ..pipeline.relay import Geometry, Relay
 from ..pipeline.stage import StageService
 from ..pipeline.text import TextService
 from ..wire import ipc
-from ..wire.connection import Connection, Request, ServerSession, address_name, server_handshake
+from ..wire.channel import Request, ServerSession
+from ..wire.connection import Connection, address_name, server_handshake
 from ..wire.link import LinkEmulation, LinkRegistry
 from .admission import HalfOpen, source_of
 from .gpu import GpuWorker

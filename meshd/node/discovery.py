@@ -32,7 +32,7 @@ from ..errors import AuthRefused, Mismatch, PeerLost
 from ..pipeline.plan import PeerAddress, PlanError
 from ..telemetry.host import VIRTUAL_INTERFACE_PREFIXES
 from ..telemetry.snapshot import GpuSnapshot
-from ..wire.connection import Channel
+from ..wire.channel import Channel
 from .info import NodeInfo
 from .nodeid import host_key
 

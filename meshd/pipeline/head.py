@@ -21,7 +21,7 @@ from ..model.lora import LoraError, loras_to_wire
 from ..model.span import Conditioning
 from ..model.tensorfiles import ModelError
 from ..node.admission import GenerationSlots, source_of
-from ..wire.connection import Request
+from ..wire.channel import Request
 from .generation import GenerationParams, LocalRunner, Sampler, run_generation, uses_cfg
 from .plan import PlanError, SplitPlan, Stage
 from .relay import Geometry, cond_needs

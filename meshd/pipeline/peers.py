@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from .. import limits
 from ..node.info import NodeInfo
-from ..wire.connection import Channel
+from ..wire.channel import Channel
 from ..wire.link import LinkEmulation, LinkRegistry
 from .plan import PeerAddress
 

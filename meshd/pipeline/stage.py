@@ -23,7 +23,7 @@ from ..errors import MeshError
 from ..model.lora import LoraSpec, loras_from_wire
 from ..model.span import Conditioning, Stream
 from ..wire import ipc
-from ..wire.connection import Request, ServerSession
+from ..wire.channel import Request, ServerSession
 from .plan import PlanError, SplitPlan, Stage
 from .relay import Geometry, cond_needs
 from .streaming import LinkPlan, pack_raw, receive_activation, unpack_raw

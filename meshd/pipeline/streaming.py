@@ -25,7 +25,8 @@ import codec
 from codec import CodecError, CodecSpec
 
 from ..errors import MeshError
-from ..wire.connection import Channel, Request, SendTiming
+from ..wire.bulk import SendTiming
+from ..wire.channel import Channel, Request
 from ..wire.staging import PinnedArena
 
 #: Codec work (quantise, D2H/H2D copies, HEVC) runs here, off the event loop and off the GPU queue.

@@ -11,7 +11,7 @@ import torch
 from .. import limits
 from ..errors import MeshError
 from ..model.tensorfiles import ModelError
-from ..wire.connection import Request
+from ..wire.channel import Request
 from .generation import GenerationParams, prompts_needed
 from .plan import PeerAddress, PlanError
 from .streaming import pack_raw, unpack_raw

@@ -1,12 +1,10 @@
 """The asyncio side of the protocol: moves the bytes that :mod:`meshd.wire` makes and reads.
 
 :class:`Connection` only moves frames: plain ones during the handshake, sealed records after it
-(:mod:`meshd.wire.seal`). Reads are sliced so that progress is observable and a stalled peer times
-out; every send has a progress deadline, so that a peer that stops reading is lost within seconds.
-:func:`client_handshake` / :func:`server_handshake` drive :mod:`meshd.wire.handshake`.
-:class:`Channel` (client side) and :class:`ServerSession` (server side) carry requests, chunk
-streams, events and replies, matched by request id, with keep-alive pings so that a dead peer
-becomes an error within seconds.
+(:mod:`meshd.wire.seal`); big segments go through :mod:`.bulk`'s threads. Reads are sliced so that
+progress is observable and a stalled peer times out; every send has a progress deadline, so that a
+peer that stops reading is lost within seconds. :func:`client_handshake` / :func:`server_handshake`
+drive :mod:`meshd.wire.handshake`. Requests over a connection are :mod:`.channel`'s.
 """
 
 from __future__ import annotations
@@ -15,26 +13,22 @@ import asyncio
 import contextlib
 import functools
 import logging
-import queue
 import random
-import select
 import socket
 import time
-from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from .. import limits
 from ..errors import MeshError, PeerLost
 from . import seal as sealing
-from . import staging
+from . import bulk, staging
+from .bulk import ReceiveTiming, SendTiming
 from .frames import (DEFAULT_LIMITS, LENGTH, PREAUTH_LIMITS, PREFIX, Frame, FrameLimits, FrameReader, ProtocolError,
                      encode_frame)
 from .handshake import ClientHandshake, ServerHandshake
 from .link import LinkEmulation, LinkStats, TokenBucket
-from .session import ClientRules, ServerRules, announced_chunks
 
 log = logging.getLogger(__name__)
 
@@ -45,164 +39,6 @@ PACE_SLICE = 256 * 1024
 BIG_SEGMENT = 1 << 20
 
 Allocator = Callable[[int], Any]
-
-#: Big segments move (and are sealed and opened) on these threads with plain blocking-style system
-#: calls: several times the throughput of the event loop's per-call overhead (loopback: ~3 GB/s vs
-#: ~1.2 GB/s measured on a 2-core machine), and the loop stays free meanwhile. Only the connection's
-#: single reader (or the holder of its write lock) touches the socket at a time, so this never races
-#: the loop.
-BULK_IO = ThreadPoolExecutor(8, thread_name_prefix="bulk-io")
-
-
-def _bulk_recv_into(sock: socket.socket, view: memoryview, progress: Callable[[], None], timeout: float) -> int:
-    poller = select.poll()
-    poller.register(sock, select.POLLIN | select.POLLERR | select.POLLHUP)
-    got, n = 0, len(view)
-    while got < n:
-        try:
-            count = sock.recv_into(view[got:])
-        except BlockingIOError:
-            if not poller.poll(timeout * 1000):
-                raise TimeoutError from None
-            continue
-        if count == 0:
-            return got
-        got += count
-        progress()
-    return got
-
-
-def _bulk_send(sock: socket.socket, view: memoryview, timeout: float) -> None:
-    poller = select.poll()
-    poller.register(sock, select.POLLOUT | select.POLLERR | select.POLLHUP)
-    sent, n = 0, len(view)
-    while sent < n:
-        try:
-            sent += sock.send(view[sent:])
-        except BlockingIOError:
-            if not poller.poll(timeout * 1000):
-                raise TimeoutError from None
-
-
-@dataclass
-class SendTiming:
-    """Where a frame's sending time went, summed over its big segments: sealing, and socket writes
-    (which include waiting for the peer to read). Measured on the threads that do the work."""
-
-    seal_s: float = 0.0
-    send_s: float = 0.0
-
-
-#: Sealed records in flight per big segment between the sealing (or receiving) thread and the thread
-#: that writes (or opens) them: the two overlap, and memory stays a few records' worth.
-RECORDS_IN_FLIGHT = 3
-
-
-def _take(free: queue.Queue, partner) -> bytearray:
-    """A free record buffer, or the partner thread's failure if it ended early (never a hang)."""
-    while True:
-        try:
-            return free.get(timeout=0.05)
-        except queue.Empty:
-            if partner.done():
-                partner.result()  # raises its error
-                raise ConnectionError("record pipeline ended early")
-
-
-def _bulk_send_sealed(sock: socket.socket, view: memoryview, sealer: sealing.Sealer, ring: list[bytearray],
-                      writer_thread: ThreadPoolExecutor, timeout: float, timing: SendTiming | None) -> int:
-    """Seal a big segment record by record on this thread while ``writer_thread`` writes the records
-    sealed before, in order (the sealer's counter is touched by this thread only). Returns the bytes
-    sent."""
-    free: queue.Queue = queue.Queue()
-    for buf in ring:
-        free.put(buf)
-    ready: queue.Queue = queue.Queue()
-    spent = SendTiming()
-
-    def write() -> int:
-        sent = 0
-        while (item := ready.get()) is not None:
-            record, buf = item
-            t0 = time.perf_counter()
-            _bulk_send(sock, record, timeout)
-            spent.send_s += time.perf_counter() - t0
-            sent += len(record)
-            free.put(buf)
-        return sent
-
-    writer = writer_thread.submit(write)
-    try:
-        for piece in sealer.pieces(view):
-            buf = _take(free, writer)
-            t0 = time.perf_counter()
-            record = sealer.seal(piece, buf)
-            spent.seal_s += time.perf_counter() - t0
-            ready.put((record, buf))
-    finally:
-        ready.put(None)
-        sent = writer.result()  # waits: nothing may write from our buffers once we return
-    if timing is not None:
-        timing.seal_s += spent.seal_s
-        timing.send_s += spent.send_s
-    return sent
-
-
-@dataclass
-class ReceiveTiming:
-    """Where a frame's receiving time went: socket reads (including waiting for the sender) and opening
-    records. Measured on the threads that do the work; set on each received :class:`Frame`."""
-
-    recv_s: float = 0.0
-    open_s: float = 0.0
-
-
-def _bulk_recv_sealed(sock: socket.socket, view: memoryview, opener: sealing.Opener, ring: list[bytearray],
-                      opener_thread: ThreadPoolExecutor, progress: Callable[[], None], timeout: float,
-                      timing: ReceiveTiming) -> int:
-    """Receive a big segment's records on this thread while ``opener_thread`` checks and opens the ones
-    before, in order, each straight into its place in ``view``. A record's size is the piece due, never
-    what its header claims: the header is checked (on the opener, where its number is due) before its
-    body is decrypted. Returns the bytes received."""
-    free: queue.Queue = queue.Queue()
-    for buf in ring:
-        free.put(buf)
-    ready: queue.Queue = queue.Queue()
-    spent = ReceiveTiming()
-    head_bytes = sealing.RECORD.size
-
-    def open_records() -> None:
-        while (item := ready.get()) is not None:
-            start, n, buf = item
-            t0 = time.perf_counter()
-            record = memoryview(buf)
-            body = record[head_bytes : head_bytes + opener.check(record[:head_bytes], n)]
-            opener.open_into(record[:head_bytes], body, view[start : start + n])
-            spent.open_s += time.perf_counter() - t0
-            free.put(buf)
-
-    worker = opener_thread.submit(open_records)
-    got = 0
-    try:
-        for start in range(0, len(view), opener.record_bytes):
-            n = min(opener.record_bytes, len(view) - start)
-            buf = _take(free, worker)
-            record = memoryview(buf)[: head_bytes + n + sealing.TAG_BYTES]
-            t0 = time.perf_counter()
-            count = _bulk_recv_into(sock, record, progress, timeout)
-            spent.recv_s += time.perf_counter() - t0
-            if count < len(record):
-                raise ConnectionError("connection closed by peer")
-            got += count
-            ready.put((start, n, buf))
-    finally:
-        ready.put(None)
-        futures.wait([worker])  # even when reading failed: it must not write into ``view`` once we return
-    worker.result()  # its SealError, when the reading itself went fine
-    timing.recv_s += spent.recv_s
-    timing.open_s += spent.open_s
-    return got
-
 
 def _bytearray(n: int) -> bytearray:
     return bytearray(n)
@@ -268,9 +104,9 @@ class Connection:
         self.sealer, self.opener = sealing.Sealer(keys.send), sealing.Opener(keys.receive)
         self._peer_may_refuse = peer_may_refuse
 
-    def _ring(self, which: str, count: int = RECORDS_IN_FLIGHT) -> list[bytearray]:
+    def _ring(self, which: str, count: int = bulk.RECORDS_IN_FLIGHT) -> list[bytearray]:
         """At least ``count`` record-sized buffers for one direction, made when a segment first needs
-        them: one for segments sealed on the event loop, RECORDS_IN_FLIGHT once a big one went through
+        them: one for segments sealed on the event loop, bulk.RECORDS_IN_FLIGHT once a big one went through
         the record pipeline (most connections carry small frames only, and each buffer is 1 MiB)."""
         ring = self._rings.setdefault(which, [])
         size = sealing.RECORD.size + self.sealer.record_bytes + sealing.TAG_BYTES
@@ -389,12 +225,12 @@ class Connection:
             if self._bucket is None and index and len(view) >= BIG_SEGMENT:
                 if self.sealer is None:
                     t0 = time.perf_counter()
-                    await self._loop.run_in_executor(BULK_IO, _bulk_send, self.sock, view,
+                    await self._loop.run_in_executor(bulk.BULK_IO, bulk.send_all, self.sock, view,
                                                      limits.SEND_PROGRESS_TIMEOUT_S)
                     timing.send_s += time.perf_counter() - t0
                     total += len(view)
                 else:
-                    total += await self._loop.run_in_executor(BULK_IO, _bulk_send_sealed, self.sock, view,
+                    total += await self._loop.run_in_executor(bulk.BULK_IO, bulk.send_sealed, self.sock, view,
                                                               self.sealer, self._ring("send"), self._helper("send"),
                                                               limits.SEND_PROGRESS_TIMEOUT_S, timing)
                 continue
@@ -422,7 +258,7 @@ class Connection:
         view = memoryview(buf).cast("B")
         if len(view) >= BIG_SEGMENT and idle_timeout is None:  # inside a frame: a big segment
             t0 = time.perf_counter()
-            if await self._in_thread(_bulk_recv_into, view) < len(view):
+            if await self._in_thread(bulk.recv_into, view) < len(view):
                 raise PeerLost(self.name, "connection closed by peer")
             if timing is not None:
                 timing.recv_s += time.perf_counter() - t0
@@ -437,7 +273,7 @@ class Connection:
         with self._using_socket():
             try:
                 return await self._loop.run_in_executor(
-                    BULK_IO, functools.partial(fn, self.sock, *args, self._progress, limits.FRAME_PROGRESS_TIMEOUT_S, **kw))
+                    bulk.BULK_IO, functools.partial(fn, self.sock, *args, self._progress, limits.FRAME_PROGRESS_TIMEOUT_S, **kw))
             except TimeoutError:
                 raise PeerLost(self.name, f"no data for {limits.FRAME_PROGRESS_TIMEOUT_S:.0f} s") from None
             except (ConnectionError, OSError, ValueError) as exc:
@@ -513,7 +349,7 @@ class Connection:
             buf = self._segment_buffer(n) if n >= BIG_SEGMENT else bytearray(n)
             view = memoryview(buf).cast("B")
             if n >= BIG_SEGMENT:
-                received = await self._in_thread(_bulk_recv_sealed, view, opener, self._ring("recv"),
+                received = await self._in_thread(bulk.recv_sealed, view, opener, self._ring("recv"),
                                                  self._helper("recv"), timing=timing)
                 if self.stats:
                     self.stats.received(received)
@@ -703,273 +539,3 @@ async def open_connection(host: str, port: int, key: bytes | None, *, stats: Lin
             raise
         await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # jitter: retrying clients do not move in step
         delay = min(delay * 2, limits.CONNECT_RETRY_MAX_S)
-
-
-# --- client channel ------------------------------------------------------------------------------
-
-
-@dataclass
-class _Pending:
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
-
-
-class Channel:
-    """Client side of a connection: concurrent requests, their events and replies.
-
-    While requests are outstanding it pings the server; if nothing at all arrives for
-    :data:`limits.PEER_SILENCE_TIMEOUT_S`, every outstanding request fails with :class:`PeerLost`.
-    """
-
-    def __init__(self, conn: Connection, node: dict | None = None) -> None:
-        self.conn = conn
-        self.node = node or {}
-        self.name = conn.name
-        self.rules = ClientRules()
-        self._pending: dict[int, _Pending] = {}
-        self._error: MeshError | None = None
-        self._reader = asyncio.ensure_future(self._read_loop())
-        self._pinger = asyncio.ensure_future(self._keepalive())
-
-    @classmethod
-    async def connect(cls, host: str, port: int, key: bytes | None, **kw) -> Channel:
-        conn, node = await open_connection(host, port, key, **kw)
-        return cls(conn, node)
-
-    @property
-    def alive(self) -> bool:
-        return self._error is None and not self.conn.closed
-
-    async def _read_loop(self) -> None:
-        try:
-            while True:
-                frame = await self.conn.recv()
-                rid = frame.header.get("id")
-                route = self.rules.route(frame.header)
-                if route == "ping":
-                    self.conn.send_control("pong")  # never stop reading to answer
-                    continue
-                if route == "closing":
-                    # The server's reason for closing this connection: what every request here fails with.
-                    self._fail(MeshError.from_wire(frame.header, self.name))
-                    continue
-                if route == "pong":
-                    continue
-                pending = self._pending.get(rid) if isinstance(rid, int) else None
-                if pending is not None:
-                    pending.queue.put_nowait(frame)
-        except MeshError as exc:
-            self._fail(exc)
-        except ProtocolError as exc:  # a bad frame or a record that is not the one due: this link is done
-            self._fail(MeshError(exc.wire_code, str(exc), peer=self.name))
-            self.conn.abort()
-        except asyncio.CancelledError:
-            self._fail(PeerLost(self.name, "connection closed"))
-            raise
-        except Exception as exc:  # noqa: BLE001 - e.g. no memory for a segment: fail the link, loudly
-            log.exception("reading from %s failed", self.name)
-            self._fail(PeerLost(self.name, f"reading failed: {type(exc).__name__}: {str(exc).splitlines()[0]}"))
-            self.conn.abort()
-
-    async def _keepalive(self) -> None:
-        async def silent(seconds: float) -> None:
-            self._fail(PeerLost(self.name, f"peer stopped answering ({seconds:.0f} s without a byte)"))
-            await self.conn.close()
-
-        await self.conn.heartbeat(lambda: bool(self._pending), silent)
-
-    def _fail(self, exc: MeshError) -> None:
-        if self._error is None:
-            self._error = exc
-        for pending in self._pending.values():
-            pending.queue.put_nowait(exc)
-
-    @property
-    def idle(self) -> bool:
-        """No request of ours is waiting for its answer."""
-        return not self._pending
-
-    async def request(self, op: str, fields: dict | None = None, segments: Iterable = (), *,
-                      chunks: AsyncIterator[tuple[int, list]] | None = None,
-                      on_event: Callable[[Frame], Awaitable[None] | None] | None = None,
-                      timeout: float | None = limits.REQUEST_TIMEOUT_S, chunk_timing: SendTiming | None = None) -> Frame:
-        """Send a request (and its chunk stream, its sending times added to ``chunk_timing``); return the
-        reply frame or raise MeshError."""
-        if self._error is not None:
-            raise self._error
-        rid = self.rules.next_id()
-        pending = self._pending[rid] = _Pending()
-        deadline = None if timeout is None else time.monotonic() + timeout
-        answered = False
-        try:
-            # A send cancelled while it waits still goes out whole (see Connection.send), so from here
-            # on a failure must be followed by ``cancel``.
-            await self.conn.send({**(fields or {}), "op": op, "id": rid}, segments)
-            if chunks is not None:
-                async for index, buffers in chunks:
-                    await self.conn.send({"op": "chunk", "id": rid, "index": index}, buffers, timing=chunk_timing)
-            while True:
-                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-                try:
-                    item = await asyncio.wait_for(pending.queue.get(), remaining)
-                except asyncio.TimeoutError:
-                    raise MeshError("peer-lost", f"{op} got no reply within {timeout:.0f} s", peer=self.name) from None
-                if isinstance(item, MeshError):
-                    raise item
-                if item.op == "event":
-                    if on_event is not None:
-                        result = on_event(item)
-                        if asyncio.iscoroutine(result):
-                            await result
-                    continue
-                answered = True
-                if item.op == "error":
-                    raise MeshError.from_wire(item.header, self.name)
-                return item
-        except BaseException:
-            # We gave up (cancelled, timed out, our chunk stream failed): the server must not keep
-            # working, and holding memory, for a request nobody waits for.
-            if not answered and self.alive:
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(self.conn.send({"op": "cancel", "id": rid}))
-            raise
-        finally:
-            self._pending.pop(rid, None)
-
-    async def close(self) -> None:
-        self._pinger.cancel()
-        self._reader.cancel()
-        await self.conn.close()
-        with contextlib.suppress(BaseException):
-            await asyncio.gather(self._reader, self._pinger, return_exceptions=True)
-
-
-# --- server session ------------------------------------------------------------------------------
-
-
-class Request:
-    """One request being handled on the server: its frame, its chunk stream, and a way to send events."""
-
-    def __init__(self, session: ServerSession, frame: Frame) -> None:
-        self.session = session
-        self.frame = frame
-        self.header = frame.header
-        self.id = frame.header["id"]
-        self.op = frame.op
-        #: Chunk frames this request said will follow; no more are taken (the queue stays bounded:
-        #: ServerRules counts them).
-        self.announced_chunks = announced_chunks(frame.header)
-        self._chunks: asyncio.Queue = asyncio.Queue()
-        self.first_chunk_at: float | None = None
-        self.last_chunk_at: float | None = None
-
-    @property
-    def peer(self) -> str:
-        return self.session.conn.name
-
-    def _push_chunk(self, frame: Frame) -> None:
-        now = time.perf_counter()
-        if self.first_chunk_at is None:
-            self.first_chunk_at = now
-        self.last_chunk_at = now
-        self._chunks.put_nowait(frame)
-
-    async def chunks(self, count: int) -> AsyncIterator[Frame]:
-        """The ``count`` chunk frames that follow this request, as they arrive."""
-        for _ in range(count):
-            item = await self._chunks.get()
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-
-    async def event(self, fields: dict, segments: Iterable = ()) -> None:
-        await self.session.conn.send({**fields, "op": "event", "id": self.id}, segments)
-
-
-Handler = Callable[[Request], Awaitable[tuple[dict, list]]]
-
-
-class ServerSession:
-    """Server side of one authenticated connection: runs a handler task per request.
-
-    A client that disconnects, or goes silent while its requests run, has them cancelled.
-    """
-
-    def __init__(self, conn: Connection, handler: Handler, client: dict,
-                 holds: Callable[[], bool] = lambda: False) -> None:
-        self.conn = conn
-        self.handler = handler
-        self.client = client
-        #: True while the client owns state here (prepared jobs): its silence then counts too, even
-        #: between requests, so that a frozen client does not pin that state until IDLE_TIMEOUT_S.
-        self.holds = holds
-        #: Whether requests on this connection may hand over CUDA memory (set by the daemon at the
-        #: handshake: a GPU daemon with same_host_ipc on, and a client of this same host).
-        self.ipc_ok = False
-        self.tasks: dict[int, asyncio.Task] = {}
-        self.requests: dict[int, Request] = {}
-        self.rules = ServerRules()
-
-    async def run(self) -> None:
-        watchdog = asyncio.ensure_future(self._watch_silence())
-        try:
-            while True:
-                frame = await self.conn.recv(idle_timeout=limits.IDLE_TIMEOUT_S)
-                action = self.rules.receive(frame.header)
-                if action.kind == "pong":
-                    self.conn.send_control("pong")  # never stop reading to answer
-                elif action.kind == "cancel":
-                    self.tasks[action.id].cancel()
-                elif action.kind == "chunk":
-                    self.requests[action.id]._push_chunk(frame)
-                elif action.kind == "busy":
-                    await self.conn.send({"op": "error", "id": action.id, "code": "busy", "message": action.message})
-                elif action.kind == "start":
-                    request = Request(self, frame)
-                    self.requests[action.id] = request
-                    self.tasks[action.id] = asyncio.ensure_future(self._handle(request))
-        except (MeshError, ProtocolError) as exc:
-            if not isinstance(exc, PeerLost):
-                log.warning("closing connection from %s: %s", self.conn.name, exc)
-                code = exc.wire_code if isinstance(exc, ProtocolError) else exc.code
-                with contextlib.suppress(Exception):
-                    await self.conn.send({"op": "error", "id": 0, "code": code, "message": str(exc)})
-        except Exception:  # noqa: BLE001 - a bug or resource failure: this connection ends, the daemon lives
-            log.exception("connection from %s failed", self.conn.name)
-        finally:
-            watchdog.cancel()
-            for request in self.requests.values():
-                request._chunks.put_nowait(PeerLost(self.conn.name, "client disconnected"))
-            for task in list(self.tasks.values()):
-                task.cancel()
-            if self.tasks:
-                await asyncio.gather(*self.tasks.values(), return_exceptions=True)
-            await self.conn.close()
-
-    async def _watch_silence(self) -> None:
-        async def silent(seconds: float) -> None:
-            log.warning("client %s went silent (%.1f s without a byte) with %d request(s) running; closing its "
-                        "connection", self.conn.name, seconds, len(self.tasks))
-            for task in list(self.tasks.values()):
-                task.cancel()
-            self.conn.abort()
-
-        await self.conn.heartbeat(lambda: bool(self.tasks) or self.holds(), silent)
-
-    async def _handle(self, request: Request) -> None:
-        try:
-            fields, segments = await self.handler(request)
-            await self.conn.send({**fields, "op": "reply", "id": request.id}, segments)
-        except asyncio.CancelledError:
-            pass
-        except MeshError as exc:
-            with contextlib.suppress(MeshError):
-                await self.conn.send({"op": "error", "id": request.id, **exc.to_wire()})
-        except Exception as exc:  # noqa: BLE001 - a bug must not kill the daemon
-            log.exception("request %s from %s failed", request.op, self.conn.name)
-            with contextlib.suppress(MeshError):
-                await self.conn.send({"op": "error", "id": request.id, "code": "internal",
-                                      "message": f"{type(exc).__name__}: {exc}"})
-        finally:
-            self.tasks.pop(request.id, None)
-            self.requests.pop(request.id, None)
-            self.rules.finished(request.id)
