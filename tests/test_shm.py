@@ -11,8 +11,12 @@ import fcntl
 import gc
 import io
 import logging
+import json
 import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -342,3 +346,19 @@ async def test_a_split_between_daemons_of_this_host_uses_shared_memory_unless_sw
         if expected == "host-shm":
             assert len(b.shm._regions) == 1 and next(iter(b.shm._regions.values())).id == 1
     gc.collect()
+
+
+def test_the_split_bench_forces_shared_memory_and_stays_exact(tmp_path):
+    """``--transport shm``: CUDA IPC off, shared memory on (``--transport tcp``: tests/test_bench_split.py)."""
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        [sys.executable, str(root / "bench" / "split_bench.py"), "--model", "tiny", "--random-weights",
+         "--device", "cpu", "--size", "64", "--steps", "2", "--codecs", "raw", "--repeat", "1",
+         "--transport", "shm", "--workdir", str(tmp_path)],
+        capture_output=True, text=True, timeout=240, cwd=root)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout)
+    (run,) = result["runs"]
+    assert run["transports"] == ["host-shm"] and run["bit_identical_latents"] and run["chosen"] == ["raw"]
+    assert result["config"]["link"] == "same host, shared host memory (CUDA IPC off)"
+    assert [part["link"] for part in run["hop_breakdown_ms"]] and run["hop_breakdown_ms"][0]["h2d_ms"] is not None

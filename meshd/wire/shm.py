@@ -267,6 +267,8 @@ class ShmServer:
                     self._answer(conn)
                 except OSError as exc:  # the peer went away mid-way, or stalled past the timeout
                     log.info("shared memory: a claim on %s failed: %s", self.name, exc.strerror or exc)
+                except Exception:  # noqa: BLE001 - a bug here must not end the claims of every later peer
+                    log.exception("shared memory: a claim on %s failed", self.name)
 
     def _answer(self, conn: socket.socket) -> None:
         """One claim: exactly SHM_TOKEN_BYTES of token in, the descriptor (or one line of refusal) out.
