@@ -344,6 +344,8 @@ async def test_a_split_between_daemons_of_this_host_uses_shared_memory_unless_sw
         else:
             assert said == []
         if expected == "host-shm":
+            hops = [hop for step in outcome.summary["steps"] for p in step["passes"] for hop in p["hops"]]
+            assert all(hop["d2h_ms"] is not None and hop["h2d_ms"] is not None and hop["chunks"] == 0 for hop in hops)
             assert len(b.shm._regions) == 1 and next(iter(b.shm._regions.values())).id == 1
     gc.collect()
 

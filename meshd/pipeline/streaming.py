@@ -95,6 +95,8 @@ class SendStats:
         if self.seal_ms is not None:
             out.update(d2h_ms=_ms(self.d2h_ms), seal_ms=_ms(self.seal_ms), send_ms=_ms(self.send_ms),
                        staged_send=self.staged)
+        elif self.d2h_ms is not None:  # host-shm: the copy into the shared region is the whole send
+            out.update(d2h_ms=_ms(self.d2h_ms), staged_send=self.staged)
         return out
 
 
@@ -316,7 +318,8 @@ async def send_shared(channel: Channel, fields: dict, segments: list, tensor: to
     desc = {"region": region, "offset": arena.offset_of(run), "nbytes": nbytes, "shape": list(tensor.shape),
             "dtype": str(tensor.dtype).removeprefix("torch.")}
     # wire_bytes: what crossed from this stage to the next, here through the region instead of TCP.
-    stats = SendStats(codec="raw", raw_bytes=nbytes, wire_bytes=nbytes, encode_ms=seconds * 1e3, d2h_ms=seconds * 1e3)
+    stats = SendStats(codec="raw", raw_bytes=nbytes, wire_bytes=nbytes, encode_ms=seconds * 1e3, d2h_ms=seconds * 1e3,
+                      staged=arena.pinned)
     try:
         # The run stays ours until the reply: the receiver copies out of it before it answers, so the
         # next step (or another generation on this link) can never write over bytes still being read.
