@@ -159,7 +159,7 @@ BREAKDOWN = ("d2h_ms", "seal_ms", "send_ms", "recv_ms", "open_ms", "h2d_ms")
 
 
 def hop_breakdown(summary: dict) -> list[dict]:
-    """Per TCP link (in plan order): the median of each part of BREAKDOWN over the generation's steps,
+    """Per TCP or shared-memory link (in plan order): the median of each part of BREAKDOWN over the generation's steps,
     and whether every step went through pinned staging at each end."""
     links: dict[str, dict] = {}
     for step in summary["steps"]:
@@ -168,7 +168,7 @@ def hop_breakdown(summary: dict) -> list[dict]:
             for hop in p["hops"]:
                 key = f"{hop.get('from') or sender or '?'} -> {hop.get('node', '?')}"
                 sender = hop.get("node")
-                if hop.get("seal_ms") is None:  # CUDA IPC, or a hop that never left a daemon
+                if hop.get("seal_ms") is None and hop.get("transport") != "host-shm":  # CUDA IPC, or no hop
                     continue
                 row = links.setdefault(key, {"link": key, "codec": hop.get("codec"), "staged_send": True,
                                              "staged_recv": True, **{name: [] for name in BREAKDOWN}})
@@ -179,6 +179,17 @@ def hop_breakdown(summary: dict) -> list[dict]:
                 row["staged_recv"] &= hop.get("staged_recv") is True
     return [{**row, **{name: round(statistics.median(row[name]), 3) if row[name] else None for name in BREAKDOWN}}
             for row in links.values()]
+
+
+def transports(summary: dict) -> list[str]:
+    """How the steps' streams crossed each hop (tcp, cuda-ipc, host-shm), in first-seen order."""
+    seen: dict[str, None] = {}
+    for step in summary["steps"]:
+        for p in step["passes"]:
+            for hop in p["hops"]:
+                kind = hop.get("transport") or ("cuda-ipc" if hop.get("codec") == "cuda-ipc" else "tcp")
+                seen.setdefault(kind, None)
+    return list(seen)
 
 
 def wire_bytes(summary: dict) -> int:
@@ -232,6 +243,7 @@ async def run_split(args, cluster, params, local, emulation) -> dict:
             row = {
                 "codec": codec_name,
                 "chosen": [h["codec"] for h in hops],
+                "transports": transports(outcome.summary),
                 "split_seconds": times,
                 "split_median_s": split_s,
                 "local_median_s": local["median_s"],
@@ -256,7 +268,8 @@ async def run_split(args, cluster, params, local, emulation) -> dict:
                 row["head_peak_over_local_peak"] = (peaks.get("A") or 0) / local["peak_vram_bytes"]
             result["runs"].append(row)
             log(f"{codec_name} ({'/'.join(row['chosen'])}): split {split_s:.3f} s vs local {local['median_s']:.3f} s "
-                f"(x{row['split_over_local']:.3f}), bit-identical={row['bit_identical_latents']}, "
+                f"(x{row['split_over_local']:.3f}) over {'/'.join(row['transports'])}, "
+                f"bit-identical={row['bit_identical_latents']}, "
                 f"rel_l2={row['final_latent_rel_l2']:.2e}, bytes/step={row['stream_bytes_per_step']}"
                 + (f", overhead/wire={row['overhead_over_wire']:.3f}" if emulation else ""))
             for part in row["hop_breakdown_ms"]:
@@ -304,9 +317,11 @@ def bench_one(args, device, params, setting: str) -> dict:
     devices = args.devices.split(",") if args.devices else [str(device), str(device)]
     workdir = args.workdir / f"compile-{setting}" if args.workdir else None
     with LocalCluster(workdir=workdir, models_dir=args.models_dir, common_args=common) as cluster:
-        if args.transport == "tcp":
-            config = cluster.workdir / "tcp-only.toml"
-            config.write_text("[meshd]\nsame_host_ipc = false\n")
+        if args.transport != "auto":
+            # tcp: both same-host paths off (loopback TCP); shm: CUDA IPC off, shared host memory on.
+            config = cluster.workdir / f"{args.transport}-only.toml"
+            config.write_text("[meshd]\nsame_host_ipc = false\n"
+                              + ("same_host_shm = false\n" if args.transport == "tcp" else ""))
             common += ["--config", str(config)]
         cluster.add("A", "--device", devices[0], env=env)
         cluster.add("B", "--device", devices[1], env=env)
@@ -334,8 +349,9 @@ def main() -> int:
     parser.add_argument("--models-dir", type=Path, default=Path("/tmp/flux-mesh-models"))
     parser.add_argument("--device", default="cuda", help="device of the all-local reference")
     parser.add_argument("--devices", default="", help="devices of daemons A,B (default: --device for both)")
-    parser.add_argument("--transport", choices=["auto", "tcp"], default="auto",
-                        help="auto: CUDA IPC between stages of one host when it works; tcp: always loopback TCP")
+    parser.add_argument("--transport", choices=["auto", "tcp", "shm"], default="auto",
+                        help="auto: CUDA IPC between stages of one host when it works, else shared host memory; "
+                             "tcp: always loopback TCP; shm: shared host memory (CUDA IPC off)")
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--split", help="plan SPEC (default: the planner's balanced split over the two daemons)")
@@ -373,7 +389,8 @@ def main() -> int:
                     "cpus": os.cpu_count(), "torch": torch.__version__},
         "config": {"model": args.model, "random_weights": args.random_weights, "size": args.size, "steps": args.steps,
                    "link": (LinkEmulation.parse(args.emulate_link).describe() if args.emulate_link else
-                            "loopback TCP" if args.transport == "tcp" else "same host (CUDA IPC where it works)"),
+                            {"tcp": "loopback TCP", "shm": "same host, shared host memory (CUDA IPC off)"}.get(
+                                args.transport, "same host (CUDA IPC where it works, else shared host memory)")),
                    "devices": runs[settings[0]]["devices"],
                    "hevc_encoding": ("libx265 ahead of time (replayed)" if args.hevc_ahead else "libx265 live (CPU)")
                    + " where the GPU has no NVENC",

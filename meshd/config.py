@@ -93,6 +93,7 @@ class DaemonConfig:
     interfaces: tuple[str, ...] = ()
     quality_floor: float = 0.999
     same_host_ipc: bool = True  # CUDA IPC between stages on GPUs of one host (when it works)
+    same_host_shm: bool = True  # else shared host memory between daemons of one host (when it works)
     text_encoder_device: str = ""  # where prompts are encoded; empty: the model's device
     text_encoder_idle: str = "release"  # after encoding: "release" (free it), "cpu" (park in RAM), "keep"
     prompt_cache_mib: int = 256  # prompt embeddings kept on the CPU

@@ -148,3 +148,20 @@ BANDWIDTH_MAX_AGE_S = 300.0
 #: closed (a plan names its peers, so a key holder could otherwise have a daemon hold a channel per
 #: address).
 MAX_POOLED_PEERS = 32
+
+# --- same-host shared memory (meshd.wire.shm) ---------------------------------------------------
+#: Largest shared region one inbound connection may have (whole staging pages; at most two streams).
+MAX_SHM_REGION_BYTES = 1 << 30
+#: Most bytes of shared regions one daemon holds for all its inbound connections together.
+MAX_SHM_TOTAL_BYTES = 4 << 30
+#: Offers made but not yet claimed, at once (each holds a region until claimed or expired).
+MAX_SHM_OFFERS = 16
+#: Length of an offer's random token, and how long it may be claimed (a claim follows in milliseconds).
+SHM_TOKEN_BYTES = 32
+SHM_TOKEN_TTL_S = 5.0
+#: One conversation on the Unix socket (token in, descriptor out) must be over within this long.
+SHM_SOCKET_TIMEOUT_S = 2.0
+#: The whole setup (offer over TCP, claim over the Unix socket) gets this long before TCP is used.
+SHM_SETUP_TIMEOUT_S = 10.0
+#: A shared activation starts at a multiple of this many bytes (senders use whole staging pages).
+SHM_ALIGN = 64

@@ -252,7 +252,8 @@ def test_inductor_compiled_split_equals_compiled_local_on_cuda(models, tmp_path,
         return await local_latents(model, torch.device("cuda", 0))
 
     async def split():
-        # Both daemons live in this process: CUDA IPC cannot map a process's own memory, so TCP carries raw.
+        # Both daemons live in this process: CUDA IPC cannot map a process's own memory, so shared host
+        # memory carries raw.
         kw = dict(models_dir=models, compile_backend="inductor", device="cuda", same_host_ipc=False)
         async with running_daemon(tmp_path / "a", None, **kw) as a, running_daemon(tmp_path / "b", None, **kw) as b:
             return await split_generation(None, [a.bound, b.bound], spec, PARAMS, codec="raw", return_latents=True)

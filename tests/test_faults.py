@@ -350,9 +350,10 @@ async def test_a_link_lost_while_choosing_the_codec_leaves_no_job_behind(tmp_pat
     """The link to the next stage drops right after it prepared the job (during the bandwidth probe):
     every stage that prepared it releases it again."""
     models = tmp_path / "models"
-    async with running_daemon(tmp_path / "a", KEY, blocks=range(0, 2), models_dir=models) as a, \
-            running_daemon(tmp_path / "b", KEY, blocks=range(2, 4), models_dir=models) as b, \
-            running_daemon(tmp_path / "c", KEY, blocks=range(4, 6), models_dir=models) as c:
+    tcp = {"same_host_shm": False}  # a link is probed (and its codec chosen) only where it is TCP
+    async with running_daemon(tmp_path / "a", KEY, blocks=range(0, 2), models_dir=models, **tcp) as a, \
+            running_daemon(tmp_path / "b", KEY, blocks=range(2, 4), models_dir=models, **tcp) as b, \
+            running_daemon(tmp_path / "c", KEY, blocks=range(4, 6), models_dir=models, **tcp) as c:
         mesh = await connected_mesh(KEY, [PeerAddress(*d.bound) for d in (a, b, c)])
         try:
             prober = a if where == "head" else b

@@ -20,12 +20,12 @@ PARAMS = GenerationParams("a lighthouse at dawn", seed=3, width=128, height=128,
 @pytest.mark.parametrize("transport", ["cuda-ipc", "tcp"])
 def test_a_split_generation_on_one_gpu_over_sealed_connections(tmp_path, transport):
     """Two daemons on cuda:0: their link is CUDA IPC (descriptors inside sealed frames) or, with
-    same_host_ipc off, loopback TCP whose big segments are sealed on the I/O threads; either way
+    both same-host paths off, loopback TCP whose big segments are sealed on the I/O threads; either way
     the image comes back and the link chosen is the one asked for."""
     args = ["--model", "tiny", "--device", "cuda:0"]
     if transport == "tcp":
         config = tmp_path / "tcp.toml"
-        config.write_text("[meshd]\nsame_host_ipc = false\n")
+        config.write_text("[meshd]\nsame_host_ipc = false\nsame_host_shm = false\n")
         args += ["--config", str(config)]
     with LocalCluster(workdir=tmp_path, models_dir=tmp_path / "models", common_args=args) as cluster:
         cluster.add("a")

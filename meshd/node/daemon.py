@@ -2,7 +2,7 @@
 (:mod:`.admission`), routes each request to the service that owns its op and tells peers what it holds.
 
 Ops (see docs/protocol.md): ``info``, ``echo``, ``probe`` and ``load`` here; ``prepare``, ``forward``,
-``release`` and ``ipc-probe`` in :mod:`meshd.pipeline.stage`; ``generate`` in :mod:`meshd.pipeline.head`;
+``release``, ``ipc-probe`` and ``shm-offer`` in :mod:`meshd.pipeline.stage`; ``generate`` in :mod:`meshd.pipeline.head`;
 ``encode-prompt`` in :mod:`meshd.pipeline.text`; more from the parts that register their own (telemetry).
 GPU work goes through the one :class:`GpuWorker` queue; codec work runs on codec threads; the event loop
 only moves bytes.
@@ -39,6 +39,7 @@ from ..pipeline.text import TextService
 from ..wire import ipc
 from ..wire.channel import Request, ServerSession
 from ..wire.connection import Connection, address_name, server_handshake
+from ..wire.shm import ShmServer
 from ..wire.link import LinkEmulation, LinkRegistry
 from .admission import HalfOpen, source_of
 from .gpu import GpuWorker
@@ -63,6 +64,8 @@ class Daemon:
         self.emulation = LinkEmulation.parse(config.emulate_link) if config.emulate_link else None
         self.node_id = node_id or uuid.uuid4().hex[:16]
         self.name = config.node_name or socket.gethostname()
+        #: The shared regions this daemon gives its same-host inbound connections (transport host-shm).
+        self.shm = ShmServer(self.node_id, self.device)
         # ``daemon``: this connection is a link between daemons (the one --emulate-link shapes).
         self.pool = PeerPool(key, self.links, self.emulation, hello={"node": self.name, "daemon": True},
                              allocator=self.allocator)
@@ -150,6 +153,8 @@ class Daemon:
             for task in late:
                 task.cancel()
         await self.pool.close()
+        self.relay.close()
+        self.shm.close()
         self.worker.shutdown()
 
     # --- connections --------------------------------------------------------------------------
@@ -226,6 +231,7 @@ class Daemon:
             finally:
                 self.sessions.discard(session)
                 self.stage.release_owned(session)
+                self.shm.drop(session)
         finally:
             conn.abort()
             self._connections.discard(conn)

@@ -24,6 +24,7 @@ from .. import limits
 from ..errors import MeshError
 from ..model.span import Conditioning
 from ..wire import ipc
+from ..wire.shm import ShmSender
 from .plan import Stage
 from .streaming import LinkPlan, SendStats, link_after, pack_raw, send_activation
 
@@ -88,6 +89,12 @@ class Relay:
         self.daemon = daemon
         self.calibrations: dict[str, Calibration] = {}
         self._ipc_ok: dict[str, bool] = {}
+        self._shm: dict[str, ShmSender] = {}  # per next peer: the region it gave us, or why not
+
+    def close(self) -> None:
+        """The daemon stops: the shared regions it was given go (unregistered once no send uses them)."""
+        for sender in self._shm.values():
+            sender.close()
 
     def stage_info(self, stage: Stage, link: LinkPlan | None) -> dict:
         """What a prepare reply says of this node's stage (the dashboard and the summary show it)."""
@@ -131,18 +138,25 @@ class Relay:
     async def choose_link(self, nxt: Stage, next_info: dict, geometry: Geometry, forced: str,
                           floor: float) -> LinkPlan:
         """How this stage's output reaches ``nxt``: CUDA IPC when both are GPUs of this host and mapping
-        the memory works (tried, not assumed), else the codec the policy picks from the measured
+        the memory works (tried, not assumed); else, on one host, a shared host-memory region the next
+        stage gives us (set up, not assumed); else the codec the policy picks from the measured
         bandwidth and both ends' capabilities (or the one the plan forces)."""
         d = self.daemon
         if await self._ipc_works(nxt, next_info) and forced in ("auto", "raw"):
             return LinkPlan("cuda-ipc", None, {"to": str(nxt.peer), "transport": "cuda-ipc", "codec": "cuda-ipc",
                                               "why": "same host: the stream moves GPU to GPU, no TCP"})
+        stream_bytes = geometry.batch * geometry.tokens * d.model.preset.hidden * d.model.dtype.itemsize
+        if forced in ("auto", "raw") and (sender := await self._shm_works(nxt, next_info, stream_bytes)):
+            raw = CodecSpec("raw", layout=TokenLayout(geometry.txt_len, geometry.img_h, geometry.img_w))
+            return LinkPlan("host-shm", raw, {"to": str(nxt.peer), "transport": "host-shm", "codec": "raw",
+                                              "why": "same host without CUDA IPC: the stream crosses shared "
+                                                     "host memory once, only its place goes over TCP"},
+                            shm=sender)
         try:
             next_caps = Capabilities.from_dict(next_info.get("caps"))
         except ValueError as exc:
             raise MeshError("protocol", f"peer {nxt.peer} sent bad capabilities: {exc}") from None
         bandwidth = await d.pool.bandwidth(nxt.peer)
-        stream_bytes = geometry.batch * geometry.tokens * d.model.preset.hidden * d.model.dtype.itemsize
         try:
             choice = choose_codec(stream_bytes, bandwidth.bytes_per_s, d.caps, next_caps, quality_floor=floor,
                                   force=None if forced == "auto" else forced,
@@ -187,3 +201,19 @@ class Relay:
             del probe
             ipc.collect()
         return self._ipc_ok[key]
+
+    async def _shm_works(self, nxt: Stage, next_info: dict, stream_bytes: int) -> ShmSender | None:
+        """The same-host fallback: the next stage, on this host, gives this connection a shared region
+        (made once per connection; a setup that fails is logged once and the link uses TCP)."""
+        d = self.daemon
+        if d.emulation is not None or not d.config.same_host_shm:
+            return None
+        host = ipc.host_id()
+        if not host or next_info.get("host_id") != host:
+            return None
+        key = str(nxt.peer)
+        sender = self._shm.get(key)
+        if sender is None:
+            sender = self._shm[key] = ShmSender(key, d.device)
+        channel = await d.pool.get(nxt.peer)
+        return sender if await sender.arena(channel, stream_bytes) is not None else None

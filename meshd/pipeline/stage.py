@@ -1,5 +1,5 @@
 """A stage: a span of blocks that receives the stream, runs it and sends it on (or, last, returns the
-prediction to the head). Ops ``prepare``, ``forward``, ``release`` and ``ipc-probe``.
+prediction to the head). Ops ``prepare``, ``forward``, ``release``, ``ipc-probe`` and ``shm-offer``.
 
 ``prepare`` makes a job: it checks the plan against what this node holds, unpacks the token ids into
 the rotary embedding, passes the prepare on down the line (:class:`.relay.Relay`) while this node
@@ -22,7 +22,7 @@ from .. import limits
 from ..errors import MeshError
 from ..model.lora import LoraSpec, loras_from_wire
 from ..model.span import Conditioning, Stream
-from ..wire import ipc
+from ..wire import ipc, shm
 from ..wire.channel import Request, ServerSession
 from .plan import PlanError, SplitPlan, Stage
 from .relay import Geometry, cond_needs
@@ -59,7 +59,7 @@ class StageService:
 
     def ops(self) -> dict:
         return {"prepare": self.prepare, "forward": self.forward, "release": self.release,
-                "ipc-probe": self.ipc_probe}
+                "ipc-probe": self.ipc_probe, "shm-offer": self.shm_offer}
 
     async def prepare(self, request: Request):
         h = request.header
@@ -148,7 +148,8 @@ class StageService:
         if "ipc" in h and not request.session.ipc_ok:
             raise MeshError("bad-request", f"{d.name} takes no CUDA IPC input on this connection (a GPU daemon "
                                            "takes it from daemons of its own host, unless same_host_ipc = false)")
-        stream, rx = await receive_activation(request, d.device, (g.batch, g.tokens, preset.hidden), d.model.dtype)
+        stream, rx = await receive_activation(request, d.device, (g.batch, g.tokens, preset.hidden), d.model.dtype,
+                                              shm=d.shm.region(request.session))
         if not d.model.holds(job.start, job.end):
             raise MeshError("mismatch", f"{d.name} no longer holds blocks {job.start}-{job.end - 1}")
         span = d.model.span
@@ -229,3 +230,21 @@ class StageService:
         loop = asyncio.get_running_loop()
         ok = await loop.run_in_executor(None, ipc.check_probe, request.header.get("ipc"), self.daemon.device)
         return {"ok": ok}, []
+
+    async def shm_offer(self, request: Request):
+        """A shared region for this connection's streams (meshd.wire.shm): made, offered under a one-use
+        token, claimed by the sender over this host's abstract Unix socket."""
+        d = self.daemon
+        if not d.config.same_host_shm:
+            raise MeshError("bad-request", f"{d.name} takes no shared memory (same_host_shm = false)")
+        if not ipc.is_local_peer(request.session.conn.address):
+            raise MeshError("bad-request", f"{d.name} shares memory only with daemons of its own host")
+        nbytes = request.header.get("nbytes")
+        if not isinstance(nbytes, int) or isinstance(nbytes, bool) or not 0 < nbytes <= limits.MAX_SHM_REGION_BYTES:
+            raise MeshError("bad-request", f"shm-offer nbytes={nbytes!r:.20} must be in 1..{limits.MAX_SHM_REGION_BYTES}")
+        loop = asyncio.get_running_loop()
+        try:
+            offer = await loop.run_in_executor(None, d.shm.offer, request.session, nbytes)
+        except shm.ShmUnavailable as exc:
+            raise MeshError("busy", f"{d.name} cannot share memory: {exc}") from None
+        return offer, []

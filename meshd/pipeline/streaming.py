@@ -96,6 +96,8 @@ class SendStats:
         if self.seal_ms is not None:
             out.update(d2h_ms=_ms(self.d2h_ms), seal_ms=_ms(self.seal_ms), send_ms=_ms(self.send_ms),
                        staged_send=self.staged)
+        elif self.d2h_ms is not None:  # host-shm: the copy into the shared region is the whole send
+            out.update(d2h_ms=_ms(self.d2h_ms), staged_send=self.staged)
         return out
 
 
@@ -114,10 +116,13 @@ class ReceiveStats:
     recv_ms: float | None = None
     open_ms: float | None = None
     h2d_ms: float | None = None
-    staged: bool = False  # the chunks landed in the link's pinned staging
+    staged: bool = False  # the chunks landed in the link's pinned staging (host-shm: the region is pinned)
+    transport: str = "tcp"  # or "cuda-ipc", "host-shm"
 
     def breakdown(self) -> dict:
         """The receiving half of a hop's time breakdown, for its hop record (empty on CUDA IPC)."""
+        if self.transport == "host-shm":
+            return {"transport": "host-shm", "h2d_ms": _ms(self.h2d_ms), "staged_recv": self.staged}
         if self.recv_ms is None:
             return {}
         return {"recv_ms": _ms(self.recv_ms), "open_ms": _ms(self.open_ms), "h2d_ms": _ms(self.h2d_ms),
@@ -240,16 +245,18 @@ def staged_raw_chunks(tensor: torch.Tensor, header: codec.Header, arena: PinnedA
 class LinkPlan:
     """How a stage's output reaches the next stage: the codec over TCP, or CUDA IPC on one host."""
 
-    transport: str  # "tcp" or "cuda-ipc"
-    spec: CodecSpec | None  # the codec, for tcp
+    transport: str  # "tcp", "cuda-ipc" or "host-shm"
+    spec: CodecSpec | None  # the codec, for tcp (raw for host-shm: a step without room goes over TCP)
     info: dict  # what the plan shows: bandwidth, why this codec, ...
     receiver: codec.Capabilities | None = None  # the next stage's, for tcp: which engine decodes there
     #: chooses the link again (the same peer, geometry and policy) with this box's capabilities now
     replan: Callable[[], Awaitable[LinkPlan]] | None = field(default=None, compare=False, repr=False)
+    #: the region given by the next stage, for host-shm (a :class:`meshd.wire.shm.ShmSender`)
+    shm: object | None = field(default=None, compare=False, repr=False)
 
     @property
     def label(self) -> str:
-        return "cuda-ipc" if self.transport == "cuda-ipc" else self.spec.label
+        return self.transport if self.transport in ("cuda-ipc", "host-shm") else self.spec.label
 
 
 async def link_after(link: LinkPlan, sent: SendStats) -> LinkPlan:
@@ -263,6 +270,8 @@ async def link_after(link: LinkPlan, sent: SendStats) -> LinkPlan:
 async def send_activation(channel: Channel, fields: dict, segments: list, tensor: torch.Tensor, link: LinkPlan,
                           *, measure_error: bool = False):
     """Send a stage's output to the next stage the way ``link`` says; returns (reply, SendStats)."""
+    if link.transport == "host-shm":
+        return await send_shared(channel, fields, segments, tensor, link, measure_error=measure_error)
     if link.transport != "cuda-ipc":
         return await send_stream(channel, "forward", fields, segments, tensor, link.spec,
                                  measure_error=measure_error, timeout=None)
@@ -280,22 +289,99 @@ async def send_activation(channel: Channel, fields: dict, segments: list, tensor
     return reply, stats
 
 
+async def send_shared(channel: Channel, fields: dict, segments: list, tensor: torch.Tensor, link: LinkPlan,
+                      *, measure_error: bool = False):
+    """Send ``tensor`` through the shared region the next stage gave this connection: copied into a run
+    of it, then only its place and shape over TCP. Where the region cannot be had now (a reconnect
+    that was refused, a bigger stream while the old region is in use, every run taken) this step goes
+    as a raw TCP stream: the same bytes, slower."""
+    loop = asyncio.get_running_loop()
+    nbytes = tensor.numel() * tensor.element_size()
+    given = await link.shm.arena(channel, nbytes)
+    run = given[1].allocate(nbytes) if given is not None else None
+    if run is None:
+        return await send_stream(channel, "forward", fields, segments, tensor, link.spec,
+                                 measure_error=measure_error, timeout=None)
+    region, arena = given
+    stream = side_stream(tensor.device)
+
+    def copy() -> float:
+        # On the arena's owner thread, like every CUDA call on its (registered) memory.
+        t0 = time.perf_counter()
+        with on_stream(stream):
+            source = tensor.detach().contiguous().view(torch.uint8).reshape(-1)
+            torch.from_numpy(run).copy_(source, non_blocking=stream is not None)
+        if stream is not None:
+            stream.synchronize()  # the bytes are in the region before the peer is told where
+        return time.perf_counter() - t0
+
+    seconds = await loop.run_in_executor(arena.owner, copy)
+    desc = {"region": region, "offset": arena.offset_of(run), "nbytes": nbytes, "shape": list(tensor.shape),
+            "dtype": str(tensor.dtype).removeprefix("torch.")}
+    # wire_bytes: what crossed from this stage to the next, here through the region instead of TCP.
+    stats = SendStats(codec="raw", raw_bytes=nbytes, wire_bytes=nbytes, encode_ms=seconds * 1e3, d2h_ms=seconds * 1e3,
+                      staged=arena.pinned)
+    try:
+        # The run stays ours until the reply: the receiver copies out of it before it answers, so the
+        # next step (or another generation on this link) can never write over bytes still being read.
+        reply = await channel.request("forward", {**fields, "shm": desc}, segments, timeout=None)
+    finally:
+        del run
+    return reply, stats
+
+
 async def receive_activation(request: Request, device: torch.device, expect_shape: Sequence[int],
-                             expect_dtype: torch.dtype) -> tuple[torch.Tensor, ReceiveStats]:
-    """The stage input that came with ``request``: mapped over CUDA IPC or decoded from its stream."""
+                             expect_dtype: torch.dtype, *, shm=None) -> tuple[torch.Tensor, ReceiveStats]:
+    """The stage input that came with ``request``: mapped over CUDA IPC, copied out of this connection's
+    shared region ``shm`` (a :class:`meshd.wire.shm.Inbound`, or None) or decoded from its stream."""
+    if "shm" in request.header:
+        return await receive_shared(request, device, expect_shape, expect_dtype, shm)
     if "ipc" not in request.header:
         return await receive_stream(request, device, expect_shape, expect_dtype)
     if request.announced_chunks:
         raise MeshError("bad-request", "a forward carries its input either over CUDA IPC or as a chunk stream, not both")
     if device.type != "cuda":
         raise MeshError("bad-request", "CUDA IPC input sent to a CPU stage")
-    from ..wire import ipc  # noqa: PLC0415  (whether this connection may send it: Daemon._forward)
+    from ..wire import ipc  # noqa: PLC0415  (whether this connection may send it: StageService.forward)
 
     loop = asyncio.get_running_loop()
     t0 = time.perf_counter()
     tensor = await loop.run_in_executor(CODEC_THREADS, ipc.import_copy, request.header["ipc"], device,
                                         expect_shape, expect_dtype)
     return tensor, ReceiveStats(wire_ms=(time.perf_counter() - t0) * 1e3, codec="cuda-ipc")
+
+
+async def receive_shared(request: Request, device: torch.device, expect_shape: Sequence[int],
+                         expect_dtype: torch.dtype, region) -> tuple[torch.Tensor, ReceiveStats]:
+    """Copy a forward's input out of the shared region, after checking its place against the region."""
+    from ..wire import shm  # noqa: PLC0415
+
+    if request.announced_chunks or "ipc" in request.header:
+        raise MeshError("bad-request", "a forward carries its input one way: shared memory, CUDA IPC or a chunk stream")
+    offset, nbytes = shm.check_descriptor(request.header["shm"], region, expect_shape, expect_dtype)
+    arena = region.arena
+    stream = side_stream(device)
+    loop = asyncio.get_running_loop()
+
+    def land() -> tuple[torch.Tensor, float | None]:
+        # The span keeps the region mapped and registered until this copy is done, even if the
+        # connection (and its region) is dropped meanwhile.
+        source = torch.from_numpy(arena.span(offset, nbytes)).view(expect_dtype).reshape(tuple(expect_shape))
+        if stream is None:
+            return source.clone(), None  # a CPU stage: its own copy, the region is the sender's to reuse
+        out = torch.empty(source.shape, dtype=expect_dtype, device=device)
+        with on_stream(stream):
+            before = _recorded(stream)
+            out.copy_(source, non_blocking=True)
+            after = _recorded(stream)
+        stream.synchronize()  # complete for the compute queue, and the region's bytes are read
+        return out, before.elapsed_time(after)
+
+    t0 = time.perf_counter()
+    tensor, h2d_ms = await loop.run_in_executor(arena.owner, land)
+    elapsed = (time.perf_counter() - t0) * 1e3
+    return tensor, ReceiveStats(wire_ms=0.0, decode_ms=elapsed, bytes=nbytes, codec="raw", transport="host-shm",
+                                h2d_ms=elapsed if h2d_ms is None else h2d_ms, staged=arena.pinned)
 
 
 def _measure(tensor: torch.Tensor, header: codec.Header, chunks: list, stream) -> dict:

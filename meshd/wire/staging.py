@@ -5,7 +5,8 @@ host memory. Through pageable memory every device copy is synchronous and stages
 own bounce buffer (~3 ms per 36 MiB on an H200); through page-locked memory it is one DMA at PCIe
 speed (~0.7 ms) that runs on a side stream while the bytes before it are sealed and sent.
 
-The memory is *ours*, never torch's: an anonymous mapping registered with the CUDA driver once (``cuMemHostRegister``),
+The memory is *ours*, never torch's: an anonymous mapping (or a shared region another process maps too,
+:mod:`meshd.wire.shm`) registered with the CUDA driver once (``cuMemHostRegister``),
 when a connection first needs it, and unregistered only when the connection is gone and nothing
 points into it. Pinned blocks from torch's caching host allocator were tried before and crashed the
 daemons on the GPU machine (cudaErrorInvalidResourceHandle once blocks freed on I/O threads were
@@ -107,14 +108,19 @@ class PinnedArena:
     CPU-only machine (tests), and copies into it are simply synchronous.
     """
 
-    def __init__(self, nbytes: int, *, pin: bool = True, name: str = "staging", device=None) -> None:
+    def __init__(self, nbytes: int, *, pin: bool = True, name: str = "staging", device=None,
+                 memory: mmap.mmap | None = None) -> None:
         if not 0 < nbytes <= MAX_ARENA_BYTES:
             raise PinningUnavailable(f"a staging arena of {nbytes} bytes is outside 1..{MAX_ARENA_BYTES}")
         self.pages = math.ceil(nbytes / PAGE_BYTES)
         self.nbytes = self.pages * PAGE_BYTES
+        if memory is not None and len(memory) != self.nbytes:
+            # A shared region is sized in whole pages by its maker (meshd.wire.shm) and sealed there.
+            raise PinningUnavailable(f"a mapping of {len(memory)} bytes is not {self.nbytes} bytes of whole pages")
         self.name = name
         self.owner = ThreadPoolExecutor(1, thread_name_prefix=name)
-        self._memory = mmap.mmap(-1, self.nbytes)  # page-aligned, zero-filled, never resized
+        # Page-aligned and never resized: ours (zero-filled), or a sealed shared region given to us.
+        self._memory = memory if memory is not None else mmap.mmap(-1, self.nbytes)
         self._base = np.frombuffer(self._memory, dtype=np.uint8)
         self._used = bytearray(self.pages)  # 1 where a page belongs to a live run
         self._lock = threading.Lock()
@@ -170,6 +176,22 @@ class PinnedArena:
         run = np.frombuffer(memoryview(self._memory)[offset : offset + nbytes], dtype=np.uint8)
         weakref.finalize(run, self._release, start, count).atexit = False  # nothing to give back at exit
         return run
+
+    def span(self, offset: int, nbytes: int) -> np.ndarray:
+        """The bytes ``[offset, offset + nbytes)`` as a uint8 array that keeps the arena's memory
+        registered while it lives, without taking its pages: the receiving end of a shared region reads
+        where the *other* process allocated. The caller has checked the bounds against ``nbytes``."""
+        if not (0 <= offset and 0 < nbytes and offset + nbytes <= self.nbytes):
+            raise ValueError(f"bytes {offset}..{offset + nbytes} are outside this {self.nbytes}-byte arena")
+        with self._lock:
+            self._live += 1
+        view = np.frombuffer(memoryview(self._memory)[offset : offset + nbytes], dtype=np.uint8)
+        weakref.finalize(view, self._release, 0, 0).atexit = False
+        return view
+
+    def offset_of(self, run: np.ndarray) -> int:
+        """Where ``run`` (from :meth:`allocate`) starts in this arena: what a shared region's peer reads."""
+        return run.ctypes.data - self._base.ctypes.data
 
     def _find(self, count: int) -> int | None:
         used, run = self._used, 0

@@ -1,0 +1,416 @@
+"""Same-host shared memory between two daemons: transport ``host-shm``, the fast fallback when CUDA IPC
+cannot be used (daemons of other users, containers, ``same_host_ipc = false``).
+
+Loopback TCP moves ~2.9 GB/s (12.9 ms per 36 MiB activation on an H200 host), whether sealed or not;
+a device-to-host copy into memory the receiver maps too, and its host-to-device copy out, take about
+3 ms together. So the activation crosses host memory once and nothing but a small header crosses TCP.
+
+Setup, once per inbound connection that asks (the receiver owns the region):
+
+1. The sender asks over its authenticated, sealed TCP session: ``shm-offer`` {nbytes}. The receiver
+   makes a region with ``memfd_create`` (twice the stream, bounded by ``limits``), seals it against
+   shrinking and growing (a peer that could shrink it would SIGBUS whoever reads past the new end),
+   maps it (pinned through :mod:`.staging` on a GPU) and answers a random one-use token, the name of
+   its abstract Unix socket and the region's id and size.
+2. The sender connects to that socket (a thread, never the event loop) and sends the token; the
+   receiver checks it (constant time, one use, expiring after ``SHM_TOKEN_TTL_S``) and passes the
+   region's descriptor back with SCM_RIGHTS, then closes its own copy. Only a holder of the cluster
+   key on this host (in this network namespace: abstract sockets are per namespace) gets the region.
+3. The sender checks the descriptor's size and seals, maps and pins it.
+
+Per step the sender copies the activation into a run of the region and sends ``forward`` with
+``shm`` {region, offset, nbytes, shape, dtype} instead of a chunk stream; the receiver checks the
+bounds against its own region and copies the bytes out before it computes. A run is reused only
+after the reply: the receiver answers a forward only after its copy, so request/response order on
+the one connection rules out a write over bytes still being read. Any failure in the setup is logged
+in one line and the link uses TCP; a failed transport degrades the link, never a generation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import hmac
+import itertools
+import logging
+import math
+import mmap
+import os
+import secrets
+import socket
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .. import limits
+from ..errors import MeshError
+from . import staging
+
+log = logging.getLogger(__name__)
+
+#: What the receiver requires of a region before it maps one (and the sender before it writes one).
+_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW if hasattr(fcntl, "F_SEAL_SHRINK") else 0
+#: Abstract socket names: "\0" + this prefix + the node id and a random part.
+SOCKET_PREFIX = "meshd-shm-"
+_OK = b"OK"
+#: The dtypes a shared activation may have, by the name the wire uses.
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class ShmUnavailable(RuntimeError):
+    """This setup step cannot work here (no memfd, no abstract socket, a refusal, a bad descriptor)."""
+
+
+def region_bytes(stream_bytes: int) -> int:
+    """The size of a region for streams of ``stream_bytes``: room for two at once (two generations
+    interleaving on one link), in whole staging pages, never above ``MAX_SHM_REGION_BYTES``."""
+    if not 0 < stream_bytes <= limits.MAX_SHM_REGION_BYTES:
+        raise ShmUnavailable(f"a stream of {stream_bytes} bytes is outside 1..{limits.MAX_SHM_REGION_BYTES} "
+                             "(MAX_SHM_REGION_BYTES)")
+    pages = math.ceil(stream_bytes / staging.PAGE_BYTES)
+    return min(2 * pages * staging.PAGE_BYTES, limits.MAX_SHM_REGION_BYTES)  # the limit is whole pages
+
+
+def make_region(nbytes: int) -> tuple[int, mmap.mmap]:
+    """A sealed memfd of exactly ``nbytes`` and our mapping of it; returns (fd, mapping)."""
+    if not hasattr(os, "memfd_create") or not _SEALS:
+        raise ShmUnavailable("this system has no sealable memfd (Linux only)")
+    try:
+        fd = os.memfd_create("meshd-shm", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    except OSError as exc:
+        raise ShmUnavailable(f"memfd_create failed: {exc.strerror}") from None
+    try:
+        os.ftruncate(fd, nbytes)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS | fcntl.F_SEAL_SEAL)
+        return fd, mmap.mmap(fd, nbytes)
+    except OSError as exc:
+        os.close(fd)
+        raise ShmUnavailable(f"cannot size, seal or map a {nbytes >> 20} MiB region: {exc.strerror}") from None
+
+
+def map_region(fd: int, nbytes: int) -> mmap.mmap:
+    """Map a region a peer handed us, after checking that it is what was announced and that it can no
+    longer shrink (or grow) under our mapping. The mapping holds its own reference to the memory."""
+    try:
+        size = os.fstat(fd).st_size
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError as exc:
+        raise ShmUnavailable(f"the received descriptor is not a sealable memfd: {exc.strerror}") from None
+    if size != nbytes:
+        raise ShmUnavailable(f"the received region has {size} bytes; the offer said {nbytes}")
+    if seals & _SEALS != _SEALS:
+        raise ShmUnavailable("the received region is not sealed against shrinking and growing")
+    try:
+        return mmap.mmap(fd, nbytes)
+    except OSError as exc:
+        raise ShmUnavailable(f"cannot map the received region: {exc.strerror}") from None
+
+
+def region_arena(memory: mmap.mmap, name: str, device: torch.device) -> staging.PinnedArena:
+    """A mapped region as a staging arena: pinned (driver-registered) for a GPU, plain for a CPU daemon."""
+    try:
+        return staging.PinnedArena(len(memory), pin=device.type == "cuda", name=name, device=device, memory=memory)
+    except staging.PinningUnavailable as exc:
+        raise ShmUnavailable(str(exc)) from None
+
+
+@dataclass
+class Inbound:
+    """A region this daemon made for one inbound connection."""
+
+    id: int
+    arena: staging.PinnedArena
+
+
+@dataclass
+class _Offer:
+    token: bytes
+    fd: int
+    session: object
+    expires: float
+
+
+class ShmServer:
+    """The receiving daemon's side: the regions per inbound connection, the offers not yet claimed, and
+    the abstract Unix socket (with its thread) over which a claimed offer's descriptor leaves.
+
+    ``offer`` and ``drop`` run on the event loop's executor or the loop; the socket thread only checks
+    tokens and passes descriptors. ``_lock`` guards the offers and the regions between them."""
+
+    def __init__(self, node_id: str, device: torch.device) -> None:
+        self.node_id = node_id
+        self.device = device
+        self._regions: dict[object, Inbound] = {}
+        self._offers: list[_Offer] = []
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._listener: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self.name = ""  # the socket's abstract name without the leading NUL, once listening
+
+    # --- the event loop's side ----------------------------------------------------------------
+
+    def offer(self, session, stream_bytes: int) -> dict:
+        """Make a region for ``session``'s streams of ``stream_bytes`` and an offer of it (blocking: run
+        in an executor). Replaces the session's previous region: the sender asks again only when its
+        runs of the old one are all back, i.e. every forward that used it has been answered."""
+        nbytes = region_bytes(stream_bytes)
+        with self._lock:
+            if self._closed:
+                raise ShmUnavailable("the daemon is shutting down")
+            held = sum(r.arena.nbytes for s, r in self._regions.items() if s is not session)
+            if held + nbytes > limits.MAX_SHM_TOTAL_BYTES:
+                raise ShmUnavailable(f"{held >> 20} MiB of shared regions are held already; another "
+                                     f"{nbytes >> 20} MiB would pass MAX_SHM_TOTAL_BYTES")
+            self._expire(time.monotonic())
+            if len(self._offers) >= limits.MAX_SHM_OFFERS:
+                raise ShmUnavailable(f"{len(self._offers)} offers are waiting to be claimed (MAX_SHM_OFFERS)")
+        self._listen()
+        fd, memory = make_region(nbytes)
+        try:
+            arena = region_arena(memory, f"shm-in {self.node_id[:8]}", self.device)
+        except BaseException:
+            os.close(fd)
+            raise
+        token = secrets.token_bytes(limits.SHM_TOKEN_BYTES)
+        with self._lock:
+            if self._closed:
+                os.close(fd)
+                arena.close()
+                raise ShmUnavailable("the daemon is shutting down")
+            region = Inbound(next(self._ids), arena)
+            old = self._regions.get(session)
+            self._regions[session] = region
+            self._withdraw(session)  # an older unclaimed offer of this session's is void now
+            self._offers.append(_Offer(token, fd, session, time.monotonic() + limits.SHM_TOKEN_TTL_S))
+        if old is not None:
+            old.arena.close()  # unregistered once the last receive that reads it lets go
+        return {"token": token, "socket": self.name, "region": region.id, "nbytes": nbytes}
+
+    def region(self, session) -> Inbound | None:
+        with self._lock:
+            return self._regions.get(session)
+
+    def drop(self, session) -> None:
+        """``session`` ended: its region and any offer it did not claim go."""
+        with self._lock:
+            region = self._regions.pop(session, None)
+            self._withdraw(session)
+        if region is not None:
+            region.arena.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            regions, self._regions = list(self._regions.values()), {}
+            for offer in self._offers:
+                os.close(offer.fd)
+            self._offers.clear()
+            listener, self._listener = self._listener, None
+        for region in regions:
+            region.arena.close()
+        if listener is not None:
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)  # wakes the thread's accept
+            listener.close()
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+
+    def _withdraw(self, session) -> None:  # with _lock held
+        for offer in [o for o in self._offers if o.session is session]:
+            self._offers.remove(offer)
+            os.close(offer.fd)
+
+    def _expire(self, now: float) -> None:  # with _lock held
+        for offer in [o for o in self._offers if o.expires <= now]:
+            self._offers.remove(offer)
+            os.close(offer.fd)
+
+    def _listen(self) -> None:
+        """Bind the abstract socket and start its thread, on the first offer."""
+        with self._lock:
+            if self._listener is not None:
+                return
+            if not hasattr(socket, "AF_UNIX") or not hasattr(socket, "send_fds"):
+                raise ShmUnavailable("this system cannot pass descriptors over Unix sockets")
+            name = f"{SOCKET_PREFIX}{self.node_id}-{secrets.token_hex(8)}"
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                listener.bind("\0" + name)
+                listener.listen(16)
+            except OSError as exc:
+                listener.close()
+                raise ShmUnavailable(f"cannot listen on an abstract Unix socket: {exc.strerror}") from None
+            self._listener, self.name = listener, name
+            self._thread = threading.Thread(target=self._serve, args=(listener,), name="shm-fds", daemon=True)
+            self._thread.start()
+
+    # --- the socket thread --------------------------------------------------------------------
+
+    def _serve(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError as exc:
+                if self._listener is not listener:  # closed by close(): the daemon stops
+                    return
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    time.sleep(0.1)  # out of descriptors: back off, keep serving
+                continue
+            with conn:
+                try:
+                    self._answer(conn)
+                except OSError as exc:  # the peer went away mid-way, or stalled past the timeout
+                    log.info("shared memory: a claim on %s failed: %s", self.name, exc.strerror or exc)
+                except Exception:  # noqa: BLE001 - a bug here must not end the claims of every later peer
+                    log.exception("shared memory: a claim on %s failed", self.name)
+
+    def _answer(self, conn: socket.socket) -> None:
+        """One claim: exactly SHM_TOKEN_BYTES of token in, the descriptor (or one line of refusal) out.
+        Reads are bounded in bytes and time, so a peer that sends anything, or nothing, costs us one
+        short conversation; every refusal is logged in one line and told to the peer in one line."""
+        conn.settimeout(limits.SHM_SOCKET_TIMEOUT_S)
+        token = b""
+        while len(token) < limits.SHM_TOKEN_BYTES:
+            piece = conn.recv(limits.SHM_TOKEN_BYTES - len(token))
+            if not piece:
+                break
+            token += piece
+        offer = self._claim(token) if len(token) == limits.SHM_TOKEN_BYTES else None
+        if offer is None:
+            why = ("unknown, used or expired token" if len(token) == limits.SHM_TOKEN_BYTES
+                   else f"expected a {limits.SHM_TOKEN_BYTES}-byte token, got {len(token)} bytes")
+            log.warning("shared memory: refused a claim on %s: %s", self.name, why)
+            conn.sendall(f"refused: {why}\n".encode())
+            return
+        try:
+            socket.send_fds(conn, [_OK], [offer.fd])
+        finally:
+            os.close(offer.fd)  # one use: from now on only the two mappings reach the region
+
+    def _claim(self, token: bytes) -> _Offer | None:
+        with self._lock:
+            self._expire(time.monotonic())
+            found = None
+            for offer in self._offers:  # every offer is compared (constant time each), not the first match
+                if hmac.compare_digest(offer.token, token):
+                    found = offer
+            if found is not None:
+                self._offers.remove(found)
+            return found
+
+
+def claim(name: str, token: bytes, nbytes: int) -> mmap.mmap:
+    """The sender's side of step 2: fetch the offered region's descriptor and map it (blocking)."""
+    if not (isinstance(name, str) and name.startswith(SOCKET_PREFIX) and len(name) < 100 and "\0" not in name):
+        raise ShmUnavailable(f"the offer names no meshd socket ({name!r:.60})")
+    if not isinstance(token, bytes) or len(token) != limits.SHM_TOKEN_BYTES:
+        raise ShmUnavailable("the offer's token is not 32 bytes")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(limits.SHM_SOCKET_TIMEOUT_S)
+        try:
+            sock.connect("\0" + name)
+            sock.sendall(token)
+            message, fds, _, _ = socket.recv_fds(sock, 256, 1)
+        except OSError as exc:  # another network namespace has no such socket: ECONNREFUSED
+            raise ShmUnavailable(f"cannot reach the peer's socket: {exc.strerror or exc}") from None
+        try:
+            if message != _OK or len(fds) != 1:
+                said = message.decode(errors="replace").strip()[:200] or "no descriptor"
+                raise ShmUnavailable(f"the peer refused the claim: {said}")
+            return map_region(fds[0], nbytes)
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+
+class ShmSender:
+    """The sending daemon's side for one next peer: the region it was given on the current connection.
+
+    The region belongs to one TCP connection (the receiver drops it with the session), so a reconnect
+    asks again. ``arena`` returns None when the region cannot be had or grown now; that step then goes
+    over TCP. A setup that failed is not retried for this peer (one line in the log said why)."""
+
+    def __init__(self, peer: str, device: torch.device) -> None:
+        self.peer = peer
+        self.device = device
+        self.failed: str | None = None
+        self._conn = None
+        self._region: tuple[int, staging.PinnedArena] | None = None
+        self._lock = asyncio.Lock()
+
+    async def arena(self, channel, stream_bytes: int) -> tuple[int, staging.PinnedArena] | None:
+        async with self._lock:
+            if self.failed is not None:
+                return None
+            if self._conn is not channel.conn or channel.conn.closed:
+                self._retire()  # the receiver dropped the region with the old connection
+            current = self._region
+            if current is not None and current[1].nbytes >= stream_bytes:
+                return current
+            if current is not None and current[1].live_runs:
+                return None  # a forward through the old region is unanswered: grow after it, TCP now
+            try:
+                self._region = await self._setup(channel, stream_bytes)
+            except (ShmUnavailable, MeshError) as exc:
+                self.failed = exc.message if isinstance(exc, MeshError) else str(exc)
+                log.info("shared memory to %s unavailable (%s); the link uses TCP", self.peer, self.failed)
+                self._retire()
+                return None
+            self._conn = channel.conn
+            return self._region
+
+    async def _setup(self, channel, stream_bytes: int) -> tuple[int, staging.PinnedArena]:
+        reply = await channel.request("shm-offer", {"nbytes": stream_bytes}, timeout=limits.SHM_SETUP_TIMEOUT_S)
+        h = reply.header
+        region, nbytes = h.get("region"), h.get("nbytes")
+        if (not isinstance(region, int) or isinstance(region, bool) or not isinstance(nbytes, int)
+                or isinstance(nbytes, bool) or not stream_bytes <= nbytes <= limits.MAX_SHM_REGION_BYTES
+                or nbytes % staging.PAGE_BYTES):
+            raise ShmUnavailable(f"the peer's offer is malformed (region {region!r:.20}, {nbytes!r:.20} bytes)")
+        loop = asyncio.get_running_loop()
+        memory = await loop.run_in_executor(None, claim, h.get("socket"), h.get("token"), nbytes)
+        arena = await loop.run_in_executor(None, region_arena, memory, f"shm-out {self.peer}", self.device)
+        return region, arena
+
+    def _retire(self) -> None:
+        if self._region is not None:
+            self._region[1].close()  # unregistered once the runs still in flight are back
+        self._region, self._conn = None, None
+
+    def close(self) -> None:
+        self.failed = self.failed or "closed"
+        self._retire()
+
+
+def check_descriptor(desc: object, region: Inbound | None, shape, dtype: torch.dtype) -> tuple[int, int]:
+    """A forward's ``shm`` field against this connection's region and the input the stage expects;
+    returns (offset, nbytes). Every way it can be wrong is a ``bad-request`` naming the field."""
+    if region is None:
+        raise MeshError("bad-request", "shm input on a connection that holds no shared region (no shm-offer here)")
+    if not isinstance(desc, dict):
+        raise MeshError("bad-request", "shm must be a map of region, offset, nbytes, shape and dtype")
+    values = {}
+    for name in ("region", "offset", "nbytes"):
+        v = desc.get(name)
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise MeshError("bad-request", f"shm {name}={v!r:.20} must be an integer")
+        values[name] = v
+    if values["region"] != region.id:
+        raise MeshError("bad-request", f"shm region {values['region']} is not this connection's (region {region.id})")
+    if desc.get("dtype") not in DTYPES or DTYPES[desc["dtype"]] != dtype:
+        raise MeshError("mismatch", f"shm input is {desc.get('dtype')!r:.20}; this stage computes in {dtype}")
+    if desc.get("shape") != list(shape):
+        raise MeshError("mismatch", f"shm input has shape {desc.get('shape')!r:.60}; this stage expects {list(shape)}")
+    offset, nbytes = values["offset"], values["nbytes"]
+    if nbytes != math.prod(shape) * dtype.itemsize:
+        raise MeshError("bad-request", f"shm nbytes={nbytes} is not the size of a {list(shape)} {dtype} tensor")
+    if offset % limits.SHM_ALIGN or not 0 <= offset <= region.arena.nbytes - nbytes:
+        raise MeshError("bad-request", f"shm bytes {offset}..{offset + nbytes} are not a {limits.SHM_ALIGN}-aligned "
+                                       f"range of the {region.arena.nbytes}-byte region")
+    return offset, nbytes

@@ -1,0 +1,366 @@
+"""Transport host-shm on the CPU: sealed memfd regions, the claim over the abstract Unix socket, raw
+streams through a region over a real sealed loopback connection, and split generations between two
+daemons of this host. The GPU half (pinned regions, bit-exact over many klein-sized steps) is
+tests/test_shm_gpu.py."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import fcntl
+import gc
+import io
+import logging
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from codec import CodecSpec, TokenLayout
+from meshd import auth, limits
+from meshd.errors import MeshError
+from meshd.pipeline.streaming import LinkPlan, receive_activation, send_activation
+from meshd.wire import shm
+from meshd.wire.channel import Channel, ServerSession
+from meshd.wire.staging import PAGE_BYTES
+from meshtui.cli import run_local
+from tests.daemons import running_daemon, split_generation
+from tests.test_staging import eventually, sealed_pair
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "memfd_create"), reason="memfd and abstract sockets are Linux's")
+
+KEY = auth.generate_key()
+TEXT, SIDE, HIDDEN = 8, 4, 64
+SHAPE = (1, TEXT + SIDE * SIDE, HIDDEN)
+PARAMS = {"prompt": "a lighthouse at dawn", "seed": 5, "width": 64, "height": 64, "steps": 3, "guidance": 1.0}
+
+
+class Receiver:
+    """The receiving end of one connection as a stage has it: ``shm-offer`` answered from a real
+    :class:`ShmServer`, every ``forward`` received through :func:`receive_activation`."""
+
+    def __init__(self, served, device: torch.device, shape=SHAPE, dtype=torch.bfloat16) -> None:
+        self.server = shm.ShmServer("test-node", device)
+        self.device, self.shape, self.dtype = device, shape, dtype
+        self.received: list = []
+        self.session = ServerSession(served, self.handle, {})
+
+    async def handle(self, request):
+        if request.op == "shm-offer":
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(None, self.server.offer, request.session, request.header["nbytes"]), []
+        tensor, rx = await receive_activation(request, self.device, self.shape, self.dtype,
+                                              shm=self.server.region(request.session))
+        self.received.append((tensor, rx))
+        return {}, []
+
+
+async def shm_link(device=torch.device("cpu"), shape=SHAPE):
+    """A sealed loopback connection whose receiver gives regions, and a host-shm link over it."""
+    client, served = await sealed_pair()
+    receiver = Receiver(served, device, shape)
+    serving = asyncio.ensure_future(receiver.session.run())
+    sender = shm.ShmSender("test-peer", device)
+    link = LinkPlan("host-shm", CodecSpec("raw", layout=TokenLayout(TEXT, SIDE, SIDE)), {}, shm=sender)
+    return Channel(client), receiver, serving, link
+
+
+async def close_link(channel, receiver, serving, link) -> None:
+    await channel.close()
+    serving.cancel()
+    await asyncio.gather(serving, return_exceptions=True)
+    link.shm.close()
+    receiver.server.close()
+
+
+def activation(step: int, shape=SHAPE) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(step)).to(torch.bfloat16)
+
+
+# --- regions ------------------------------------------------------------------------------------
+
+
+def test_a_region_is_sealed_so_its_peer_can_neither_shrink_nor_grow_it():
+    fd, memory = shm.make_region(2 * PAGE_BYTES)
+    try:
+        for size in (PAGE_BYTES, 4 * PAGE_BYTES):
+            with pytest.raises(PermissionError):
+                os.ftruncate(fd, size)  # what a peer would do to SIGBUS the reader
+        with pytest.raises(PermissionError):
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE)  # the seals themselves are sealed
+        mapped = shm.map_region(fd, 2 * PAGE_BYTES)
+        mapped[:4] = b"mesh"
+        assert memory[:4] == b"mesh", "both mappings see one memory"
+    finally:
+        os.close(fd)
+
+
+def test_a_received_descriptor_that_could_shrink_or_has_another_size_is_refused():
+    fd = os.memfd_create("unsealed", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, PAGE_BYTES)
+        with pytest.raises(shm.ShmUnavailable, match="not sealed against shrinking and growing"):
+            shm.map_region(fd, PAGE_BYTES)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+        with pytest.raises(shm.ShmUnavailable, match=f"has {PAGE_BYTES} bytes; the offer said {2 * PAGE_BYTES}"):
+            shm.map_region(fd, 2 * PAGE_BYTES)
+    finally:
+        os.close(fd)
+    with open(os.devnull, "rb") as not_memfd:
+        with pytest.raises(shm.ShmUnavailable):
+            shm.map_region(not_memfd.fileno(), PAGE_BYTES)
+
+
+def test_a_region_holds_two_streams_in_whole_pages_and_is_bounded():
+    assert shm.region_bytes(1) == 2 * PAGE_BYTES
+    assert shm.region_bytes(36 << 20) == 72 << 20
+    assert shm.region_bytes(limits.MAX_SHM_REGION_BYTES) == limits.MAX_SHM_REGION_BYTES
+    with pytest.raises(shm.ShmUnavailable, match="MAX_SHM_REGION_BYTES"):
+        shm.region_bytes(limits.MAX_SHM_REGION_BYTES + 1)
+
+
+# --- the claim over the Unix socket ---------------------------------------------------------------
+
+
+def claim_raw(name: str, payload: bytes) -> tuple[bytes, list[int]]:
+    """Talk to the claim socket as any local process could: send ``payload``, return what came back."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(5)
+        sock.connect("\0" + name)
+        if payload:
+            sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        message, fds, _, _ = socket.recv_fds(sock, 256, 1)
+        return message, fds
+
+
+def test_only_the_offered_token_gets_the_region_once_and_every_refusal_is_one_line(caplog):
+    server = shm.ShmServer("node", torch.device("cpu"))
+    session = object()
+    try:
+        offer = server.offer(session, PAGE_BYTES)
+        assert offer["socket"].startswith("meshd-shm-node-") and len(offer["token"]) == limits.SHM_TOKEN_BYTES
+        with caplog.at_level(logging.WARNING, logger="meshd.wire.shm"):
+            for payload, why in ((b"", "got 0 bytes"), (b"GET / HTTP/1.1\r\n", "got 16 bytes"),
+                                 (os.urandom(limits.SHM_TOKEN_BYTES), "unknown, used or expired token"),
+                                 (os.urandom(4096), "unknown, used or expired token")):
+                message, fds = claim_raw(offer["socket"], payload)
+                assert fds == [] and message.startswith(b"refused: ") and message.endswith(f"{why}\n".encode())
+            refusals = [r.getMessage() for r in caplog.records]
+            assert len(refusals) == 4 and all(m.startswith("shared memory: refused a claim") for m in refusals)
+            memory = shm.claim(offer["socket"], offer["token"], offer["nbytes"])  # still served, and right
+            memory[:2] = b"ok"
+            assert server.region(session).arena.span(0, 2).tobytes() == b"ok"
+            with pytest.raises(shm.ShmUnavailable, match="refused the claim: refused: unknown, used or expired"):
+                shm.claim(offer["socket"], offer["token"], offer["nbytes"])  # replayed
+    finally:
+        server.close()
+
+
+def test_a_token_expires_and_an_ended_session_takes_its_offer_and_region_with_it(monkeypatch):
+    server = shm.ShmServer("node", torch.device("cpu"))
+    try:
+        monkeypatch.setattr(limits, "SHM_TOKEN_TTL_S", 0.0)
+        late = server.offer(object(), PAGE_BYTES)
+        with pytest.raises(shm.ShmUnavailable, match="expired"):
+            shm.claim(late["socket"], late["token"], late["nbytes"])
+        monkeypatch.setattr(limits, "SHM_TOKEN_TTL_S", 5.0)
+        session = object()
+        gone = server.offer(session, PAGE_BYTES)
+        arena = server.region(session).arena
+        server.drop(session)
+        assert server.region(session) is None and arena.live_runs == 0
+        with pytest.raises(shm.ShmUnavailable, match="expired"):
+            shm.claim(gone["socket"], gone["token"], gone["nbytes"])
+    finally:
+        server.close()
+
+
+def test_the_regions_a_daemon_gives_are_bounded_in_total(monkeypatch):
+    monkeypatch.setattr(limits, "MAX_SHM_TOTAL_BYTES", 5 * PAGE_BYTES)
+    server = shm.ShmServer("node", torch.device("cpu"))
+    try:
+        first = object()
+        server.offer(first, PAGE_BYTES)  # two pages
+        server.offer(object(), PAGE_BYTES)  # four
+        with pytest.raises(shm.ShmUnavailable, match="would pass MAX_SHM_TOTAL_BYTES"):
+            server.offer(object(), PAGE_BYTES)
+        server.offer(first, PAGE_BYTES)  # a session's new region replaces its old one
+    finally:
+        server.close()
+
+
+# --- descriptors ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"offset": 2 * PAGE_BYTES - 64}, "not a 64-aligned range of the 2097152-byte region"),
+    ({"offset": -64}, "not a 64-aligned range"),
+    ({"offset": 3}, "not a 64-aligned range"),
+    ({"offset": 1 << 62}, "not a 64-aligned range"),
+    ({"offset": "0"}, "shm offset='0' must be an integer"),
+    ({"offset": True}, "shm offset=True must be an integer"),
+    ({"region": 2}, "shm region 2 is not this connection's (region 1)"),
+    ({"nbytes": 64}, "is not the size of a [1, 24, 64] torch.bfloat16 tensor"),
+    ({"shape": [1, 24, 32]}, "this stage expects [1, 24, 64]"),
+    ({"dtype": "float32"}, "shm input is 'float32'; this stage computes in torch.bfloat16"),
+    ({"dtype": "uint8"}, "shm input is 'uint8'"),
+])
+def test_a_descriptor_outside_the_region_or_unlike_the_input_is_refused(change, message):
+    fd, memory = shm.make_region(2 * PAGE_BYTES)
+    os.close(fd)  # the mapping keeps the memory
+    region = shm.Inbound(1, shm.region_arena(memory, "t", torch.device("cpu")))
+    good = {"region": 1, "offset": 0, "nbytes": 24 * 64 * 2, "shape": [1, 24, 64], "dtype": "bfloat16"}
+    assert shm.check_descriptor(good, region, SHAPE, torch.bfloat16) == (0, 24 * 64 * 2)
+    with pytest.raises(MeshError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        shm.check_descriptor({**good, **change}, region, SHAPE, torch.bfloat16)
+    with pytest.raises(MeshError, match="holds no shared region"):
+        shm.check_descriptor(good, None, SHAPE, torch.bfloat16)
+
+
+# --- streams through a region ---------------------------------------------------------------------
+
+
+async def test_streams_through_the_region_arrive_exact_with_one_region_and_no_chunk_stream():
+    channel, receiver, serving, link = await shm_link()
+    try:
+        for step in range(12):
+            tensor = activation(step)
+            _, sent = await send_activation(channel, {}, [], tensor, link)
+            got, rx = receiver.received.pop()
+            assert torch.equal(got, tensor) and rx.transport == "host-shm" and sent.chunks == 0
+        region = receiver.server.region(receiver.session)
+        assert region.id == 1, "the region was made once and reused"
+        # Two steps at once (two generations on one link) take the region's two runs.
+        pair = [activation(100), activation(101)]
+        await asyncio.gather(*(send_activation(channel, {}, [], t, link) for t in pair))
+        assert sorted(torch.equal(got, t) for got, _ in receiver.received for t in pair).count(True) == 2
+        assert await eventually(lambda: link.shm._region[1].live_runs == 0)
+    finally:
+        await close_link(channel, receiver, serving, link)
+
+
+async def test_a_bigger_stream_gets_a_bigger_region_and_a_full_region_sends_over_tcp():
+    channel, receiver, serving, link = await shm_link()
+    try:
+        await send_activation(channel, {}, [], activation(0), link)
+        first = receiver.server.region(receiver.session).arena
+        big = (1, TEXT + SIDE * SIDE, 64 * 1024)  # 3 MiB: more than the first region holds
+        receiver.shape = big
+        tensor = activation(1, big)
+        await send_activation(channel, {}, [], tensor, link)
+        got, rx = receiver.received.pop()
+        assert torch.equal(got, tensor) and rx.transport == "host-shm"
+        assert receiver.server.region(receiver.session).id == 2 and first._closed
+        taken = link.shm._region[1].allocate(link.shm._region[1].nbytes)  # every page in use
+        await send_activation(channel, {}, [], tensor, link)
+        got, rx = receiver.received.pop()
+        assert torch.equal(got, tensor) and rx.transport == "tcp", "no room: the same bytes over TCP"
+        del taken
+    finally:
+        await close_link(channel, receiver, serving, link)
+
+
+async def test_an_out_of_bounds_offset_is_refused_and_the_connection_serves_on(monkeypatch):
+    channel, receiver, serving, link = await shm_link()
+    try:
+        await send_activation(channel, {}, [], activation(0), link)
+        arena = link.shm._region[1]
+        monkeypatch.setattr(arena, "offset_of", lambda run: arena.nbytes - 64)  # a peer lying about its offset
+        with pytest.raises(MeshError, match="are not a 64-aligned range of the 2097152-byte region") as refused:
+            await send_activation(channel, {}, [], activation(1), link)
+        assert refused.value.code == "bad-request"
+        monkeypatch.undo()
+        tensor = activation(2)
+        await send_activation(channel, {}, [], tensor, link)
+        assert torch.equal(receiver.received.pop()[0], tensor)
+    finally:
+        await close_link(channel, receiver, serving, link)
+
+
+async def test_a_refused_offer_is_one_line_and_the_link_stays_on_tcp(caplog):
+    channel, receiver, serving, link = await shm_link()
+    receiver.server.close()  # a receiver that cannot give regions any more
+    try:
+        with caplog.at_level(logging.INFO, logger="meshd.wire.shm"):
+            for step in range(3):
+                tensor = activation(step)
+                await send_activation(channel, {}, [], tensor, link)
+                got, rx = receiver.received.pop()
+                assert torch.equal(got, tensor) and rx.transport == "tcp"
+        lines = [r.getMessage() for r in caplog.records if r.name == "meshd.wire.shm"]
+        assert len(lines) == 1 and "shared memory to test-peer unavailable" in lines[0]
+        assert "shutting down" in lines[0] and lines[0].endswith("the link uses TCP")
+    finally:
+        await close_link(channel, receiver, serving, link)
+
+
+# --- split generations between daemons of this host -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The all-local run and the folder of its tiny model (the daemons below load the same one)."""
+    models = tmp_path_factory.mktemp("models")
+    args = argparse.Namespace(device="cpu", models_dir=[models], model="tiny", random_weights=False,
+                              size=(64, 64), steps=PARAMS["steps"], guidance=1.0, prompt=PARAMS["prompt"],
+                              seed=PARAMS["seed"])
+    png, _ = asyncio.run(run_local(args))
+    return np.asarray(Image.open(io.BytesIO(png))), models
+
+
+def transports(outcome) -> tuple[str, list[str]]:
+    link = outcome.summary["stages"][0]["link"]["transport"]
+    hops = [hop.get("transport", "tcp") for step in outcome.summary["steps"] for p in step["passes"] for hop in p["hops"]]
+    return link, hops
+
+
+@pytest.mark.parametrize("a_config, b_config, expected", [
+    ({"same_host_ipc": False}, {"same_host_ipc": False}, "host-shm"),
+    ({"same_host_shm": False}, {}, "tcp"),
+    ({}, {"same_host_shm": False}, "tcp"),
+], ids=["shm", "sender-off", "receiver-off"])
+async def test_a_split_between_daemons_of_this_host_uses_shared_memory_unless_switched_off(
+        tmp_path, reference, caplog, a_config, b_config, expected):
+    local, models = reference
+    async with running_daemon(tmp_path / "a", KEY, blocks=range(0, 3), models_dir=models, **a_config) as a, \
+            running_daemon(tmp_path / "b", KEY, blocks=range(3, 6), models_dir=models, **b_config) as b:
+        with caplog.at_level(logging.INFO, logger="meshd.wire.shm"):
+            for _ in range(2):  # the second generation reuses the link's region
+                outcome = await split_generation(KEY, [a.bound, b.bound], "A:0-2,B:3-5", PARAMS, codec="raw")
+                assert np.array_equal(np.asarray(Image.open(io.BytesIO(outcome.png))), local)
+                link, hops = transports(outcome)
+                assert link == expected and hops == [expected] * PARAMS["steps"]
+        said = [r.getMessage() for r in caplog.records if r.name == "meshd.wire.shm"]
+        if "same_host_shm" in b_config:  # B refused A's offer: said once, then TCP
+            assert len(said) == 1 and "same_host_shm = false" in said[0], said
+        else:
+            assert said == []
+        if expected == "host-shm":
+            hops = [hop for step in outcome.summary["steps"] for p in step["passes"] for hop in p["hops"]]
+            assert all(hop["d2h_ms"] is not None and hop["h2d_ms"] is not None and hop["chunks"] == 0 for hop in hops)
+            assert len(b.shm._regions) == 1 and next(iter(b.shm._regions.values())).id == 1
+    gc.collect()
+
+
+def test_the_split_bench_forces_shared_memory_and_stays_exact(tmp_path):
+    """``--transport shm``: CUDA IPC off, shared memory on (``--transport tcp``: tests/test_bench_split.py)."""
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        [sys.executable, str(root / "bench" / "split_bench.py"), "--model", "tiny", "--random-weights",
+         "--device", "cpu", "--size", "64", "--steps", "2", "--codecs", "raw", "--repeat", "1",
+         "--transport", "shm", "--workdir", str(tmp_path)],
+        capture_output=True, text=True, timeout=240, cwd=root)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout)
+    (run,) = result["runs"]
+    assert run["transports"] == ["host-shm"] and run["bit_identical_latents"] and run["chosen"] == ["raw"]
+    assert result["config"]["link"] == "same host, shared host memory (CUDA IPC off)"
+    assert [part["link"] for part in run["hop_breakdown_ms"]] and run["hop_breakdown_ms"][0]["h2d_ms"] is not None
