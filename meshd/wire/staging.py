@@ -86,6 +86,18 @@ def _error(lib, rc: int) -> str:
     return f"CUDA driver error {rc}"
 
 
+def _indexed(device):
+    """``device`` with its index: "cuda" alone means the creating thread's current GPU. The owner thread
+    must be told which (a fresh thread's current device is 0, and set_device refuses an unindexed
+    "cuda": on the H200 that failed every arena of daemons built with device "cuda", as the in-process
+    tests build them; ``meshd serve`` always names an index)."""
+    import torch  # noqa: PLC0415 - torch is loaded wherever an arena is made
+
+    if device is None or torch.device(device).type != "cuda" or torch.device(device).index is not None:
+        return device
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else device
+
+
 def _current_context(device):
     """Make ``device``'s CUDA context current on this thread (the owner thread's first CUDA call): the
     driver registers memory for the current context, a fresh thread has none, and a fresh thread's
@@ -127,7 +139,7 @@ class PinnedArena:
         self._live = 0
         self._closed = False
         self.pinned = False
-        self.device = device  # the GPU whose copies use this memory (its owner thread's current device)
+        self.device = _indexed(device)  # the GPU whose copies use this memory (its owner thread's current device)
         if pin:
             try:
                 self.run(self._register)
