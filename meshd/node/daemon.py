@@ -342,7 +342,7 @@ class Daemon:
 
     # --- what the services share ------------------------------------------------------------
 
-    def _check_model(self, expected: object) -> None:
+    def check_model(self, expected: object) -> None:
         mine = self.model.identity
         if not isinstance(expected, dict):
             raise MeshError("bad-request", "prepare needs the plan's model identity")
@@ -352,7 +352,7 @@ class Daemon:
                       f"sha256 {str(expected.get('hash'))[:12]}, weights {expected.get('weights')!s:.80})")
             raise MeshError("mismatch", f"{self.name} holds {mine.describe()}; the plan expects {theirs}")
 
-    def _check_holds(self, stage: Stage) -> None:
+    def check_holds(self, stage: Stage) -> None:
         if not self.model.holds(stage.start, stage.end):
             raise MeshError(
                 "mismatch",
@@ -367,7 +367,7 @@ class Daemon:
                                     loras, size=f"{geometry.img_w * scale}x{geometry.img_h * scale}",
                                     node=self.name, progress=event)
 
-    async def _check_loras(self, loras: tuple[LoraSpec, ...]) -> None:
+    async def check_loras(self, loras: tuple[LoraSpec, ...]) -> None:
         """Make sure this peer can apply ``loras`` from its own files (loads their factors once)."""
         if not loras:
             return
@@ -376,7 +376,7 @@ class Daemon:
         except LoraError as exc:
             raise MeshError("not-found", f"{self.name} cannot apply the LoRAs: {exc}") from None
 
-    def _spawn(self, work) -> None:
+    def spawn(self, work) -> None:
         """Run clean-up work in the background (``stop`` waits for it): a reply, or an error, must not
         wait on a peer further down the line that may itself be gone or frozen."""
         task = asyncio.ensure_future(work)

@@ -66,13 +66,13 @@ class HeadService:
         if isinstance(raw_params, dict) and "loras" in raw_params:
             raw_params = {**raw_params, "loras": self.resolve_loras(raw_params["loras"])}
         params = GenerationParams.from_wire(raw_params, multiple=preset.size_multiple)
-        await d._check_loras(params.loras)
+        await d.check_loras(params.loras)
         try:
             plan = SplitPlan.from_wire(h.get("plan")).validate(preset.num_blocks)
         except (PlanError, codec.CodecError) as exc:
             raise MeshError("bad-request", f"plan: {exc}") from None
         head = plan.stages[0]
-        d._check_holds(head)
+        d.check_holds(head)
         if not d.model.has_head:
             raise MeshError("mismatch", f"{d.name} lacks the input layers the head runs (it must hold block 0)")
         if len(plan.stages) == 1 and not d.model.has_tail:
@@ -137,7 +137,7 @@ class HeadService:
             raise MeshError("not-found", f"{d.name}: {exc}") from None
         finally:
             if isinstance(runner, SplitRunner):
-                d._spawn(runner.release())
+                d.spawn(runner.release())
         if return_latents:
             headers, buffers = pack_raw([result.latents])
             return {"summary": result.summary, "latents": headers[0]}, [result.png, *buffers]

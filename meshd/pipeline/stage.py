@@ -80,7 +80,7 @@ class StageService:
     async def _prepare_job(self, request: Request, job_id: str):
         d = self.daemon
         h = request.header
-        d._check_model(h.get("model"))
+        d.check_model(h.get("model"))
         try:
             stages = SplitPlan.from_wire(h.get("stages")).stages
         except (PlanError, codec.CodecError) as exc:
@@ -95,7 +95,7 @@ class StageService:
                 raise MeshError("bad-request", "plan stages are not contiguous")
         if stages[-1].end != preset.num_blocks:
             raise MeshError("bad-request", "plan does not reach the last block")
-        d._check_holds(me)
+        d.check_holds(me)
         tail = me.end == preset.num_blocks
         if tail and not d.model.has_tail:
             raise MeshError("mismatch", f"{d.name} lacks the final layer the last stage runs")
@@ -107,7 +107,7 @@ class StageService:
                                       [(1, geometry.txt_len, 4), (1, geometry.img_h * geometry.img_w, 4)])
         loras = loras_from_wire(h.get("loras"))
         rotary, _ = await d.worker.run(d.model.span.rotary, txt_ids.to(d.device), img_ids.to(d.device))
-        await d._check_loras(loras)
+        await d.check_loras(loras)
         # This stage compiles for a new size while the prepare travels on, so the stages compile at once.
         compiling = asyncio.ensure_future(d.compile_for(geometry, loras, request.event))
         compiling.add_done_callback(lambda f: f.cancelled() or f.exception())
@@ -128,7 +128,7 @@ class StageService:
             # worker is dropped, and what the stages after this one prepared is released too.
             compiling.cancel()
             if job.next_peer is not None:
-                d._spawn(self._relay_release(job))
+                d.spawn(self._relay_release(job))
             raise
         self.jobs[job_id] = job
         return {"stages": [d.relay.stage_info(me, job.next_link), *infos]}, []
@@ -198,7 +198,7 @@ class StageService:
         if job is None:
             return
         if relay and job.next_peer is not None:
-            self.daemon._spawn(self._relay_release(job))
+            self.daemon.spawn(self._relay_release(job))
         self.daemon.worker.free_memory()
 
     def release_owned(self, session: ServerSession) -> None:
