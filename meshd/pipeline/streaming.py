@@ -23,6 +23,7 @@ import torch
 
 import codec
 from codec import CodecError, CodecSpec
+from codec.core import host_bytes
 
 from ..errors import MeshError
 from ..wire.bulk import SendTiming
@@ -198,15 +199,11 @@ def staged_raw_chunks(tensor: torch.Tensor, header: codec.Header, arena: PinnedA
     chunk ``i`` is yielded as soon as its event has fired, while the later copies still run. A chunk
     for which the arena has no room (several streams at once) is copied through pageable memory when
     its turn comes. ``stats.d2h_ms`` is the copies' time on the GPU, first to last."""
-    rows = tensor.detach().contiguous().view(torch.uint8).reshape(header.tokens, -1)
+    rows = _byte_view(tensor).reshape(header.tokens, -1)
     gpu = stream is not None  # on the CPU (tests) the same pipeline copies synchronously
 
     def marker():
-        if not gpu:
-            return None
-        event = torch.cuda.Event(enable_timing=True)
-        event.record(stream)
-        return event
+        return _recorded(stream) if gpu else None
 
     pending: list = []
     try:
@@ -217,6 +214,7 @@ def staged_raw_chunks(tensor: torch.Tensor, header: codec.Header, arena: PinnedA
                 source = rows[info.start : info.start + info.count].reshape(-1)
                 run = arena.allocate(source.numel())
                 if run is None:
+                    stats.staged = False  # this chunk goes through pageable memory: the hop is not all staged
                     pending.append((None, source))
                     continue
                 torch.from_numpy(run).copy_(source, non_blocking=gpu)
@@ -227,7 +225,7 @@ def staged_raw_chunks(tensor: torch.Tensor, header: codec.Header, arena: PinnedA
             run, done = pending[index]
             pending[index] = None  # the consumer holds the run from here; it returns once sent
             if run is None:
-                yield codec.EncodedChunk(index, [codec.core.host_bytes(done)])
+                yield codec.EncodedChunk(index, [host_bytes(done)])
                 continue
             if done is not None:
                 done.synchronize()
@@ -309,7 +307,7 @@ async def send_shared(channel: Channel, fields: dict, segments: list, tensor: to
         # On the arena's owner thread, like every CUDA call on its (registered) memory.
         t0 = time.perf_counter()
         with on_stream(stream):
-            source = tensor.detach().contiguous().view(torch.uint8).reshape(-1)
+            source = _byte_view(tensor)
             torch.from_numpy(run).copy_(source, non_blocking=stream is not None)
         if stream is not None:
             stream.synchronize()  # the bytes are in the region before the peer is told where
@@ -467,6 +465,11 @@ async def receive_stream(request: Request, device: torch.device, expect_shape: S
     elif decoder.header.codec == "raw":
         stats.h2d_ms = stats.decode_ms  # a CPU stage: the copy is the decode
     return tensor, stats
+
+
+def _byte_view(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor's bytes, flat (a view where it is contiguous already)."""
+    return tensor.detach().contiguous().view(torch.uint8).reshape(-1)
 
 
 def _recorded(stream) -> torch.cuda.Event:

@@ -135,8 +135,8 @@ class ReceiveTiming:
 
 
 def recv_sealed(sock: socket.socket, view: memoryview, opener: sealing.Opener, ring: list[bytearray],
-                      opener_thread: ThreadPoolExecutor, progress: Callable[[], None], timeout: float,
-                      timing: ReceiveTiming) -> int:
+                opener_thread: ThreadPoolExecutor, timing: ReceiveTiming, progress: Callable[[], None],
+                timeout: float) -> int:
     """Receive a big segment's records on this thread while ``opener_thread`` checks and opens the ones
     before, in order, each straight into its place in ``view``. A record's size is the piece due, never
     what its header claims: the header is checked (on the opener, where its number is due) before its

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import random
 import socket
@@ -126,6 +125,8 @@ class Connection:
         arena on first call: call it off the event loop. None where pinning is unavailable (said once
         in the log)."""
         arena = self.inbound.arena(nbytes, device)
+        # Not derivable from ``inbound.current``: a stream too big for any arena turns staging off
+        # for this stream while the existing (smaller) arena stays for the next ones.
         self._inbound_staged = arena is not None
         return arena
 
@@ -268,12 +269,12 @@ class Connection:
         with self._using_socket():
             await self._read_socket(view, idle_timeout)
 
-    async def _in_thread(self, fn, *args, **kw) -> int:
+    async def _in_thread(self, fn, *args) -> int:
         """Run a bulk receive on an I/O thread; its failures become PeerLost (SealError passes through)."""
         with self._using_socket():
             try:
-                return await self._loop.run_in_executor(
-                    bulk.BULK_IO, functools.partial(fn, self.sock, *args, self._progress, limits.FRAME_PROGRESS_TIMEOUT_S, **kw))
+                return await self._loop.run_in_executor(bulk.BULK_IO, fn, self.sock, *args, self._progress,
+                                                        limits.FRAME_PROGRESS_TIMEOUT_S)
             except TimeoutError:
                 raise PeerLost(self.name, f"no data for {limits.FRAME_PROGRESS_TIMEOUT_S:.0f} s") from None
             except (ConnectionError, OSError, ValueError) as exc:
@@ -350,7 +351,7 @@ class Connection:
             view = memoryview(buf).cast("B")
             if n >= BIG_SEGMENT:
                 received = await self._in_thread(bulk.recv_sealed, view, opener, self._ring("recv"),
-                                                 self._helper("recv"), timing=timing)
+                                                 self._helper("recv"), timing)
                 if self.stats:
                     self.stats.received(received)
             else:

@@ -140,7 +140,6 @@ class ServerHandshake:
         self.hello: dict = {}
         self.keys: SessionKeys | None = None
         self._nonce_c = b""
-        self._nonce_s = b""
         self._private: X25519PrivateKey | None = None
         self._transcript = b""  # the hash of hello and challenge, once the challenge is made
 
@@ -167,10 +166,10 @@ class ServerHandshake:
             self._nonce_c = auth.check_nonce(header.get("nonce"), self.peer)
         except auth.AuthError as exc:
             raise self._refuse("protocol", str(exc)) from None
-        self._private, self._nonce_s = _ephemeral()
+        self._private, nonce_s = _ephemeral()
         transcript = Transcript()
         transcript.add(header)  # as it arrived: PREAUTH_LIMITS admits only the encoding we re-create
-        challenge = _unproven({"op": "challenge", "proto": limits.PROTOCOL_VERSION, "nonce": self._nonce_s})
+        challenge = _unproven({"op": "challenge", "proto": limits.PROTOCOL_VERSION, "nonce": nonce_s})
         challenge["proof"] = auth.server_proof(self.key, transcript.digest(challenge))
         self._transcript = transcript.digest(challenge)
         return challenge
