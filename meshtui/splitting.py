@@ -17,7 +17,7 @@ from meshd.model.presets import PRESETS, ModelPreset
 from meshd.node.info import disagreement
 from meshd.pipeline.plan import (PeerAddress, PeerResources, PlanError, SplitPlan, Stage, WeightBytes,
                                  stage_extra_bytes, propose, span_bytes, workspace_bytes)
-from meshd.pipeline.progress import LinkInfo, StageInfo, passes_from_wire
+from meshd.pipeline.progress import SAME_HOST, LinkInfo, StageInfo, passes_from_wire
 
 from .views import PeerView
 
@@ -296,8 +296,9 @@ def _link_forecast(stage: Stage, nxt: Stage, peers: Mapping[PeerAddress, PeerVie
                    links: LinkBook) -> tuple[LinkForecast, str | None]:
     sender, receiver = peers.get(stage.peer), peers.get(nxt.peer)
     measured = links.get(stage.peer, nxt.peer)
-    if measured is not None and measured.transport == "cuda-ipc" and stage.codec in ("auto", "raw"):
-        return LinkForecast("cuda-ipc", None, True, 0.0, 0), None  # GPU to GPU on one host: nothing on a wire
+    if measured is not None and measured.transport in SAME_HOST and stage.codec in ("auto", "raw"):
+        # GPU to GPU, or through shared host memory, on one host: nothing on a wire
+        return LinkForecast(measured.transport, None, True, 0.0, 0), None
     # The head's measurement of this very link if there is one, else this client's to the receiver.
     head_measured = measured is not None and measured.bandwidth_bytes_per_s is not None
     bps = measured.bandwidth_bytes_per_s if head_measured else (receiver.bandwidth_bytes_per_s if receiver else None)

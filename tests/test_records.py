@@ -68,3 +68,7 @@ def test_step_events_and_prepared_stages_parse_once():
     assert stage.link == LinkInfo("10.0.0.2:7777", "tcp", 1.25e8, 0.4, "u8", None, True)
     ipc = LinkInfo.from_wire({"to": "x:1", "transport": "cuda-ipc", "bandwidth_bps": 0})
     assert ipc.transport == "cuda-ipc" and ipc.bandwidth_bytes_per_s is None  # unknown, not 0
+    # the shared-memory path between daemons of one host is itself, not TCP without a bandwidth
+    shm = LinkInfo.from_wire({"to": "x:1", "transport": "host-shm", "codec": "raw"})
+    assert shm.transport == "host-shm"
+    assert LinkInfo.from_wire({"to": "x:1", "transport": "carrier-pigeon"}).transport == "tcp"

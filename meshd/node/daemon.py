@@ -103,7 +103,6 @@ class Daemon:
 
     # --- lifecycle ----------------------------------------------------------------------------
 
-
     @property
     def caps(self) -> Capabilities:
         """This device's codec abilities as probed, updated when NVENC fails in use (what peers see)."""
@@ -185,9 +184,7 @@ class Daemon:
                 continue
             conn = Connection(sock, address_name(addr), emulation=self.emulation, allocator=self.allocator)
             self._halfopen.add(conn, source)
-            task = asyncio.ensure_future(self._serve_connection(conn, source))
-            self._inflight.add(task)
-            task.add_done_callback(self._inflight.discard)
+            self.spawn(self._serve_connection(conn, source))
             # Accepts that are ready complete without yielding: let the handshakes in progress read
             # their hellos between two accepts, or a flood would starve them.
             await asyncio.sleep(0)

@@ -115,8 +115,9 @@ class NodeInfo:
 
 def disagreement(models: Iterable[tuple[str, ModelInfo]]) -> str | None:
     """Why peers (by label) cannot serve one plan together, or None when they agree on
-    :attr:`ModelInfo.agreement`. The one rule: the dashboard, ``meshtui generate`` and the head's
-    prepare (meshd.node.daemon) all check this, so nothing proposes a plan the head would refuse."""
+    :attr:`ModelInfo.agreement`. The one rule: the dashboard and ``meshtui generate`` check this, and
+    the head's prepare (``Daemon.check_model``) compares the same ``agreement``, so nothing proposes a
+    plan the head would refuse."""
     models = list(models)
     if len({m.agreement for _, m in models}) <= 1:
         return None

@@ -17,14 +17,14 @@ from codec import CodecSpec
 
 from .. import limits
 from ..errors import MeshError
-from ..model.lora import LoraError, loras_to_wire
+from ..model.lora import MAX_LORAS, LoraError, loras_to_wire
 from ..model.span import Conditioning
 from ..model.tensorfiles import ModelError
 from ..node.admission import GenerationSlots, source_of
 from ..wire.channel import Request
 from .generation import GenerationParams, LocalRunner, Sampler, run_generation, uses_cfg
 from .plan import PlanError, SplitPlan, Stage
-from .relay import Geometry, cond_needs
+from .relay import Geometry, downstream_needs
 from .streaming import LinkPlan, pack_raw, unpack_raw
 
 
@@ -43,8 +43,8 @@ class HeadService:
         """LoRAs named by the client without a hash get the hash of the head's own copy."""
         if data is None:
             return []
-        if not isinstance(data, list) or len(data) > 8:
-            raise MeshError("bad-request", "loras must be a list of at most 8 entries")
+        if not isinstance(data, list) or len(data) > MAX_LORAS:
+            raise MeshError("bad-request", f"loras must be a list of at most {MAX_LORAS} entries")
         out = []
         for item in data:
             if isinstance(item, dict) and not item.get("sha256"):
@@ -160,7 +160,7 @@ class SplitRunner:
         scale = preset.size_multiple
         self.geometry = Geometry(1, preset.max_sequence_length, params.height // scale, params.width // scale)
         self.head = plan.stages[0]
-        self.downstream = set().union(*(cond_needs(preset, s.start, s.end) for s in plan.stages[1:]))
+        self.downstream = downstream_needs(preset, plan.stages[1:])
         self.channel = None
         self.link: LinkPlan | None = None
 

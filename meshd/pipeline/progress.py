@@ -20,6 +20,8 @@ from .blocks import BlockRange
 MAX_ITEMS = 64
 #: Text fields (node names, codec labels, notes) are cut to this many characters.
 MAX_TEXT = 200
+#: The transports that move a stream between daemons of one host without a codec or the network.
+SAME_HOST = ("cuda-ipc", "host-shm")
 
 
 def _text(value: object) -> str | None:
@@ -119,7 +121,7 @@ class LinkInfo:
     """The link out of a stage as the head measured and chose it when it prepared the split."""
 
     to: str  # the receiving peer's address
-    transport: str  # "tcp", or "cuda-ipc" between GPUs of one host (no codec, no wire)
+    transport: str  # "tcp"; or, between daemons of one host, "cuda-ipc" or "host-shm" (no codec, no wire)
     bandwidth_bytes_per_s: float | None  # meshd.pipeline.peers.measure_bandwidth (the wire calls it bandwidth_bps)
     rtt_ms: float | None
     codec: str | None
@@ -131,7 +133,7 @@ class LinkInfo:
         if not isinstance(link, dict) or not isinstance(link.get("to"), str):
             return None
         positive = lambda key: v if (v := _number(link.get(key))) is not None and v > 0 else None  # noqa: E731
-        return cls(link["to"][:MAX_TEXT], "cuda-ipc" if link.get("transport") == "cuda-ipc" else "tcp",
+        return cls(link["to"][:MAX_TEXT], link.get("transport") if link.get("transport") in SAME_HOST else "tcp",
                    positive("bandwidth_bps"), positive("rtt_ms"), _text(link.get("codec")), _text(link.get("why")),
                    link.get("emulated") is True)
 

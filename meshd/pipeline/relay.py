@@ -53,6 +53,11 @@ class Geometry:
     def tokens(self) -> int:
         return self.txt_len + self.img_h * self.img_w
 
+    @property
+    def layout(self) -> TokenLayout:
+        """Where the text and image tokens sit in the stream (what the codecs tile by)."""
+        return TokenLayout(self.txt_len, self.img_h, self.img_w)
+
     def to_wire(self) -> dict:
         return {"batch": self.batch, "txt_len": self.txt_len, "img_h": self.img_h, "img_w": self.img_w}
 
@@ -68,6 +73,11 @@ class Geometry:
                 raise MeshError("bad-request", f"geometry {name}={v!r:.20} must be in 1..{hi}")
             values[name] = v
         return cls(**values)
+
+
+def downstream_needs(preset, stages) -> set[str]:
+    """The per-step vectors the stages after a sender use (what it must pass on with the stream)."""
+    return set().union(*(cond_needs(preset, s.start, s.end) for s in stages))
 
 
 def relay_compile_events(send: Callable[[dict], Awaitable[None]]) -> Callable:
@@ -142,12 +152,12 @@ class Relay:
         stage gives us (set up, not assumed); else the codec the policy picks from the measured
         bandwidth and both ends' capabilities (or the one the plan forces)."""
         d = self.daemon
-        if await self._ipc_works(nxt, next_info) and forced in ("auto", "raw"):
+        if forced in ("auto", "raw") and await self._ipc_works(nxt, next_info):  # a forced codec needs no probe
             return LinkPlan("cuda-ipc", None, {"to": str(nxt.peer), "transport": "cuda-ipc", "codec": "cuda-ipc",
                                               "why": "same host: the stream moves GPU to GPU, no TCP"})
         stream_bytes = geometry.batch * geometry.tokens * d.model.preset.hidden * d.model.dtype.itemsize
         if forced in ("auto", "raw") and (sender := await self._shm_works(nxt, next_info, stream_bytes)):
-            raw = CodecSpec("raw", layout=TokenLayout(geometry.txt_len, geometry.img_h, geometry.img_w))
+            raw = CodecSpec("raw", layout=geometry.layout)
             return LinkPlan("host-shm", raw, {"to": str(nxt.peer), "transport": "host-shm", "codec": "raw",
                                               "why": "same host without CUDA IPC: the stream crosses shared "
                                                      "host memory once, only its place goes over TCP"},
@@ -164,7 +174,7 @@ class Relay:
         except codec.CodecError as exc:
             raise MeshError("mismatch", f"link {d.name} -> {nxt.peer}: {exc}") from None
         spec = CodecSpec(choice.spec.name, qp=choice.spec.qp,
-                         layout=TokenLayout(geometry.txt_len, geometry.img_h, geometry.img_w))
+                         layout=geometry.layout)
         return LinkPlan("tcp", spec, {"to": str(nxt.peer), "transport": "tcp", "bandwidth_bps": bandwidth.bytes_per_s,
                                       "rtt_ms": bandwidth.rtt_ms, "codec": spec.label, "why": choice.reason,
                                       "emulated": d.emulation.describe() if d.emulation else None},

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class LoraByName:
     """A LoRA a client names without its hash (``--lora NAME[:STRENGTH]``): the head resolves it to its
-    own copy's sha256 (meshd.node.daemon's ``resolve_loras``), and every stage then finds its copy by hash."""
+    own copy's sha256 (``HeadService.resolve_loras`` in meshd.pipeline.head), and every stage then finds its copy by hash."""
 
     name: str
     strength: float = 1.0

@@ -25,7 +25,7 @@ from ..model.span import Conditioning, Stream
 from ..wire import ipc, shm
 from ..wire.channel import Request, ServerSession
 from .plan import PlanError, SplitPlan, Stage
-from .relay import Geometry, cond_needs
+from .relay import Geometry, cond_needs, downstream_needs
 from .streaming import LinkPlan, pack_raw, receive_activation, unpack_raw
 
 
@@ -111,7 +111,7 @@ class StageService:
         # This stage compiles for a new size while the prepare travels on, so the stages compile at once.
         compiling = asyncio.ensure_future(d.compile_for(geometry, loras, request.event))
         compiling.add_done_callback(lambda f: f.cancelled() or f.exception())
-        downstream = set().union(*(cond_needs(preset, s.start, s.end) for s in stages[1:])) if len(stages) > 1 else set()
+        downstream = downstream_needs(preset, stages[1:])
         job = StageJob(job_id, request.session, me.start, me.end, tail, geometry, rotary,
                        cond_needs(preset, me.start, me.end), downstream, measure_error=bool(h.get("measure_error")),
                        loras=loras)
