@@ -46,6 +46,7 @@ from bench.timing import sync, time_calls  # noqa: E402
 from meshd.pipeline.generation import GenerationParams, Sampler  # noqa: E402
 from meshd.model.checkpoints import expected_shapes  # noqa: E402
 from meshd.model.precision import GGUF_QUANTISED, GgufLinear, LinearFormat, gguf_sizes  # noqa: E402
+from meshd.model.compiled import INDUCTOR_OPTIONS  # noqa: E402
 from meshd.model.presets import get_preset  # noqa: E402
 from meshd.model.runtime import HostedModel, RandomSource  # noqa: E402
 from meshtui.local import LocalCluster  # noqa: E402
@@ -66,14 +67,8 @@ def forward_ms(model: HostedModel, params: GenerationParams, repeat: int) -> tup
             stream = model.span.run(0, model.preset.num_blocks, sampler.embed(0), cond, sampler.rotary)
             return model.span.final(stream, cond.temb)
 
-        out = once()  # warm-up
-        times = []
-        for _ in range(repeat):
-            sync(model.device)
-            t0 = time.perf_counter()
-            out = once()
-            sync(model.device)
-            times.append((time.perf_counter() - t0) * 1e3)
+        once()  # warm-up
+        times, out = time_calls(once, model.device, repeat)
     return statistics.median(times), out.float()
 
 
@@ -209,7 +204,7 @@ def run_layers(args, device) -> list[dict]:
                     # on the H200). The layers are measured one at a time, so start each from a clean slate.
                     torch._dynamo.reset()
                     compiled = torch.compile(layer, fullgraph=True, dynamic=False,
-                                             options={"deterministic": True} if device.type == "cuda" else None)
+                                             options=INDUCTOR_OPTIONS if device.type == "cuda" else None)
                     t0 = time.perf_counter()
                     compiled_out = compiled(x)
                     sync(device)

@@ -206,7 +206,7 @@ async def run_local(args) -> tuple[bytes, dict]:
     # torch and the model code load only for a local run.
     import torch  # noqa: PLC0415
 
-    from meshd.pipeline.generation import LocalRunner, run_generation, GenerationParams  # noqa: PLC0415
+    from meshd.pipeline.generation import LocalRunner, run_generation  # noqa: PLC0415
     from meshd.node.gpu import GpuWorker  # noqa: PLC0415
     from meshd.model.files import ModelStore  # noqa: PLC0415
     from meshd.model.comfyui import lora_dirs  # noqa: PLC0415

@@ -424,7 +424,7 @@ def test_the_tekken_tokenizer_inside_a_mistral_file_gives_flux2s_prompt_ids(tmp_
             got = tok.apply_chat_template(format_input([prompt], SYSTEM_MESSAGE), add_generation_prompt=False,
                                           tokenize=True, return_dict=True, return_tensors="pt",
                                           padding="max_length", truncation=True, max_length=length)
-            want = flux2_prompt_ids(tekken_json(), SYSTEM_MESSAGE, prompt.replace("[IMG]", ""), length)
+            want = flux2_prompt_ids(tekken_json(), SYSTEM_MESSAGE, prompt, length)
             assert got["input_ids"][0].tolist() == want, (prompt, length)
             pads = want.index(MISTRAL_SPECIALS.index("<s>"))  # <pad> never comes out of text
             assert got["attention_mask"][0].tolist() == [0] * pads + [1] * (length - pads)

@@ -264,8 +264,6 @@ async def test_a_hop_over_tcp_reports_where_its_time_went_at_both_ends():
 def test_an_unindexed_cuda_device_becomes_the_creating_threads_gpu(monkeypatch):
     """An arena's owner thread is told its GPU by index: "cuda" alone (how in-process daemons are built)
     made torch.cuda.set_device raise on the H200, failing every arena and shared region of them."""
-    from meshd.wire import staging
-
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
     assert staging._indexed(torch.device("cuda")) == torch.device("cuda", 3)

@@ -52,7 +52,7 @@ async def test_raw_streams_through_pinned_staging_stay_bit_exact_and_reuse_one_a
             if step:  # the first stream of a connection arrives before it is known to go to the GPU
                 assert rx.staged and rx.h2d_ms is not None and rx.open_ms > 0
                 # (not at step 0: the receiving arena does not exist until the second stream)
-                arenas.add((id(client.outbound.current), id(served.inbound.current)))
+                arenas.add((client.outbound.current, served.inbound.current))  # held: ids of freed ones repeat
             del tensor
         out, into = client.outbound.current, served.inbound.current
         assert out.pinned and into.pinned

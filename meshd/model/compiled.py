@@ -40,6 +40,12 @@ log = logging.getLogger(__name__)
 INDUCTOR_ENV = "TORCHINDUCTOR_CACHE_DIR"
 INDEX_FILE = "index.json"
 MAX_INDEX_BYTES = 1 << 20  # the index is a few hundred bytes per shape; anything larger is not ours
+#: Inductor's deterministic mode: without it, each process benchmarks candidate configs for reduction
+#: kernels (RBLOCK, warps) and keeps the fastest, so two daemons can pick different summation orders for
+#: one graph. Measured on the H200 before this flag: a compiled klein-9B split differed from the compiled
+#: all-local run (final-latent rel L2 2.3e-3; the tiny model, with one candidate per kernel, was exact).
+#: The flag picks configs by rule, never by timing.
+INDUCTOR_OPTIONS = {"deterministic": True}
 #: Dynamo keeps this many graphs per compiled function (block classes x shapes) before it falls back
 #: to eager for new ones, which would silently mix numerics: raised far above what a daemon meets.
 RECOMPILE_LIMIT = 256
@@ -202,12 +208,7 @@ class BlockCompiler:
         if cache is not None and backend == "inductor":  # the only backend that writes those caches
             cache.activate()
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-        # Inductor's deterministic mode: without it, each process benchmarks candidate configs for
-        # reduction kernels (RBLOCK, warps) and keeps the fastest, so two daemons can pick different
-        # summation orders for one graph. Measured on the H200 before this flag: a compiled klein-9B
-        # split differed from the compiled all-local run (final-latent rel L2 2.3e-3; the tiny model,
-        # with one candidate per kernel, was exact). The flag picks configs by rule, never by timing.
-        options = {"deterministic": True} if backend == "inductor" else None
+        options = INDUCTOR_OPTIONS if backend == "inductor" else None
         self._fn = torch.compile(_call_block, fullgraph=True, dynamic=False, backend=backend, options=options)
         self._ready: set[BlockShape] = set()
         self._lock = threading.Lock()

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -230,7 +231,7 @@ class EncoderFile:
                     or info.dtype not in FP8_DTYPES:
                 continue
             scale = self.scales.get(f"model.{name}.weight")
-            per_row = scale is not None and _numel(scale.shape) > 1
+            per_row = scale is not None and math.prod(scale.shape) > 1
             formats[name] = LinearFormat("fp8", FP8_FORMATS[info.dtype], per_row=per_row)
         return formats
 
@@ -322,11 +323,6 @@ def _declared_layers(path: Path, header: dict[str, TensorInfo], metadata: dict[s
     return declared
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def _layer_scale(path: Path, key: str, value: torch.Tensor, scale: torch.Tensor | None, fmt: LinearFormat,
