@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from codec import Capabilities
 
-from ..pipeline.blocks import BlockRange
+from ..pipeline.blocks import BlockRange, wire_int
 from .nodeid import host_key
 
 #: Text fields longer than this are cut (frame headers are capped already; this bounds what is kept).
@@ -23,10 +23,6 @@ MAX_TEXT = 1000
 
 def _text(value: object) -> str | None:
     return value[:MAX_TEXT] if isinstance(value, str) else None
-
-
-def _int(value: object) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _map(value: object) -> dict:
@@ -51,7 +47,7 @@ class ModelInfo:
         m = _map(value)
         return cls(_text(m.get("model_id")), _text(m.get("preset")), _text(m.get("hash")), _text(m.get("dtype")),
                    _text(m.get("weights")), _text(m.get("compute")),
-                   m.get("weight_bytes") if isinstance(m.get("weight_bytes"), dict) else None, _int(m.get("num_blocks")))
+                   m.get("weight_bytes") if isinstance(m.get("weight_bytes"), dict) else None, wire_int(m.get("num_blocks")))
 
     @property
     def agreement(self) -> tuple:
@@ -96,8 +92,8 @@ class NodeInfo:
             node_id=_text(info.get("node_id")), name=_text(info.get("name")), version=_text(info.get("version")),
             device=_text(info.get("device")), gpu_name=_text(info.get("gpu_name")), host_id=_text(info.get("host_id")),
             model=ModelInfo.from_wire(info.get("model")), blocks=BlockRange.many_from_wire(info.get("blocks")),
-            caps=caps, memory_kind=_text(memory.get("kind")), free_bytes=_int(memory.get("free")),
-            total_bytes=_int(memory.get("total")), jobs=_int(info.get("jobs")),
+            caps=caps, memory_kind=_text(memory.get("kind")), free_bytes=wire_int(memory.get("free")),
+            total_bytes=wire_int(memory.get("total")), jobs=wire_int(info.get("jobs")),
             text_encoder=info.get("text_encoder") if isinstance(info.get("text_encoder"), bool) else None,
             key_fingerprint=_text(info.get("key_fingerprint")), emulated_link=_text(info.get("emulated_link")),
         )

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 MAX_RANGES = 256
 
 
-def _int(value: object) -> int | None:
+def wire_int(value: object) -> int | None:
+    """An integer field of a peer's map, or None (a bool is not an integer here)."""
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
@@ -33,14 +34,14 @@ class BlockRange:
         """``[start, end)`` as the wire sends it; None for anything else."""
         if not (isinstance(value, (list, tuple)) and len(value) == 2):
             return None
-        start, end = (_int(v) for v in value)
+        start, end = (wire_int(v) for v in value)
         return cls(start, end) if start is not None and end is not None and 0 <= start < end else None
 
     @classmethod
     def from_inclusive(cls, value: object) -> BlockRange | None:
         """``[first, last]``, as a hop record names the blocks its receiver ran; None for anything else."""
         pair = value if isinstance(value, (list, tuple)) and len(value) == 2 else (None, None)
-        first, last = (_int(v) for v in pair)
+        first, last = (wire_int(v) for v in pair)
         return cls.from_wire([first, last + 1]) if first is not None and last is not None else None
 
     @classmethod

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .blocks import BlockRange
+from .blocks import BlockRange, wire_int
 
 #: At most this many stages, passes and hops are read from one event (plans have at most 64 stages).
 MAX_ITEMS = 64
@@ -30,10 +30,6 @@ def _text(value: object) -> str | None:
 
 def _number(value: object) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
-def _int(value: object) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _maps(value: object) -> list[dict]:
@@ -74,7 +70,7 @@ def hops_from_wire(hops: object) -> tuple[HopRecord, ...]:
         out.append(HopRecord(
             sender=_text(hop.get("from")) or sender or "?", receiver=receiver,
             blocks=BlockRange.from_inclusive(hop.get("blocks")), codec=_text(hop.get("codec")),
-            wire_bytes=_int(hop.get("bytes")), raw_bytes=_int(hop.get("raw_bytes")),
+            wire_bytes=wire_int(hop.get("bytes")), raw_bytes=wire_int(hop.get("raw_bytes")),
             encode_ms=_number(hop.get("encode_ms")), wire_ms=_number(hop.get("wire_ms")),
             decode_ms=_number(hop.get("decode_ms")), compute_ms=_number(hop.get("compute_ms")),
             cosine=_number(error.get("cosine")), rel_l2=_number(error.get("rel_l2")),
@@ -110,10 +106,10 @@ class StepRecord:
     @classmethod
     def from_wire(cls, record: object) -> StepRecord | None:
         """A ``step`` event or a summary's step record; None when it does not say which step it is."""
-        step = _int(record.get("step")) if isinstance(record, dict) else None
+        step = wire_int(record.get("step")) if isinstance(record, dict) else None
         if step is None:
             return None
-        return cls(step, _int(record.get("steps")), _number(record.get("ms")), passes_from_wire(record))
+        return cls(step, wire_int(record.get("steps")), _number(record.get("ms")), passes_from_wire(record))
 
 
 @dataclass(frozen=True)
