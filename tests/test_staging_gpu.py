@@ -8,6 +8,8 @@ crashes over many steps, the failure the earlier pinned-block design had)."""
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ import torch
 from codec import CodecSpec, TokenLayout
 from meshd.wire.channel import Channel, ServerSession
 from meshd.pipeline.streaming import receive_stream, send_stream
+from meshd.wire.staging import PinnedArena
 from tests.test_staging import eventually, sealed_pair
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -24,7 +27,29 @@ TEXT, SIDE, HIDDEN = 512, 64, 4096
 STEPS = 60
 
 
-async def test_raw_streams_through_pinned_staging_stay_bit_exact_and_reuse_one_arena_per_direction():
+def _holders(runs: list) -> str:
+    """What still references the runs that did not go back, for the failure message."""
+    gc.collect()
+    alive = [r() for r in runs if r() is not None]
+    lines = []
+    for run in alive[:3]:
+        for holder in gc.get_referrers(run):
+            if holder is not alive:
+                lines.append(f"{type(holder).__name__}: {repr(holder)[:160]}")
+    return f"{len(alive)} runs alive; held by: " + "; ".join(lines[:12])
+
+
+async def test_raw_streams_through_pinned_staging_stay_bit_exact_and_reuse_one_arena_per_direction(monkeypatch):
+    runs: list = []  # weak references to every run handed out, to name what holds one at the end
+    allocate = PinnedArena.allocate
+
+    def tracked(self, nbytes):
+        run = allocate(self, nbytes)
+        if run is not None:
+            runs.append(weakref.ref(run))
+        return run
+
+    monkeypatch.setattr(PinnedArena, "allocate", tracked)
     device = torch.device("cuda", torch.cuda.current_device())
     shape = (1, TEXT + SIDE * SIDE, HIDDEN)
     spec = CodecSpec("raw", layout=TokenLayout(TEXT, SIDE, SIDE))
@@ -58,7 +83,8 @@ async def test_raw_streams_through_pinned_staging_stay_bit_exact_and_reuse_one_a
         assert out.pinned and into.pinned
         assert len(arenas) == 1, "the arenas were made once and reused"
         # Every run went back after its step (once the I/O threads let go of their last work items).
-        assert await eventually(lambda: out.live_runs == 0 and into.live_runs == 0)
+        assert await eventually(lambda: out.live_runs == 0 and into.live_runs == 0), (
+            f"runs still live: sending {out.live_runs}, receiving {into.live_runs}; {_holders(runs)}")
         print(f"last step: d2h {sent.d2h_ms:.2f} ms, seal {sent.seal_ms:.2f} ms, send {sent.send_ms:.2f} ms, "
               f"recv {rx.recv_ms:.2f} ms, open {rx.open_ms:.2f} ms, h2d {rx.h2d_ms:.2f} ms")
     finally:
