@@ -142,6 +142,7 @@ class Sampler:
     def apply(self, step: int, predictions: list[torch.Tensor]) -> None:
         """The scheduler step, combining the passes' predictions (CFG) first."""
         n = self.latents.shape[1]
+        predictions = [p.to(self.device) for p in predictions]  # a split's come back on the host
         noise = predictions[0][:, :n]
         if self.cfg:
             uncond = predictions[1][:, :n]

@@ -189,18 +189,22 @@ class SplitRunner:
         d = self.daemon
         span = d.model.span
 
-        def head_compute() -> torch.Tensor:
-            d.model.use_loras(self.params.loras)  # jobs with other LoRAs may have run in between
-            return span.run(0, self.head.end, sampler.embed(pass_index), cond, sampler.rotary).as_joint()
-
-        joint, seconds = await d.worker.run(head_compute)
         names = sorted(self.downstream)
+
+        def head_compute() -> tuple[torch.Tensor, list[torch.Tensor]]:
+            d.model.use_loras(self.params.loras)  # jobs with other LoRAs may have run in between
+            joint = span.run(0, self.head.end, sampler.embed(pass_index), cond, sampler.rotary).as_joint()
+            # The vectors the stages need, on the host: copied here, where the worker waits for the
+            # GPU anyway, not on the event loop.
+            return joint, [v.cpu() for v in d.relay.vectors(cond, names)]
+
+        (joint, vectors), seconds = await d.worker.run(head_compute)
         reply, hops, self.link = await d.relay.send_step(
-            self.channel, self.link, self.job_id, step, names, d.relay.vectors(cond, names), joint,
-            measure_error=self.measure_error)
+            self.channel, self.link, self.job_id, step, names, vectors, joint, measure_error=self.measure_error)
         preset = d.model.preset
         out_channels = int(preset.transformer.get("out_channels") or preset.transformer["in_channels"])
-        (prediction,) = unpack_raw([reply.header.get("prediction")], reply.segments, d.device,
+        # On the host; the scheduler step moves it to the device on the GPU worker.
+        (prediction,) = unpack_raw([reply.header.get("prediction")], reply.segments, torch.device("cpu"),
                                    [(1, sampler.image_tokens, out_channels)])
         # hops[0]["bytes"]: what this head put on the wire (the send figures folded in by the relay)
         d.links.get(self.channel.name).hop(hops[0]["bytes"], hops[0].get("wire_ms", 0.0))

@@ -156,9 +156,11 @@ class StageService:
 
         def compute() -> torch.Tensor:
             d.model.use_loras(job.loras)  # jobs with other LoRAs may have run in between
-            c = Conditioning(**{n: cond.get(n) for n in Conditioning.NAMES})
+            c = Conditioning(**{n: cond[n].to(d.device) if n in cond else None for n in Conditioning.NAMES})
             s = span.run(job.start, job.end, Stream(g.txt_len, joint=stream), c, job.rotary)
-            return span.final(s, c.temb) if job.tail else s.as_joint()
+            # The prediction goes back to the head: copied to the host here, where the worker waits
+            # for the GPU anyway, not on the event loop.
+            return span.final(s, c.temb).cpu() if job.tail else s.as_joint()
 
         out, seconds = await d.worker.run(compute)
         del stream
@@ -185,7 +187,9 @@ class StageService:
             raise MeshError("bad-request", f"forward must carry exactly the vectors {sorted(needs)}, got {names!r:.80}")
         dim = model.preset.hidden
         widths = {"temb": dim, "mod_img": 6 * dim, "mod_txt": 6 * dim, "mod_single": 3 * dim}
-        tensors = unpack_raw(h.get("cond"), segments, self.daemon.device, [(batch, widths[n]) for n in names])
+        # On the host: the event loop does no device copies (they wait for the GPU); the compute moves
+        # them, and the vectors sent on downstream need no copy back.
+        tensors = unpack_raw(h.get("cond"), segments, torch.device("cpu"), [(batch, widths[n]) for n in names])
         out = {}
         for name, t in zip(names, tensors):
             if t.dtype != model.dtype:
