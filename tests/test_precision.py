@@ -547,11 +547,31 @@ def test_large_layers_dequantise_in_row_chunks_with_the_numbers_of_one_pass(monk
     q8 = GgufLinear(256, 96, LinearFormat("gguf", qtype="Q4_K"))
     q8.weight = quantise_q4_k(w)
     whole = [layer(x) for layer in (fp8, q8)]
-    monkeypatch.setattr(precision, "DEQUANT_CHUNK", 256 * 40)  # 40 rows a chunk: 3 chunks, the last short
+    monkeypatch.setattr(precision, "DEQUANT_CHUNK", 256 * 40)  # 3 chunks of about 40 rows
+    monkeypatch.setattr(precision, "DEQUANT_ROW_ALIGN", 12)  # 32 rows rounded to 36: 36, 36 and a short 24
+    assert precision.dequant_chunk_rows(96, 256) == 36
     for layer, want in zip((fp8, q8), whole):
         got = layer(x)
         assert got.shape == want.shape and torch.allclose(got.float(), want.float(), rtol=1e-2, atol=1e-3)
-        assert torch.equal(got[:, :40], torch.nn.functional.linear(x, layer.dequantized(torch.bfloat16, 0, 40)))
+        assert torch.equal(got[:, :36], torch.nn.functional.linear(x, layer.dequantized(torch.bfloat16, 0, 36)))
+
+
+@pytest.mark.parametrize(("shape", "rows"), [
+    ((55296, 6144), 9216),   # dev's fused single-block input: six equal chunks (was 5 x 10922 + 686)
+    ((6144, 24576), 2048),   # dev's single-block output: three (was 2 x 2730 + 684)
+    ((36864, 4096), 12288),  # klein-9B's fused input: three (was 16384, 16384, 4096)
+    ((18432, 3072), 18432),  # small enough for one pass
+    ((1000, 70000), 512),    # rows rounded up to the alignment, never past the layer
+])
+def test_row_chunks_are_equal_and_aligned_for_the_real_layers(shape, rows):
+    """The chunks of the real layers: as few as DEQUANT_CHUNK allows, of one size, a multiple of 128
+    rows (a chunk's output row pitch then meets cuBLAS's alignment, so it keeps tensor-core kernels)."""
+    import meshd.model.precision as precision
+
+    got = precision.dequant_chunk_rows(*shape)
+    assert got == rows
+    assert got == shape[0] or got % precision.DEQUANT_ROW_ALIGN == 0
+    assert got * shape[1] <= precision.DEQUANT_CHUNK + precision.DEQUANT_ROW_ALIGN * shape[1]
 
 
 def test_the_planner_sizes_stages_by_the_real_bytes_at_their_precision():

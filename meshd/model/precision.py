@@ -21,6 +21,8 @@ quantise at load).
 
 from __future__ import annotations
 
+import math
+
 import functools
 from dataclasses import dataclass
 
@@ -42,6 +44,13 @@ _AMAX_FLOOR = 1e-12
 #: copy (and the dequantiser's intermediates) stays ~128 MiB however large the layer: dev's fused
 #: single-block input layer (55296 x 6144) would otherwise need ~2 GiB of temporaries per forward.
 DEQUANT_CHUNK = 1 << 26
+#: Row chunks are made equal and a multiple of this many rows: each chunk's matmul output is then
+#: [tokens, rows] with rows*2 bytes a multiple of cuBLAS's 16-byte alignment, so it keeps the
+#: tensor-core kernels the whole layer gets. Chunks of DEQUANT_CHUNK // in_features rows were not:
+#: dev's 55296-row layer went as five chunks of 10922 rows and one of 686 (its eager GGUF forward
+#: took 13-16 ms against 3.9 ms bf16 plus 1.6-4.5 ms of dequantising), while klein's 36864 rows cut
+#: into 16384-row chunks ran at 1.13-1.25x bf16 (docs/results/h200-gguf-layers-*.txt).
+DEQUANT_ROW_ALIGN = 128
 #: Quantising at load works through a weight this many values at a time (a 64 MiB float32 working copy).
 QUANTISE_CHUNK = 1 << 24
 
@@ -227,11 +236,21 @@ class GgufLinear(torch.nn.Module):
         return f"{self.in_features}, {self.out_features}, {self.format.label()}"
 
 
+def dequant_chunk_rows(out_features: int, in_features: int) -> int:
+    """Rows per chunk a layer is dequantised and multiplied in: all of them when the layer has at most
+    :data:`DEQUANT_CHUNK` weights, else the fewest equal chunks of about that size, rounded up to
+    :data:`DEQUANT_ROW_ALIGN` rows. Fixed by the shape, so every peer computes a layer the same way."""
+    if out_features * in_features <= DEQUANT_CHUNK:
+        return out_features
+    chunks = math.ceil(out_features * in_features / DEQUANT_CHUNK)
+    rows = math.ceil(math.ceil(out_features / chunks) / DEQUANT_ROW_ALIGN) * DEQUANT_ROW_ALIGN
+    return min(rows, out_features)
+
+
 def _dequantised_linear(x: torch.Tensor, layer, out_features: int, in_features: int) -> torch.Tensor:
-    """``x @ W.T`` with ``W`` dequantised by ``layer`` in row chunks of at most DEQUANT_CHUNK values (one
-    chunk, i.e. a plain linear, for all but the largest layers). The chunking is fixed by the shape, so
-    every peer computes a layer the same way."""
-    rows = max(1, DEQUANT_CHUNK // in_features)
+    """``x @ W.T`` with ``W`` dequantised by ``layer`` in row chunks of :func:`dequant_chunk_rows` (one
+    chunk, i.e. a plain linear, for all but the largest layers)."""
+    rows = dequant_chunk_rows(out_features, in_features)
     if out_features <= rows:
         return torch.nn.functional.linear(x, layer.dequantized(x.dtype))
     parts = [torch.nn.functional.linear(x, layer.dequantized(x.dtype, start, min(start + rows, out_features)))
