@@ -21,9 +21,8 @@ quantise at load).
 
 from __future__ import annotations
 
-import math
-
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
