@@ -359,6 +359,43 @@ def test_an_fp8_text_encoder_stays_fp8_and_embeds_as_its_dequantised_model_does(
         assert torch.equal(got[k], want[k]), k
 
 
+def test_an_fp8_text_encoders_scale_of_another_layout_is_refused_when_opened_naming_it(comfy, tmp_path):
+    """The text encoders' files read their fp8 scales by the transformer checkpoints' rule: one per tensor or
+    per output row; a per-column scale (or a block format's) is refused from the header, not after building."""
+    from tests.comfyui_files import fp8mixed
+
+    _, _, ref = comfy
+    stored, _ = fp8mixed(comfy_text_encoder(ref["qwen3"]), keep_bf16=())
+    key = "model.layers.1.self_attn.q_proj"
+    stored[f"{key}.weight_scale"] = torch.ones(1, stored[f"{key}.weight"].shape[1])  # one per column
+    save_file(stored, str(tmp_path / "te.safetensors"))
+    with pytest.raises(ModelError) as caught:
+        EncoderFile.open(tmp_path / "te.safetensors")
+    assert f"scale {key}.weight_scale has shape" in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_an_fp8_embedding_and_norm_are_read_as_the_numbers_they_stand_for(comfy, tmp_path):
+    """fp8 tensors that are not linear weights (an embedding, a 1-d norm) are dequantised when read: the
+    stored values times their declared scale, in the weights' shape (a 1-d norm stays 1-d)."""
+    from tests.comfyui_files import FP8_MAX, quant_record
+
+    _, _, ref = comfy
+    state = comfy_text_encoder(ref["qwen3"])
+    expected = dict(state)
+    for key in ("model.embed_tokens.weight", "model.layers.1.input_layernorm.weight"):
+        module, value = key.removesuffix(".weight"), state[key]
+        scale = (value.float().abs().max() / FP8_MAX).reshape(())
+        q = (value.float() / scale).to(torch.float8_e4m3fn)
+        state.update({key: q, f"{module}.weight_scale": scale, f"{module}.comfy_quant": quant_record()})
+        expected[key] = (q.float() * scale).to(torch.bfloat16)
+    save_file(state, str(tmp_path / "te.safetensors"))
+    model = EncoderFile.open(tmp_path / "te.safetensors").load(PRESET, CPU, torch.bfloat16)
+    got = model.state_dict()
+    for key in ("model.embed_tokens.weight", "model.layers.1.input_layernorm.weight"):
+        name = key.removeprefix("model.")
+        assert got[name].dtype == torch.bfloat16 and torch.equal(got[name], expected[key]), name
+
+
 def test_a_text_encoder_quantised_other_than_fp8_is_refused_by_name(comfy, tmp_path):
     from safetensors.torch import load_file
 
