@@ -252,6 +252,31 @@ def test_a_link_out_of_the_model_folders_is_refused_naming_the_link_and_its_targ
     assert any(t.startswith("ok  model diffusion_models/alias:") for t in lines), lines
 
 
+def test_folders_configured_through_a_link_hold_what_their_target_holds_and_nothing_it_links_out(comfy, tmp_path):
+    """One containment rule for model and LoRA files: the configured folders and the files are compared where
+    they really are, so a models_dir or lora_dir given as a link (a ComfyUI tree on another drive, linked in)
+    serves its files, and a link inside it that leads out is refused as it would be in the target itself."""
+    root, _, _ = comfy
+    models, elsewhere = tmp_path / "drive" / "models", tmp_path / "other-drive"
+    shutil.copytree(root / "models", models)
+    elsewhere.mkdir()
+    shutil.copy(models / "loras" / "style.safetensors", elsewhere / "lora.safetensors")
+    shutil.copy(models / "diffusion_models" / "flux2-tiny.safetensors", elsewhere / "flux2-big.safetensors")
+    (models / "loras" / "out.safetensors").symlink_to(elsewhere / "lora.safetensors")
+    (models / "diffusion_models" / "out.safetensors").symlink_to(elsewhere / "flux2-big.safetensors")
+    (tmp_path / "models").symlink_to(models, target_is_directory=True)
+    (tmp_path / "loras").symlink_to(models / "loras", target_is_directory=True)
+
+    store, loras = ModelStore([tmp_path / "models"]), LoraStore([tmp_path / "loras"])
+    assert store.resolve("diffusion_models/flux2-tiny") == models / "diffusion_models" / "flux2-tiny.safetensors"
+    assert store.resolve(str(tmp_path / "models" / "vae" / "flux2-vae.safetensors")) == models / "vae" / "flux2-vae.safetensors"
+    assert loras.spec("style").name == "style"
+    with pytest.raises(ModelError, match=rf"is a link to {elsewhere / 'flux2-big.safetensors'}, outside"):
+        store.resolve("diffusion_models/out")
+    with pytest.raises(LoraError, match=rf"is a link to {elsewhere / 'lora.safetensors'}, outside .* to lora_dir"):
+        loras.spec("out")
+
+
 # --- each part equals the diffusers folder's --------------------------------------------------------
 
 def test_the_vae_single_file_loads_the_diffusers_vae_exactly(comfy):

@@ -168,12 +168,25 @@ def relative_name(path: Path, dirs: Iterable[Path]) -> str:
     return path.name.removesuffix(SAFETENSORS_SUFFIX).removesuffix(GGUF_SUFFIX)
 
 
+def real_folders(dirs: Iterable[Path]) -> list[Path]:
+    """Configured folders as :func:`within` compares them: ``~`` expanded and every link resolved (what the model
+    and the LoRA stores hold, so a folder configured through a link contains what lies in its target)."""
+    return [Path(d).expanduser().resolve() for d in dirs]
+
+
+def within(path: Path, dirs: Iterable[Path]) -> bool:
+    """Whether ``path`` is one of ``dirs`` (:func:`real_folders`) or lies under one, compared as given: the one
+    containment rule for model and LoRA files. Callers pass a resolved path (:func:`escapes`, a resolved
+    request) to ask where a file really is, or a path as spelled to ask whether a link in the folders led out."""
+    return any(path == d or d in path.parents for d in dirs)
+
+
 def escapes(path: Path, dirs: Iterable[Path]) -> Path | None:
-    """Where ``path`` really is when a link takes it out of every folder of ``dirs`` (resolved folders); None
-    when it stays inside. ComfyUI users link model files and folders in from other drives: meshd reads only
-    what lies in its configured folders, so such a link is refused, never followed silently."""
+    """Where ``path`` really is when a link takes it out of every folder of ``dirs`` (:func:`real_folders`);
+    None when it stays inside. ComfyUI users link model files and folders in from other drives: meshd reads
+    only what lies in its configured folders, so such a link is refused, never followed silently."""
     real = path.resolve()
-    return None if any(real == d or d in real.parents for d in dirs) else real
+    return None if within(real, dirs) else real
 
 
 def link_refusal(path: Path, target: Path, dirs: Iterable[Path], setting: str = "models_dir") -> str:

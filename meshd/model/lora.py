@@ -319,7 +319,7 @@ class LoraStore:
     first); files are never taken from anywhere else, and never sent over the wire."""
 
     def __init__(self, dirs: Iterable[Path], cache_dir: Path | None = None) -> None:
-        self.dirs = [Path(d).expanduser().resolve() for d in dirs]
+        self.dirs = comfyui.real_folders(dirs)
         self._hashes = FileHashes(cache_dir)
         self._opened: dict[tuple[Path, str, str], LoraFile] = {}
 
