@@ -19,6 +19,7 @@ from transformers import AutoTokenizer, Qwen3ForCausalLM
 
 from meshd.check import check_models
 from meshd.config import ConfigError, DaemonConfig, load_config
+from meshd.model import comfyui
 from meshd.model.files import ModelError, ModelStore
 from meshd.model.lora import LoraError, LoraFile, LoraStore
 from meshd.model.precision import Fp8Linear
@@ -141,6 +142,22 @@ def test_the_tree_walk_skips_hidden_folders_and_components_and_survives_a_symlin
     found = [(p.relative_to(tmp_path).as_posix(), folder) for p, folder in comfyui.walk(tmp_path)]
     assert found == [("a/b/x.safetensors", False), ("m/q.gguf", False), ("own/z.safetensors", False),
                      ("pipe", True)]
+
+
+@pytest.mark.parametrize("keys, kind, parts", [
+    (["diffusion_model.single_blocks.0.linear1.lora_A.weight"], comfyui.LORA, ()),
+    (["model.diffusion_model.single_stream_modulation.lin.weight", "vae.encoder.conv_in.weight",
+      "vae.decoder.conv_in.weight", "text_encoders.qwen3_4b.transformer.model.layers.0.self_attn.q_proj.weight"],
+     comfyui.TRANSFORMER, (comfyui.TRANSFORMER, comfyui.VAE, comfyui.TEXT_ENCODER)),
+    (["encoder.conv_in.weight", "decoder.conv_in.weight"], comfyui.VAE, (comfyui.VAE,)),
+    (["decoder.conv_in.weight"], comfyui.OTHER, ()),  # a decoder alone is no VAE FLUX.2 can load
+    (["model.layers.0.self_attn.q_proj.weight"], comfyui.TEXT_ENCODER, (comfyui.TEXT_ENCODER,)),
+    (["text_encoders.qwen3_4b.transformer.model.layers.0.self_attn.q_proj.weight"], comfyui.TEXT_ENCODER,
+     (comfyui.TEXT_ENCODER,)),  # an all-in-one's encoder saved alone, prefix kept: EncoderFile reads it
+    (["vision_model.embeddings.patch_embedding.weight"], comfyui.OTHER, ()),
+], ids=["lora", "all-in-one", "vae", "vae-decoder", "text-encoder", "prefixed-text-encoder", "other"])
+def test_a_file_is_one_kind_and_holds_its_parts_by_one_reading_of_its_tensor_names(keys, kind, parts):
+    assert comfyui.kind_of_keys(keys) == kind and comfyui.parts_of_keys(keys) == parts
 
 
 # --- ComfyUI's all-in-one checkpoints -------------------------------------------------------------------
