@@ -83,6 +83,12 @@ class ModelPreset:
         return int(self.transformer["num_attention_heads"]) * int(self.transformer["attention_head_dim"])
 
     @property
+    def out_channels(self) -> int:
+        """Latent channels the transformer predicts: diffusers' config leaves ``out_channels`` None for "as many
+        as it takes in" (every FLUX.2 member)."""
+        return int(self.transformer.get("out_channels") or self.transformer["in_channels"])
+
+    @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae["block_out_channels"]) - 1)
 
