@@ -416,6 +416,23 @@ def test_an_fp8_text_encoders_scale_of_another_layout_is_refused_when_opened_nam
     assert f"scale {key}.weight_scale has shape" in str(caught.value) and "\n" not in str(caught.value)
 
 
+@pytest.mark.parametrize("record, cause", [
+    (torch.zeros(8, dtype=torch.float32), "is not a quantisation record"),
+    (torch.zeros(5000, dtype=torch.uint8), "is not a quantisation record"),  # larger than any record: not read
+    (torch.tensor(list(b"not json"), dtype=torch.uint8), "is not a readable quantisation record"),
+], ids=["float", "oversized", "not-json"])
+def test_a_text_encoders_bad_quantisation_record_is_refused_naming_it(comfy, tmp_path, record, cause):
+    """The text encoders read ComfyUI's comfy_quant records as the transformer checkpoints do (one bounded reader)."""
+    from tests.comfyui_files import fp8mixed
+
+    _, _, ref = comfy
+    stored, _ = fp8mixed(comfy_text_encoder(ref["qwen3"]), keep_bf16=())
+    stored["model.layers.1.self_attn.q_proj.comfy_quant"] = record
+    save_file(stored, str(tmp_path / "te.safetensors"))
+    with pytest.raises(ModelError, match=f"model.layers.1.self_attn.q_proj.comfy_quant {cause}"):
+        EncoderFile.open(tmp_path / "te.safetensors")
+
+
 def test_an_fp8_embedding_and_norm_are_read_as_the_numbers_they_stand_for(comfy, tmp_path):
     """fp8 tensors that are not linear weights (an embedding, a 1-d norm) are dequantised when read: the
     stored values times their declared scale, in the weights' shape (a 1-d norm stays 1-d)."""

@@ -411,16 +411,8 @@ def _declared_formats(path: Path, local: dict[str, TensorInfo], metadata: dict[s
     ``_quantization_metadata``, ComfyUI's per-layer ``comfy_quant`` records (tiny tensors, read here), and
     the legacy ``scaled_fp8`` marker with ``.scale_weight`` scales (ComfyUI's ``convert_old_quants``)."""
     declared: dict[str, str] = {}
-    raw = metadata.get("_quantization_metadata")
-    if raw:
-        try:
-            layers = json.loads(raw).get("layers", {})
-            items = layers.items()
-        except (ValueError, AttributeError):
-            raise ModelError(f"{path} has unreadable _quantization_metadata") from None
-        for module, conf in items:
-            fmt = conf.get("format", "") if isinstance(conf, dict) else conf
-            declared[str(module).removeprefix(prefix)] = str(fmt)
+    if metadata.get("_quantization_metadata"):
+        declared = {module.removeprefix(prefix): fmt for module, fmt in metadata_formats(path, metadata).items()}
     elif "scaled_fp8" in local:
         for name in local:
             if name.endswith(".scale_weight"):
@@ -432,21 +424,38 @@ def _declared_formats(path: Path, local: dict[str, TensorInfo], metadata: dict[s
     for file, names in records.items():
         with open_safetensors(file) as f:
             for name in names:
-                if local[name].dtype != "U8" or len(local[name].shape) != 1 or local[name].shape[0] > MAX_RECORD_BYTES:
-                    raise ModelError(f"{path}: {local[name].key} is not a quantisation record (a JSON string of at "
-                                     f"most {MAX_RECORD_BYTES} bytes); it is {local[name].dtype} {local[name].shape}")
-                try:
-                    record = f.get_tensor(local[name].key)
-                    fmt = json.loads(bytes(record.to(torch.uint8).tolist()).decode()).get("format", "")
-                except (ValueError, AttributeError, UnicodeDecodeError):
-                    raise ModelError(f"{path}: {local[name].key} is not a readable quantisation record") from None
-                declared[name.removesuffix("." + QUANT_RECORD_SUFFIX)] = str(fmt)
+                declared[name.removesuffix("." + QUANT_RECORD_SUFFIX)] = record_format(path, f, local[name])
     for module, fmt in declared.items():
         if fmt not in QUANT_FORMATS:
             what = REFUSED_FORMATS.get(fmt, repr(fmt))
             raise ModelError(f"{path}: layer {module} is quantised as {what}; meshd computes fp8 (float8_e4m3fn, "
                              "float8_e5m2) scaled per tensor or per row, bf16 and GGUF; use such a checkpoint")
     return declared
+
+
+def metadata_formats(path: Path, metadata: dict[str, str]) -> dict[str, str]:
+    """Module (as the file names it, prefix and all) -> format, from the header's ``_quantization_metadata``
+    (``{"layers": {module: {"format": ...}}}``; a bare format string is read as the format)."""
+    raw = metadata.get("_quantization_metadata")
+    if not raw:
+        return {}
+    try:
+        items = list(json.loads(raw).get("layers", {}).items())
+    except (ValueError, AttributeError, TypeError):
+        raise ModelError(f"{path} has unreadable _quantization_metadata") from None
+    return {str(module): str(conf.get("format", "") if isinstance(conf, dict) else conf) for module, conf in items}
+
+
+def record_format(path: Path, handle, info: TensorInfo) -> str:
+    """The format a ComfyUI ``comfy_quant`` record declares: a JSON string stored as a 1-d uint8 tensor, read
+    from the open ``handle`` only when the header shows it small (at most MAX_RECORD_BYTES)."""
+    if info.dtype != "U8" or len(info.shape) != 1 or info.shape[0] > MAX_RECORD_BYTES:
+        raise ModelError(f"{path}: {info.key} is not a quantisation record (a JSON string of at most "
+                         f"{MAX_RECORD_BYTES} bytes); it is {info.dtype} {list(info.shape)}")
+    try:
+        return str(json.loads(bytes(handle.get_tensor(info.key).to(torch.uint8).tolist()).decode()).get("format", ""))
+    except (ValueError, AttributeError, TypeError, UnicodeDecodeError):
+        raise ModelError(f"{path}: {info.key} is not a readable quantisation record") from None
 
 
 def _index_weights(path: Path, local: dict[str, TensorInfo], declared: dict[str, str]) -> dict[str, StoredTensor]:

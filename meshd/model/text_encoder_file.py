@@ -30,15 +30,14 @@ FLUX.2-dev's ``text_encoder/config.json``).
 from __future__ import annotations
 
 import functools
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .checkpoints import (FLOAT_DTYPES, FP8_DTYPES, MAX_RECORD_BYTES, UNUSED_SUFFIXES, StoredTensor, fp8_scale,
-                          fp8_weight)
+from .checkpoints import (FLOAT_DTYPES, FP8_DTYPES, QUANT_FORMATS, QUANT_RECORD_SUFFIX, SCALE_SUFFIXES, UNUSED_SUFFIXES,
+                          StoredTensor, fp8_scale, fp8_weight, metadata_formats, record_format)
 from .dequant import dequantise_fp8
 from .precision import LinearFormat, quantised_layers
 from .presets import ModelPreset
@@ -54,8 +53,7 @@ FAMILY_CONSTANTS = {
 #: The released encoders by (family, width): their name and depth (to tell a pruned file).
 RELEASED = {("qwen3", 2560): ("Qwen3-4B", 36), ("qwen3", 4096): ("Qwen3-8B", 36),
             ("mistral3", 5120): ("Mistral Small 3", 40)}
-SCALE_SUFFIXES = ("weight_scale", "scale_weight")
-IGNORED_SUFFIXES = (*UNUSED_SUFFIXES, "comfy_quant")
+IGNORED_SUFFIXES = (*UNUSED_SUFFIXES, QUANT_RECORD_SUFFIX)
 #: Tensors in a text-encoder file that are not weights: the tokenizer blob, ComfyUI's legacy marker.
 NON_WEIGHTS = (TEKKEN_KEY, "spiece_model", "tokenizer_json", "scaled_fp8")
 #: Qwen3's chat template as it renders FLUX.2's prompt (one user turn, generation prompt, thinking off);
@@ -285,35 +283,17 @@ def _declared_layers(path: Path, header: dict[str, TensorInfo], metadata: dict[s
     """The modules a file declares quantised (``comfy_quant`` records, ``_quantization_metadata``, or the
     legacy ``scaled_fp8`` marker, for which every scaled layer is), by their names inside the encoder
     (``header`` without ``prefix``); refuses formats other than fp8."""
-    declared, formats = set(), {}
-    raw = metadata.get("_quantization_metadata")
-    if raw:
-        try:
-            items = list(json.loads(raw).get("layers", {}).items())
-        except (ValueError, AttributeError, TypeError):
-            raise ModelError(f"{path} has unreadable _quantization_metadata") from None
-        for module, record in items:
-            if isinstance(record, dict) and str(module).startswith(prefix):  # (an all-in-one file lists all parts)
-                declared.add(str(module)[len(prefix):])
-                formats[str(module)[len(prefix):]] = str(record.get("format", ""))
-    records = [k.rsplit(".", 1)[0] for k in header if k.endswith(".comfy_quant")]
+    formats = {module[len(prefix):]: fmt for module, fmt in metadata_formats(path, metadata).items()
+               if module.startswith(prefix)}  # (an all-in-one file lists every part's layers)
+    records = [k.rsplit(".", 1)[0] for k in header if k.endswith("." + QUANT_RECORD_SUFFIX)]
     if records:
         with open_safetensors(path) as f:
             for module in records:
-                info = header[f"{module}.comfy_quant"]
-                if info.dtype != "U8" or len(info.shape) != 1 or info.shape[0] > MAX_RECORD_BYTES:  # bounded read
-                    raise ModelError(f"{path}: {module}.comfy_quant is not a quantisation record (a JSON string of at "
-                                     f"most {MAX_RECORD_BYTES} bytes); it is {info.dtype} {list(info.shape)}")
-                try:
-                    record = json.loads(bytes(f.get_tensor(info.key).tolist()).decode())
-                    fmt = str(record.get("format", ""))
-                except (ValueError, UnicodeDecodeError, AttributeError, TypeError):
-                    raise ModelError(f"{path}: {module}.comfy_quant is not a readable quantisation record") from None
-                declared.add(module)
-                formats[module] = fmt
+                formats[module] = record_format(path, f, header[f"{module}.{QUANT_RECORD_SUFFIX}"])
+    declared = set(formats)
     if "scaled_fp8" in header:
         declared |= {k.rsplit(".", 1)[0] for k in header if k.endswith(SCALE_SUFFIXES)}
-    bad = sorted({f for f in formats.values() if f not in ("float8_e4m3fn", "float8_e5m2")})
+    bad = sorted({f for f in formats.values() if f not in QUANT_FORMATS})
     if bad:
         raise ModelError(f"{path} is quantised as {', '.join(bad)}; meshd reads text encoders in bf16 or fp8 "
                          "(e4m3fn / e5m2 with per-tensor or per-row scales)")
