@@ -19,6 +19,7 @@ from transformers import AutoTokenizer, Qwen3ForCausalLM
 
 from meshd.check import check_models
 from meshd.config import ConfigError, DaemonConfig, load_config
+from meshd.model import comfyui
 from meshd.model.files import ModelError, ModelStore
 from meshd.model.lora import LoraError, LoraFile, LoraStore
 from meshd.model.precision import Fp8Linear
@@ -143,6 +144,22 @@ def test_the_tree_walk_skips_hidden_folders_and_components_and_survives_a_symlin
                      ("pipe", True)]
 
 
+@pytest.mark.parametrize("keys, kind, parts", [
+    (["diffusion_model.single_blocks.0.linear1.lora_A.weight"], comfyui.LORA, ()),
+    (["model.diffusion_model.single_stream_modulation.lin.weight", "vae.encoder.conv_in.weight",
+      "vae.decoder.conv_in.weight", "text_encoders.qwen3_4b.transformer.model.layers.0.self_attn.q_proj.weight"],
+     comfyui.TRANSFORMER, (comfyui.TRANSFORMER, comfyui.VAE, comfyui.TEXT_ENCODER)),
+    (["encoder.conv_in.weight", "decoder.conv_in.weight"], comfyui.VAE, (comfyui.VAE,)),
+    (["decoder.conv_in.weight"], comfyui.OTHER, ()),  # a decoder alone is no VAE FLUX.2 can load
+    (["model.layers.0.self_attn.q_proj.weight"], comfyui.TEXT_ENCODER, (comfyui.TEXT_ENCODER,)),
+    (["text_encoders.qwen3_4b.transformer.model.layers.0.self_attn.q_proj.weight"], comfyui.TEXT_ENCODER,
+     (comfyui.TEXT_ENCODER,)),  # an all-in-one's encoder saved alone, prefix kept: EncoderFile reads it
+    (["vision_model.embeddings.patch_embedding.weight"], comfyui.OTHER, ()),
+], ids=["lora", "all-in-one", "vae", "vae-decoder", "text-encoder", "prefixed-text-encoder", "other"])
+def test_a_file_is_one_kind_and_holds_its_parts_by_one_reading_of_its_tensor_names(keys, kind, parts):
+    assert comfyui.kind_of_keys(keys) == kind and comfyui.parts_of_keys(keys) == parts
+
+
 # --- ComfyUI's all-in-one checkpoints -------------------------------------------------------------------
 
 def all_in_one(root, path, vae_transform=lambda state: state, encoder=None) -> None:
@@ -252,6 +269,31 @@ def test_a_link_out_of_the_model_folders_is_refused_naming_the_link_and_its_targ
     assert any(t.startswith("ok  model diffusion_models/alias:") for t in lines), lines
 
 
+def test_folders_configured_through_a_link_hold_what_their_target_holds_and_nothing_it_links_out(comfy, tmp_path):
+    """One containment rule for model and LoRA files: the configured folders and the files are compared where
+    they really are, so a models_dir or lora_dir given as a link (a ComfyUI tree on another drive, linked in)
+    serves its files, and a link inside it that leads out is refused as it would be in the target itself."""
+    root, _, _ = comfy
+    models, elsewhere = tmp_path / "drive" / "models", tmp_path / "other-drive"
+    shutil.copytree(root / "models", models)
+    elsewhere.mkdir()
+    shutil.copy(models / "loras" / "style.safetensors", elsewhere / "lora.safetensors")
+    shutil.copy(models / "diffusion_models" / "flux2-tiny.safetensors", elsewhere / "flux2-big.safetensors")
+    (models / "loras" / "out.safetensors").symlink_to(elsewhere / "lora.safetensors")
+    (models / "diffusion_models" / "out.safetensors").symlink_to(elsewhere / "flux2-big.safetensors")
+    (tmp_path / "models").symlink_to(models, target_is_directory=True)
+    (tmp_path / "loras").symlink_to(models / "loras", target_is_directory=True)
+
+    store, loras = ModelStore([tmp_path / "models"]), LoraStore([tmp_path / "loras"])
+    assert store.resolve("diffusion_models/flux2-tiny") == models / "diffusion_models" / "flux2-tiny.safetensors"
+    assert store.resolve(str(tmp_path / "models" / "vae" / "flux2-vae.safetensors")) == models / "vae" / "flux2-vae.safetensors"
+    assert loras.spec("style").name == "style"
+    with pytest.raises(ModelError, match=rf"is a link to {elsewhere / 'flux2-big.safetensors'}, outside"):
+        store.resolve("diffusion_models/out")
+    with pytest.raises(LoraError, match=rf"is a link to {elsewhere / 'lora.safetensors'}, outside .* to lora_dir"):
+        loras.spec("out")
+
+
 # --- each part equals the diffusers folder's --------------------------------------------------------
 
 def test_the_vae_single_file_loads_the_diffusers_vae_exactly(comfy):
@@ -357,6 +399,60 @@ def test_an_fp8_text_encoder_stays_fp8_and_embeds_as_its_dequantised_model_does(
         want = dense(ids, output_hidden_states=True).hidden_states
     for k in PRESET.text_encoder_layers:
         assert torch.equal(got[k], want[k]), k
+
+
+def test_an_fp8_text_encoders_scale_of_another_layout_is_refused_when_opened_naming_it(comfy, tmp_path):
+    """The text encoders' files read their fp8 scales by the transformer checkpoints' rule: one per tensor or
+    per output row; a per-column scale (or a block format's) is refused from the header, not after building."""
+    from tests.comfyui_files import fp8mixed
+
+    _, _, ref = comfy
+    stored, _ = fp8mixed(comfy_text_encoder(ref["qwen3"]), keep_bf16=())
+    key = "model.layers.1.self_attn.q_proj"
+    stored[f"{key}.weight_scale"] = torch.ones(1, stored[f"{key}.weight"].shape[1])  # one per column
+    save_file(stored, str(tmp_path / "te.safetensors"))
+    with pytest.raises(ModelError) as caught:
+        EncoderFile.open(tmp_path / "te.safetensors")
+    assert f"scale {key}.weight_scale has shape" in str(caught.value) and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("record, cause", [
+    (torch.zeros(8, dtype=torch.float32), "is not a quantisation record"),
+    (torch.zeros(5000, dtype=torch.uint8), "is not a quantisation record"),  # larger than any record: not read
+    (torch.tensor(list(b"not json"), dtype=torch.uint8), "is not a readable quantisation record"),
+], ids=["float", "oversized", "not-json"])
+def test_a_text_encoders_bad_quantisation_record_is_refused_naming_it(comfy, tmp_path, record, cause):
+    """The text encoders read ComfyUI's comfy_quant records as the transformer checkpoints do (one bounded reader)."""
+    from tests.comfyui_files import fp8mixed
+
+    _, _, ref = comfy
+    stored, _ = fp8mixed(comfy_text_encoder(ref["qwen3"]), keep_bf16=())
+    stored["model.layers.1.self_attn.q_proj.comfy_quant"] = record
+    save_file(stored, str(tmp_path / "te.safetensors"))
+    with pytest.raises(ModelError, match=f"model.layers.1.self_attn.q_proj.comfy_quant {cause}"):
+        EncoderFile.open(tmp_path / "te.safetensors")
+
+
+def test_an_fp8_embedding_and_norm_are_read_as_the_numbers_they_stand_for(comfy, tmp_path):
+    """fp8 tensors that are not linear weights (an embedding, a 1-d norm) are dequantised when read: the
+    stored values times their declared scale, in the weights' shape (a 1-d norm stays 1-d)."""
+    from tests.comfyui_files import FP8_MAX, quant_record
+
+    _, _, ref = comfy
+    state = comfy_text_encoder(ref["qwen3"])
+    expected = dict(state)
+    for key in ("model.embed_tokens.weight", "model.layers.1.input_layernorm.weight"):
+        module, value = key.removesuffix(".weight"), state[key]
+        scale = (value.float().abs().max() / FP8_MAX).reshape(())
+        q = (value.float() / scale).to(torch.float8_e4m3fn)
+        state.update({key: q, f"{module}.weight_scale": scale, f"{module}.comfy_quant": quant_record()})
+        expected[key] = (q.float() * scale).to(torch.bfloat16)
+    save_file(state, str(tmp_path / "te.safetensors"))
+    model = EncoderFile.open(tmp_path / "te.safetensors").load(PRESET, CPU, torch.bfloat16)
+    got = model.state_dict()
+    for key in ("model.embed_tokens.weight", "model.layers.1.input_layernorm.weight"):
+        name = key.removeprefix("model.")
+        assert got[name].dtype == torch.bfloat16 and torch.equal(got[name], expected[key]), name
 
 
 def test_a_text_encoder_quantised_other_than_fp8_is_refused_by_name(comfy, tmp_path):

@@ -382,6 +382,20 @@ def test_store_names_files_by_name_and_hash(world):
         store.spec("nope")
 
 
+def test_a_lookup_that_finds_nothing_walks_the_lora_folders_once(world, monkeypatch):
+    """A failed name lookup also names a link out of the folders with that name: both from one walk (a
+    ComfyUI loras/ tree on a network drive is slow to list)."""
+    import pathlib
+
+    walks = []
+    rglob = pathlib.Path.rglob
+    monkeypatch.setattr(pathlib.Path, "rglob", lambda self, *a, **kw: walks.append(self) or rglob(self, *a, **kw))
+    store = LoraStore([world["loras"]])
+    with pytest.raises(LoraError, match="no LoRA named nope"):
+        store.spec("nope")
+    assert walks == [world["loras"].resolve()]
+
+
 # --- the request's LoRA list from the wire ----------------------------------------------------------
 
 def test_lora_specs_round_trip_and_untrusted_input_is_refused():

@@ -2,6 +2,8 @@
 research/flux2.md §1.2 (built on the meta device, so no memory is used), and a span of every block
 holds exactly the tensors of diffusers' whole transformer."""
 
+import dataclasses
+
 import pytest
 import torch
 from diffusers import Flux2Transformer2DModel
@@ -59,3 +61,17 @@ def test_tiny_has_the_real_structure_at_toy_size():
     shared = ("patch_size", "mlp_ratio", "rope_theta", "eps", "guidance_embeds")
     assert all(tiny.transformer[k] == real.transformer[k] for k in shared)
     assert int(tiny.transformer["joint_attention_dim"]) == 3 * 16  # three stacked layers of a width-16 encoder
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_out_channels_is_what_diffusers_builds_the_output_projection_for(name):
+    """One derivation of the prediction's width (the span's tail, the planner's tail bytes and the head's
+    reading of a prediction use it): diffusers' config leaves out_channels None, meaning in_channels."""
+    preset = PRESETS[name]
+    with torch.device("meta"):
+        model = Flux2Transformer2DModel(**preset.transformer)
+        span = span_modules(preset, range(preset.num_blocks), False, True)
+    patch = int(preset.transformer["patch_size"])
+    assert model.proj_out.out_features == span.proj_out.out_features == patch * patch * preset.out_channels
+    wider = dataclasses.replace(preset, transformer={**preset.transformer, "out_channels": 2 * preset.out_channels})
+    assert wider.out_channels == 2 * int(preset.transformer["in_channels"])

@@ -11,6 +11,7 @@ import meshd.pipeline.generation as gen
 from meshd import auth
 from meshd.errors import MeshError
 from meshd.node.gpu import GpuWorker
+from meshd.node.info import ModelInfo
 from meshd.model.compiled import BlockCompiler, CompileCache
 from meshd.model.files import ModelStore
 from meshd.model.runtime import HostedModel, open_source
@@ -83,8 +84,12 @@ async def test_peers_holding_one_file_at_different_precisions_refuse_one_plan(mo
         # and the stage itself refuses a prepare that expects the other precision (the head's rule)
         channel = await Channel.connect(*b.bound, KEY)
         try:
-            with pytest.raises(MeshError, match=r"weights fp8 e4m3fn per-row 32, bf16 9.*the plan expects .*weights bf16"):
+            with pytest.raises(MeshError, match=r"weights fp8 e4m3fn per-row 32, bf16 9.*the plan expects .*weights bf16") \
+                    as caught:
                 await channel.request("prepare", plan_fields(b, [{"peer": "%s:%d" % b.bound, "start": 0, "end": 6}],
                                                              a.model.identity.to_dict()))
+            # both sides in the one record's words (ModelInfo.describe), as the client's refusal names them
+            assert caught.value.message == (f"{b.name} holds {ModelInfo.of(b.model.identity).describe()}; the plan "
+                                            f"expects {ModelInfo.of(a.model.identity).describe()}")
         finally:
             await channel.close()

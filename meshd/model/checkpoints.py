@@ -35,6 +35,7 @@ import contextlib
 import functools
 import hashlib
 import json
+import math
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -370,11 +371,7 @@ class Checkpoint:
         """The float32 scale of each diffusers weight ``source`` becomes: ``()`` per tensor, ``[rows, 1]`` per row."""
         if stored.format.kind != "fp8":
             return {}
-        if stored.scale is None:  # raw fp8: unit scale
-            scale = torch.ones((), dtype=torch.float32)
-        else:
-            scale = fetch(stored.scale).float()
-            scale = scale.reshape(-1, 1) if stored.format.per_row else scale.reshape(())
+        scale = fp8_scale(fetch(stored.scale) if stored.scale is not None else None, stored.format.per_row)
         if scale.ndim == 0:
             return {name: scale for name in self._convert(source, torch.empty(stored.info.shape, device="meta"))}
         return self._convert(source, scale)
@@ -414,16 +411,8 @@ def _declared_formats(path: Path, local: dict[str, TensorInfo], metadata: dict[s
     ``_quantization_metadata``, ComfyUI's per-layer ``comfy_quant`` records (tiny tensors, read here), and
     the legacy ``scaled_fp8`` marker with ``.scale_weight`` scales (ComfyUI's ``convert_old_quants``)."""
     declared: dict[str, str] = {}
-    raw = metadata.get("_quantization_metadata")
-    if raw:
-        try:
-            layers = json.loads(raw).get("layers", {})
-            items = layers.items()
-        except (ValueError, AttributeError):
-            raise ModelError(f"{path} has unreadable _quantization_metadata") from None
-        for module, conf in items:
-            fmt = conf.get("format", "") if isinstance(conf, dict) else conf
-            declared[str(module).removeprefix(prefix)] = str(fmt)
+    if metadata.get("_quantization_metadata"):
+        declared = {module.removeprefix(prefix): fmt for module, fmt in metadata_formats(path, metadata).items()}
     elif "scaled_fp8" in local:
         for name in local:
             if name.endswith(".scale_weight"):
@@ -435,21 +424,38 @@ def _declared_formats(path: Path, local: dict[str, TensorInfo], metadata: dict[s
     for file, names in records.items():
         with open_safetensors(file) as f:
             for name in names:
-                if local[name].dtype != "U8" or len(local[name].shape) != 1 or local[name].shape[0] > MAX_RECORD_BYTES:
-                    raise ModelError(f"{path}: {local[name].key} is not a quantisation record (a JSON string of at "
-                                     f"most {MAX_RECORD_BYTES} bytes); it is {local[name].dtype} {local[name].shape}")
-                try:
-                    record = f.get_tensor(local[name].key)
-                    fmt = json.loads(bytes(record.to(torch.uint8).tolist()).decode()).get("format", "")
-                except (ValueError, AttributeError, UnicodeDecodeError):
-                    raise ModelError(f"{path}: {local[name].key} is not a readable quantisation record") from None
-                declared[name.removesuffix("." + QUANT_RECORD_SUFFIX)] = str(fmt)
+                declared[name.removesuffix("." + QUANT_RECORD_SUFFIX)] = record_format(path, f, local[name])
     for module, fmt in declared.items():
         if fmt not in QUANT_FORMATS:
             what = REFUSED_FORMATS.get(fmt, repr(fmt))
             raise ModelError(f"{path}: layer {module} is quantised as {what}; meshd computes fp8 (float8_e4m3fn, "
                              "float8_e5m2) scaled per tensor or per row, bf16 and GGUF; use such a checkpoint")
     return declared
+
+
+def metadata_formats(path: Path, metadata: dict[str, str]) -> dict[str, str]:
+    """Module (as the file names it, prefix and all) -> format, from the header's ``_quantization_metadata``
+    (``{"layers": {module: {"format": ...}}}``; a bare format string is read as the format)."""
+    raw = metadata.get("_quantization_metadata")
+    if not raw:
+        return {}
+    try:
+        items = list(json.loads(raw).get("layers", {}).items())
+    except (ValueError, AttributeError, TypeError):
+        raise ModelError(f"{path} has unreadable _quantization_metadata") from None
+    return {str(module): str(conf.get("format", "") if isinstance(conf, dict) else conf) for module, conf in items}
+
+
+def record_format(path: Path, handle, info: TensorInfo) -> str:
+    """The format a ComfyUI ``comfy_quant`` record declares: a JSON string stored as a 1-d uint8 tensor, read
+    from the open ``handle`` only when the header shows it small (at most MAX_RECORD_BYTES)."""
+    if info.dtype != "U8" or len(info.shape) != 1 or info.shape[0] > MAX_RECORD_BYTES:
+        raise ModelError(f"{path}: {info.key} is not a quantisation record (a JSON string of at most "
+                         f"{MAX_RECORD_BYTES} bytes); it is {info.dtype} {list(info.shape)}")
+    try:
+        return str(json.loads(bytes(handle.get_tensor(info.key).to(torch.uint8).tolist()).decode()).get("format", ""))
+    except (ValueError, AttributeError, TypeError, UnicodeDecodeError):
+        raise ModelError(f"{path}: {info.key} is not a readable quantisation record") from None
 
 
 def _index_weights(path: Path, local: dict[str, TensorInfo], declared: dict[str, str]) -> dict[str, StoredTensor]:
@@ -480,27 +486,39 @@ def _index_weights(path: Path, local: dict[str, TensorInfo], declared: dict[str,
         # A scale counts only where the layer is declared quantised; ComfyUI ignores any other.
         scale = next((local[f"{module}.{s}"] for s in SCALE_SUFFIXES if f"{module}.{s}" in local), None) \
             if fmt_name is not None else None
-        per_row = scale is not None and _scale_layout(path, info, scale)
-        stored[name] = StoredTensor(info, scale, LinearFormat("fp8", FP8_FORMATS[info.dtype], per_row=per_row))
+        stored[name] = fp8_weight(path, info, scale)
     return stored
 
 
-def _scale_layout(path: Path, weight: TensorInfo, scale: TensorInfo) -> bool:
+def fp8_weight(path: Path, weight: TensorInfo, scale: TensorInfo | None) -> StoredTensor:
+    """An fp8 weight as stored, with its declared scale (None: raw fp8) and whether that scale is per tensor or
+    per row; the text encoders' files index their fp8 layers through this too."""
+    per_row = scale is not None and scale_layout(path, weight, scale)
+    return StoredTensor(weight, scale, LinearFormat("fp8", FP8_FORMATS[weight.dtype], per_row=per_row))
+
+
+def scale_layout(path: Path, weight: TensorInfo, scale: TensorInfo) -> bool:
     """True for one scale per output row (``[rows]`` or ``[rows, 1]``), False for one per tensor; any other
     dtype or shape (per column, per block) is refused naming it."""
     if scale.dtype not in SCALE_DTYPES:
         raise ModelError(f"{path}: scale {scale.key} is {scale.dtype} (a block-format scale, as mxfp8's E8M0); meshd "
                          "reads float32/bf16/fp16 scales per tensor or per row")
-    numel = 1
-    for n in scale.shape:
-        numel *= n
-    if numel == 1:
+    if math.prod(scale.shape) == 1:
         return False
     rows = weight.shape[0] if len(weight.shape) == 2 else -1
     if scale.shape in ((rows,), (rows, 1)):
         return True
     raise ModelError(f"{path}: scale {scale.key} has shape {scale.shape}, neither per-tensor nor per-row "
                      f"([{rows}] or [{rows}, 1]) for weight {weight.shape}")
+
+
+def fp8_scale(scale: torch.Tensor | None, per_row: bool) -> torch.Tensor:
+    """The float32 ``weight_scale`` an fp8 layer holds (:class:`.precision.Fp8Linear`): ``()`` per tensor (1 for
+    raw fp8, which declares none), ``[rows, 1]`` per row (the layout :func:`scale_layout` told from the header)."""
+    if scale is None:
+        return torch.ones((), dtype=torch.float32)
+    scale = scale.float()
+    return scale.reshape(-1, 1) if per_row else scale.reshape(())
 
 
 def _linears(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, int]]:

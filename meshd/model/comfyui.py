@@ -8,7 +8,8 @@ sub-folders of their own). meshd does not trust the folder a file sits in: a VAE
 
 - a FLUX.2 transformer has ``single_stream_modulation.lin(ear).weight`` (any prefix);
 - a VAE has ``encoder.conv_in`` and ``decoder.conv_in`` (BFL/ComfyUI naming or diffusers naming);
-- a text encoder has ``model.layers.N.self_attn.q_proj`` (transformers naming, language model only);
+- a text encoder has ``model.layers.N.self_attn.q_proj`` (transformers naming, language model only; under
+  ``text_encoders.<name>.transformer.`` in an all-in-one checkpoint);
 - a LoRA has ``lora_`` / ``lycoris_`` tensors.
 
 ComfyUI's Qwen tokenizer (klein's text encoder; Qwen3 and Qwen2.5 share the vocabulary) is not in the
@@ -79,31 +80,25 @@ def lora_dirs(configured: Iterable[Path], comfyui_dir: Path | None) -> tuple[Pat
 
 
 def kind_of_keys(keys: Iterable[str]) -> str:
-    """What a safetensors file holds, from its tensor names alone."""
+    """What a safetensors file holds, from its tensor names alone: a LoRA, else the first of its parts
+    (:func:`parts_of_keys`; an all-in-one checkpoint is a transformer), else OTHER."""
     keys = list(keys)
     if any(".lora_" in k or k.startswith(("lora_", "lycoris_")) or k.endswith(".alpha") for k in keys):
         return LORA
-    if any(k.endswith(("single_stream_modulation.lin.weight", "single_stream_modulation.linear.weight"))
-           for k in keys):
-        return TRANSFORMER
-    if any(k.endswith("encoder.conv_in.weight") for k in keys) and any(k.endswith("decoder.conv_in.weight")
-                                                                        for k in keys):
-        return VAE
-    if any(k.startswith("model.layers.") and ".self_attn.q_proj." in k for k in keys):
-        return TEXT_ENCODER
-    return OTHER
+    return next(iter(parts_of_keys(keys)), OTHER)
 
 
 def parts_of_keys(keys: Iterable[str]) -> tuple[str, ...]:
-    """The parts a file holds (TRANSFORMER, VAE, TEXT_ENCODER), from its tensor names: more than one is a
-    ComfyUI all-in-one checkpoint (``checkpoints/``: ``model.diffusion_model.``, ``vae.`` and
-    ``text_encoders.<name>.transformer.``, ComfyUI's ``supported_models.Flux2`` prefixes)."""
+    """The parts a file holds (TRANSFORMER, VAE, TEXT_ENCODER, in that order), from its tensor names under any
+    prefix: more than one is a ComfyUI all-in-one checkpoint (``checkpoints/``: ``model.diffusion_model.``,
+    ``vae.`` and ``text_encoders.<name>.transformer.``, ComfyUI's ``supported_models.Flux2`` prefixes)."""
     keys = list(keys)
     found = []
     if any(k.endswith(("single_stream_modulation.lin.weight", "single_stream_modulation.linear.weight")) for k in keys):
         found.append(TRANSFORMER)
-    if any(k.endswith("decoder.conv_in.weight") for k in keys):
-        found.append(VAE)
+    if any(k.endswith("encoder.conv_in.weight") for k in keys) and any(k.endswith("decoder.conv_in.weight")
+                                                                        for k in keys):
+        found.append(VAE)  # both halves: FLUX.2's VAE file (VaeFile) has them, a decoder alone fits nothing
     if any(k.startswith(("model.layers.", "text_encoders.")) and ".self_attn.q_proj." in k for k in keys):
         found.append(TEXT_ENCODER)
     return tuple(found)
@@ -168,12 +163,25 @@ def relative_name(path: Path, dirs: Iterable[Path]) -> str:
     return path.name.removesuffix(SAFETENSORS_SUFFIX).removesuffix(GGUF_SUFFIX)
 
 
+def real_folders(dirs: Iterable[Path]) -> list[Path]:
+    """Configured folders as :func:`within` compares them: ``~`` expanded and every link resolved (what the model
+    and the LoRA stores hold, so a folder configured through a link contains what lies in its target)."""
+    return [Path(d).expanduser().resolve() for d in dirs]
+
+
+def within(path: Path, dirs: Iterable[Path]) -> bool:
+    """Whether ``path`` is one of ``dirs`` (:func:`real_folders`) or lies under one, compared as given: the one
+    containment rule for model and LoRA files. Callers pass a resolved path (:func:`escapes`, a resolved
+    request) to ask where a file really is, or a path as spelled to ask whether a link in the folders led out."""
+    return any(path == d or d in path.parents for d in dirs)
+
+
 def escapes(path: Path, dirs: Iterable[Path]) -> Path | None:
-    """Where ``path`` really is when a link takes it out of every folder of ``dirs`` (resolved folders); None
-    when it stays inside. ComfyUI users link model files and folders in from other drives: meshd reads only
-    what lies in its configured folders, so such a link is refused, never followed silently."""
+    """Where ``path`` really is when a link takes it out of every folder of ``dirs`` (:func:`real_folders`);
+    None when it stays inside. ComfyUI users link model files and folders in from other drives: meshd reads
+    only what lies in its configured folders, so such a link is refused, never followed silently."""
     real = path.resolve()
-    return None if any(real == d or d in real.parents for d in dirs) else real
+    return None if within(real, dirs) else real
 
 
 def link_refusal(path: Path, target: Path, dirs: Iterable[Path], setting: str = "models_dir") -> str:

@@ -139,6 +139,7 @@ def dequantise_gguf(packed: torch.Tensor, qtype: str, dtype: torch.dtype) -> tor
 def dequantise_fp8(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """fp8 ``weight`` times its float32 ``scale`` (one, or one per row as ``[rows, 1]``), product in float32,
     rounded once into ``dtype``. e4m3 and e5m2 values widen exactly to bf16/fp16, which halves what the
-    eager path writes before the product; a 0-d scale is made 2-d so that it takes part in the type
-    promotion (as a 0-d tensor it would be rounded to the weight's dtype first)."""
-    return affine(weight.to(dtype), scale.float().reshape(-1, 1), None, dtype)
+    eager path writes before the product; a 0-d scale is given the weight's number of dimensions so that it
+    takes part in the type promotion (as a 0-d tensor it would be rounded to the weight's dtype first) and
+    broadcasts without changing the weight's shape (a text encoder's fp8 norm weight is 1-d)."""
+    return affine(weight.to(dtype), scale.float().reshape(-1, *(1,) * (weight.ndim - 1)), None, dtype)

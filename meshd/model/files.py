@@ -136,14 +136,11 @@ class ModelStore:
     them is ever read."""
 
     def __init__(self, dirs: Iterable[Path], cache_dir: Path | None = None, comfyui_dir: Path | None = None) -> None:
-        self.dirs = [Path(d).expanduser().resolve() for d in dirs]
+        self.dirs = comfyui.real_folders(dirs)
         self.comfyui = comfyui.ComfyInstall.at(comfyui_dir) if comfyui_dir else None
         if self.comfyui is not None and self.comfyui.models not in self.dirs:
             self.dirs.append(self.comfyui.models)
         self.cache_dir = cache_dir
-
-    def _inside(self, path: Path) -> bool:
-        return any(path == d or d in path.parents for d in self.dirs)
 
     def resolve(self, name: str) -> Path:
         """The folder or single file of model ``name`` (a name in a model folder, a path relative to one
@@ -159,9 +156,9 @@ class ModelStore:
         candidate = Path(name).expanduser()
         if candidate.is_absolute() or os.sep in name or name.startswith("."):
             path = candidate.resolve()
-            if not self._inside(path):
+            if not comfyui.within(path, self.dirs):
                 spelled = Path(os.path.normpath(candidate.absolute()))  # as written, "..", but no links, followed
-                if self._inside(spelled):  # so a link in a model folder to something outside them
+                if comfyui.within(spelled, self.dirs):  # so a link in a model folder to something outside them
                     self._refuse_escape(spelled)
                 raise ModelError(
                     f"{path} is outside the configured model folders ({', '.join(map(str, self.dirs))}); "

@@ -102,7 +102,8 @@ def inventory_loras(store: LoraStore, cache_dir: Path | None = None, hashes: boo
     """Index every LoRA in the LoRA folders and say which models it fits (header only)."""
     reports = []
     file_hashes = FileHashes(cache_dir)
-    for path in store.files():
+    files, links = store.scan()
+    for path in files:
         name = store.name_of(path)
         fits, problems, first = [], [], None
         for preset in PRESETS.values():
@@ -121,7 +122,7 @@ def inventory_loras(store: LoraStore, cache_dir: Path | None = None, hashes: boo
                    f"fits {', '.join(fits)}")
         reports.append(FileReport("lora", name, path, True, summary,
                                   sha256=file_hashes.sha256(path) if hashes else ""))
-    for link, target in store.escaping():  # never read: named, with what to do
+    for link, target in links:  # never read: named, with what to do
         reports.append(FileReport("lora", store.name_of(link), link, False, "",
                                   comfyui.link_refusal(link, target, store.dirs, "lora_dir")))
     return reports

@@ -319,24 +319,23 @@ class LoraStore:
     first); files are never taken from anywhere else, and never sent over the wire."""
 
     def __init__(self, dirs: Iterable[Path], cache_dir: Path | None = None) -> None:
-        self.dirs = [Path(d).expanduser().resolve() for d in dirs]
+        self.dirs = comfyui.real_folders(dirs)
         self._hashes = FileHashes(cache_dir)
         self._opened: dict[tuple[Path, str, str], LoraFile] = {}
 
-    def files(self) -> list[Path]:
-        """Every ``.safetensors`` file in the LoRA folders (subfolders included), but links out of them."""
-        return [p for p in self._all_files() if comfyui.escapes(p, self.dirs) is None]
-
-    def escaping(self) -> list[tuple[Path, Path]]:
-        """(link, target) of each LoRA file that a link takes out of the LoRA folders: never read."""
-        return [(p, t) for p in self._all_files() if (t := comfyui.escapes(p, self.dirs)) is not None]
-
-    def _all_files(self) -> list[Path]:
-        out = []
+    def scan(self) -> tuple[list[Path], list[tuple[Path, Path]]]:
+        """One walk of the LoRA folders: every ``.safetensors`` file in them (subfolders included), and
+        (link, target) of each that a link takes out of them (never read, only named)."""
+        inside, linked = [], []
         for d in self.dirs:
-            if d.is_dir():  # (rglob does not descend into linked folders; a linked file is checked by the callers)
-                out += sorted(p for p in d.rglob(f"*{SAFETENSORS_SUFFIX}") if p.is_file())
-        return out
+            if d.is_dir():  # (rglob does not descend into linked folders; a linked file is caught here)
+                for path in sorted(p for p in d.rglob(f"*{SAFETENSORS_SUFFIX}") if p.is_file()):
+                    target = comfyui.escapes(path, self.dirs)
+                    if target is None:
+                        inside.append(path)
+                    else:
+                        linked.append((path, target))
+        return inside, linked
 
     def name_of(self, path: Path) -> str:
         """The name a request should use for ``path``: its path in its LoRA folder, without ``.safetensors``."""
@@ -357,7 +356,7 @@ class LoraStore:
         """The file with ``spec.sha256``, looking first at files named ``spec.name``; LoraError otherwise."""
         if not self.dirs:
             raise LoraError(f"LoRA {spec.name} was asked for, but no LoRA folders are configured here (lora_dir)")
-        files = self.files()
+        files, _ = self.scan()
         hinted = [p for p in files if spec.name in self._names(p)]
         wrong = []
         for path in hinted + [p for p in files if p not in hinted]:
@@ -380,9 +379,10 @@ class LoraStore:
             probe = LoraSpec(name, "0" * 64, strength)
         except ValueError as exc:
             raise LoraError(str(exc)) from None
-        matches = [p for p in self.files() if probe.name in self._names(p)]
+        files, links = self.scan()
+        matches = [p for p in files if probe.name in self._names(p)]
         if not matches:
-            linked = next(((p, t) for p, t in self.escaping() if probe.name in self._names(p)), None)
+            linked = next(((p, t) for p, t in links if probe.name in self._names(p)), None)
             if linked is not None:
                 raise LoraError(comfyui.link_refusal(*linked, self.dirs, "lora_dir"))
             raise LoraError(f"no LoRA named {name} in {self._where()}")

@@ -83,6 +83,12 @@ class ModelPreset:
         return int(self.transformer["num_attention_heads"]) * int(self.transformer["attention_head_dim"])
 
     @property
+    def out_channels(self) -> int:
+        """Latent channels the transformer predicts: diffusers' config leaves ``out_channels`` None for "as many
+        as it takes in" (every FLUX.2 member)."""
+        return int(self.transformer.get("out_channels") or self.transformer["in_channels"])
+
+    @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae["block_out_channels"]) - 1)
 
@@ -103,30 +109,30 @@ def _transformer(**kw) -> dict[str, Any]:
     return cfg
 
 
+#: What the FLUX.2 [klein] members share: all but the transformer's size (the VAE, a Qwen3 text encoder,
+#: step distillation to 4 steps without guidance, and the sampling defaults).
+_KLEIN: dict[str, Any] = {
+    "vae": _REAL_VAE,
+    "text_encoder": "qwen3",
+    "distilled": True,
+    "default_steps": 4,
+    "default_guidance": 1.0,
+    "default_size": 1024,
+    "max_sequence_length": 512,
+}
+
 PRESETS: dict[str, ModelPreset] = {
     "klein-9b": ModelPreset(
         name="klein-9b",
         transformer=_transformer(num_layers=8, num_single_layers=24, num_attention_heads=32,
                                  joint_attention_dim=12288, guidance_embeds=False),
-        vae=_REAL_VAE,
-        text_encoder="qwen3",
-        distilled=True,
-        default_steps=4,
-        default_guidance=1.0,
-        default_size=1024,
-        max_sequence_length=512,
+        **_KLEIN,
     ),
     "klein-4b": ModelPreset(
         name="klein-4b",
         transformer=_transformer(num_layers=5, num_single_layers=20, num_attention_heads=24,
                                  joint_attention_dim=7680, guidance_embeds=False),
-        vae=_REAL_VAE,
-        text_encoder="qwen3",
-        distilled=True,
-        default_steps=4,
-        default_guidance=1.0,
-        default_size=1024,
-        max_sequence_length=512,
+        **_KLEIN,
     ),
     "dev": ModelPreset(
         name="dev",
@@ -146,19 +152,15 @@ PRESETS: dict[str, ModelPreset] = {
         transformer=_transformer(num_layers=2, num_single_layers=4, num_attention_heads=4, attention_head_dim=16,
                                  in_channels=16, joint_attention_dim=48, timestep_guidance_channels=32,
                                  axes_dims_rope=[4, 4, 4, 4], guidance_embeds=False),
-        vae={
-            "in_channels": 3,
-            "out_channels": 3,
-            "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
-            "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        vae={  # the real VAE at toy size
+            **_REAL_VAE,
+            "down_block_types": ["DownEncoderBlock2D"] * 2,
+            "up_block_types": ["UpDecoderBlock2D"] * 2,
             "block_out_channels": [8, 16],
             "layers_per_block": 1,
             "latent_channels": 4,
             "norm_num_groups": 4,
             "sample_size": 64,
-            "use_quant_conv": True,
-            "use_post_quant_conv": True,
-            "batch_norm_eps": 1e-4,
         },
         text_encoder="stand-in",
         distilled=True,

@@ -41,7 +41,8 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 @dataclass(frozen=True)
 class ModelIdentity:
     """What a plan checks before anything runs: the same model, the same bytes, the same dtype, the same
-    weight precision (a peer that quantised at load computes other numbers than one that did not)."""
+    weight precision (a peer that quantised at load computes other numbers than one that did not). Shown in
+    words as a peer reads it: ``meshd.node.info.ModelInfo.of(identity).describe()``."""
 
     model_id: str
     preset: str
@@ -52,9 +53,6 @@ class ModelIdentity:
     def to_dict(self) -> dict:
         return {"model_id": self.model_id, "preset": self.preset, "hash": self.content_hash, "dtype": self.dtype,
                 "weights": self.weights}
-
-    def describe(self) -> str:
-        return f"{self.model_id} ({self.preset}, {self.dtype}, sha256 {self.content_hash[:12]}, weights {self.weights})"
 
 
 def weights_label(formats: dict[str, LinearFormat], dtype: torch.dtype) -> str:

@@ -122,10 +122,9 @@ class SpanModel(torch.nn.Module):
             self.x_embedder = torch.nn.Linear(int(cfg["in_channels"]), dim, bias=False)
             self.context_embedder = torch.nn.Linear(int(cfg["joint_attention_dim"]), dim, bias=False)
         if tail:
-            out_channels = int(cfg.get("out_channels") or cfg["in_channels"])
             patch = int(cfg["patch_size"])
             self.norm_out = AdaLayerNormContinuous(dim, dim, elementwise_affine=False, eps=eps, bias=False)
-            self.proj_out = torch.nn.Linear(dim, patch * patch * out_channels, bias=False)
+            self.proj_out = torch.nn.Linear(dim, patch * patch * preset.out_channels, bias=False)
 
     # --- the pieces of Flux2Transformer2DModel.forward ----------------------------------------
 

@@ -30,15 +30,15 @@ FLUX.2-dev's ``text_encoder/config.json``).
 from __future__ import annotations
 
 import functools
-import json
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .checkpoints import FLOAT_DTYPES, FP8_DTYPES, FP8_FORMATS, MAX_RECORD_BYTES, UNUSED_SUFFIXES
+from .checkpoints import (FLOAT_DTYPES, FP8_DTYPES, QUANT_FORMATS, QUANT_RECORD_SUFFIX, SCALE_SUFFIXES, UNUSED_SUFFIXES,
+                          StoredTensor, fp8_scale, fp8_weight, metadata_formats, record_format)
+from .dequant import dequantise_fp8
 from .precision import LinearFormat, quantised_layers
 from .presets import ModelPreset
 from .tekken import TEKKEN_KEY, check_tekken_header, read_tekken, tekken_tokenizer
@@ -53,8 +53,7 @@ FAMILY_CONSTANTS = {
 #: The released encoders by (family, width): their name and depth (to tell a pruned file).
 RELEASED = {("qwen3", 2560): ("Qwen3-4B", 36), ("qwen3", 4096): ("Qwen3-8B", 36),
             ("mistral3", 5120): ("Mistral Small 3", 40)}
-SCALE_SUFFIXES = ("weight_scale", "scale_weight")
-IGNORED_SUFFIXES = (*UNUSED_SUFFIXES, "comfy_quant")
+IGNORED_SUFFIXES = (*UNUSED_SUFFIXES, QUANT_RECORD_SUFFIX)
 #: Tensors in a text-encoder file that are not weights: the tokenizer blob, ComfyUI's legacy marker.
 NON_WEIGHTS = (TEKKEN_KEY, "spiece_model", "tokenizer_json", "scaled_fp8")
 #: Qwen3's chat template as it renders FLUX.2's prompt (one user turn, generation prompt, thinking off);
@@ -75,7 +74,8 @@ class EncoderFile:
     config: dict  # shape-derived config fields
     num_layers: int
     weights: dict[str, TensorInfo]  # name inside the encoder (``model.*``) -> weight (``.key``: the file's name)
-    scales: dict[str, TensorInfo] = field(default_factory=dict)  # name of a weight -> its declared scale
+    #: name of an fp8 weight -> it as stored: its declared scale (None: raw fp8), per tensor or per row
+    fp8: dict[str, StoredTensor] = field(default_factory=dict)
     tekken: TensorInfo | None = None  # Mistral's tokenizer inside the file
     has_norm: bool = True
 
@@ -97,7 +97,7 @@ class EncoderFile:
         tekken = header.get(TEKKEN_KEY, stored.get(TEKKEN_KEY))
         if tekken is not None:
             check_tekken_header(path, tekken)
-        weights, scales = {}, {}
+        weights, fp8 = {}, {}
         for key, info in header.items():
             leaf = key.rsplit(".", 1)[-1]
             if key in NON_WEIGHTS or leaf in SCALE_SUFFIXES or leaf in IGNORED_SUFFIXES:
@@ -106,10 +106,11 @@ class EncoderFile:
                 raise ModelError(f"{path}: {key} is stored as {info.dtype}; meshd reads text encoders in bf16, "
                                  "fp16, fp32 or fp8")
             weights[key] = info
-            module = key.rsplit(".", 1)[0]
-            scale = next((header[f"{module}.{s}"] for s in SCALE_SUFFIXES if f"{module}.{s}" in header), None)
-            if scale is not None and leaf == "weight" and module in declared:
-                scales[key] = scale
+            if info.dtype in FP8_DTYPES:
+                module = key.rsplit(".", 1)[0]
+                scale = next((header[f"{module}.{s}"] for s in SCALE_SUFFIXES if f"{module}.{s}" in header), None) \
+                    if leaf == "weight" and module in declared else None
+                fp8[key] = fp8_weight(path, info, scale)  # the transformer checkpoints' rule: layout checked here
         layers = {int(m[1]) for k in weights if (m := re.match(r"model\.layers\.(\d+)\.", k))}
         count = max(layers, default=-1) + 1
         if sorted(layers) != list(range(count)):
@@ -124,7 +125,7 @@ class EncoderFile:
         config = {"vocab_size": vocab, "hidden_size": hidden, "num_attention_heads": q_rows // head_dim,
                   "num_key_value_heads": k_rows // head_dim, "head_dim": head_dim,
                   "intermediate_size": header["model.layers.0.mlp.gate_proj.weight"].shape[0]}
-        return cls(path, family, config, count, weights, scales, tekken=tekken,
+        return cls(path, family, config, count, weights, fp8, tekken=tekken,
                    has_norm="model.norm.weight" in header)
 
     # --- what it is -----------------------------------------------------------------------------
@@ -147,7 +148,7 @@ class EncoderFile:
         counts: dict[str, int] = {}
         for key, info in self.weights.items():
             kind = FLOAT_DTYPES.get(info.dtype) or FP8_DTYPES[info.dtype]
-            kind += " scaled" if key in self.scales else ""
+            kind += " scaled" if key in self.fp8 and self.fp8[key].scale is not None else ""
             counts[kind] = counts.get(kind, 0) + 1
         ordered = sorted(counts.items(), key=lambda kv: -kv[1])
         return ordered[0][0] if len(ordered) == 1 else ", ".join(f"{k} {n}" for k, n in ordered)
@@ -208,32 +209,26 @@ class EncoderFile:
                 if info is None:
                     raise ModelError(f"{self.path} lacks {key}")
                 value = f.get_tensor(info.key)
-                scale = f.get_tensor(self.scales[key].key) if key in self.scales else None
+                stored = self.fp8.get(key)
+                if stored is None:
+                    state[name] = value.to(device=device, dtype=dtype)
+                    continue
+                scale = fp8_scale(f.get_tensor(stored.scale.key) if stored.scale is not None else None,
+                                  stored.format.per_row).to(device)
                 if module in formats:  # kept fp8: the stored values and a float32 scale of the layer's shape
                     state[name] = value.to(device)
-                    state[f"{module}.weight_scale"] = _layer_scale(self.path, key, value, scale, formats[module],
-                                                                   device)
-                    continue
-                if info.dtype in FP8_DTYPES:
-                    value = _dequantise(self.path, key, value, scale)
-                state[name] = value.to(device=device, dtype=dtype)
+                    state[f"{module}.weight_scale"] = scale
+                else:  # an fp8 tensor that is not a linear weight (an embedding, a norm): its numbers in dtype
+                    state[name] = dequantise_fp8(value.to(device), scale, dtype)
         model.load_state_dict(state, strict=True, assign=True)
         model.rotary_emb = type(model.rotary_emb)(model.config).to(device)  # its buffer is computed, not stored
         return model.eval().requires_grad_(False)
 
     def _fp8_linears(self, model: torch.nn.Module) -> dict[str, LinearFormat]:
-        """The built model's bias-free linear layers whose weights the file stores in fp8, by module name, with
-        how each is held (per-row when its scale has one value per output row)."""
-        formats = {}
-        for name, module in model.named_modules():
-            info = self.weights.get(f"model.{name}.weight")
-            if not isinstance(module, torch.nn.Linear) or module.bias is not None or info is None \
-                    or info.dtype not in FP8_DTYPES:
-                continue
-            scale = self.scales.get(f"model.{name}.weight")
-            per_row = scale is not None and math.prod(scale.shape) > 1
-            formats[name] = LinearFormat("fp8", FP8_FORMATS[info.dtype], per_row=per_row)
-        return formats
+        """The built model's bias-free linear layers whose weights the file stores in fp8, by module name, each
+        held as stored (per-row when its scale has one value per output row)."""
+        return {name: self.fp8[f"model.{name}.weight"].format for name, module in model.named_modules()
+                if isinstance(module, torch.nn.Linear) and module.bias is None and f"model.{name}.weight" in self.fp8}
 
     def _build(self, layers: int) -> torch.nn.Module:
         import transformers  # noqa: PLC0415
@@ -288,67 +283,18 @@ def _declared_layers(path: Path, header: dict[str, TensorInfo], metadata: dict[s
     """The modules a file declares quantised (``comfy_quant`` records, ``_quantization_metadata``, or the
     legacy ``scaled_fp8`` marker, for which every scaled layer is), by their names inside the encoder
     (``header`` without ``prefix``); refuses formats other than fp8."""
-    declared, formats = set(), {}
-    raw = metadata.get("_quantization_metadata")
-    if raw:
-        try:
-            items = list(json.loads(raw).get("layers", {}).items())
-        except (ValueError, AttributeError, TypeError):
-            raise ModelError(f"{path} has unreadable _quantization_metadata") from None
-        for module, record in items:
-            if isinstance(record, dict) and str(module).startswith(prefix):  # (an all-in-one file lists all parts)
-                declared.add(str(module)[len(prefix):])
-                formats[str(module)[len(prefix):]] = str(record.get("format", ""))
-    records = [k.rsplit(".", 1)[0] for k in header if k.endswith(".comfy_quant")]
+    formats = {module[len(prefix):]: fmt for module, fmt in metadata_formats(path, metadata).items()
+               if module.startswith(prefix)}  # (an all-in-one file lists every part's layers)
+    records = [k.rsplit(".", 1)[0] for k in header if k.endswith("." + QUANT_RECORD_SUFFIX)]
     if records:
         with open_safetensors(path) as f:
             for module in records:
-                info = header[f"{module}.comfy_quant"]
-                if info.dtype != "U8" or len(info.shape) != 1 or info.shape[0] > MAX_RECORD_BYTES:  # bounded read
-                    raise ModelError(f"{path}: {module}.comfy_quant is not a quantisation record (a JSON string of at "
-                                     f"most {MAX_RECORD_BYTES} bytes); it is {info.dtype} {list(info.shape)}")
-                try:
-                    record = json.loads(bytes(f.get_tensor(info.key).tolist()).decode())
-                    fmt = str(record.get("format", ""))
-                except (ValueError, UnicodeDecodeError, AttributeError, TypeError):
-                    raise ModelError(f"{path}: {module}.comfy_quant is not a readable quantisation record") from None
-                declared.add(module)
-                formats[module] = fmt
+                formats[module] = record_format(path, f, header[f"{module}.{QUANT_RECORD_SUFFIX}"])
+    declared = set(formats)
     if "scaled_fp8" in header:
         declared |= {k.rsplit(".", 1)[0] for k in header if k.endswith(SCALE_SUFFIXES)}
-    bad = sorted({f for f in formats.values() if f not in ("float8_e4m3fn", "float8_e5m2")})
+    bad = sorted({f for f in formats.values() if f not in QUANT_FORMATS})
     if bad:
         raise ModelError(f"{path} is quantised as {', '.join(bad)}; meshd reads text encoders in bf16 or fp8 "
                          "(e4m3fn / e5m2 with per-tensor or per-row scales)")
     return declared
-
-
-
-
-def _layer_scale(path: Path, key: str, value: torch.Tensor, scale: torch.Tensor | None, fmt: LinearFormat,
-                 device: torch.device) -> torch.Tensor:
-    """The float32 ``weight_scale`` an :class:`.precision.Fp8Linear` of ``fmt`` holds: ``()`` per tensor (1 when
-    the file declares none), ``(rows, 1)`` per row; a scale of any other shape is refused naming the layer."""
-    if scale is None:
-        return torch.ones((), dtype=torch.float32, device=device)
-    scale = scale.to(device=device, dtype=torch.float32)
-    if not fmt.per_row:
-        return scale.reshape(())
-    if tuple(scale.shape) in ((value.shape[0],), (value.shape[0], 1)):
-        return scale.reshape(-1, 1)
-    raise ModelError(f"{path}: the scale of {key} has shape {tuple(scale.shape)}, neither one per tensor nor one "
-                     f"per row of {tuple(value.shape)}")
-
-
-def _dequantise(path: Path, key: str, value: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-    """An fp8 weight as float32: times its scale, per tensor or per output row."""
-    value = value.float()
-    if scale is None:
-        return value
-    scale = scale.float()
-    if scale.numel() == 1:
-        return value * scale.reshape(())
-    if value.ndim == 2 and tuple(scale.shape) in ((value.shape[0],), (value.shape[0], 1)):
-        return value * scale.reshape(-1, 1)
-    raise ModelError(f"{path}: the scale of {key} has shape {tuple(scale.shape)}, neither one per tensor nor one "
-                     f"per row of {tuple(value.shape)}")

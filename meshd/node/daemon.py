@@ -127,7 +127,7 @@ class Daemon:
         self.bound = (name[0], name[1])
         self._accepting = asyncio.ensure_future(self._accept_loop())
         log.info("meshd %s listening on %s:%s (%s, blocks %s, device %s)", __version__, name[0], name[1],
-                 self.model.identity.describe(), describe_ranges(self.model.blocks), self.device)
+                 ModelInfo.of(self.model.identity).describe(), describe_ranges(self.model.blocks), self.device)
         return self.bound
 
     async def stop(self, grace: float = 30.0) -> None:
@@ -340,14 +340,12 @@ class Daemon:
     # --- what the services share ------------------------------------------------------------
 
     def check_model(self, expected: object) -> None:
-        mine = self.model.identity
         if not isinstance(expected, dict):
             raise MeshError("bad-request", "prepare needs the plan's model identity")
+        mine, theirs = ModelInfo.of(self.model.identity), ModelInfo.from_wire(expected)
         # The rule every client plans by (meshd.node.info.disagreement), so no proposal is refused here.
-        if ModelInfo.from_wire(expected).agreement != ModelInfo.from_wire(mine.to_dict()).agreement:
-            theirs = (f"{expected.get('model_id')!s:.40} ({expected.get('preset')!s:.20}, {expected.get('dtype')!s:.10}, "
-                      f"sha256 {str(expected.get('hash'))[:12]}, weights {expected.get('weights')!s:.80})")
-            raise MeshError("mismatch", f"{self.name} holds {mine.describe()}; the plan expects {theirs}")
+        if theirs.agreement != mine.agreement:
+            raise MeshError("mismatch", f"{self.name} holds {mine.describe()}; the plan expects {theirs.describe()}")
 
     def check_holds(self, stage: Stage) -> None:
         if not self.model.holds(stage.start, stage.end):

@@ -11,11 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from codec import Capabilities
 
 from ..pipeline.blocks import BlockRange, wire_int
 from .nodeid import host_key
+
+if TYPE_CHECKING:  # (the model code pulls in torch; this module is read by the dashboard too)
+    from ..model.runtime import ModelIdentity
 
 #: Text fields longer than this are cut (frame headers are capped already; this bounds what is kept).
 MAX_TEXT = 1000
@@ -49,6 +53,11 @@ class ModelInfo:
                    _text(m.get("weights")), _text(m.get("compute")),
                    m.get("weight_bytes") if isinstance(m.get("weight_bytes"), dict) else None, wire_int(m.get("num_blocks")))
 
+    @classmethod
+    def of(cls, identity: ModelIdentity) -> ModelInfo:
+        """This daemon's own model as its peers read it (so both sides of a comparison are one record)."""
+        return cls.from_wire(identity.to_dict())
+
     @property
     def agreement(self) -> tuple:
         """What every peer of one plan must share, and all the head's prepare checks: the preset, the
@@ -56,6 +65,7 @@ class ModelInfo:
         return (self.preset, self.hash, self.dtype, self.weights)
 
     def describe(self) -> str:
+        """The model in one line, as every message naming a peer's model (or this daemon's) shows it."""
         return (f"{self.model_id} ({self.preset}, {self.dtype}, sha256 {(self.hash or '')[:12]}, "
                 f"weights {self.weights})")
 

@@ -30,6 +30,7 @@ from ..model.text_encoder import TextEncoderOptions
 from ..telemetry.service import serve_telemetry
 from .daemon import Daemon
 from .discovery import Advertiser, MdnsUnavailable, choose_for, require_zeroconf, txt_record
+from .info import ModelInfo
 from .nodeid import stable_node_id
 from .sdnotify import Notifier
 
@@ -107,7 +108,7 @@ def open_model(config: DaemonConfig, device: torch.device, notifier: Notifier) -
     except (ModelError, ConfigError, KeyError, ValueError, RuntimeError) as exc:  # RuntimeError: a bad device name
         raise StartupError(f"model: {exc}") from None
     if blocks:
-        log.info("loading blocks %s of %s", config.blocks, model.identity.describe())
+        log.info("loading blocks %s of %s", config.blocks, ModelInfo.of(model.identity).describe())
         notifier.status(f"loading blocks {config.blocks} of {model.identity.model_id}")
         try:
             with torch.inference_mode():
@@ -167,7 +168,7 @@ async def _run(daemon: Daemon, notifier: Notifier, ready_file: Path | None) -> N
             _write_ready(ready_file, {"host": host, "port": port, "pid": os.getpid(), "node_id": daemon.node_id})
         # Bound, span loaded, advertised: only now may peers and systemd rely on us.
         notifier.ready(status.line())
-        log.info("serving %s on %s:%s (%s)", model.identity.describe(), host, port, mdns_state)
+        log.info("serving %s on %s:%s (%s)", ModelInfo.of(model.identity).describe(), host, port, mdns_state)
         watchdog = asyncio.ensure_future(notifier.keep_alive(_health(telemetry.sampler, time.monotonic())))
         cleanup.callback(watchdog.cancel)
         await stop.wait()

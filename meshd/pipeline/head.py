@@ -161,6 +161,7 @@ class SplitRunner:
         self.geometry = Geometry(1, preset.max_sequence_length, params.height // scale, params.width // scale)
         self.head = plan.stages[0]
         self.downstream = downstream_needs(preset, plan.stages[1:])
+        self.out_channels = preset.out_channels  # the prediction's width, read each step
         self.channel = None
         self.link: LinkPlan | None = None
 
@@ -201,11 +202,9 @@ class SplitRunner:
         (joint, vectors), seconds = await d.worker.run(head_compute)
         reply, hops, self.link = await d.relay.send_step(
             self.channel, self.link, self.job_id, step, names, vectors, joint, measure_error=self.measure_error)
-        preset = d.model.preset
-        out_channels = int(preset.transformer.get("out_channels") or preset.transformer["in_channels"])
         # On the host; the scheduler step moves it to the device on the GPU worker.
         (prediction,) = unpack_raw([reply.header.get("prediction")], reply.segments, torch.device("cpu"),
-                                   [(1, sampler.image_tokens, out_channels)])
+                                   [(1, sampler.image_tokens, self.out_channels)])
         # hops[0]["bytes"]: what this head put on the wire (the send figures folded in by the relay)
         d.links.get(self.channel.name).hop(hops[0]["bytes"], hops[0].get("wire_ms", 0.0))
         return prediction, {"compute_ms": seconds * 1e3, "hops": hops,

@@ -240,9 +240,8 @@ def _head_params(preset: ModelPreset) -> int:
 
 def _tail_params(preset: ModelPreset) -> int:
     d = preset.hidden
-    cfg = preset.transformer
-    out_channels = int(cfg.get("out_channels") or cfg["in_channels"])
-    return 2 * d * d + d * int(cfg["patch_size"]) ** 2 * out_channels  # norm_out's shift/scale, proj_out
+    patch = int(preset.transformer["patch_size"])
+    return 2 * d * d + d * patch * patch * preset.out_channels  # norm_out's shift/scale, proj_out
 
 
 def _vae_params(preset: ModelPreset) -> int:
