@@ -6,6 +6,7 @@ pipelined queues.
     python bench/split_bench.py ... --emulate-link 1gbit,0.3ms --queue 4   # figures labelled "emulated"
     python bench/split_bench.py ... --unsealed   # the same, frames not sealed: the cost of sealing
     python bench/split_bench.py ... --codecs raw --compile on,off          # compiled blocks vs eager
+    python bench/split_bench.py ... --codecs raw --transport shm --interleave  # local and split runs alternate
 
 The all-local reference runs in this process (every block on --device); the split runs over two
 ``meshd`` daemons on the same machine (both on --device) joined by loopback TCP, or by a link
@@ -143,6 +144,11 @@ async def run_local(args, device, params, compiled: bool = False, state_dir: Pat
     if args.compare_diffusers:
         out["forward_vs_diffusers"] = await worker.run(time_forward_vs_diffusers, model, params)
         out["forward_vs_diffusers"] = out["forward_vs_diffusers"][0]
+    if args.interleave:
+        # Kept loaded for the split's runs to alternate with (see timed_generations); freed by close().
+        out["again"] = lambda: run_generation(model, worker, params, LocalRunner(worker))
+        out["close"] = worker.shutdown
+        return out
     worker.shutdown()
     del model, result
     gc.collect()
@@ -201,13 +207,28 @@ def wire_bytes(summary: dict) -> int:
     return total
 
 
-async def timed_generations(mesh, plan, params, codec_name, repeat):
+async def timed_generations(mesh, plan, params, codec_name, repeat, local=None):
+    """``repeat`` timed split generations after an untimed one. With ``local`` (``--interleave``) an
+    all-local generation follows each split one, so both sets see the same clocks and temperature:
+    their seconds and step times come back in ``local``'s ``interleaved_s`` / ``interleaved_step_ms``."""
     times, outcome = [], None
+    again = local.get("again") if local else None
+    local_times, local_steps = [], []
     for i in range(repeat + 1):
         t0 = time.perf_counter()
         outcome = await mesh.generate(plan, params, codec=codec_name, measure_error=False, return_latents=True)
         if i:
             times.append(time.perf_counter() - t0)
+        if again is not None:
+            t0 = time.perf_counter()
+            result = await again()
+            if i:
+                local_times.append(time.perf_counter() - t0)
+                local_steps += [s["ms"] for s in result.summary["steps"]]
+            if not torch.equal(result.latents, local["latents"]):
+                raise SystemExit("the all-local generation changed between runs: the comparison would be void")
+    if again is not None:
+        local["interleaved_s"], local["interleaved_step_ms"] = local_times, local_steps
     return times, outcome
 
 
@@ -229,7 +250,8 @@ async def run_split(args, cluster, params, local, emulation) -> dict:
         for codec_name in args.codecs.split(","):
             for p in mesh.peers.values():  # every stage's peak is its generation's, not its load's
                 await p.channel.request("info", {"reset_peak": True})
-            times, outcome = await timed_generations(mesh, plan, params, codec_name, args.repeat)
+            times, outcome = await timed_generations(mesh, plan, params, codec_name, args.repeat,
+                                                     local if args.interleave else None)
             peaks = {}
             for p in mesh.peers.values():
                 reply = await p.channel.request("info")
@@ -260,6 +282,11 @@ async def run_split(args, cluster, params, local, emulation) -> dict:
                 "step_ms": [round(s["ms"], 2) for s in outcome.summary["steps"]],
                 "peak_vram_bytes": peaks,
             }
+            if args.interleave:
+                row["local_interleaved_s"] = local["interleaved_s"]
+                row["split_over_local_interleaved"] = split_s / statistics.median(local["interleaved_s"])
+                row["step_split_over_local_interleaved"] = (statistics.median(s["ms"] for s in outcome.summary["steps"])
+                                                            / statistics.median(local["interleaved_step_ms"]))
             if emulation:
                 wire_s = row["wire_bytes_total"] / emulation.rate_bytes_per_s
                 row["emulated_wire_s"] = wire_s
@@ -272,6 +299,9 @@ async def run_split(args, cluster, params, local, emulation) -> dict:
                 f"bit-identical={row['bit_identical_latents']}, "
                 f"rel_l2={row['final_latent_rel_l2']:.2e}, bytes/step={row['stream_bytes_per_step']}"
                 + (f", overhead/wire={row['overhead_over_wire']:.3f}" if emulation else ""))
+            if args.interleave:
+                log(f"  interleaved with all-local runs: whole x{row['split_over_local_interleaved']:.3f}, "
+                    f"median step x{row['step_split_over_local_interleaved']:.3f}")
             for part in row["hop_breakdown_ms"]:
                 log(f"  {part['link']} ({part['codec']}, staged send/recv {part['staged_send']}/{part['staged_recv']}): "
                     + ", ".join(f"{name[:-3]} {part[name]}" for name in BREAKDOWN) + " ms (median per step)")
@@ -326,8 +356,13 @@ def bench_one(args, device, params, setting: str) -> dict:
         cluster.add("A", "--device", devices[0], env=env)
         cluster.add("B", "--device", devices[1], env=env)
         cluster.start(timeout=300)
-        split = asyncio.run(run_split(args, cluster, params, local, emulation))
-    return {"devices": devices, "local": {k: v for k, v in local.items() if k not in ("latents", "pixels")}, **split}
+        try:
+            split = asyncio.run(run_split(args, cluster, params, local, emulation))
+        finally:
+            if "close" in local:
+                local["close"]()
+    kept = {k: v for k, v in local.items() if k not in ("latents", "pixels", "again", "close")}
+    return {"devices": devices, "local": kept, **split}
 
 
 def daemon_env(args) -> dict:
@@ -365,6 +400,9 @@ def main() -> int:
                         help="comma list of on/off: run everything with the blocks compiled, eagerly, or both "
                              "(default off, the figures before compiled blocks existed)")
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--interleave", action="store_true",
+                        help="keep the all-local model loaded and run one all-local generation after each split "
+                             "one (ratios from both sets, side by side in time; needs VRAM for both)")
     parser.add_argument("--workdir", type=Path, help="keep the daemons' key, state and logs here")
     parser.add_argument("--unsealed", action="store_true",
                         help="benchmark only: daemons and client seal no frame (to measure what sealing costs)")

@@ -358,7 +358,7 @@ def test_the_split_bench_forces_shared_memory_and_stays_exact(tmp_path):
     done = subprocess.run(
         [sys.executable, str(root / "bench" / "split_bench.py"), "--model", "tiny", "--random-weights",
          "--device", "cpu", "--size", "64", "--steps", "2", "--codecs", "raw", "--repeat", "1",
-         "--transport", "shm", "--workdir", str(tmp_path)],
+         "--transport", "shm", "--interleave", "--workdir", str(tmp_path)],
         capture_output=True, text=True, timeout=240, cwd=root)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout)
@@ -366,3 +366,6 @@ def test_the_split_bench_forces_shared_memory_and_stays_exact(tmp_path):
     assert run["transports"] == ["host-shm"] and run["bit_identical_latents"] and run["chosen"] == ["raw"]
     assert result["config"]["link"] == "same host, shared host memory (CUDA IPC off)"
     assert [part["link"] for part in run["hop_breakdown_ms"]] and run["hop_breakdown_ms"][0]["h2d_ms"] is not None
+    # --interleave: one all-local generation after each timed split one, its ratio beside the plain one
+    assert len(run["local_interleaved_s"]) == len(run["split_seconds"]) == 1
+    assert run["split_over_local_interleaved"] > 0 and run["step_split_over_local_interleaved"] > 0
