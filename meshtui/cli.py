@@ -252,7 +252,7 @@ async def run_split(args) -> int:
             if peer.online:
                 _log(f"{peer.label} {peer.address}: {peer.name}, {peer.info.model.model_id}, "
                      f"{peer.info.device}, rtt {peer.rtt_ms:.1f} ms")
-        preset, _ = mesh.model()
+        preset = mesh.model()
         params = _params(args, preset)
         tokens = tokens_for(preset, params.width, params.height)
         plan = mesh.plan(args.split, tokens)
@@ -315,7 +315,7 @@ async def demo_headless(args) -> int:
             for address in addresses:
                 mesh.add(address)
             await mesh.connect_all()
-            preset, _ = mesh.model()
+            preset = mesh.model()
             params = _params(args, preset)
             tokens = tokens_for(preset, params.width, params.height)
             plan = mesh.plan("auto", tokens)

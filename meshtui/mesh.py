@@ -16,16 +16,16 @@ import torch
 from meshd import limits
 from meshd.config import ranges
 from meshd.errors import RETRYABLE, MeshError, Mismatch, PeerLost, ProtocolViolation
+from meshd.model.presets import ModelPreset
+from meshd.node.info import NodeInfo
 from meshd.pipeline.request import GenerationParams
-from meshd.model.presets import PRESETS, ModelPreset
-from meshd.node.info import ModelInfo, NodeInfo, disagreement
 from meshd.pipeline.peers import read_info
 from meshd.pipeline.plan import PeerAddress, PlanError, SplitPlan, parse_split, same_host_links
 from meshd.pipeline.streaming import unpack_raw
 from meshd.wire.channel import Channel
 from meshd.wire.link import LinkEmulation
 
-from .splitting import BlockSpeeds, propose_plan, tokens_for
+from .splitting import BlockSpeeds, plan_preset, propose_plan, tokens_for
 from .views import PeerView
 
 EventFn = Callable[[dict], Awaitable[None] | None]
@@ -133,21 +133,20 @@ class Mesh:
             raise PeerLost(None, "; ".join(f"{p.label} {p.address}: {p.error or 'offline'}" for p in down))
         return list(self.peers.values())
 
-    def model(self) -> tuple[ModelPreset, ModelInfo]:
-        """The model every peer serves (Mismatch when they do not agree on it, by
-        :func:`meshd.node.info.disagreement`, the rule the head's prepare checks)."""
+    def model(self) -> ModelPreset:
+        """The model every peer serves: Mismatch when they do not agree on it, by the dashboard's rule
+        (:func:`meshtui.splitting.plan_preset`, which checks what the head's prepare checks)."""
         peers = self.require_online()
-        problem = disagreement((p.label, p.info.model) for p in peers)
-        if problem:
-            raise Mismatch(problem)
-        model = peers[0].info.model
-        if model.preset not in PRESETS:
-            raise Mismatch(f"{peers[0].label} serves an unknown model preset {model.preset!r:.40}")
-        return PRESETS[model.preset], model
+        if not peers:
+            raise PeerLost(None, "no peer to run on: add one")
+        try:
+            return plan_preset(p.view() for p in peers)
+        except PlanError as exc:
+            raise Mismatch(str(exc)) from None
 
     def plan(self, split: str, tokens: int) -> SplitPlan:
         """``auto`` (every peer, balanced, within free memory) or a SPEC like ``A:0-15,B:16-31``."""
-        preset, _ = self.model()
+        preset = self.model()
         peers = list(self.peers.values())
         if split == "auto":
             # The dashboard's proposal, over the same views: no block speeds measured from here.
@@ -284,7 +283,7 @@ class Mesh:
                 await _call(on_event, {"kind": "dropped", "peer": peer.label, "reason": peer.error})
             if not self.peers:
                 raise PeerLost(None, "no peer is left to run on")
-            preset, _ = self.model()
+            preset = self.model()
             plan = self.plan("auto", tokens_for(preset, params.width, params.height))
             await _call(on_event, {"kind": "replanned", "plan": plan.describe()})
             await self.apply(plan, on_event)

@@ -134,7 +134,7 @@ def plan_preset(peers: Iterable[PeerView]) -> ModelPreset:
         raise PlanError(problem)
     preset = online[0].preset
     if preset not in PRESETS:
-        raise PlanError(f"{online[0].label} serves an unknown model preset {preset!r}")
+        raise PlanError(f"{online[0].label} serves an unknown model preset {preset!r:.40}")
     return PRESETS[preset]
 
 
