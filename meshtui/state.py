@@ -18,10 +18,12 @@ from pathlib import Path
 from meshd.pipeline.request import GenerationParams
 from meshd.model.presets import ModelPreset
 from meshd.pipeline.plan import PeerAddress, PlanError, SplitPlan
+from meshd.pipeline.progress import StepRecord
 
 from . import runs as run_log
 from . import splitting
 from .config import GenerateSettings
+from .events import Event, Prepared
 from .history import TelemetryStore
 from .runs import RunRecord, RunState
 from .views import PeerStatus, PeerView
@@ -278,15 +280,16 @@ class Dashboard:
                 return runs[i]
         return None
 
-    def run_event(self, run_id: int, event: dict) -> RunRecord | None:
+    def run_event(self, run_id: int, event: Event) -> RunRecord | None:
         """One progress event of a run: its measurements are folded in first, so what is derived next
         already counts them."""
         run = self._run(run_id)
-        if event.get("kind") == "prepared":
-            self.links.observe_prepared(event)
-        elif event.get("kind") == "step" and run is not None:
-            self.speeds.observe_step(run.stages, event)
-            self.links.observe_hops(run.stages, event, {str(p.address): p.caps for p in self.peers})
+        match event:
+            case Prepared(stages=stages):
+                self.links.observe_prepared(stages)
+            case StepRecord() if run is not None:
+                self.speeds.observe_step(run.stages, event)
+                self.links.observe_hops(run.stages, event, {str(p.address): p.caps for p in self.peers})
         return self._update_run(run_id, lambda r: run_log.apply_event(r, event))
 
     def run_done(self, run_id: int, png: bytes, summary: dict, path: Path | None) -> RunRecord | None:

@@ -9,6 +9,7 @@ from meshd.model.presets import PRESETS
 from meshd.pipeline.plan import PeerAddress
 from meshtui import splitting, state
 from meshtui.config import GenerateSettings
+from meshtui.events import Prepared, Step, from_wire
 from meshtui.runs import RunState
 from meshtui.state import Dashboard
 from meshtui.views import PeerStatus, PeerView
@@ -47,17 +48,17 @@ def two_peers(**kw) -> Dashboard:
     return dash
 
 
-def prepared(bandwidth_bps: float) -> dict:
-    return {"kind": "prepared", "plan": "A:0-2 -> B:3-5", "stages": [
+def prepared(bandwidth_bps: float) -> Prepared:
+    return from_wire({"kind": "prepared", "plan": "A:0-2 -> B:3-5", "stages": [
         {"peer": str(A), "blocks": [0, 3], "link": {"to": str(B), "bandwidth_bps": bandwidth_bps, "rtt_ms": 0.3,
                                                     "codec": "raw", "why": "raw: fastest"}},
-        {"peer": str(B), "blocks": [3, 6]}]}
+        {"peer": str(B), "blocks": [3, 6]}]})
 
 
-def step(n: int, head_ms: float, stage_ms: float) -> dict:
-    return {"kind": "step", "step": n, "steps": 4, "ms": head_ms + stage_ms,
-            "passes": [{"compute_ms": head_ms, "hops": [{"codec": "raw", "bytes": 100, "raw_bytes": 100,
-                                                         "compute_ms": stage_ms}]}]}
+def step(n: int, head_ms: float, stage_ms: float) -> Step:
+    return from_wire({"kind": "step", "step": n, "steps": 4, "ms": head_ms + stage_ms,
+                      "passes": [{"compute_ms": head_ms, "hops": [{"codec": "raw", "bytes": 100, "raw_bytes": 100,
+                                                                   "compute_ms": stage_ms}]}]})
 
 
 def test_the_peers_answering_get_a_proposed_split_and_its_forecast():
@@ -188,8 +189,8 @@ def test_the_forecast_of_a_link_learns_from_the_hops_measured_on_it():
     hop = {"codec": "u8", "raw_bytes": 1 << 20, "bytes": 1 << 18, "encode_ms": 400.0, "decode_ms": 300.0,
            "compute_ms": 9.0}  # 4x smaller than assumed, and a far slower CPU
     for n in range(1, 11):
-        dash.run_event(record.id, {"kind": "step", "step": n, "steps": 10, "ms": 10.0,
-                                   "passes": [{"compute_ms": 6.0, "hops": [hop]}]})
+        dash.run_event(record.id, from_wire({"kind": "step", "step": n, "steps": 10, "ms": 10.0,
+                                             "passes": [{"compute_ms": 6.0, "hops": [hop]}]}))
     dash.derive()
     after = dash.forecast.stages[0].link
     assert after.codec == "u8" and after.wire_bytes < before.wire_bytes / 1.5
