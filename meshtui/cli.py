@@ -19,12 +19,11 @@ from meshd.auth import read_key
 from meshd.config import default_key_file, default_models_dir
 from meshd.errors import MeshError
 from meshd.pipeline.blocks import blocks_shown
-from meshd.pipeline.progress import StepRecord
 from meshd.pipeline.request import GenerationParams, LoraByName
 
 from . import __version__, events
 from .events import (Compiled, Compiling, Decoding, Dropped, Encoding, Event, LoadDone, LoadStarted, Prepared,
-                     Queued, Replanned, Retry)
+                     Queued, Replanned, Retry, Step)
 from .peers_cmd import add_peers_parser, peers_command
 from .report import hop_totals, shown_blocks, step_line
 
@@ -173,7 +172,7 @@ def _prepared_lines(event: Prepared) -> list[str]:
 def progress_lines(event: Event) -> list[str]:
     """What ``meshtui generate`` tells the user on stderr about one event (nothing for most unknown ones)."""
     match event:
-        case StepRecord():
+        case Step():
             return [step_line(event)]
         case Prepared():
             return _prepared_lines(event)

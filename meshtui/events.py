@@ -19,7 +19,7 @@ No torch here: ``meshtui generate`` reads these before anything loads it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 
 from meshd.errors import ProtocolViolation
@@ -151,7 +151,7 @@ class OtherEvent:
     fields: Mapping[str, object]
 
 
-Event = (Queued | Encoding | Prepared | StepRecord | Decoding | Compiling | Compiled | LoadProgress | LoadStarted
+Event = (Queued | Encoding | Prepared | Step | Decoding | Compiling | Compiled | LoadProgress | LoadStarted
          | LoadDone | Retry | Dropped | Replanned | OtherEvent)
 
 
@@ -161,7 +161,7 @@ class _Fields:
     def __init__(self, kind: str, header: Mapping, sender: str | None) -> None:
         self.kind, self.header, self.sender = kind, header, sender
 
-    def _get(self, name: str, what: str, ok, required: bool):
+    def _get(self, name: str, what: str, ok: Callable[[object], bool], required: bool) -> object:
         value = self.header.get(name)
         if value is None and not required:
             return None
@@ -188,7 +188,7 @@ class _Fields:
         return self._get(name, "a list", lambda v: isinstance(v, list), False)
 
 
-def _step(f: _Fields, peer: str | None) -> StepRecord:
+def _step(f: _Fields, peer: str | None) -> Step:
     # Checked here, read by the summary's own parser: an event's step is its 1-based number, of ``steps``.
     f.integer("step", required=True)
     f.integer("steps", required=True)

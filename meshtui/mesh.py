@@ -213,7 +213,8 @@ class Mesh:
                        measure_error: bool = True, return_latents: bool = False,
                        text_encoder: PeerAddress | None = None,
                        on_event: EventFn | None = None) -> GenerationOutcome:
-        """Run one generation on the plan's head; events (queued, prepared, step, decode) stream to ``on_event``.
+        """Run one generation on the plan's head; its events (:mod:`meshtui.events`: queued, prepared, a step
+        each, decode) stream to ``on_event`` and are kept in the outcome.
 
         ``text_encoder``: the peer that encodes the prompt (its text encoder), when not the head; the
         head fetches the embeddings from it and checks they come from the same text encoder."""

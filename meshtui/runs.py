@@ -13,10 +13,10 @@ from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 
-from meshd.pipeline.progress import HopRecord, StepRecord
+from meshd.pipeline.progress import HopRecord
 from meshd.pipeline.request import GenerationParams, LoraByName
 
-from .events import Compiled, Compiling, Decoding, Encoding, Event, Prepared, Queued
+from .events import Compiled, Compiling, Decoding, Encoding, Event, Prepared, Queued, Step
 from .report import hop_totals
 
 HISTORY_FILE = "runs.jsonl"
@@ -116,7 +116,7 @@ def apply_event(record: RunRecord, event: Event) -> RunRecord:
         case Prepared(plan=plan, stages=stages):
             held = tuple((s.peer, s.blocks.start, s.blocks.end) for s in stages if s.blocks is not None)
             return replace(record, phase="prepared", stages=held, plan=plan or record.plan)
-        case StepRecord(step=step, steps=steps, ms=ms, passes=passes):
+        case Step(step=step, steps=steps, ms=ms, passes=passes):
             head_ms = passes[0].compute_ms if passes else None
             row = StepRow(step, steps, ms or 0.0, head_ms or 0.0, tuple(hop_row(hop) for p in passes for hop in p.hops))
             return replace(record, phase=f"step {step}/{steps}", steps=(*record.steps, row))

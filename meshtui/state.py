@@ -19,12 +19,11 @@ from meshd.errors import MeshError
 from meshd.model.presets import ModelPreset
 from meshd.pipeline.request import GenerationParams
 from meshd.pipeline.plan import PeerAddress, PlanError, SplitPlan
-from meshd.pipeline.progress import StepRecord
 
 from . import runs as run_log
 from . import splitting
 from .config import ConfigError, GenerateSettings
-from .events import Event, Prepared
+from .events import Event, Prepared, Step
 from .history import TelemetryStore
 from .runs import RunRecord, RunState
 from .views import PeerStatus, PeerView
@@ -351,7 +350,7 @@ class Dashboard:
         match event:
             case Prepared(stages=stages):
                 self.links.observe_prepared(stages)
-            case StepRecord() if run is not None:
+            case Step() if run is not None:
                 self.speeds.observe_step(run.stages, event)
                 self.links.observe_hops(run.stages, event, {str(p.address): p.caps for p in self.peers})
         return self._update_run(run_id, lambda r: run_log.apply_event(r, event))
