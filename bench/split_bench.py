@@ -239,7 +239,7 @@ async def run_split(args, cluster, params, local, emulation) -> dict:
         for d in cluster.daemons:
             mesh.add(d.address)
         await mesh.connect_all()
-        preset, _ = mesh.model()
+        preset = mesh.model()
         tokens = preset.max_sequence_length + (params.width // preset.size_multiple) * (params.height // preset.size_multiple)
         plan = (parse_split(args.split, {p.label: p.address for p in mesh.peers.values()}, preset.num_blocks)
                 if args.split else mesh.plan("auto", tokens))

@@ -45,32 +45,12 @@ from .screens.help import HelpScreen, keys_markdown
 from .screens.peers import PeersScreen
 from .screens.split import SplitScreen
 from .screens.telemetry import TelemetryScreen
-from .state import Dashboard, next_step
+from .state import Dashboard, Notice
 from .views import PeerView
 from .widgets.generate_form import GenerateForm
 from .widgets.split_view import SplitEditor
 
 log = logging.getLogger(__name__)
-
-#: Worker groups, and what a failure in each means to the user.
-FAILURE_TITLES = {
-    "generate": "Generation failed",
-    "apply": "Could not load the split",
-    "demo": "Could not start the demo daemons",
-    "peers": "A peer monitor stopped",
-    "discovery": "mDNS discovery stopped",
-}
-
-
-def describe_error(error: BaseException | None, peers: Sequence[PeerView] = ()) -> str:
-    """One line a user can act on; a peer named by address is also named as the user knows it."""
-    if isinstance(error, MeshError) and error.peer:
-        known = next((p for p in peers if str(p.address) == error.peer), None)
-        if known is not None:
-            return f"{known.label} ({known.title}, {error.peer}): {error.message}"
-    if isinstance(error, (MeshError, PlanError, ConfigError)):
-        return str(error)
-    return f"{type(error).__name__}: {error}"
 
 
 class MeshApp(App[int]):
@@ -269,13 +249,9 @@ class MeshApp(App[int]):
     # --- the split -----------------------------------------------------------------------------
 
     def action_propose_split(self) -> None:
-        try:
-            plan = self.dashboard.propose()
-        except PlanError as exc:
-            self.notify(str(exc), title="No split proposed", severity="error")
-            return
+        notice = self.dashboard.propose_split()
         self.refresh_derived()
-        self.notify(f"proposed {plan.describe()}")
+        self.tell(notice)
 
     def action_cycle_text_encoder(self) -> None:
         if not self.dashboard.cycle_text_encoder():
@@ -286,13 +262,7 @@ class MeshApp(App[int]):
         self.notify(self.dashboard.text_encoder_line())
 
     def action_validate_split(self) -> None:
-        plan, problems = self.dashboard.plan, self.dashboard.split_problems()
-        if plan is None:
-            self.notify("no split to check: press p to propose one", severity="warning")
-        elif problems:
-            self.notify("\n".join(problems), title="The split cannot run", severity="error")
-        else:
-            self.notify(f"{plan.describe()} is valid and fits", title="Split OK")
+        self.tell(self.dashboard.check_split())
 
     def action_apply_split(self) -> None:
         if not self._split_ready("load"):
@@ -304,15 +274,13 @@ class MeshApp(App[int]):
                         exit_on_error=False, description=f"loading {plan.describe()}")
 
     def _split_ready(self, doing: str) -> bool:
-        if self.dashboard.plan is None:
-            self.action_propose_split()
-            if self.dashboard.plan is None:
-                return False
-        problems = self.dashboard.split_problems()
-        if problems:
-            self.notify("\n".join(problems), title=f"Cannot {doing} this split", severity="error")
-            return False
-        return True
+        before = self.dashboard.plan
+        ready, notices = self.dashboard.ready_split(doing)
+        if self.dashboard.plan is not before:  # it proposed one: the screens show it
+            self.refresh_derived()
+        for notice in notices:
+            self.tell(notice)
+        return ready
 
     def on_split_editor_edited(self, message: SplitEditor.Edited) -> None:
         self.dashboard.plan = message.plan
@@ -347,15 +315,9 @@ class MeshApp(App[int]):
 
     def action_generate(self) -> None:
         dash = self.dashboard
-        if dash.active_run is not None:
-            self.notify("a generation is already running (Esc outside a form field cancels it)", severity="warning")
-            return
-        if dash.form_error:
-            self.switch_mode("generate")
-            self.notify(dash.form_error, title="Fix the form first", severity="error")
-            return
-        if dash.preset() is None:
-            self.notify(next_step(dash.peers, None, None, ()), title="Cannot generate yet", severity="error")
+        blocker = dash.generation_blocker()
+        if blocker is not None:
+            self.tell(blocker)
             return
         if not self._split_ready("generate with"):
             return
@@ -423,27 +385,28 @@ class MeshApp(App[int]):
             self.post_message(LocalDaemonsStarted(worker.result))
         if event.state is not WorkerState.ERROR:
             return
-        text = describe_error(worker.error, self.dashboard.peers)
-        title = FAILURE_TITLES.get(worker.group, "Error")
         if not isinstance(worker.error, (MeshError, PlanError, ConfigError, OSError)):
             log.error("worker %s failed", worker.name, exc_info=worker.error)
-        if worker.group == "generate":
-            self._finish_run(RunState.FAILED, text)
-        elif worker.group == "apply":
-            self.dashboard.loading_failed()
-            self.refresh_derived()
-        elif worker.group == "demo":
-            self.dashboard.starting = f"the demo daemons did not start: {text}"
-            self.refresh_derived()
-        self.notify(text, title=title, severity="error", timeout=15)
+        notice, run = self.dashboard.worker_failed(worker.group, worker.error)
+        self.refresh_derived()
+        self.refresh_bindings()
+        if run is not None:
+            self._record(run)
+        self.tell(notice, timeout=15)
 
     # --- binding the dashboard to the screen -------------------------------------------------------
+
+    def tell(self, notice: Notice, timeout: float | None = None) -> None:
+        """Show ``notice``, in the section where the user can act on it if it names one."""
+        if notice.section is not None:
+            self.switch_mode(notice.section)
+        self.notify(notice.text, title=notice.title, severity=notice.severity, timeout=timeout)
 
     def refresh_derived(self) -> None:
         """After a change to the dashboard: derive what follows from it once, then publish it to the screens."""
         dash = self.dashboard
         for notice in dash.derive():
-            self.notify(notice.text, title=notice.title, severity=notice.severity)
+            self.tell(notice)
         self.peers, self.plan, self.applied, self.loading = dash.peers, dash.plan, dash.applied, dash.loading
         self.runs, self.settings, self.text_encoder = dash.runs, dash.settings, dash.text_encoder
         self.forecast, self.status, self.banner = dash.forecast, dash.status, dash.banner

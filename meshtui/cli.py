@@ -18,13 +18,14 @@ from pathlib import Path
 from meshd.auth import read_key
 from meshd.config import default_key_file, default_models_dir
 from meshd.errors import MeshError
+from meshd.pipeline.blocks import blocks_shown
 from meshd.pipeline.request import GenerationParams, LoraByName
-from meshd.model.compile_events import describe_event
-from meshd.pipeline.progress import StageInfo
 
-from . import __version__
+from . import __version__, events
+from .events import (Compiled, Compiling, Decoding, Dropped, Encoding, Event, LoadDone, LoadStarted, Prepared,
+                     Queued, Replanned, Retry, Step)
 from .peers_cmd import add_peers_parser, peers_command
-from .report import hop_totals, load_ranges_shown, shown_blocks, step_line
+from .report import hop_totals, shown_blocks, step_line
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -155,37 +156,50 @@ def _finish(args, png: bytes, summary: dict) -> int:
     return 0
 
 
-async def _on_event(event: dict) -> None:
-    kind = event.get("kind")
-    if kind == "step":
-        _log(step_line(event))
-    elif kind == "prepared":
-        sampling = {True: " (step-distilled)", False: " (base model" + (", CFG)" if event.get("cfg") else ")")}
-        _log(f"plan {event.get('plan')}{sampling.get(event.get('distilled'), '')}")
-        for stage in StageInfo.many_from_wire(event.get("stages")):
-            link = stage.link
-            if link is None:
-                continue
-            rate = link.bandwidth_bytes_per_s
-            how = f"{rate * 8 / 1e9:.2f} Gbit/s measured" if rate is not None else link.transport
-            _log(f"  {stage.node} -> {link.to}: {link.codec} ({how}" + (", emulated" if link.emulated else "") + ")")
-    elif kind in ("load-start", "load-done"):
-        _log(f"{event.get('peer')}: " + (f"loading blocks {load_ranges_shown(event.get('blocks'))}"
-                                         if kind == "load-start" else "loaded"))
-    elif kind in ("compiling", "compiled"):
-        _log(describe_event(event))
-    elif kind == "decode":
-        _log("decoding image")
-    elif kind == "queued" and event.get("position", 0) > 1:
-        _log(f"queued at position {event.get('position')}")
-    elif kind == "encoding":
-        _log(f"encoding the prompt on {event.get('text_encoder')}")
-    elif kind == "retry":
-        _log(f"lost peer {event.get('lost')}: {event.get('reason')}; re-planning over the peers left")
-    elif kind == "dropped":
-        _log(f"dropped peer {event.get('peer')}: {event.get('reason')}")
-    elif kind == "replanned":
-        _log(f"new split: {event.get('plan')}")
+def _prepared_lines(event: Prepared) -> list[str]:
+    sampling = {True: " (step-distilled)", False: " (base model" + (", CFG)" if event.cfg else ")")}
+    lines = [f"plan {event.plan}{sampling.get(event.distilled, '')}"]
+    for stage in event.stages:
+        link = stage.link
+        if link is None:
+            continue
+        rate = link.bandwidth_bytes_per_s
+        how = f"{rate * 8 / 1e9:.2f} Gbit/s measured" if rate is not None else link.transport
+        lines.append(f"  {stage.node} -> {link.to}: {link.codec} ({how}" + (", emulated" if link.emulated else "") + ")")
+    return lines
+
+
+def progress_lines(event: Event) -> list[str]:
+    """What ``meshtui generate`` tells the user on stderr about one event (nothing for most unknown ones)."""
+    match event:
+        case Step():
+            return [step_line(event)]
+        case Prepared():
+            return _prepared_lines(event)
+        case LoadStarted(peer=peer, blocks=blocks):
+            return [f"{peer}: loading blocks {blocks_shown(blocks)}"]
+        case LoadDone(peer=peer):
+            return [f"{peer}: loaded"]
+        case Compiling() | Compiled():
+            return [event.describe()]
+        case Decoding():
+            return ["decoding image"]
+        case Queued(position=position) if position > 1:
+            return [f"queued at position {position}"]
+        case Encoding(text_encoder=where):
+            return [f"encoding the prompt on {where}"]
+        case Retry(lost=lost, reason=reason):
+            return [f"lost peer {lost}: {reason}; re-planning over the peers left"]
+        case Dropped(peer=peer, reason=reason):
+            return [f"dropped peer {peer}: {reason}"]
+        case Replanned(plan=plan):
+            return [f"new split: {plan}"]
+    return []
+
+
+def _on_event(event: Event) -> None:
+    for line in progress_lines(event):
+        _log(line)
 
 
 async def generate_command(args) -> int:
@@ -228,7 +242,7 @@ async def run_local(args) -> tuple[bytes, dict]:
     # Checked as the head checks a request (sizes, steps, LoRAs), so --local refuses what a split refuses.
     params = GenerationParams.from_wire(resolved.to_wire(), multiple=model.preset.size_multiple)
     result = await run_generation(model, worker, params, LocalRunner(worker), metadata={"plan": "local"},
-                                  progress=_on_event)
+                                  progress=lambda header: _on_event(events.from_wire(header)))
     worker.shutdown()
     return result.png, {**result.summary, "mode": "local"}
 
@@ -252,7 +266,7 @@ async def run_split(args) -> int:
             if peer.online:
                 _log(f"{peer.label} {peer.address}: {peer.name}, {peer.info.model.model_id}, "
                      f"{peer.info.device}, rtt {peer.rtt_ms:.1f} ms")
-        preset, _ = mesh.model()
+        preset = mesh.model()
         params = _params(args, preset)
         tokens = tokens_for(preset, params.width, params.height)
         plan = mesh.plan(args.split, tokens)
@@ -315,7 +329,7 @@ async def demo_headless(args) -> int:
             for address in addresses:
                 mesh.add(address)
             await mesh.connect_all()
-            preset, _ = mesh.model()
+            preset = mesh.model()
             params = _params(args, preset)
             tokens = tokens_for(preset, params.width, params.height)
             plan = mesh.plan("auto", tokens)

@@ -16,19 +16,22 @@ import torch
 from meshd import limits
 from meshd.config import ranges
 from meshd.errors import RETRYABLE, MeshError, Mismatch, PeerLost, ProtocolViolation
+from meshd.model.presets import ModelPreset
+from meshd.node.info import NodeInfo
+from meshd.pipeline.blocks import BlockRange
 from meshd.pipeline.request import GenerationParams
-from meshd.model.presets import PRESETS, ModelPreset
-from meshd.node.info import ModelInfo, NodeInfo, disagreement
 from meshd.pipeline.peers import read_info
 from meshd.pipeline.plan import PeerAddress, PlanError, SplitPlan, parse_split, same_host_links
 from meshd.pipeline.streaming import unpack_raw
 from meshd.wire.channel import Channel
 from meshd.wire.link import LinkEmulation
 
-from .splitting import BlockSpeeds, propose_plan, tokens_for
+from . import events
+from .events import Dropped, Event, LoadDone, LoadStarted, Replanned, Retry
+from .splitting import BlockSpeeds, plan_preset, propose_plan, tokens_for
 from .views import PeerView
 
-EventFn = Callable[[dict], Awaitable[None] | None]
+EventFn = Callable[[Event], Awaitable[None] | None]
 
 
 @dataclass
@@ -62,8 +65,8 @@ class Peer:
 @dataclass
 class GenerationOutcome:
     png: bytes
-    summary: dict
-    events: list = field(default_factory=list)
+    summary: dict  # as the head sent it (``meshtui generate --json`` prints it)
+    events: list[Event] = field(default_factory=list)
     latents: object = None  # final latents (torch tensor) when asked for
 
 
@@ -72,7 +75,7 @@ def labels(n: int) -> list[str]:
     return [letters[i] if i < 26 else f"P{i}" for i in range(n)]
 
 
-async def _call(callback: EventFn | None, event: dict) -> None:
+async def _call(callback: EventFn | None, event: Event) -> None:
     if callback is None:
         return
     result = callback(event)
@@ -133,21 +136,20 @@ class Mesh:
             raise PeerLost(None, "; ".join(f"{p.label} {p.address}: {p.error or 'offline'}" for p in down))
         return list(self.peers.values())
 
-    def model(self) -> tuple[ModelPreset, ModelInfo]:
-        """The model every peer serves (Mismatch when they do not agree on it, by
-        :func:`meshd.node.info.disagreement`, the rule the head's prepare checks)."""
+    def model(self) -> ModelPreset:
+        """The model every peer serves: Mismatch when they do not agree on it, by the dashboard's rule
+        (:func:`meshtui.splitting.plan_preset`, which checks what the head's prepare checks)."""
         peers = self.require_online()
-        problem = disagreement((p.label, p.info.model) for p in peers)
-        if problem:
-            raise Mismatch(problem)
-        model = peers[0].info.model
-        if model.preset not in PRESETS:
-            raise Mismatch(f"{peers[0].label} serves an unknown model preset {model.preset!r:.40}")
-        return PRESETS[model.preset], model
+        if not peers:
+            raise PeerLost(None, "no peer to run on: add one")
+        try:
+            return plan_preset(p.view() for p in peers)
+        except PlanError as exc:
+            raise Mismatch(str(exc)) from None
 
     def plan(self, split: str, tokens: int) -> SplitPlan:
         """``auto`` (every peer, balanced, within free memory) or a SPEC like ``A:0-15,B:16-31``."""
-        preset, _ = self.model()
+        preset = self.model()
         peers = list(self.peers.values())
         if split == "auto":
             # The dashboard's proposal, over the same views: no block speeds measured from here.
@@ -192,18 +194,18 @@ class Mesh:
             if peer.info.held == blocks:
                 return
             wanted_ranges = ranges(sorted(blocks))
-            await _call(on_event, {"kind": "load-start", "peer": label, "blocks": wanted_ranges})
+            await _call(on_event, LoadStarted(label, tuple(BlockRange(a, b) for a, b in wanted_ranges)))
 
-            async def progress(frame) -> None:
-                kind = frame.header.get("kind")  # loading, then compiling for the default size
-                await _call(on_event, {"peer": label, **frame.header,
-                                       "kind": kind if kind in ("compiling", "compiled") else "load"})
+            async def progress(frame) -> None:  # loading, then compiling for the default size
+                await _call(on_event, events.from_wire(frame.header, label, sender=peer.name))
 
             reply = await peer.channel.request("load", {"blocks": wanted_ranges}, on_event=progress,
                                              timeout=limits.LOAD_TIMEOUT_S)
             if isinstance(reply.header.get("node"), dict):
                 peer.info = NodeInfo.from_wire(reply.header["node"])
-            await _call(on_event, {"kind": "load-done", "peer": label, "seconds": reply.header.get("seconds")})
+            seconds = reply.header.get("seconds")
+            await _call(on_event, LoadDone(label, float(seconds) if isinstance(seconds, (int, float))
+                                           and not isinstance(seconds, bool) else None))
 
         await asyncio.gather(*(load(label, blocks) for label, blocks in wanted.items()))
 
@@ -211,7 +213,8 @@ class Mesh:
                        measure_error: bool = True, return_latents: bool = False,
                        text_encoder: PeerAddress | None = None,
                        on_event: EventFn | None = None) -> GenerationOutcome:
-        """Run one generation on the plan's head; events (queued, prepared, step, decode) stream to ``on_event``.
+        """Run one generation on the plan's head; its events (:mod:`meshtui.events`: queued, prepared, a step
+        each, decode) stream to ``on_event`` and are kept in the outcome.
 
         ``text_encoder``: the peer that encodes the prompt (its text encoder), when not the head; the
         head fetches the embeddings from it and checks they come from the same text encoder."""
@@ -219,11 +222,11 @@ class Mesh:
         if not head.online:
             await self.connect(head)
             self.require_online()
-        events: list[dict] = []
+        seen: list[Event] = []
 
         async def handle(frame) -> None:
-            event = {k: v for k, v in frame.header.items() if k not in ("op", "id")}
-            events.append(event)
+            event = events.from_wire(frame.header, sender=head.name)
+            seen.append(event)
             await _call(on_event, event)
 
         fields = {"params": params.to_wire(), "plan": plan.to_wire(), "codec": codec, "measure_error": measure_error,
@@ -238,7 +241,7 @@ class Mesh:
         latents = None
         if return_latents:
             (latents,) = unpack_raw([reply.header.get("latents")], reply.segments[1:], torch.device("cpu"))
-        return GenerationOutcome(bytes(reply.segments[0]), reply.header.get("summary") or {}, events, latents)
+        return GenerationOutcome(bytes(reply.segments[0]), reply.header.get("summary") or {}, seen, latents)
 
     async def generate_with_retry(self, plan: SplitPlan, params: GenerationParams, *, retries: int = 1,
                                   on_event: EventFn | None = None, **kw) -> tuple[GenerationOutcome, SplitPlan]:
@@ -257,8 +260,7 @@ class Mesh:
                 encoder = kw.get("text_encoder")
                 if encoder is not None and (str(encoder) == exc.peer or (lost is not None and lost.address == encoder)):
                     kw["text_encoder"] = None  # gone with its peer: the head encodes, if it can
-                await _call(on_event, {"kind": "retry", "lost": lost.label if lost else exc.peer,
-                                       "reason": exc.message, "attempt": attempt})
+                await _call(on_event, Retry(lost.label if lost else exc.peer, exc.message, attempt))
                 plan = await self.replan(params, lost, on_event, failed=plan)
 
     async def replan(self, params: GenerationParams, lost: Peer | None = None, on_event: EventFn | None = None,
@@ -281,12 +283,12 @@ class Mesh:
             await self.connect_all()
             for peer in [p for p in self.peers.values() if not p.online]:
                 await self.remove(peer.label)
-                await _call(on_event, {"kind": "dropped", "peer": peer.label, "reason": peer.error})
+                await _call(on_event, Dropped(peer.label, peer.error))
             if not self.peers:
                 raise PeerLost(None, "no peer is left to run on")
-            preset, _ = self.model()
+            preset = self.model()
             plan = self.plan("auto", tokens_for(preset, params.width, params.height))
-            await _call(on_event, {"kind": "replanned", "plan": plan.describe()})
+            await _call(on_event, Replanned(plan.describe()))
             await self.apply(plan, on_event)
             self._replanned = plan
             return plan

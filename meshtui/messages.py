@@ -14,6 +14,7 @@ from textual.message import Message
 from meshd.pipeline.plan import PeerAddress, SplitPlan
 from meshd.telemetry.snapshot import NodeSnapshot
 
+from .events import Event
 from .views import PeerView
 
 
@@ -111,7 +112,7 @@ class GenerationEvent(Message):
     """One event of the running generation (queued, prepared, step, decode). Never coalesced: each step is a row."""
 
     run_id: int
-    event: dict
+    event: Event
 
 
 @dataclass

@@ -5,8 +5,8 @@ from __future__ import annotations
 import statistics
 from collections import OrderedDict
 
-from meshd.pipeline.blocks import BlockRange, blocks_shown
-from meshd.pipeline.progress import passes_from_wire
+from meshd.pipeline.blocks import BlockRange
+from meshd.pipeline.progress import StepRecord, passes_from_wire
 
 
 def hop_totals(summary: dict) -> list[dict]:
@@ -75,11 +75,6 @@ def shown_blocks(summary: dict) -> dict:
     return {k: v for k, v in out.items() if k in summary}
 
 
-def load_ranges_shown(ranges: object) -> str:
-    """The ``[[0, 16]]`` of a ``load-start`` event as ``0-15``."""
-    return blocks_shown(BlockRange.many_from_wire(ranges))
-
-
 def human_bytes(n: float | None) -> str:
     if n is None:
         return "-"
@@ -90,21 +85,21 @@ def human_bytes(n: float | None) -> str:
     return f"{n:.1f} GiB"
 
 
-def step_line(event: dict) -> str:
-    """One progress line for a step event."""
-    parts = [f"step {event.get('step')}/{event.get('steps')}", f"{event.get('ms', 0):7.1f} ms"]
-    for p in event.get("passes", []):
-        if "hops" not in p or not p["hops"]:
-            parts.append(f"local compute {p.get('compute_ms', 0):.1f} ms")
+def step_line(step: StepRecord) -> str:
+    """One progress line for a step event (a figure the record lacks shows as 0)."""
+    parts = [f"step {step.step}/{step.steps}", f"{step.ms or 0:7.1f} ms"]
+    for p in step.passes:
+        if not p.hops:
+            parts.append(f"local compute {p.compute_ms or 0:.1f} ms")
             continue
-        parts.append(f"head {p.get('compute_ms', 0):.1f} ms")
-        for hop in p["hops"]:
-            text = (f"-> {hop.get('node')} {hop.get('codec')} {human_bytes(hop.get('bytes'))} "
-                    f"enc {hop.get('encode_ms', 0):.1f} wire {hop.get('wire_ms', 0):.1f} dec {hop.get('decode_ms', 0):.1f} "
-                    f"run {hop.get('compute_ms', 0):.1f} ms")
-            if isinstance(hop.get("error"), dict):
-                text += f" cos {hop['error']['cosine']:.5f}"
-            if isinstance(hop.get("encoder_note"), str):
-                text += f" ({hop['encoder_note'][:160]})"
+        parts.append(f"head {p.compute_ms or 0:.1f} ms")
+        for hop in p.hops:
+            text = (f"-> {hop.receiver} {hop.codec} {human_bytes(hop.wire_bytes)} "
+                    f"enc {hop.encode_ms or 0:.1f} wire {hop.wire_ms or 0:.1f} dec {hop.decode_ms or 0:.1f} "
+                    f"run {hop.compute_ms or 0:.1f} ms")
+            if hop.cosine is not None:
+                text += f" cos {hop.cosine:.5f}"
+            if hop.encoder_note is not None:
+                text += f" ({hop.encoder_note[:160]})"
             parts.append(text)
     return "  ".join(parts)

@@ -13,10 +13,10 @@ from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 
+from meshd.pipeline.progress import HopRecord
 from meshd.pipeline.request import GenerationParams, LoraByName
-from meshd.model.compile_events import describe_event
-from meshd.pipeline.progress import HopRecord, StageInfo, StepRecord
 
+from .events import Compiled, Compiling, Decoding, Encoding, Event, Prepared, Queued, Step
 from .report import hop_totals
 
 HISTORY_FILE = "runs.jsonl"
@@ -108,34 +108,25 @@ def hop_row(hop: HopRecord) -> HopRow:
                   cosine=hop.cosine, rel_l2=hop.rel_l2)
 
 
-def apply_event(record: RunRecord, event: dict) -> RunRecord:
-    """The record after one event from the head (untrusted: unknown kinds and fields are ignored)."""
-    kind = event.get("kind")
-    if kind == "queued":
-        position = event.get("position")
-        return replace(record, phase=f"queued at position {position}" if isinstance(position, int) and position > 1
-                       else "starting")
-    if kind == "prepared":
-        stages = tuple((s.peer, s.blocks.start, s.blocks.end) for s in StageInfo.many_from_wire(event.get("stages"))
-                       if s.blocks is not None)
-        return replace(record, phase="prepared", stages=stages, plan=str(event.get("plan") or record.plan))
-    if kind == "step":
-        step = StepRecord.from_wire(event)
-        if step is None or step.steps is None:
-            return record
-        head_ms = step.passes[0].compute_ms if step.passes else None
-        row = StepRow(step.step, step.steps, step.ms or 0.0, head_ms or 0.0,
-                      tuple(hop_row(hop) for p in step.passes for hop in p.hops))
-        return replace(record, phase=f"step {step.step}/{step.steps}", steps=(*record.steps, row))
-    if kind in ("compiling", "compiled"):
-        # "compiling blocks 0-15 on a for 1024x1024 (first time, ~18 s)": a new size's first run waits on it.
-        return replace(record, phase=describe_event(event) or record.phase)
-    if kind == "decode":
-        return replace(record, phase="decoding the image")
-    if kind == "encoding":
-        where = event.get("text_encoder")
-        return replace(record, phase=f"encoding the prompt on {where[:80]}" if isinstance(where, str)
-                       else "encoding the prompt")
+def apply_event(record: RunRecord, event: Event) -> RunRecord:
+    """The record after one event from the head (kinds a run does not show leave it as it is)."""
+    match event:
+        case Queued(position=position):
+            return replace(record, phase=f"queued at position {position}" if position > 1 else "starting")
+        case Prepared(plan=plan, stages=stages):
+            held = tuple((s.peer, s.blocks.start, s.blocks.end) for s in stages if s.blocks is not None)
+            return replace(record, phase="prepared", stages=held, plan=plan or record.plan)
+        case Step(step=step, steps=steps, ms=ms, passes=passes):
+            head_ms = passes[0].compute_ms if passes else None
+            row = StepRow(step, steps, ms or 0.0, head_ms or 0.0, tuple(hop_row(hop) for p in passes for hop in p.hops))
+            return replace(record, phase=f"step {step}/{steps}", steps=(*record.steps, row))
+        case Compiling() | Compiled():
+            # "compiling blocks 0-15 on a for 1024x1024 (first time, ~18 s)": a new size's first run waits on it.
+            return replace(record, phase=event.describe())
+        case Decoding():
+            return replace(record, phase="decoding the image")
+        case Encoding(text_encoder=where):
+            return replace(record, phase=f"encoding the prompt on {where[:80]}")
     return record
 
 

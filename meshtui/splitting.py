@@ -17,7 +17,7 @@ from meshd.model.presets import PRESETS, ModelPreset
 from meshd.node.info import disagreement
 from meshd.pipeline.plan import (PeerAddress, PeerResources, PlanError, SplitPlan, Stage, WeightBytes,
                                  stage_extra_bytes, propose, span_bytes, workspace_bytes)
-from meshd.pipeline.progress import SAME_HOST, LinkInfo, StageInfo, passes_from_wire
+from meshd.pipeline.progress import SAME_HOST, LinkInfo, StageInfo, StepRecord
 
 from .views import PeerView
 
@@ -56,12 +56,12 @@ class BlockSpeeds:
         self._ms_per_block[address] = rate if old is None else (1 - _EMA) * old + _EMA * rate
         self.revision += old != self._ms_per_block[address]
 
-    def observe_step(self, stages: Sequence[tuple[str, int, int]], event: dict) -> None:
-        """Fold one ``step`` event in; ``stages`` are (address, start, end) in plan order, as prepared."""
+    def observe_step(self, stages: Sequence[tuple[str, int, int]], step: StepRecord) -> None:
+        """Fold one step's timings in; ``stages`` are (address, start, end) in plan order, as prepared."""
         if not stages:
             return
         head, start, end = stages[0]
-        for p in passes_from_wire(event):
+        for p in step.passes:
             if p.compute_ms is not None:
                 self.observe(head, end - start, p.compute_ms)
             for (address, start, end), hop in zip(stages[1:], p.hops):
@@ -94,11 +94,11 @@ class LinkBook:
         """The codec figures of the link ``sender`` -> ``receiver`` (the benchmark's until it is measured)."""
         return self._calibrations.setdefault((str(sender), str(receiver)), Calibration())
 
-    def observe_hops(self, stages: Sequence[tuple[str, int, int]], event: dict,
+    def observe_hops(self, stages: Sequence[tuple[str, int, int]], step: StepRecord,
                      caps: Mapping[str, Capabilities | None]) -> None:
-        """Fold one ``step`` event's hops into their links' calibrations; ``stages`` as for
+        """Fold one step's hops into their links' calibrations; ``stages`` as for
         :meth:`BlockSpeeds.observe_step`, ``caps`` by address (to know which engine did the work)."""
-        for p in passes_from_wire(event):
+        for p in step.passes:
             for (sender, _, _), (receiver, _, _), hop in zip(stages, stages[1:], p.hops):
                 figures = (hop.raw_bytes, hop.wire_bytes, hop.encode_ms, hop.decode_ms)
                 if hop.codec is None or any(v is None or v <= 0 for v in figures):
@@ -108,8 +108,9 @@ class LinkBook:
                                                                hop.decode_ms / 1e3)
                 self.revision += 1
 
-    def observe_prepared(self, event: dict) -> None:
-        for stage in StageInfo.many_from_wire(event.get("stages")):
+    def observe_prepared(self, stages: Iterable[StageInfo]) -> None:
+        """Take the links the head measured and chose as it prepared a split (a ``prepared`` event's stages)."""
+        for stage in stages:
             link = stage.link
             if link is None or (link.transport == "tcp" and link.bandwidth_bytes_per_s is None):
                 continue
@@ -134,7 +135,7 @@ def plan_preset(peers: Iterable[PeerView]) -> ModelPreset:
         raise PlanError(problem)
     preset = online[0].preset
     if preset not in PRESETS:
-        raise PlanError(f"{online[0].label} serves an unknown model preset {preset!r}")
+        raise PlanError(f"{online[0].label} serves an unknown model preset {preset!r:.40}")
     return PRESETS[preset]
 
 

@@ -15,13 +15,15 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from meshd.pipeline.request import GenerationParams
+from meshd.errors import MeshError
 from meshd.model.presets import ModelPreset
+from meshd.pipeline.request import GenerationParams
 from meshd.pipeline.plan import PeerAddress, PlanError, SplitPlan
 
 from . import runs as run_log
 from . import splitting
-from .config import GenerateSettings
+from .config import ConfigError, GenerateSettings
+from .events import Event, Prepared, Step
 from .history import TelemetryStore
 from .runs import RunRecord, RunState
 from .views import PeerStatus, PeerView
@@ -29,14 +31,36 @@ from .views import PeerStatus, PeerView
 #: Runs whose PNG bytes stay in memory (older ones are read back from their file).
 IMAGES_KEPT = 8
 
+#: Worker groups, and what a failure in each means to the user.
+FAILURE_TITLES = {
+    "generate": "Generation failed",
+    "apply": "Could not load the split",
+    "demo": "Could not start the demo daemons",
+    "peers": "A peer monitor stopped",
+    "discovery": "mDNS discovery stopped",
+}
+
 
 @dataclass(frozen=True)
 class Notice:
-    """Something the user should be told about a change the dashboard made by itself."""
+    """Something the user should be told: about a change the dashboard made by itself, or why an
+    action did or did not happen."""
 
     text: str
     title: str = ""
     severity: str = "information"
+    section: str | None = None  # the section (mode) where the user can act on it, if the app should go there
+
+
+def describe_error(error: BaseException | None, peers: Sequence[PeerView] = ()) -> str:
+    """One line a user can act on; a peer named by address is also named as the user knows it."""
+    if isinstance(error, MeshError) and error.peer:
+        known = next((p for p in peers if str(p.address) == error.peer), None)
+        if known is not None:
+            return f"{known.label} ({known.title}, {error.peer}): {error.message}"
+    if isinstance(error, (MeshError, PlanError, ConfigError)):
+        return str(error)
+    return f"{type(error).__name__}: {error}"
 
 
 def next_step(peers: Sequence[PeerView], plan: SplitPlan | None, applied: SplitPlan | None,
@@ -198,9 +222,50 @@ class Dashboard:
         self.plan = self._proposed
         return self.plan
 
+    def propose_split(self) -> Notice:
+        """The user asked for a proposal (p): make it the plan, and say what it is or why there is none."""
+        try:
+            plan = self.propose()
+        except PlanError as exc:
+            return Notice(str(exc), "No split proposed", "error")
+        return Notice(f"proposed {plan.describe()}")
+
     def split_problems(self) -> tuple[str, ...]:
         """Why the plan cannot run as it is (empty: it can, as far as the forecast knows)."""
         return self.forecast.problems if self.forecast is not None else ()
+
+    def check_split(self) -> Notice:
+        """What checking the split (v) tells the user."""
+        if self.plan is None:
+            return Notice("no split to check: press p to propose one", severity="warning")
+        problems = self.split_problems()
+        if problems:
+            return Notice("\n".join(problems), "The split cannot run", "error")
+        return Notice(f"{self.plan.describe()} is valid and fits", "Split OK")
+
+    def ready_split(self, doing: str) -> tuple[bool, list[Notice]]:
+        """Whether the split can be loaded or run now (``doing`` it: "load", "generate with"), proposing
+        one first where there is none, and what to tell the user either way."""
+        notices = []
+        if self.plan is None:
+            notices.append(self.propose_split())
+            if self.plan is None:
+                return False, notices
+            notices += self.derive()  # the new plan's forecast says whether it can run
+        problems = self.split_problems()
+        if problems:
+            return False, [*notices, Notice("\n".join(problems), f"Cannot {doing} this split", "error")]
+        return True, notices
+
+    def generation_blocker(self) -> Notice | None:
+        """Why a generation (ctrl+g) cannot start now, before the split is looked at; None: it can."""
+        if self.active_run is not None:
+            return Notice("a generation is already running (Esc outside a form field cancels it)", severity="warning")
+        if self.form_error:
+            return Notice(self.form_error, "Fix the form first", "error", section="generate")
+        if self.preset() is None:
+            return Notice(next_step(self.peers, None, None, ()), "Cannot generate yet", "error")
+        return None
 
     def text_encoder_choices(self) -> list[str | None]:
         """Where prompts can be encoded: the head (None), then every other online peer with a text encoder."""
@@ -278,15 +343,16 @@ class Dashboard:
                 return runs[i]
         return None
 
-    def run_event(self, run_id: int, event: dict) -> RunRecord | None:
+    def run_event(self, run_id: int, event: Event) -> RunRecord | None:
         """One progress event of a run: its measurements are folded in first, so what is derived next
         already counts them."""
         run = self._run(run_id)
-        if event.get("kind") == "prepared":
-            self.links.observe_prepared(event)
-        elif event.get("kind") == "step" and run is not None:
-            self.speeds.observe_step(run.stages, event)
-            self.links.observe_hops(run.stages, event, {str(p.address): p.caps for p in self.peers})
+        match event:
+            case Prepared(stages=stages):
+                self.links.observe_prepared(stages)
+            case Step() if run is not None:
+                self.speeds.observe_step(run.stages, event)
+                self.links.observe_hops(run.stages, event, {str(p.address): p.caps for p in self.peers})
         return self._update_run(run_id, lambda r: run_log.apply_event(r, event))
 
     def run_done(self, run_id: int, png: bytes, summary: dict, path: Path | None) -> RunRecord | None:
@@ -307,6 +373,19 @@ class Dashboard:
 
     def _run(self, run_id: int) -> RunRecord | None:
         return next((r for r in self.runs if r.id == run_id), None)
+
+    def worker_failed(self, group: str, error: BaseException | None) -> tuple[Notice, RunRecord | None]:
+        """A worker of ``group`` failed with ``error``: what follows (the run failed, the load or the demo
+        stopped), what to tell the user, and the record of the run that failed, if one did."""
+        text = describe_error(error, self.peers)
+        run = None
+        if group == "generate":
+            run = self.run_ended(RunState.FAILED, text)
+        elif group == "apply":
+            self.loading_failed()
+        elif group == "demo":
+            self.starting = f"the demo daemons did not start: {text}"
+        return Notice(text, FAILURE_TITLES.get(group, "Error"), "error"), run
 
     # --- what follows from it --------------------------------------------------------------------
 

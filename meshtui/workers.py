@@ -21,7 +21,6 @@ from textual.message import Message
 
 from meshd import limits
 from meshd.errors import BadRequest, MeshError, PeerLost, ProtocolViolation
-from meshd.model.compile_events import describe_event
 from meshd.node.discovery import PeerBrowser
 from meshd.node.info import NodeInfo
 from meshd.pipeline.peers import measure_bandwidth
@@ -31,6 +30,7 @@ from meshd.telemetry.service import subscribe
 from meshd.telemetry.snapshot import GpuSnapshot, HostSnapshot, LinkSnapshot, NodeSnapshot
 from meshd.wire.channel import Channel
 
+from .events import Compiled, Compiling, Event, LoadProgress
 from .mesh import Mesh, Peer
 from .messages import (DiscoveryState, GenerationDone, GenerationEvent, PeerDiscovered, PeerUpdated, PeerVanished,
                        SpanCompiling, SpanLoading, SplitApplied, TelemetryNote, TelemetrySampled)
@@ -201,11 +201,12 @@ async def apply_split(mesh: Mesh, plan: SplitPlan, post: Post) -> SplitPlan:
     """Make every stage's peer hold its blocks (progress per peer), then report the plan applied."""
     t0 = time.perf_counter()
 
-    def on_event(event: dict) -> None:
-        if event.get("kind") == "load" and isinstance(event.get("done"), int) and isinstance(event.get("total"), int):
-            post(SpanLoading(str(event.get("peer")), event["done"], event["total"]))
-        elif event.get("kind") in ("compiling", "compiled"):
-            post(SpanCompiling(str(event.get("peer")), describe_event(event) or ""))
+    def on_event(event: Event) -> None:
+        match event:
+            case LoadProgress(peer=peer, blocks_done=done, blocks_total=total):
+                post(SpanLoading(str(peer), done, total))
+            case Compiling() | Compiled():
+                post(SpanCompiling(str(event.peer), event.describe()))
 
     require_online(mesh, plan)
     await mesh.apply(plan, on_event=on_event)

@@ -31,7 +31,7 @@ async def split_generation(key: bytes, addresses, spec: str, params: dict, **gen
         for address in addresses:
             mesh.add(address if isinstance(address, PeerAddress) else PeerAddress(*address))
         await mesh.connect_all()
-        preset, _ = mesh.model()
+        preset = mesh.model()
         plan = parse_split(spec, {p.label: p.address for p in mesh.peers.values()}, preset.num_blocks)
         await mesh.apply(plan)
         return await mesh.generate(plan, GenerationParams(**params), **generate)

@@ -27,6 +27,7 @@ from meshd.model.presets import PRESETS
 from meshd.model.runtime import HostedModel, open_source
 from meshd.model.text_encoder_file import QWEN3_CHAT_TEMPLATE, EncoderFile
 from meshd.model.vae_file import VaeFile
+from meshtui.events import Prepared
 from tests.comfyui_files import (
     MISTRAL_SPECIALS,
     TRANSFORMER,
@@ -659,8 +660,8 @@ async def test_a_split_from_the_comfyui_tree_equals_the_same_split_from_the_diff
         from_diffusers = await split_generation(KEY, [c.bound, d.bound], "A:0-2,B:3-5", PARAMS, codec="raw",
                                                 return_latents=True)
     assert torch.equal(from_comfy.latents, from_diffusers.latents)
-    prepared = next(e for e in from_comfy.events if e["kind"] == "prepared")  # the plan says how it samples
-    assert (prepared["distilled"], prepared["cfg"]) == (True, False)
+    prepared = next(e for e in from_comfy.events if isinstance(e, Prepared))  # the plan says how it samples
+    assert (prepared.distilled, prepared.cfg) == (True, False)
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(from_comfy.png))),
                           np.asarray(Image.open(io.BytesIO(from_diffusers.png))))
 

@@ -24,6 +24,7 @@ from meshd.model.files import ModelStore
 from meshd.model.lora import LoraPatch
 from meshd.model.runtime import HostedModel, open_source
 from meshd.model.span import Conditioning, Stream
+from meshtui.events import Compiling, Prepared, from_wire
 from meshtui.runs import RunRecord, apply_event
 from tests.daemons import running_daemon, split_generation
 
@@ -188,7 +189,7 @@ def test_a_compiled_split_equals_the_compiled_all_local_run(models, tmp_path):
         async with running_daemon(tmp_path / "a", None, models_dir=models, compile_backend="aot_eager") as a, \
                 running_daemon(tmp_path / "b", None, models_dir=models, compile_backend="aot_eager") as b:
             def on_event(event):
-                if event.get("kind") == "prepared":
+                if isinstance(event, Prepared):
                     graphs_at_prepared.append(graphs())
             outcome = await split_generation(None, [a.bound, b.bound], spec, PARAMS, codec="raw", return_latents=True,
                                              on_event=on_event)
@@ -202,9 +203,9 @@ def test_a_compiled_split_equals_the_compiled_all_local_run(models, tmp_path):
     assert graphs_at_prepared == [graphs()]
     assert head["on"] and stage["on"] and head["compiled_shapes"] >= 1 and stage["compiled_shapes"] >= 1
     # Each peer compiled its own blocks for 32x32 before the first step, and said so up the line.
-    announced = [e for e in outcome.events if e.get("kind") == "compiling"]
-    assert {e["size"] for e in announced} == {"32x32"}
-    assert {e["blocks"] for e in announced} == {head_blocks, stage_blocks}
+    announced = [e for e in outcome.events if isinstance(e, Compiling)]
+    assert {e.size for e in announced} == {"32x32"}
+    assert {e.blocks for e in announced} == {head_blocks, stage_blocks}
 
 
 def test_the_gpu_thread_compiles_more_graphs_than_dynamos_default_limit(models, tmp_path):
@@ -230,8 +231,9 @@ def test_the_dashboard_and_check_show_compiling(tmp_path):
     record = RunRecord(1, 0.0, GenerationParams("p", 1, 1024, 1024, 4, 1.0), "A:0-15,B:16-31")
     event = {"kind": "compiling", "node": "b", "blocks": "16-31", "size": "1024x1024", "cached": False,
              "estimate_s": 18.2}
-    assert apply_event(record, event).phase == "compiling blocks 16-31 on b for 1024x1024 (first time, ~18 s)"
-    assert apply_event(record, {"kind": "compiled", "node": "b", "seconds": 17.5}).phase == "compiled on b in 17.5 s"
+    assert apply_event(record, from_wire(event)).phase == "compiling blocks 16-31 on b for 1024x1024 (first time, ~18 s)"
+    assert (apply_event(record, from_wire({"kind": "compiled", "node": "b", "seconds": 17.5})).phase
+            == "compiled on b in 17.5 s")
     findings = list(check_compile(DaemonConfig(device="cpu", state_dir=tmp_path)))
     assert findings[0].text.startswith("compiled blocks off: cpu is not a CUDA device")
     assert "is empty" in findings[-1].text

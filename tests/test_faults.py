@@ -29,6 +29,7 @@ from meshd.errors import MeshError, PeerLost
 from meshd.pipeline.request import GenerationParams
 from meshd.pipeline.plan import PeerAddress, parse_split
 from meshd.pipeline.streaming import pack_raw
+from meshtui.events import Step
 from meshtui.local import LocalCluster
 from meshtui.mesh import Mesh
 from tests.daemons import jobs_on, running_daemon
@@ -96,7 +97,7 @@ async def interrupted_run(mesh: Mesh, plan, fault, *, after_steps: int = 3) -> t
     client got and how long after the fault it came."""
     steps = []
     run = asyncio.ensure_future(mesh.generate(plan, LONG, codec="raw",
-                                              on_event=lambda e: steps.append(e) if e.get("kind") == "step" else None))
+                                              on_event=lambda e: steps.append(e) if isinstance(e, Step) else None))
     await until(lambda: len(steps) >= after_steps or run.done(), 60, f"{after_steps} steps")
     assert not run.done(), run.exception()
     await fault()
@@ -176,7 +177,7 @@ async def test_a_stage_restarted_during_a_generation_drains_it_first(cluster):
         await mesh.apply(plan)
         steps = []
         run = asyncio.ensure_future(mesh.generate(plan, replace(LONG, steps=60), codec="raw",
-                                                  on_event=lambda e: steps.append(e) if e["kind"] == "step" else None))
+                                                  on_event=lambda e: steps.append(e) if isinstance(e, Step) else None))
         await until(lambda: len(steps) >= 3, 60, "3 steps")
         b.signal(signal.SIGTERM)
         outcome = await asyncio.wait_for(run, 60)

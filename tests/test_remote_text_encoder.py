@@ -13,6 +13,7 @@ from meshd.errors import MeshError
 from meshd.model.files import ModelStore
 from meshd.model.runtime import open_source
 from meshd.pipeline.plan import PeerAddress
+from meshtui.events import Encoding
 from tests.daemons import running_daemon, split_generation
 
 KEY = bytes(range(32))
@@ -56,7 +57,7 @@ async def test_a_head_without_a_text_encoder_uses_the_peer_placed_for_it(models,
 
         split = await generate(a, "A:0-2,B:3-5", [a, b], text_encoder=t)
         assert torch.equal(split.latents, reference.latents)  # raw: bit for bit
-        assert {"kind": "encoding", "text_encoder": "%s:%d" % t.bound} in split.events
+        assert Encoding("%s:%d" % t.bound) in split.events
         # The head keeps what it fetched: the same prompt again needs no text encoder at all.
         again = await generate(a, "A:0-2,B:3-5", [a, b])
         assert torch.equal(again.latents, reference.latents)

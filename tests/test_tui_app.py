@@ -23,6 +23,7 @@ from meshd.pipeline.plan import PeerAddress
 from meshtui.app import MeshApp
 from meshtui.commands import palette_commands
 from meshtui.config import TuiConfig, load_config
+from meshtui.events import Encoding
 from meshtui.local import LocalCluster
 from meshtui.messages import GenerationEvent, PeerDiscovered, SpanLoading
 from meshtui.runs import RunState
@@ -317,5 +318,5 @@ async def test_the_text_encoder_can_be_placed_on_another_peer(cluster, tmp_path)
             await pilot.press("escape", "2")  # out of the prompt field, back to the split
             assert isinstance(app.screen, SplitScreen)
         assert pixels[0] == pixels[1]
-        encoding = [m.event for m in messages if isinstance(m, GenerationEvent) and m.event.get("kind") == "encoding"]
-        assert [e["text_encoder"] for e in encoding] == [str(b.address)]  # the first run only
+        encoding = [m.event for m in messages if isinstance(m, GenerationEvent) and isinstance(m.event, Encoding)]
+        assert [e.text_encoder for e in encoding] == [str(b.address)]  # the first run only

@@ -7,11 +7,14 @@ import pytest
 from PIL import Image
 
 from codec import Capabilities
+from meshd.errors import ProtocolViolation
+from meshd.pipeline.progress import StageInfo
 from meshd.pipeline.request import GenerationParams
 from meshd.model.presets import PRESETS
 from meshd.pipeline.plan import PeerAddress, PlanError, SplitPlan, Stage
 from meshd.telemetry.snapshot import GpuSnapshot, HostSnapshot, NodeSnapshot
 from meshtui import runs, splitting
+from meshtui.events import OtherEvent, from_wire
 from meshtui.config import ConfigError, GenerateSettings, TuiConfig, dumps, load_config, save_config
 from meshtui.history import TelemetryStore
 from meshtui.views import PeerStatus, PeerView
@@ -144,10 +147,11 @@ def test_the_forecast_predicts_memory_compute_and_link_time_from_measurements():
     assert before.ok and before.step_ms is None  # nothing measured yet
     assert before.stages[0].need_bytes > before.stages[1].need_bytes  # the head also holds embedders + VAE
     assert before.stages[0].link.measured is False  # this client's bandwidth stands in
-    links.observe_prepared({"stages": [{"peer": str(A), "link": {"to": str(B), "bandwidth_bps": 1.25e9,
-                                                                  "rtt_ms": 0.2}}]})
+    links.observe_prepared(StageInfo.many_from_wire([{"peer": str(A), "link": {"to": str(B), "bandwidth_bps": 1.25e9,
+                                                                                "rtt_ms": 0.2}}]))
     speeds.observe_step([(str(A), 0, 2), (str(B), 2, 6)],
-                        {"passes": [{"compute_ms": 4.0, "hops": [{"compute_ms": 6.0}]}]})
+                        from_wire({"kind": "step", "step": 1, "steps": 1,
+                                   "passes": [{"compute_ms": 4.0, "hops": [{"compute_ms": 6.0}]}]}))
     after = splitting.forecast(plan, peers, 64, 64, speeds, links)
     assert after.stages[0].compute_ms == pytest.approx(4.0)
     assert after.stages[1].compute_ms == pytest.approx(6.0)
@@ -160,8 +164,8 @@ def test_the_forecast_predicts_memory_compute_and_link_time_from_measurements():
 def test_a_same_host_link_over_cuda_ipc_has_no_wire_and_a_forced_codec_leaves_it():
     peers = {A: peer("A", A), B: peer("B", B)}
     links = splitting.LinkBook()
-    links.observe_prepared({"stages": [{"peer": str(A), "link": {"to": str(B), "transport": "cuda-ipc",
-                                                                  "codec": "cuda-ipc", "why": "same host"}}]})
+    links.observe_prepared(StageInfo.many_from_wire([{"peer": str(A), "link": {"to": str(B), "transport": "cuda-ipc",
+                                                                                "codec": "cuda-ipc", "why": "same host"}}]))
     plan = plan_of((A, "A", 0, 2, "auto"), (B, "B", 2, 6, "auto"))
     link = splitting.forecast(plan, peers, 64, 64, splitting.BlockSpeeds(), links).stages[0].link
     assert (link.codec, link.ms, link.wire_bytes) == ("cuda-ipc", 0.0, 0)
@@ -217,20 +221,24 @@ def test_unsupported_readings_stay_na_and_a_gap_keeps_the_last_good_value_with_i
 
 def test_a_run_record_follows_the_head_events_and_names_every_hop():
     record = runs.RunRecord(1, 1000.0, GenerationParams("p", 3, 64, 64, 2, 1.0), "A:0-1 -> B:2-3 -> C:4-5")
-    record = runs.apply_event(record, {"kind": "queued", "position": 1})
-    record = runs.apply_event(record, {"kind": "prepared", "plan": "A:0-1 -> B:2-3 -> C:4-5", "stages": [
-        {"peer": str(A), "blocks": [0, 2]}, {"peer": str(B), "blocks": [2, 4]}, {"peer": str(C), "blocks": [4, 6]}]})
+    record = runs.apply_event(record, from_wire({"kind": "queued", "position": 1}))
+    record = runs.apply_event(record, from_wire({"kind": "prepared", "plan": "A:0-1 -> B:2-3 -> C:4-5", "stages": [
+        {"peer": str(A), "blocks": [0, 2]}, {"peer": str(B), "blocks": [2, 4]}, {"peer": str(C), "blocks": [4, 6]}]}))
     assert record.stages == ((str(A), 0, 2), (str(B), 2, 4), (str(C), 4, 6))
     step = {"kind": "step", "step": 1, "steps": 2, "ms": 12.5, "passes": [{"compute_ms": 3.0, "hops": [
         {"from": "a", "node": "b", "codec": "fp8", "bytes": 100, "encode_ms": 0.1, "wire_ms": 0.2, "decode_ms": 0.3,
          "compute_ms": 4.0, "error": {"cosine": 0.9995, "rel_l2": 0.01, "max_abs": 0.1}},
         {"node": "c", "codec": "raw", "bytes": 200, "compute_ms": 5.0}]}]}
-    record = runs.apply_event(record, step)
+    record = runs.apply_event(record, from_wire(step))
     assert record.phase == "step 1/2" and record.done_steps == 1
     first, second = record.steps[0].hops
     assert (first.link, first.cosine, first.bytes) == ("a→b", 0.9995, 100)
     assert second.link == "b→c" and second.cosine is None
-    assert runs.apply_event(record, {"kind": "step", "step": "bogus"}) == record
+    # A step event the head garbled never reaches the record; a newer daemon's new kind leaves it as it is.
+    with pytest.raises(ProtocolViolation, match="step event: field 'step' must be an integer"):
+        from_wire({"kind": "step", "step": "bogus"})
+    newer = from_wire({"kind": "warming", "op": "event", "id": 3, "cache": "hot"})
+    assert newer == OtherEvent("warming", {"cache": "hot"}) and runs.apply_event(record, newer) == record
 
 
 def test_finished_runs_are_kept_in_a_history_file_that_survives_bad_lines(tmp_path):

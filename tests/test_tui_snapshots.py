@@ -16,9 +16,11 @@ from PIL import Image, ImageDraw
 from codec import Capabilities
 from meshd.pipeline.request import GenerationParams
 from meshd.pipeline.plan import PeerAddress, SplitPlan, Stage
+from meshd.pipeline.progress import StageInfo
 from meshd.telemetry.snapshot import GpuSnapshot, HostSnapshot, LinkSnapshot, NodeSnapshot
 from meshtui.app import MeshApp
 from meshtui.config import GenerateSettings, TuiConfig
+from meshtui.events import from_wire
 from meshtui.runs import RunRecord, apply_event, finish
 from meshtui.views import PeerStatus, PeerView
 
@@ -80,8 +82,8 @@ def image_png() -> bytes:
 def finished_run() -> RunRecord:
     record = RunRecord(1, NOW - 20, GenerationParams("a lighthouse on a cliff at dawn, oil painting", 7, 64, 64, 4, 1.0),
                        "A:0-2 -> B:3-5", codec="auto")
-    record = apply_event(record, {"kind": "prepared", "plan": record.plan, "stages": [
-        {"peer": str(A), "blocks": [0, 3]}, {"peer": str(B), "blocks": [3, 6]}]})
+    record = apply_event(record, from_wire({"kind": "prepared", "plan": record.plan, "stages": [
+        {"peer": str(A), "blocks": [0, 3]}, {"peer": str(B), "blocks": [3, 6]}]}))
     summary_steps = []
     for step in range(1, 5):
         event = {"kind": "step", "step": step, "steps": 4, "ms": 30.0 + step, "passes": [
@@ -89,7 +91,7 @@ def finished_run() -> RunRecord:
                                           "raw_bytes": 36864, "encode_ms": 0.41, "wire_ms": 0.33, "decode_ms": 0.12,
                                           "compute_ms": 9.8,
                                           "error": {"cosine": 0.99962, "rel_l2": 0.027, "max_abs": 0.2}}]}]}
-        record = apply_event(record, event)
+        record = apply_event(record, from_wire(event))
         summary_steps.append(event)
     return finish(record, {"total_s": 0.41, "steps": summary_steps},
                   Path("/home/user/.local/share/flux-mesh/images/flux-mesh-20261118-200000-seed7.png"))
@@ -131,7 +133,8 @@ def state(mode: str):
         dash.peers = peers()
         dash.speeds.observe(str(A), 3, 11.5)
         dash.speeds.observe(str(B), 3, 4.0)
-        dash.links.observe_prepared({"stages": [{"peer": str(A), "link": {"to": str(B), "bandwidth_bps": 117e6}}]})
+        dash.links.observe_prepared(StageInfo.many_from_wire([{"peer": str(A), "link": {"to": str(B),
+                                                                                         "bandwidth_bps": 117e6}}]))
         dash.plan = plan()
         dash.applied = plan()
         dash.runs = (finished_run(),)

@@ -5,10 +5,12 @@ from dataclasses import replace
 import pytest
 
 from codec import Capabilities
+from meshd.errors import PeerLost
 from meshd.model.presets import PRESETS
-from meshd.pipeline.plan import PeerAddress
+from meshd.pipeline.plan import PeerAddress, PlanError
 from meshtui import splitting, state
 from meshtui.config import GenerateSettings
+from meshtui.events import Prepared, Step, from_wire
 from meshtui.runs import RunState
 from meshtui.state import Dashboard
 from meshtui.views import PeerStatus, PeerView
@@ -47,17 +49,17 @@ def two_peers(**kw) -> Dashboard:
     return dash
 
 
-def prepared(bandwidth_bps: float) -> dict:
-    return {"kind": "prepared", "plan": "A:0-2 -> B:3-5", "stages": [
+def prepared(bandwidth_bps: float) -> Prepared:
+    return from_wire({"kind": "prepared", "plan": "A:0-2 -> B:3-5", "stages": [
         {"peer": str(A), "blocks": [0, 3], "link": {"to": str(B), "bandwidth_bps": bandwidth_bps, "rtt_ms": 0.3,
                                                     "codec": "raw", "why": "raw: fastest"}},
-        {"peer": str(B), "blocks": [3, 6]}]}
+        {"peer": str(B), "blocks": [3, 6]}]})
 
 
-def step(n: int, head_ms: float, stage_ms: float) -> dict:
-    return {"kind": "step", "step": n, "steps": 4, "ms": head_ms + stage_ms,
-            "passes": [{"compute_ms": head_ms, "hops": [{"codec": "raw", "bytes": 100, "raw_bytes": 100,
-                                                         "compute_ms": stage_ms}]}]}
+def step(n: int, head_ms: float, stage_ms: float) -> Step:
+    return from_wire({"kind": "step", "step": n, "steps": 4, "ms": head_ms + stage_ms,
+                      "passes": [{"compute_ms": head_ms, "hops": [{"codec": "raw", "bytes": 100, "raw_bytes": 100,
+                                                                   "compute_ms": stage_ms}]}]})
 
 
 def test_the_peers_answering_get_a_proposed_split_and_its_forecast():
@@ -188,9 +190,54 @@ def test_the_forecast_of_a_link_learns_from_the_hops_measured_on_it():
     hop = {"codec": "u8", "raw_bytes": 1 << 20, "bytes": 1 << 18, "encode_ms": 400.0, "decode_ms": 300.0,
            "compute_ms": 9.0}  # 4x smaller than assumed, and a far slower CPU
     for n in range(1, 11):
-        dash.run_event(record.id, {"kind": "step", "step": n, "steps": 10, "ms": 10.0,
-                                   "passes": [{"compute_ms": 6.0, "hops": [hop]}]})
+        dash.run_event(record.id, from_wire({"kind": "step", "step": n, "steps": 10, "ms": 10.0,
+                                             "passes": [{"compute_ms": 6.0, "hops": [hop]}]}))
     dash.derive()
     after = dash.forecast.stages[0].link
     assert after.codec == "u8" and after.wire_bytes < before.wire_bytes / 1.5
     assert after.ms > 10 * before.ms
+
+
+def test_checking_and_readying_the_split_say_why_it_cannot_run():
+    dash = Dashboard(GenerateSettings(width=64, height=64))
+    assert dash.check_split() == state.Notice("no split to check: press p to propose one", severity="warning")
+    assert dash.ready_split("load") == (False, [state.Notice("no peer is online", "No split proposed", "error")])
+    dash.add_peer("A", A, "manual")
+    dash.update_peer(online("A", A))
+    dash.plan = None  # not derived yet: readying the split proposes one, and its forecast decides
+    ready, notices = dash.ready_split("load")
+    assert ready and notices == [state.Notice("proposed A:0-5")] and dash.forecast is not None
+    assert dash.check_split() == state.Notice("A:0-5 is valid and fits", "Split OK")
+    dash.update_peer(online("A", A, free=1 << 20))  # it no longer fits
+    dash.derive()
+    ready, (notice,) = dash.ready_split("generate with")
+    assert not ready and notice.title == "Cannot generate with this split" and notice.severity == "error"
+    assert notice.text.startswith("A needs ") and dash.check_split().title == "The split cannot run"
+
+
+def test_a_generation_is_refused_while_one_runs_or_the_form_does_not_parse():
+    assert Dashboard().generation_blocker().title == "Cannot generate yet"  # no peer serves a model
+    dash = two_peers()
+    assert dash.generation_blocker() is None
+    dash.form_error = "steps: must be a whole number"
+    assert dash.generation_blocker() == state.Notice("steps: must be a whole number", "Fix the form first", "error",
+                                                     section="generate")  # the form is where to fix it
+    dash.form_error = None
+    dash.start_run()
+    assert dash.generation_blocker().text.startswith("a generation is already running")
+
+
+def test_a_failed_worker_ends_what_it_was_doing_and_names_the_peer_as_the_user_knows_it():
+    dash = two_peers()
+    record, _ = dash.start_run()
+    notice, run = dash.worker_failed("generate", PeerLost(str(B), "stopped answering"))
+    assert notice == state.Notice("B (box-B, 10.0.0.2:7777): stopped answering", "Generation failed", "error")
+    assert run.id == record.id and run.state is RunState.FAILED and run.error == notice.text
+    assert dash.active_run is None
+    dash.start_loading(dash.plan, lambda address: dash.peer_by_address(address).label)
+    notice, run = dash.worker_failed("apply", PlanError("A:0-9 needs blocks 0-9, the model has 6"))
+    assert (notice.title, notice.text, run, dash.loading) == ("Could not load the split",
+                                                             "A:0-9 needs blocks 0-9, the model has 6", None, ())
+    notice, _ = dash.worker_failed("demo", OSError("no free port"))
+    assert dash.starting == "the demo daemons did not start: OSError: no free port"
+    assert dash.worker_failed("mystery", None)[0].title == "Error"
