@@ -41,7 +41,7 @@ def _median(fn, device, repeat: int) -> tuple[float, object]:
     return statistics.median(times), result
 
 
-def _host_seconds(fn, repeat: int) -> float:
+def _host_ms(fn, repeat: int) -> float:
     fn()
     times = []
     for _ in range(repeat):
@@ -112,8 +112,8 @@ def main() -> None:
             image.save(buf, format="PNG", compress_level=1)
             return buf.getvalue()
 
-        out[f"png_pil_{name}_ms"] = _host_seconds(pil, args.repeat)
-        out[f"png_ours_{name}_ms"] = _host_seconds(lambda pixels=pixels: encode_png(pixels), args.repeat)
+        out[f"png_pil_{name}_ms"] = _host_ms(pil, args.repeat)
+        out[f"png_ours_{name}_ms"] = _host_ms(lambda pixels=pixels: encode_png(pixels), args.repeat)
         out[f"png_pil_{name}_bytes"] = len(pil())
         out[f"png_ours_{name}_bytes"] = len(encode_png(pixels))
     out["cpu_count"] = os.cpu_count()

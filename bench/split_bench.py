@@ -147,7 +147,16 @@ async def run_local(args, device, params, compiled: bool = False, state_dir: Pat
     if args.interleave:
         # Kept loaded for the split's runs to alternate with (see timed_generations); freed by close().
         out["again"] = lambda: run_generation(model, worker, params, LocalRunner(worker))
-        out["close"] = worker.shutdown
+
+        def close() -> None:  # as below, once the split's runs are done with it
+            nonlocal model
+            worker.shutdown()
+            del model
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+        out["close"] = close
         return out
     worker.shutdown()
     del model, result
@@ -213,12 +222,13 @@ async def timed_generations(mesh, plan, params, codec_name, repeat, local=None):
     their seconds and step times come back in ``local``'s ``interleaved_s`` / ``interleaved_step_ms``."""
     times, outcome = [], None
     again = local.get("again") if local else None
-    local_times, local_steps = [], []
+    local_times, local_steps, split_steps = [], [], []
     for i in range(repeat + 1):
         t0 = time.perf_counter()
         outcome = await mesh.generate(plan, params, codec=codec_name, measure_error=False, return_latents=True)
         if i:
             times.append(time.perf_counter() - t0)
+            split_steps += [s["ms"] for s in outcome.summary["steps"]]
         if again is not None:
             t0 = time.perf_counter()
             result = await again()
@@ -228,7 +238,9 @@ async def timed_generations(mesh, plan, params, codec_name, repeat, local=None):
             if not torch.equal(result.latents, local["latents"]):
                 raise SystemExit("the all-local generation changed between runs: the comparison would be void")
     if again is not None:
+        # Both sides' steps from the same timed runs (the split's last outcome alone would be one run).
         local["interleaved_s"], local["interleaved_step_ms"] = local_times, local_steps
+        local["split_step_ms"] = split_steps
     return times, outcome
 
 
@@ -285,7 +297,7 @@ async def run_split(args, cluster, params, local, emulation) -> dict:
             if args.interleave:
                 row["local_interleaved_s"] = local["interleaved_s"]
                 row["split_over_local_interleaved"] = split_s / statistics.median(local["interleaved_s"])
-                row["step_split_over_local_interleaved"] = (statistics.median(s["ms"] for s in outcome.summary["steps"])
+                row["step_split_over_local_interleaved"] = (statistics.median(local["split_step_ms"])
                                                             / statistics.median(local["interleaved_step_ms"]))
             if emulation:
                 wire_s = row["wire_bytes_total"] / emulation.rate_bytes_per_s
@@ -361,7 +373,7 @@ def bench_one(args, device, params, setting: str) -> dict:
         finally:
             if "close" in local:
                 local["close"]()
-    kept = {k: v for k, v in local.items() if k not in ("latents", "pixels", "again", "close")}
+    kept = {k: v for k, v in local.items() if k not in ("latents", "pixels", "again", "close", "split_step_ms")}
     return {"devices": devices, "local": kept, **split}
 
 

@@ -82,6 +82,6 @@ def test_pixels_equal_diffusers_postprocess_bit_for_bit():
     flat[:every.numel()] = every
     theirs = Flux2ImageProcessor(vae_scale_factor=16).postprocess(images, output_type="pil")
     ours = to_pixels(images)
-    assert ours.dtype == np.uint8 and ours.shape == (2, 128, 96, 3)
+    assert ours.dtype == np.uint8 and ours.shape == (2, 128, 96, 3) and ours.flags.c_contiguous
     for mine, reference in zip(ours, theirs):
         assert np.array_equal(mine, np.asarray(reference))

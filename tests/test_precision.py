@@ -565,7 +565,7 @@ def test_large_layers_dequantise_in_row_chunks_with_the_numbers_of_one_pass(monk
 ])
 def test_row_chunks_are_equal_and_aligned_for_the_real_layers(shape, rows):
     """The chunks of the real layers: as few as DEQUANT_CHUNK allows, of one size, a multiple of 128
-    rows (a chunk's output row pitch then meets cuBLAS's alignment, so it keeps tensor-core kernels)."""
+    rows (a chunk's output row pitch then meets cuBLAS's 16-byte alignment, as the whole layer's does)."""
     import meshd.model.precision as precision
 
     got = precision.dequant_chunk_rows(*shape)

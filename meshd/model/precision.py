@@ -44,11 +44,11 @@ _AMAX_FLOOR = 1e-12
 #: single-block input layer (55296 x 6144) would otherwise need ~2 GiB of temporaries per forward.
 DEQUANT_CHUNK = 1 << 26
 #: Row chunks are made equal and a multiple of this many rows: each chunk's matmul output is then
-#: [tokens, rows] with rows*2 bytes a multiple of cuBLAS's 16-byte alignment, so it keeps the
-#: tensor-core kernels the whole layer gets. Chunks of DEQUANT_CHUNK // in_features rows were not:
-#: dev's 55296-row layer went as five chunks of 10922 rows and one of 686 (its eager GGUF forward
-#: took 13-16 ms against 3.9 ms bf16 plus 1.6-4.5 ms of dequantising), while klein's 36864 rows cut
-#: into 16384-row chunks ran at 1.13-1.25x bf16 (docs/results/h200-gguf-layers-*.txt).
+#: [tokens, rows] with a row pitch that is a multiple of cuBLAS's 16-byte alignment, as the whole
+#: layer's is. Chunks of DEQUANT_CHUNK // in_features rows were not: dev's 55296-row layer went as
+#: five chunks of 10922 rows and one of 686, and its eager GGUF forward took 13-16 ms against 3.9 ms
+#: bf16 plus 1.6-4.5 ms of dequantising, while klein's aligned 16384-row chunks ran at 1.13-1.25x bf16
+#: (docs/results/h200-gguf-layers-*.txt). The misalignment is the likely cause; the H200 re-run decides.
 DEQUANT_ROW_ALIGN = 128
 #: Quantising at load works through a weight this many values at a time (a 64 MiB float32 working copy).
 QUANTISE_CHUNK = 1 << 24

@@ -20,8 +20,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-#: Bands deflated in parallel: more than the cores only adds flush markers.
-_BANDS = max(1, min(8, os.cpu_count() or 1))
+#: Bands deflated in parallel: more than the cores this process may use only adds flush markers.
+#: (The band count changes the file's bytes from machine to machine, never its pixels.)
+_BANDS = max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 #: Below this many filtered bytes one thread is quicker than handing bands out.
 _PARALLEL_MIN_BYTES = 1 << 18
 _LEVEL = 1  # the level PIL was called with before: ~4x quicker than 6 for ~10% more bytes
