@@ -353,14 +353,15 @@ class MeshApp(App[int]):
     @on(GenerationDone)
     def _generation_done(self, message: GenerationDone) -> None:
         run = self.dashboard.run_done(message.run_id, message.png, message.summary, message.path)
-        self.refresh_derived()
-        self.refresh_bindings()
+        self._after_run(run)
         if run is not None:
-            self._record(run)
             self.notify(f"{run.total_s:.2f} s, saved {message.path}", title=f"Run {run.id} done")
 
     def _finish_run(self, state: RunState, message: str) -> None:
-        run = self.dashboard.run_ended(state, message)
+        self._after_run(self.dashboard.run_ended(state, message))
+
+    def _after_run(self, run: RunRecord | None) -> None:
+        """The screen follows the dashboard after a run ended (or nothing ended), and the run is kept."""
         self.refresh_derived()
         self.refresh_bindings()
         if run is not None:
@@ -388,10 +389,7 @@ class MeshApp(App[int]):
         if not isinstance(worker.error, (MeshError, PlanError, ConfigError, OSError)):
             log.error("worker %s failed", worker.name, exc_info=worker.error)
         notice, run = self.dashboard.worker_failed(worker.group, worker.error)
-        self.refresh_derived()
-        self.refresh_bindings()
-        if run is not None:
-            self._record(run)
+        self._after_run(run)
         self.tell(notice, timeout=15)
 
     # --- binding the dashboard to the screen -------------------------------------------------------

@@ -7,12 +7,13 @@ stage's ``compiling``/``compiled``, ``prepared``, one ``step`` per step, ``decod
 :class:`Dropped`, :class:`Replanned`). Consumers match on the types.
 
 :func:`from_wire` is the one place a frame's header becomes an event. A kind this client does not
-know (a newer daemon's) becomes an :class:`OtherEvent`, never an error; a known kind with a field
-of the wrong type is a :class:`~meshd.errors.ProtocolViolation` naming the field, so a daemon that
-breaks the contract fails the request with the cause instead of a screen that quietly shows
-nothing. Missing optional fields read as None. Inside a step's passes and a prepared event's stages
-the records of :mod:`meshd.pipeline.progress` are reused with their own rule (a malformed hop
-figure reads as unknown), the rule the summary's step records follow too.
+know (a newer daemon's) becomes an :class:`OtherEvent`, never an error; a known kind with a
+top-level field of the wrong type is a :class:`~meshd.errors.ProtocolViolation` naming the field,
+so a daemon that breaks the contract fails the request with the cause instead of a screen that
+quietly shows nothing. Missing optional fields read as None. Nested records (a step's passes and
+hops, a prepared event's stages) are read by :mod:`meshd.pipeline.progress` with its own, lenient
+rule, the one the summary's step records follow too: a malformed hop figure reads as unknown, and a
+stage without readable blocks is left out.
 
 No torch here: ``meshtui generate`` reads these before anything loads it.
 """
@@ -24,8 +25,8 @@ from dataclasses import asdict, dataclass
 
 from meshd.errors import ProtocolViolation
 from meshd.model.compile_events import describe_event
-from meshd.pipeline.blocks import BlockRange
-from meshd.pipeline.progress import MAX_TEXT, StageInfo, StepRecord
+from meshd.pipeline.blocks import BlockRange, wire_int
+from meshd.pipeline.progress import MAX_TEXT, StageInfo, StepRecord, wire_number, wire_text
 
 #: Frame fields that address a request, not part of its events.
 _ADDRESSING = ("op", "id")
@@ -170,16 +171,16 @@ class _Fields:
             raise ProtocolViolation(f"{self.kind} event: field {name!r} must be {what}, {found}", peer=self.sender)
         return value
 
+    # The strict checks are the lenient readers of meshd's records (None: unreadable), so the two
+    # never disagree about what a readable field is.
     def integer(self, name: str, *, required: bool = False) -> int | None:
-        return self._get(name, "an integer", lambda v: isinstance(v, int) and not isinstance(v, bool), required)
+        return wire_int(self._get(name, "an integer", lambda v: wire_int(v) is not None, required))
 
     def number(self, name: str) -> float | None:
-        value = self._get(name, "a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), False)
-        return None if value is None else float(value)
+        return wire_number(self._get(name, "a number", lambda v: wire_number(v) is not None, False))
 
     def text(self, name: str, *, required: bool = False) -> str | None:
-        value = self._get(name, "text", lambda v: isinstance(v, str), required)
-        return None if value is None else value[:MAX_TEXT]
+        return wire_text(self._get(name, "text", lambda v: wire_text(v) is not None, required))
 
     def flag(self, name: str) -> bool | None:
         return self._get(name, "true or false", lambda v: isinstance(v, bool), False)

@@ -22,6 +22,7 @@ from meshd.pipeline.blocks import BlockRange
 from meshd.pipeline.request import GenerationParams
 from meshd.pipeline.peers import read_info
 from meshd.pipeline.plan import PeerAddress, PlanError, SplitPlan, parse_split, same_host_links
+from meshd.pipeline.progress import wire_number
 from meshd.pipeline.streaming import unpack_raw
 from meshd.wire.channel import Channel
 from meshd.wire.link import LinkEmulation
@@ -197,15 +198,13 @@ class Mesh:
             await _call(on_event, LoadStarted(label, tuple(BlockRange(a, b) for a, b in wanted_ranges)))
 
             async def progress(frame) -> None:  # loading, then compiling for the default size
-                await _call(on_event, events.from_wire(frame.header, label, sender=peer.name))
+                await _call(on_event, events.from_wire(frame.header, label, sender=str(peer.address)))
 
             reply = await peer.channel.request("load", {"blocks": wanted_ranges}, on_event=progress,
                                              timeout=limits.LOAD_TIMEOUT_S)
             if isinstance(reply.header.get("node"), dict):
                 peer.info = NodeInfo.from_wire(reply.header["node"])
-            seconds = reply.header.get("seconds")
-            await _call(on_event, LoadDone(label, float(seconds) if isinstance(seconds, (int, float))
-                                           and not isinstance(seconds, bool) else None))
+            await _call(on_event, LoadDone(label, wire_number(reply.header.get("seconds"))))
 
         await asyncio.gather(*(load(label, blocks) for label, blocks in wanted.items()))
 
@@ -225,7 +224,7 @@ class Mesh:
         seen: list[Event] = []
 
         async def handle(frame) -> None:
-            event = events.from_wire(frame.header, sender=head.name)
+            event = events.from_wire(frame.header, sender=str(head.address))
             seen.append(event)
             await _call(on_event, event)
 

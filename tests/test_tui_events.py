@@ -106,9 +106,10 @@ def test_the_headless_command_tells_each_event_in_one_line():
 HEAD = PeerAddress("127.0.0.1", 7001)
 
 
-async def head_sending(*frames: dict):
+async def head_sending(*frames: dict, linger: float = 0.0):
     """A mesh whose head, over a real sealed loopback connection, answers ``generate`` by sending
-    ``frames`` as events, then a PNG; returns the mesh, its one-stage plan and what the head saw."""
+    ``frames`` as events, then (after ``linger`` seconds) a PNG; returns the mesh, its one-stage plan
+    and what the head saw."""
     client, served = await sealed_pair()
     seen = {"cancelled": asyncio.Event()}
 
@@ -116,7 +117,7 @@ async def head_sending(*frames: dict):
         try:
             for fields in frames:
                 await request.event(fields)
-            await asyncio.sleep(0.2)  # a cancel for an unreadable event arrives meanwhile
+            await asyncio.sleep(linger)  # a cancel for an unreadable event arrives meanwhile
             return {"summary": {"total_s": 0.5}}, [b"\x89PNG"]
         except asyncio.CancelledError:
             seen["cancelled"].set()
@@ -145,10 +146,11 @@ async def test_generate_streams_typed_events_and_keeps_them_in_the_outcome():
 
 
 async def test_an_unreadable_event_fails_the_generation_naming_the_field_and_cancels_it_on_the_head():
-    mesh, plan, serving, seen = await head_sending({"kind": "step", "step": 1, "steps": "four"})
+    mesh, plan, serving, seen = await head_sending({"kind": "step", "step": 1, "steps": "four"}, linger=30)
     try:
-        with pytest.raises(ProtocolViolation, match="step event: field 'steps' must be an integer, not str"):
+        with pytest.raises(ProtocolViolation, match="step event: field 'steps' must be an integer, not str") as error:
             await mesh.generate(plan, GenerationParams("p", 1, 64, 64, 4, 1.0))
+        assert error.value.peer == str(HEAD)  # named by its address, as every peer error is
         await asyncio.wait_for(seen["cancelled"].wait(), 5)  # the head stops working for nobody
     finally:
         await mesh.close()

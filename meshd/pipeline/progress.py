@@ -24,11 +24,13 @@ MAX_TEXT = 200
 SAME_HOST = ("cuda-ipc", "host-shm")
 
 
-def _text(value: object) -> str | None:
+def wire_text(value: object) -> str | None:
+    """A text field of a peer's record, cut to MAX_TEXT, or None."""
     return value[:MAX_TEXT] if isinstance(value, str) else None
 
 
-def _number(value: object) -> float | None:
+def wire_number(value: object) -> float | None:
+    """A number field of a peer's record as a float, or None (a bool is not a number here)."""
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
@@ -66,15 +68,15 @@ def hops_from_wire(hops: object) -> tuple[HopRecord, ...]:
     sender = None
     for hop in _maps(hops):
         error = hop.get("error") if isinstance(hop.get("error"), dict) else {}
-        receiver = _text(hop.get("node")) or "?"
+        receiver = wire_text(hop.get("node")) or "?"
         out.append(HopRecord(
-            sender=_text(hop.get("from")) or sender or "?", receiver=receiver,
-            blocks=BlockRange.from_inclusive(hop.get("blocks")), codec=_text(hop.get("codec")),
+            sender=wire_text(hop.get("from")) or sender or "?", receiver=receiver,
+            blocks=BlockRange.from_inclusive(hop.get("blocks")), codec=wire_text(hop.get("codec")),
             wire_bytes=wire_int(hop.get("bytes")), raw_bytes=wire_int(hop.get("raw_bytes")),
-            encode_ms=_number(hop.get("encode_ms")), wire_ms=_number(hop.get("wire_ms")),
-            decode_ms=_number(hop.get("decode_ms")), compute_ms=_number(hop.get("compute_ms")),
-            cosine=_number(error.get("cosine")), rel_l2=_number(error.get("rel_l2")),
-            max_abs=_number(error.get("max_abs")), encoder_note=_text(hop.get("encoder_note")),
+            encode_ms=wire_number(hop.get("encode_ms")), wire_ms=wire_number(hop.get("wire_ms")),
+            decode_ms=wire_number(hop.get("decode_ms")), compute_ms=wire_number(hop.get("compute_ms")),
+            cosine=wire_number(error.get("cosine")), rel_l2=wire_number(error.get("rel_l2")),
+            max_abs=wire_number(error.get("max_abs")), encoder_note=wire_text(hop.get("encoder_note")),
         ))
         sender = receiver
     return tuple(out)
@@ -91,7 +93,7 @@ class PassRecord:
 def passes_from_wire(record: object) -> tuple[PassRecord, ...]:
     """The passes of a ``step`` event or of a summary's step record."""
     passes = record.get("passes") if isinstance(record, dict) else None
-    return tuple(PassRecord(_number(p.get("compute_ms")), hops_from_wire(p.get("hops"))) for p in _maps(passes))
+    return tuple(PassRecord(wire_number(p.get("compute_ms")), hops_from_wire(p.get("hops"))) for p in _maps(passes))
 
 
 @dataclass(frozen=True)
@@ -109,7 +111,7 @@ class StepRecord:
         step = wire_int(record.get("step")) if isinstance(record, dict) else None
         if step is None:
             return None
-        return cls(step, wire_int(record.get("steps")), _number(record.get("ms")), passes_from_wire(record))
+        return cls(step, wire_int(record.get("steps")), wire_number(record.get("ms")), passes_from_wire(record))
 
 
 @dataclass(frozen=True)
@@ -128,9 +130,9 @@ class LinkInfo:
     def from_wire(cls, link: object) -> LinkInfo | None:
         if not isinstance(link, dict) or not isinstance(link.get("to"), str):
             return None
-        positive = lambda key: v if (v := _number(link.get(key))) is not None and v > 0 else None  # noqa: E731
+        positive = lambda key: v if (v := wire_number(link.get(key))) is not None and v > 0 else None  # noqa: E731
         return cls(link["to"][:MAX_TEXT], link.get("transport") if link.get("transport") in SAME_HOST else "tcp",
-                   positive("bandwidth_bps"), positive("rtt_ms"), _text(link.get("codec")), _text(link.get("why")),
+                   positive("bandwidth_bps"), positive("rtt_ms"), wire_text(link.get("codec")), wire_text(link.get("why")),
                    link.get("emulated") is True)
 
 
@@ -146,6 +148,6 @@ class StageInfo:
     @classmethod
     def many_from_wire(cls, stages: object) -> tuple[StageInfo, ...]:
         """The stages of a ``prepared`` event, in plan order (entries without an address are skipped)."""
-        return tuple(cls(s["peer"][:MAX_TEXT], _text(s.get("node")), BlockRange.from_wire(s.get("blocks")),
+        return tuple(cls(s["peer"][:MAX_TEXT], wire_text(s.get("node")), BlockRange.from_wire(s.get("blocks")),
                          LinkInfo.from_wire(s.get("link")))
                      for s in _maps(stages) if isinstance(s.get("peer"), str))
