@@ -368,6 +368,27 @@ def test_files_that_are_not_a_transformer_are_named_for_what_they_are(models, tm
     assert cause in _refused(tmp_path, name)
 
 
+@pytest.mark.parametrize("prefix,transformer", [
+    ("model.diffusion_model.", True), ("diffusion_model.", True), ("", True),
+    ("transformer.", False),  # a prefix the reader does not strip
+], ids=["comfyui", "diffusion-model", "bare", "foreign-prefix"])
+def test_the_inventory_lists_as_a_transformer_exactly_what_the_reader_opens(models, tmp_path, prefix, transformer):
+    """One rule answers "is this a FLUX.2 transformer" for both (comfyui.transformer_layout): a file listed
+    under the models is one that opens, and one that does not open is listed as skipped, with why."""
+    from meshd.model import comfyui
+
+    root, state, _ = models
+    save_file({prefix + k: v for k, v in to_bfl(state).items()}, str(tmp_path / "thing.safetensors"))
+    store = ModelStore([tmp_path])
+    assert (comfyui.identify(tmp_path / "thing.safetensors") == comfyui.TRANSFORMER) is transformer
+    assert [name for name, _ in store.available()] == (["thing"] if transformer else [])
+    if transformer:
+        assert store.open("thing").preset.name == "tiny"
+    else:
+        assert "no FLUX.2 transformer blocks" in _refused(tmp_path, "thing")
+        assert [why for _, why in store.skipped_files()] == ["not a FLUX.2 transformer, VAE or text encoder"]
+
+
 def test_an_index_that_points_outside_its_folder_is_refused(models, tmp_path):
     root, _, _ = models
     shutil.copytree(root / "tiny-sharded", tmp_path / "escape")

@@ -6,7 +6,8 @@ A ComfyUI install keeps its models under ``ComfyUI/models/`` by kind (``diffusio
 sub-folders of their own). meshd does not trust the folder a file sits in: a VAE dropped into
 ``diffusion_models/`` is still a VAE. What a file is comes from its tensor names:
 
-- a FLUX.2 transformer has ``single_stream_modulation.lin(ear).weight`` (any prefix);
+- a FLUX.2 transformer has ``single_stream_modulation.lin(ear).weight`` (under a TRANSFORMER_PREFIXES prefix:
+  :func:`transformer_layout`, the rule the checkpoint reader uses too);
 - a VAE has ``encoder.conv_in`` and ``decoder.conv_in`` (BFL/ComfyUI naming or diffusers naming);
 - a text encoder has ``model.layers.N.self_attn.q_proj`` (transformers naming, language model only; under
   ``text_encoders.<name>.transformer.`` in an all-in-one checkpoint);
@@ -32,6 +33,11 @@ TRANSFORMER, VAE, TEXT_ENCODER, LORA, OTHER = "transformer", "VAE", "text encode
 QWEN_TOKENIZER = Path("comfy") / "text_encoders" / "qwen25_tokenizer"
 #: The model folder inside an install (``folder_paths.models_dir``).
 MODELS = "models"
+#: Prefixes single files put before the transformer's names (ComfyUI, also inside an all-in-one checkpoint;
+#: some other exporters; none).
+TRANSFORMER_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "")
+#: The tensor that marks a FLUX.2 transformer, by naming: the single-stream blocks' shared modulation.
+TRANSFORMER_MARKS = {"single_stream_modulation.lin.weight": "bfl", "single_stream_modulation.linear.weight": "diffusers"}
 #: A models tree is walked at most this deep (ComfyUI users nest by family, rarely deeper than 3).
 MAX_DEPTH = 8
 #: Where ComfyUI puts each kind (``folder_paths.py``): only a tie-breaker when two files fit, never how a
@@ -79,11 +85,31 @@ def lora_dirs(configured: Iterable[Path], comfyui_dir: Path | None) -> tuple[Pat
     return configured + tuple(d for d in comfy if d.is_dir() and d not in configured)
 
 
+def is_lora(keys: Iterable[str]) -> bool:
+    """Whether these tensor names are a LoRA's (PEFT's ``.lora_A``, kohya's ``lora_unet_``, LyCORIS, an alpha):
+    the one test the inventory and :class:`.checkpoints.Checkpoint` (which refuses one as a model) share."""
+    return any(".lora_" in k or k.startswith(("lora_", "lycoris_")) or k.endswith(".alpha") for k in keys)
+
+
+def transformer_layout(keys: Iterable[str]) -> tuple[str, str] | None:
+    """(prefix, naming) of the FLUX.2 transformer among these tensor names, naming "bfl" or "diffusers"; None
+    when they hold none. The one rule for "is this a FLUX.2 transformer": the inventory (:func:`parts_of_keys`)
+    and :class:`.checkpoints.Checkpoint` both ask it, so every file listed as a transformer is one the
+    checkpoint reader takes, and the reader strips exactly the prefix found here. The mark is the single-stream
+    blocks' shared modulation, which FLUX.1 (a modulation per block) and other models lack, under one of
+    TRANSFORMER_PREFIXES."""
+    for key in keys:
+        for mark, naming in TRANSFORMER_MARKS.items():
+            if key.endswith(mark) and key[: -len(mark)] in TRANSFORMER_PREFIXES:
+                return key[: -len(mark)], naming
+    return None
+
+
 def kind_of_keys(keys: Iterable[str]) -> str:
     """What a safetensors file holds, from its tensor names alone: a LoRA, else the first of its parts
     (:func:`parts_of_keys`; an all-in-one checkpoint is a transformer), else OTHER."""
     keys = list(keys)
-    if any(".lora_" in k or k.startswith(("lora_", "lycoris_")) or k.endswith(".alpha") for k in keys):
+    if is_lora(keys):
         return LORA
     return next(iter(parts_of_keys(keys)), OTHER)
 
@@ -94,7 +120,7 @@ def parts_of_keys(keys: Iterable[str]) -> tuple[str, ...]:
     ``vae.`` and ``text_encoders.<name>.transformer.``, ComfyUI's ``supported_models.Flux2`` prefixes)."""
     keys = list(keys)
     found = []
-    if any(k.endswith(("single_stream_modulation.lin.weight", "single_stream_modulation.linear.weight")) for k in keys):
+    if transformer_layout(keys) is not None:
         found.append(TRANSFORMER)
     if any(k.endswith("encoder.conv_in.weight") for k in keys) and any(k.endswith("decoder.conv_in.weight")
                                                                         for k in keys):
