@@ -389,6 +389,25 @@ def test_the_inventory_lists_as_a_transformer_exactly_what_the_reader_opens(mode
         assert [why for _, why in store.skipped_files()] == ["not a FLUX.2 transformer, VAE or text encoder"]
 
 
+def test_a_link_out_inside_a_linked_component_folder_of_a_model_is_refused(models, tmp_path):
+    """A model folder's vae/ linked to another model folder is followed (once, by the one walk of the model
+    folders), so a weight file that links out of the folders from there is refused too, naming the link."""
+    root, _, _ = models
+    mine, shared, outside = tmp_path / "mine", tmp_path / "shared", tmp_path / "outside"
+    shutil.copytree(root / "tiny", mine / "tiny")
+    shutil.copytree(root / "tiny" / "vae", shared / "vae")
+    outside.mkdir()
+    weights = next((shared / "vae").glob("*.safetensors"))
+    weights.rename(outside / weights.name)
+    weights.symlink_to(outside / weights.name)
+    shutil.rmtree(mine / "tiny" / "vae")
+    (mine / "tiny" / "vae").symlink_to(shared / "vae", target_is_directory=True)
+    with pytest.raises(ModelError) as info:
+        ModelStore([mine, shared]).open("tiny")
+    linked = mine / "tiny" / "vae" / weights.name
+    assert str(info.value).startswith(f"{linked} is a link to {outside / weights.name}, outside the configured")
+
+
 def test_an_index_that_points_outside_its_folder_is_refused(models, tmp_path):
     root, _, _ = models
     shutil.copytree(root / "tiny-sharded", tmp_path / "escape")

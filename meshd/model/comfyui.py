@@ -22,7 +22,7 @@ Mistral's (dev's) ships inside the text-encoder file as a ``tekken_model`` uint8
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,35 +145,49 @@ def is_diffusers_folder(path: Path) -> bool:
     return (path / "transformer" / "config.json").is_file() or (path / "model_index.json").is_file()
 
 
-def walk(root: Path) -> Iterator[tuple[Path, bool]]:
-    """Every diffusers model folder (``(path, True)``) and every weight file outside one (``(path, False)``:
-    ``.safetensors`` and the UNREAD_SUFFIXES) under ``root``, depth-first in name order. Hidden folders are
-    skipped, a symlinked folder is followed once (a loop is not a hang), and nothing deeper than MAX_DEPTH."""
+def entries(root: Path, enter: Callable[[Path], bool] = lambda folder: True) -> Iterator[Path]:
+    """Every file and folder under ``root``, depth-first in name order, each folder before what it holds: the one
+    walk of the model folders. A folder is entered when ``enter`` says so, a symlinked folder at most once (a loop
+    is not a hang), nothing deeper than MAX_DEPTH, and a folder that cannot be listed is passed over (opening
+    what is in it says why)."""
     seen: set[Path] = set()
 
-    def visit(folder: Path, depth: int) -> Iterator[tuple[Path, bool]]:
+    def visit(folder: Path, depth: int) -> Iterator[Path]:
         real = folder.resolve()
         if real in seen or depth > MAX_DEPTH:
             return
         seen.add(real)
         try:
-            entries = sorted(folder.iterdir())
+            listed = sorted(folder.iterdir())
         except OSError:
             return
-        for entry in entries:
-            if entry.name.startswith("."):
-                continue
-            if entry.is_dir():
-                if is_diffusers_folder(entry):
-                    yield entry, True
-                elif not (entry.name in DIFFUSERS_PARTS and (entry / "config.json").is_file()):
-                    # (a component folder beside a single file, e.g. its own vae/, belongs to that file)
-                    yield from visit(entry, depth + 1)
-            elif entry.suffix.lower() in (SAFETENSORS_SUFFIX, *UNREAD_SUFFIXES) and entry.is_file():
-                yield entry, False
+        for entry in listed:
+            yield entry
+            if entry.is_dir() and enter(entry):
+                yield from visit(entry, depth + 1)
 
     if root.is_dir():
         yield from visit(root, 0)
+
+
+def walk(root: Path) -> Iterator[tuple[Path, bool]]:
+    """Every diffusers model folder (``(path, True)``) and every weight file outside one (``(path, False)``:
+    ``.safetensors`` and the UNREAD_SUFFIXES) under ``root`` (:func:`entries`). Hidden folders and files are
+    skipped, and a diffusers folder or a component folder is not entered."""
+
+    def enter(folder: Path) -> bool:
+        # (a component folder beside a single file, e.g. its own vae/, belongs to that file)
+        return not folder.name.startswith(".") and not is_diffusers_folder(folder) and not (
+            folder.name in DIFFUSERS_PARTS and (folder / "config.json").is_file())
+
+    for entry in entries(root, enter):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            if is_diffusers_folder(entry):
+                yield entry, True
+        elif entry.suffix.lower() in (SAFETENSORS_SUFFIX, *UNREAD_SUFFIXES) and entry.is_file():
+            yield entry, False
 
 
 def relative_name(path: Path, dirs: Iterable[Path]) -> str:
