@@ -368,6 +368,46 @@ def test_files_that_are_not_a_transformer_are_named_for_what_they_are(models, tm
     assert cause in _refused(tmp_path, name)
 
 
+@pytest.mark.parametrize("prefix,transformer", [
+    ("model.diffusion_model.", True), ("diffusion_model.", True), ("", True),
+    ("transformer.", False),  # a prefix the reader does not strip
+], ids=["comfyui", "diffusion-model", "bare", "foreign-prefix"])
+def test_the_inventory_lists_as_a_transformer_exactly_what_the_reader_opens(models, tmp_path, prefix, transformer):
+    """One rule answers "is this a FLUX.2 transformer" for both (comfyui.transformer_layout): a file listed
+    under the models is one that opens, and one that does not open is listed as skipped, with why."""
+    from meshd.model import comfyui
+
+    root, state, _ = models
+    save_file({prefix + k: v for k, v in to_bfl(state).items()}, str(tmp_path / "thing.safetensors"))
+    store = ModelStore([tmp_path])
+    assert (comfyui.identify(tmp_path / "thing.safetensors") == comfyui.TRANSFORMER) is transformer
+    assert [name for name, _ in store.available()] == (["thing"] if transformer else [])
+    if transformer:
+        assert store.open("thing").preset.name == "tiny"
+    else:
+        assert "no FLUX.2 transformer blocks" in _refused(tmp_path, "thing")
+        assert [why for _, why in store.skipped_files()] == ["not a FLUX.2 transformer, VAE or text encoder"]
+
+
+def test_a_link_out_inside_a_linked_component_folder_of_a_model_is_refused(models, tmp_path):
+    """A model folder's vae/ linked to another model folder is followed (once, by the one walk of the model
+    folders), so a weight file that links out of the folders from there is refused too, naming the link."""
+    root, _, _ = models
+    mine, shared, outside = tmp_path / "mine", tmp_path / "shared", tmp_path / "outside"
+    shutil.copytree(root / "tiny", mine / "tiny")
+    shutil.copytree(root / "tiny" / "vae", shared / "vae")
+    outside.mkdir()
+    weights = next((shared / "vae").glob("*.safetensors"))
+    weights.rename(outside / weights.name)
+    weights.symlink_to(outside / weights.name)
+    shutil.rmtree(mine / "tiny" / "vae")
+    (mine / "tiny" / "vae").symlink_to(shared / "vae", target_is_directory=True)
+    with pytest.raises(ModelError) as info:
+        ModelStore([mine, shared]).open("tiny")
+    linked = mine / "tiny" / "vae" / weights.name
+    assert str(info.value).startswith(f"{linked} is a link to {outside / weights.name}, outside the configured")
+
+
 def test_an_index_that_points_outside_its_folder_is_refused(models, tmp_path):
     root, _, _ = models
     shutil.copytree(root / "tiny-sharded", tmp_path / "escape")

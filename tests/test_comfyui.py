@@ -669,7 +669,7 @@ async def test_a_split_from_the_comfyui_tree_equals_the_same_split_from_the_diff
 # --- LoRA spellings ComfyUI accepts ---------------------------------------------------------------
 
 def test_simpletuners_lycoris_named_plain_lora_means_what_the_peft_file_means(world, tmp_path):
-    from tests.test_lora import ALPHA, forward, model
+    from tests.test_lora import ALPHA, carry, forward, model
 
     tensors = {}
     for module, (down, up) in world["style"].items():
@@ -681,7 +681,7 @@ def test_simpletuners_lycoris_named_plain_lora_means_what_the_peft_file_means(wo
     outputs = []
     for name in ("style-peft", "style-simpletuner"):
         m = model(world)
-        m.set_loras([LoraStore([world["loras"]]).spec(name, 0.8)], LoraStore([world["loras"]]))
+        carry(m, [LoraStore([world["loras"]]).spec(name, 0.8)], LoraStore([world["loras"]]))
         outputs.append(forward((m, 0, 6)))
     assert torch.equal(*outputs)
 
@@ -689,7 +689,7 @@ def test_simpletuners_lycoris_named_plain_lora_means_what_the_peft_file_means(wo
 def test_a_linear1_qkv_lora_adapts_only_the_attention_rows_of_linear1(world):
     """ComfyUI's partial key: the up matrix covers the first 3 x hidden rows of the fused linear1; the
     same LoRA written for the whole linear1 with zero MLP rows is the same model."""
-    from tests.test_lora import forward, model
+    from tests.test_lora import carry, forward, model
 
     g = torch.Generator().manual_seed(4)
     hidden, full_rows = PRESET.hidden, world["shapes"]["single_transformer_blocks.0.attn.to_qkv_mlp_proj"][0]
@@ -704,7 +704,7 @@ def test_a_linear1_qkv_lora_adapts_only_the_attention_rows_of_linear1(world):
     outputs = []
     for name in ("qkv-part", "qkv-padded"):
         m = model(world)
-        m.set_loras([LoraStore([world["loras"]]).spec(name)], LoraStore([world["loras"]]))
+        carry(m, [LoraStore([world["loras"]]).spec(name)], LoraStore([world["loras"]]))
         outputs.append(forward((m, 0, 6)))
     assert torch.equal(*outputs) and not torch.equal(outputs[0], forward((model(world), 0, 6)))
     save_file({"diffusion_model.single_blocks.0.linear1_qkv.lora_A.weight": down,

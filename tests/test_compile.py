@@ -168,7 +168,7 @@ def test_a_lora_job_runs_its_hooks_although_the_blocks_were_compiled_without_the
             if factors is None:
                 layers = {n: m for n, m in model.span.named_modules() if n.endswith(("attn.to_q", "to_qkv_mlp_proj"))}
                 factors = {n: (rand(2, m.in_features), rand(m.out_features, 2)) for n, m in layers.items()}
-            model._lora_patch = LoraPatch(model.span, factors)  # what set_loras does, minus the files
+            model._lora_patch = LoraPatch(model.span, factors)  # what use_loras does, minus the files
             model._choose_block_call()
             rotary = model.span.rotary(torch.zeros(TINY_TXT, 4, dtype=torch.long), torch.zeros(64, 4, dtype=torch.long))
             outputs.append(model.span.run(0, 6, Stream(TINY_TXT, pair=(txt, img)), cond, rotary).as_joint())

@@ -137,6 +137,12 @@ def model(world, blocks=range(6), head=True, tail=True, dtype=torch.bfloat16) ->
     return m
 
 
+def carry(m: HostedModel, specs, store: LoraStore) -> None:
+    """What a daemon does: give the model its peer's LoRA folders, then ask for a request's LoRAs."""
+    m.lora_store = store
+    m.use_loras(specs)
+
+
 def inputs(dtype=torch.bfloat16):
     g = torch.Generator().manual_seed(5)
     latents, text = torch.randn(1, 16, 16, generator=g).to(dtype), torch.randn(1, 8, 48, generator=g).to(dtype)
@@ -169,7 +175,7 @@ def test_peft_bfl_and_kohya_files_of_one_lora_give_the_same_model(world):
     outputs = []
     for name in ("style-peft", "style-bfl", "style-kohya", "style-comfy"):
         m = model(world)
-        m.set_loras([spec(world, name, 0.8)], LoraStore([world["loras"]]))
+        carry(m, [spec(world, name, 0.8)], LoraStore([world["loras"]]))
         outputs.append(forward((m, 0, 6)))
     assert all(torch.equal(outputs[0], other) for other in outputs[1:])
     assert LoraFile.open(world["loras"] / "style-kohya.safetensors", PRESET).format == "kohya"
@@ -183,7 +189,7 @@ def test_a_lora_adds_strength_times_alpha_over_rank_times_BA_to_each_layer(world
     m = model(world, dtype=torch.float32)
     before = {k: v.clone() for k, v in m.span.state_dict().items()}
     strength = 0.75
-    m.set_loras([spec(world, name, strength)], LoraStore([world["loras"]]))
+    carry(m, [spec(world, name, strength)], LoraStore([world["loras"]]))
     g = torch.Generator().manual_seed(9)
     for layer, (down, up) in world["style"].items():
         module = m.span.get_submodule(layer)
@@ -259,7 +265,8 @@ async def test_a_split_generation_with_loras_equals_the_all_local_one(world, tmp
         stores = {}
         for name, m in (("head", head), ("mid", mid), ("tail", tail)):
             stores[name] = LoraStore([peer_folder(world, tmp_path, name, files)])
-            await worker.run(m.set_loras, specs, stores[name])
+            m.lora_store = stores[name]
+            await worker.run(m.use_loras, specs)
         split = await run_generation(head, worker, params, InProcessSplit(worker, [(head, 0, 1), (mid, 1, 4),
                                                                                    (tail, 4, 6)]))
     finally:
@@ -282,7 +289,7 @@ def test_cut_inside_the_double_blocks_with_a_lora_equals_local(world):
     s = [spec(world, "style-kohya", 1.3)]
     local, a, b = model(world), model(world, [0], True, False), model(world, [1, 2, 3, 4, 5], False, True)
     for m in (local, a, b):
-        m.set_loras(s, store)
+        carry(m, s, store)
     assert torch.equal(forward((local, 0, 6)), forward((a, 0, 1), (b, 1, 6)))
 
 
@@ -294,17 +301,17 @@ def test_removing_loras_restores_the_model_exactly_and_setting_is_idempotent(wor
     weights = {k: v.clone() for k, v in m.span.state_dict().items()}
     plain = forward((m, 0, 6))
     one = [spec(world, "style-peft")]
-    m.set_loras(one, store)
+    carry(m, one, store)
     patched = forward((m, 0, 6))
     assert not torch.equal(patched, plain)
-    m.set_loras(one, store)  # again: nothing stacks twice
+    carry(m, one, store)  # again: nothing stacks twice
     assert hooks(m) == len(ADAPTED) and torch.equal(forward((m, 0, 6)), patched)
-    m.set_loras(one + [spec(world, "more/detail", 0.5)], store)
+    carry(m, one + [spec(world, "more/detail", 0.5)], store)
     stacked = forward((m, 0, 6))
     assert hooks(m) == len(ADAPTED) and not torch.equal(stacked, patched)  # one hook per layer, stacked inside
-    m.set_loras(one, store)
+    carry(m, one, store)
     assert torch.equal(forward((m, 0, 6)), patched)
-    m.set_loras([], store)
+    carry(m, [], store)
     assert hooks(m) == 0 and m.loras == ()
     assert torch.equal(forward((m, 0, 6)), plain)
     assert all(torch.equal(v, weights[k]) for k, v in m.span.state_dict().items())
@@ -314,11 +321,11 @@ def test_loras_follow_the_span_when_it_is_reloaded(world):
     store = LoraStore([world["loras"]])
     s = [spec(world, "style-bfl", 0.7)]
     m = HostedModel(open_source("tiny", ModelStore([world["models"]])), CPU, torch.bfloat16)
-    m.set_loras(s, store)  # before anything is loaded
+    carry(m, s, store)  # before anything is loaded
     m.load([4, 5], False, True)
     m.load(range(6), True, True)  # grow: the new layers get the LoRA too
     reference = model(world)
-    reference.set_loras(s, store)
+    carry(reference, s, store)
     assert torch.equal(forward((m, 0, 6)), forward((reference, 0, 6)))
 
 
@@ -330,7 +337,7 @@ def test_a_peer_without_the_lora_refuses_naming_it_and_its_folders(world, tmp_pa
     empty.mkdir()
     s = spec(world, "style-kohya")
     with pytest.raises(LoraError) as info:
-        m.set_loras([s], LoraStore([empty]))
+        carry(m, [s], LoraStore([empty]))
     assert "style-kohya" in str(info.value) and str(empty) in str(info.value) and s.sha256[:12] in str(info.value)
     assert m.loras == () and hooks(m) == 0
 
@@ -341,15 +348,24 @@ def test_a_peer_with_another_version_of_the_file_says_so(world, tmp_path):
     write_kohya(folder / "style-kohya.safetensors", make_factors(world["shapes"], 7))
     m = model(world, [3], False, False)
     good = spec(world, "style-peft")
-    m.set_loras([good], LoraStore([world["loras"]]))
+    carry(m, [good], LoraStore([world["loras"]]))
     with pytest.raises(LoraError, match="another version of the file"):
-        m.set_loras([spec(world, "style-kohya")], LoraStore([folder]))
+        carry(m, [spec(world, "style-kohya")], LoraStore([folder]))
     assert m.loras == (good,)  # a refusal changes nothing
 
 
 def test_no_lora_folder_configured_is_said_plainly(world):
     with pytest.raises(LoraError, match="no LoRA folders are configured"):
-        model(world, [0], True, False).set_loras([spec(world, "style-peft")], LoraStore([]))
+        carry(model(world, [0], True, False), [spec(world, "style-peft")], LoraStore([]))
+
+
+def test_a_peer_without_lora_folders_refuses_loras_and_still_runs_without(world):
+    m = model(world, [0], True, False)
+    assert m.lora_store is None
+    with pytest.raises(LoraError, match=r"this peer has no LoRA folder configured \(lora_dir\)"):
+        m.use_loras([spec(world, "style-peft")])
+    assert m.loras == () and hooks(m) == 0
+    m.use_loras([])  # a request without LoRAs needs no folder
 
 
 def lora_file(tmp_path, tensors) -> LoraFile:

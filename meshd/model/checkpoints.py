@@ -43,6 +43,7 @@ from pathlib import Path
 
 import torch
 
+from . import comfyui
 from .gguf import GGUF_SUFFIX, gguf_type, open_gguf, read_gguf_header
 from .dequant import dequantise_fp8, dequantise_gguf
 from .precision import (
@@ -58,8 +59,6 @@ from .presets import PRESETS, ModelPreset
 from .span import span_modules
 from .tensorfiles import FileHashes, ModelError, TensorInfo, open_safetensors, read_header, read_json, require_safetensors
 
-#: Prefixes single files put before the transformer's names (ComfyUI; some other exporters).
-PREFIXES = ("model.diffusion_model.", "diffusion_model.", "")
 #: Suffixes of a weight's dequantization scale (both spellings exist in the wild).
 SCALE_SUFFIXES = ("weight_scale", "scale_weight")
 #: ComfyUI's per-layer quantisation record: a uint8 tensor holding JSON such as {"format": "float8_e4m3fn"}.
@@ -391,18 +390,17 @@ class Checkpoint:
 # --- layout detection and indexing ---------------------------------------------------------------
 
 def _detect_layout(path: Path, header: dict[str, TensorInfo]) -> tuple[str, str]:
-    """(prefix, naming) of a checkpoint: naming is "bfl" or "diffusers"."""
-    if any(".lora_" in k or k.startswith("lora_") or k.endswith(".alpha") for k in header):
+    """(prefix, naming) of a checkpoint, by the inventory's own rule (:func:`.comfyui.transformer_layout`),
+    or a ModelError saying what the file is instead."""
+    if comfyui.is_lora(header):
         raise ModelError(f"{path} is a LoRA, not a model: put it in a LoRA folder (lora_dir) and name it in the "
                          "generation request")
-    for prefix in PREFIXES:
-        for naming, markers in (("bfl", ("double_blocks.", "single_blocks.")),
-                                ("diffusers", ("transformer_blocks.", "single_transformer_blocks."))):
-            if any(k.startswith(prefix + m) for k in header for m in markers):
-                return prefix, naming
-    example = next(iter(header), "no tensors at all")
-    raise ModelError(f"{path} holds no FLUX.2 transformer blocks (e.g. {example}); is it a VAE, a text encoder, "
-                     "or another model?")
+    layout = comfyui.transformer_layout(header)
+    if layout is None:
+        example = next(iter(header), "no tensors at all")
+        raise ModelError(f"{path} holds no FLUX.2 transformer blocks (e.g. {example}); is it a VAE, a text encoder, "
+                         "or another model?")
+    return layout
 
 
 def _declared_formats(path: Path, local: dict[str, TensorInfo], metadata: dict[str, str],

@@ -6,7 +6,8 @@ A ComfyUI install keeps its models under ``ComfyUI/models/`` by kind (``diffusio
 sub-folders of their own). meshd does not trust the folder a file sits in: a VAE dropped into
 ``diffusion_models/`` is still a VAE. What a file is comes from its tensor names:
 
-- a FLUX.2 transformer has ``single_stream_modulation.lin(ear).weight`` (any prefix);
+- a FLUX.2 transformer has ``single_stream_modulation.lin(ear).weight`` (under a TRANSFORMER_PREFIXES prefix:
+  :func:`transformer_layout`, the rule the checkpoint reader uses too);
 - a VAE has ``encoder.conv_in`` and ``decoder.conv_in`` (BFL/ComfyUI naming or diffusers naming);
 - a text encoder has ``model.layers.N.self_attn.q_proj`` (transformers naming, language model only; under
   ``text_encoders.<name>.transformer.`` in an all-in-one checkpoint);
@@ -21,7 +22,7 @@ Mistral's (dev's) ships inside the text-encoder file as a ``tekken_model`` uint8
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,11 @@ TRANSFORMER, VAE, TEXT_ENCODER, LORA, OTHER = "transformer", "VAE", "text encode
 QWEN_TOKENIZER = Path("comfy") / "text_encoders" / "qwen25_tokenizer"
 #: The model folder inside an install (``folder_paths.models_dir``).
 MODELS = "models"
+#: Prefixes single files put before the transformer's names (ComfyUI, also inside an all-in-one checkpoint;
+#: some other exporters; none).
+TRANSFORMER_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "")
+#: The tensor that marks a FLUX.2 transformer, by naming: the single-stream blocks' shared modulation.
+TRANSFORMER_MARKS = {"single_stream_modulation.lin.weight": "bfl", "single_stream_modulation.linear.weight": "diffusers"}
 #: A models tree is walked at most this deep (ComfyUI users nest by family, rarely deeper than 3).
 MAX_DEPTH = 8
 #: Where ComfyUI puts each kind (``folder_paths.py``): only a tie-breaker when two files fit, never how a
@@ -79,11 +85,31 @@ def lora_dirs(configured: Iterable[Path], comfyui_dir: Path | None) -> tuple[Pat
     return configured + tuple(d for d in comfy if d.is_dir() and d not in configured)
 
 
+def is_lora(keys: Iterable[str]) -> bool:
+    """Whether these tensor names are a LoRA's (PEFT's ``.lora_A``, kohya's ``lora_unet_``, LyCORIS, an alpha):
+    the one test the inventory and :class:`.checkpoints.Checkpoint` (which refuses one as a model) share."""
+    return any(".lora_" in k or k.startswith(("lora_", "lycoris_")) or k.endswith(".alpha") for k in keys)
+
+
+def transformer_layout(keys: Iterable[str]) -> tuple[str, str] | None:
+    """(prefix, naming) of the FLUX.2 transformer among these tensor names, naming "bfl" or "diffusers"; None
+    when they hold none. The one rule for "is this a FLUX.2 transformer": the inventory (:func:`parts_of_keys`)
+    and :class:`.checkpoints.Checkpoint` both ask it, so every file listed as a transformer is one the
+    checkpoint reader takes, and the reader strips exactly the prefix found here. The mark is the single-stream
+    blocks' shared modulation, which FLUX.1 (a modulation per block) and other models lack, under one of
+    TRANSFORMER_PREFIXES."""
+    for key in keys:
+        for mark, naming in TRANSFORMER_MARKS.items():
+            if key.endswith(mark) and key[: -len(mark)] in TRANSFORMER_PREFIXES:
+                return key[: -len(mark)], naming
+    return None
+
+
 def kind_of_keys(keys: Iterable[str]) -> str:
     """What a safetensors file holds, from its tensor names alone: a LoRA, else the first of its parts
     (:func:`parts_of_keys`; an all-in-one checkpoint is a transformer), else OTHER."""
     keys = list(keys)
-    if any(".lora_" in k or k.startswith(("lora_", "lycoris_")) or k.endswith(".alpha") for k in keys):
+    if is_lora(keys):
         return LORA
     return next(iter(parts_of_keys(keys)), OTHER)
 
@@ -94,7 +120,7 @@ def parts_of_keys(keys: Iterable[str]) -> tuple[str, ...]:
     ``vae.`` and ``text_encoders.<name>.transformer.``, ComfyUI's ``supported_models.Flux2`` prefixes)."""
     keys = list(keys)
     found = []
-    if any(k.endswith(("single_stream_modulation.lin.weight", "single_stream_modulation.linear.weight")) for k in keys):
+    if transformer_layout(keys) is not None:
         found.append(TRANSFORMER)
     if any(k.endswith("encoder.conv_in.weight") for k in keys) and any(k.endswith("decoder.conv_in.weight")
                                                                         for k in keys):
@@ -119,35 +145,49 @@ def is_diffusers_folder(path: Path) -> bool:
     return (path / "transformer" / "config.json").is_file() or (path / "model_index.json").is_file()
 
 
-def walk(root: Path) -> Iterator[tuple[Path, bool]]:
-    """Every diffusers model folder (``(path, True)``) and every weight file outside one (``(path, False)``:
-    ``.safetensors`` and the UNREAD_SUFFIXES) under ``root``, depth-first in name order. Hidden folders are
-    skipped, a symlinked folder is followed once (a loop is not a hang), and nothing deeper than MAX_DEPTH."""
+def entries(root: Path, enter: Callable[[Path], bool] = lambda folder: True) -> Iterator[Path]:
+    """Every file and folder under ``root``, depth-first in name order, each folder before what it holds: the one
+    walk of the model folders. A folder is entered when ``enter`` says so, a symlinked folder at most once (a loop
+    is not a hang), nothing deeper than MAX_DEPTH, and a folder that cannot be listed is passed over (opening
+    what is in it says why)."""
     seen: set[Path] = set()
 
-    def visit(folder: Path, depth: int) -> Iterator[tuple[Path, bool]]:
+    def visit(folder: Path, depth: int) -> Iterator[Path]:
         real = folder.resolve()
         if real in seen or depth > MAX_DEPTH:
             return
         seen.add(real)
         try:
-            entries = sorted(folder.iterdir())
+            listed = sorted(folder.iterdir())
         except OSError:
             return
-        for entry in entries:
-            if entry.name.startswith("."):
-                continue
-            if entry.is_dir():
-                if is_diffusers_folder(entry):
-                    yield entry, True
-                elif not (entry.name in DIFFUSERS_PARTS and (entry / "config.json").is_file()):
-                    # (a component folder beside a single file, e.g. its own vae/, belongs to that file)
-                    yield from visit(entry, depth + 1)
-            elif entry.suffix.lower() in (SAFETENSORS_SUFFIX, *UNREAD_SUFFIXES) and entry.is_file():
-                yield entry, False
+        for entry in listed:
+            yield entry
+            if entry.is_dir() and enter(entry):
+                yield from visit(entry, depth + 1)
 
     if root.is_dir():
         yield from visit(root, 0)
+
+
+def walk(root: Path) -> Iterator[tuple[Path, bool]]:
+    """Every diffusers model folder (``(path, True)``) and every weight file outside one (``(path, False)``:
+    ``.safetensors`` and the UNREAD_SUFFIXES) under ``root`` (:func:`entries`). Hidden folders and files are
+    skipped, and a diffusers folder or a component folder is not entered."""
+
+    def enter(folder: Path) -> bool:
+        # (a component folder beside a single file, e.g. its own vae/, belongs to that file)
+        return not folder.name.startswith(".") and not is_diffusers_folder(folder) and not (
+            folder.name in DIFFUSERS_PARTS and (folder / "config.json").is_file())
+
+    for entry in entries(root, enter):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            if is_diffusers_folder(entry):
+                yield entry, True
+        elif entry.suffix.lower() in (SAFETENSORS_SUFFIX, *UNREAD_SUFFIXES) and entry.is_file():
+            yield entry, False
 
 
 def relative_name(path: Path, dirs: Iterable[Path]) -> str:

@@ -22,6 +22,7 @@ found in the model folders, each recognised by its header and matched to the mod
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import re
 from collections.abc import Iterable
@@ -182,8 +183,8 @@ class ModelStore:
     def _refuse_escape(self, path: Path) -> None:
         """A ModelError naming the link when ``path``, or for a folder anything in it, is a link out of the
         model folders (a diffusers folder may hold linked shards: they are read like the folder)."""
-        inside = [path, *(sorted(path.rglob("*")) if path.is_dir() and not path.is_symlink() else [])]
-        for item in inside:
+        inside = comfyui.entries(path) if path.is_dir() and not path.is_symlink() else ()
+        for item in itertools.chain((path,), inside):  # lazily: a link out is named, never walked into
             target = comfyui.escapes(item, self.dirs)
             if target is not None:
                 raise ModelError(comfyui.link_refusal(item, target, self.dirs))
@@ -206,7 +207,7 @@ class ModelStore:
                               parts=self.head_parts(checkpoint.preset, borrowed, own=path))
         transformer = path / "transformer"
         if not (transformer / "config.json").is_file():
-            single = sorted(path.glob(f"*{SAFETENSORS_SUFFIX}"))
+            single = [p for p in comfyui.entries(path, enter=lambda _: False) if p.suffix == SAFETENSORS_SUFFIX]
             if len(single) == 1:  # a single file in a folder of its own, maybe with vae/ and text_encoder/
                 checkpoint = Checkpoint.open_file(single[0])
                 own = (path / "vae" / "config.json").is_file()

@@ -337,8 +337,9 @@ class HostedModel:
         self.formats = source.linear_formats(weights)
         self.span: SpanModel | None = None
         self.loras: tuple[LoraSpec, ...] = ()
-        self.lora_store: LoraStore | None = None  # this peer's LoRA folders (set by its owner)
-        self._lora_store: LoraStore | None = None
+        #: This peer's LoRA folders (set by its owner): the one place the held LoRAs are read from, when they
+        #: are set and when a reload cuts them to a new span.
+        self.lora_store: LoraStore | None = None
         self._lora_patch: LoraPatch | None = None
         # Stacked factors of recently used LoRA sets: jobs with different sets take turns on the GPU
         # queue, and switching then costs hook registration, not file reads.
@@ -420,7 +421,7 @@ class HostedModel:
             torch.cuda.empty_cache()
         try:
             if self.loras:
-                self._lora_patch = self._patch_for(self.loras, self._lora_store)
+                self._lora_patch = self._patch_for(self.loras)
         except LoraError as exc:
             self.loras = ()
             raise LoraError(f"blocks loaded, but without LoRAs: {exc}") from None
@@ -429,34 +430,27 @@ class HostedModel:
 
     # --- LoRAs ----------------------------------------------------------------------------------
 
-    def set_loras(self, specs: Iterable[LoraSpec], store: LoraStore) -> None:
+    def use_loras(self, specs: Iterable[LoraSpec]) -> None:
         """Make the held layers carry exactly ``specs`` (in order), each from this peer's own copy found by
-        hash in ``store``. Idempotent; the previous set is removed exactly (the weights are never written).
-        On a LoraError nothing changes. Runs on the GPU thread."""
+        hash in its LoRA folders (``lora_store``). Idempotent; the previous set is removed exactly (the weights
+        are never written). On a LoraError nothing changes. Runs on the GPU thread."""
         specs = tuple(specs)
         if specs == self.loras:  # load() keeps the current set applied, so equal means already carried
             return
-        patch = self._patch_for(specs, store)  # raises before anything changes
+        patch = self._patch_for(specs)  # raises before anything changes
         self._drop_lora_patch()
         self._lora_patch = patch
         self.loras = specs
-        self._lora_store = store
         self._choose_block_call()
 
-    def use_loras(self, specs: Iterable[LoraSpec]) -> None:
-        """:meth:`set_loras` from this peer's own LoRA folders (``lora_store``). GPU thread."""
-        specs = tuple(specs)
-        if specs != self.loras:
-            if specs and self.lora_store is None:
-                raise LoraError("this peer has no LoRA folder configured (lora_dir)")
-            self.set_loras(specs, self.lora_store)
-
-    def _patch_for(self, specs: tuple[LoraSpec, ...], store: LoraStore | None) -> LoraPatch | None:
+    def _patch_for(self, specs: tuple[LoraSpec, ...]) -> LoraPatch | None:
         if not specs:
             return None
+        if self.lora_store is None:
+            raise LoraError("this peer has no LoRA folder configured (lora_dir)")
         factors = self._lora_factors.get(specs)
         if factors is None:
-            files = [(spec, store.open(spec, self.preset)) for spec in specs]
+            files = [(spec, self.lora_store.open(spec, self.preset)) for spec in specs]
             if self.span is None:
                 return None
             held = held_linears(self.span)
