@@ -172,7 +172,7 @@ class Sampler:
 
 
 def to_pixels(images: torch.Tensor) -> np.ndarray:
-    """Decoded images (batch x 3 x H x W, in [-1, 1]) as batch x H x W x 3 uint8, on their device.
+    """Decoded images (batch x 3 x H x W, in [-1, 1]) as batch x H x W x 3 uint8 on the host, made on their device.
 
     The same arithmetic as diffusers' ``Flux2ImageProcessor.postprocess(output_type="pil")`` — the
     denormalisation in the images' dtype, then float32 ``* 255``, round half to even, uint8 — so the
