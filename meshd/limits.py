@@ -52,6 +52,12 @@ MAX_PREAUTH_CONNECTIONS = 32
 MAX_PREAUTH_PER_SOURCE = 8
 #: At most this many authenticated connections at once.
 MAX_CONNECTIONS = 64
+#: The listening socket's queue of connections the kernel completed and the daemon has not accepted
+#: yet. A full queue makes the kernel drop new SYNs, so a cluster member would wait out the TCP
+#: retransmits behind a flood: with 128, a flood from 199 addresses that reconnect at once filled it
+#: whenever the event loop paused (a member's connect then failed its 5 s in CI). Accepting and
+#: refusing is cheap, so a deep queue costs only kernel memory; Linux caps it at net.core.somaxconn.
+LISTEN_BACKLOG = 1024
 #: At most this many requests run at once on one connection; more are answered ``busy`` (each request
 #: may hold memory, e.g. a forward's input tensor). Above the generations one client may queue.
 MAX_REQUESTS_PER_SESSION = 128

@@ -120,7 +120,7 @@ class Daemon:
         except OSError as exc:
             listener.close()
             raise OSError(exc.errno, f"cannot listen on {self.config.host}:{self.config.port}: {exc.strerror}") from None
-        listener.listen(128)
+        listener.listen(limits.LISTEN_BACKLOG)
         listener.setblocking(False)
         self._listener = listener
         name = listener.getsockname()
