@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import socket
 from pathlib import Path
 
@@ -12,7 +13,8 @@ import torch
 from meshd import limits
 from meshd.config import DaemonConfig
 from meshd.wire.channel import Channel
-from meshd.wire.connection import Connection, server_handshake
+from meshd.auth import generate_key
+from meshd.wire.connection import Connection, address_name, client_handshake, connect_socket, server_handshake
 from meshd.errors import MeshError
 from meshd.pipeline.request import GenerationParams
 from meshd.model.compiled import BlockCompiler, CompileCache
@@ -86,3 +88,28 @@ async def jobs_on(key: bytes, address: PeerAddress) -> int:
         return (await channel.request("info")).header["node"]["jobs"]
     finally:
         await channel.close()
+
+
+async def sealed_pair(key: bytes | None = None) -> tuple[Connection, Connection]:
+    """A client and a server connection over loopback TCP, through the real handshake (sealed)."""
+    key = key or generate_key()
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+    loop = asyncio.get_running_loop()
+    accepted = asyncio.ensure_future(loop.sock_accept(listener))
+    client = Connection(await connect_socket(*listener.getsockname()[:2]), "server")
+    served_sock, addr = await accepted
+    listener.close()
+    served = Connection(served_sock, address_name(addr))
+    await asyncio.gather(client_handshake(client, key), server_handshake(served, key, lambda: {}))
+    assert client.sealed and served.sealed
+    return client, served
+
+
+async def eventually(condition, seconds: float = 2.0) -> bool:
+    for _ in range(int(seconds / 0.01)):
+        gc.collect()
+        if condition():
+            return True
+        await asyncio.sleep(0.01)
+    return condition()

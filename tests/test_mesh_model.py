@@ -12,7 +12,7 @@ from meshd.pipeline.plan import PeerAddress, PlanError
 from meshd.wire.channel import Channel
 from meshtui import splitting
 from meshtui.mesh import Mesh
-from tests.test_staging import sealed_pair
+from tests.daemons import sealed_pair
 
 TINY = {"model_id": "tiny", "preset": "tiny", "hash": "3f2a", "dtype": "bfloat16"}
 

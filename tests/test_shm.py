@@ -32,7 +32,7 @@ from meshd.wire.channel import Channel, ServerSession
 from meshd.wire.staging import PAGE_BYTES
 from meshtui.cli import run_local
 from tests.daemons import running_daemon, split_generation
-from tests.test_staging import eventually, sealed_pair
+from tests.daemons import eventually, sealed_pair
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "memfd_create"), reason="memfd and abstract sockets are Linux's")
 

@@ -23,7 +23,7 @@ from meshd.pipeline.streaming import send_activation
 from meshtui.cli import run_local
 from tests.daemons import running_daemon, split_generation
 from tests.test_shm import KEY, PARAMS, close_link, shm_link, transports
-from tests.test_staging import eventually
+from tests.daemons import eventually
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

@@ -9,7 +9,6 @@ import asyncio
 import gc
 import logging
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -18,45 +17,19 @@ import torch
 import codec
 from codec import CodecSpec, TokenLayout
 from meshd.wire import staging
-from meshd.auth import generate_key
 from meshd.wire.bulk import SendTiming
-from meshd.wire.connection import (BIG_SEGMENT, Connection, address_name, client_handshake, connect_socket,
-                                   server_handshake)
+from meshd.wire.connection import BIG_SEGMENT, Connection
 from meshd.errors import PeerLost
 from meshd.wire.frames import encode_frame
 from meshd.pipeline.streaming import SendStats, staged_raw_chunks
 from meshd.wire import seal as sealing
-
-
-async def sealed_pair(key: bytes | None = None) -> tuple[Connection, Connection]:
-    """A client and a server connection over loopback TCP, through the real handshake (sealed)."""
-    key = key or generate_key()
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.setblocking(False)
-    loop = asyncio.get_running_loop()
-    accepted = asyncio.ensure_future(loop.sock_accept(listener))
-    client = Connection(await connect_socket(*listener.getsockname()[:2]), "server")
-    served_sock, addr = await accepted
-    listener.close()
-    served = Connection(served_sock, address_name(addr))
-    await asyncio.gather(client_handshake(client, key), server_handshake(served, key, lambda: {}))
-    assert client.sealed and served.sealed
-    return client, served
+from tests.daemons import eventually, sealed_pair
 
 
 def unpinned(conn: Connection) -> staging.LinkStaging:
     """This CPU machine cannot pin memory: the same arena over ordinary pages stands in for it."""
     conn.inbound = staging.LinkStaging("stage-in test", pin=False)
     return conn.inbound
-
-
-async def eventually(condition, seconds: float = 2.0) -> bool:
-    for _ in range(int(seconds / 0.01)):
-        gc.collect()
-        if condition():
-            return True
-        await asyncio.sleep(0.01)
-    return condition()
 
 
 # --- arenas -------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from codec import CodecSpec, TokenLayout
 from meshd.wire.channel import Channel, ServerSession
 from meshd.pipeline.streaming import receive_stream, send_stream
 from meshd.wire.staging import PinnedArena
-from tests.test_staging import eventually, sealed_pair
+from tests.daemons import eventually, sealed_pair
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

@@ -23,7 +23,7 @@ from meshtui.cli import progress_lines
 from meshtui.events import (Compiled, Compiling, Decoding, Encoding, LoadDone, LoadProgress, LoadStarted, OtherEvent,
                             Prepared, Queued, Retry, from_wire)
 from meshtui.mesh import Mesh
-from tests.test_staging import sealed_pair
+from tests.daemons import sealed_pair
 
 STEP = {"op": "event", "id": 5, "kind": "step", "step": 2, "steps": 4, "ms": 12.5, "head_ms": 1.0,
         "passes": [{"compute_ms": 3.0, "hops": [{"from": "a", "node": "b", "blocks": [3, 5], "codec": "fp8",
