@@ -98,8 +98,11 @@ PEER_SILENCE_TIMEOUT_S = 4.0
 PING_INTERVAL_S = 1.0
 #: Connecting to a peer must succeed within this long.
 CONNECT_TIMEOUT_S = 5.0
-#: A peer's ``info`` must answer within this long (meshtui's peer poll).
+#: Connecting to a peer and reading its ``info`` must end within this long (``Mesh.connect``).
 INFO_TIMEOUT_S = 10.0
+#: ... and within this long for the dashboard's health poll, which runs every few seconds: a poll that
+#: takes longer marks the peer unreachable (the link heartbeat catches silence sooner).
+POLL_TIMEOUT_S = 5.0
 #: Loading blocks from disk (and compiling them for the default size) must end within this long.
 LOAD_TIMEOUT_S = 3600.0
 #: A connection closed by the daemon before its handshake ends (refused or evicted at admission while

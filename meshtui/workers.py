@@ -39,8 +39,6 @@ from .views import PeerView
 
 Post = Callable[[Message], object]
 
-#: An ``info`` poll that takes longer marks the peer unreachable (the link heartbeat catches silence sooner).
-INFO_TIMEOUT_S = 5.0
 #: Bytes sent to measure this client's bandwidth to a peer, and how often it is measured again.
 LINK_PROBE_BYTES = limits.BANDWIDTH_PROBE_BYTES
 LINK_MAX_AGE_S = limits.BANDWIDTH_MAX_AGE_S
@@ -142,7 +140,7 @@ class PeerMonitor:
         peer = self.mesh.peers.get(self.label)
         if peer is None:
             return
-        await self.mesh.connect(peer, INFO_TIMEOUT_S)
+        await self.mesh.connect(peer, limits.POLL_TIMEOUT_S)
         if not peer.online:
             self._stop_subscription()
             self.publish(self.view.failed(peer.failure, peer.error or "offline"))
