@@ -15,9 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -26,16 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import codec  # noqa: E402
 from bench.fixtures import noise_stream, structured_stream  # noqa: E402
-from bench.timing import time_calls  # noqa: E402
+from bench.timing import median_ms  # noqa: E402
 from codec import CodecSpec, TokenLayout  # noqa: E402
 
 LAYOUT = TokenLayout(prefix=512, height=64, width=64)
 DEFAULT_CODECS = "raw,fp8,u8,hevc-lossless,hevc-qp12,hevc-qp18,hevc-qp24"
-
-
-def timed(fn, device, repeat):
-    times, result = time_calls(fn, device, repeat)
-    return result, statistics.median(times), times
 
 
 def quantiser_kernels_ms(x: torch.Tensor, name: str, repeat: int) -> dict:
@@ -45,8 +38,8 @@ def quantiser_kernels_ms(x: torch.Tensor, name: str, repeat: int) -> dict:
     flat = x.reshape(-1, x.shape[-1])
     q, d = (fp8_quantize, fp8_dequantize) if name == "fp8" else (u8_quantize, u8_dequantize)
     codes, params = q(flat)
-    _, enc_ms, _ = timed(lambda: q(flat), x.device, repeat)
-    _, dec_ms, _ = timed(lambda: d(codes, params, x.dtype), x.device, repeat)
+    enc_ms, _, _ = median_ms(lambda: q(flat), x.device, repeat, warmup=0)
+    dec_ms, _, _ = median_ms(lambda: d(codes, params, x.dtype), x.device, repeat, warmup=0)
     return {"quantise_ms": round(enc_ms, 3), "dequantise_ms": round(dec_ms, 3)}
 
 
@@ -56,8 +49,8 @@ def bench_one(x: torch.Tensor, fixture: str, label: str, repeat: int) -> dict:
     caps = codec.probe(device)
     enc = codec.encode(x, spec, measure=True)  # warm-up: opens sessions, caches pinned memory
     codec.decode(enc, device)
-    enc, enc_ms, _ = timed(lambda: codec.encode(x, spec), device, repeat)
-    y, dec_ms, _ = timed(lambda: codec.decode(enc, device), device, repeat)
+    enc_ms, _, enc = median_ms(lambda: codec.encode(x, spec), device, repeat, warmup=0)
+    dec_ms, _, y = median_ms(lambda: codec.decode(enc, device), device, repeat, warmup=0)
     err = codec.reconstruction_error(x, y)
     row = {
         "fixture": fixture,
@@ -91,7 +84,7 @@ def bench_one(x: torch.Tensor, fixture: str, label: str, repeat: int) -> dict:
                 return [p.result() for p in pending]
 
             nvdec_only()
-            _, nvdec_ms, _ = timed(nvdec_only, device, repeat)
+            nvdec_ms, _, _ = median_ms(nvdec_only, device, repeat, warmup=0)
             row["nvdec_frames_ms"] = round(nvdec_ms, 3)
     elif spec.name in ("fp8", "u8") and device.type == "cuda":
         row.update(quantiser_kernels_ms(x, spec.name, repeat))

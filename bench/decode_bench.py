@@ -16,7 +16,6 @@ import io
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -27,28 +26,14 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.timing import time_calls  # noqa: E402
+from bench.timing import median_ms  # noqa: E402
 from meshd.model.compiled import INDUCTOR_OPTIONS  # noqa: E402
 from meshd.model.files import ModelStore  # noqa: E402
 from meshd.model.runtime import open_source  # noqa: E402
 from meshd.pipeline.generation import to_pixels  # noqa: E402
 from meshd.pipeline.png import encode_png  # noqa: E402
 
-
-def _median(fn, device, repeat: int) -> tuple[float, object]:
-    fn()  # warm-up (and, compiled, the compile)
-    times, result = time_calls(fn, device, repeat)
-    return statistics.median(times), result
-
-
-def _host_ms(fn, repeat: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+HOST = torch.device("cpu")  # the PNG's timings: host work, nothing to wait for
 
 
 @torch.inference_mode()
@@ -78,10 +63,10 @@ def main() -> None:
     if args.vae == "none":
         reference = torch.rand(1, 3, args.size, args.size, device=device, dtype=torch.bfloat16) * 2 - 1
     else:
-        out["vae_eager_ms"], reference = _median(decode, device, args.repeat)
+        out["vae_eager_ms"], _, reference = median_ms(decode, device, args.repeat)
     if args.vae == "all":
         vae.to(memory_format=torch.channels_last)
-        out["vae_channels_last_ms"], last = _median(decode, device, args.repeat)
+        out["vae_channels_last_ms"], _, last = median_ms(decode, device, args.repeat)
         out["channels_last_max_abs_diff"] = float((last.float() - reference.float()).abs().max())
         vae.to(memory_format=torch.contiguous_format)
         eager_decoder = vae.decoder
@@ -89,15 +74,15 @@ def main() -> None:
         t0 = time.perf_counter()
         decode()
         out["vae_compile_s"] = time.perf_counter() - t0
-        out["vae_compiled_ms"], compiled = _median(decode, device, args.repeat)
+        out["vae_compiled_ms"], _, compiled = median_ms(decode, device, args.repeat)
         out["compiled_max_abs_diff"] = float((compiled.float() - reference.float()).abs().max())
         vae.decoder = eager_decoder
 
     from diffusers.pipelines.flux2.image_processor import Flux2ImageProcessor  # noqa: PLC0415
     processor = Flux2ImageProcessor(vae_scale_factor=scale * 2)
-    out["postprocess_diffusers_ms"], theirs = _median(lambda: processor.postprocess(reference, output_type="pil")[0],
+    out["postprocess_diffusers_ms"], _, theirs = median_ms(lambda: processor.postprocess(reference, output_type="pil")[0],
                                                       device, args.repeat)
-    out["to_pixels_ms"], ours = _median(lambda: to_pixels(reference)[0], device, args.repeat)
+    out["to_pixels_ms"], _, ours = median_ms(lambda: to_pixels(reference)[0], device, args.repeat)
     out["pixels_identical"] = bool(np.array_equal(np.asarray(theirs), ours))
 
     y, x = np.mgrid[0:args.size, 0:args.size]
@@ -112,8 +97,8 @@ def main() -> None:
             image.save(buf, format="PNG", compress_level=1)
             return buf.getvalue()
 
-        out[f"png_pil_{name}_ms"] = _host_ms(pil, args.repeat)
-        out[f"png_ours_{name}_ms"] = _host_ms(lambda pixels=pixels: encode_png(pixels), args.repeat)
+        out[f"png_pil_{name}_ms"] = median_ms(pil, HOST, args.repeat)[0]
+        out[f"png_ours_{name}_ms"] = median_ms(lambda pixels=pixels: encode_png(pixels), HOST, args.repeat)[0]
         out[f"png_pil_{name}_bytes"] = len(pil())
         out[f"png_ours_{name}_bytes"] = len(encode_png(pixels))
     out["cpu_count"] = os.cpu_count()

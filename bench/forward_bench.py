@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -28,18 +27,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.split_bench import log  # noqa: E402
-from bench.timing import sync, time_calls  # noqa: E402
+from bench.timing import median_ms, sync  # noqa: E402
 from meshd.pipeline.generation import GenerationParams, Sampler  # noqa: E402
 from meshd.model.compiled import BlockCompiler, CompileCache  # noqa: E402
 from meshd.model.runtime import HostedModel, RandomSource  # noqa: E402
 from meshd.model.presets import get_preset  # noqa: E402
-
-
-def timed(fn, device: torch.device, repeat: int) -> tuple[float, list[float], torch.Tensor]:
-    """(median ms, every ms, last output) of ``repeat`` calls after one untimed call."""
-    fn()
-    times, out = time_calls(fn, device, repeat)
-    return statistics.median(times), times, out
 
 
 def measure(args, device: torch.device, weights: str) -> dict:
@@ -65,20 +57,20 @@ def measure(args, device: torch.device, weights: str) -> dict:
             return span.final(stream, cond.temb)
 
         span.block_call = None
-        eager_ms, eager_times, eager_out = timed(forward, device, args.repeat)
+        eager_ms, eager_times, eager_out = median_ms(forward, device, args.repeat)
         log(f"{weights}: eager {eager_ms:.1f} ms")
         compile_s = model.warm_compiled(sampler.txt_len, sampler.image_tokens)
         log(f"{weights}: compiled the blocks for {sampler.txt_len}+{sampler.image_tokens} tokens in {compile_s:.1f} s")
         span.block_call = compiler.call
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        compiled_ms, compiled_times, compiled_out = timed(forward, device, args.repeat)
+        compiled_ms, compiled_times, compiled_out = median_ms(forward, device, args.repeat)
         compiled_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
         log(f"{weights}: compiled {compiled_ms:.1f} ms")
         span.block_call = None
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        again_ms, again_times, _ = timed(forward, device, args.repeat)
+        again_ms, again_times, _ = median_ms(forward, device, args.repeat)
         eager_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
         rel_l2 = float((compiled_out.float() - eager_out.float()).norm() / eager_out.float().norm())
     row = {

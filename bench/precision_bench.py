@@ -42,7 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.split_bench import log, psnr, run_local, run_split  # noqa: E402
-from bench.timing import sync, time_calls  # noqa: E402
+from bench.timing import median_ms, sync, time_calls  # noqa: E402
 from meshd.pipeline.generation import GenerationParams, Sampler  # noqa: E402
 from meshd.model.checkpoints import expected_shapes  # noqa: E402
 from meshd.model.precision import GGUF_QUANTISED, GgufLinear, LinearFormat, gguf_sizes  # noqa: E402
@@ -159,12 +159,6 @@ def random_gguf(qtype: str, rows: int, cols: int, device: torch.device) -> torch
     return blocks.reshape(rows, -1)
 
 
-def median_ms(fn, device: torch.device, repeat: int) -> float:
-    """Median ms of ``repeat`` calls of ``fn`` after two untimed ones."""
-    fn(), fn()
-    return statistics.median(time_calls(fn, device, repeat)[0])
-
-
 def run_layers(args, device) -> list[dict]:
     """One GgufLinear per type at each model's single-block shapes: eager, compiled, against bf16 and diffusers."""
     import gguf  # noqa: PLC0415
@@ -182,7 +176,7 @@ def run_layers(args, device) -> list[dict]:
             x = torch.randn(1, tokens, in_f, device=device, dtype=torch.bfloat16, generator=g)
             dense = torch.nn.Linear(in_f, out_f, bias=False, device=device, dtype=torch.bfloat16)
             with torch.inference_mode():
-                bf16_ms = median_ms(lambda: dense(x), device, args.repeat)
+                bf16_ms = median_ms(lambda: dense(x), device, args.repeat, warmup=2)[0]
             del dense
             for qtype in GGUF_QUANTISED:
                 block, size = gguf_sizes(qtype)
@@ -195,10 +189,10 @@ def run_layers(args, device) -> list[dict]:
                 port = dequantize_functions[gguf.GGMLQuantizationType[qtype]]
                 with torch.inference_mode():
                     eager_out = layer(x)
-                    eager_ms = median_ms(lambda: layer(x), device, args.repeat)
-                    dequant_ms = median_ms(lambda: layer.dequantized(torch.bfloat16), device, args.repeat)
+                    eager_ms = median_ms(lambda: layer(x), device, args.repeat, warmup=2)[0]
+                    dequant_ms = median_ms(lambda: layer.dequantized(torch.bfloat16), device, args.repeat, warmup=2)[0]
                     diffusers_ms = median_ms(lambda: port(layer.weight.reshape(-1, size), block, size)
-                                             .reshape(out_f, in_f).to(torch.bfloat16), device, args.repeat)
+                                             .reshape(out_f, in_f).to(torch.bfloat16), device, args.repeat, warmup=2)[0]
                     # Every GgufLinear shares one forward code object: each layer here is a new graph of
                     # it, and Dynamo's recompile limit (8) would end the sweep at its 9th layer (as it did
                     # on the H200). The layers are measured one at a time, so start each from a clean slate.
@@ -209,7 +203,7 @@ def run_layers(args, device) -> list[dict]:
                     compiled_out = compiled(x)
                     sync(device)
                     compile_s = time.perf_counter() - t0
-                    compiled_ms = median_ms(lambda: compiled(x), device, args.repeat)
+                    compiled_ms = median_ms(lambda: compiled(x), device, args.repeat, warmup=2)[0]
                 row.update({
                     "bf16_linear_ms": round(bf16_ms, 3), "eager_ms": round(eager_ms, 3),
                     "compiled_ms": round(compiled_ms, 3), "compile_s": round(compile_s, 1),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable
 
@@ -23,3 +24,13 @@ def time_calls(fn: Callable[[], object], device: torch.device, repeat: int) -> t
         sync(device)
         times.append((time.perf_counter() - t0) * 1e3)
     return times, result
+
+
+def median_ms(fn: Callable[[], object], device: torch.device, repeat: int,
+              warmup: int = 1) -> tuple[float, list[float], object]:
+    """(median ms, every call's ms, the last result) of ``repeat`` timed calls after ``warmup`` untimed ones
+    (the first call of a compiled function compiles; the first of a kernel loads it)."""
+    for _ in range(warmup):
+        fn()
+    times, result = time_calls(fn, device, repeat)
+    return statistics.median(times), times, result
