@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import fcntl
 import gc
 import io
@@ -16,6 +17,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -193,6 +195,60 @@ def test_the_regions_a_daemon_gives_are_bounded_in_total(monkeypatch):
         with pytest.raises(shm.ShmUnavailable, match="would pass MAX_SHM_TOTAL_BYTES"):
             server.offer(object(), PAGE_BYTES)
         server.offer(first, PAGE_BYTES)  # a session's new region replaces its old one
+    finally:
+        server.close()
+
+
+def test_concurrent_offers_cannot_pass_the_caps_together(monkeypatch):
+    """Offers are made on the executor's threads and build their region outside the lock: each one
+    reserves its bytes and its offer slot first, so eight at once still give at most the cap."""
+    monkeypatch.setattr(limits, "MAX_SHM_TOTAL_BYTES", 5 * PAGE_BYTES)  # room for two regions
+    made = shm.make_region
+    both_checked = threading.Barrier(2, timeout=5)
+
+    def slow_region(nbytes):
+        with contextlib.suppress(threading.BrokenBarrierError):
+            both_checked.wait()  # the first two have both passed the check before either has a region
+        return made(nbytes)
+
+    monkeypatch.setattr(shm, "make_region", slow_region)
+    server = shm.ShmServer("node", torch.device("cpu"))
+    start = threading.Barrier(8, timeout=5)
+    outcomes: list = []
+
+    def one() -> None:
+        start.wait()
+        try:
+            outcomes.append(server.offer(object(), PAGE_BYTES))
+        except shm.ShmUnavailable as error:
+            outcomes.append(error)
+
+    try:
+        threads = [threading.Thread(target=one) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=10)
+        given = [o for o in outcomes if isinstance(o, dict)]
+        refused = [o for o in outcomes if isinstance(o, shm.ShmUnavailable)]
+        assert len(outcomes) == 8 and len(given) == 2, outcomes
+        assert all("would pass MAX_SHM_TOTAL_BYTES" in str(e) for e in refused)
+        assert sum(o["nbytes"] for o in given) <= limits.MAX_SHM_TOTAL_BYTES
+        assert server._reserved == {}  # every reservation became a region or was given back
+    finally:
+        server.close()
+
+
+def test_an_offer_that_fails_gives_its_reservation_back(monkeypatch):
+    monkeypatch.setattr(limits, "MAX_SHM_TOTAL_BYTES", 3 * PAGE_BYTES)  # room for one region
+    made = shm.make_region
+    monkeypatch.setattr(shm, "make_region", lambda nbytes: (_ for _ in ()).throw(OSError(24, "Too many open files")))
+    server = shm.ShmServer("node", torch.device("cpu"))
+    try:
+        with pytest.raises(OSError, match="Too many open files"):
+            server.offer(object(), PAGE_BYTES)
+        monkeypatch.setattr(shm, "make_region", made)
+        assert server.offer(object(), PAGE_BYTES)["nbytes"] == 2 * PAGE_BYTES  # the failed one holds nothing
     finally:
         server.close()
 

@@ -146,6 +146,7 @@ class ShmServer:
         self.device = device
         self._regions: dict[object, Inbound] = {}
         self._offers: list[_Offer] = []
+        self._reserved: dict[object, int] = {}  # bytes of offers being made, outside the lock
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self._listener: socket.socket | None = None
@@ -160,34 +161,43 @@ class ShmServer:
         in an executor). Replaces the session's previous region: the sender asks again only when its
         runs of the old one are all back, i.e. every forward that used it has been answered."""
         nbytes = region_bytes(stream_bytes)
+        claim = object()  # this call's reservation: counted against the caps until it is a region
         with self._lock:
             if self._closed:
                 raise ShmUnavailable("the daemon is shutting down")
             held = sum(r.arena.nbytes for s, r in self._regions.items() if s is not session)
+            held += sum(self._reserved.values())
             if held + nbytes > limits.MAX_SHM_TOTAL_BYTES:
                 raise ShmUnavailable(f"{held >> 20} MiB of shared regions are held already; another "
                                      f"{nbytes >> 20} MiB would pass MAX_SHM_TOTAL_BYTES")
             self._expire(time.monotonic())
-            if len(self._offers) >= limits.MAX_SHM_OFFERS:
-                raise ShmUnavailable(f"{len(self._offers)} offers are waiting to be claimed (MAX_SHM_OFFERS)")
-        self._listen()
-        fd, memory = make_region(nbytes)
+            waiting = len(self._offers) + len(self._reserved)
+            if waiting >= limits.MAX_SHM_OFFERS:
+                raise ShmUnavailable(f"{waiting} offers are waiting to be claimed (MAX_SHM_OFFERS)")
+            self._reserved[claim] = nbytes
         try:
-            arena = region_arena(memory, f"shm-in {self.node_id[:8]}", self.device)
-        except BaseException:
-            os.close(fd)
-            raise
-        token = secrets.token_bytes(limits.SHM_TOKEN_BYTES)
-        with self._lock:
-            if self._closed:
+            self._listen()
+            fd, memory = make_region(nbytes)
+            try:
+                arena = region_arena(memory, f"shm-in {self.node_id[:8]}", self.device)
+            except BaseException:
                 os.close(fd)
-                arena.close()
-                raise ShmUnavailable("the daemon is shutting down")
-            region = Inbound(next(self._ids), arena)
-            old = self._regions.get(session)
-            self._regions[session] = region
-            self._withdraw(session)  # an older unclaimed offer of this session's is void now
-            self._offers.append(_Offer(token, fd, session, time.monotonic() + limits.SHM_TOKEN_TTL_S))
+                raise
+            token = secrets.token_bytes(limits.SHM_TOKEN_BYTES)
+            with self._lock:
+                if self._closed:
+                    os.close(fd)
+                    arena.close()
+                    raise ShmUnavailable("the daemon is shutting down")
+                region = Inbound(next(self._ids), arena)
+                old = self._regions.get(session)
+                self._regions[session] = region
+                self._withdraw(session)  # an older unclaimed offer of this session's is void now
+                self._offers.append(_Offer(token, fd, session, time.monotonic() + limits.SHM_TOKEN_TTL_S))
+                del self._reserved[claim]  # counted as the region and the offer from here on
+        finally:
+            with self._lock:
+                self._reserved.pop(claim, None)
         if old is not None:
             old.arena.close()  # unregistered once the last receive that reads it lets go
         return {"token": token, "socket": self.name, "region": region.id, "nbytes": nbytes}
