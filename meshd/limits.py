@@ -40,8 +40,6 @@ PREAUTH_MAX_FRAME_BYTES = 512
 #: keeps a slot from a member, and 3 s keeps a member served within 5 s under a flood (its own
 #: connect is retried with backoff meanwhile, CONNECT_RETRY_S).
 PREAUTH_TIMEOUT_S = 3.0
-#: The hello is the first part of that same deadline (a connection that says nothing is told so).
-HELLO_TIMEOUT_S = PREAUTH_TIMEOUT_S
 #: A client gives up on a handshake after this long (it waits for a daemon that may be busy; the
 #: daemon bounds its own side by PREAUTH_TIMEOUT_S).
 HANDSHAKE_TIMEOUT_S = 10.0

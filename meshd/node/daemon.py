@@ -38,7 +38,7 @@ from ..pipeline.stage import StageService
 from ..pipeline.text import TextService
 from ..wire import ipc
 from ..wire.channel import Request, ServerSession
-from ..wire.connection import Connection, address_name, server_handshake
+from ..wire.connection import Connection, HandshakeExpired, address_name, server_handshake
 from ..wire.shm import ShmServer
 from ..wire.link import LinkEmulation, LinkRegistry
 from .admission import HalfOpen, source_of
@@ -194,11 +194,10 @@ class Daemon:
         self._connections.add(conn)
         try:
             try:
-                # The client's retries and deadline are its own; the daemon's slot is bounded here.
-                hello = await asyncio.wait_for(server_handshake(conn, self.key, self.node_info),
-                                               limits.PREAUTH_TIMEOUT_S)
-            except asyncio.TimeoutError:
-                log.info("dropped %s: handshake not over within %g s of connecting", name, limits.PREAUTH_TIMEOUT_S)
+                # The client's retries and deadline are its own; the slot is bounded by PREAUTH_TIMEOUT_S.
+                hello = await server_handshake(conn, self.key, self.node_info)
+            except HandshakeExpired as exc:
+                log.info("dropped %s: %s", name, exc.message)
                 return
             except MeshError as exc:
                 if conn.closed:  # dropped to make room for another: routine under a flood

@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from .. import limits
-from ..errors import MeshError, PeerLost
+from ..errors import AuthRefused, MeshError, PeerLost
 from . import seal as sealing
 from . import bulk, staging
 from .bulk import ReceiveTiming, SendTiming
@@ -451,12 +451,20 @@ async def client_handshake(conn: Connection, key: bytes | None, hello: dict | No
         raise MeshError(exc.wire_code, str(exc), peer=conn.name) from None
 
 
+class HandshakeExpired(AuthRefused, code=None):
+    """The daemon's side of a handshake ran past ``PREAUTH_TIMEOUT_S`` (a slow or stalled client, or
+    a flood holding slots): routine, where a refused proof is not."""
+
+
 async def server_handshake(conn: Connection, key: bytes | None, welcome: Callable[[], dict]) -> dict:
     """Authenticate a client; on failure send it an error naming the cause and raise.
 
+    The whole exchange (hello in, challenge out, proof in, welcome out) has one deadline,
+    ``PREAUTH_TIMEOUT_S`` from the call: how long a connection without the key may hold a slot.
     ``key`` None means the daemon runs ``--insecure`` (loudly): any client is let in, unsealed.
     """
     handshake = ServerHandshake(key, conn.name)
+    heard = False
 
     async def answer(reply: Callable[[], dict | None]) -> dict | None:
         try:
@@ -467,11 +475,9 @@ async def server_handshake(conn: Connection, key: bytes | None, welcome: Callabl
             raise
 
     async def step() -> dict:
-        try:
-            hello = await asyncio.wait_for(conn.recv(PREAUTH_LIMITS), limits.HELLO_TIMEOUT_S)
-        except asyncio.TimeoutError:
-            raise MeshError("auth", f"no hello within {limits.HELLO_TIMEOUT_S:g} s of connecting",
-                            peer=conn.name) from None
+        nonlocal heard
+        hello = await conn.recv(PREAUTH_LIMITS)
+        heard = True
         await conn.send(await answer(lambda: handshake.on_hello(hello.header)))
         proof = await conn.recv(PREAUTH_LIMITS)
         await answer(lambda: handshake.on_proof(proof.header))
@@ -481,9 +487,14 @@ async def server_handshake(conn: Connection, key: bytes | None, welcome: Callabl
         return handshake.hello
 
     try:
-        return await asyncio.wait_for(step(), limits.HANDSHAKE_TIMEOUT_S)
+        return await asyncio.wait_for(step(), limits.PREAUTH_TIMEOUT_S)
     except asyncio.TimeoutError:
-        raise MeshError("auth", f"handshake not finished within {limits.HANDSHAKE_TIMEOUT_S:.0f} s", peer=conn.name) from None
+        what = "handshake not over" if heard else "no hello"
+        expired = HandshakeExpired(f"{what} within {limits.PREAUTH_TIMEOUT_S:g} s of connecting", peer=conn.name)
+        if not conn.closed and not conn.sealed:  # tell a client that is merely slow why it is closed
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(conn.send({"op": "error", **expired.to_wire()}), 0.5)
+        raise expired from None
     except ProtocolError as exc:
         with contextlib.suppress(Exception):
             await conn.send({"op": "error", "code": exc.wire_code, "message": str(exc)})
