@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .config import WEIGHTS_CHOICES
+from .config import COMPUTE_DTYPES, WEIGHTS_CHOICES
 
 log = logging.getLogger("meshd")
 
@@ -44,7 +44,7 @@ def _serve_parser(sub) -> None:
     p.add_argument("--port", type=int, help="TCP port (default 7777; 0 picks a free one)")
     p.add_argument("--model", help="preset name (tiny, klein-4b, klein-9b, dev) or model folder name/path")
     p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda if present)")
-    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--dtype", choices=list(COMPUTE_DTYPES))
     p.add_argument("--weights", choices=list(WEIGHTS_CHOICES),
                    help="weight precision on the GPU: auto (as the file stores them, the default), bf16 (dequantise "
                         "at load), fp8 / gguf-q8_0 / gguf-q4_k (quantise a bf16 file's block weights at load)")

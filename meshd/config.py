@@ -19,6 +19,8 @@ DEFAULT_CONFIG = Path("/etc/meshd/meshd.toml")
 #: The ``weights`` option: as stored, dense, or quantised at load (the last three are
 #: meshd.model.precision.LOAD_FORMATS; named here so that reading a config does not import torch).
 WEIGHTS_CHOICES = ("auto", "bf16", "fp8", "gguf-q8_0", "gguf-q4_k")
+#: The ``dtype`` option: what a span computes in, by torch's name (meshd.model.runtime.DTYPES maps them).
+COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
 CREDENTIAL_NAME = "cluster.key"
 #: Instance N of the systemd template meshd@.service (one daemon per GPU) reads the section ["meshd@N"]
 #: of the config file and the drop-in meshd@N.toml beside it, over the shared [meshd] settings.
@@ -214,8 +216,8 @@ def load_config(path: Path | None, overrides: dict[str, Any] | None = None, *,
     if not 1 <= config.nvenc_sessions <= 8:
         raise ConfigError(f"nvenc_sessions {config.nvenc_sessions} must be 1-8 (a GeForce system allows 8 NVENC "
                           "sessions in all, shared with every other program)")
-    if config.dtype not in ("bfloat16", "float16", "float32"):
-        raise ConfigError(f"dtype {config.dtype!r} must be bfloat16, float16 or float32")
+    if config.dtype not in COMPUTE_DTYPES:
+        raise ConfigError(f"dtype {config.dtype!r} must be {', '.join(COMPUTE_DTYPES[:-1])} or {COMPUTE_DTYPES[-1]}")
     if config.weights not in WEIGHTS_CHOICES:
         raise ConfigError(f"weights {config.weights!r} must be one of {', '.join(WEIGHTS_CHOICES)}")
     if config.comfyui_dir is not None:

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import torch
 
-from ..config import WEIGHTS_CHOICES
+from codec.header import dtype_name
+
+from ..config import COMPUTE_DTYPES, WEIGHTS_CHOICES
 from ..pipeline.plan import WeightBytes
 from .access import require_readable, require_tree_readable, unreadable
 from .checkpoints import expected_shapes, target_format
@@ -33,7 +35,7 @@ from .vae_file import VaeFile
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DTYPES = {name: getattr(torch, name) for name in COMPUTE_DTYPES}
 
 
 
@@ -350,7 +352,7 @@ class HostedModel:
         self.prompts = PromptEmbedder(lambda d: source.text_encoder(d, dtype), text_encoder or TextEncoderOptions(),
                                       device, dtype, shape)
         self.identity = ModelIdentity(source.model_id, self.preset.name, source.content_hash(),
-                                      next(k for k, v in DTYPES.items() if v == dtype),
+                                      dtype_name(dtype),
                                       weights_label(self.formats, dtype))
 
     @property

@@ -24,6 +24,7 @@ import torch
 import codec
 from codec import CodecError, CodecSpec
 from codec.core import host_bytes
+from codec.header import dtype_name
 
 from ..errors import MeshError
 from ..wire.bulk import SendTiming
@@ -315,7 +316,7 @@ async def send_shared(channel: Channel, fields: dict, segments: list, tensor: to
 
     seconds = await loop.run_in_executor(arena.owner, copy)
     desc = {"region": region, "offset": arena.offset_of(run), "nbytes": nbytes, "shape": list(tensor.shape),
-            "dtype": str(tensor.dtype).removeprefix("torch.")}
+            "dtype": dtype_name(tensor.dtype)}
     # wire_bytes: what crossed from this stage to the next, here through the region instead of TCP.
     stats = SendStats(codec="raw", raw_bytes=nbytes, wire_bytes=nbytes, encode_ms=seconds * 1e3, d2h_ms=seconds * 1e3,
                       staged=arena.pinned)

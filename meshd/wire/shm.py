@@ -46,6 +46,8 @@ from dataclasses import dataclass
 
 import torch
 
+from codec.header import dtype_name
+
 from .. import limits
 from ..errors import MeshError
 from . import staging
@@ -57,8 +59,6 @@ _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW if hasattr(fcntl, "F_SEAL_SHRIN
 #: Abstract socket names: "\0" + this prefix + the node id and a random part.
 SOCKET_PREFIX = "meshd-shm-"
 _OK = b"OK"
-#: The dtypes a shared activation may have, by the name the wire uses.
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 class ShmUnavailable(RuntimeError):
@@ -413,7 +413,7 @@ def check_descriptor(desc: object, region: Inbound | None, shape, dtype: torch.d
         values[name] = v
     if values["region"] != region.id:
         raise MeshError("bad-request", f"shm region {values['region']} is not this connection's (region {region.id})")
-    if desc.get("dtype") not in DTYPES or DTYPES[desc["dtype"]] != dtype:
+    if desc.get("dtype") != dtype_name(dtype):  # the stage's own dtype, by codec's wire name
         raise MeshError("mismatch", f"shm input is {desc.get('dtype')!r:.20}; this stage computes in {dtype}")
     if desc.get("shape") != list(shape):
         raise MeshError("mismatch", f"shm input has shape {desc.get('shape')!r:.60}; this stage expects {list(shape)}")
