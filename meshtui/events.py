@@ -25,8 +25,9 @@ from dataclasses import asdict, dataclass
 
 from meshd.errors import ProtocolViolation
 from meshd.model.compile_events import describe_event
-from meshd.pipeline.blocks import BlockRange, wire_int
-from meshd.pipeline.progress import MAX_TEXT, StageInfo, StepRecord, wire_number, wire_text
+from meshd.fields import MAX_TEXT, wire_int, wire_number, wire_text
+from meshd.pipeline.blocks import BlockRange
+from meshd.pipeline.progress import StageInfo, StepRecord
 
 #: Frame fields that address a request, not part of its events.
 _ADDRESSING = ("op", "id")

@@ -22,7 +22,7 @@ from meshd.pipeline.blocks import BlockRange
 from meshd.pipeline.request import GenerationParams
 from meshd.pipeline.peers import read_info
 from meshd.pipeline.plan import PeerAddress, PlanError, SplitPlan, parse_split, same_host_links
-from meshd.pipeline.progress import wire_number
+from meshd.fields import wire_number
 from meshd.pipeline.streaming import unpack_raw
 from meshd.wire.channel import Channel
 from meshd.wire.link import LinkEmulation

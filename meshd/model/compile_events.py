@@ -3,6 +3,8 @@ and their wording, shared by the daemon's log, ``meshtui generate`` and the dash
 
 from __future__ import annotations
 
+from ..fields import wire_number
+
 
 def compiling_event(node: str, blocks: str, size: str, tokens: int, cached: bool, estimate_s: float | None) -> dict:
     """The event sent before a compile: who, which blocks, for which size, and how long it should take."""
@@ -26,11 +28,11 @@ def describe_event(event: dict) -> str | None:
         what = f"blocks {blocks[:40]}" if isinstance(blocks, str) else "blocks"
         for_size = f" for {size[:20]}" if isinstance(size, str) else ""
         how = "from the compile cache" if event.get("cached") is True else "first time"
-        if isinstance(estimate, (int, float)) and not isinstance(estimate, bool):
+        if wire_number(estimate) is not None:
             how += f", ~{estimate:.0f} s"
         return f"compiling {what}{where}{for_size} ({how})"
     if kind == "compiled":
-        seconds = event.get("seconds")
-        took = f" in {seconds:.1f} s" if isinstance(seconds, (int, float)) and not isinstance(seconds, bool) else ""
+        seconds = wire_number(event.get("seconds"))
+        took = f" in {seconds:.1f} s" if seconds is not None else ""
         return f"compiled{where}{took}"
     return None

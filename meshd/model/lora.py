@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from ..errors import MeshError
+from ..fields import wire_number
 from . import comfyui
 from .checkpoints import bfl_linear_names, bfl_to_diffusers, expected_shapes, trace_bfl
 from .precision import LINEAR_TYPES
@@ -78,8 +79,7 @@ class LoraSpec:
                              "characters")
         if not isinstance(sha, str) or len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha.lower()):
             raise ValueError(f"LoRA {name}: sha256 must be 64 hexadecimal digits")
-        if not isinstance(strength, (int, float)) or isinstance(strength, bool) or not math.isfinite(strength) \
-                or abs(strength) > MAX_LORA_STRENGTH:
+        if wire_number(strength) is None or not math.isfinite(strength) or abs(strength) > MAX_LORA_STRENGTH:
             raise ValueError(f"LoRA {name}: strength {strength!r:.20} must be a number in "
                              f"[-{MAX_LORA_STRENGTH:g}, {MAX_LORA_STRENGTH:g}]")
         object.__setattr__(self, "sha256", sha.lower())

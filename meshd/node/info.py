@@ -9,13 +9,15 @@ Held blocks are :class:`~meshd.pipeline.blocks.BlockRange`: half-open inside, in
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from codec import Capabilities
 
-from ..pipeline.blocks import BlockRange, wire_int
+from ..fields import wire_int, wire_text
+from ..pipeline.blocks import BlockRange
 from .nodeid import host_key
 
 if TYPE_CHECKING:  # (the model code pulls in torch; this module is read by the dashboard too)
@@ -23,10 +25,7 @@ if TYPE_CHECKING:  # (the model code pulls in torch; this module is read by the 
 
 #: Text fields longer than this are cut (frame headers are capped already; this bounds what is kept).
 MAX_TEXT = 1000
-
-
-def _text(value: object) -> str | None:
-    return value[:MAX_TEXT] if isinstance(value, str) else None
+_text = functools.partial(wire_text, limit=MAX_TEXT)
 
 
 def _map(value: object) -> dict:

@@ -9,13 +9,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from ..fields import wire_int
+
 #: At most this many block ranges are read from one wire list (a span is one or two ranges in practice).
 MAX_RANGES = 256
-
-
-def wire_int(value: object) -> int | None:
-    """An integer field of a peer's map, or None (a bool is not an integer here)."""
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 @dataclass(frozen=True, order=True)

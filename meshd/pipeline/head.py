@@ -17,6 +17,7 @@ from codec import CodecSpec
 
 from .. import limits
 from ..errors import MeshError
+from ..fields import wire_number
 from ..model.lora import MAX_LORAS, LoraError, loras_to_wire
 from ..model.span import Conditioning
 from ..model.tensorfiles import ModelError
@@ -49,7 +50,7 @@ class HeadService:
         for item in data:
             if isinstance(item, dict) and not item.get("sha256"):
                 name, strength = item.get("name"), item.get("strength", 1.0)
-                if not isinstance(name, str) or not isinstance(strength, (int, float)) or isinstance(strength, bool):
+                if not isinstance(name, str) or wire_number(strength) is None:
                     raise MeshError("bad-request", "a LoRA needs a name and a numeric strength")
                 try:
                     item = self.daemon.lora_store.spec(name, float(strength)).to_wire()

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from codec import CodecSpec
 
 from .. import limits
+from ..fields import wire_int
 from ..model.presets import ModelPreset
 
 _STAGE = re.compile(r"^\s*([^:\s]+)\s*:\s*(\d+)\s*-\s*(\d+)\s*(?:@\s*([\w:-]+))?\s*$")
@@ -81,7 +82,7 @@ class Stage:
         codec, label = data.get("codec", "auto"), data.get("label", "")
         if not isinstance(peer, str) or not isinstance(codec, str) or not isinstance(label, str):
             raise PlanError("stage peer, codec and label must be text")
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (start, end)):
+        if wire_int(start) is None or wire_int(end) is None:
             raise PlanError("stage start and end must be integers")
         if codec != "auto":
             CodecSpec.parse(codec)
@@ -214,7 +215,7 @@ class WeightBytes:
             return None
         blocks, head, tail = data.get("blocks"), data.get("head"), data.get("tail")
         values = [*blocks, head, tail] if isinstance(blocks, list) else []
-        if len(values) != preset.num_blocks + 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+        if len(values) != preset.num_blocks + 2 or not all(wire_int(v) is not None and v >= 0
                                                            for v in values):
             return None
         return cls(tuple(blocks), head, tail)

@@ -14,24 +14,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .blocks import BlockRange, wire_int
+from ..fields import MAX_TEXT, wire_int, wire_number, wire_text
+from .blocks import BlockRange
 
 #: At most this many stages, passes and hops are read from one event (plans have at most 64 stages).
 MAX_ITEMS = 64
-#: Text fields (node names, codec labels, notes) are cut to this many characters.
-MAX_TEXT = 200
 #: The transports that move a stream between daemons of one host without a codec or the network.
 SAME_HOST = ("cuda-ipc", "host-shm")
-
-
-def wire_text(value: object) -> str | None:
-    """A text field of a peer's record, cut to MAX_TEXT, or None."""
-    return value[:MAX_TEXT] if isinstance(value, str) else None
-
-
-def wire_number(value: object) -> float | None:
-    """A number field of a peer's record as a float, or None (a bool is not a number here)."""
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def _maps(value: object) -> list[dict]:

@@ -22,6 +22,7 @@ from codec import Calibration, Capabilities, CodecSpec, TokenLayout, choose_code
 
 from .. import limits
 from ..errors import MeshError
+from ..fields import wire_int, wire_number
 from ..model.span import Conditioning
 from ..wire import ipc
 from ..wire.shm import ShmSender
@@ -68,9 +69,9 @@ class Geometry:
         values = {}
         for name, hi in (("batch", limits.MAX_BATCH), ("txt_len", limits.MAX_TEXT_TOKENS), ("img_h", limits.MAX_GRID),
                          ("img_w", limits.MAX_GRID)):
-            v = data.get(name)
-            if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= hi:
-                raise MeshError("bad-request", f"geometry {name}={v!r:.20} must be in 1..{hi}")
+            v = wire_int(data.get(name))
+            if v is None or not 1 <= v <= hi:
+                raise MeshError("bad-request", f"geometry {name}={data.get(name)!r:.20} must be in 1..{hi}")
             values[name] = v
         return cls(**values)
 
@@ -184,7 +185,7 @@ class Relay:
         """Fold a hop this node sent over ``link`` (``hop``: the receiver's record) into the link's
         codec calibration: encode speed here, decode speed there, the ratio these activations got."""
         decode_ms = hop.get("decode_ms")
-        if link.transport != "tcp" or not isinstance(decode_ms, (int, float)) or isinstance(decode_ms, bool):
+        if link.transport != "tcp" or wire_number(decode_ms) is None:
             return
         self.calibrations.setdefault(link.info["to"], Calibration()).observe_hop(
             sent.codec, self.daemon.caps, link.receiver, sent.raw_bytes, sent.wire_bytes, sent.encode_ms / 1e3,

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from .. import limits
 from ..errors import BadRequest
+from ..fields import wire_int, wire_number
 
 if TYPE_CHECKING:
     from ..model.lora import LoraSpec
@@ -58,16 +59,16 @@ class GenerationParams:
         out = {"prompt": prompt}
         for name, lo, hi in (("seed", 0, 2**63 - 1), ("width", multiple, limits.MAX_IMAGE_SIDE),
                              ("height", multiple, limits.MAX_IMAGE_SIDE), ("steps", 1, limits.MAX_STEPS)):
-            value = data.get(name)
-            if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
-                raise BadRequest(f"{name}={value!r:.20} must be an integer in [{lo}, {hi}]")
+            value = wire_int(data.get(name))
+            if value is None or not lo <= value <= hi:
+                raise BadRequest(f"{name}={data.get(name)!r:.20} must be an integer in [{lo}, {hi}]")
             out[name] = value
         for side in ("width", "height"):
             if out[side] % multiple:
                 raise BadRequest(f"{side} {out[side]} must be a multiple of {multiple} for this model")
-        guidance = data.get("guidance")
-        if not isinstance(guidance, (int, float)) or isinstance(guidance, bool) or not 0 <= guidance <= 100:
-            raise BadRequest(f"guidance={guidance!r:.20} must be a number in [0, 100]")
-        out["guidance"] = float(guidance)
+        guidance = wire_number(data.get("guidance"))
+        if guidance is None or not 0 <= guidance <= 100:
+            raise BadRequest(f"guidance={data.get('guidance')!r:.20} must be a number in [0, 100]")
+        out["guidance"] = guidance
         out["loras"] = loras_from_wire(data.get("loras"))
         return cls(**out)

@@ -20,6 +20,7 @@ import codec
 
 from .. import limits
 from ..errors import MeshError
+from ..fields import wire_int
 from ..model.lora import LoraSpec, loras_from_wire
 from ..model.span import Conditioning, Stream
 from ..wire import ipc, shm
@@ -244,7 +245,7 @@ class StageService:
         if not ipc.is_local_peer(request.session.conn.address):
             raise MeshError("bad-request", f"{d.name} shares memory only with daemons of its own host")
         nbytes = request.header.get("nbytes")
-        if not isinstance(nbytes, int) or isinstance(nbytes, bool) or not 0 < nbytes <= limits.MAX_SHM_REGION_BYTES:
+        if wire_int(nbytes) is None or not 0 < nbytes <= limits.MAX_SHM_REGION_BYTES:
             raise MeshError("bad-request", f"shm-offer nbytes={nbytes!r:.20} must be in 1..{limits.MAX_SHM_REGION_BYTES}")
         loop = asyncio.get_running_loop()
         try:

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import MeshError
+from ..fields import wire_number
 from .sampler import DEFAULT_INTERVAL_S, MAX_INTERVAL_S, TelemetrySampler
 from .snapshot import NodeSnapshot
 
@@ -31,7 +32,7 @@ def clamp_interval(value: object) -> float:
     """A subscriber's requested period, clamped to MIN_INTERVAL_S..MAX_INTERVAL_S."""
     if value is None:
         return DEFAULT_INTERVAL_S
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value:
+    if wire_number(value) is None or value != value:
         raise MeshError("bad-request", f"telemetry interval must be a number of seconds, got {value!r:.40}")
     return min(max(float(value), MIN_INTERVAL_S), MAX_INTERVAL_S)
 

@@ -50,6 +50,7 @@ from codec.header import dtype_name
 
 from .. import limits
 from ..errors import MeshError
+from ..fields import wire_int
 from . import staging
 
 log = logging.getLogger(__name__)
@@ -379,9 +380,8 @@ class ShmSender:
         reply = await channel.request("shm-offer", {"nbytes": stream_bytes}, timeout=limits.SHM_SETUP_TIMEOUT_S)
         h = reply.header
         region, nbytes = h.get("region"), h.get("nbytes")
-        if (not isinstance(region, int) or isinstance(region, bool) or not isinstance(nbytes, int)
-                or isinstance(nbytes, bool) or not stream_bytes <= nbytes <= limits.MAX_SHM_REGION_BYTES
-                or nbytes % staging.PAGE_BYTES):
+        if (wire_int(region) is None or wire_int(nbytes) is None
+                or not stream_bytes <= nbytes <= limits.MAX_SHM_REGION_BYTES or nbytes % staging.PAGE_BYTES):
             raise ShmUnavailable(f"the peer's offer is malformed (region {region!r:.20}, {nbytes!r:.20} bytes)")
         loop = asyncio.get_running_loop()
         memory = await loop.run_in_executor(None, claim, h.get("socket"), h.get("token"), nbytes)
@@ -407,9 +407,9 @@ def check_descriptor(desc: object, region: Inbound | None, shape, dtype: torch.d
         raise MeshError("bad-request", "shm must be a map of region, offset, nbytes, shape and dtype")
     values = {}
     for name in ("region", "offset", "nbytes"):
-        v = desc.get(name)
-        if not isinstance(v, int) or isinstance(v, bool):
-            raise MeshError("bad-request", f"shm {name}={v!r:.20} must be an integer")
+        v = wire_int(desc.get(name))
+        if v is None:
+            raise MeshError("bad-request", f"shm {name}={desc.get(name)!r:.20} must be an integer")
         values[name] = v
     if values["region"] != region.id:
         raise MeshError("bad-request", f"shm region {values['region']} is not this connection's (region {region.id})")
