@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import json
 import os
 import platform
@@ -41,7 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.split_bench import log, psnr, run_local, run_split  # noqa: E402
+from bench.split_bench import free_memory, log, psnr, run_local, run_split  # noqa: E402
 from bench.timing import median_ms, sync, time_calls  # noqa: E402
 from meshd.pipeline.generation import GenerationParams, Sampler  # noqa: E402
 from meshd.model.checkpoints import expected_shapes  # noqa: E402
@@ -92,7 +91,7 @@ def run_forward(args, device, params) -> list[dict]:
         rows.append(row)
         log(f"{weights}: forward {ms:.1f} ms, weights {row['weight_gib']:.2f} GiB ({row['compute']})")
         del model, out
-        _free(device)
+        free_memory(device)
     return rows
 
 
@@ -104,9 +103,9 @@ def run_generate(args, device, params) -> list[dict]:
         # The daemons compile their blocks by default on CUDA: the all-local run must do what they do, or
         # the split is compared with a run of other kernels (that cost the first H200 run its exactness).
         compiled = args.compile == "on"
-        local = asyncio.run(run_local(local_args, device, params, compiled=compiled,
+        local, _ = asyncio.run(run_local(local_args, device, params, compiled=compiled,
                                       state_dir=(args.workdir or Path("/tmp/flux-mesh-precision-bench")) / "local"))
-        _free(device)
+        free_memory(device)
         common = ["--model", args.model, "--random-weights", "--weights", weights, "--compile", args.compile]
         with LocalCluster(workdir=args.workdir / weights if args.workdir else None, models_dir=args.models_dir,
                           common_args=common) as cluster:
@@ -137,7 +136,7 @@ def run_generate(args, device, params) -> list[dict]:
             + (f", rel L2 vs bf16 {row['vs_bf16']['final_latent_rel_l2']:.4f}, PSNR "
                f"{row['vs_bf16']['image_psnr_db']:.1f} dB" if "vs_bf16" in row else ""))
         del local
-        _free(device)
+        free_memory(device)
     return rows
 
 
@@ -219,7 +218,7 @@ def run_layers(args, device) -> list[dict]:
                     f"{compiled_ms:.2f} ms, compiled == eager: {row['compiled_equals_eager']}")
                 rows.append(row)
                 del layer, compiled, eager_out, compiled_out
-                _free(device)
+                free_memory(device)
     return rows
 
 
@@ -230,12 +229,6 @@ def _gib(model: HostedModel) -> float:
 
 def _gib_or_none(value) -> float | None:
     return round(value / GIB, 3) if isinstance(value, (int, float)) else None
-
-
-def _free(device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def main() -> int:

@@ -32,7 +32,7 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +50,7 @@ from meshd.model.compiled import INDUCTOR_ENV, BlockCompiler, CompileCache  # no
 from meshd.model.files import ModelStore  # noqa: E402
 from meshd.model.runtime import HostedModel, open_source  # noqa: E402
 from meshd.pipeline.plan import parse_split  # noqa: E402
+from meshd.pipeline.progress import BREAKDOWN, passes_from_wire  # noqa: E402
 from meshd.wire import seal  # noqa: E402
 from meshtui.local import LocalCluster  # noqa: E402
 from meshtui.mesh import Mesh  # noqa: E402
@@ -108,7 +109,45 @@ def time_forward_vs_diffusers(model: HostedModel, params: GenerationParams, repe
     return out
 
 
-async def run_local(args, device, params, compiled: bool = False, state_dir: Path | None = None) -> dict:
+@dataclass
+class KeptLocal:
+    """The all-local model kept loaded (``--interleave``) for the split's runs to alternate with."""
+
+    model: HostedModel | None
+    worker: GpuWorker
+    params: GenerationParams
+    device: torch.device
+
+    async def again(self):
+        return await run_generation(self.model, self.worker, self.params, LocalRunner(self.worker))
+
+    def close(self) -> None:
+        self.worker.shutdown()
+        self.model = None
+        free_memory(self.device)
+
+
+@dataclass
+class Timed:
+    """A codec's timed split generations; with a KeptLocal, the all-local ones run between them."""
+
+    split_s: list[float]
+    outcome: object  # the last split generation
+    split_step_ms: list[float]
+    local_s: list[float]
+    local_step_ms: list[float]
+
+
+def free_memory(device: torch.device) -> None:
+    """What a dropped model held goes back to the device (the next one loads into it)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+async def run_local(args, device, params, compiled: bool = False, state_dir: Path | None = None,
+                    keep: bool = False) -> tuple[dict, KeptLocal | None]:
+    """The all-local reference: its figures, and with ``keep`` the loaded model for interleaving."""
     store = ModelStore([args.models_dir])
     source = open_source(args.model, store, random_weights=args.random_weights)
     compiler = BlockCompiler(CompileCache(state_dir / "compile"), source.model_id) if compiled else None
@@ -144,66 +183,38 @@ async def run_local(args, device, params, compiled: bool = False, state_dir: Pat
     if args.compare_diffusers:
         out["forward_vs_diffusers"] = await worker.run(time_forward_vs_diffusers, model, params)
         out["forward_vs_diffusers"] = out["forward_vs_diffusers"][0]
-    if args.interleave:
-        # Kept loaded for the split's runs to alternate with (see timed_generations); freed by close().
-        out["again"] = lambda: run_generation(model, worker, params, LocalRunner(worker))
-
-        def close() -> None:  # as below, once the split's runs are done with it
-            nonlocal model
-            worker.shutdown()
-            del model
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-
-        out["close"] = close
-        return out
+    if keep:
+        return out, KeptLocal(model, worker, params, device)
     worker.shutdown()
     del model, result
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return out
-
-
-#: A TCP hop's time, part by part, as the two daemons measured it on the threads that did each part:
-#: device-to-host copies (GPU-timed), sealing, the sender's socket writes, the receiver's socket
-#: reads, opening records, host-to-device copies (GPU-timed). Parts overlap (they are pipelined), so
-#: they do not add up to the hop; the largest one bounds it.
-BREAKDOWN = ("d2h_ms", "seal_ms", "send_ms", "recv_ms", "open_ms", "h2d_ms")
+    free_memory(device)
+    return out, None
 
 
 def hop_breakdown(summary: dict) -> list[dict]:
-    """Per TCP or shared-memory link (in plan order): the median of each part of BREAKDOWN over the generation's steps,
-    and whether every step went through pinned staging at each end."""
+    """Per TCP or shared-memory link (in plan order): the median of each part of a hop's time
+    (progress.BREAKDOWN: the parts overlap, so they do not add up to the hop; the largest one bounds
+    it) over the generation's steps, and whether every step went through pinned staging at each end."""
     links: dict[str, dict] = {}
     for step in summary["steps"]:
-        for p in step["passes"]:
-            sender = None
-            for hop in p["hops"]:
-                key = f"{hop.get('from') or sender or '?'} -> {hop.get('node', '?')}"
-                sender = hop.get("node")
-                if hop.get("seal_ms") is None and hop.get("transport") != "host-shm":  # CUDA IPC, or no hop
+        for p in passes_from_wire(step):
+            for hop in p.hops:
+                if hop.seal_ms is None and hop.transport != "host-shm":  # CUDA IPC, or no hop
                     continue
-                row = links.setdefault(key, {"link": key, "codec": hop.get("codec"), "staged_send": True,
-                                             "staged_recv": True, **{name: [] for name in BREAKDOWN}})
+                row = links.setdefault(hop.link, {"link": hop.link, "codec": hop.codec, "staged_send": True,
+                                                  "staged_recv": True, **{name: [] for name in BREAKDOWN}})
                 for name in BREAKDOWN:
-                    if isinstance(hop.get(name), (int, float)):
-                        row[name].append(hop[name])
-                row["staged_send"] &= hop.get("staged_send") is True
-                row["staged_recv"] &= hop.get("staged_recv") is True
+                    if getattr(hop, name) is not None:
+                        row[name].append(getattr(hop, name))
+                row["staged_send"] &= hop.staged_send is True
+                row["staged_recv"] &= hop.staged_recv is True
     return [{**row, **{name: round(statistics.median(row[name]), 3) if row[name] else None for name in BREAKDOWN}}
             for row in links.values()]
 
 
 def transports(summary: dict) -> list[str]:
     """How the steps' streams crossed each hop (tcp, cuda-ipc, host-shm), in first-seen order."""
-    seen: dict[str, None] = {}
-    for step in summary["steps"]:
-        for p in step["passes"]:
-            for hop in p["hops"]:
-                kind = hop.get("transport") or ("cuda-ipc" if hop.get("codec") == "cuda-ipc" else "tcp")
-                seen.setdefault(kind, None)
+    seen = {hop.transport: None for step in summary["steps"] for p in passes_from_wire(step) for hop in p.hops}
     return list(seen)
 
 
@@ -216,35 +227,30 @@ def wire_bytes(summary: dict) -> int:
     return total
 
 
-async def timed_generations(mesh, plan, params, codec_name, repeat, local=None):
-    """``repeat`` timed split generations after an untimed one. With ``local`` (``--interleave``) an
-    all-local generation follows each split one, so both sets see the same clocks and temperature:
-    their seconds and step times come back in ``local``'s ``interleaved_s`` / ``interleaved_step_ms``."""
-    times, outcome = [], None
-    again = local.get("again") if local else None
-    local_times, local_steps, split_steps = [], [], []
+async def timed_generations(mesh, plan, params, codec_name, repeat, kept: KeptLocal | None = None,
+                            reference: torch.Tensor | None = None) -> Timed:
+    """``repeat`` timed split generations after an untimed one. With ``kept`` (``--interleave``) an
+    all-local generation follows each split one, so both sets see the same clocks and temperature;
+    each must give ``reference``'s latents again."""
+    timed = Timed([], None, [], [], [])
     for i in range(repeat + 1):
         t0 = time.perf_counter()
-        outcome = await mesh.generate(plan, params, codec=codec_name, measure_error=False, return_latents=True)
+        timed.outcome = await mesh.generate(plan, params, codec=codec_name, measure_error=False, return_latents=True)
         if i:
-            times.append(time.perf_counter() - t0)
-            split_steps += [s["ms"] for s in outcome.summary["steps"]]
-        if again is not None:
+            timed.split_s.append(time.perf_counter() - t0)
+            timed.split_step_ms += [s["ms"] for s in timed.outcome.summary["steps"]]
+        if kept is not None:
             t0 = time.perf_counter()
-            result = await again()
+            result = await kept.again()
             if i:
-                local_times.append(time.perf_counter() - t0)
-                local_steps += [s["ms"] for s in result.summary["steps"]]
-            if not torch.equal(result.latents, local["latents"]):
+                timed.local_s.append(time.perf_counter() - t0)
+                timed.local_step_ms += [s["ms"] for s in result.summary["steps"]]
+            if not torch.equal(result.latents, reference):
                 raise SystemExit("the all-local generation changed between runs: the comparison would be void")
-    if again is not None:
-        # Both sides' steps from the same timed runs (the split's last outcome alone would be one run).
-        local["interleaved_s"], local["interleaved_step_ms"] = local_times, local_steps
-        local["split_step_ms"] = split_steps
-    return times, outcome
+    return timed
 
 
-async def run_split(args, cluster, params, local, emulation) -> dict:
+async def run_split(args, cluster, params, local, emulation, kept: KeptLocal | None = None) -> dict:
     mesh = Mesh(read_key(cluster.key_file))
     result = {"runs": []}
     try:
@@ -262,8 +268,8 @@ async def run_split(args, cluster, params, local, emulation) -> dict:
         for codec_name in args.codecs.split(","):
             for p in mesh.peers.values():  # every stage's peak is its generation's, not its load's
                 await p.channel.request("info", {"reset_peak": True})
-            times, outcome = await timed_generations(mesh, plan, params, codec_name, args.repeat,
-                                                     local if args.interleave else None)
+            timed = await timed_generations(mesh, plan, params, codec_name, args.repeat, kept, local["latents"])
+            times, outcome = timed.split_s, timed.outcome
             peaks = {}
             for p in mesh.peers.values():
                 reply = await p.channel.request("info")
@@ -294,11 +300,11 @@ async def run_split(args, cluster, params, local, emulation) -> dict:
                 "step_ms": [round(s["ms"], 2) for s in outcome.summary["steps"]],
                 "peak_vram_bytes": peaks,
             }
-            if args.interleave:
-                row["local_interleaved_s"] = local["interleaved_s"]
-                row["split_over_local_interleaved"] = split_s / statistics.median(local["interleaved_s"])
-                row["step_split_over_local_interleaved"] = (statistics.median(local["split_step_ms"])
-                                                            / statistics.median(local["interleaved_step_ms"]))
+            if kept is not None:  # both sides' steps from the same timed runs
+                row["local_interleaved_s"] = timed.local_s
+                row["split_over_local_interleaved"] = split_s / statistics.median(timed.local_s)
+                row["step_split_over_local_interleaved"] = (statistics.median(timed.split_step_ms)
+                                                            / statistics.median(timed.local_step_ms))
             if emulation:
                 wire_s = row["wire_bytes_total"] / emulation.rate_bytes_per_s
                 row["emulated_wire_s"] = wire_s
@@ -311,7 +317,7 @@ async def run_split(args, cluster, params, local, emulation) -> dict:
                 f"bit-identical={row['bit_identical_latents']}, "
                 f"rel_l2={row['final_latent_rel_l2']:.2e}, bytes/step={row['stream_bytes_per_step']}"
                 + (f", overhead/wire={row['overhead_over_wire']:.3f}" if emulation else ""))
-            if args.interleave:
+            if kept is not None:
                 log(f"  interleaved with all-local runs: whole x{row['split_over_local_interleaved']:.3f}, "
                     f"median step x{row['step_split_over_local_interleaved']:.3f}")
             for part in row["hop_breakdown_ms"]:
@@ -341,7 +347,8 @@ def bench_one(args, device, params, setting: str) -> dict:
     """The all-local reference and the split runs with compiled blocks ("on") or eager ones ("off")."""
     state = (args.workdir or Path("/tmp/flux-mesh-split-bench")) / f"local-state-compile-{setting}"
     inherited = os.environ.get(INDUCTOR_ENV)
-    local = asyncio.run(run_local(args, device, params, compiled=setting == "on", state_dir=state))
+    local, kept = asyncio.run(run_local(args, device, params, compiled=setting == "on", state_dir=state,
+                                        keep=args.interleave))
     # The local run pointed inductor at its own state dir: the daemons (children) must use theirs.
     if inherited is None:
         os.environ.pop(INDUCTOR_ENV, None)
@@ -369,12 +376,12 @@ def bench_one(args, device, params, setting: str) -> dict:
         cluster.add("B", "--device", devices[1], env=env)
         cluster.start(timeout=300)
         try:
-            split = asyncio.run(run_split(args, cluster, params, local, emulation))
+            split = asyncio.run(run_split(args, cluster, params, local, emulation, kept))
         finally:
-            if "close" in local:
-                local["close"]()
-    kept = {k: v for k, v in local.items() if k not in ("latents", "pixels", "again", "close", "split_step_ms")}
-    return {"devices": devices, "local": kept, **split}
+            if kept is not None:
+                kept.close()
+    shown = {k: v for k, v in local.items() if k not in ("latents", "pixels")}
+    return {"devices": devices, "local": shown, **split}
 
 
 def daemon_env(args) -> dict:

@@ -45,10 +45,36 @@ class HopRecord:
     rel_l2: float | None
     max_abs: float | None
     encoder_note: str | None  # set on the hop where the sender's encoder changed
+    transport: str = "tcp"  # "tcp", "cuda-ipc" or "host-shm"
+    #: Where a TCP or shared-memory hop's time went, on the threads that did each part (None where the
+    #: record does not say: CUDA IPC, older peers): device-to-host copies, sealing, socket writes, socket
+    #: reads, opening records, host-to-device copies. Parts overlap: they are pipelined.
+    d2h_ms: float | None = None
+    seal_ms: float | None = None
+    send_ms: float | None = None
+    recv_ms: float | None = None
+    open_ms: float | None = None
+    h2d_ms: float | None = None
+    staged_send: bool | None = None  # the stream went through pinned staging at that end
+    staged_recv: bool | None = None
 
     @property
     def link(self) -> str:
         return f"{self.sender} -> {self.receiver}"
+
+
+#: The parts of a hop's time a record may carry (see :class:`HopRecord`).
+BREAKDOWN = ("d2h_ms", "seal_ms", "send_ms", "recv_ms", "open_ms", "h2d_ms")
+
+
+def _transport(hop: dict) -> str:
+    if hop.get("transport") in SAME_HOST:
+        return hop["transport"]
+    return "cuda-ipc" if hop.get("codec") == "cuda-ipc" else "tcp"  # a CUDA IPC hop names it as its codec
+
+
+def _flag(value: object) -> bool | None:
+    return value if isinstance(value, bool) else None
 
 
 def hops_from_wire(hops: object) -> tuple[HopRecord, ...]:
@@ -66,6 +92,8 @@ def hops_from_wire(hops: object) -> tuple[HopRecord, ...]:
             decode_ms=wire_number(hop.get("decode_ms")), compute_ms=wire_number(hop.get("compute_ms")),
             cosine=wire_number(error.get("cosine")), rel_l2=wire_number(error.get("rel_l2")),
             max_abs=wire_number(error.get("max_abs")), encoder_note=wire_text(hop.get("encoder_note")),
+            transport=_transport(hop), **{name: wire_number(hop.get(name)) for name in BREAKDOWN},
+            staged_send=_flag(hop.get("staged_send")), staged_recv=_flag(hop.get("staged_recv")),
         ))
         sender = receiver
     return tuple(out)
