@@ -96,48 +96,73 @@ def run_forward(args, device, params) -> list[dict]:
 
 
 def run_generate(args, device, params) -> list[dict]:
-    rows, reference = [], None
-    for weights in args.weights:
-        local_args = argparse.Namespace(**{**vars(args), "weights": weights, "random_weights": True,
-                                           "compare_diffusers": False})
-        # The daemons compile their blocks by default on CUDA: the all-local run must do what they do, or
-        # the split is compared with a run of other kernels (that cost the first H200 run its exactness).
-        compiled = args.compile == "on"
-        local, _ = asyncio.run(run_local(local_args, device, params, compiled=compiled,
-                                      state_dir=(args.workdir or Path("/tmp/flux-mesh-precision-bench")) / "local"))
-        free_memory(device)
-        common = ["--model", args.model, "--random-weights", "--weights", weights, "--compile", args.compile]
-        with LocalCluster(workdir=args.workdir / weights if args.workdir else None, models_dir=args.models_dir,
-                          common_args=common) as cluster:
-            cluster.add("A", "--device", str(device))
-            cluster.add("B", "--device", str(device))
-            cluster.start(timeout=600)
-            split_args = argparse.Namespace(**{**vars(args), "codecs": "raw", "queue": 0})
-            split = asyncio.run(run_split(split_args, cluster, params, local, None))
-        run = split["runs"][0]
-        row = {
-            "weights": weights,
-            "local": {"median_s": local["median_s"], "peak_vram_gib": _gib_or_none(local["peak_vram_bytes"]),
-                      "step_ms": [round(ms, 2) for ms in local["step_ms"]]},
-            "split": {"plan": split["plan"], "load_s": split["load_s"], "median_s": run["split_median_s"],
-                      "step_ms": run["step_ms"],
-                      "peak_vram_gib": {k: _gib_or_none(v) for k, v in run["peak_vram_bytes"].items()},
-                      "bit_identical_to_local": run["bit_identical_latents"]},
-        }
-        if weights == "bf16":
-            reference = (local["latents"], local["pixels"])
-        elif reference is not None:
-            latents, pixels = reference
-            row["vs_bf16"] = {"final_latent_rel_l2": float((local["latents"] - latents).norm() / latents.norm()),
-                              "image_psnr_db": psnr(np.asarray(local["pixels"]), pixels), "label": ERROR_LABEL}
-        rows.append(row)
-        log(f"{weights}: local peak {row['local']['peak_vram_gib']} GiB; split {row['split']['plan']} peaks "
-            f"{row['split']['peak_vram_gib']} GiB, bit-identical={row['split']['bit_identical_to_local']}"
-            + (f", rel L2 vs bf16 {row['vs_bf16']['final_latent_rel_l2']:.4f}, PSNR "
-               f"{row['vs_bf16']['image_psnr_db']:.1f} dB" if "vs_bf16" in row else ""))
-        del local
-        free_memory(device)
+    """Per compile mode (``--compile on,off``), per format: the all-local generation and the split. Every
+    row's ratios are against the bf16 eager row of this run (``over_bf16_eager``: the whole generation's
+    median seconds and the median step), its error against the bf16 row of its own compile mode."""
+    rows, references, baseline = [], {}, None
+    for compile_mode in args.compile:
+        for weights in args.weights:
+            row, local = generate_row(args, device, params, weights, compile_mode)
+            if weights == "bf16":
+                references[compile_mode] = (local["latents"], local["pixels"])
+                if compile_mode == "off":
+                    baseline = row
+            elif compile_mode in references:
+                latents, pixels = references[compile_mode]
+                row["vs_bf16"] = {"final_latent_rel_l2": float((local["latents"] - latents).norm() / latents.norm()),
+                                  "image_psnr_db": psnr(np.asarray(local["pixels"]), pixels), "label": ERROR_LABEL}
+            if baseline is not None:
+                row["over_bf16_eager"] = {
+                    part: {"generation": row[part]["median_s"] / baseline[part]["median_s"],
+                           "step": statistics.median(row[part]["step_ms"]) / statistics.median(baseline[part]["step_ms"])}
+                    for part in ("local", "split")}
+            rows.append(row)
+            log(f"{weights}, compile {compile_mode}: local {row['local']['median_s']:.3f} s, peak "
+                f"{row['local']['peak_vram_gib']} GiB; split {row['split']['plan']} {row['split']['median_s']:.3f} s, "
+                f"peaks {row['split']['peak_vram_gib']} GiB, bit-identical={row['split']['bit_identical_to_local']}"
+                + (f", rel L2 vs bf16 {row['vs_bf16']['final_latent_rel_l2']:.4f}, PSNR "
+                   f"{row['vs_bf16']['image_psnr_db']:.1f} dB" if "vs_bf16" in row else "")
+                + (f"; over bf16 eager: local {row['over_bf16_eager']['local']}, split "
+                   f"{row['over_bf16_eager']['split']}" if "over_bf16_eager" in row else ""))
+            del local
+            free_memory(device)
     return rows
+
+
+def generate_row(args, device, params, weights: str, compile_mode: str) -> tuple[dict, dict]:
+    """One format at one compile mode: the all-local run (kept for the error figures) and the split's row."""
+    local_args = argparse.Namespace(**{**vars(args), "weights": weights, "random_weights": True,
+                                       "compare_diffusers": False})
+    # The daemons compile their blocks by default on CUDA: the all-local run must do what they do, or the
+    # split is compared with a run of other kernels (that cost the first H200 run its exactness).
+    workdir = args.workdir / f"{weights}-compile-{compile_mode}" if args.workdir else None
+    local, _ = asyncio.run(run_local(local_args, device, params, compiled=compile_mode == "on",
+                                     state_dir=(workdir or Path("/tmp/flux-mesh-precision-bench")) / "local"))
+    free_memory(device)
+    common = ["--model", args.model, "--random-weights", "--weights", weights, "--compile", compile_mode]
+    with LocalCluster(workdir=workdir, models_dir=args.models_dir, common_args=common) as cluster:
+        cluster.add("A", "--device", str(device))
+        cluster.add("B", "--device", str(device))
+        cluster.start(timeout=600)
+        split_args = argparse.Namespace(**{**vars(args), "codecs": "raw", "queue": 0})
+        split = asyncio.run(run_split(split_args, cluster, params, local, None))
+    run = split["runs"][0]
+    row = {
+        "weights": weights,
+        "compile": compile_mode,
+        "local": {"median_s": local["median_s"], "peak_vram_gib": _gib_or_none(local["peak_vram_bytes"]),
+                  "step_ms": [round(ms, 2) for ms in local["step_ms"]], "compile_s": local["compile_s"],
+                  **{part: local[part] for part in TAIL}},
+        "split": {"plan": split["plan"], "load_s": split["load_s"], "median_s": run["split_median_s"],
+                  "step_ms": run["step_ms"],
+                  "peak_vram_gib": {k: _gib_or_none(v) for k, v in run["peak_vram_bytes"].items()},
+                  "bit_identical_to_local": run["bit_identical_latents"]},
+    }
+    return row, local
+
+
+#: Where an all-local generation's time goes outside its steps (run_local's figures, ms).
+TAIL = ("prepare_ms", "decode_ms", "vae_ms", "png_ms", "png_and_copies_ms")
 
 
 #: The layers ``--mode layer`` times: a single block's fused input projection and its output projection
@@ -247,13 +272,17 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, help="keep the daemons' key, state and logs here")
     parser.add_argument("--split", help="force this plan for every format, e.g. A:0-19,B:20-55 (default: the "
                         "planner's, which balances time, not memory, on two daemons of one big GPU)")
-    parser.add_argument("--compile", choices=["on", "off"], default="off",
-                        help="blocks compiled or eager, in the all-local run and the daemons alike (default off)")
+    parser.add_argument("--compile", default="off",
+                        help="on, off or both (on,off: eager first, the baseline of every row's ratios): blocks "
+                        "compiled or eager, in the all-local run and the daemons alike (default off)")
     parser.add_argument("--no-reference", action="store_true",
                         help="skip the bf16 reference run (no error figures; for VRAM and speed alone)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     args.weights = ([] if args.no_reference else ["bf16"]) + [w for w in args.weights.split(",") if w and w != "bf16"]
+    args.compile = sorted({mode.strip() for mode in args.compile.split(",") if mode.strip()})  # off first
+    if not args.compile or set(args.compile) - {"on", "off"}:
+        parser.error(f"--compile: on, off or on,off, not {','.join(args.compile) or 'nothing'}")
     args.layer_models = [args.model] if args.model else ["klein-9b", "dev"]
     args.repeat = args.repeat or (20 if args.mode == "layer" else 1)
     args.model = args.model or "klein-9b"
@@ -272,7 +301,7 @@ def main() -> int:
         "machine": {"host": platform.node(), "cpus": os.cpu_count(), "torch": torch.__version__,
                     "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
         "config": {"model": args.model, "weights_source": "random weights (seeded bf16, quantised on the device)",
-                   "size": args.size, "steps": args.steps, "repeat": args.repeat,
+                   "size": args.size, "steps": args.steps, "repeat": args.repeat, "compile": args.compile,
                    "split": f"two daemons on this machine, {plan_source}, raw codec"} if args.mode != "layer" else
                   {"models": args.layer_models, "size": args.size, "repeat": args.repeat,
                    "weights_source": "random valid GGUF blocks (a dequantisation's time does not depend on values)",

@@ -173,6 +173,8 @@ async def run_local(args, device, params, compiled: bool = False, state_dir: Pat
         "pixels": np.asarray(Image.open(io.BytesIO(result.png))),
         "step_ms": [s["ms"] for s in result.summary["steps"]],
         "decode_ms": result.summary["decode_ms"],
+        "vae_ms": result.summary["vae_ms"],
+        "png_ms": result.summary["png_ms"],
         # Where a generation's time goes outside the steps (none of it runs compiled blocks): the
         # prompt and latents before step 1, and after the decode the PNG (the last timed run's figures).
         "prepare_ms": result.summary["prepare_ms"],
