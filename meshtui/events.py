@@ -77,6 +77,7 @@ class Compiling:
     tokens: int | None
     cached: bool | None  # from the compile cache (seconds), not the first time (tens of seconds)
     estimate_s: float | None
+    vae: bool | None = None  # the head's VAE decoder compiles too (blocks "" when it alone does)
 
     def describe(self) -> str:
         """"compiling blocks 0-15 on a for 1024x1024 (first time, ~18 s)": meshd's own wording."""
@@ -206,7 +207,7 @@ def _prepared(f: _Fields, peer: str | None) -> Prepared:
 
 def _compiling(f: _Fields, peer: str | None) -> Compiling:
     return Compiling(peer, f.text("node"), f.text("blocks"), f.text("size"), f.integer("tokens"), f.flag("cached"),
-                     f.number("estimate_s"))
+                     f.number("estimate_s"), f.flag("vae"))
 
 
 _KINDS = {

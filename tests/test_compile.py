@@ -93,6 +93,24 @@ def test_every_block_of_a_class_shares_one_graph_per_size(models, tmp_path):
     assert with_lora == []  # LoRA jobs run eagerly: nothing to compile
 
 
+def test_a_lora_job_compiles_the_vae_decoder_and_never_traces_the_blocks_with_its_hooks(models, tmp_path):
+    """The decoder carries no LoRA, so a LoRA job's head compiles it for a new size like any other job; its
+    blocks, hooked, are not traced (Dynamo does not guard on hooks: later jobs would inherit them)."""
+    model = hosted(models, tmp_path)
+    with torch.inference_mode():
+        model.load(range(6), True, True)
+        pending = model.compile_pending(TINY_TXT, 16, loras=("any",), decode_hw=(4, 4))
+        assert [s.kind for s in pending] == ["vae"] and (pending[0].height, pending[0].width) == (8, 8)
+        before = graphs()
+        model.warm_compiled(TINY_TXT, 16, ("any",), (4, 4))
+        assert graphs() - before == 1
+        assert model.compile_pending(TINY_TXT, 16, decode_hw=(4, 4)) == model.compile_pending(TINY_TXT, 16)
+        assert [s.kind for s in model.compile_pending(TINY_TXT, 16)] == ["double", "single"]
+        latents = torch.randn(1, pending[0].channels, 8, 8).to(torch.bfloat16)
+        model.vae().decode(latents, return_dict=False)  # the generation's decode meets the graph warmed for it
+        assert graphs() - before == 1
+
+
 def test_a_generation_at_a_new_size_announces_its_compile_and_then_never_recompiles(models, tmp_path):
     model = hosted(models, tmp_path)
     worker = GpuWorker(torch.device("cpu"))
@@ -117,7 +135,7 @@ def test_a_generation_at_a_new_size_announces_its_compile_and_then_never_recompi
     assert kinds[:2] == ["compiling", "compiled"] and kinds.count("compiling") == 1  # the second run waits on nothing
     compiling = events[0]
     assert compiling["size"] == "32x32" and compiling["tokens"] == TINY_TXT + 64 and compiling["cached"] is False
-    assert describe_event(compiling) == "compiling blocks 0-5 on here for 32x32 (first time)"
+    assert describe_event(compiling) == "compiling blocks 0-5 and the VAE decoder on here for 32x32 (first time)"
     assert kinds.index("compiled") < kinds.index("step")  # before the first step, never inside one
     assert graphs() == compiled_graphs
     assert first.summary["compile_s"] > 0 and second.summary["compile_s"] == 0 and second.summary["compiled"]
@@ -205,7 +223,10 @@ def test_a_compiled_split_equals_the_compiled_all_local_run(models, tmp_path):
     # Each peer compiled its own blocks for 32x32 before the first step, and said so up the line.
     announced = [e for e in outcome.events if isinstance(e, Compiling)]
     assert {e.size for e in announced} == {"32x32"}
-    assert {e.blocks for e in announced} == {head_blocks, stage_blocks}
+    assert {e.blocks for e in announced if not e.vae} == {head_blocks, stage_blocks}
+    # The head, whose blocks its prepare compiled, then compiled its VAE decoder before the first step.
+    vae = [e for e in announced if e.vae]
+    assert len(vae) == 1 and vae[0].blocks == "" and vae[0].describe().startswith("compiling the VAE decoder on ")
 
 
 def test_the_gpu_thread_compiles_more_graphs_than_dynamos_default_limit(models, tmp_path):
@@ -277,8 +298,10 @@ def test_serve_compiles_the_default_size_before_it_is_ready(models, tmp_path, ca
     with caplog.at_level("INFO", logger="meshd"):
         _warm_default(model, Notifier())
     side = model.preset.default_size
-    assert f"compiling blocks 0-5 for {side}x{side} (first time)" in caplog.text
-    assert model.compile_pending(TINY_TXT, (side // model.preset.size_multiple) ** 2) == []
+    assert f"compiling blocks 0-5 and the VAE decoder for {side}x{side} (first time)" in caplog.text
+    txt_len, img_tokens, decode_hw = model.default_geometry()
+    assert (txt_len, img_tokens) == (TINY_TXT, (side // model.preset.size_multiple) ** 2) and decode_hw is not None
+    assert model.compile_pending(txt_len, img_tokens, decode_hw=decode_hw) == []
 
 
 def test_inductor_caches_go_to_the_state_dir_unless_the_user_chose_a_place(tmp_path, monkeypatch):

@@ -52,9 +52,13 @@ def test_each_kind_the_head_sends_reads_as_its_type():
 
 def test_a_peer_being_loaded_reports_progress_and_compiles_in_meshds_words():
     assert from_wire({"kind": "load", "done": 3, "total": 8}, "B") == LoadProgress("B", 3, 8)
-    compiling = from_wire(compiling_event("b", "16-31", "1024x1024", 4608, False, 18.2), "B")
-    assert compiling == Compiling("B", "b", "16-31", "1024x1024", 4608, False, 18.2)
+    compiling = from_wire(compiling_event("b", "16-31", False, "1024x1024", 4608, False, 18.2), "B")
+    assert compiling == Compiling("B", "b", "16-31", "1024x1024", 4608, False, 18.2, False)
     assert compiling.describe() == "compiling blocks 16-31 on b for 1024x1024 (first time, ~18 s)"
+    head = from_wire(compiling_event("a", "0-15", True, "1024x1024", 4608, True, 3.0), "A")
+    assert head.describe() == "compiling blocks 0-15 and the VAE decoder on a for 1024x1024 (from the compile cache, ~3 s)"
+    decoder = from_wire(compiling_event("a", "", True, "1024x1024", 4608, False, None), "A")
+    assert decoder.describe() == "compiling the VAE decoder on a for 1024x1024 (first time)"
     compiled = from_wire(compiled_event("b", 17.46), "B")
     assert compiled == Compiled("B", "b", 17.46) and compiled.describe() == "compiled on b in 17.5 s"
     relayed = from_wire({"kind": "compiling", "node": "c", "blocks": "0-5", "size": "64x64", "cached": True})

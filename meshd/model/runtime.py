@@ -19,7 +19,7 @@ from ..config import COMPUTE_DTYPES, WEIGHTS_CHOICES
 from ..pipeline.plan import WeightBytes
 from .access import require_readable, require_tree_readable, unreadable
 from .checkpoints import expected_shapes, target_format
-from .compiled import BlockCompiler
+from .compiled import BlockCompiler, DecoderShape
 from .files import ModelError, ModelFiles, ModelStore
 from .lora import LoraError, LoraPatch, LoraSpec, LoraStore, held_linears, stack_factors
 from .precision import DENSE, LinearFormat, fp8_compute, quantise, quantised_layers
@@ -473,22 +473,45 @@ class HostedModel:
             use = self.compiler is not None and self._lora_patch is None
             self.span.block_call = self.compiler.call if use else None
 
-    def compile_pending(self, txt_len: int, img_tokens: int, loras: Iterable[LoraSpec] = ()) -> list:
-        """The block graphs a generation of this geometry (with these LoRAs) would compile first."""
-        if self.compiler is None or self.span is None or tuple(loras):
+    def compile_pending(self, txt_len: int, img_tokens: int, loras: Iterable[LoraSpec] = (),
+                        decode_hw: tuple[int, int] | None = None) -> list:
+        """The graphs a generation of this geometry (with these LoRAs) would compile first: the held
+        blocks' (none with LoRAs: those blocks run eagerly) and, where this peer decodes (``decode_hw``, the
+        packed latent grid), the VAE decoder's."""
+        if self.compiler is None or self.span is None:
             return []
-        return self.compiler.pending(self.span, txt_len, img_tokens)
+        return self.compiler.pending(None if tuple(loras) else self.span, txt_len, img_tokens,
+                                     self.decoder_shape(decode_hw) if decode_hw else None)
 
-    def warm_compiled(self, txt_len: int, img_tokens: int) -> float:
-        """Compile the held blocks for this geometry now; returns the seconds it took. GPU thread."""
+    def warm_compiled(self, txt_len: int, img_tokens: int, loras: Iterable[LoraSpec] = (),
+                      decode_hw: tuple[int, int] | None = None) -> float:
+        """Compile what :meth:`compile_pending` lists now; returns the seconds it took. GPU thread.
+        Never the blocks while LoRAs are on them: Dynamo does not guard on hooks, so a graph traced with
+        them would carry them into every later generation."""
         if self.compiler is None or self.span is None:
             return 0.0
-        return self.compiler.warm(self.span, txt_len, img_tokens)
+        return self.compiler.warm(None if tuple(loras) else self.span, txt_len, img_tokens,
+                                  self.vae() if decode_hw else None, self.decoder_shape(decode_hw) if decode_hw else None)
+
+    def default_geometry(self) -> tuple[int, int, tuple[int, int] | None]:
+        """(text tokens, image tokens, decoded latent grid or None) of the preset's default size: what a
+        daemon compiles at load, so the usual size never waits. Only the head decodes."""
+        side = self.preset.default_size
+        grid = side // (self.preset.vae_scale_factor * 2)
+        return self.preset.max_sequence_length, (side // self.preset.size_multiple) ** 2, \
+            ((grid, grid) if self.has_head else None)
 
     def warm_default(self) -> float:
-        """Compile the held blocks for the preset's default size (at load, so the usual size never waits)."""
-        side = self.preset.default_size // self.preset.size_multiple
-        return self.warm_compiled(self.preset.max_sequence_length, side * side)
+        """Compile the held blocks (and the head's VAE decoder) for the preset's default size."""
+        txt_len, img_tokens, decode_hw = self.default_geometry()
+        return self.warm_compiled(txt_len, img_tokens, decode_hw=decode_hw)
+
+    def decoder_shape(self, latent_hw: tuple[int, int]) -> DecoderShape:
+        """The VAE decoder's input for a packed latent grid of ``latent_hw`` (each packed token is 2x2 VAE
+        latents)."""
+        h, w = latent_hw
+        return DecoderShape(int(self.preset.vae["latent_channels"]), 2 * h, 2 * w, dtype_name(self.dtype),
+                            str(self.device))
 
     def _drop_lora_patch(self) -> None:
         if self._lora_patch is not None:
@@ -500,7 +523,10 @@ class HostedModel:
     def vae(self):
         with self._lock:
             if self._vae is None:
-                self._vae = self.source.vae(self.device, self.dtype)
+                vae = self.source.vae(self.device, self.dtype)
+                if self.compiler is not None:  # compiled when warm_compiled meets a latent grid, before step 1
+                    vae.decoder = self.compiler.compiled_decoder(vae.decoder)
+                self._vae = vae
             return self._vae
 
     def encode_prompt(self, prompt: str) -> torch.Tensor:

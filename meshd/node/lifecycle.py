@@ -22,7 +22,7 @@ import torch
 from ..auth import AuthError, read_key
 from ..config import ConfigError, DaemonConfig, describe_ranges, load_config, parse_blocks
 from ..model.access import explain, unwritable_dir
-from ..model.compile_events import compiled_event, compiling_event, describe_event
+from ..model.compile_events import compiled_event, compiling_event, describe_event, pending_parts
 from ..model.compiled import compiler_for
 from ..model.files import ModelError, ModelStore
 from ..model.runtime import DTYPES, FolderSource, HostedModel, open_source
@@ -200,12 +200,13 @@ def _check_writable(folder: Path, what: str, holds: str) -> None:
 def _warm_default(model, notifier) -> None:
     """Compile the loaded blocks for the model's default size before serving, so that size never waits."""
     side = model.preset.default_size
-    pending = model.compile_pending(model.preset.max_sequence_length, (side // model.preset.size_multiple) ** 2)
+    txt_len, img_tokens, decode_hw = model.default_geometry()
+    pending = model.compile_pending(txt_len, img_tokens, decode_hw=decode_hw)
     if not pending:
         return
     estimate, cached = model.compiler.estimate(pending)
-    tokens = model.preset.max_sequence_length + (side // model.preset.size_multiple) ** 2
-    line = describe_event(compiling_event("", describe_ranges(model.blocks), f"{side}x{side}", tokens, cached, estimate))
+    line = describe_event(compiling_event("", *pending_parts(model.blocks, pending), f"{side}x{side}", txt_len + img_tokens,
+                                          cached, estimate))
     log.info("%s", line)
     notifier.status(line)
     device = torch.cuda.device(model.device) if model.device.type == "cuda" else contextlib.nullcontext()

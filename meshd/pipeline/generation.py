@@ -26,7 +26,7 @@ from PIL import Image
 
 from ..config import describe_ranges
 from ..errors import MeshError
-from ..model.compile_events import compiled_event, compiling_event
+from ..model.compile_events import compiled_event, compiling_event, pending_parts
 from ..model.lora import LoraSpec
 from ..model.runtime import HostedModel
 from ..model.span import Conditioning, Stream
@@ -164,7 +164,8 @@ class Sampler:
         latents = self.final_latents()
         vae = self.model.vae()
         start = time.perf_counter()
-        image = vae.decode(latents.to(self.device), return_dict=False)[0]
+        # Contiguous, as the compiled decoder's graph was traced (compiled.py: _compile_decoder).
+        image = vae.decode(latents.to(self.device).contiguous(), return_dict=False)[0]
         if image.is_cuda:
             torch.cuda.current_stream(image.device).synchronize()  # the VAE's time alone (to_pixels waits anyway)
         vae_s = time.perf_counter() - start
@@ -229,20 +230,21 @@ async def _emit(progress: ProgressFn | None, event: dict) -> None:
 
 async def compile_blocks(model: HostedModel, worker: GpuWorker, txt_len: int, img_tokens: int,
                          loras: tuple[LoraSpec, ...], *, size: str, node: str,
-                         progress: ProgressFn | None) -> float:
-    """Compile the held blocks for a geometry they have not run yet, announced by a ``compiling`` event
-    (with the expected seconds) and a ``compiled`` one; returns the seconds (0: nothing to compile).
+                         progress: ProgressFn | None, decode_hw: tuple[int, int] | None = None) -> float:
+    """Compile the held blocks (and, given the latent grid ``decode_hw``, the VAE decoder) for a geometry
+    they have not run yet, announced by a ``compiling`` event (with the expected seconds) and a
+    ``compiled`` one; returns the seconds (0: nothing to compile).
 
     Synchronous on purpose: a generation that ran some steps eager and the rest compiled would give a
     different image than the same seed all compiled (see docs/models.md, "Compiled blocks")."""
-    pending = model.compile_pending(txt_len, img_tokens, loras)
+    pending = model.compile_pending(txt_len, img_tokens, loras, decode_hw)
     if not pending:
         return 0.0
     estimate, cached = model.compiler.estimate(pending)
-    await _emit(progress, compiling_event(node, describe_ranges(model.blocks), size, txt_len + img_tokens, cached,
+    await _emit(progress, compiling_event(node, *pending_parts(model.blocks, pending), size, txt_len + img_tokens, cached,
                                           estimate))
     try:
-        seconds, _ = await worker.run(model.warm_compiled, txt_len, img_tokens)
+        seconds, _ = await worker.run(model.warm_compiled, txt_len, img_tokens, loras, decode_hw)
     except MeshError:
         raise
     except Exception as exc:  # noqa: BLE001 - inductor's failures (no compiler, a lowering bug) end here
@@ -267,7 +269,8 @@ async def run_generation(model: HostedModel, worker: GpuWorker, params: Generati
     _, prep_s = await worker.run(sampler.prepare)
     compile_s = await compile_blocks(model, worker, sampler.txt_len, sampler.image_tokens, params.loras,
                                      size=f"{params.width}x{params.height}",
-                                     node=str((metadata or {}).get("head", "")), progress=progress)
+                                     node=str((metadata or {}).get("head", "")), progress=progress,
+                                     decode_hw=sampler.latent_hw)
     steps = []
     for step in range(params.steps):
         step_start = time.perf_counter()
