@@ -271,6 +271,8 @@ async def run_split(args) -> int:
         tokens = tokens_for(preset, params.width, params.height)
         plan = mesh.plan(args.split, tokens)
         _log(f"split: {mesh.describe_plan(plan)}")
+        for note in mesh.plan_notes(plan):
+            _log(f"note: {note}")
         text_encoder = None
         if args.text_encoder:
             known = mesh.peers.get(args.text_encoder)
@@ -334,6 +336,8 @@ async def demo_headless(args) -> int:
             tokens = tokens_for(preset, params.width, params.height)
             plan = mesh.plan("auto", tokens)
             _log(f"split: {mesh.describe_plan(plan)}")
+            for note in mesh.plan_notes(plan):
+                _log(f"note: {note}")
             await mesh.apply(plan, on_event=_on_event)
             outcome = await mesh.generate(plan, params, codec=args.codec, quality_floor=args.quality_floor,
                                           measure_error=args.measure_error, on_event=_on_event)

@@ -17,7 +17,7 @@ from meshd import limits
 from meshd.config import ranges
 from meshd.errors import RETRYABLE, MeshError, Mismatch, PeerLost, ProtocolViolation
 from meshd.model.presets import ModelPreset
-from meshd.node.info import NodeInfo
+from meshd.node.info import NodeInfo, compute_difference
 from meshd.pipeline.blocks import BlockRange
 from meshd.pipeline.request import GenerationParams
 from meshd.pipeline.peers import read_info
@@ -160,6 +160,12 @@ class Mesh:
     def hosts(self) -> dict[PeerAddress, str]:
         """The box each answering peer runs on (meshd.node.nodeid.host_key of its host id; "" unknown)."""
         return {p.address: (p.info.host if p.info else None) or "" for p in self.peers.values()}
+
+    def plan_notes(self, plan: SplitPlan) -> list[str]:
+        """What the user should know about ``plan`` though it can run (the Split screen's notes)."""
+        staged = {stage.peer: self.peer_at(stage.peer).view() for stage in plan.stages}
+        note = compute_difference((view.label, view.model) for view in staged.values())
+        return [note] if note else []
 
     def describe_plan(self, plan: SplitPlan) -> str:
         """``A:0-15 => B:16-23 -> C:24-31``: ``=>`` is a link within one box, ``->`` one across the network."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from codec import Capabilities, CodecError, CodecSpec
 from codec.policy import Calibration, choose_codec, engines
 from meshd.model.presets import PRESETS, ModelPreset
-from meshd.node.info import disagreement
+from meshd.node.info import compute_difference, disagreement
 from meshd.pipeline.plan import (PeerAddress, PeerResources, PlanError, SplitPlan, Stage, WeightBytes,
                                  stage_extra_bytes, propose, span_bytes, workspace_bytes)
 from meshd.pipeline.progress import SAME_HOST, LinkInfo, StageInfo, StepRecord
@@ -227,6 +227,7 @@ class StageForecast:
 class Forecast:
     stages: tuple[StageForecast, ...]
     problems: tuple[str, ...]
+    notes: tuple[str, ...] = ()  # what the user should know, though the plan can run (peers computing unalike)
 
     @property
     def ok(self) -> bool:
@@ -290,7 +291,9 @@ def forecast(plan: SplitPlan, peers: Mapping[PeerAddress, PeerView], width: int,
             kind = "VRAM" if peer.memory_kind == "gpu" else "memory"
             problems.append(f"{peer.label} needs {need / 2**30:.2f} GiB of {kind} for its blocks; "
                             f"it has {available_bytes(peer, preset) / 2**30:.2f} GiB")
-    return Forecast(tuple(out), tuple(problems))
+    staged = {stage.peer: peers[stage.peer] for stage in plan.stages if stage.peer in peers}
+    note = compute_difference((peer.label, peer.model) for peer in staged.values())
+    return Forecast(tuple(out), tuple(problems), (note,) if note else ())
 
 
 def _link_forecast(stage: Stage, nxt: Stage, peers: Mapping[PeerAddress, PeerView], stream_bytes: int,

@@ -4,7 +4,8 @@ generation reports, the blocks a stage holds. Untrusted maps read as unknown, ne
 import pytest
 
 from meshd.pipeline.blocks import BlockRange, blocks_shown
-from meshd.node.info import ModelInfo, NodeInfo, disagreement
+from meshd.model.precision import Fp8Compute
+from meshd.node.info import ModelInfo, NodeInfo, compute_difference, disagreement
 from meshd.pipeline.progress import LinkInfo, StageInfo, StepRecord, hops_from_wire
 
 MODEL = {"model_id": "klein-9b", "preset": "klein-9b", "hash": "ab" * 32, "dtype": "bfloat16",
@@ -41,6 +42,25 @@ def test_peers_agree_on_a_model_only_with_the_same_precision_of_the_weights():
     problem = disagreement([("A", same), ("B", bf16)])
     assert problem.startswith("peers serve different models: A serves klein-9b (klein-9b, bfloat16, sha256 abab")
     assert "B serves klein-9b (klein-9b, bfloat16, sha256 abababababab, weights bf16)" in problem
+
+
+def test_peers_that_compute_fp8_layers_by_different_paths_get_a_note_not_a_refusal():
+    """A 4090 (native fp8 matmul) and a 3090 (dequantise per layer) can serve one fp8 plan, but its image is
+    neither card's all-local image: the user is told; GPUs of one path, whatever their reason, are not."""
+    def peer(compute: Fp8Compute) -> ModelInfo:
+        return ModelInfo.from_wire({**MODEL, "compute": "fp8: " + compute.describe()})
+
+    h200 = peer(Fp8Compute(True, "compute capability 9.0 (NVIDIA H200)", "rowwise"))
+    rtx4090 = peer(Fp8Compute(True, "compute capability 8.9 (NVIDIA GeForce RTX 4090)", "rowwise"))
+    rtx3090 = peer(Fp8Compute(False, "compute capability 8.6 < 8.9: no fp8 tensor cores"))
+    assert h200.agreement == rtx3090.agreement  # they can serve one plan
+    assert compute_difference([("A", h200), ("B", rtx4090)]) is None
+    note = compute_difference([("A", rtx4090), ("B", rtx3090)])
+    assert note == ("peers compute fp8 layers differently (A: native fp8 matmul, activations scaled per token; "
+                    "B: dequantised to the compute dtype): the image differs slightly from an all-local run on any "
+                    "one of them")
+    dense = ModelInfo.from_wire({**MODEL, "compute": "dense bfloat16"})
+    assert compute_difference([("A", dense), ("B", rtx3090)]) is None  # nothing to compare with
 
 
 def test_every_hop_carries_its_sender():

@@ -193,6 +193,18 @@ def test_the_forecast_names_every_reason_a_plan_cannot_run():
     assert problems == ("B cannot encode hevc-qp18 (no NVENC engine)",)
 
 
+def test_the_forecast_notes_peers_that_compute_fp8_layers_by_different_paths():
+    native = "fp8: native fp8 matmul (torch._scaled_mm, activations scaled per token): compute capability 8.9"
+    upcast = "fp8: per-layer dequantise then matmul in the compute dtype: compute capability 8.6 < 8.9"
+    plan = plan_of((A, "A", 0, 3, "auto"), (B, "B", 3, 6, "auto"))
+    alike = splitting.forecast(plan, {A: peer("A", A, compute=native), B: peer("B", B, compute=native)}, 64, 64,
+                               splitting.BlockSpeeds(), splitting.LinkBook())
+    assert alike.notes == () and alike.ok
+    mixed = splitting.forecast(plan, {A: peer("A", A, compute=native), B: peer("B", B, compute=upcast)}, 64, 64,
+                               splitting.BlockSpeeds(), splitting.LinkBook())
+    assert mixed.ok and len(mixed.notes) == 1 and mixed.notes[0].startswith("peers compute fp8 layers differently (A:")
+
+
 # --- telemetry history --------------------------------------------------------------------------
 
 

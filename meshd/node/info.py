@@ -127,3 +127,27 @@ def disagreement(models: Iterable[tuple[str, ModelInfo]]) -> str | None:
     if len({m.agreement for _, m in models}) <= 1:
         return None
     return "peers serve different models: " + "; ".join(f"{label} serves {m.describe()}" for label, m in models)
+
+
+def fp8_compute_kind(compute: str | None) -> str | None:
+    """How a peer's fp8 layers compute, in words two peers' can be compared by (None: it holds no fp8
+    layers, or did not say). ``compute`` is its ``HostedModel.compute_path()``: the device's reason is
+    left out, so two GPUs that run the same path compare equal."""
+    part = next((p for p in (compute or "").split("; ") if p.startswith("fp8: ")), None)
+    if part is None:
+        return None
+    if "native fp8 matmul" in part:
+        return "native fp8 matmul, activations scaled " + ("per token" if "per token" in part else "per call")
+    return "dequantised to the compute dtype"
+
+
+def compute_difference(models: Iterable[tuple[str, ModelInfo]]) -> str | None:
+    """A note where the peers (by label) compute fp8 layers by different paths (a 4090's native fp8 matmul
+    quantises activations, a 3090 dequantises the weights instead): such a split runs, but its image is
+    not any one GPU's all-local image. None when they compute alike."""
+    kinds = {label: kind for label, m in models if (kind := fp8_compute_kind(m.compute))}
+    if len(set(kinds.values())) <= 1:
+        return None
+    return ("peers compute fp8 layers differently (" + "; ".join(f"{label}: {kind}" for label, kind in kinds.items())
+            + "): the image differs slightly from an all-local run on any one of them")
+

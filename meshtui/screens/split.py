@@ -88,6 +88,8 @@ folder has one. The head then fetches the prompt's embeddings from that peer bef
         if plan is not None:
             text.append(self.dashboard.text_encoder_line(), style="dim")
             text.append("\n")
+        for note in forecast.notes if forecast is not None else ():
+            text.append(f"! {note}\n", style="yellow")
         if forecast is not None and forecast.problems:
             for problem in forecast.problems:
                 text.append(f"✕ {problem}\n", style="bold red")
