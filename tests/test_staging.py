@@ -18,6 +18,7 @@ import codec
 from codec import CodecSpec, TokenLayout
 from meshd.wire import staging
 from meshd.wire.bulk import SendTiming
+from meshd.wire.channel import Channel, ServerSession
 from meshd.wire.connection import BIG_SEGMENT, Connection
 from meshd.errors import PeerLost
 from meshd.wire.frames import encode_frame
@@ -153,6 +154,43 @@ async def test_big_sealed_segments_arrive_bit_exact_in_the_staged_arena_with_the
     finally:
         await client.close()
         await served.close()
+
+
+async def test_sessions_keep_no_staged_frame_once_it_is_handled():
+    """A stream's last chunk goes back to its arena once the handler is done with it, not when the
+    next frame arrives (the read loops held their last frame: on the GPU test's last step the
+    receiving arena kept one run live). Both directions: the server's chunks, the client's reply."""
+    client, served = await sealed_pair()
+    unpinned(served)
+    served.stage_inbound()
+    unpinned(client)
+    client.stage_inbound()
+    payload = np.random.default_rng(6).integers(0, 256, 2 * BIG_SEGMENT, dtype=np.uint8)
+    got: list = []
+
+    async def handler(request):
+        async for frame in request.chunks(request.announced_chunks):
+            got.append(served.inbound.current.holds(frame.segments[0]))
+        return {}, [memoryview(payload)]  # a big reply: staged on the client's side
+
+    session = ServerSession(served, handler, {})
+    serving = asyncio.ensure_future(session.run())
+    channel = Channel(client)
+
+    async def chunks():
+        for index in range(2):
+            yield index, [memoryview(payload)]
+
+    try:
+        reply = await channel.request("forward", {"chunks": 2}, [], chunks=chunks())
+        assert got == [True, True] and client.inbound.current.holds(reply.segments[0])
+        del reply
+        assert await eventually(lambda: served.inbound.current.live_runs == 0), "the server kept a chunk"
+        assert await eventually(lambda: client.inbound.current.live_runs == 0), "the client kept its reply"
+    finally:
+        await channel.close()
+        serving.cancel()
+        await asyncio.gather(serving, return_exceptions=True)
 
 
 async def test_unstaged_connections_receive_big_segments_into_the_allocator_buffers():

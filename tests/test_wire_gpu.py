@@ -9,6 +9,7 @@ import pytest
 from meshd.auth import read_key
 from meshd.pipeline.request import GenerationParams
 from meshd.pipeline.plan import parse_split
+from meshtui.events import Prepared
 from meshtui.local import LocalCluster
 from meshtui.mesh import Mesh
 
@@ -48,6 +49,6 @@ def test_a_split_generation_on_one_gpu_over_sealed_connections(tmp_path, transpo
 
         result, events = asyncio.run(run())
     assert result.png.startswith(b"\x89PNG")
-    (prepared,) = [e for e in events if e.get("kind") == "prepared"]
-    links = [stage.get("link") or {} for stage in prepared["stages"]]
-    assert any(link.get("transport") == transport for link in links), links
+    (prepared,) = [e for e in events if isinstance(e, Prepared)]
+    links = [stage.link for stage in prepared.stages if stage.link is not None]
+    assert any(link.transport == transport for link in links), links

@@ -61,21 +61,9 @@ class Channel:
     async def _read_loop(self) -> None:
         try:
             while True:
-                frame = await self.conn.recv()
-                rid = frame.header.get("id")
-                route = self.rules.route(frame.header)
-                if route == "ping":
-                    self.conn.send_control("pong")  # never stop reading to answer
-                    continue
-                if route == "closing":
-                    # The server's reason for closing this connection: what every request here fails with.
-                    self._fail(MeshError.from_wire(frame.header, self.name))
-                    continue
-                if route == "pong":
-                    continue
-                pending = self._pending.get(rid) if isinstance(rid, int) else None
-                if pending is not None:
-                    pending.queue.put_nowait(frame)
+                # Routed in a call of its own, like the server's frames: a local here would keep the
+                # last frame (and a staged segment in it) until the next one arrives.
+                self._route(await self.conn.recv())
         except MeshError as exc:
             self._fail(exc)
         except ProtocolError as exc:  # a bad frame or a record that is not the one due: this link is done
@@ -88,6 +76,19 @@ class Channel:
             log.exception("reading from %s failed", self.name)
             self._fail(PeerLost(self.name, f"reading failed: {type(exc).__name__}: {str(exc).splitlines()[0]}"))
             self.conn.abort()
+
+    def _route(self, frame: Frame) -> None:
+        rid = frame.header.get("id")
+        route = self.rules.route(frame.header)
+        if route == "ping":
+            self.conn.send_control("pong")  # never stop reading to answer
+        elif route == "closing":
+            # The server's reason for closing this connection: what every request here fails with.
+            self._fail(MeshError.from_wire(frame.header, self.name))
+        elif route != "pong":
+            pending = self._pending.get(rid) if isinstance(rid, int) else None
+            if pending is not None:
+                pending.queue.put_nowait(frame)
 
     async def _keepalive(self) -> None:
         async def silent(seconds: float) -> None:
@@ -232,20 +233,9 @@ class ServerSession:
         watchdog = asyncio.ensure_future(self._watch_silence())
         try:
             while True:
-                frame = await self.conn.recv(idle_timeout=limits.IDLE_TIMEOUT_S)
-                action = self.rules.receive(frame.header)
-                if action.kind == "pong":
-                    self.conn.send_control("pong")  # never stop reading to answer
-                elif action.kind == "cancel":
-                    self.tasks[action.id].cancel()
-                elif action.kind == "chunk":
-                    self.requests[action.id]._push_chunk(frame)
-                elif action.kind == "busy":
-                    await self.conn.send({"op": "error", "id": action.id, "code": "busy", "message": action.message})
-                elif action.kind == "start":
-                    request = Request(self, frame)
-                    self.requests[action.id] = request
-                    self.tasks[action.id] = asyncio.ensure_future(self._handle(request))
+                # The frame is dispatched in a call of its own: a local here would keep the last one
+                # (a stream's last chunk, in pinned staging) until the next frame arrives.
+                await self._dispatch(await self.conn.recv(idle_timeout=limits.IDLE_TIMEOUT_S))
         except (MeshError, ProtocolError) as exc:
             if not isinstance(exc, PeerLost):
                 log.warning("closing connection from %s: %s", self.conn.name, exc)
@@ -263,6 +253,21 @@ class ServerSession:
             if self.tasks:
                 await asyncio.gather(*self.tasks.values(), return_exceptions=True)
             await self.conn.close()
+
+    async def _dispatch(self, frame: Frame) -> None:
+        action = self.rules.receive(frame.header)
+        if action.kind == "pong":
+            self.conn.send_control("pong")  # never stop reading to answer
+        elif action.kind == "cancel":
+            self.tasks[action.id].cancel()
+        elif action.kind == "chunk":
+            self.requests[action.id]._push_chunk(frame)
+        elif action.kind == "busy":
+            await self.conn.send({"op": "error", "id": action.id, "code": "busy", "message": action.message})
+        elif action.kind == "start":
+            request = Request(self, frame)
+            self.requests[action.id] = request
+            self.tasks[action.id] = asyncio.ensure_future(self._handle(request))
 
     async def _watch_silence(self) -> None:
         async def silent(seconds: float) -> None:
