@@ -136,6 +136,7 @@ class Timed:
     split_step_ms: list[float]
     local_s: list[float]
     local_step_ms: list[float]
+    local_summary: dict | None = None  # the last interleaved all-local generation's
 
 
 def free_memory(device: torch.device) -> None:
@@ -172,6 +173,7 @@ async def run_local(args, device, params, compiled: bool = False, state_dir: Pat
         "latents": result.latents,
         "pixels": np.asarray(Image.open(io.BytesIO(result.png))),
         "step_ms": [s["ms"] for s in result.summary["steps"]],
+        "step_accounting_ms": step_accounting(result.summary),
         "decode_ms": result.summary["decode_ms"],
         "vae_ms": result.summary["vae_ms"],
         "png_ms": result.summary["png_ms"],
@@ -214,6 +216,27 @@ def hop_breakdown(summary: dict) -> list[dict]:
             for row in links.values()]
 
 
+def step_accounting(summary: dict) -> dict:
+    """Where a step's time went (medians over the generation's steps, ms): the head's own GPU calls
+    (conditioning and scheduler, ``head_ms``), every pass's blocks on each node (``compute_ms``), each
+    hop's hand-over as its two ends timed it (sender's encode or device-to-host copy, the wire, the
+    receiver's decode or host-to-device copy), and ``other_ms``: the rest, i.e. orchestration (event
+    loops, frames, thread hand-offs, the GPU going idle between calls). For an all-local summary the
+    same split has no hops, so ``other_ms`` there is the baseline a split's is compared with."""
+    rows = []
+    for step in summary["steps"]:
+        compute = transfer = 0.0
+        for p in passes_from_wire(step):
+            compute += p.compute_ms or 0.0
+            for hop in p.hops:
+                compute += hop.compute_ms or 0.0
+                transfer += sum(v for v in (hop.encode_ms, hop.wire_ms, hop.decode_ms) if v is not None)
+        head = step.get("head_ms") or 0.0
+        rows.append({"step_ms": step["ms"], "head_ms": head, "compute_ms": compute, "transfer_ms": transfer,
+                     "other_ms": step["ms"] - head - compute - transfer})
+    return {name: round(statistics.median(r[name] for r in rows), 3) for name in rows[0]} if rows else {}
+
+
 def transports(summary: dict) -> list[str]:
     """How the steps' streams crossed each hop (tcp, cuda-ipc, host-shm), in first-seen order."""
     seen = {hop.transport: None for step in summary["steps"] for p in passes_from_wire(step) for hop in p.hops}
@@ -247,6 +270,7 @@ async def timed_generations(mesh, plan, params, codec_name, repeat, kept: KeptLo
             if i:
                 timed.local_s.append(time.perf_counter() - t0)
                 timed.local_step_ms += [s["ms"] for s in result.summary["steps"]]
+                timed.local_summary = result.summary
             if not torch.equal(result.latents, reference):
                 raise SystemExit("the all-local generation changed between runs: the comparison would be void")
     return timed
@@ -297,6 +321,7 @@ async def run_split(args, cluster, params, local, emulation, kept: KeptLocal | N
                 "hops": hops,
                 "stream_bytes_per_step": [h["bytes_per_step"] for h in hops],
                 "hop_breakdown_ms": hop_breakdown(outcome.summary),
+                "step_accounting_ms": step_accounting(outcome.summary),
                 "return_bytes_per_step": measured.summary["steps"][0]["passes"][0].get("return_bytes"),
                 "wire_bytes_total": wire_bytes(outcome.summary),
                 "step_ms": [round(s["ms"], 2) for s in outcome.summary["steps"]],
@@ -307,6 +332,7 @@ async def run_split(args, cluster, params, local, emulation, kept: KeptLocal | N
                 row["split_over_local_interleaved"] = split_s / statistics.median(timed.local_s)
                 row["step_split_over_local_interleaved"] = (statistics.median(timed.split_step_ms)
                                                             / statistics.median(timed.local_step_ms))
+                row["local_interleaved_step_accounting_ms"] = step_accounting(timed.local_summary)
             if emulation:
                 wire_s = row["wire_bytes_total"] / emulation.rate_bytes_per_s
                 row["emulated_wire_s"] = wire_s
@@ -322,6 +348,10 @@ async def run_split(args, cluster, params, local, emulation, kept: KeptLocal | N
             if kept is not None:
                 log(f"  interleaved with all-local runs: whole x{row['split_over_local_interleaved']:.3f}, "
                     f"median step x{row['step_split_over_local_interleaved']:.3f}")
+            acc = row["step_accounting_ms"]
+            base = row.get("local_interleaved_step_accounting_ms") or local.get("step_accounting_ms") or {}
+            log("  per step (median ms): " + ", ".join(f"{k[:-3]} {v:.2f}" for k, v in acc.items())
+                + (f"; all-local other {base['other_ms']:.2f}" if base else ""))
             for part in row["hop_breakdown_ms"]:
                 log(f"  {part['link']} ({part['codec']}, staged send/recv {part['staged_send']}/{part['staged_recv']}): "
                     + ", ".join(f"{name[:-3]} {part[name]}" for name in BREAKDOWN) + " ms (median per step)")

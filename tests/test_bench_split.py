@@ -22,3 +22,19 @@ def test_unsealed_split_bench_runs_and_stays_exact(tmp_path):
     assert result["config"]["frames"] == "unsealed (benchmark-only build)"
     (run,) = result["runs"]
     assert run["bit_identical_latents"] and run["chosen"] == ["raw"]
+    acc = run["step_accounting_ms"]  # the parts and the rest add up to the step
+    assert acc["compute_ms"] > 0 and acc["transfer_ms"] > 0
+    assert set(result["local"]["step_accounting_ms"]) == set(acc)
+
+
+def test_step_accounting_splits_a_step_into_head_blocks_hand_overs_and_the_rest():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from split_bench import step_accounting  # noqa: PLC0415
+
+    hop = {"from": "a", "node": "b", "codec": "raw", "bytes": 10, "encode_ms": 1.0, "wire_ms": 0.5, "decode_ms": 0.25,
+           "compute_ms": 40.0}
+    steps = [{"step": i, "ms": ms, "head_ms": 2.0, "passes": [{"compute_ms": 50.0, "hops": [hop]}]}
+             for i, ms in enumerate((100.0, 110.0, 105.0))]
+    assert step_accounting({"steps": steps}) == {"step_ms": 105.0, "head_ms": 2.0, "compute_ms": 90.0,
+                                                 "transfer_ms": 1.75, "other_ms": 11.25}
+    assert step_accounting({"steps": []}) == {}
