@@ -295,6 +295,39 @@ def test_folders_configured_through_a_link_hold_what_their_target_holds_and_noth
         loras.spec("out")
 
 
+def test_a_models_tree_linked_to_another_drive_serves_its_files_and_a_linked_kind_folder_too(comfy, tmp_path):
+    """Found by review: an install whose ``models/`` is a link (models on another disk) had every file refused
+    as a link out of its own models folder. The link is the configured root, so its target holds the files; a
+    kind folder linked to a configured folder is read there too; one linked anywhere else is still refused."""
+    root, _, _ = comfy
+    install, drive = tmp_path / "ComfyUI", tmp_path / "big-disk"
+    shutil.copytree(root / "comfy", install / "comfy")
+    shutil.copytree(root / "models", drive / "models")
+    (install / "models").symlink_to(drive / "models", target_is_directory=True)
+    config = DaemonConfig(models_dir=(), comfyui_dir=install, state_dir=tmp_path / "state")
+    lines = [f.text for f in check_models(config) if f.topic in ("models", "loras")]
+    assert not [t for t in lines if not t.startswith("ok ")], lines
+    assert any(t.startswith(f"ok  model {TRANSFORMER}:") and "VAE flux2-vae.safetensors" in t for t in lines), lines
+    assert any(t.startswith("ok  lora  style:") for t in lines), lines
+    files = ModelStore([], comfyui_dir=install).open(TRANSFORMER)
+    assert files.root == drive / "models" / "diffusion_models" / "flux2-tiny.safetensors"
+    assert files.parts.vae == drive / "models" / "vae" / "flux2-vae.safetensors"
+
+    kinds, elsewhere = tmp_path / "ssd" / "diffusion_models", tmp_path / "unlisted"
+    shutil.move(str(drive / "models" / "diffusion_models"), str(kinds))
+    (drive / "models" / "diffusion_models").symlink_to(kinds, target_is_directory=True)
+    assert ModelStore([kinds.parent], comfyui_dir=install).open(TRANSFORMER).root == kinds / "flux2-tiny.safetensors"
+    shutil.move(str(kinds), str(elsewhere))
+    (drive / "models" / "diffusion_models").unlink()
+    (drive / "models" / "diffusion_models").symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(ModelError) as caught:
+        ModelStore([], comfyui_dir=install).open(TRANSFORMER)
+    assert str(caught.value) == (
+        f"{drive / 'models' / 'diffusion_models' / 'flux2-tiny.safetensors'} is a link to "
+        f"{elsewhere / 'flux2-tiny.safetensors'}, outside the configured folders ({drive / 'models'}); meshd reads "
+        f"files only from there: add {elsewhere} to models_dir to use it")
+
+
 # --- each part equals the diffusers folder's --------------------------------------------------------
 
 def test_the_vae_single_file_loads_the_diffusers_vae_exactly(comfy):
