@@ -270,6 +270,31 @@ def test_a_link_out_of_the_model_folders_is_refused_naming_the_link_and_its_targ
     assert any(t.startswith("ok  model diffusion_models/alias:") for t in lines), lines
 
 
+def test_a_tokenizer_beside_a_text_encoder_file_that_links_out_refuses_the_model_naming_it(comfy, tmp_path):
+    """Found by review: the tokenizer/ found beside a text-encoder file was read wherever a link took it; it
+    is checked with every other file the model reads when the model is opened, the folder and each file."""
+    root, _, _ = comfy
+    models, elsewhere = tmp_path / "models", tmp_path / "other-drive"
+    shutil.copytree(root / "models", models)
+    shutil.copytree(root / "comfy" / "text_encoders" / "qwen25_tokenizer", elsewhere / "tokenizer")
+    beside = models / "text_encoders" / "tokenizer"
+    beside.symlink_to(elsewhere / "tokenizer", target_is_directory=True)
+    with pytest.raises(ModelError) as caught:
+        ModelStore([models]).open(TRANSFORMER)
+    assert str(caught.value) == (
+        f"{beside} is a link to {elsewhere / 'tokenizer'}, outside the configured folders ({models}); meshd reads "
+        f"files only from there: add {elsewhere} to models_dir to use it")
+    beside.unlink()
+    shutil.copytree(elsewhere / "tokenizer", beside)
+    (beside / "vocab.json").unlink()
+    (beside / "vocab.json").symlink_to(elsewhere / "tokenizer" / "vocab.json")
+    with pytest.raises(ModelError, match=rf"^{beside / 'vocab.json'} is a link to {elsewhere / 'tokenizer'}/vocab"):
+        ModelStore([models]).open(TRANSFORMER)
+    (beside / "vocab.json").unlink()
+    shutil.copy(elsewhere / "tokenizer" / "vocab.json", beside / "vocab.json")
+    assert ModelStore([models]).open(TRANSFORMER).parts.tokenizer == beside
+
+
 def test_folders_configured_through_a_link_hold_what_their_target_holds_and_nothing_it_links_out(comfy, tmp_path):
     """One containment rule for model and LoRA files: the configured folders and the files are compared where
     they really are, so a models_dir or lora_dir given as a link (a ComfyUI tree on another drive, linked in)

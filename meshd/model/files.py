@@ -180,18 +180,39 @@ class ModelStore:
                     return path
         raise ModelError(f"model {name!r} not found in {', '.join(map(str, self.dirs))}")
 
-    def _refuse_escape(self, path: Path) -> None:
+    def _refuse_escape(self, path: Path, dirs: list[Path] | None = None) -> None:
         """A ModelError naming the link when ``path``, or for a folder anything in it, is a link out of the
-        model folders (a diffusers folder may hold linked shards: they are read like the folder)."""
-        inside = comfyui.entries(path) if path.is_dir() and not path.is_symlink() else ()
+        model folders (or ``dirs``); a diffusers folder may hold linked shards: they are read like the folder,
+        and a folder linked in from inside them is checked through."""
+        dirs = self.dirs if dirs is None else dirs
+        inside = comfyui.entries(path) if path.is_dir() else ()
         for item in itertools.chain((path,), inside):  # lazily: a link out is named, never walked into
-            target = comfyui.escapes(item, self.dirs)
+            target = comfyui.escapes(item, dirs)
             if target is not None:
-                raise ModelError(comfyui.link_refusal(item, target, self.dirs))
+                raise ModelError(comfyui.link_refusal(item, target, dirs))
 
     def open(self, name: str) -> ModelFiles:
-        """The model ``name``: its checkpoint opened (headers read and checked) and its head parts located."""
-        path = self.resolve(name)
+        """The model ``name``: its checkpoint opened (headers read and checked) and its head parts located,
+        every file it will read checked to lie in the model folders."""
+        files = self._open(self.resolve(name))
+        self._refuse_links_out(files)
+        return files
+
+    def _refuse_links_out(self, files: ModelFiles) -> None:
+        """A ModelError naming the link when a file the model reads leads out of the model folders, asked when
+        the model is opened rather than only where the folders were walked: its checkpoint's files, its
+        components folder's parts (a single file's own ``vae/``), the head's single files and their tokenizer
+        (ComfyUI's own Qwen tokenizer lies in the install: it may be there)."""
+        paths = [*files.checkpoint.files, files.parts.vae, files.parts.text_encoder]
+        if files.components is not None:
+            paths += [files.components / part for part in (*comfyui.DIFFUSERS_PARTS, "model_index.json")]
+        for path in paths:
+            if path is not None and os.path.lexists(path):
+                self._refuse_escape(path)
+        if files.parts.tokenizer is not None:
+            self._refuse_escape(files.parts.tokenizer, [*self.dirs, *(i.root for i in self._installs())])
+
+    def _open(self, path: Path) -> ModelFiles:
         require_readable(path)
         if path.is_dir():
             require_readable(path / "transformer")
