@@ -230,6 +230,49 @@ def test_an_all_in_one_checkpoints_fp8_text_encoder_loads_as_its_own_file_would(
     assert any(isinstance(m, Fp8Linear) and m.format.per_row for m in inside.modules())
 
 
+def test_a_diffusers_folders_own_parts_come_first_and_a_single_file_beside_them_is_noted(comfy, tmp_path, caplog):
+    """Found by review: an all-in-one checkpoint inside a diffusers folder was passed over without a word (the
+    folder asked for) or its VAE and text encoder were (the file asked for). The folder's own parts come first;
+    what is passed over is said in ``meshd check`` and in an info line; a part the folder lacks comes from the
+    file asked for."""
+    root, diffusers, _ = comfy
+    models = tmp_path / "models"
+    folder = models / "tiny-qwen3"
+    shutil.copytree(diffusers, folder)
+    all_in_one(root, folder / "flux2-tiny-aio.safetensors")
+    store = ModelStore([models])
+    with caplog.at_level("INFO", logger="meshd"):
+        files = store.open("tiny-qwen3")
+    beside = ("flux2-tiny-aio.safetensors (transformer, VAE, text encoder) is passed over: the folder's own "
+              "transformer/, vae/ and text_encoder/ come first")
+    assert files.checkpoint.folder and files.components == folder and files.parts.notes == beside
+    assert files.parts.vae is None and files.parts.text_encoder is None
+    assert f"{folder}: {beside}" in caplog.text
+
+    caplog.clear()
+    with caplog.at_level("INFO", logger="meshd"):
+        files = store.open("tiny-qwen3/flux2-tiny-aio")
+    passed = (f"all-in-one checkpoint (transformer, VAE, text encoder); its VAE and text encoder are passed over: "
+              f"{folder}'s own vae/ and text_encoder/ come first")
+    assert files.root == folder / "flux2-tiny-aio.safetensors" and files.components == folder
+    assert files.parts.vae is None and files.parts.text_encoder is None and files.parts.notes == passed
+    assert f"{files.root}: {passed}" in caplog.text
+
+    lines = [f.text for f in check_models(DaemonConfig(models_dir=(models,), state_dir=tmp_path / "state"))
+             if f.topic == "models"]
+    line = next(t for t in lines if t.startswith("ok  model tiny-qwen3:"))
+    assert f"VAE from {folder}, text encoder from {folder}; {beside}" in line, line
+
+    shutil.rmtree(folder / "text_encoder")  # a part the folder lacks: the file's own
+    gap = (f"all-in-one checkpoint (transformer, VAE, text encoder): text encoder from this file; its VAE is passed "
+           f"over: {folder}'s own vae/ comes first")
+    files = ModelStore([models]).open("tiny-qwen3/flux2-tiny-aio")
+    assert files.parts.vae is None and files.parts.text_encoder == files.root and files.parts.notes == gap
+    shutil.rmtree(folder / "transformer")  # the folder as the one file's own: the same
+    files = ModelStore([models]).open("tiny-qwen3")
+    assert files.root == folder / "flux2-tiny-aio.safetensors" and files.parts.notes == gap
+
+
 # --- links out of the model folders ---------------------------------------------------------------------
 
 def test_a_link_out_of_the_model_folders_is_refused_naming_the_link_and_its_target(comfy, tmp_path):
