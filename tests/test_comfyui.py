@@ -695,6 +695,27 @@ def test_klein_base_or_distilled_defaults_like_diffusers_and_the_operator_decide
     assert "ComfyUI single file, tiny, bf16, base (CFG), set by distilled = false;" in line
 
 
+@pytest.mark.parametrize("value", ["false", "true", 0, 1, None, []])
+def test_an_is_distilled_that_is_not_a_json_boolean_is_refused_naming_the_file_and_field(comfy, tmp_path, value):
+    """Found by review: ``bool(data["is_distilled"])`` took the string "false" for True (a distilled model run
+    without CFG when base was meant). Only a JSON boolean says which; anything else is one line naming it."""
+    _, diffusers, _ = comfy
+    folder = tmp_path / "models" / "klein"
+    shutil.copytree(diffusers, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "is_distilled": value}))
+    why = (f"{folder / 'model_index.json'}: is_distilled is {json.dumps(value)}, not true or false (a JSON "
+           "boolean); set it to one, or remove it for diffusers' default (base)")
+    with pytest.raises(ModelError) as caught:
+        open_source("klein", ModelStore([tmp_path / "models"])).distilled()
+    assert str(caught.value) == why
+    config = DaemonConfig(models_dir=(tmp_path / "models",), state_dir=tmp_path / "state")
+    assert f"BAD model klein: {why}" in [f.text.split("\n")[0] for f in check_models(config)]
+    for boolean in (False, True):
+        (folder / "model_index.json").write_text(json.dumps({**index, "is_distilled": boolean}))
+        assert open_source("klein", ModelStore([tmp_path / "models"])).distilled() is boolean
+
+
 def test_meshd_check_says_what_decided_base_or_distilled(comfy, tmp_path):
     """Nothing in a klein file's tensors or ComfyUI's detection tells base from distilled: the check line says
     it is assumed, and how to say otherwise; a file named as BFL names base files is taken as base."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import json
 import logging
 import os
 import re
@@ -111,7 +112,11 @@ class ModelFiles:
             if path.is_file():
                 data = read_json(path)
                 if "is_distilled" in data:
-                    return Sampling(bool(data["is_distilled"]), "from model_index.json")
+                    flag = data["is_distilled"]
+                    if not isinstance(flag, bool):  # bool("false") is True: only a JSON boolean says which
+                        raise ModelError(f"{path}: is_distilled is {json.dumps(flag)}, not true or false (a JSON "
+                                         "boolean); set it to one, or remove it for diffusers' default (base)")
+                    return Sampling(flag, "from model_index.json")
                 if data.get("_class_name") == "Flux2KleinPipeline":
                     return Sampling(False, "model_index.json has no is_distilled (diffusers' default)")
         if not self.checkpoint.folder and self.preset.distilled:
