@@ -230,6 +230,31 @@ def test_an_all_in_one_checkpoints_fp8_text_encoder_loads_as_its_own_file_would(
     assert any(isinstance(m, Fp8Linear) and m.format.per_row for m in inside.modules())
 
 
+def test_what_an_all_in_one_file_declares_for_its_other_parts_does_not_change_its_transformer(comfy, tmp_path):
+    """Found by review: the header's ``_quantization_metadata`` was read for every layer of the file, so a text
+    encoder (or VAE) layer declared in a format meshd cannot compute refused the whole transformer. Only what is
+    declared under the transformer's prefix is its; the encoder's own declarations decide only about it."""
+    from safetensors.torch import load_file
+
+    from meshd.model.checkpoints import Checkpoint
+
+    root, _, _ = comfy
+    all_in_one(root, tmp_path / "plain.safetensors")
+    state = load_file(str(tmp_path / "plain.safetensors"))
+    layer = "text_encoders.qwen3_4b.transformer.model.layers.0.mlp.gate_proj"
+    metadata = {"_quantization_metadata": json.dumps({"format_version": "1.0", "layers": {
+        layer: {"format": "int8_tensorwise"}, "vae.decoder.conv_in": {"format": "nvfp4"}}})}
+    models = tmp_path / "models" / "checkpoints"
+    models.mkdir(parents=True)
+    save_file(state, str(models / "aio.safetensors"), metadata=metadata)
+    checkpoint = Checkpoint.open_file(models / "aio.safetensors")
+    assert checkpoint.quantisation == "bf16" and checkpoint.layout == "ComfyUI single file"
+    with pytest.raises(ModelError, match=r"aio.safetensors is quantised as int8_tensorwise; meshd reads text encoders"):
+        EncoderFile.open(models / "aio.safetensors")
+    files = ModelStore([tmp_path / "models"]).open("checkpoints/aio")
+    assert "its text encoder part is not used (" in files.parts.notes and files.parts.vae == files.root
+
+
 def test_a_diffusers_folders_own_parts_come_first_and_a_single_file_beside_them_is_noted(comfy, tmp_path, caplog):
     """Found by review: an all-in-one checkpoint inside a diffusers folder was passed over without a word (the
     folder asked for) or its VAE and text encoder were (the file asked for). The folder's own parts come first;
