@@ -6,6 +6,7 @@ it computes equals what it computes from the diffusers folder of the same weight
 import copy
 import io
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -620,6 +621,34 @@ def test_without_a_tokenizer_one_message_says_which_files_to_put_where(comfy, tm
         model.encode_prompt("a dog")
 
 
+def bad_pattern(folder: Path) -> Path:
+    """``folder``'s tokenizer.json with a pre-tokenizer pattern no regex engine compiles (an unclosed group)."""
+    path = folder / "tokenizer.json"
+    data = json.loads(path.read_text())
+    data["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = "(?i:'s|'t"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_a_tokenizer_file_whose_pattern_does_not_compile_is_one_line_naming_the_file(comfy, tmp_path):
+    """Found by review: a tokenizer.json whose pre-tokenizer pattern the tokenizers library rejects came out as
+    its bare Exception (a traceback), from ComfyUI's layout and from a diffusers folder alike."""
+    from meshd.model.text_encoder import LanguageModelEncoder
+
+    root, diffusers, _ = comfy
+    folder = tmp_path / "tiny-qwen3"
+    shutil.copytree(diffusers, folder)
+    path = bad_pattern(folder / "tokenizer")
+    why = "^" + re.escape(f"{path}: pre_tokenizer.pretokenizers[0].pattern.Regex \"(?i:'s|'t\" is not a regular "
+                          "expression the tokenizer can compile (") + r".+\)$"
+    with pytest.raises(ModelError, match=why):
+        LanguageModelEncoder.load(folder / "text_encoder", folder / "tokenizer", PRESET, CPU, torch.bfloat16)
+    file = EncoderFile.open(root / "models" / "text_encoders" / "qwen_3_tiny.safetensors")
+    with pytest.raises(ModelError, match=why):
+        file.tokenizer(folder / "tokenizer", "")
+    assert file.tokenizer(diffusers / "tokenizer", "") is not None  # the same files, pattern intact
+
+
 # --- Mistral's tokenizer inside the file (dev) ------------------------------------------------------
 
 MISTRAL_PROMPTS = ["a dog by the sea", "", "The Dogs' 42 boats\nat sea!  ", "[INST] is text here"]
@@ -671,6 +700,9 @@ def test_a_mistral_file_with_its_own_tokenizer_gives_the_full_models_prompt_embe
         assert torch.equal(encoder(prompt), want), prompt
 
 
+BAD_TEKKEN_PATTERN = r"[^\r\n\p{L}"  # a character class never closed
+
+
 @pytest.mark.parametrize(("blob", "why"), [
     (b"\x89PNG not json", "not a UTF-8 JSON document"),
     (tekken_json(MISTRAL_SPECIALS[:17]), "it lacks the control token \\[SYSTEM_PROMPT\\]"),
@@ -679,7 +711,12 @@ def test_a_mistral_file_with_its_own_tokenizer_gives_the_full_models_prompt_embe
      "vocab entry 0's token_bytes is not base64"),
     (tekken_json().replace(b'"rank": 17, "token_str"', b'"rank": 37, "token_str"'),
      "special_tokens ranks are not 0..n-1"),
-], ids=["not-json", "no-system-prompt-token", "no-pattern", "bad-base64", "rank-gap"])
+    # found by review: a pattern the tokenizers library cannot compile was its bare Exception, a traceback
+    (json.dumps({**json.loads(tekken_json()), "config": {**json.loads(tekken_json())["config"],
+                                                           "pattern": BAD_TEKKEN_PATTERN}}).encode(),
+     re.escape(f"config.pattern {BAD_TEKKEN_PATTERN!r} is not a regular expression the tokenizer can compile (")
+     + r".+\)$"),
+], ids=["not-json", "no-system-prompt-token", "no-pattern", "bad-base64", "rank-gap", "bad-pattern"])
 def test_a_malformed_tekken_tokenizer_is_refused_in_one_line_naming_the_file(tmp_path, blob, why):
     file = EncoderFile.open(mistral_file(tmp_path, blob))
     with pytest.raises(ModelError, match=f"mistral_3_small_flux2_bf16.safetensors's tekken_model is not a readable "

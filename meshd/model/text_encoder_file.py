@@ -41,7 +41,7 @@ from .checkpoints import (FLOAT_DTYPES, FP8_DTYPES, QUANT_FORMATS, QUANT_RECORD_
 from .dequant import dequantise_fp8
 from .precision import LinearFormat, quantised_layers
 from .presets import ModelPreset
-from .tekken import TEKKEN_KEY, check_tekken_header, read_tekken, tekken_tokenizer
+from .tekken import TEKKEN_KEY, check_tekken_header, check_tokenizer_folder, read_tekken, tekken_tokenizer
 from .tensorfiles import ModelError, TensorInfo, file_stamp, open_safetensors, read_header
 
 #: What the shapes cannot tell, per family (the released configs).
@@ -251,6 +251,7 @@ class EncoderFile:
             if self.tekken is not None:
                 return tekken_tokenizer(read_tekken(self.path, self.tekken), f"{self.path}'s {TEKKEN_KEY}")
             raise ModelError(hint or f"{self.path} has no tokenizer")
+        check_tokenizer_folder(folder)
         try:
             if self.family == "mistral3":
                 return transformers.AutoProcessor.from_pretrained(str(folder), local_files_only=True)
