@@ -408,6 +408,39 @@ def test_a_link_out_inside_a_linked_component_folder_of_a_model_is_refused(model
     assert str(info.value).startswith(f"{linked} is a link to {outside / weights.name}, outside the configured")
 
 
+def test_a_single_files_own_component_folder_or_file_linked_out_refuses_the_model_naming_it(models, tmp_path):
+    """Found by review: only the walked folder was checked for links out, so a single file's own vae/ (or a
+    file in it, or its text_encoder/ or tokenizer/) linked out of the model folders was read from there by
+    the head. Every file the model will read is checked when it is opened, naming the link."""
+    root, _, _ = models
+    mine, outside = tmp_path / "mine", tmp_path / "outside"
+    (mine / "own").mkdir(parents=True)
+    shutil.copy(root / "tiny-comfy.safetensors", mine / "own" / "tiny-comfy.safetensors")
+    shutil.copytree(root / "tiny" / "vae", outside / "vae")
+    (mine / "own" / "vae").symlink_to(outside / "vae", target_is_directory=True)
+    refusal = f"is a link to {outside / 'vae'}, outside the configured folders ({mine}); meshd reads files only"
+    for name in ("own/tiny-comfy", str(mine / "own" / "tiny-comfy.safetensors")):
+        with pytest.raises(ModelError) as info:
+            ModelStore([mine]).open(name)
+        assert str(info.value).startswith(f"{mine / 'own' / 'vae'} {refusal}"), name
+    (mine / "own" / "vae").unlink()
+    shutil.copytree(root / "tiny" / "vae", mine / "own" / "vae")
+    weights = next((mine / "own" / "vae").glob("*.safetensors"))
+    weights.unlink()
+    weights.symlink_to(next((outside / "vae").glob("*.safetensors")))
+    with pytest.raises(ModelError) as info:
+        ModelStore([mine]).open("own/tiny-comfy")
+    assert str(info.value).startswith(f"{weights} is a link to {outside / 'vae' / weights.name}, outside"), info.value
+    weights.unlink()
+    shutil.copy(outside / "vae" / weights.name, weights)
+    shutil.copytree(root / "tiny" / "text_encoder", outside / "text_encoder")
+    (mine / "own" / "text_encoder").symlink_to(outside / "text_encoder", target_is_directory=True)
+    with pytest.raises(ModelError, match=rf"^{mine / 'own' / 'text_encoder'} is a link to {outside / 'text_encoder'}, "):
+        ModelStore([mine]).open("own/tiny-comfy")
+    (mine / "own" / "text_encoder").unlink()
+    assert ModelStore([mine]).open("own/tiny-comfy").components == mine / "own"  # all inside: used
+
+
 def test_an_index_that_points_outside_its_folder_is_refused(models, tmp_path):
     root, _, _ = models
     shutil.copytree(root / "tiny-sharded", tmp_path / "escape")

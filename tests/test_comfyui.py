@@ -6,6 +6,7 @@ it computes equals what it computes from the diffusers folder of the same weight
 import copy
 import io
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -230,6 +231,74 @@ def test_an_all_in_one_checkpoints_fp8_text_encoder_loads_as_its_own_file_would(
     assert any(isinstance(m, Fp8Linear) and m.format.per_row for m in inside.modules())
 
 
+def test_what_an_all_in_one_file_declares_for_its_other_parts_does_not_change_its_transformer(comfy, tmp_path):
+    """Found by review: the header's ``_quantization_metadata`` was read for every layer of the file, so a text
+    encoder (or VAE) layer declared in a format meshd cannot compute refused the whole transformer. Only what is
+    declared under the transformer's prefix is its; the encoder's own declarations decide only about it."""
+    from safetensors.torch import load_file
+
+    from meshd.model.checkpoints import Checkpoint
+
+    root, _, _ = comfy
+    all_in_one(root, tmp_path / "plain.safetensors")
+    state = load_file(str(tmp_path / "plain.safetensors"))
+    layer = "text_encoders.qwen3_4b.transformer.model.layers.0.mlp.gate_proj"
+    metadata = {"_quantization_metadata": json.dumps({"format_version": "1.0", "layers": {
+        layer: {"format": "int8_tensorwise"}, "vae.decoder.conv_in": {"format": "nvfp4"}}})}
+    models = tmp_path / "models" / "checkpoints"
+    models.mkdir(parents=True)
+    save_file(state, str(models / "aio.safetensors"), metadata=metadata)
+    checkpoint = Checkpoint.open_file(models / "aio.safetensors")
+    assert checkpoint.quantisation == "bf16" and checkpoint.layout == "ComfyUI single file"
+    with pytest.raises(ModelError, match=r"aio.safetensors is quantised as int8_tensorwise; meshd reads text encoders"):
+        EncoderFile.open(models / "aio.safetensors")
+    files = ModelStore([tmp_path / "models"]).open("checkpoints/aio")
+    assert "its text encoder part is not used (" in files.parts.notes and files.parts.vae == files.root
+
+
+def test_a_diffusers_folders_own_parts_come_first_and_a_single_file_beside_them_is_noted(comfy, tmp_path, caplog):
+    """Found by review: an all-in-one checkpoint inside a diffusers folder was passed over without a word (the
+    folder asked for) or its VAE and text encoder were (the file asked for). The folder's own parts come first;
+    what is passed over is said in ``meshd check`` and in an info line; a part the folder lacks comes from the
+    file asked for."""
+    root, diffusers, _ = comfy
+    models = tmp_path / "models"
+    folder = models / "tiny-qwen3"
+    shutil.copytree(diffusers, folder)
+    all_in_one(root, folder / "flux2-tiny-aio.safetensors")
+    store = ModelStore([models])
+    with caplog.at_level("INFO", logger="meshd"):
+        files = store.open("tiny-qwen3")
+    beside = ("flux2-tiny-aio.safetensors (transformer, VAE, text encoder) is passed over: the folder's own "
+              "transformer/, vae/ and text_encoder/ come first")
+    assert files.checkpoint.folder and files.components == folder and files.parts.notes == beside
+    assert files.parts.vae is None and files.parts.text_encoder is None
+    assert f"{folder}: {beside}" in caplog.text
+
+    caplog.clear()
+    with caplog.at_level("INFO", logger="meshd"):
+        files = store.open("tiny-qwen3/flux2-tiny-aio")
+    passed = (f"all-in-one checkpoint (transformer, VAE, text encoder); its VAE and text encoder are passed over: "
+              f"{folder}'s own vae/ and text_encoder/ come first")
+    assert files.root == folder / "flux2-tiny-aio.safetensors" and files.components == folder
+    assert files.parts.vae is None and files.parts.text_encoder is None and files.parts.notes == passed
+    assert f"{files.root}: {passed}" in caplog.text
+
+    lines = [f.text for f in check_models(DaemonConfig(models_dir=(models,), state_dir=tmp_path / "state"))
+             if f.topic == "models"]
+    line = next(t for t in lines if t.startswith("ok  model tiny-qwen3:"))
+    assert f"VAE from {folder}, text encoder from {folder}; {beside}" in line, line
+
+    shutil.rmtree(folder / "text_encoder")  # a part the folder lacks: the file's own
+    gap = (f"all-in-one checkpoint (transformer, VAE, text encoder): text encoder from this file; its VAE is passed "
+           f"over: {folder}'s own vae/ comes first")
+    files = ModelStore([models]).open("tiny-qwen3/flux2-tiny-aio")
+    assert files.parts.vae is None and files.parts.text_encoder == files.root and files.parts.notes == gap
+    shutil.rmtree(folder / "transformer")  # the folder as the one file's own: the same
+    files = ModelStore([models]).open("tiny-qwen3")
+    assert files.root == folder / "flux2-tiny-aio.safetensors" and files.parts.notes == gap
+
+
 # --- links out of the model folders ---------------------------------------------------------------------
 
 def test_a_link_out_of_the_model_folders_is_refused_naming_the_link_and_its_target(comfy, tmp_path):
@@ -270,6 +339,31 @@ def test_a_link_out_of_the_model_folders_is_refused_naming_the_link_and_its_targ
     assert any(t.startswith("ok  model diffusion_models/alias:") for t in lines), lines
 
 
+def test_a_tokenizer_beside_a_text_encoder_file_that_links_out_refuses_the_model_naming_it(comfy, tmp_path):
+    """Found by review: the tokenizer/ found beside a text-encoder file was read wherever a link took it; it
+    is checked with every other file the model reads when the model is opened, the folder and each file."""
+    root, _, _ = comfy
+    models, elsewhere = tmp_path / "models", tmp_path / "other-drive"
+    shutil.copytree(root / "models", models)
+    shutil.copytree(root / "comfy" / "text_encoders" / "qwen25_tokenizer", elsewhere / "tokenizer")
+    beside = models / "text_encoders" / "tokenizer"
+    beside.symlink_to(elsewhere / "tokenizer", target_is_directory=True)
+    with pytest.raises(ModelError) as caught:
+        ModelStore([models]).open(TRANSFORMER)
+    assert str(caught.value) == (
+        f"{beside} is a link to {elsewhere / 'tokenizer'}, outside the configured folders ({models}); meshd reads "
+        f"files only from there: add {elsewhere} to models_dir to use it")
+    beside.unlink()
+    shutil.copytree(elsewhere / "tokenizer", beside)
+    (beside / "vocab.json").unlink()
+    (beside / "vocab.json").symlink_to(elsewhere / "tokenizer" / "vocab.json")
+    with pytest.raises(ModelError, match=rf"^{beside / 'vocab.json'} is a link to {elsewhere / 'tokenizer'}/vocab"):
+        ModelStore([models]).open(TRANSFORMER)
+    (beside / "vocab.json").unlink()
+    shutil.copy(elsewhere / "tokenizer" / "vocab.json", beside / "vocab.json")
+    assert ModelStore([models]).open(TRANSFORMER).parts.tokenizer == beside
+
+
 def test_folders_configured_through_a_link_hold_what_their_target_holds_and_nothing_it_links_out(comfy, tmp_path):
     """One containment rule for model and LoRA files: the configured folders and the files are compared where
     they really are, so a models_dir or lora_dir given as a link (a ComfyUI tree on another drive, linked in)
@@ -293,6 +387,39 @@ def test_folders_configured_through_a_link_hold_what_their_target_holds_and_noth
         store.resolve("diffusion_models/out")
     with pytest.raises(LoraError, match=rf"is a link to {elsewhere / 'lora.safetensors'}, outside .* to lora_dir"):
         loras.spec("out")
+
+
+def test_a_models_tree_linked_to_another_drive_serves_its_files_and_a_linked_kind_folder_too(comfy, tmp_path):
+    """Found by review: an install whose ``models/`` is a link (models on another disk) had every file refused
+    as a link out of its own models folder. The link is the configured root, so its target holds the files; a
+    kind folder linked to a configured folder is read there too; one linked anywhere else is still refused."""
+    root, _, _ = comfy
+    install, drive = tmp_path / "ComfyUI", tmp_path / "big-disk"
+    shutil.copytree(root / "comfy", install / "comfy")
+    shutil.copytree(root / "models", drive / "models")
+    (install / "models").symlink_to(drive / "models", target_is_directory=True)
+    config = DaemonConfig(models_dir=(), comfyui_dir=install, state_dir=tmp_path / "state")
+    lines = [f.text for f in check_models(config) if f.topic in ("models", "loras")]
+    assert not [t for t in lines if not t.startswith("ok ")], lines
+    assert any(t.startswith(f"ok  model {TRANSFORMER}:") and "VAE flux2-vae.safetensors" in t for t in lines), lines
+    assert any(t.startswith("ok  lora  style:") for t in lines), lines
+    files = ModelStore([], comfyui_dir=install).open(TRANSFORMER)
+    assert files.root == drive / "models" / "diffusion_models" / "flux2-tiny.safetensors"
+    assert files.parts.vae == drive / "models" / "vae" / "flux2-vae.safetensors"
+
+    kinds, elsewhere = tmp_path / "ssd" / "diffusion_models", tmp_path / "unlisted"
+    shutil.move(str(drive / "models" / "diffusion_models"), str(kinds))
+    (drive / "models" / "diffusion_models").symlink_to(kinds, target_is_directory=True)
+    assert ModelStore([kinds.parent], comfyui_dir=install).open(TRANSFORMER).root == kinds / "flux2-tiny.safetensors"
+    shutil.move(str(kinds), str(elsewhere))
+    (drive / "models" / "diffusion_models").unlink()
+    (drive / "models" / "diffusion_models").symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(ModelError) as caught:
+        ModelStore([], comfyui_dir=install).open(TRANSFORMER)
+    assert str(caught.value) == (
+        f"{drive / 'models' / 'diffusion_models' / 'flux2-tiny.safetensors'} is a link to "
+        f"{elsewhere / 'flux2-tiny.safetensors'}, outside the configured folders ({drive / 'models'}); meshd reads "
+        f"files only from there: add {elsewhere} to models_dir to use it")
 
 
 # --- each part equals the diffusers folder's --------------------------------------------------------
@@ -494,6 +621,34 @@ def test_without_a_tokenizer_one_message_says_which_files_to_put_where(comfy, tm
         model.encode_prompt("a dog")
 
 
+def bad_pattern(folder: Path) -> Path:
+    """``folder``'s tokenizer.json with a pre-tokenizer pattern no regex engine compiles (an unclosed group)."""
+    path = folder / "tokenizer.json"
+    data = json.loads(path.read_text())
+    data["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = "(?i:'s|'t"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_a_tokenizer_file_whose_pattern_does_not_compile_is_one_line_naming_the_file(comfy, tmp_path):
+    """Found by review: a tokenizer.json whose pre-tokenizer pattern the tokenizers library rejects came out as
+    its bare Exception (a traceback), from ComfyUI's layout and from a diffusers folder alike."""
+    from meshd.model.text_encoder import LanguageModelEncoder
+
+    root, diffusers, _ = comfy
+    folder = tmp_path / "tiny-qwen3"
+    shutil.copytree(diffusers, folder)
+    path = bad_pattern(folder / "tokenizer")
+    why = "^" + re.escape(f"{path}: pre_tokenizer.pretokenizers[0].pattern.Regex \"(?i:'s|'t\" is not a regular "
+                          "expression the tokenizer can compile (") + r".+\)$"
+    with pytest.raises(ModelError, match=why):
+        LanguageModelEncoder.load(folder / "text_encoder", folder / "tokenizer", PRESET, CPU, torch.bfloat16)
+    file = EncoderFile.open(root / "models" / "text_encoders" / "qwen_3_tiny.safetensors")
+    with pytest.raises(ModelError, match=why):
+        file.tokenizer(folder / "tokenizer", "")
+    assert file.tokenizer(diffusers / "tokenizer", "") is not None  # the same files, pattern intact
+
+
 # --- Mistral's tokenizer inside the file (dev) ------------------------------------------------------
 
 MISTRAL_PROMPTS = ["a dog by the sea", "", "The Dogs' 42 boats\nat sea!  ", "[INST] is text here"]
@@ -545,6 +700,9 @@ def test_a_mistral_file_with_its_own_tokenizer_gives_the_full_models_prompt_embe
         assert torch.equal(encoder(prompt), want), prompt
 
 
+BAD_TEKKEN_PATTERN = r"[^\r\n\p{L}"  # a character class never closed
+
+
 @pytest.mark.parametrize(("blob", "why"), [
     (b"\x89PNG not json", "not a UTF-8 JSON document"),
     (tekken_json(MISTRAL_SPECIALS[:17]), "it lacks the control token \\[SYSTEM_PROMPT\\]"),
@@ -553,7 +711,12 @@ def test_a_mistral_file_with_its_own_tokenizer_gives_the_full_models_prompt_embe
      "vocab entry 0's token_bytes is not base64"),
     (tekken_json().replace(b'"rank": 17, "token_str"', b'"rank": 37, "token_str"'),
      "special_tokens ranks are not 0..n-1"),
-], ids=["not-json", "no-system-prompt-token", "no-pattern", "bad-base64", "rank-gap"])
+    # found by review: a pattern the tokenizers library cannot compile was its bare Exception, a traceback
+    (json.dumps({**json.loads(tekken_json()), "config": {**json.loads(tekken_json())["config"],
+                                                           "pattern": BAD_TEKKEN_PATTERN}}).encode(),
+     re.escape(f"config.pattern {BAD_TEKKEN_PATTERN!r} is not a regular expression the tokenizer can compile (")
+     + r".+\)$"),
+], ids=["not-json", "no-system-prompt-token", "no-pattern", "bad-base64", "rank-gap", "bad-pattern"])
 def test_a_malformed_tekken_tokenizer_is_refused_in_one_line_naming_the_file(tmp_path, blob, why):
     file = EncoderFile.open(mistral_file(tmp_path, blob))
     with pytest.raises(ModelError, match=f"mistral_3_small_flux2_bf16.safetensors's tekken_model is not a readable "
@@ -592,6 +755,27 @@ def test_klein_base_or_distilled_defaults_like_diffusers_and_the_operator_decide
     assert config.distilled is False
     line = next(f.text for f in check_models(config) if f.text.startswith(f"ok  model {TRANSFORMER}:"))
     assert "ComfyUI single file, tiny, bf16, base (CFG), set by distilled = false;" in line
+
+
+@pytest.mark.parametrize("value", ["false", "true", 0, 1, None, []])
+def test_an_is_distilled_that_is_not_a_json_boolean_is_refused_naming_the_file_and_field(comfy, tmp_path, value):
+    """Found by review: ``bool(data["is_distilled"])`` took the string "false" for True (a distilled model run
+    without CFG when base was meant). Only a JSON boolean says which; anything else is one line naming it."""
+    _, diffusers, _ = comfy
+    folder = tmp_path / "models" / "klein"
+    shutil.copytree(diffusers, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "is_distilled": value}))
+    why = (f"{folder / 'model_index.json'}: is_distilled is {json.dumps(value)}, not true or false (a JSON "
+           "boolean); set it to one, or remove it for diffusers' default (base)")
+    with pytest.raises(ModelError) as caught:
+        open_source("klein", ModelStore([tmp_path / "models"])).distilled()
+    assert str(caught.value) == why
+    config = DaemonConfig(models_dir=(tmp_path / "models",), state_dir=tmp_path / "state")
+    assert f"BAD model klein: {why}" in [f.text.split("\n")[0] for f in check_models(config)]
+    for boolean in (False, True):
+        (folder / "model_index.json").write_text(json.dumps({**index, "is_distilled": boolean}))
+        assert open_source("klein", ModelStore([tmp_path / "models"])).distilled() is boolean
 
 
 def test_meshd_check_says_what_decided_base_or_distilled(comfy, tmp_path):

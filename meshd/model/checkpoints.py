@@ -405,12 +405,28 @@ def _detect_layout(path: Path, header: dict[str, TensorInfo]) -> tuple[str, str]
 
 def _declared_formats(path: Path, local: dict[str, TensorInfo], metadata: dict[str, str],
                       prefix: str) -> dict[str, str]:
+    """The transformer's :func:`declared_formats`, each one meshd computes (else a ModelError naming the layer)."""
+    declared = declared_formats(path, local, metadata, prefix)
+    for module, fmt in declared.items():
+        if fmt not in QUANT_FORMATS:
+            what = REFUSED_FORMATS.get(fmt, repr(fmt))
+            raise ModelError(f"{path}: layer {module} is quantised as {what}; meshd computes fp8 (float8_e4m3fn, "
+                             "float8_e5m2) scaled per tensor or per row, bf16 and GGUF; use such a checkpoint")
+    return declared
+
+
+def declared_formats(path: Path, local: dict[str, TensorInfo], metadata: dict[str, str],
+                     prefix: str) -> dict[str, str]:
     """Module name (no prefix) -> the quantisation format the file declares for it, from the header's
-    ``_quantization_metadata``, ComfyUI's per-layer ``comfy_quant`` records (tiny tensors, read here), and
-    the legacy ``scaled_fp8`` marker with ``.scale_weight`` scales (ComfyUI's ``convert_old_quants``)."""
+    ``_quantization_metadata`` (its layers under ``prefix`` only: an all-in-one file lists its VAE's and text
+    encoder's too, which say nothing about the part read), ComfyUI's per-layer ``comfy_quant`` records among
+    ``local`` (the part's tensors, prefix stripped; tiny tensors, read here), and the legacy ``scaled_fp8``
+    marker with ``.scale_weight`` scales (ComfyUI's ``convert_old_quants``). The transformer and the text
+    encoders read their files by this one rule; each refuses, in its own words, a format it cannot compute."""
     declared: dict[str, str] = {}
     if metadata.get("_quantization_metadata"):
-        declared = {module.removeprefix(prefix): fmt for module, fmt in metadata_formats(path, metadata).items()}
+        declared = {module[len(prefix):]: fmt for module, fmt in metadata_formats(path, metadata).items()
+                    if module.startswith(prefix)}
     elif "scaled_fp8" in local:
         for name in local:
             if name.endswith(".scale_weight"):
@@ -423,12 +439,13 @@ def _declared_formats(path: Path, local: dict[str, TensorInfo], metadata: dict[s
         with open_safetensors(file) as f:
             for name in names:
                 declared[name.removesuffix("." + QUANT_RECORD_SUFFIX)] = record_format(path, f, local[name])
-    for module, fmt in declared.items():
-        if fmt not in QUANT_FORMATS:
-            what = REFUSED_FORMATS.get(fmt, repr(fmt))
-            raise ModelError(f"{path}: layer {module} is quantised as {what}; meshd computes fp8 (float8_e4m3fn, "
-                             "float8_e5m2) scaled per tensor or per row, bf16 and GGUF; use such a checkpoint")
     return declared
+
+
+def layer_scale(local: dict[str, TensorInfo], module: str) -> TensorInfo | None:
+    """The dequantisation scale stored beside ``module``'s weight (either spelling), if any: what a layer
+    declared quantised is scaled by (a scale beside an undeclared layer is ignored, as ComfyUI ignores it)."""
+    return next((local[f"{module}.{s}"] for s in SCALE_SUFFIXES if f"{module}.{s}" in local), None)
 
 
 def metadata_formats(path: Path, metadata: dict[str, str]) -> dict[str, str]:
@@ -482,8 +499,7 @@ def _index_weights(path: Path, local: dict[str, TensorInfo], declared: dict[str,
             stored[name] = StoredTensor(info)
             continue
         # A scale counts only where the layer is declared quantised; ComfyUI ignores any other.
-        scale = next((local[f"{module}.{s}"] for s in SCALE_SUFFIXES if f"{module}.{s}" in local), None) \
-            if fmt_name is not None else None
+        scale = layer_scale(local, module) if fmt_name is not None else None
         stored[name] = fp8_weight(path, info, scale)
     return stored
 

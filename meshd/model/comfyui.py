@@ -68,7 +68,9 @@ class ComfyInstall:
 
     @property
     def models(self) -> Path:
-        return self.root / MODELS
+        """The models tree where it really is (:func:`real_folders`): a ``models/`` linked to another drive is
+        the configured root, so its target holds the files."""
+        return (self.root / MODELS).resolve()
 
     @property
     def qwen_tokenizer(self) -> Path | None:

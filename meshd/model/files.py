@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import functools
 import itertools
+import json
+import logging
 import os
 import re
 from collections.abc import Iterable
@@ -37,6 +39,8 @@ from .tensorfiles import (GGUF_SUFFIX, SAFETENSORS_SUFFIX, FileHashes, ModelErro
                           refuse_pickle)
 
 __all__ = ["FileHashes", "HeadParts", "ModelError", "ModelFiles", "ModelStore", "match_preset"]
+
+log = logging.getLogger(__name__)
 
 #: What ``ModelStore`` calls a file or folder that a link takes out of the model folders.
 OUTSIDE = "outside"
@@ -108,7 +112,11 @@ class ModelFiles:
             if path.is_file():
                 data = read_json(path)
                 if "is_distilled" in data:
-                    return Sampling(bool(data["is_distilled"]), "from model_index.json")
+                    flag = data["is_distilled"]
+                    if not isinstance(flag, bool):  # bool("false") is True: only a JSON boolean says which
+                        raise ModelError(f"{path}: is_distilled is {json.dumps(flag)}, not true or false (a JSON "
+                                         "boolean); set it to one, or remove it for diffusers' default (base)")
+                    return Sampling(flag, "from model_index.json")
                 if data.get("_class_name") == "Flux2KleinPipeline":
                     return Sampling(False, "model_index.json has no is_distilled (diffusers' default)")
         if not self.checkpoint.folder and self.preset.distilled:
@@ -180,18 +188,41 @@ class ModelStore:
                     return path
         raise ModelError(f"model {name!r} not found in {', '.join(map(str, self.dirs))}")
 
-    def _refuse_escape(self, path: Path) -> None:
+    def _refuse_escape(self, path: Path, dirs: list[Path] | None = None) -> None:
         """A ModelError naming the link when ``path``, or for a folder anything in it, is a link out of the
-        model folders (a diffusers folder may hold linked shards: they are read like the folder)."""
-        inside = comfyui.entries(path) if path.is_dir() and not path.is_symlink() else ()
+        model folders (or ``dirs``); a diffusers folder may hold linked shards: they are read like the folder,
+        and a folder linked in from inside them is checked through."""
+        dirs = self.dirs if dirs is None else dirs
+        inside = comfyui.entries(path) if path.is_dir() else ()
         for item in itertools.chain((path,), inside):  # lazily: a link out is named, never walked into
-            target = comfyui.escapes(item, self.dirs)
+            target = comfyui.escapes(item, dirs)
             if target is not None:
-                raise ModelError(comfyui.link_refusal(item, target, self.dirs))
+                raise ModelError(comfyui.link_refusal(item, target, dirs))
 
     def open(self, name: str) -> ModelFiles:
-        """The model ``name``: its checkpoint opened (headers read and checked) and its head parts located."""
-        path = self.resolve(name)
+        """The model ``name``: its checkpoint opened (headers read and checked) and its head parts located,
+        every file it will read checked to lie in the model folders."""
+        files = self._open(self.resolve(name))
+        self._refuse_links_out(files)
+        if files.parts.notes:  # which of a file's parts serve the head, and which are passed over
+            log.info("%s: %s", files.root, files.parts.notes)
+        return files
+
+    def _refuse_links_out(self, files: ModelFiles) -> None:
+        """A ModelError naming the link when a file the model reads leads out of the model folders, asked when
+        the model is opened rather than only where the folders were walked: its checkpoint's files, its
+        components folder's parts (a single file's own ``vae/``), the head's single files and their tokenizer
+        (ComfyUI's own Qwen tokenizer lies in the install: it may be there)."""
+        paths = [*files.checkpoint.files, files.parts.vae, files.parts.text_encoder]
+        if files.components is not None:
+            paths += [files.components / part for part in (*comfyui.DIFFUSERS_PARTS, "model_index.json")]
+        for path in paths:
+            if path is not None and os.path.lexists(path):
+                self._refuse_escape(path)
+        if files.parts.tokenizer is not None:
+            self._refuse_escape(files.parts.tokenizer, [*self.dirs, *(i.root for i in self._installs())])
+
+    def _open(self, path: Path) -> ModelFiles:
         require_readable(path)
         if path.is_dir():
             require_readable(path / "transformer")
@@ -201,7 +232,8 @@ class ModelStore:
             checkpoint = Checkpoint.open_file(path)
             model_name = path.name.removesuffix(path.suffix)
             if (path.parent / "vae" / "config.json").is_file():
-                return ModelFiles(model_name, checkpoint, path.parent, own_components=True)
+                return ModelFiles(model_name, checkpoint, path.parent, own_components=True,
+                                  parts=self._own_parts(checkpoint.preset, path.parent, path))
             borrowed = self._borrowed_components(checkpoint.preset)
             return ModelFiles(model_name, checkpoint, borrowed, own_components=False,
                               parts=self.head_parts(checkpoint.preset, borrowed, own=path))
@@ -213,26 +245,38 @@ class ModelStore:
                 own = (path / "vae" / "config.json").is_file()
                 borrowed = path if own else self._borrowed_components(checkpoint.preset)
                 return ModelFiles(path.name, checkpoint, borrowed, own_components=own,
-                                  parts=HeadParts() if own else self.head_parts(checkpoint.preset, borrowed))
+                                  parts=self._own_parts(checkpoint.preset, path, single[0]) if own
+                                  else self.head_parts(checkpoint.preset, borrowed))
             raise ModelError(f"{path} is neither a diffusers model folder (no transformer/config.json) nor a folder "
                              f"with one single-file checkpoint ({len(single)} .safetensors files)")
-        return ModelFiles(path.name, Checkpoint.open_folder(transformer), path, own_components=True)
+        return ModelFiles(path.name, Checkpoint.open_folder(transformer), path, own_components=True,
+                          parts=HeadParts(notes=_passed_over_beside(path)))
+
+    def _own_parts(self, preset: ModelPreset, folder: Path, file: Path) -> HeadParts:
+        """The head parts of a single file in a folder of its own (``folder`` has ``vae/``): the folder's own;
+        an all-in-one checkpoint's parts only where the folder lacks one, the others named as passed over."""
+        if file.suffix != SAFETENSORS_SUFFIX or len(comfyui.parts_of_keys(_keys(file))) < 2:
+            return HeadParts()
+        return self.head_parts(preset, folder, own=file)
 
     def head_parts(self, preset: ModelPreset, components: Path | None = None, own: Path | None = None) -> HeadParts:
         """The VAE and text-encoder single files in the model folders that fit ``preset`` (recognised by
         header, matched by shapes), for what ``components`` (a diffusers folder) does not already hold. A
         ComfyUI all-in-one checkpoint (``own``) gives its own parts first; a part of it that does not fit is
-        named in ``notes`` with the reason, never skipped in silence."""
+        named in ``notes`` with the reason, and so is a part passed over for the one ``components`` holds: never
+        skipped in silence."""
         from .text_encoder_file import EncoderFile  # noqa: PLC0415 - pulls in transformers' configs
         from .vae_file import VaeFile  # noqa: PLC0415
 
         inside = comfyui.parts_of_keys(_keys(own)) if own is not None and own.suffix == SAFETENSORS_SUFFIX else ()
-        used, refused = [], []
+        used, refused, passed = [], [], []
 
         def best(kind: str, opener, sub: str):
             """The checkpoint's own part when it fits; else, when several files fit: a file where ComfyUI keeps
             its kind first, then exact weights (bf16 before fp8 of the same encoder), then by path."""
             if components is not None and (components / sub / "config.json").is_file():
+                if kind in inside:  # the folder's own part comes first
+                    passed.append((kind, f"{sub}/"))
                 return None
             if kind in inside:
                 try:
@@ -259,6 +303,10 @@ class ModelStore:
         encoder = best(comfyui.TEXT_ENCODER, EncoderFile, "text_encoder")
         tokenizer, hint = self._tokenizer_for(encoder) if encoder is not None else (None, "")
         notes = ""
+        if passed:
+            one = len(passed) == 1
+            refused.append(f"its {' and '.join(k for k, _ in passed)} {'is' if one else 'are'} passed over: "
+                           f"{components}'s own {' and '.join(s for _, s in passed)} come{'s' if one else ''} first")
         if len(inside) > 1:
             notes = "; ".join([f"all-in-one checkpoint ({', '.join(inside)})"
                                + (f": {' and '.join(used)} from this file" if used else ""), *refused])
@@ -363,6 +411,18 @@ class ModelStore:
                     and path.parent not in self.dirs
                 found.append((comfyui.relative_name(path.parent, self.dirs) if own else name, path))
         return found
+
+
+def _passed_over_beside(folder: Path) -> str:
+    """What a diffusers folder's own parts pass over, in words: each FLUX.2 single file at its top (an all-in-one
+    or ComfyUI checkpoint beside ``transformer/``, ``vae/``, ...), with the parts it holds."""
+    own = [f"{sub}/" for sub in ("transformer", "vae", "text_encoder") if (folder / sub / "config.json").is_file()]
+    listed = ", ".join(own[:-1]) + f" and {own[-1]}" if len(own) > 1 else "".join(own)
+    notes = []
+    for file in comfyui.entries(folder, enter=lambda _: False):
+        if file.suffix == SAFETENSORS_SUFFIX and file.is_file() and (parts := comfyui.parts_of_keys(_keys(file))):
+            notes.append(f"{file.name} ({', '.join(parts)}) is passed over: the folder's own {listed} come first")
+    return "; ".join(notes)
 
 
 def _keys(path: Path) -> list[str]:

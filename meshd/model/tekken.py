@@ -16,6 +16,11 @@ file and the field), and handed to transformers' own tekken converter
 (``transformers.integrations.mistral.tokenizer.convert_tekken_tokenizer``, what ``AutoTokenizer`` uses for a
 ``tekken.json`` when mistral_common is absent), so the ids are the library's. It is a JSON document: no
 code runs when it is read.
+
+Its pre-tokeniser pattern, and those of a tokenizer folder's ``tokenizer.json`` or ``tekken.json``
+(:func:`check_tokenizer_folder`), are compiled first by the engine that will run them (the tokenizers
+library, which reports a bad one as a bare Exception from deep inside loading), so a pattern it rejects
+is one line naming the file and the field.
 """
 
 from __future__ import annotations
@@ -32,6 +37,10 @@ from .tensorfiles import ModelError, TensorInfo, open_safetensors
 TEKKEN_KEY = "tekken_model"
 #: The released tekken.json is about 15 MB (ComfyUI's blob ~19 MB); anything this large is not a tokenizer.
 MAX_TEKKEN_BYTES = 64 << 20
+#: A tokenizer.json is at most a few tens of MB (Mistral's ~17); a larger file is left to transformers unchecked.
+MAX_TOKENIZER_BYTES = 64 << 20
+#: The parts of a tokenizer.json that hold patterns (never the vocabulary or the merges).
+PATTERN_SECTIONS = ("normalizer", "pre_tokenizer", "post_processor", "decoder")
 #: The control tokens FLUX.2's prompt is made of (the rest of Mistral's special tokens are never emitted).
 FLUX2_SPECIALS = ("<s>", "<pad>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]")
 #: FLUX.2's prompt as Mistral Small 3.1's chat template renders it for one system and one user turn (content
@@ -78,6 +87,8 @@ def check_tekken(data: bytes, where: str) -> dict:
     config, vocab, specials = doc.get("config"), doc.get("vocab"), doc.get("special_tokens")
     if not isinstance(config, dict) or not isinstance(config.get("pattern"), str):
         raise bad("config.pattern is missing")
+    if why := pattern_error(config["pattern"]):
+        raise bad(f"config.pattern {config['pattern']!r} is not a regular expression the tokenizer can compile ({why})")
     if not isinstance(specials, list) or not all(isinstance(s, dict) and isinstance(s.get("token_str"), str)
                                                  and isinstance(s.get("rank"), int) for s in specials):
         raise bad("special_tokens is not a list of {rank, token_str} (an old-format file without them needs "
@@ -111,6 +122,57 @@ def check_tekken(data: bytes, where: str) -> dict:
     if missing := [t for t in FLUX2_SPECIALS if t not in names]:
         raise bad(f"it lacks the control token {missing[0]} that FLUX.2's prompt uses")
     return doc
+
+
+def pattern_error(pattern: str) -> str:
+    """Why the tokenizers library, the engine that runs a tokenizer's patterns, cannot compile ``pattern`` (its
+    first line); "" when it can."""
+    from tokenizers import Regex  # noqa: PLC0415
+
+    try:
+        Regex(pattern)
+    except Exception as exc:  # noqa: BLE001 - the library raises every error as a bare Exception
+        return (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+    return ""
+
+
+def check_tokenizer_folder(folder: Path) -> None:
+    """Refuse, in one line naming the file and the field, a tokenizer folder whose ``tokenizer.json`` (its
+    normalizer, pre-tokenizer, post-processor or decoder) or ``tekken.json`` holds a pattern the tokenizers
+    library cannot compile; a file it cannot parse, or larger than MAX_TOKENIZER_BYTES, is left to the loader."""
+    for name in ("tokenizer.json", "tekken.json"):
+        path = folder / name
+        try:
+            with open(path, "rb") as f:
+                raw = f.read(MAX_TOKENIZER_BYTES + 1)
+            doc = json.loads(raw) if len(raw) <= MAX_TOKENIZER_BYTES else None
+        except (OSError, ValueError):
+            continue
+        if not isinstance(doc, dict):
+            continue
+        if name == "tekken.json":
+            config = doc.get("config")
+            found = [("config.pattern", config["pattern"])] if isinstance(config, dict) and \
+                isinstance(config.get("pattern"), str) else []
+        else:
+            found = [p for section in PATTERN_SECTIONS for p in _patterns(doc.get(section), section)]
+        for field, pattern in found:
+            if why := pattern_error(pattern):
+                raise ModelError(f"{path}: {field} {pattern!r} is not a regular expression the tokenizer can "
+                                 f"compile ({why})")
+
+
+def _patterns(node, where: str):
+    """(field, pattern) of every ``{"Regex": pattern}`` in a tokenizer.json section."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "Regex" and isinstance(value, str):
+                yield f"{where}.Regex", value
+            else:
+                yield from _patterns(value, f"{where}.{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _patterns(value, f"{where}[{i}]")
 
 
 def tekken_tokenizer(data: bytes, where: str):

@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from .presets import ModelPreset
 from .seeded import seeded_state
+from .tekken import check_tokenizer_folder
 from .tensorfiles import ModelError, read_json, require_safetensors
 
 STAND_IN_CLASS = "StandInTextEncoder"
@@ -179,6 +180,7 @@ class LanguageModelEncoder:
         require_safetensors(text_encoder)
         if not tokenizer.is_dir():
             raise ModelError(f"{tokenizer} is missing: the text encoder needs its tokenizer")
+        check_tokenizer_folder(tokenizer)
         kwargs = {"local_files_only": True, "use_safetensors": True, "dtype": dtype}
         if device.type == "cuda":
             kwargs["device_map"] = str(device)  # straight to the GPU, not through CPU RAM

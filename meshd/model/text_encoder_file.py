@@ -37,11 +37,11 @@ from pathlib import Path
 import torch
 
 from .checkpoints import (FLOAT_DTYPES, FP8_DTYPES, QUANT_FORMATS, QUANT_RECORD_SUFFIX, SCALE_SUFFIXES, UNUSED_SUFFIXES,
-                          StoredTensor, fp8_scale, fp8_weight, metadata_formats, record_format)
+                          StoredTensor, declared_formats, fp8_scale, fp8_weight, layer_scale)
 from .dequant import dequantise_fp8
 from .precision import LinearFormat, quantised_layers
 from .presets import ModelPreset
-from .tekken import TEKKEN_KEY, check_tekken_header, read_tekken, tekken_tokenizer
+from .tekken import TEKKEN_KEY, check_tekken_header, check_tokenizer_folder, read_tekken, tekken_tokenizer
 from .tensorfiles import ModelError, TensorInfo, file_stamp, open_safetensors, read_header
 
 #: What the shapes cannot tell, per family (the released configs).
@@ -108,8 +108,7 @@ class EncoderFile:
             weights[key] = info
             if info.dtype in FP8_DTYPES:
                 module = key.rsplit(".", 1)[0]
-                scale = next((header[f"{module}.{s}"] for s in SCALE_SUFFIXES if f"{module}.{s}" in header), None) \
-                    if leaf == "weight" and module in declared else None
+                scale = layer_scale(header, module) if leaf == "weight" and module in declared else None
                 fp8[key] = fp8_weight(path, info, scale)  # the transformer checkpoints' rule: layout checked here
         layers = {int(m[1]) for k in weights if (m := re.match(r"model\.layers\.(\d+)\.", k))}
         count = max(layers, default=-1) + 1
@@ -252,6 +251,7 @@ class EncoderFile:
             if self.tekken is not None:
                 return tekken_tokenizer(read_tekken(self.path, self.tekken), f"{self.path}'s {TEKKEN_KEY}")
             raise ModelError(hint or f"{self.path} has no tokenizer")
+        check_tokenizer_folder(folder)
         try:
             if self.family == "mistral3":
                 return transformers.AutoProcessor.from_pretrained(str(folder), local_files_only=True)
@@ -280,16 +280,11 @@ def encoder_prefix(header: dict) -> str:
 
 
 def _declared_layers(path: Path, header: dict[str, TensorInfo], metadata: dict[str, str], prefix: str = "") -> set[str]:
-    """The modules a file declares quantised (``comfy_quant`` records, ``_quantization_metadata``, or the
-    legacy ``scaled_fp8`` marker, for which every scaled layer is), by their names inside the encoder
-    (``header`` without ``prefix``); refuses formats other than fp8."""
-    formats = {module[len(prefix):]: fmt for module, fmt in metadata_formats(path, metadata).items()
-               if module.startswith(prefix)}  # (an all-in-one file lists every part's layers)
-    records = [k.rsplit(".", 1)[0] for k in header if k.endswith("." + QUANT_RECORD_SUFFIX)]
-    if records:
-        with open_safetensors(path) as f:
-            for module in records:
-                formats[module] = record_format(path, f, header[f"{module}.{QUANT_RECORD_SUFFIX}"])
+    """The modules a file declares quantised, by their names inside the encoder (``header`` without ``prefix``):
+    the transformer checkpoints' rule (:func:`.checkpoints.declared_formats`: only the encoder's own entries of
+    an all-in-one file's ``_quantization_metadata``), and with the legacy ``scaled_fp8`` marker every scaled
+    layer; refuses formats other than fp8."""
+    formats = declared_formats(path, header, metadata, prefix)
     declared = set(formats)
     if "scaled_fp8" in header:
         declared |= {k.rsplit(".", 1)[0] for k in header if k.endswith(SCALE_SUFFIXES)}
