@@ -422,6 +422,51 @@ def test_a_models_tree_linked_to_another_drive_serves_its_files_and_a_linked_kin
         f"files only from there: add {elsewhere} to models_dir to use it")
 
 
+def test_a_linked_lora_folder_is_the_lora_stores_and_its_files_are_never_listed_as_models(comfy, tmp_path):
+    """Found by review: with ComfyUI's ``models/loras`` a link to another folder, ``meshd check`` listed each
+    LoRA as a BAD model ("... add .../loras to models_dir"), though the LoRA store serves it: the model walk
+    went into the LoRA folder. The LoRA folders are the LoRA store's: the model walk does not enter them,
+    and the LoRA store names, with lora_dir advice, a file or a sub-folder in them linked out of them."""
+    root, _, _ = comfy
+    install, drive, elsewhere = tmp_path / "ComfyUI", tmp_path / "lora-drive", tmp_path / "other-drive"
+    shutil.copytree(root / "comfy", install / "comfy")
+    shutil.copytree(root / "models", install / "models")
+    shutil.move(str(install / "models" / "loras"), str(drive))
+    (install / "models" / "loras").symlink_to(drive, target_is_directory=True)
+    (elsewhere / "flux").mkdir(parents=True)
+    shutil.copy(drive / "style.safetensors", elsewhere / "flux" / "detail.safetensors")
+    (drive / "flux").symlink_to(elsewhere / "flux", target_is_directory=True)  # a sub-folder linked out
+    (drive / "linked.safetensors").symlink_to(elsewhere / "flux" / "detail.safetensors")  # a file linked out
+    folder_refusal = (f"{drive / 'flux'} is a link to {elsewhere / 'flux'}, outside the configured folders ({drive}); "
+                      f"meshd reads files only from there: add {elsewhere} to lora_dir to use it")
+    file_refusal = (f"{drive / 'linked.safetensors'} is a link to {elsewhere / 'flux' / 'detail.safetensors'}, "
+                    f"outside the configured folders ({drive}); meshd reads files only from there: add "
+                    f"{elsewhere / 'flux'} to lora_dir to use it")
+    for config in (DaemonConfig(models_dir=(), comfyui_dir=install, state_dir=tmp_path / "state"),
+                   DaemonConfig(models_dir=(install / "models",), lora_dir=(install / "models" / "loras",),
+                                state_dir=tmp_path / "state")):
+        found = list(check_models(config))
+        models = [f.text for f in found if f.topic == "models"]
+        assert not [t for t in models if any(s in t for s in ("loras/", str(drive), str(elsewhere)))], models
+        assert not [t for t in models if not t.startswith("ok ")], models
+        loras = [f.text.split("\n")[0] for f in found if f.topic == "loras"]
+        assert sorted(loras) == sorted([f"BAD lora  flux: {folder_refusal}", f"BAD lora  linked: {file_refusal}",
+                                        next(t for t in loras if t.startswith("ok  lora  style: kohya"))]), loras
+        store = LoraStore(config.lora_dirs)
+        assert store.find(store.spec("style")) == drive / "style.safetensors"
+        for name, refusal in (("flux/detail", folder_refusal), ("linked", file_refusal)):
+            with pytest.raises(LoraError) as caught:
+                store.spec(name)
+            assert str(caught.value) == refusal, name
+    # no LoRA folder configured: the links where ComfyUI keeps LoRAs are not models either (style, and detail
+    # by either link)
+    lines = [f.text for f in check_models(DaemonConfig(models_dir=(install / "models",), state_dir=tmp_path / "state"))
+             if f.topic == "models"]
+    assert not [t for t in lines if not t.startswith(("ok ", "2 other files in the model folders not used, e.g. "))]
+    assert any(t.endswith("LoRAs are read from the LoRA folders (lora_dir, or comfyui_dir's models/loras))")
+               for t in lines), lines
+
+
 # --- each part equals the diffusers folder's --------------------------------------------------------
 
 def test_the_vae_single_file_loads_the_diffusers_vae_exactly(comfy):

@@ -172,15 +172,18 @@ def entries(root: Path, enter: Callable[[Path], bool] = lambda folder: True) -> 
         yield from visit(root, 0)
 
 
-def walk(root: Path) -> Iterator[tuple[Path, bool]]:
+def walk(root: Path, skip: Iterable[Path] = ()) -> Iterator[tuple[Path, bool]]:
     """Every diffusers model folder (``(path, True)``) and every weight file outside one (``(path, False)``:
     ``.safetensors`` and the UNREAD_SUFFIXES) under ``root`` (:func:`entries`). Hidden folders and files are
-    skipped, and a diffusers folder or a component folder is not entered."""
+    skipped, a diffusers folder or a component folder is not entered, nor a folder that really is one of
+    ``skip`` (:func:`real_folders`: the LoRA folders, whose files are the LoRA store's, never models)."""
+    skip = set(skip)
 
     def enter(folder: Path) -> bool:
         # (a component folder beside a single file, e.g. its own vae/, belongs to that file)
         return not folder.name.startswith(".") and not is_diffusers_folder(folder) and not (
-            folder.name in DIFFUSERS_PARTS and (folder / "config.json").is_file())
+            folder.name in DIFFUSERS_PARTS and (folder / "config.json").is_file()) and not (
+            skip and folder.resolve() in skip)
 
     for entry in entries(root, enter):
         if entry.name.startswith("."):

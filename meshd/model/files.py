@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 
 #: What ``ModelStore`` calls a file or folder that a link takes out of the model folders.
 OUTSIDE = "outside"
+#: ... and one of those where ComfyUI keeps LoRAs (``loras/``) when that is no LoRA folder: not a model.
+LINKED_LORA = "linked LoRA"
 
 
 @dataclass(frozen=True)
@@ -144,11 +146,15 @@ class ModelStore:
     file name, by its path relative to a model folder, or by a path that lies inside one; nothing outside
     them is ever read."""
 
-    def __init__(self, dirs: Iterable[Path], cache_dir: Path | None = None, comfyui_dir: Path | None = None) -> None:
+    def __init__(self, dirs: Iterable[Path], cache_dir: Path | None = None, comfyui_dir: Path | None = None,
+                 lora_dirs: Iterable[Path] = ()) -> None:
         self.dirs = comfyui.real_folders(dirs)
         self.comfyui = comfyui.ComfyInstall.at(comfyui_dir) if comfyui_dir else None
         if self.comfyui is not None and self.comfyui.models not in self.dirs:
             self.dirs.append(self.comfyui.models)
+        #: The LoRA folders (``lora_dir``, the install's ``models/loras``) where they really are: the LoRA
+        #: store's, so the model walk does not enter one (a LoRA is not a model, nor is a link out found there).
+        self.lora_dirs = comfyui.real_folders(comfyui.lora_dirs(lora_dirs, comfyui_dir))
         self.cache_dir = cache_dir
 
     def resolve(self, name: str) -> Path:
@@ -366,13 +372,15 @@ class ModelStore:
         for d in self.dirs:
             if d.is_dir():
                 require_readable(d, "models_dir")
-            for path, folder in comfyui.walk(d):
+            for path, folder in comfyui.walk(d, skip=self.lora_dirs):
                 if path.resolve() in seen:
                     continue
                 seen.add(path.resolve())
                 name = comfyui.relative_name(path, [d])
                 if comfyui.escapes(path, self.dirs) is not None:  # never read, not even its header
-                    found.append((path, name, OUTSIDE))
+                    # where ComfyUI keeps LoRAs (no LoRA folder set there): a LoRA's, most likely, not a model
+                    lora = comfyui.in_kind_folder(path.relative_to(d), comfyui.LORA)
+                    found.append((path, name, LINKED_LORA if lora else OUTSIDE))
                     continue
                 if folder:
                     found.append((path, name, "diffusers" if (path / "transformer" / "config.json").is_file()
@@ -394,9 +402,11 @@ class ModelStore:
     def skipped_files(self) -> list[tuple[Path, str]]:
         """(path, why) of the weight files in the model folders that are neither a FLUX.2 part nor read."""
         why = {"unread": "a format meshd does not read", comfyui.OTHER: "not a FLUX.2 transformer, VAE or text "
-               "encoder", comfyui.LORA: "a LoRA (put LoRAs in a LoRA folder)"}
+               "encoder", comfyui.LORA: "a LoRA (put LoRAs in a LoRA folder)",
+               LINKED_LORA: "a link out of the model folders where ComfyUI keeps LoRAs; LoRAs are read from the LoRA "
+                            "folders (lora_dir, or comfyui_dir's models/loras)"}
         return [(p, why[kind]) for p, _, kind in self._files() if kind in why and not
-                (kind == comfyui.LORA and self.comfyui is not None and self.comfyui.models / "loras" in p.parents)]
+                (kind == comfyui.LORA and comfyui.within(p.resolve(), self.lora_dirs))]  # (a folder set as both)
 
     def available(self) -> list[tuple[str, Path]]:
         """(name, path) of every model found in the model folders (diffusers folders and transformer single

@@ -325,16 +325,21 @@ class LoraStore:
 
     def scan(self) -> tuple[list[Path], list[tuple[Path, Path]]]:
         """One walk of the LoRA folders: every ``.safetensors`` file in them (subfolders included), and
-        (link, target) of each that a link takes out of them (never read, only named)."""
+        (link, target) of each file or subfolder that a link takes out of them (never read, only named)."""
         inside, linked = [], []
         for d in self.dirs:
-            if d.is_dir():  # (rglob does not descend into linked folders; a linked file is caught here)
-                for path in sorted(p for p in d.rglob(f"*{SAFETENSORS_SUFFIX}") if p.is_file()):
-                    target = comfyui.escapes(path, self.dirs)
-                    if target is None:
-                        inside.append(path)
-                    else:
-                        linked.append((path, target))
+            if d.is_dir():  # rglob does not descend into a linked folder: one linked in from inside them is
+                for path in sorted(d.rglob("*")):  # listed where it really is, one linked out is named
+                    if path.is_symlink() and path.is_dir():
+                        target = comfyui.escapes(path, self.dirs)
+                        if target is not None:
+                            linked.append((path, target))
+                    elif path.name.endswith(SAFETENSORS_SUFFIX) and path.is_file():
+                        target = comfyui.escapes(path, self.dirs)
+                        if target is None:
+                            inside.append(path)
+                        else:
+                            linked.append((path, target))
         return inside, linked
 
     def name_of(self, path: Path) -> str:
@@ -381,8 +386,9 @@ class LoraStore:
             raise LoraError(str(exc)) from None
         files, links = self.scan()
         matches = [p for p in files if probe.name in self._names(p)]
-        if not matches:
-            linked = next(((p, t) for p, t in links if probe.name in self._names(p)), None)
+        if not matches:  # a file linked out, or one in a folder linked out: the link is named
+            linked = next(((p, t) for p, t in links if probe.name in self._names(p)
+                           or probe.name.startswith(self.name_of(p) + "/")), None)
             if linked is not None:
                 raise LoraError(comfyui.link_refusal(*linked, self.dirs, "lora_dir"))
             raise LoraError(f"no LoRA named {name} in {self._where()}")
