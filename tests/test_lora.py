@@ -412,6 +412,33 @@ def test_a_lookup_that_finds_nothing_walks_the_lora_folders_once(world, monkeypa
     assert walks == [world["loras"].resolve()]
 
 
+def test_a_lora_folder_given_twice_or_inside_another_lists_each_lora_once(world, tmp_path):
+    """Found by review: lora_dir set to the folder ComfyUI's models/loras links to listed every LoRA twice, and
+    asking for one by name said it was ambiguous between a file and itself: the folders were compared as
+    spelled. They are compared where they really are (the first spelling kept), and a LoRA folder inside
+    another (lora_dir a sub-folder of ComfyUI's loras/) has each file once, named as in the first."""
+    from meshd.check import check_models
+    from meshd.config import DaemonConfig
+    from meshd.model.comfyui import lora_dirs
+
+    install, loras = tmp_path / "ComfyUI", world["loras"]
+    (install / "models").mkdir(parents=True)
+    (install / "models" / "loras").symlink_to(loras, target_is_directory=True)
+    config = DaemonConfig(models_dir=(), lora_dir=(loras,), comfyui_dir=install, state_dir=tmp_path / "state")
+    assert config.lora_dirs == (loras,)
+    assert lora_dirs([install / "models" / "loras", loras, tmp_path / "." / "ComfyUI" / "models" / "loras"],
+                     None) == (install / "models" / "loras",)
+    detail = loras / "more" / "detail.safetensors"
+    for store in (LoraStore(config.lora_dirs), LoraStore([install / "models" / "loras", loras]),
+                  LoraStore([loras, loras / "more"])):
+        files, _ = store.scan()
+        assert len(files) == len(set(files)) == 5, files
+        assert store.spec("detail").sha256 == sha256(detail)  # one file, not "ambiguous" between it and itself
+        assert store.name_of(detail) == "more/detail"
+    found = [f for f in check_models(config) if f.topic == "loras"]
+    assert len(found) == 5 and all(f.level == "ok" for f in found), [f.text for f in found]
+
+
 # --- the request's LoRA list from the wire ----------------------------------------------------------
 
 def test_lora_specs_round_trip_and_untrusted_input_is_refused():

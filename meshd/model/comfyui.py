@@ -81,10 +81,14 @@ class ComfyInstall:
 
 def lora_dirs(configured: Iterable[Path], comfyui_dir: Path | None) -> tuple[Path, ...]:
     """The LoRA folders: the configured ``lora_dir``, then a ComfyUI install's ``models/loras`` (when it has
-    one): what the daemon and ``meshtui generate --local`` both search."""
-    configured = tuple(Path(d) for d in configured)
+    one): what the daemon and ``meshtui generate --local`` both search. A folder named twice (``lora_dir``
+    set to where ``models/loras`` links, say) is listed once, as first spelled: folders are compared where
+    they really are (:func:`real_folders`)."""
     comfy = (Path(comfyui_dir) / MODELS / "loras",) if comfyui_dir else ()
-    return configured + tuple(d for d in comfy if d.is_dir() and d not in configured)
+    found: dict[Path, Path] = {}
+    for d in (*(Path(d) for d in configured), *(d for d in comfy if d.is_dir())):
+        found.setdefault(real_folders([d])[0], d)
+    return tuple(found.values())
 
 
 def is_lora(keys: Iterable[str]) -> bool:

@@ -319,17 +319,21 @@ class LoraStore:
     first); files are never taken from anywhere else, and never sent over the wire."""
 
     def __init__(self, dirs: Iterable[Path], cache_dir: Path | None = None) -> None:
-        self.dirs = comfyui.real_folders(dirs)
+        self.dirs = list(dict.fromkeys(comfyui.real_folders(dirs)))  # a folder given twice (through a link): once
         self._hashes = FileHashes(cache_dir)
         self._opened: dict[tuple[Path, str, str], LoraFile] = {}
 
     def scan(self) -> tuple[list[Path], list[tuple[Path, Path]]]:
         """One walk of the LoRA folders: every ``.safetensors`` file in them (subfolders included), and
-        (link, target) of each file or subfolder that a link takes out of them (never read, only named)."""
-        inside, linked = [], []
+        (link, target) of each file or subfolder that a link takes out of them (never read, only named). A file
+        in two of them (one folder inside another) is listed once, as the first finds it."""
+        inside, linked, seen = [], [], set()
         for d in self.dirs:
             if d.is_dir():  # rglob does not descend into a linked folder: one linked in from inside them is
                 for path in sorted(d.rglob("*")):  # listed where it really is, one linked out is named
+                    if path in seen:  # (as spelled: a link to another file of them is a name of its own)
+                        continue
+                    seen.add(path)
                     if path.is_symlink() and path.is_dir():
                         target = comfyui.escapes(path, self.dirs)
                         if target is not None:
