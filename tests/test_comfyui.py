@@ -467,6 +467,35 @@ def test_a_linked_lora_folder_is_the_lora_stores_and_its_files_are_never_listed_
                for t in lines), lines
 
 
+def test_a_models_dir_that_is_an_installs_linked_models_folder_finds_comfyuis_tokenizer(comfy, tmp_path):
+    """Found by review: models_dir set to a ComfyUI install's models/ finds ComfyUI's Qwen tokenizer in the
+    install, unless that models/ is a link (models on another drive): the tokenizer was looked for beside the
+    link's target only, so the text encoder had none. It is looked for beside the folder as configured (also
+    on ``meshd serve --models-dir``), each link on the way and the target, as comfyui_dir would find it."""
+    from argparse import Namespace
+
+    from meshd.node.lifecycle import OVERRIDES, settings
+
+    root, _, _ = comfy
+    install, drive = tmp_path / "ComfyUI", tmp_path / "big-disk"
+    shutil.copytree(root / "comfy", install / "comfy")
+    shutil.copytree(root / "models", drive / "models")
+    (install / "models").symlink_to(drive / "models", target_is_directory=True)
+    (tmp_path / "models").symlink_to(install / "models", target_is_directory=True)  # a link to the link
+    tokenizer = (install / "comfy" / "text_encoders" / "qwen25_tokenizer").resolve()
+    for models_dir in (install / "models", tmp_path / "models"):
+        parts = ModelStore([models_dir]).open(TRANSFORMER).parts
+        assert (parts.tokenizer, parts.tokenizer_hint) == (tokenizer, ""), models_dir
+    (tmp_path / "meshd.toml").write_text("")
+    args = Namespace(**{**dict.fromkeys(OVERRIDES), "state_dir": tmp_path / "state"}, models_dir=[tmp_path / "models"],
+                     lora_dir=None, interfaces=None, config=tmp_path / "meshd.toml", instance=None)
+    config = settings(args)
+    line = next(f.text for f in check_models(config) if f.text.startswith(f"ok  model {TRANSFORMER}:"))
+    assert f"tokenizer {tokenizer}" in line, line
+    parts = ModelStore([drive / "models"]).open(TRANSFORMER).parts  # the drive alone: no install to take it from
+    assert parts.tokenizer is None and "set comfyui_dir to your ComfyUI folder" in parts.tokenizer_hint
+
+
 # --- each part equals the diffusers folder's --------------------------------------------------------
 
 def test_the_vae_single_file_loads_the_diffusers_vae_exactly(comfy):

@@ -40,6 +40,8 @@ TRANSFORMER_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "")
 TRANSFORMER_MARKS = {"single_stream_modulation.lin.weight": "bfl", "single_stream_modulation.linear.weight": "diffusers"}
 #: A models tree is walked at most this deep (ComfyUI users nest by family, rarely deeper than 3).
 MAX_DEPTH = 8
+#: At most this many links are followed one by one from a configured folder (Linux's own limit).
+MAX_LINKS = 40
 #: Where ComfyUI puts each kind (``folder_paths.py``): only a tie-breaker when two files fit, never how a
 #: file is recognised.
 KIND_FOLDERS = {TRANSFORMER: ("diffusion_models", "unet", "checkpoints"), VAE: ("vae",),
@@ -210,6 +212,22 @@ def relative_name(path: Path, dirs: Iterable[Path]) -> str:
             continue
         return text.removesuffix(SAFETENSORS_SUFFIX).removesuffix(GGUF_SUFFIX)
     return path.name.removesuffix(SAFETENSORS_SUFFIX).removesuffix(GGUF_SUFFIX)
+
+
+def spellings(folder: Path) -> list[Path]:
+    """A configured folder as written (absolute, ``~`` expanded), then each link it goes through, then where it
+    really is: a ComfyUI install's ``models/`` linked to another drive belongs to the install it is configured
+    in, not to the drive (:meth:`.files.ModelStore._installs`)."""
+    path = Path(os.path.abspath(Path(folder).expanduser()))
+    found = [path]
+    for _ in range(MAX_LINKS):
+        try:
+            path = Path(os.path.abspath(path.parent / os.readlink(path)))
+        except OSError:  # not a link (or not there): the chain ends
+            break
+        found.append(path)
+    found.append(path.resolve())
+    return list(dict.fromkeys(found))
 
 
 def real_folders(dirs: Iterable[Path]) -> list[Path]:

@@ -148,7 +148,8 @@ class ModelStore:
 
     def __init__(self, dirs: Iterable[Path], cache_dir: Path | None = None, comfyui_dir: Path | None = None,
                  lora_dirs: Iterable[Path] = ()) -> None:
-        self.dirs = comfyui.real_folders(dirs)
+        self.configured = [Path(d) for d in dirs]  # as given: where a linked models/ belongs (:meth:`_installs`)
+        self.dirs = comfyui.real_folders(self.configured)
         self.comfyui = comfyui.ComfyInstall.at(comfyui_dir) if comfyui_dir else None
         if self.comfyui is not None and self.comfyui.models not in self.dirs:
             self.dirs.append(self.comfyui.models)
@@ -336,11 +337,15 @@ class ModelStore:
             f"{comfyui.QWEN_TOKENIZER}/ is used), or copy the diffusers release's tokenizer/ folder to {beside}")
 
     def _installs(self) -> list[comfyui.ComfyInstall]:
-        """The configured ComfyUI install, and any model folder that is an install's ``models/``."""
+        """The configured ComfyUI install, and any model folder that is an install's ``models/``: as configured,
+        through each link on the way, or where it really is (an install's ``models/`` linked to another drive is
+        still that install's, as it is for comfyui_dir)."""
         found = [self.comfyui] if self.comfyui else []
-        for d in self.dirs:
-            if d.name == comfyui.MODELS and (d.parent / comfyui.QWEN_TOKENIZER).is_dir():
-                found.append(comfyui.ComfyInstall(d.parent))
+        for d in self.configured:
+            for spelled in comfyui.spellings(d):
+                if spelled.name == comfyui.MODELS and (spelled.parent / comfyui.QWEN_TOKENIZER).is_dir():
+                    found.append(comfyui.ComfyInstall(spelled.parent.resolve()))
+                    break
         return found
 
     def _borrowed_components(self, preset: ModelPreset) -> Path | None:

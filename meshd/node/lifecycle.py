@@ -58,10 +58,12 @@ class StartupError(Exception):
 def settings(args) -> DaemonConfig:
     """meshd.toml (and the instance's drop-in) with the command line's options on top."""
     overrides = {k: getattr(args, k) for k in OVERRIDES}
+    # absolute, as written: the stores resolve links themselves, and a ComfyUI models/ linked to another
+    # drive is found to be its install's by the path given
     if args.models_dir:
-        overrides["models_dir"] = tuple(p.expanduser().resolve() for p in args.models_dir)
+        overrides["models_dir"] = tuple(Path(os.path.abspath(p.expanduser())) for p in args.models_dir)
     if args.lora_dir:
-        overrides["lora_dir"] = tuple(p.expanduser().resolve() for p in args.lora_dir)
+        overrides["lora_dir"] = tuple(Path(os.path.abspath(p.expanduser())) for p in args.lora_dir)
     if args.interfaces:
         overrides["interfaces"] = tuple(args.interfaces)
     try:
