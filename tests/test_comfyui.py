@@ -8,6 +8,7 @@ import io
 import json
 import re
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -850,6 +851,32 @@ def test_an_is_distilled_that_is_not_a_json_boolean_is_refused_naming_the_file_a
     for boolean in (False, True):
         (folder / "model_index.json").write_text(json.dumps({**index, "is_distilled": boolean}))
         assert open_source("klein", ModelStore([tmp_path / "models"])).distilled() is boolean
+
+
+def test_a_daemon_whose_model_has_a_bad_is_distilled_stops_at_start_with_the_same_line(comfy, tmp_path):
+    """Found by review: a bad is_distilled was read at the first generation (and by meshd check), so the daemon
+    started, said it was ready and failed every job as head. The model is refused when it is opened, at start,
+    in the line meshd check gives; the operator's ``distilled =`` decides instead of the file, so it starts."""
+    from meshd.node.lifecycle import StartupError, open_model
+    from meshd.node.sdnotify import Notifier
+
+    _, diffusers, _ = comfy
+    folder = tmp_path / "models" / "klein"
+    shutil.copytree(diffusers, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "is_distilled": "false"}))
+    why = (f'{folder / "model_index.json"}: is_distilled is "false", not true or false (a JSON boolean); set it to '
+           "one, or remove it for diffusers' default (base)")
+    config = DaemonConfig(model="klein", models_dir=(tmp_path / "models",), state_dir=tmp_path / "state",
+                          device="cpu", compile="off")
+    with pytest.raises(StartupError) as caught:
+        open_model(config, CPU, Notifier())
+    assert str(caught.value) == f"model: {why}"
+    with pytest.raises(ModelError) as caught:
+        open_source("klein", ModelStore([tmp_path / "models"]))
+    assert str(caught.value) == why
+    told = open_model(replace(config, distilled=False), CPU, Notifier())
+    assert told.source.distilled() is False
 
 
 def test_meshd_check_says_what_decided_base_or_distilled(comfy, tmp_path):

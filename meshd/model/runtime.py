@@ -124,6 +124,7 @@ class FolderSource(WeightSource):
         self._distilled_override = distilled  # the operator's ``distilled =``, over anything detected
         self._hash: str | None = None
         self._te_hash: str | None = None
+        self.distilled()  # read now: a bad model_index.json refuses the model when opened (a daemon's start)
 
     def content_hash(self) -> str:
         if self._hash is None:
