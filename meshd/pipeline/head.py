@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import uuid
 from collections.abc import Awaitable, Callable
 
@@ -145,6 +146,12 @@ class HeadService:
         return {"summary": result.summary}, [result.png]
 
 
+def _time_ms(value: object) -> float | None:
+    """A duration in ms a peer reported: a finite number >= 0, or None."""
+    ms = wire_number(value)
+    return ms if ms is not None and math.isfinite(ms) and ms >= 0 else None
+
+
 class SplitRunner:
     """The head's side of a split generation: its own blocks here, the rest across the mesh."""
 
@@ -206,8 +213,15 @@ class SplitRunner:
         # On the host; the scheduler step moves it to the device on the GPU worker.
         (prediction,) = unpack_raw([reply.header.get("prediction")], reply.segments, torch.device("cpu"),
                                    [(1, sampler.image_tokens, self.out_channels)])
+        # Each hop's wire_ms is its receiving stage's figure: kept only if it is a time, else neither this
+        # link's record nor the client (the dashboard, the summary) takes it.
+        for hop in hops:
+            if isinstance(hop, dict) and "wire_ms" in hop and _time_ms(hop["wire_ms"]) is None:
+                del hop["wire_ms"]
         # hops[0]["bytes"]: what this head put on the wire (the send figures folded in by the relay)
-        d.links.get(self.channel.name).hop(hops[0]["bytes"], hops[0].get("wire_ms", 0.0))
+        wire_ms = _time_ms(hops[0].get("wire_ms"))
+        if wire_ms is not None:
+            d.links.get(self.channel.name).hop(hops[0]["bytes"], wire_ms)
         return prediction, {"compute_ms": seconds * 1e3, "hops": hops,
                             "return_bytes": sum(memoryview(b).nbytes for b in reply.segments)}
 

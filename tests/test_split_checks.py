@@ -1,0 +1,90 @@
+"""What a head and a stage make of the fields a peer sends them in a split generation: figures, tensors and
+errors from the stage's side, request fields from the client's. In-process daemons on loopback (a stage's
+reply is altered on its way out where the test needs a peer that lies)."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import pytest
+
+from meshd import auth
+from meshd.wire.channel import Channel
+from tests.daemons import running_daemon, split_generation
+
+KEY = auth.generate_key()
+PARAMS = {"prompt": "a lighthouse at dawn", "seed": 7, "width": 64, "height": 64, "steps": 2, "guidance": 1.0}
+
+
+@contextlib.asynccontextmanager
+async def head_and_stage(tmp_path):
+    """A head holding blocks 0-2 and the stage holding 3-5 (the tail), one model folder."""
+    models = tmp_path / "models"
+    async with running_daemon(tmp_path / "a", KEY, range(0, 3), models) as a, \
+            running_daemon(tmp_path / "b", KEY, range(3, 6), models) as b:
+        yield a, b
+
+
+def alter_forward_replies(stage, alter) -> None:
+    """Make ``stage`` pass each forward reply through ``alter(fields, segments)`` before it is sent."""
+    original = stage.ops["forward"]
+
+    async def forward(request):
+        fields, segments = await original(request)
+        return alter(fields, segments)
+
+    stage.extra_ops["forward"] = forward
+
+
+async def split(a, b, **generate):
+    return await split_generation(KEY, [a.bound, b.bound], "A:0-2,B:3-5", PARAMS, codec="raw", **generate)
+
+
+def first_hops(summary: dict) -> list[dict]:
+    return [p["hops"][0] for step in summary["steps"] for p in step["passes"]]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -2.5, "12" * 2000, True],
+                         ids=["nan", "inf", "negative", "long-text", "bool"])
+async def test_a_stage_wire_ms_that_is_no_time_reaches_neither_the_link_record_nor_the_client(tmp_path, bad):
+    async with head_and_stage(tmp_path) as (a, b):
+        def lie(fields, segments):
+            fields["hops"][0]["wire_ms"] = bad
+            return fields, segments
+
+        alter_forward_replies(b, lie)
+        outcome = await split(a, b)
+        assert all("wire_ms" not in hop for hop in first_hops(outcome.summary))
+        channel = await Channel.connect(*a.bound, KEY)
+        try:
+            links = (await channel.request("info")).header["links"]  # the head's link records (the dashboard's)
+        finally:
+            await channel.close()
+        recent = [ms for link in links for ms in link["recent_hop_ms"]]
+        assert all(isinstance(ms, float) and math.isfinite(ms) and ms >= 0 for ms in recent), recent
+
+
+async def test_a_stage_wire_ms_that_is_a_time_is_kept(tmp_path):
+    async with head_and_stage(tmp_path) as (a, b):
+        outcome = await split(a, b)
+        hops = first_hops(outcome.summary)
+        assert hops and all(isinstance(hop["wire_ms"], float) and hop["wire_ms"] >= 0 for hop in hops)
+        recent = [ms for link in a.links.snapshot() for ms in link["recent_hop_ms"]]
+        assert len(recent) == len(hops)
+
+
+async def test_a_wire_ms_from_a_stage_further_down_is_checked_too(tmp_path):
+    """The last of three stages lies; its record reaches the head through the middle stage."""
+    models = tmp_path / "models"
+    async with running_daemon(tmp_path / "a", KEY, range(0, 2), models) as a, \
+            running_daemon(tmp_path / "b", KEY, range(2, 4), models) as b, \
+            running_daemon(tmp_path / "c", KEY, range(4, 6), models) as c:
+        def lie(fields, segments):
+            fields["hops"][0]["wire_ms"] = float("nan")
+            return fields, segments
+
+        alter_forward_replies(c, lie)
+        outcome = await split_generation(KEY, [a.bound, b.bound, c.bound], "A:0-1,B:2-3,C:4-5", PARAMS, codec="raw")
+        hops = [p["hops"] for step in outcome.summary["steps"] for p in step["passes"]]
+        assert all("wire_ms" in first and "wire_ms" not in last for first, last in hops)
