@@ -12,6 +12,7 @@ and learned from. :class:`Relay` is that, for one node; the head (:mod:`.head`) 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -183,9 +184,10 @@ class Relay:
 
     def learn_hop(self, link: LinkPlan, sent: SendStats, hop: dict) -> None:
         """Fold a hop this node sent over ``link`` (``hop``: the receiver's record) into the link's
-        codec calibration: encode speed here, decode speed there, the ratio these activations got."""
-        decode_ms = hop.get("decode_ms")
-        if link.transport != "tcp" or wire_number(decode_ms) is None:
+        codec calibration: encode speed here, decode speed there, the ratio these activations got. The
+        receiver's decode_ms counts only as a finite number (the calibration takes figures > 0 only)."""
+        decode_ms = wire_number(hop.get("decode_ms"))
+        if link.transport != "tcp" or decode_ms is None or not math.isfinite(decode_ms):
             return
         self.calibrations.setdefault(link.info["to"], Calibration()).observe_hop(
             sent.codec, self.daemon.caps, link.receiver, sent.raw_bytes, sent.wire_bytes, sent.encode_ms / 1e3,
