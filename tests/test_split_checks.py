@@ -5,11 +5,15 @@ reply is altered on its way out where the test needs a peer that lies)."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 
 import pytest
 
 from meshd import auth
+from meshd.errors import MeshError
+from meshd.model.lora import LoraError
+from meshd.model.tensorfiles import ModelError
 from meshd.wire.channel import Channel
 from tests.daemons import running_daemon, split_generation
 
@@ -21,8 +25,8 @@ PARAMS = {"prompt": "a lighthouse at dawn", "seed": 7, "width": 64, "height": 64
 async def head_and_stage(tmp_path):
     """A head holding blocks 0-2 and the stage holding 3-5 (the tail), one model folder."""
     models = tmp_path / "models"
-    async with running_daemon(tmp_path / "a", KEY, range(0, 3), models) as a, \
-            running_daemon(tmp_path / "b", KEY, range(3, 6), models) as b:
+    async with running_daemon(tmp_path / "a", KEY, range(0, 3), models, node_name="head-a") as a, \
+            running_daemon(tmp_path / "b", KEY, range(3, 6), models, node_name="stage-b") as b:
         yield a, b
 
 
@@ -88,3 +92,35 @@ async def test_a_wire_ms_from_a_stage_further_down_is_checked_too(tmp_path):
         outcome = await split_generation(KEY, [a.bound, b.bound, c.bound], "A:0-1,B:2-3,C:4-5", PARAMS, codec="raw")
         hops = [p["hops"] for step in outcome.summary["steps"] for p in step["passes"]]
         assert all("wire_ms" in first and "wire_ms" not in last for first, last in hops)
+
+
+@pytest.mark.parametrize("error", [LoraError("LoRA kite (sha256 0123456789ab) is not in the LoRA folders here"),
+                                   ModelError("/models/loras/kite.safetensors is missing")], ids=["lora", "model"])
+async def test_a_model_error_on_a_stage_reaches_the_client_as_one_line_naming_the_stage(tmp_path, caplog, error):
+    """The stage's files changed under a job (a LoRA removed between its prepare and a step, say): the
+    client is told by the stage, in a line, not with an internal error and a traceback in the log."""
+    async with head_and_stage(tmp_path) as (a, b):
+        def use_loras(specs):
+            raise error
+
+        b.model.use_loras = use_loras  # what each forward calls first, on the GPU worker
+        with caplog.at_level(logging.ERROR), pytest.raises(MeshError) as raised:
+            await split(a, b)
+    assert raised.value.code == "not-found", raised.value
+    assert str(error) in raised.value.message and b.name in raised.value.message
+    assert "\n" not in raised.value.message and "Traceback" not in raised.value.message
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+async def test_a_model_error_while_a_stage_prepares_reaches_the_client_as_one_line(tmp_path, caplog):
+    """The same while the stage prepares the job: a LoRA file whose tensors no longer read raises a plain
+    ModelError out of the LoRA check, which maps LoraError only."""
+    async with head_and_stage(tmp_path) as (a, b):
+        async def check_loras(loras):
+            raise ModelError("/models/loras/kite.safetensors is missing")
+
+        b.check_loras = check_loras
+        with caplog.at_level(logging.ERROR), pytest.raises(MeshError) as raised:
+            await split(a, b)
+    assert raised.value.code == "not-found" and raised.value.message == "stage-b: /models/loras/kite.safetensors is missing"
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text

@@ -23,11 +23,19 @@ from ..errors import MeshError
 from ..fields import wire_int
 from ..model.lora import LoraSpec, loras_from_wire
 from ..model.span import Conditioning, Stream
+from ..model.tensorfiles import ModelError
 from ..wire import ipc, shm
 from ..wire.channel import Request, ServerSession
 from .plan import PlanError, SplitPlan, Stage
 from .relay import Geometry, cond_needs, downstream_needs
 from .streaming import LinkPlan, pack_raw, receive_activation, unpack_raw
+
+
+def _refusal(node: str, exc: ModelError) -> MeshError:
+    """What the client is told of a ModelError (or LoraError) of this node's files: not-found, in one line
+    naming the node (not internal: it is no bug, and needs no traceback in the log)."""
+    lines = str(exc).strip().splitlines() or [type(exc).__name__]
+    return MeshError("not-found", f"{node}: {lines[0]}")
 
 
 @dataclass
@@ -75,6 +83,8 @@ class StageService:
         self._preparing.add(job_id)
         try:
             return await self._prepare_job(request, job_id)
+        except ModelError as exc:
+            raise _refusal(self.daemon.name, exc) from None
         finally:
             self._preparing.discard(job_id)
 
@@ -163,7 +173,10 @@ class StageService:
             # for the GPU anyway, not on the event loop.
             return span.final(s, c.temb).cpu() if job.tail else s.as_joint()
 
-        out, seconds = await d.worker.run(compute)
+        try:
+            out, seconds = await d.worker.run(compute)
+        except ModelError as exc:  # a LoraError too: a job's LoRA file gone or changed since its prepare, say
+            raise _refusal(d.name, exc) from None
         del stream
         record = {"node": d.name, "blocks": [job.start, job.end - 1], "codec": rx.codec, "bytes": rx.bytes,
                   "wire_ms": round(rx.wire_ms, 3), "decode_ms": round(rx.decode_ms, 3),
