@@ -7,8 +7,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import threading
 
 import pytest
+import torch
 
 from meshd import auth
 from meshd.errors import MeshError
@@ -124,3 +126,32 @@ async def test_a_model_error_while_a_stage_prepares_reaches_the_client_as_one_li
             await split(a, b)
     assert raised.value.code == "not-found" and raised.value.message == "stage-b: /models/loras/kite.safetensors is missing"
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+async def test_a_stage_moves_the_token_ids_to_its_device_on_its_gpu_worker(tmp_path, monkeypatch):
+    """A copy to the device waits for the GPU: the prepare's ids go there on the worker thread, as the
+    rest of a stage's tensor work does, never on the event loop."""
+    from meshd.pipeline import stage
+
+    ids, moved_on = [], []
+    unpack = stage.unpack_raw
+
+    def unpack_raw(headers, buffers, device, shapes=None):
+        out = unpack(headers, buffers, device, shapes)
+        if shapes and len(shapes) == 2 and all(len(s) == 3 and s[2] == 4 for s in shapes):  # (txt_ids, img_ids)
+            ids.extend(out)
+        return out
+
+    to = torch.Tensor.to
+
+    def spy(self, *args, **kwargs):
+        if any(self is t for t in ids):
+            moved_on.append(threading.current_thread().name)
+        return to(self, *args, **kwargs)
+
+    monkeypatch.setattr(stage, "unpack_raw", unpack_raw)
+    monkeypatch.setattr(torch.Tensor, "to", spy)
+    async with head_and_stage(tmp_path) as (a, b):
+        await split(a, b)
+    assert len(ids) == 2 and len(moved_on) == 2
+    assert all(name.startswith("gpu-") for name in moved_on), moved_on

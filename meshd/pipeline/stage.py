@@ -117,7 +117,8 @@ class StageService:
         txt_ids, img_ids = unpack_raw(h.get("ids"), request.frame.segments, torch.device("cpu"),
                                       [(1, geometry.txt_len, 4), (1, geometry.img_h * geometry.img_w, 4)])
         loras = loras_from_wire(h.get("loras"))
-        rotary, _ = await d.worker.run(d.model.span.rotary, txt_ids.to(d.device), img_ids.to(d.device))
+        # The ids go to the device on the GPU worker, which waits for the copy anyway, not on the event loop.
+        rotary, _ = await d.worker.run(lambda: d.model.span.rotary(txt_ids.to(d.device), img_ids.to(d.device)))
         await d.check_loras(loras)
         # This stage compiles for a new size while the prepare travels on, so the stages compile at once.
         compiling = asyncio.ensure_future(d.compile_for(geometry, loras, request.event))
