@@ -155,3 +155,60 @@ async def test_a_stage_moves_the_token_ids_to_its_device_on_its_gpu_worker(tmp_p
         await split(a, b)
     assert len(ids) == 2 and len(moved_on) == 2
     assert all(name.startswith("gpu-") for name in moved_on), moved_on
+
+
+@pytest.mark.parametrize("floor", ["0.99", float("nan"), True, 1.5, -0.1], ids=repr)
+async def test_a_quality_floor_that_is_no_cosine_is_refused_by_the_head_naming_it(tmp_path, floor):
+    async with head_and_stage(tmp_path) as (a, b):
+        prepares = []
+        original = b.ops["prepare"]
+
+        async def prepare(request):
+            prepares.append(request.header)
+            return await original(request)
+
+        b.extra_ops["prepare"] = prepare
+        with pytest.raises(MeshError) as raised:
+            await split_generation(KEY, [a.bound, b.bound], "A:0-2,B:3-5", PARAMS, codec="raw", quality_floor=floor)
+        assert raised.value.code == "bad-request" and "quality_floor" in raised.value.message
+        assert raised.value.peer == "%s:%d" % a.bound  # the head refused it, before any stage saw it
+        assert not prepares
+
+
+@pytest.mark.parametrize("flag", ["false", 0, 1, None], ids=repr)
+async def test_measure_error_must_be_true_or_false(tmp_path, flag):
+    """A string "false" is truthy: it must not turn the error measurement on. One line naming the field."""
+    async with head_and_stage(tmp_path) as (a, b):
+        with pytest.raises(MeshError, match="measure_error") as raised:
+            await split(a, b, measure_error=flag)
+        assert raised.value.code == "bad-request" and raised.value.peer == "%s:%d" % a.bound
+
+
+async def test_measure_error_and_the_floor_are_checked_by_a_stage_too(tmp_path):
+    """A stage's prepare may come from any key holder, not only a head that checked the fields."""
+    async with head_and_stage(tmp_path) as (a, b):
+        channel = await Channel.connect(*b.bound, KEY)
+        try:
+            fields, segments = stage_prepare(b)
+            assert (await channel.request("prepare", fields, segments)).header["stages"]
+            await channel.request("release", {"job": fields["job"]})
+            for bad in ({"measure_error": "false"}, {"quality_floor": True}, {"quality_floor": float("nan")}):
+                with pytest.raises(MeshError) as raised:
+                    await channel.request("prepare", {**fields, **bad}, segments)
+                (name,) = bad
+                assert raised.value.code == "bad-request" and name in raised.value.message, raised.value
+        finally:
+            await channel.close()
+
+
+def stage_prepare(stage) -> tuple[dict, list]:
+    """A valid prepare of a job on ``stage`` for the tail blocks 3-5 (a 64x64 image: a 4x4 latent grid)."""
+    from meshd.pipeline.streaming import pack_raw
+
+    preset = stage.model.preset
+    headers, buffers = pack_raw([torch.zeros(1, preset.max_sequence_length, 4, dtype=torch.int64),
+                                 torch.zeros(1, 16, 4, dtype=torch.int64)])
+    return {"job": "checks", "model": stage.model.identity.to_dict(),
+            "stages": [{"peer": "%s:%d" % stage.bound, "start": 3, "end": 6}],
+            "geometry": {"batch": 1, "txt_len": preset.max_sequence_length, "img_h": 4, "img_w": 4},
+            "ids": headers, "loras": [], "measure_error": False, "quality_floor": 0.99}, buffers

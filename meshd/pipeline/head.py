@@ -26,7 +26,7 @@ from ..node.admission import GenerationSlots, source_of
 from ..wire.channel import Request
 from .generation import GenerationParams, LocalRunner, Sampler, run_generation, uses_cfg
 from .plan import PlanError, SplitPlan, Stage
-from .relay import Geometry, downstream_needs
+from .relay import Geometry, downstream_needs, quality_floor, request_flag
 from .streaming import LinkPlan, pack_raw, unpack_raw
 
 
@@ -79,7 +79,8 @@ class HeadService:
             raise MeshError("mismatch", f"{d.name} lacks the input layers the head runs (it must hold block 0)")
         if len(plan.stages) == 1 and not d.model.has_tail:
             raise MeshError("mismatch", f"{d.name} lacks the final layer")
-        floor = h.get("quality_floor", d.config.quality_floor)
+        floor = quality_floor(h, d.config.quality_floor)
+        measure_error = request_flag(h, "measure_error", True)
         codec_default = h.get("codec", "auto")
         if not isinstance(codec_default, str):
             raise MeshError("bad-request", "codec must be text")
@@ -104,12 +105,12 @@ class HeadService:
             if h.get("text_encoder") is not None:
                 await request.event({"kind": "encoding", "text_encoder": str(h.get("text_encoder"))[:200]})
                 embeds = await d.text.remote_embeds(h.get("text_encoder"), params)
-            return await self._run(request, params, plan, floor, bool(h.get("measure_error", True)),
+            return await self._run(request, params, plan, floor, measure_error,
                                    bool(h.get("return_latents", False)), embeds)
         finally:
             self.slots.release(source)
 
-    async def _run(self, request: Request, params: GenerationParams, plan: SplitPlan, floor,
+    async def _run(self, request: Request, params: GenerationParams, plan: SplitPlan, floor: float,
                    measure_error: bool, return_latents: bool, embeds: dict[str, torch.Tensor] | None = None):
         d = self.daemon
         if len(plan.stages) == 1:

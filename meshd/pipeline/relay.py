@@ -23,7 +23,7 @@ from codec import Calibration, Capabilities, CodecSpec, TokenLayout, choose_code
 
 from .. import limits
 from ..errors import MeshError
-from ..fields import wire_int, wire_number
+from ..fields import wire_bool, wire_int, wire_number
 from ..model.span import Conditioning
 from ..wire import ipc
 from ..wire.shm import ShmSender
@@ -75,6 +75,26 @@ class Geometry:
                 raise MeshError("bad-request", f"geometry {name}={data.get(name)!r:.20} must be in 1..{hi}")
             values[name] = v
         return cls(**values)
+
+
+def quality_floor(header: dict, default: float) -> float:
+    """A request's ``quality_floor``, the smallest cosine a hop's codec may give (absent: this daemon's
+    configured ``default``): a number in [0, 1]. The one check of it, made where a request comes in: by the
+    head for the client's, by each stage for its prepare's (which any key holder may send)."""
+    value = header.get("quality_floor", default)
+    floor = wire_number(value)
+    if floor is None or not 0 <= floor <= 1:  # NaN too
+        raise MeshError("bad-request", f"quality_floor={value!r:.20} must be a number in [0, 1]")
+    return floor
+
+
+def request_flag(header: dict, name: str, default: bool) -> bool:
+    """A request's true/false field ``name`` (absent: ``default``); any other value is refused, so that
+    a text "false" (truthy) cannot turn an option on."""
+    value = header.get(name, default)
+    if wire_bool(value) is None:
+        raise MeshError("bad-request", f"{name}={value!r:.20} must be true or false")
+    return value
 
 
 def downstream_needs(preset, stages) -> set[str]:

@@ -27,7 +27,7 @@ from ..model.tensorfiles import ModelError
 from ..wire import ipc, shm
 from ..wire.channel import Request, ServerSession
 from .plan import PlanError, SplitPlan, Stage
-from .relay import Geometry, cond_needs, downstream_needs
+from .relay import Geometry, cond_needs, downstream_needs, quality_floor, request_flag
 from .streaming import LinkPlan, pack_raw, receive_activation, unpack_raw
 
 
@@ -111,9 +111,8 @@ class StageService:
         if tail and not d.model.has_tail:
             raise MeshError("mismatch", f"{d.name} lacks the final layer the last stage runs")
         geometry = Geometry.from_wire(h.get("geometry"))
-        floor = h.get("quality_floor", d.config.quality_floor)
-        if not isinstance(floor, (int, float)) or not 0 <= floor <= 1:
-            raise MeshError("bad-request", "quality_floor must be in [0, 1]")
+        floor = quality_floor(h, d.config.quality_floor)
+        measure_error = request_flag(h, "measure_error", False)
         txt_ids, img_ids = unpack_raw(h.get("ids"), request.frame.segments, torch.device("cpu"),
                                       [(1, geometry.txt_len, 4), (1, geometry.img_h * geometry.img_w, 4)])
         loras = loras_from_wire(h.get("loras"))
@@ -125,7 +124,7 @@ class StageService:
         compiling.add_done_callback(lambda f: f.cancelled() or f.exception())
         downstream = downstream_needs(preset, stages[1:])
         job = StageJob(job_id, request.session, me.start, me.end, tail, geometry, rotary,
-                       cond_needs(preset, me.start, me.end), downstream, measure_error=bool(h.get("measure_error")),
+                       cond_needs(preset, me.start, me.end), downstream, measure_error=measure_error,
                        loras=loras)
         infos = []
         try:
