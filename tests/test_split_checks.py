@@ -212,3 +212,22 @@ def stage_prepare(stage) -> tuple[dict, list]:
             "stages": [{"peer": "%s:%d" % stage.bound, "start": 3, "end": 6}],
             "geometry": {"batch": 1, "txt_len": preset.max_sequence_length, "img_h": 4, "img_w": 4},
             "ids": headers, "loras": [], "measure_error": False, "quality_floor": 0.99}, buffers
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.int64], ids=str)
+async def test_a_prediction_of_another_dtype_is_a_mismatch_naming_both(tmp_path, dtype):
+    """The head samples with the prediction as it computes (bf16 here): another dtype would change the
+    latents' dtype and the image silently, or fail later in the scheduler."""
+    from meshd.pipeline.streaming import pack_raw, unpack_raw
+
+    async with head_and_stage(tmp_path) as (a, b):
+        def recast(fields, segments):
+            (prediction,) = unpack_raw([fields["prediction"]], segments, torch.device("cpu"))
+            headers, buffers = pack_raw([prediction.to(dtype)])
+            return {**fields, "prediction": headers[0]}, buffers
+
+        alter_forward_replies(b, recast)
+        with pytest.raises(MeshError) as raised:
+            await split(a, b)
+    assert raised.value.code == "mismatch", raised.value
+    assert str(dtype) in raised.value.message and "bfloat16" in raised.value.message

@@ -214,6 +214,9 @@ class SplitRunner:
         # On the host; the scheduler step moves it to the device on the GPU worker.
         (prediction,) = unpack_raw([reply.header.get("prediction")], reply.segments, torch.device("cpu"),
                                    [(1, sampler.image_tokens, self.out_channels)])
+        if prediction.dtype != d.model.dtype:  # the sampler would fail on it, or change the latents' dtype
+            raise MeshError("mismatch", f"the prediction from {self.channel.name} is {prediction.dtype}; "
+                                        f"{d.name} computes in {d.model.dtype}")
         # Each hop's wire_ms is its receiving stage's figure: kept only if it is a time, else neither this
         # link's record nor the client (the dashboard, the summary) takes it.
         for hop in hops:
