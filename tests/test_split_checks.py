@@ -231,3 +231,34 @@ async def test_a_prediction_of_another_dtype_is_a_mismatch_naming_both(tmp_path,
             await split(a, b)
     assert raised.value.code == "mismatch", raised.value
     assert str(dtype) in raised.value.message and "bfloat16" in raised.value.message
+
+
+def test_the_latent_grid_is_rows_by_columns_of_packed_tokens():
+    from meshd.model.presets import PRESETS
+    from meshd.pipeline.generation import latent_grid
+
+    tiny, klein = PRESETS["tiny"], PRESETS["klein-4b"]
+    assert latent_grid(tiny, 32, 64) == (32 // tiny.size_multiple, 64 // tiny.size_multiple) == (8, 16)
+    assert latent_grid(klein, 1024, 768) == (1024 // klein.size_multiple, 768 // klein.size_multiple)
+
+
+async def test_a_split_of_a_wide_image_equals_the_all_local_one(tmp_path):
+    """The head's geometry (what the stages prepare) and the sampler's latents come from one grid: a
+    non-square image, whose rows and columns a swap would exchange, is the same split and local."""
+    import argparse
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from meshtui.cli import run_local
+
+    wide = {**PARAMS, "width": 64, "height": 32}
+    async with head_and_stage(tmp_path) as (a, b):
+        outcome = await split_generation(KEY, [a.bound, b.bound], "A:0-2,B:3-5", wide, codec="raw")
+    args = argparse.Namespace(device="cpu", models_dir=[tmp_path / "models"], model="tiny", random_weights=False,
+                              size=(64, 32), steps=wide["steps"], guidance=wide["guidance"], prompt=wide["prompt"],
+                              seed=wide["seed"])
+    local, _ = await run_local(args)
+    split_pixels, local_pixels = (np.asarray(Image.open(io.BytesIO(png))) for png in (outcome.png, local))
+    assert split_pixels.shape == (32, 64, 3) and np.array_equal(split_pixels, local_pixels)
