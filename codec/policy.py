@@ -17,6 +17,7 @@ engines used, and the ratio these activations really compress to) and passes it 
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass, field
 
@@ -58,6 +59,15 @@ def _figures() -> dict[str, CodecFigures]:
     }
 
 
+def _measured(value: object) -> bool:
+    """A figure worth learning from: a finite number > 0. A NaN or an infinity would stay in the moving
+    averages for good (and a NaN speed fails every later choice); zeros and negatives measure nothing."""
+    try:
+        return value > 0 and math.isfinite(value)
+    except (TypeError, OverflowError):  # not a number; an integer beyond a float
+        return False
+
+
 @dataclass
 class Calibration:
     """Per-codec figures, updated as real transfers are measured (exponential moving average)."""
@@ -73,13 +83,16 @@ class Calibration:
             raise CodecError(f"no calibration for codec {label!r}") from None
 
     def observe(self, label: str, engine: str, direction: str, nbytes: int, seconds: float) -> None:
-        """Fold a measured encode or decode (``direction``) of ``nbytes`` input bytes into the figures."""
-        if seconds <= 0 or nbytes <= 0 or label not in self.figures:
+        """Fold a measured encode or decode (``direction``) of ``nbytes`` input bytes into the figures
+        (ignored unless both, and the speed they give, are finite and > 0)."""
+        if not (_measured(seconds) and _measured(nbytes)) or label not in self.figures:
+            return
+        rate = nbytes / seconds
+        if not _measured(rate):  # a time so short that the speed is past the largest float
             return
         with self._lock:
             fig = self.figures[label]
             table = dict(fig.encode_bps if direction == "encode" else fig.decode_bps)
-            rate = nbytes / seconds
             old = table.get(engine)
             table[engine] = rate if old is None else (1 - self.alpha) * old + self.alpha * rate
             if direction == "encode":
@@ -91,8 +104,9 @@ class Calibration:
                     wire_bytes: int, encode_s: float, decode_s: float) -> None:
         """Fold one measured hop in: ``raw_bytes`` encoded by ``sender`` in ``encode_s``, sent as
         ``wire_bytes``, decoded by ``receiver`` in ``decode_s`` (capabilities of None: that side's engine
-        is not known, its time is not used). A label without figures (``cuda-ipc``) is ignored."""
-        if label not in self.figures or raw_bytes <= 0:
+        is not known, its time is not used). A label without figures (``cuda-ipc``) is ignored, and so is
+        any figure that is not finite and > 0."""
+        if label not in self.figures or not _measured(raw_bytes):
             return
         name = CodecSpec.parse(label).name
         encoder = engines(sender, name, "encode") if sender is not None else None
@@ -101,7 +115,7 @@ class Calibration:
             self.observe(label, encoder, "encode", raw_bytes, encode_s)
         if decoder is not None:
             self.observe(label, decoder, "decode", raw_bytes, decode_s)
-        if wire_bytes > 0:
+        if _measured(wire_bytes) and _measured(raw_bytes / wire_bytes):
             with self._lock:
                 fig = self.figures[label]
                 ratio = (1 - self.alpha) * fig.ratio + self.alpha * raw_bytes / wire_bytes

@@ -22,6 +22,11 @@ def wire_number(value: object) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
+def wire_bool(value: object) -> bool | None:
+    """A true/false field, or None (``1``, ``0`` and the text ``"false"`` are none)."""
+    return value if isinstance(value, bool) else None
+
+
 def wire_text(value: object, limit: int = MAX_TEXT) -> str | None:
     """A text field cut to ``limit`` characters, or None."""
     return value[:limit] if isinstance(value, str) else None

@@ -133,3 +133,36 @@ async def test_a_daemon_learns_from_the_hops_it_sends(tmp_path):
     assert learned.ratio != fresh.ratio and learned.encode_bps["cpu"] != fresh.encode_bps["cpu"]
     assert learned.decode_bps["cpu"] != fresh.decode_bps["cpu"]
     assert set(b.relay.calibrations) == set()  # the last stage sends nothing on
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -0.5, 0.0], ids=["nan", "inf", "negative", "zero"])
+def test_a_measurement_that_is_no_finite_positive_figure_teaches_nothing(bad):
+    """Speeds and ratios come from finite figures > 0 only: a NaN or an infinity folded into the moving
+    averages would stay there, and a NaN speed makes every later choice on the link fail."""
+    cal = Calibration()
+    for label in cal.figures:
+        for direction in ("encode", "decode"):
+            cal.observe(label, "cuda", direction, STREAM, bad)  # the time
+            cal.observe(label, "cuda", direction, bad, 0.01)  # the bytes
+        cal.observe_hop(label, H200, H200, bad, STREAM // 2, 0.01, 0.01)
+    cal.observe("raw", "cuda", "decode", STREAM, 1e-320)  # a speed past the largest float
+    assert cal.figures == Calibration().figures
+    assert choose_codec(STREAM, GBIT, H200, H200, calibration=cal) == choose_codec(STREAM, GBIT, H200, H200)
+
+
+@pytest.mark.parametrize("decode_ms", [float("nan"), float("inf"), -3.0, "12", True, None])
+def test_a_daemon_learns_nothing_from_a_decode_time_that_is_no_time(decode_ms):
+    """Relay.learn_hop reads the receiver's decode_ms; what is not a finite time > 0 is ignored, and the
+    link's next choice still works."""
+    from types import SimpleNamespace
+
+    from codec import CodecSpec
+    from meshd.pipeline.relay import Relay
+    from meshd.pipeline.streaming import LinkPlan, SendStats
+
+    relay = Relay(SimpleNamespace(caps=H200))
+    link = LinkPlan("tcp", CodecSpec("raw"), {"to": "10.0.0.2:7777"}, receiver=H200)
+    relay.learn_hop(link, SendStats("raw", STREAM, STREAM, 5.0), {"decode_ms": decode_ms})
+    cal = relay.calibrations.get("10.0.0.2:7777", Calibration())
+    assert all(cal.get(label).decode_bps == fig.decode_bps for label, fig in Calibration().figures.items())
+    choose_codec(STREAM, GBIT, H200, H200, calibration=cal)

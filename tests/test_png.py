@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import struct
 import zlib
 
 import numpy as np
@@ -61,6 +62,49 @@ def test_text_chunks_carry_the_generation_and_any_prompt():
     assert image.text["parameters"] == "a café at dusk, 東京"  # iTXt: not Latin-1
     latin = _decoded(png.encode_png(np.zeros((2, 2, 3), np.uint8), {"parameters": "café"}))
     assert latin.text["parameters"] == "café"
+
+
+def _text_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
+    """(type, data) of every tEXt and iTXt chunk, read by the PNG layout itself."""
+    out, at = [], len(png._SIGNATURE)
+    while at < len(data):
+        (length,), kind = struct.unpack(">I", data[at:at + 4]), data[at + 4:at + 8]
+        if kind in (b"tEXt", b"iTXt"):
+            out.append((kind, data[at + 8:at + 8 + length]))
+        at += 12 + length
+    return out
+
+
+@pytest.mark.parametrize(("prompt", "kind"), [("a\x00b at dusk\x00", b"tEXt"), ("\x00東京\x00の夜", b"iTXt")],
+                         ids=["latin-1", "utf-8"])
+def test_a_prompt_with_nul_characters_still_gives_a_valid_png(prompt, kind):
+    """No NUL in a text chunk's text (libpng reads it as a C string: the prompt would end there): the
+    prompt is written without them; the flux-mesh chunk keeps it exactly (JSON writes it as \\u0000)."""
+    info = {"flux-mesh": "1", "params": {"prompt": prompt}}
+    data = png_bytes(np.zeros((4, 4, 3), np.uint8), info)
+    image = _decoded(data)
+    assert image.text["parameters"] == prompt.replace("\x00", "")
+    assert json.loads(image.text["flux-mesh"]) == info
+    chunks = dict((body.split(b"\0", 1)[0], (chunk, body)) for chunk, body in _text_chunks(data))
+    assert chunks[b"flux-mesh"][0] == b"tEXt" and chunks[b"parameters"][0] == kind
+    for chunk, body in chunks.values():
+        if chunk == b"tEXt":  # keyword NUL text
+            assert body.count(b"\0") == 1
+        else:  # keyword NUL flag method language NUL translated-keyword NUL text
+            assert b"\0" not in body.split(b"\0", 1)[1][2:].split(b"\0", 2)[2]
+
+
+@pytest.mark.parametrize("keyword", ["", "k" * 80, " lead", "trail ", "two  spaces", "tab\there", "nul\x00",
+                                     "del\x7f", "no-break\xa0space", "\u6771"])
+def test_text_keywords_follow_the_png_rules(keyword):
+    """1-79 printable Latin-1 characters (32-126, 161-255), no leading, trailing or consecutive spaces."""
+    with pytest.raises(ValueError, match="keyword"):
+        png.encode_png(np.zeros((2, 2, 3), np.uint8), {keyword: "x"})
+
+
+def test_a_keyword_may_use_any_printable_latin_1():
+    image = _decoded(png.encode_png(np.zeros((2, 2, 3), np.uint8), {"Créé le ~ 2026 [a b]": "x"}))
+    assert image.text == {"Créé le ~ 2026 [a b]": "x"}
 
 
 @pytest.mark.parametrize("bad", [np.zeros((4, 4, 3), np.float32), np.zeros((4, 4), np.uint8),

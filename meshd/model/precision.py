@@ -43,12 +43,14 @@ _AMAX_FLOOR = 1e-12
 #: copy (and the dequantiser's intermediates) stays ~128 MiB however large the layer: dev's fused
 #: single-block input layer (55296 x 6144) would otherwise need ~2 GiB of temporaries per forward.
 DEQUANT_CHUNK = 1 << 26
-#: Row chunks are made equal and a multiple of this many rows: each chunk's matmul output is then
-#: [tokens, rows] with a row pitch that is a multiple of cuBLAS's 16-byte alignment, as the whole
-#: layer's is. Chunks of DEQUANT_CHUNK // in_features rows were not: dev's 55296-row layer went as
-#: five chunks of 10922 rows and one of 686, and its eager GGUF forward took 13-16 ms against 3.9 ms
-#: bf16 plus 1.6-4.5 ms of dequantising, while klein's aligned 16384-row chunks ran at 1.13-1.25x bf16
-#: (docs/results/h200-gguf-layers-*.txt). The misalignment is the likely cause; the H200 re-run decides.
+#: A chunk's rows are rounded up to a multiple of this (the last chunk takes the rows left, so it is
+#: shorter when they do not divide evenly, and aligned too where the layer's rows are): each chunk's
+#: matmul output is then [tokens, rows] with a row pitch that is a multiple of cuBLAS's 16-byte
+#: alignment, as the whole layer's is. Chunks of DEQUANT_CHUNK // in_features rows were not: dev's
+#: 55296-row layer went as five chunks of 10922 rows and one of 686, and its eager GGUF forward took
+#: 13-16 ms against 3.9 ms bf16 plus 1.6-4.5 ms of dequantising, while klein's aligned 16384-row chunks
+#: ran at 1.13-1.25x bf16 (docs/results/h200-gguf-layers-*.txt). The misalignment is the likely cause;
+#: the H200 re-run decides.
 DEQUANT_ROW_ALIGN = 128
 #: Quantising at load works through a weight this many values at a time (a 64 MiB float32 working copy).
 QUANTISE_CHUNK = 1 << 24
@@ -237,8 +239,11 @@ class GgufLinear(torch.nn.Module):
 
 def dequant_chunk_rows(out_features: int, in_features: int) -> int:
     """Rows per chunk a layer is dequantised and multiplied in: all of them when the layer has at most
-    :data:`DEQUANT_CHUNK` weights, else the fewest equal chunks of about that size, rounded up to
-    :data:`DEQUANT_ROW_ALIGN` rows. Fixed by the shape, so every peer computes a layer the same way."""
+    :data:`DEQUANT_CHUNK` weights, else the rows of the fewest chunks of about that size, rounded up to a
+    multiple of :data:`DEQUANT_ROW_ALIGN` (never past the layer). Every chunk has that many rows but the
+    last, which takes the rest: the chunks come out equal where the rounded size divides the layer's rows
+    (the real layers' do), and the rounding may leave fewer chunks than the estimate. Fixed by the shape,
+    so every peer computes a layer the same way."""
     if out_features * in_features <= DEQUANT_CHUNK:
         return out_features
     chunks = math.ceil(out_features * in_features / DEQUANT_CHUNK)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import uuid
 from collections.abc import Awaitable, Callable
 
@@ -23,9 +24,9 @@ from ..model.span import Conditioning
 from ..model.tensorfiles import ModelError
 from ..node.admission import GenerationSlots, source_of
 from ..wire.channel import Request
-from .generation import GenerationParams, LocalRunner, Sampler, run_generation, uses_cfg
+from .generation import GenerationParams, LocalRunner, Sampler, latent_grid, run_generation, uses_cfg
 from .plan import PlanError, SplitPlan, Stage
-from .relay import Geometry, downstream_needs
+from .relay import Geometry, downstream_needs, quality_floor, request_flag
 from .streaming import LinkPlan, pack_raw, unpack_raw
 
 
@@ -78,7 +79,8 @@ class HeadService:
             raise MeshError("mismatch", f"{d.name} lacks the input layers the head runs (it must hold block 0)")
         if len(plan.stages) == 1 and not d.model.has_tail:
             raise MeshError("mismatch", f"{d.name} lacks the final layer")
-        floor = h.get("quality_floor", d.config.quality_floor)
+        floor = quality_floor(h, d.config.quality_floor)
+        measure_error = request_flag(h, "measure_error", True)
         codec_default = h.get("codec", "auto")
         if not isinstance(codec_default, str):
             raise MeshError("bad-request", "codec must be text")
@@ -103,12 +105,12 @@ class HeadService:
             if h.get("text_encoder") is not None:
                 await request.event({"kind": "encoding", "text_encoder": str(h.get("text_encoder"))[:200]})
                 embeds = await d.text.remote_embeds(h.get("text_encoder"), params)
-            return await self._run(request, params, plan, floor, bool(h.get("measure_error", True)),
+            return await self._run(request, params, plan, floor, measure_error,
                                    bool(h.get("return_latents", False)), embeds)
         finally:
             self.slots.release(source)
 
-    async def _run(self, request: Request, params: GenerationParams, plan: SplitPlan, floor,
+    async def _run(self, request: Request, params: GenerationParams, plan: SplitPlan, floor: float,
                    measure_error: bool, return_latents: bool, embeds: dict[str, torch.Tensor] | None = None):
         d = self.daemon
         if len(plan.stages) == 1:
@@ -145,6 +147,12 @@ class HeadService:
         return {"summary": result.summary}, [result.png]
 
 
+def _time_ms(value: object) -> float | None:
+    """A duration in ms a peer reported: a finite number >= 0, or None."""
+    ms = wire_number(value)
+    return ms if ms is not None and math.isfinite(ms) and ms >= 0 else None
+
+
 class SplitRunner:
     """The head's side of a split generation: its own blocks here, the rest across the mesh."""
 
@@ -158,8 +166,7 @@ class SplitRunner:
         self.measure_error = measure_error
         self.job_id = uuid.uuid4().hex
         preset = daemon.model.preset
-        scale = preset.size_multiple
-        self.geometry = Geometry(1, preset.max_sequence_length, params.height // scale, params.width // scale)
+        self.geometry = Geometry(1, preset.max_sequence_length, *latent_grid(preset, params.height, params.width))
         self.head = plan.stages[0]
         self.downstream = downstream_needs(preset, plan.stages[1:])
         self.out_channels = preset.out_channels  # the prediction's width, read each step
@@ -206,8 +213,18 @@ class SplitRunner:
         # On the host; the scheduler step moves it to the device on the GPU worker.
         (prediction,) = unpack_raw([reply.header.get("prediction")], reply.segments, torch.device("cpu"),
                                    [(1, sampler.image_tokens, self.out_channels)])
+        if prediction.dtype != d.model.dtype:  # the sampler would fail on it, or change the latents' dtype
+            raise MeshError("mismatch", f"the prediction from {self.channel.name} is {prediction.dtype}; "
+                                        f"{d.name} computes in {d.model.dtype}")
+        # Each hop's wire_ms is its receiving stage's figure: kept only if it is a time, else neither this
+        # link's record nor the client (the dashboard, the summary) takes it.
+        for hop in hops:
+            if isinstance(hop, dict) and "wire_ms" in hop and _time_ms(hop["wire_ms"]) is None:
+                del hop["wire_ms"]
         # hops[0]["bytes"]: what this head put on the wire (the send figures folded in by the relay)
-        d.links.get(self.channel.name).hop(hops[0]["bytes"], hops[0].get("wire_ms", 0.0))
+        wire_ms = _time_ms(hops[0].get("wire_ms"))
+        if wire_ms is not None:
+            d.links.get(self.channel.name).hop(hops[0]["bytes"], wire_ms)
         return prediction, {"compute_ms": seconds * 1e3, "hops": hops,
                             "return_bytes": sum(memoryview(b).nbytes for b in reply.segments)}
 

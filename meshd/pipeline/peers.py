@@ -109,7 +109,12 @@ class PeerPool:
         return channel
 
     async def _evict(self) -> None:
-        """Close the least recently used idle channels beyond limits.MAX_POOLED_PEERS."""
+        """Close the least recently used idle channels beyond limits.MAX_POOLED_PEERS.
+
+        All of them are taken out of the pool before the first is closed: a close awaits, and meanwhile
+        another get() may take one of the others (then the most recent, and its caller's) or hold it out
+        of the pool while it reconnects."""
+        victims = []
         for key in list(self._channels)[: max(0, len(self._channels) - limits.MAX_POOLED_PEERS)]:
             channel, lock = self._channels[key], self._locks.get(key)
             if not channel.idle or (lock is not None and lock.locked()):
@@ -117,6 +122,8 @@ class PeerPool:
             del self._channels[key]
             self._locks.pop(key, None)
             self._bandwidth.pop(key, None)
+            victims.append(channel)
+        for channel in victims:
             await channel.close()
 
     async def bandwidth(self, address: PeerAddress) -> Bandwidth:

@@ -38,11 +38,25 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
+def _keyword(key: str) -> bytes:
+    """``key`` as a PNG text keyword: 1-79 printable Latin-1 characters (codes 32-126 and 161-255), without
+    leading, trailing or consecutive spaces (the PNG spec's rule). Keys are ours: a bad one is a programming
+    error."""
+    if (not 1 <= len(key) <= 79 or not all(" " <= c <= "~" or "\xa1" <= c <= "\xff" for c in key)
+            or key != key.strip(" ") or "  " in key):
+        raise ValueError(f"PNG text keyword {key!r} must be 1-79 printable Latin-1 characters, without leading, "
+                         "trailing or consecutive spaces")
+    return key.encode("latin-1")
+
+
 def _text_chunk(key: str, value: str) -> bytes:
-    """tEXt when both fit Latin-1 (what PNG's tEXt allows), else iTXt with UTF-8 text, as PIL does."""
-    keyword = key.encode("latin-1")  # keys are ours and ASCII; a bad one is a programming error
-    if not 1 <= len(keyword) <= 79 or b"\0" in keyword:
-        raise ValueError(f"PNG text keyword {key!r} must be 1-79 Latin-1 characters without NUL")
+    """tEXt when both fit Latin-1 (what PNG's tEXt allows), else iTXt with UTF-8 text, as PIL does.
+
+    The text is written without NUL characters: libpng reads a tEXt text as a C string, so a prompt
+    would end at its first NUL there. They can only come from a prompt, which the flux-mesh chunk keeps
+    exactly (JSON escapes them)."""
+    keyword = _keyword(key)
+    value = value.replace("\0", "")
     try:
         return _chunk(b"tEXt", keyword + b"\0" + value.encode("latin-1"))
     except UnicodeEncodeError:

@@ -12,6 +12,7 @@ and learned from. :class:`Relay` is that, for one node; the head (:mod:`.head`) 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -22,7 +23,7 @@ from codec import Calibration, Capabilities, CodecSpec, TokenLayout, choose_code
 
 from .. import limits
 from ..errors import MeshError
-from ..fields import wire_int, wire_number
+from ..fields import wire_bool, wire_int, wire_number
 from ..model.span import Conditioning
 from ..wire import ipc
 from ..wire.shm import ShmSender
@@ -74,6 +75,26 @@ class Geometry:
                 raise MeshError("bad-request", f"geometry {name}={data.get(name)!r:.20} must be in 1..{hi}")
             values[name] = v
         return cls(**values)
+
+
+def quality_floor(header: dict, default: float) -> float:
+    """A request's ``quality_floor``, the smallest cosine a hop's codec may give (absent: this daemon's
+    configured ``default``): a number in [0, 1]. The one check of it, made where a request comes in: by the
+    head for the client's, by each stage for its prepare's (which any key holder may send)."""
+    value = header.get("quality_floor", default)
+    floor = wire_number(value)
+    if floor is None or not 0 <= floor <= 1:  # NaN too
+        raise MeshError("bad-request", f"quality_floor={value!r:.20} must be a number in [0, 1]")
+    return floor
+
+
+def request_flag(header: dict, name: str, default: bool) -> bool:
+    """A request's true/false field ``name`` (absent: ``default``); any other value is refused, so that
+    a text "false" (truthy) cannot turn an option on."""
+    value = header.get(name, default)
+    if wire_bool(value) is None:
+        raise MeshError("bad-request", f"{name}={value!r:.20} must be true or false")
+    return value
 
 
 def downstream_needs(preset, stages) -> set[str]:
@@ -183,9 +204,10 @@ class Relay:
 
     def learn_hop(self, link: LinkPlan, sent: SendStats, hop: dict) -> None:
         """Fold a hop this node sent over ``link`` (``hop``: the receiver's record) into the link's
-        codec calibration: encode speed here, decode speed there, the ratio these activations got."""
-        decode_ms = hop.get("decode_ms")
-        if link.transport != "tcp" or wire_number(decode_ms) is None:
+        codec calibration: encode speed here, decode speed there, the ratio these activations got. The
+        receiver's decode_ms counts only as a finite number (the calibration takes figures > 0 only)."""
+        decode_ms = wire_number(hop.get("decode_ms"))
+        if link.transport != "tcp" or decode_ms is None or not math.isfinite(decode_ms):
             return
         self.calibrations.setdefault(link.info["to"], Calibration()).observe_hop(
             sent.codec, self.daemon.caps, link.receiver, sent.raw_bytes, sent.wire_bytes, sent.encode_ms / 1e3,

@@ -23,11 +23,19 @@ from ..errors import MeshError
 from ..fields import wire_int
 from ..model.lora import LoraSpec, loras_from_wire
 from ..model.span import Conditioning, Stream
+from ..model.tensorfiles import ModelError
 from ..wire import ipc, shm
 from ..wire.channel import Request, ServerSession
 from .plan import PlanError, SplitPlan, Stage
-from .relay import Geometry, cond_needs, downstream_needs
+from .relay import Geometry, cond_needs, downstream_needs, quality_floor, request_flag
 from .streaming import LinkPlan, pack_raw, receive_activation, unpack_raw
+
+
+def _refusal(node: str, exc: ModelError) -> MeshError:
+    """What the client is told of a ModelError (or LoraError) of this node's files: not-found, in one line
+    naming the node (not internal: it is no bug, and needs no traceback in the log)."""
+    lines = str(exc).strip().splitlines() or [type(exc).__name__]
+    return MeshError("not-found", f"{node}: {lines[0]}")
 
 
 @dataclass
@@ -75,6 +83,8 @@ class StageService:
         self._preparing.add(job_id)
         try:
             return await self._prepare_job(request, job_id)
+        except ModelError as exc:
+            raise _refusal(self.daemon.name, exc) from None
         finally:
             self._preparing.discard(job_id)
 
@@ -101,20 +111,20 @@ class StageService:
         if tail and not d.model.has_tail:
             raise MeshError("mismatch", f"{d.name} lacks the final layer the last stage runs")
         geometry = Geometry.from_wire(h.get("geometry"))
-        floor = h.get("quality_floor", d.config.quality_floor)
-        if not isinstance(floor, (int, float)) or not 0 <= floor <= 1:
-            raise MeshError("bad-request", "quality_floor must be in [0, 1]")
+        floor = quality_floor(h, d.config.quality_floor)
+        measure_error = request_flag(h, "measure_error", False)
         txt_ids, img_ids = unpack_raw(h.get("ids"), request.frame.segments, torch.device("cpu"),
                                       [(1, geometry.txt_len, 4), (1, geometry.img_h * geometry.img_w, 4)])
         loras = loras_from_wire(h.get("loras"))
-        rotary, _ = await d.worker.run(d.model.span.rotary, txt_ids.to(d.device), img_ids.to(d.device))
+        # The ids go to the device on the GPU worker, which waits for the copy anyway, not on the event loop.
+        rotary, _ = await d.worker.run(lambda: d.model.span.rotary(txt_ids.to(d.device), img_ids.to(d.device)))
         await d.check_loras(loras)
         # This stage compiles for a new size while the prepare travels on, so the stages compile at once.
         compiling = asyncio.ensure_future(d.compile_for(geometry, loras, request.event))
         compiling.add_done_callback(lambda f: f.cancelled() or f.exception())
         downstream = downstream_needs(preset, stages[1:])
         job = StageJob(job_id, request.session, me.start, me.end, tail, geometry, rotary,
-                       cond_needs(preset, me.start, me.end), downstream, measure_error=bool(h.get("measure_error")),
+                       cond_needs(preset, me.start, me.end), downstream, measure_error=measure_error,
                        loras=loras)
         infos = []
         try:
@@ -163,7 +173,10 @@ class StageService:
             # for the GPU anyway, not on the event loop.
             return span.final(s, c.temb).cpu() if job.tail else s.as_joint()
 
-        out, seconds = await d.worker.run(compute)
+        try:
+            out, seconds = await d.worker.run(compute)
+        except ModelError as exc:  # a LoraError too: a job's LoRA file gone or changed since its prepare, say
+            raise _refusal(d.name, exc) from None
         del stream
         record = {"node": d.name, "blocks": [job.start, job.end - 1], "codec": rx.codec, "bytes": rx.bytes,
                   "wire_ms": round(rx.wire_ms, 3), "decode_ms": round(rx.decode_ms, 3),
