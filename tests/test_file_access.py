@@ -212,3 +212,19 @@ def test_a_closed_vae_file_in_a_comfyui_tree_is_named_at_load_not_reported_absen
     result = unprivileged([sys.executable, "-c", COMFY_SCENARIO, str(root), TRANSFORMER])
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "the head's VAE cannot be read: " + denied(vae, "read", 0o600)
+
+
+@pytest.mark.parametrize("content, cause", [
+    (b"{" + b" " * (16 << 20) + b"}", "over 16 MiB"),  # read up to the cap, never whole
+    (b"\xff\xfe not text", "not readable JSON"),
+    (b"[1, 2]", "does not hold a JSON object"),
+], ids=["oversized", "not-utf8", "not-an-object"])
+def test_a_model_json_file_is_read_bounded_and_refused_in_one_line(tmp_path, content, cause):
+    from meshd.model.errors import ModelError
+    from meshd.model.tensorfiles import read_json
+
+    path = tmp_path / "config.json"
+    path.write_bytes(content)
+    with pytest.raises(ModelError, match=cause) as raised:
+        read_json(path)
+    assert str(path) in str(raised.value) and "\n" not in str(raised.value)

@@ -175,12 +175,14 @@ async def test_a_quality_floor_that_is_no_cosine_is_refused_by_the_head_naming_i
         assert not prepares
 
 
+@pytest.mark.parametrize("name", ["measure_error", "return_latents"])
 @pytest.mark.parametrize("flag", ["false", 0, 1, None], ids=repr)
-async def test_measure_error_must_be_true_or_false(tmp_path, flag):
-    """A string "false" is truthy: it must not turn the error measurement on. One line naming the field."""
+async def test_request_flags_must_be_true_or_false(tmp_path, flag, name):
+    """A string "false" is truthy: it must not turn the error measurement (or the latents' return) on.
+    One line naming the field."""
     async with head_and_stage(tmp_path) as (a, b):
-        with pytest.raises(MeshError, match="measure_error") as raised:
-            await split(a, b, measure_error=flag)
+        with pytest.raises(MeshError, match=name) as raised:
+            await split(a, b, **{name: flag})
         assert raised.value.code == "bad-request" and raised.value.peer == "%s:%d" % a.bound
 
 

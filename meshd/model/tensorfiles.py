@@ -30,10 +30,20 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 log = logging.getLogger(__name__)
 
 
+#: A model's JSON files (config.json, model_index.json, a shard index) are kilobytes; a sharded
+#: checkpoint's index of every tensor stays well under a MiB. Anything far larger is not one of them.
+MAX_JSON_BYTES = 16 << 20
+
+
 def read_json(path: Path) -> dict:
-    """A JSON object from ``path``, or a ModelError that says what is wrong with the file."""
+    """A JSON object from ``path``, or a ModelError that says what is wrong with the file. At most
+    MAX_JSON_BYTES are read."""
     try:
-        data = json.loads(path.read_text())
+        with open(path, "rb") as f:
+            raw = f.read(MAX_JSON_BYTES + 1)
+        if len(raw) > MAX_JSON_BYTES:
+            raise ModelError(f"{path} is over {MAX_JSON_BYTES >> 20} MiB: not a model's JSON file")
+        data = json.loads(raw)
     except FileNotFoundError:
         raise ModelError(f"{path} is missing") from None
     except PermissionError:

@@ -81,6 +81,7 @@ class HeadService:
             raise MeshError("mismatch", f"{d.name} lacks the final layer")
         floor = quality_floor(h, d.config.quality_floor)
         measure_error = request_flag(h, "measure_error", True)
+        return_latents = request_flag(h, "return_latents", False)
         codec_default = h.get("codec", "auto")
         if not isinstance(codec_default, str):
             raise MeshError("bad-request", "codec must be text")
@@ -105,8 +106,7 @@ class HeadService:
             if h.get("text_encoder") is not None:
                 await request.event({"kind": "encoding", "text_encoder": str(h.get("text_encoder"))[:200]})
                 embeds = await d.text.remote_embeds(h.get("text_encoder"), params)
-            return await self._run(request, params, plan, floor, measure_error,
-                                   bool(h.get("return_latents", False)), embeds)
+            return await self._run(request, params, plan, floor, measure_error, return_latents, embeds)
         finally:
             self.slots.release(source)
 
