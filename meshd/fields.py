@@ -2,11 +2,13 @@
 the pipeline, node records, the dashboard's events).
 
 A bool is neither an integer nor a number here (msgpack and JSON keep ``true`` apart from ``1``, and a
-peer that sends one where a count belongs is wrong). No torch and nothing of meshd's: anything may
-import this.
+peer that sends one where a count belongs is wrong), and a number is finite. No torch and nothing of
+meshd's: anything may import this.
 """
 
 from __future__ import annotations
+
+import math
 
 #: Text fields are cut to this many characters unless the caller bounds them otherwise.
 MAX_TEXT = 200
@@ -18,8 +20,15 @@ def wire_int(value: object) -> int | None:
 
 
 def wire_number(value: object) -> float | None:
-    """A number field as a float, or None."""
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    """A number field as a finite float, or None: NaN, an infinity or an integer past a float's range
+    is no figure any field of ours can hold (and NaN would pass every comparison a caller makes)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 def wire_bool(value: object) -> bool | None:

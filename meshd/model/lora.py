@@ -79,7 +79,7 @@ class LoraSpec:
                              "characters")
         if not isinstance(sha, str) or len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha.lower()):
             raise ValueError(f"LoRA {name}: sha256 must be 64 hexadecimal digits")
-        if wire_number(strength) is None or not math.isfinite(strength) or abs(strength) > MAX_LORA_STRENGTH:
+        if wire_number(strength) is None or abs(strength) > MAX_LORA_STRENGTH:
             raise ValueError(f"LoRA {name}: strength {strength!r:.20} must be a number in "
                              f"[-{MAX_LORA_STRENGTH:g}, {MAX_LORA_STRENGTH:g}]")
         object.__setattr__(self, "sha256", sha.lower())

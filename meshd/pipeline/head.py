@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import uuid
 from collections.abc import Awaitable, Callable
 
@@ -150,7 +149,7 @@ class HeadService:
 def _time_ms(value: object) -> float | None:
     """A duration in ms a peer reported: a finite number >= 0, or None."""
     ms = wire_number(value)
-    return ms if ms is not None and math.isfinite(ms) and ms >= 0 else None
+    return ms if ms is not None and ms >= 0 else None
 
 
 class SplitRunner:

@@ -12,7 +12,6 @@ and learned from. :class:`Relay` is that, for one node; the head (:mod:`.head`) 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -83,7 +82,7 @@ def quality_floor(header: dict, default: float) -> float:
     head for the client's, by each stage for its prepare's (which any key holder may send)."""
     value = header.get("quality_floor", default)
     floor = wire_number(value)
-    if floor is None or not 0 <= floor <= 1:  # NaN too
+    if floor is None or not 0 <= floor <= 1:
         raise MeshError("bad-request", f"quality_floor={value!r:.20} must be a number in [0, 1]")
     return floor
 
@@ -207,7 +206,7 @@ class Relay:
         codec calibration: encode speed here, decode speed there, the ratio these activations got. The
         receiver's decode_ms counts only as a finite number (the calibration takes figures > 0 only)."""
         decode_ms = wire_number(hop.get("decode_ms"))
-        if link.transport != "tcp" or decode_ms is None or not math.isfinite(decode_ms):
+        if link.transport != "tcp" or decode_ms is None:
             return
         self.calibrations.setdefault(link.info["to"], Calibration()).observe_hop(
             sent.codec, self.daemon.caps, link.receiver, sent.raw_bytes, sent.wire_bytes, sent.encode_ms / 1e3,

@@ -32,7 +32,7 @@ def clamp_interval(value: object) -> float:
     """A subscriber's requested period, clamped to MIN_INTERVAL_S..MAX_INTERVAL_S."""
     if value is None:
         return DEFAULT_INTERVAL_S
-    if wire_number(value) is None or value != value:
+    if wire_number(value) is None:
         raise MeshError("bad-request", f"telemetry interval must be a number of seconds, got {value!r:.40}")
     return min(max(float(value), MIN_INTERVAL_S), MAX_INTERVAL_S)
 
