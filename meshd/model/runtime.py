@@ -164,8 +164,13 @@ class FolderSource(WeightSource):
         if not (folder / "config.json").is_file():
             raise ModelError(f"{folder} is missing: the head needs the VAE")
         require_safetensors(folder)
-        return AutoencoderKLFlux2.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True,
-                                                  use_safetensors=True).to(device).eval()
+        try:
+            vae = AutoencoderKLFlux2.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True,
+                                                     use_safetensors=True)
+        except (OSError, ValueError) as exc:  # a damaged file (diffusers says which), a config that does not fit
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ModelError(f"could not load the VAE from {folder}: {first}") from exc
+        return vae.to(device).eval()
 
     def _from_file(self, sub: str) -> bool:
         """Whether the head's ``sub`` comes from a single file (the diffusers folder, if any, lacks it)."""

@@ -29,6 +29,7 @@ from ..errors import MeshError
 from ..model.compile_events import compiled_event, compiling_event, pending_parts
 from ..model.lora import LoraSpec
 from ..model.runtime import HostedModel
+from ..model.tensorfiles import ModelError
 from ..model.span import Conditioning, Stream
 from ..node.gpu import GpuWorker
 from .png import encode_png
@@ -120,6 +121,9 @@ class Sampler:
         self.timesteps, _ = d.timesteps(self.scheduler, p.steps, self.device, sigmas=sigmas, mu=mu)
         self.scheduler.set_begin_index(0)
         self.rotary = span.rotary(self.text_ids, self.latent_ids)
+        # The VAE decodes only after the last step; read now (once, then kept), a damaged file fails
+        # the generation before any step runs rather than after all of them.
+        self.model.vae()
         self.guidance = (
             torch.full([1], p.guidance, device=self.device, dtype=torch.float32).expand(1)
             if self.guidance_embeds else None
@@ -252,6 +256,9 @@ async def compile_blocks(model: HostedModel, worker: GpuWorker, txt_len: int, im
         seconds, _ = await worker.run(model.warm_compiled, txt_len, img_tokens, loras, decode_hw)
     except MeshError:
         raise
+    except ModelError as exc:  # the head's VAE, read when its decoder is first compiled: the file's fault
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise MeshError("not-found", f"{node or 'this peer'}: {first}") from None
     except Exception as exc:  # noqa: BLE001 - inductor's failures (no compiler, a lowering bug) end here
         log.exception("compiling blocks %s for %s failed", describe_ranges(model.blocks), size)
         first = (str(exc).strip().splitlines() or [""])[0][:300]
