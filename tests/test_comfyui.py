@@ -300,6 +300,23 @@ def test_a_diffusers_folders_own_parts_come_first_and_a_single_file_beside_them_
     assert files.root == folder / "flux2-tiny-aio.safetensors" and files.parts.notes == gap
 
 
+def test_a_folder_of_one_all_in_one_checkpoint_uses_its_own_parts_as_naming_the_file_does(comfy, tmp_path):
+    """Found by review: a folder holding one all-in-one checkpoint (and no vae/) did not pass the file on as the
+    head's own parts, so its VAE and text encoder went unused (and unnoted), while naming the file used them.
+    Both ways of asking for the file give the head the same parts, with the same notes."""
+    root, _, _ = comfy
+    install = tmp_path / "ComfyUI"
+    shutil.copytree(root / "comfy", install / "comfy")  # the tokenizer; the models tree holds only the checkpoint
+    file = install / "models" / "checkpoints" / "aio" / "flux2-tiny-aio.safetensors"
+    all_in_one(root, file)
+    store = ModelStore([], comfyui_dir=install)
+    by_file, by_folder = store.open("checkpoints/aio/flux2-tiny-aio"), store.open("checkpoints/aio")
+    assert by_file.parts.vae == by_file.parts.text_encoder == file and by_file.root == file
+    assert by_folder.root == file and by_folder.parts == by_file.parts
+    assert by_folder.parts.notes == ("all-in-one checkpoint (transformer, VAE, text encoder): VAE and text encoder "
+                                     "from this file")
+
+
 # --- links out of the model folders ---------------------------------------------------------------------
 
 def test_a_link_out_of_the_model_folders_is_refused_naming_the_link_and_its_target(comfy, tmp_path):

@@ -236,28 +236,27 @@ class ModelStore:
         if path.is_file():
             if path.suffix != GGUF_SUFFIX:
                 refuse_pickle(path)
-            checkpoint = Checkpoint.open_file(path)
-            model_name = path.name.removesuffix(path.suffix)
-            if (path.parent / "vae" / "config.json").is_file():
-                return ModelFiles(model_name, checkpoint, path.parent, own_components=True,
-                                  parts=self._own_parts(checkpoint.preset, path.parent, path))
-            borrowed = self._borrowed_components(checkpoint.preset)
-            return ModelFiles(model_name, checkpoint, borrowed, own_components=False,
-                              parts=self.head_parts(checkpoint.preset, borrowed, own=path))
+            return self._open_single(path.name.removesuffix(path.suffix), path, path.parent)
         transformer = path / "transformer"
         if not (transformer / "config.json").is_file():
             single = [p for p in comfyui.entries(path, enter=lambda _: False) if p.suffix == SAFETENSORS_SUFFIX]
             if len(single) == 1:  # a single file in a folder of its own, maybe with vae/ and text_encoder/
-                checkpoint = Checkpoint.open_file(single[0])
-                own = (path / "vae" / "config.json").is_file()
-                borrowed = path if own else self._borrowed_components(checkpoint.preset)
-                return ModelFiles(path.name, checkpoint, borrowed, own_components=own,
-                                  parts=self._own_parts(checkpoint.preset, path, single[0]) if own
-                                  else self.head_parts(checkpoint.preset, borrowed))
+                return self._open_single(path.name, single[0], path)
             raise ModelError(f"{path} is neither a diffusers model folder (no transformer/config.json) nor a folder "
                              f"with one single-file checkpoint ({len(single)} .safetensors files)")
         return ModelFiles(path.name, Checkpoint.open_folder(transformer), path, own_components=True,
                           parts=HeadParts(notes=_passed_over_beside(path)))
+
+    def _open_single(self, name: str, file: Path, folder: Path) -> ModelFiles:
+        """A single-file checkpoint, asked for by its name or by its folder's (one way, so both find the same
+        head parts): its folder's own parts when it has ``vae/``, else the file's and those lent elsewhere."""
+        checkpoint = Checkpoint.open_file(file)
+        if (folder / "vae" / "config.json").is_file():
+            return ModelFiles(name, checkpoint, folder, own_components=True,
+                              parts=self._own_parts(checkpoint.preset, folder, file))
+        borrowed = self._borrowed_components(checkpoint.preset)
+        return ModelFiles(name, checkpoint, borrowed, own_components=False,
+                          parts=self.head_parts(checkpoint.preset, borrowed, own=file))
 
     def _own_parts(self, preset: ModelPreset, folder: Path, file: Path) -> HeadParts:
         """The head parts of a single file in a folder of its own (``folder`` has ``vae/``): the folder's own;
