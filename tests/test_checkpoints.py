@@ -451,6 +451,35 @@ def test_an_index_that_points_outside_its_folder_is_refused(models, tmp_path):
     assert "outside its folder" in _refused(tmp_path, "escape")
 
 
+def test_an_indexed_shard_linked_elsewhere_inside_the_model_folders_is_read_as_without_the_index(models, tmp_path):
+    """Found by review: the index's shards had to lie in transformer/ where they really are, so a shard linked
+    in from elsewhere in the model folders was refused as "points outside its folder" while the same folder
+    without its index was accepted. An index names files of its folder; where a linked one really is follows
+    the model folders' one rule: inside them it is read, out of them it is refused naming the link."""
+    root, _, _ = models
+    mine, outside = tmp_path / "mine", tmp_path / "outside"
+    shutil.copytree(root / "tiny-sharded", mine / "sharded")
+    (mine / "shards").mkdir()
+    outside.mkdir()
+    shard = mine / "sharded" / "transformer" / "diffusion_pytorch_model-00002-of-00002.safetensors"
+    shard.rename(mine / "shards" / shard.name)
+    shard.symlink_to(mine / "shards" / shard.name)
+    index = shard.parent / "diffusion_pytorch_model.safetensors.index.json"
+    indexed = ModelStore([mine]).open("sharded")
+    assert indexed.preset.name == "tiny" and shard in indexed.checkpoint.files
+    saved = index.read_bytes()
+    index.unlink()
+    assert ModelStore([mine]).open("sharded").preset.name == "tiny"  # without the index: the same
+    index.write_bytes(saved)
+    (mine / "shards" / shard.name).rename(outside / shard.name)
+    shard.unlink()
+    shard.symlink_to(outside / shard.name)
+    with pytest.raises(ModelError) as info:
+        ModelStore([mine]).open("sharded")
+    assert str(info.value) == (f"{shard} is a link to {outside / shard.name}, outside the configured folders "
+                               f"({mine}); meshd reads files only from there: add {outside} to models_dir to use it")
+
+
 # --- only the configured model folders ---------------------------------------------------------------
 
 def test_paths_outside_the_model_folders_are_refused(models, tmp_path):

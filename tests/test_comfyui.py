@@ -300,6 +300,69 @@ def test_a_diffusers_folders_own_parts_come_first_and_a_single_file_beside_them_
     assert files.root == folder / "flux2-tiny-aio.safetensors" and files.parts.notes == gap
 
 
+def test_a_folder_of_one_all_in_one_checkpoint_uses_its_own_parts_as_naming_the_file_does(comfy, tmp_path):
+    """Found by review: a folder holding one all-in-one checkpoint (and no vae/) did not pass the file on as the
+    head's own parts, so its VAE and text encoder went unused (and unnoted), while naming the file used them.
+    Both ways of asking for the file give the head the same parts, with the same notes."""
+    root, _, _ = comfy
+    install = tmp_path / "ComfyUI"
+    shutil.copytree(root / "comfy", install / "comfy")  # the tokenizer; the models tree holds only the checkpoint
+    file = install / "models" / "checkpoints" / "aio" / "flux2-tiny-aio.safetensors"
+    all_in_one(root, file)
+    store = ModelStore([], comfyui_dir=install)
+    by_file, by_folder = store.open("checkpoints/aio/flux2-tiny-aio"), store.open("checkpoints/aio")
+    assert by_file.parts.vae == by_file.parts.text_encoder == file and by_file.root == file
+    assert by_folder.root == file and by_folder.parts == by_file.parts
+    assert by_folder.parts.notes == ("all-in-one checkpoint (transformer, VAE, text encoder): VAE and text encoder "
+                                     "from this file")
+
+
+def test_an_all_in_one_checkpoints_own_parts_come_before_those_a_diffusers_folder_elsewhere_lends(comfy, tmp_path,
+                                                                                                 caplog):
+    """Found by review: a diffusers folder of the same model elsewhere in the model folders lent its VAE and text
+    encoder over the all-in-one file's own (docs/models.md: the file's own come first). The file's own parts come
+    first, then the lending folder's (where one of them does not fit), then the single files; what is passed over
+    is named in ``meshd check`` and the info line, and a Qwen3 encoder with no tokenizer of its own may take the
+    lending folder's."""
+    root, diffusers, _ = comfy
+    models = tmp_path / "models"
+    folder = models / "tiny-qwen3"
+    shutil.copytree(diffusers, folder)
+    file = models / "checkpoints" / "flux2-tiny-aio.safetensors"
+    all_in_one(root, file)
+    for sub in ("vae", "text_encoder"):  # the lent parts are not read: damaged, they would fail the head
+        for weights in (folder / sub).glob("*.safetensors"):
+            weights.write_bytes(weights.read_bytes()[:100])
+    with caplog.at_level("INFO", logger="meshd"):
+        files = ModelStore([models]).open("checkpoints/flux2-tiny-aio")
+    notes = (f"all-in-one checkpoint (transformer, VAE, text encoder): VAE and text encoder from this file; {folder}'s "
+             f"vae/ and text_encoder/ are passed over: this file's own VAE and text encoder come first")
+    assert files.components == folder and files.parts.vae == files.parts.text_encoder == file
+    assert files.parts.tokenizer == folder / "tokenizer" and files.parts.notes == notes
+    assert f"{file}: {notes}" in caplog.text
+    model = HostedModel(open_source("checkpoints/flux2-tiny-aio", ModelStore([models])), CPU, torch.bfloat16)
+    model.source.check_head_files()
+    assert model.vae() is not None
+    assert model.encode_prompt("a dog by the sea").shape == (1, PRESET.max_sequence_length, 48)
+    lines = [f.text for f in check_models(DaemonConfig(models_dir=(models,), state_dir=tmp_path / "state"))
+             if f.topic == "models"]
+    line = next(t for t in lines if t.startswith("ok  model checkpoints/flux2-tiny-aio:"))
+    assert (f"head parts: VAE {file.name}, text encoder {file.name}, tokenizer {folder / 'tokenizer'}; {notes}"
+            in line), line
+
+    def other_vae(state):  # a part of the file that does not fit: the lending folder's, before the single files
+        return {k: (v[:, :2].contiguous() if k == "decoder.conv_in.weight" else v) for k, v in state.items()}
+
+    file.unlink()
+    all_in_one(root, file, other_vae)
+    shutil.copytree(root / "models" / "vae", models / "vae")
+    files = ModelStore([models]).open("checkpoints/flux2-tiny-aio")
+    assert files.components == folder and files.parts.vae is None and files.parts.text_encoder == file
+    assert "; its VAE part is not used (decoder.conv_in.weight has shape" in files.parts.notes
+    assert files.parts.notes.endswith(f"; {folder}'s text_encoder/ is passed over: this file's own text encoder "
+                                      "comes first"), files.parts.notes
+
+
 # --- links out of the model folders ---------------------------------------------------------------------
 
 def test_a_link_out_of_the_model_folders_is_refused_naming_the_link_and_its_target(comfy, tmp_path):

@@ -36,6 +36,7 @@ import functools
 import hashlib
 import json
 import math
+import os
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -210,8 +211,10 @@ class Checkpoint:
                 raise ModelError(f"{index} has no weight_map")
             files = []
             for file in sorted(set(map(str, mapping.values()))):
-                path = (transformer / file).resolve()
-                if path.parent != transformer.resolve():
+                # a name of this folder, as spelled; where a linked shard really is, the model folders' one
+                # rule decides (ModelStore refuses a link out of them, as it does without an index)
+                path = Path(os.path.normpath(transformer / file))
+                if path.parent != Path(os.path.normpath(transformer)):
                     raise ModelError(f"{index} points outside its folder: {file}")
                 files.append(path)
         else:

@@ -13,10 +13,10 @@ or a single-file checkpoint (BFL or ComfyUI, bf16 / fp8 / scaled fp8), ``<name>.
 under a model folder (a ComfyUI models tree is walked recursively; ``comfyui_dir`` adds an install's
 ``models/``). A single file holds only the transformer: that is all a peer holding blocks needs. The
 head also needs the VAE and the text encoder, which it takes, in this order, from the file's own folder
-when that has ``vae/``; from a diffusers folder of the same model in the model folders (FLUX.2's VAE is
-shared by all members, the text encoder by each size); or from the VAE and text-encoder single files
-found in the model folders, each recognised by its header and matched to the model by its shapes
-(:class:`HeadParts`).
+when that has ``vae/``; from the file itself when it is an all-in-one checkpoint and they fit; from a
+diffusers folder of the same model in the model folders (FLUX.2's VAE is shared by all members, the text
+encoder by each size); or from the VAE and text-encoder single files found in the model folders, each
+recognised by its header and matched to the model by its shapes (:class:`HeadParts`).
 """
 
 from __future__ import annotations
@@ -236,28 +236,27 @@ class ModelStore:
         if path.is_file():
             if path.suffix != GGUF_SUFFIX:
                 refuse_pickle(path)
-            checkpoint = Checkpoint.open_file(path)
-            model_name = path.name.removesuffix(path.suffix)
-            if (path.parent / "vae" / "config.json").is_file():
-                return ModelFiles(model_name, checkpoint, path.parent, own_components=True,
-                                  parts=self._own_parts(checkpoint.preset, path.parent, path))
-            borrowed = self._borrowed_components(checkpoint.preset)
-            return ModelFiles(model_name, checkpoint, borrowed, own_components=False,
-                              parts=self.head_parts(checkpoint.preset, borrowed, own=path))
+            return self._open_single(path.name.removesuffix(path.suffix), path, path.parent)
         transformer = path / "transformer"
         if not (transformer / "config.json").is_file():
             single = [p for p in comfyui.entries(path, enter=lambda _: False) if p.suffix == SAFETENSORS_SUFFIX]
             if len(single) == 1:  # a single file in a folder of its own, maybe with vae/ and text_encoder/
-                checkpoint = Checkpoint.open_file(single[0])
-                own = (path / "vae" / "config.json").is_file()
-                borrowed = path if own else self._borrowed_components(checkpoint.preset)
-                return ModelFiles(path.name, checkpoint, borrowed, own_components=own,
-                                  parts=self._own_parts(checkpoint.preset, path, single[0]) if own
-                                  else self.head_parts(checkpoint.preset, borrowed))
+                return self._open_single(path.name, single[0], path)
             raise ModelError(f"{path} is neither a diffusers model folder (no transformer/config.json) nor a folder "
                              f"with one single-file checkpoint ({len(single)} .safetensors files)")
         return ModelFiles(path.name, Checkpoint.open_folder(transformer), path, own_components=True,
                           parts=HeadParts(notes=_passed_over_beside(path)))
+
+    def _open_single(self, name: str, file: Path, folder: Path) -> ModelFiles:
+        """A single-file checkpoint, asked for by its name or by its folder's (one way, so both find the same
+        head parts): its folder's own parts when it has ``vae/``, else the file's and those lent elsewhere."""
+        checkpoint = Checkpoint.open_file(file)
+        if (folder / "vae" / "config.json").is_file():
+            return ModelFiles(name, checkpoint, folder, own_components=True,
+                              parts=self._own_parts(checkpoint.preset, folder, file))
+        borrowed = self._borrowed_components(checkpoint.preset)
+        return ModelFiles(name, checkpoint, borrowed, own_components=False,
+                          parts=self.head_parts(checkpoint.preset, borrowed, own=file, lent=True))
 
     def _own_parts(self, preset: ModelPreset, folder: Path, file: Path) -> HeadParts:
         """The head parts of a single file in a folder of its own (``folder`` has ``vae/``): the folder's own;
@@ -266,22 +265,25 @@ class ModelStore:
             return HeadParts()
         return self.head_parts(preset, folder, own=file)
 
-    def head_parts(self, preset: ModelPreset, components: Path | None = None, own: Path | None = None) -> HeadParts:
+    def head_parts(self, preset: ModelPreset, components: Path | None = None, own: Path | None = None,
+                   lent: bool = False) -> HeadParts:
         """The VAE and text-encoder single files in the model folders that fit ``preset`` (recognised by
         header, matched by shapes), for what ``components`` (a diffusers folder) does not already hold. A
-        ComfyUI all-in-one checkpoint (``own``) gives its own parts first; a part of it that does not fit is
-        named in ``notes`` with the reason, and so is a part passed over for the one ``components`` holds: never
-        skipped in silence."""
+        ComfyUI all-in-one checkpoint (``own``) gives its own parts before the single files; before those of
+        ``components`` too when that folder only lends them (``lent``: another model's folder, not the file's
+        own). A part of it that does not fit is named in ``notes`` with the reason, and so is a part passed over
+        either way: never skipped in silence."""
         from .text_encoder_file import EncoderFile  # noqa: PLC0415 - pulls in transformers' configs
         from .vae_file import VaeFile  # noqa: PLC0415
 
         inside = comfyui.parts_of_keys(_keys(own)) if own is not None and own.suffix == SAFETENSORS_SUFFIX else ()
-        used, refused, passed = [], [], []
+        used, refused, passed, lender = [], [], [], []
 
         def best(kind: str, opener, sub: str):
             """The checkpoint's own part when it fits; else, when several files fit: a file where ComfyUI keeps
             its kind first, then exact weights (bf16 before fp8 of the same encoder), then by path."""
-            if components is not None and (components / sub / "config.json").is_file():
+            held = components is not None and (components / sub / "config.json").is_file()
+            if held and not (lent and kind in inside):
                 if kind in inside:  # the folder's own part comes first
                     passed.append((kind, f"{sub}/"))
                 return None
@@ -293,8 +295,12 @@ class ModelStore:
                     part, problem = None, str(exc)
                 if not problem:
                     used.append(kind)
+                    if held:  # a lent folder's part comes after the file's own
+                        lender.append((kind, f"{sub}/"))
                     return part
                 refused.append(f"its {kind} part is not used ({problem})")
+            if held:  # the lending folder's, where the file's own does not fit
+                return None
             fitting = [opener.open(p) for p, k in self.part_files() if k == kind and _fits(opener, p, preset)]
             fitting.sort(key=lambda f: (not comfyui.in_kind_folder(f.path, kind), f.quantised,
                                         str(f.path)))
@@ -308,12 +314,18 @@ class ModelStore:
 
         vae = best(comfyui.VAE, VaeFile, "vae")
         encoder = best(comfyui.TEXT_ENCODER, EncoderFile, "text_encoder")
-        tokenizer, hint = self._tokenizer_for(encoder) if encoder is not None else (None, "")
+        # a file's own encoder whose tokenizer is nowhere else may take the one its model's lending folder has
+        spare = components / "tokenizer" if lent and (comfyui.TEXT_ENCODER, "text_encoder/") in lender else None
+        tokenizer, hint = self._tokenizer_for(encoder, spare) if encoder is not None else (None, "")
         notes = ""
         if passed:
             one = len(passed) == 1
             refused.append(f"its {' and '.join(k for k, _ in passed)} {'is' if one else 'are'} passed over: "
                            f"{components}'s own {' and '.join(s for _, s in passed)} come{'s' if one else ''} first")
+        if lender:
+            one = len(lender) == 1
+            refused.append(f"{components}'s {' and '.join(s for _, s in lender)} {'is' if one else 'are'} passed "
+                           f"over: this file's own {' and '.join(k for k, _ in lender)} come{'s' if one else ''} first")
         if len(inside) > 1:
             notes = "; ".join([f"all-in-one checkpoint ({', '.join(inside)})"
                                + (f": {' and '.join(used)} from this file" if used else ""), *refused])
@@ -321,8 +333,9 @@ class ModelStore:
                          "" if vae is not None else closed(comfyui.VAE),
                          "" if encoder is not None else closed(comfyui.TEXT_ENCODER), notes)
 
-    def _tokenizer_for(self, encoder) -> tuple[Path | None, str]:
-        """The tokenizer folder for a text-encoder file, or (None, what to put where)."""
+    def _tokenizer_for(self, encoder, spare: Path | None = None) -> tuple[Path | None, str]:
+        """The tokenizer folder for a text-encoder file (``spare``, a lending folder's, last), or (None, what to
+        put where)."""
         beside = encoder.path.parent / "tokenizer"
         if beside.is_dir():
             return beside, ""
@@ -332,6 +345,8 @@ class ModelStore:
             for install in self._installs():
                 if install.qwen_tokenizer is not None:
                     return install.qwen_tokenizer, ""
+        if spare is not None and spare.is_dir():
+            return spare, ""
         return None, (
             f"{encoder.path} needs its tokenizer: set comfyui_dir to your ComfyUI folder (its "
             f"{comfyui.QWEN_TOKENIZER}/ is used), or copy the diffusers release's tokenizer/ folder to {beside}")

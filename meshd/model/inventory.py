@@ -59,10 +59,10 @@ def _head_parts(files: ModelFiles) -> str:
     found, missing = [], []
     for what, sub, single in (("VAE", "vae", files.parts.vae), ("text encoder", "text_encoder",
                                                                  files.parts.text_encoder)):
-        if files.components is not None and (files.components / sub / "config.json").is_file():
-            found.append(f"{what} from {files.components}")
-        elif single is not None:
+        if single is not None:  # (chosen over the diffusers folder's only where that folder just lends it)
             found.append(f"{what} {single.name}")
+        elif files.components is not None and (files.components / sub / "config.json").is_file():
+            found.append(f"{what} from {files.components}")
         else:
             missing.append(what)
     if files.parts.tokenizer is not None:

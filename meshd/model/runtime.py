@@ -145,8 +145,9 @@ class FolderSource(WeightSource):
             raise ModelError(f"the text encoder cannot be read: {parts.text_encoder_problem}")
         if self.files.components is None:  # no head parts at all: vae() says where to put them
             return
-        require_tree_readable([self.files.component("vae")], "the head's VAE")
-        if text_encoder and self.has_text_encoder():
+        if not self._from_file("vae"):  # (a single file's part was read when the model was opened)
+            require_tree_readable([self.files.component("vae")], "the head's VAE")
+        if text_encoder and self.has_text_encoder() and not self._from_file("text_encoder"):
             self._check_text_encoder_files()
 
     def _check_text_encoder_files(self) -> None:
@@ -173,10 +174,9 @@ class FolderSource(WeightSource):
         return vae.to(device).eval()
 
     def _from_file(self, sub: str) -> bool:
-        """Whether the head's ``sub`` comes from a single file (the diffusers folder, if any, lacks it)."""
-        if getattr(self.files.parts, sub) is None:
-            return False
-        return self.files.components is None or not (self.files.components / sub / "config.json").is_file()
+        """Whether the head's ``sub`` comes from a single file: the one :meth:`.files.ModelStore.head_parts`
+        chose (where the diffusers folder lacks it, or only lends one the file's own comes before)."""
+        return getattr(self.files.parts, sub) is not None
 
     def has_text_encoder(self) -> bool:
         if self._from_file("text_encoder"):
