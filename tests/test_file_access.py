@@ -228,3 +228,29 @@ def test_a_model_json_file_is_read_bounded_and_refused_in_one_line(tmp_path, con
     with pytest.raises(ModelError, match=cause) as raised:
         read_json(path)
     assert str(path) in str(raised.value) and "\n" not in str(raised.value)
+
+
+PARTS_SCENARIO = r"""
+import json, sys
+from pathlib import Path
+from meshd.model.files import ModelStore
+from meshd.model.presets import PRESETS
+
+root = Path(sys.argv[1])
+parts = ModelStore([root]).head_parts(PRESETS["tiny"], components=root / "tiny")
+print(json.dumps([parts.vae_problem, parts.text_encoder_problem]))
+"""
+
+
+def test_a_closed_file_where_vaes_go_does_not_fault_a_head_whose_folder_holds_its_vae(tiny_root, tmp_path):
+    # Found by review: the head's parts were said to be unreadable (and check_head_files refused the head)
+    # because some other file in a vae/ folder was closed, though the diffusers folder's own vae/ served.
+    root = tmp_path / "models"
+    shutil.copytree(tiny_root, root / "tiny")
+    other = root / "vae" / "someone-elses.safetensors"
+    other.parent.mkdir()
+    other.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    close(other, 0o600)
+    result = unprivileged([sys.executable, "-c", PARTS_SCENARIO, str(root)])
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == ["", ""]

@@ -329,9 +329,12 @@ class ModelStore:
         if len(inside) > 1:
             notes = "; ".join([f"all-in-one checkpoint ({', '.join(inside)})"
                                + (f": {' and '.join(used)} from this file" if used else ""), *refused])
+        def served(part, sub: str) -> bool:  # by a single file, or by the diffusers folder's own sub-folder
+            return part is not None or (components is not None and (components / sub / "config.json").is_file())
+
         return HeadParts(vae and vae.path, encoder and encoder.path, tokenizer, hint,
-                         "" if vae is not None else closed(comfyui.VAE),
-                         "" if encoder is not None else closed(comfyui.TEXT_ENCODER), notes)
+                         "" if served(vae, "vae") else closed(comfyui.VAE),
+                         "" if served(encoder, "text_encoder") else closed(comfyui.TEXT_ENCODER), notes)
 
     def _tokenizer_for(self, encoder, spare: Path | None = None) -> tuple[Path | None, str]:
         """The tokenizer folder for a text-encoder file (``spare``, a lending folder's, last), or (None, what to
