@@ -216,6 +216,12 @@ def load_config(path: Path | None, overrides: dict[str, Any] | None = None, *,
     if not 1 <= config.nvenc_sessions <= 8:
         raise ConfigError(f"nvenc_sessions {config.nvenc_sessions} must be 1-8 (a GeForce system allows 8 NVENC "
                           "sessions in all, shared with every other program)")
+    if not 0 <= config.quality_floor <= 1:  # NaN too: TOML has nan
+        raise ConfigError(f"quality_floor {config.quality_floor!r} must be a cosine in [0, 1] (default 0.999)")
+    if not 0 < config.telemetry_interval < float("inf"):
+        raise ConfigError(f"telemetry_interval {config.telemetry_interval!r} must be a number of seconds above 0")
+    if config.prompt_cache_mib < 0:
+        raise ConfigError(f"prompt_cache_mib {config.prompt_cache_mib} must be 0 or more (0: no prompt cache)")
     if config.dtype not in COMPUTE_DTYPES:
         raise ConfigError(f"dtype {config.dtype!r} must be {', '.join(COMPUTE_DTYPES[:-1])} or {COMPUTE_DTYPES[-1]}")
     if config.weights not in WEIGHTS_CHOICES:
