@@ -237,11 +237,10 @@ async def test_a_prediction_of_another_dtype_is_a_mismatch_naming_both(tmp_path,
 
 def test_the_latent_grid_is_rows_by_columns_of_packed_tokens():
     from meshd.model.presets import PRESETS
-    from meshd.pipeline.generation import latent_grid
 
     tiny, klein = PRESETS["tiny"], PRESETS["klein-4b"]
-    assert latent_grid(tiny, 32, 64) == (32 // tiny.size_multiple, 64 // tiny.size_multiple) == (8, 16)
-    assert latent_grid(klein, 1024, 768) == (1024 // klein.size_multiple, 768 // klein.size_multiple)
+    assert tiny.latent_grid(32, 64) == (32 // tiny.size_multiple, 64 // tiny.size_multiple) == (8, 16)
+    assert klein.latent_grid(1024, 768) == (1024 // klein.size_multiple, 768 // klein.size_multiple) == (64, 48)
 
 
 async def test_a_split_of_a_wide_image_equals_the_all_local_one(tmp_path):

@@ -97,6 +97,13 @@ class ModelPreset:
         """Image sides must be multiples of this (VAE downsampling x 2x2 patches)."""
         return self.vae_scale_factor * 2
 
+    def latent_grid(self, height: int, width: int) -> tuple[int, int]:
+        """The packed latent grid of a ``height`` x ``width`` image, (rows, columns) in tokens: each token
+        is 2x2 VAE latents, each ``vae_scale_factor`` pixels a side. The one derivation: the sampler's
+        latents, the head's geometry (what every stage prepares and compiles for) and the default size a
+        daemon compiles at load all come from here."""
+        return height // self.size_multiple, width // self.size_multiple
+
     def block_params(self, index: int) -> int:
         """Parameters of block ``index`` (bias-free: 26 D^2 double, 13 D^2 single)."""
         d = self.hidden

@@ -502,10 +502,8 @@ class HostedModel:
     def default_geometry(self) -> tuple[int, int, tuple[int, int] | None]:
         """(text tokens, image tokens, decoded latent grid or None) of the preset's default size: what a
         daemon compiles at load, so the usual size never waits. Only the head decodes."""
-        side = self.preset.default_size
-        grid = side // (self.preset.vae_scale_factor * 2)
-        return self.preset.max_sequence_length, (side // self.preset.size_multiple) ** 2, \
-            ((grid, grid) if self.has_head else None)
+        rows, cols = self.preset.latent_grid(self.preset.default_size, self.preset.default_size)
+        return self.preset.max_sequence_length, rows * cols, ((rows, cols) if self.has_head else None)
 
     def warm_default(self) -> float:
         """Compile the held blocks (and the head's VAE decoder) for the preset's default size."""

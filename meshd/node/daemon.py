@@ -326,8 +326,8 @@ class Daemon:
             raise MeshError("not-found", f"{self.name} could not load blocks {describe_ranges(blocks)}: {exc}") from None
         try:
             # Warm the compiled blocks for the model's default size now, not at the first generation.
-            side = preset.default_size // preset.size_multiple
-            await self.compile_for(Geometry(1, preset.max_sequence_length, side, side), (), request.event)
+            grid = preset.latent_grid(preset.default_size, preset.default_size)
+            await self.compile_for(Geometry(1, preset.max_sequence_length, *grid), (), request.event)
         finally:
             # The new blocks are held whether or not their warm-up compile worked (a failed one is
             # reported, and retried by the first generation): advertise what is held, always.

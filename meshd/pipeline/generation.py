@@ -56,14 +56,6 @@ def _diffusers() -> SimpleNamespace:
                            mu=compute_empirical_mu, timesteps=retrieve_timesteps, randn=randn_tensor)
 
 
-def latent_grid(preset, height: int, width: int) -> tuple[int, int]:
-    """The packed latent grid of a ``height`` x ``width`` image, (rows, columns) in tokens: each token is
-    2x2 VAE latents, each ``vae_scale_factor`` pixels a side. The one derivation: the sampler's latents
-    and the head's geometry (what every stage prepares and compiles for) both come from here."""
-    side = preset.size_multiple
-    return height // side, width // side
-
-
 def uses_cfg(model: HostedModel, params: GenerationParams) -> bool:
     """True-CFG (a second pass on the empty prompt): base models without a guidance embedding only."""
     return (not model.source.distilled() and not bool(model.preset.transformer["guidance_embeds"])
@@ -107,7 +99,7 @@ class Sampler:
         self.text_ids = d.pipe._prepare_text_ids(embeds[0]).to(self.device)
         self.txt_len = embeds[0].shape[1]
         self.contexts = [span.embed_text(e) for e in embeds]
-        self.latent_hw = latent_grid(self.model.preset, p.height, p.width)
+        self.latent_hw = self.model.preset.latent_grid(p.height, p.width)
         channels = int(self.model.preset.transformer["in_channels"])
         generator = torch.Generator("cpu").manual_seed(p.seed)
         noise = d.randn((1, channels, *self.latent_hw), generator=generator, device=self.device, dtype=self.dtype)

@@ -23,7 +23,7 @@ from ..model.span import Conditioning
 from ..model.tensorfiles import ModelError
 from ..node.admission import GenerationSlots, source_of
 from ..wire.channel import Request
-from .generation import GenerationParams, LocalRunner, Sampler, latent_grid, run_generation, uses_cfg
+from .generation import GenerationParams, LocalRunner, Sampler, run_generation, uses_cfg
 from .plan import PlanError, SplitPlan, Stage
 from .relay import Geometry, downstream_needs, quality_floor, request_flag
 from .streaming import LinkPlan, pack_raw, unpack_raw
@@ -165,7 +165,7 @@ class SplitRunner:
         self.measure_error = measure_error
         self.job_id = uuid.uuid4().hex
         preset = daemon.model.preset
-        self.geometry = Geometry(1, preset.max_sequence_length, *latent_grid(preset, params.height, params.width))
+        self.geometry = Geometry(1, preset.max_sequence_length, *preset.latent_grid(params.height, params.width))
         self.head = plan.stages[0]
         self.downstream = downstream_needs(preset, plan.stages[1:])
         self.out_channels = preset.out_channels  # the prediction's width, read each step
