@@ -151,3 +151,11 @@ class PeerLost(MeshError, code="peer-lost"):
 #: Errors after which a generation is worth running again on the peers left: one of them died, froze,
 #: was cut off, or is shutting down.
 RETRYABLE: tuple[type[MeshError], ...] = (PeerLost, Draining)
+
+
+def file_refusal(node: str, exc: BaseException) -> MeshError:
+    """What a client is told when a node's own files fail it (a ModelError or a LoraError: a file gone,
+    closed or damaged): not-found, in one line naming the node. Not internal: it is no bug, and needs no
+    traceback in the log."""
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return MeshError("not-found", f"{node}: {first}")

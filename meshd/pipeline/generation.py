@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from ..config import describe_ranges
-from ..errors import MeshError
+from ..errors import MeshError, file_refusal
 from ..model.compile_events import compiled_event, compiling_event, pending_parts
 from ..model.lora import LoraSpec
 from ..model.runtime import HostedModel
@@ -249,8 +249,7 @@ async def compile_blocks(model: HostedModel, worker: GpuWorker, txt_len: int, im
     except MeshError:
         raise
     except ModelError as exc:  # the head's VAE, read when its decoder is first compiled: the file's fault
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise MeshError("not-found", f"{node or 'this peer'}: {first}") from None
+        raise file_refusal(node or "this peer", exc) from None
     except Exception as exc:  # noqa: BLE001 - inductor's failures (no compiler, a lowering bug) end here
         log.exception("compiling blocks %s for %s failed", describe_ranges(model.blocks), size)
         first = (str(exc).strip().splitlines() or [""])[0][:300]

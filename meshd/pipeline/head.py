@@ -16,7 +16,7 @@ import codec
 from codec import CodecSpec
 
 from .. import limits
-from ..errors import MeshError
+from ..errors import MeshError, file_refusal
 from ..fields import wire_number
 from ..model.lora import MAX_LORAS, LoraError, loras_to_wire
 from ..model.span import Conditioning
@@ -55,7 +55,7 @@ class HeadService:
                 try:
                     item = self.daemon.lora_store.spec(name, float(strength)).to_wire()
                 except LoraError as exc:
-                    raise MeshError("not-found", f"{self.daemon.name}: {exc}") from None
+                    raise file_refusal(self.daemon.name, exc) from None
             out.append(item)
         return out
 
@@ -135,8 +135,8 @@ class HeadService:
                 metadata={"plan": plan.describe(), "stages": stages_info, "head": d.name},
                 progress=lambda event: request.event(event), embeds=embeds,
             )
-        except ModelError as exc:  # no text encoder here and none placed on a peer, say
-            raise MeshError("not-found", f"{d.name}: {exc}") from None
+        except ModelError as exc:  # no text encoder here and none placed on a peer, a damaged VAE, say
+            raise file_refusal(d.name, exc) from None
         finally:
             if isinstance(runner, SplitRunner):
                 d.spawn(runner.release())

@@ -19,7 +19,7 @@ import torch
 import codec
 
 from .. import limits
-from ..errors import MeshError
+from ..errors import MeshError, file_refusal
 from ..fields import wire_int
 from ..model.lora import LoraSpec, loras_from_wire
 from ..model.span import Conditioning, Stream
@@ -29,13 +29,6 @@ from ..wire.channel import Request, ServerSession
 from .plan import PlanError, SplitPlan, Stage
 from .relay import Geometry, cond_needs, downstream_needs, quality_floor, request_flag
 from .streaming import LinkPlan, pack_raw, receive_activation, unpack_raw
-
-
-def _refusal(node: str, exc: ModelError) -> MeshError:
-    """What the client is told of a ModelError (or LoraError) of this node's files: not-found, in one line
-    naming the node (not internal: it is no bug, and needs no traceback in the log)."""
-    lines = str(exc).strip().splitlines() or [type(exc).__name__]
-    return MeshError("not-found", f"{node}: {lines[0]}")
 
 
 @dataclass
@@ -84,7 +77,7 @@ class StageService:
         try:
             return await self._prepare_job(request, job_id)
         except ModelError as exc:
-            raise _refusal(self.daemon.name, exc) from None
+            raise file_refusal(self.daemon.name, exc) from None
         finally:
             self._preparing.discard(job_id)
 
@@ -176,7 +169,7 @@ class StageService:
         try:
             out, seconds = await d.worker.run(compute)
         except ModelError as exc:  # a LoraError too: a job's LoRA file gone or changed since its prepare, say
-            raise _refusal(d.name, exc) from None
+            raise file_refusal(d.name, exc) from None
         del stream
         record = {"node": d.name, "blocks": [job.start, job.end - 1], "codec": rx.codec, "bytes": rx.bytes,
                   "wire_ms": round(rx.wire_ms, 3), "decode_ms": round(rx.decode_ms, 3),
