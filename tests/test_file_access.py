@@ -254,3 +254,23 @@ def test_a_closed_file_where_vaes_go_does_not_fault_a_head_whose_folder_holds_it
     result = unprivileged([sys.executable, "-c", PARTS_SCENARIO, str(root)])
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1]) == ["", ""]
+
+
+@pytest.mark.parametrize("change", [
+    {"latent_channels": 64},  # the weights' shapes no longer fit: torch's size-mismatch report, many lines
+    {"block_out_channels": "abc"},  # a value of the wrong type
+], ids=["shapes", "type"])
+def test_a_vae_config_that_does_not_fit_its_weights_is_one_line_naming_the_folder(tiny_root, tmp_path, change):
+    import torch
+
+    from meshd.model.errors import ModelError
+    from meshd.model.runtime import open_source
+
+    root = tmp_path / "models"
+    shutil.copytree(tiny_root, root / "tiny")
+    config = root / "tiny" / "vae" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), **change}))
+    with pytest.raises(ModelError) as raised:
+        open_source("tiny", ModelStore([root])).vae(torch.device("cpu"), torch.float32)
+    message = str(raised.value)
+    assert message.startswith(f"could not load the VAE from {root / 'tiny' / 'vae'}: ") and "\n" not in message

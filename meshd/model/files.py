@@ -59,7 +59,7 @@ class HeadParts:
     tokenizer_hint: str = ""  # where to put the tokenizer, when none was found
     vae_problem: str = ""  # no VAE fits, and a file where VAEs go cannot be read: why (one line)
     text_encoder_problem: str = ""  # the same for the text encoder
-    notes: str = ""  # an all-in-one checkpoint: which of its own parts are used, and why not the others
+    notes: str = ""  # what was passed over and why: an all-in-one file's parts, a folder's, a lending folder's
 
 
 #: A word in a single file's name that marks klein's non-distilled base model (BFL's flux-2-klein-base-9b,
@@ -116,7 +116,7 @@ class ModelFiles:
                 if "is_distilled" in data:
                     flag = data["is_distilled"]
                     if not isinstance(flag, bool):  # bool("false") is True: only a JSON boolean says which
-                        raise ModelError(f"{path}: is_distilled is {json.dumps(flag)}, not true or false (a JSON "
+                        raise ModelError(f"{path}: is_distilled is {json.dumps(flag)[:40]}, not true or false (a JSON "
                                          "boolean); set it to one, or remove it for diffusers' default (base)")
                     return Sampling(flag, "from model_index.json")
                 if data.get("_class_name") == "Flux2KleinPipeline":

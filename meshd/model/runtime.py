@@ -168,7 +168,9 @@ class FolderSource(WeightSource):
         try:
             vae = AutoencoderKLFlux2.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True,
                                                      use_safetensors=True)
-        except (OSError, ValueError) as exc:  # a damaged file (diffusers says which), a config that does not fit
+        except (OSError, ValueError, RuntimeError, TypeError) as exc:
+            # a damaged file (diffusers says which), a config that does not fit its weights (torch's
+            # size-mismatch report, several lines) or holds a value of the wrong type
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise ModelError(f"could not load the VAE from {folder}: {first}") from exc
         return vae.to(device).eval()

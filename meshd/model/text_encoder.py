@@ -92,9 +92,9 @@ class StandInTextEncoder(torch.nn.Module):
 
     @classmethod
     def load(cls, folder: Path) -> StandInTextEncoder:
-        config = json.loads((folder / "config.json").read_text())
+        config = read_json(folder / "config.json")
         if config.get("_class_name") != STAND_IN_CLASS:
-            raise ValueError(f"{folder} does not hold a {STAND_IN_CLASS}")
+            raise ModelError(f"{folder} does not hold a {STAND_IN_CLASS}")
         enc = cls(int(config["hidden"]), int(config["layers"]), int(config["max_length"]))
         enc.load_state_dict(load_file(str(folder / "model.safetensors")))
         return enc
