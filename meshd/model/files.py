@@ -279,10 +279,14 @@ class ModelStore:
         inside = comfyui.parts_of_keys(_keys(own)) if own is not None and own.suffix == SAFETENSORS_SUFFIX else ()
         used, refused, passed, lender = [], [], [], []
 
+        def holds(sub: str) -> bool:
+            """Whether the diffusers folder has this part (``vae``, ``text_encoder``) itself."""
+            return components is not None and (components / sub / "config.json").is_file()
+
         def best(kind: str, opener, sub: str):
             """The checkpoint's own part when it fits; else, when several files fit: a file where ComfyUI keeps
             its kind first, then exact weights (bf16 before fp8 of the same encoder), then by path."""
-            held = components is not None and (components / sub / "config.json").is_file()
+            held = holds(sub)
             if held and not (lent and kind in inside):
                 if kind in inside:  # the folder's own part comes first
                     passed.append((kind, f"{sub}/"))
@@ -319,22 +323,18 @@ class ModelStore:
         tokenizer, hint = self._tokenizer_for(encoder, spare) if encoder is not None else (None, "")
         notes = ""
         if passed:
-            one = len(passed) == 1
-            refused.append(f"its {' and '.join(k for k, _ in passed)} {'is' if one else 'are'} passed over: "
-                           f"{components}'s own {' and '.join(s for _, s in passed)} come{'s' if one else ''} first")
+            refused.append(_passed_over(f"its {_both(k for k, _ in passed)}",
+                                        f"{components}'s own {_both(s for _, s in passed)}", len(passed)))
         if lender:
-            one = len(lender) == 1
-            refused.append(f"{components}'s {' and '.join(s for _, s in lender)} {'is' if one else 'are'} passed "
-                           f"over: this file's own {' and '.join(k for k, _ in lender)} come{'s' if one else ''} first")
+            refused.append(_passed_over(f"{components}'s {_both(s for _, s in lender)}",
+                                        f"this file's own {_both(k for k, _ in lender)}", len(lender)))
         if len(inside) > 1:
             notes = "; ".join([f"all-in-one checkpoint ({', '.join(inside)})"
                                + (f": {' and '.join(used)} from this file" if used else ""), *refused])
-        def served(part, sub: str) -> bool:  # by a single file, or by the diffusers folder's own sub-folder
-            return part is not None or (components is not None and (components / sub / "config.json").is_file())
-
+        # a closed file where a kind goes matters only when neither a single file nor the folder serves that part
         return HeadParts(vae and vae.path, encoder and encoder.path, tokenizer, hint,
-                         "" if served(vae, "vae") else closed(comfyui.VAE),
-                         "" if served(encoder, "text_encoder") else closed(comfyui.TEXT_ENCODER), notes)
+                         "" if vae is not None or holds("vae") else closed(comfyui.VAE),
+                         "" if encoder is not None or holds("text_encoder") else closed(comfyui.TEXT_ENCODER), notes)
 
     def _tokenizer_for(self, encoder, spare: Path | None = None) -> tuple[Path | None, str]:
         """The tokenizer folder for a text-encoder file (``spare``, a lending folder's, last), or (None, what to
@@ -444,6 +444,15 @@ class ModelStore:
                     and path.parent not in self.dirs
                 found.append((comfyui.relative_name(path.parent, self.dirs) if own else name, path))
         return found
+
+
+def _both(words) -> str:
+    return " and ".join(words)
+
+
+def _passed_over(what: str, instead: str, count: int) -> str:
+    """``what`` (``count`` parts) is passed over because ``instead`` comes first, in words."""
+    return f"{what} {'is' if count == 1 else 'are'} passed over: {instead} come{'s' if count == 1 else ''} first"
 
 
 def _passed_over_beside(folder: Path) -> str:
