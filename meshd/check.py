@@ -163,7 +163,7 @@ def check_models(config: DaemonConfig) -> Iterator[Finding]:
     from .model.inventory import inventory_loras, inventory_models, inventory_parts  # noqa: PLC0415
     from .model.lora import LoraStore  # noqa: PLC0415
 
-    store = ModelStore(config.models_dir, config.cache_dir, config.comfyui_dir, config.lora_dirs)
+    store = ModelStore(config.models_dir, config.cache_dir, config.comfyui_dir, config.lora_dir)
     folders = ", ".join(str(d) for d in store.dirs) or "none configured"
     # layout, precision, head parts and the hash the handshake compares, per model; then the VAE and
     # text-encoder files the head can pair with them
@@ -216,7 +216,7 @@ def check_precision(config: DaemonConfig) -> Iterator[Finding]:
             formats = RandomSource(preset).linear_formats(config.weights)
         else:
             checkpoint = ModelStore(config.models_dir, config.cache_dir, config.comfyui_dir,
-                                    config.lora_dirs).open(config.model).checkpoint
+                                    config.lora_dir).open(config.model).checkpoint
             preset, formats = checkpoint.preset, checkpoint.linear_formats(config.weights)
     except (ModelError, KeyError):
         return  # check_models says why

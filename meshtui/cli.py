@@ -230,12 +230,12 @@ async def run_local(args) -> tuple[bytes, dict]:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     comfyui_dir = getattr(args, "comfyui_dir", None)
-    loras = lora_dirs(getattr(args, "lora_dir", None) or [], comfyui_dir)  # as the daemon's
+    lora_dir = getattr(args, "lora_dir", None) or []
     store = ModelStore(args.models_dir or ([] if comfyui_dir else [default_models_dir()]), comfyui_dir=comfyui_dir,
-                       lora_dirs=loras)
+                       lora_dir=lora_dir)
     source = open_source(args.model, store, random_weights=args.random_weights)
     model = HostedModel(source, device, torch.bfloat16)
-    model.lora_store = LoraStore(loras)
+    model.lora_store = LoraStore(lora_dirs(lora_dir, comfyui_dir))  # as the daemon's
     worker = GpuWorker(device)
     n = model.preset.num_blocks
     await worker.run(model.load, range(n), True, True)

@@ -147,15 +147,16 @@ class ModelStore:
     them is ever read."""
 
     def __init__(self, dirs: Iterable[Path], cache_dir: Path | None = None, comfyui_dir: Path | None = None,
-                 lora_dirs: Iterable[Path] = ()) -> None:
+                 lora_dir: Iterable[Path] = ()) -> None:
         self.configured = [Path(d) for d in dirs]  # as given: where a linked models/ belongs (:meth:`_installs`)
         self.dirs = comfyui.real_folders(self.configured)
         self.comfyui = comfyui.ComfyInstall.at(comfyui_dir) if comfyui_dir else None
         if self.comfyui is not None and self.comfyui.models not in self.dirs:
             self.dirs.append(self.comfyui.models)
-        #: The LoRA folders (``lora_dir``, the install's ``models/loras``) where they really are: the LoRA
-        #: store's, so the model walk does not enter one (a LoRA is not a model, nor is a link out found there).
-        self.lora_dirs = comfyui.real_folders(comfyui.lora_dirs(lora_dirs, comfyui_dir))
+        #: The LoRA folders (the configured ``lora_dir``, and the install's ``models/loras``, added here as
+        #: DaemonConfig.lora_dirs adds it) where they really are: the LoRA store's, so the model walk does not
+        #: enter one (a LoRA is not a model, nor is a link out found there).
+        self.lora_dirs = comfyui.real_folders(comfyui.lora_dirs(lora_dir, comfyui_dir))
         self.cache_dir = cache_dir
 
     def resolve(self, name: str) -> Path:

@@ -98,7 +98,7 @@ def device_of(config: DaemonConfig) -> torch.device:
 def open_model(config: DaemonConfig, device: torch.device, notifier: Notifier) -> HostedModel:
     """The model this daemon serves, with its configured span loaded and compiled for the default size."""
     try:
-        store = ModelStore(config.models_dir, config.cache_dir, config.comfyui_dir, config.lora_dirs)
+        store = ModelStore(config.models_dir, config.cache_dir, config.comfyui_dir, config.lora_dir)
         source = open_source(config.model, store, random_weights=config.random_weights, seed=config.seed,
                              distilled=config.distilled)
         text_encoder = TextEncoderOptions(device=config.text_encoder_device or None, idle=config.text_encoder_idle,
