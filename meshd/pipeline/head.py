@@ -221,9 +221,8 @@ class SplitRunner:
             if isinstance(hop, dict) and "wire_ms" in hop and _time_ms(hop["wire_ms"]) is None:
                 del hop["wire_ms"]
         # hops[0]["bytes"]: what this head put on the wire (the send figures folded in by the relay)
-        wire_ms = _time_ms(hops[0].get("wire_ms"))
-        if wire_ms is not None:
-            d.links.get(self.channel.name).hop(hops[0]["bytes"], wire_ms)
+        if "wire_ms" in hops[0]:  # (a time, now)
+            d.links.get(self.channel.name).hop(hops[0]["bytes"], hops[0]["wire_ms"])
         return prediction, {"compute_ms": seconds * 1e3, "hops": hops,
                             "return_bytes": sum(memoryview(b).nbytes for b in reply.segments)}
 
