@@ -421,11 +421,14 @@ def daemon_env(args) -> dict:
     patches the daemon's process before meshd starts (bench/unsealed: no sealing; bench/hevc_ahead:
     libx265 frames replayed). The daemon itself has no benchmark switch."""
     here = Path(__file__).resolve().parent
-    hooks = [str(here / name) for name, wanted in (("unsealed", args.unsealed), ("hevc_ahead", args.hevc_ahead))
-             if wanted]
+    hooks = [str(here / name) for name, wanted in (("unsealed", args.unsealed), ("hevc_ahead", args.hevc_ahead),
+                                                   ("trace", args.trace)) if wanted]
     if not hooks:
         return {}
-    return {"PYTHONPATH": os.pathsep.join([*hooks, *filter(None, [os.environ.get("PYTHONPATH", "")])])}
+    env = {"PYTHONPATH": os.pathsep.join([*hooks, *filter(None, [os.environ.get("PYTHONPATH", "")])])}
+    if args.trace:
+        env["FLUX_MESH_TRACE_DIR"] = str(args.trace.resolve())
+    return env
 
 
 def main() -> int:
@@ -457,8 +460,15 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, help="keep the daemons' key, state and logs here")
     parser.add_argument("--unsealed", action="store_true",
                         help="benchmark only: daemons and client seal no frame (to measure what sealing costs)")
+    parser.add_argument("--trace", type=Path, metavar="DIR",
+                        help="benchmark only: record a timeline of every process's steps in DIR "
+                             "(report: python bench/steptrace.py DIR)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    if args.trace:
+        from bench import steptrace  # noqa: PLC0415
+
+        steptrace.install(str(args.trace), "bench")
     if args.unsealed:
         seal.BENCH_UNSEALED = True  # this process's connections (the client); the daemons get it below
     device = torch.device(args.device)

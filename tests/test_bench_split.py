@@ -38,3 +38,27 @@ def test_step_accounting_splits_a_step_into_head_blocks_hand_overs_and_the_rest(
     assert step_accounting({"steps": steps}) == {"step_ms": 105.0, "head_ms": 2.0, "compute_ms": 90.0,
                                                  "transfer_ms": 1.75, "other_ms": 11.25}
     assert step_accounting({"steps": []}) == {}
+
+
+def test_a_traced_split_bench_reports_each_step_across_the_processes(tmp_path):
+    """``--trace DIR``: the daemons (through bench/trace's sitecustomize) and the bench record their spans,
+    and bench/steptrace.py lays a step out across all three processes with its GPU-free stretches."""
+    trace = tmp_path / "trace"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "split_bench.py"), "--model", "tiny", "--random-weights", "--device", "cpu",
+         "--size", "64", "--steps", "2", "--codecs", "raw", "--repeat", "1", "--transport", "shm",
+         "--trace", str(trace), "--workdir", str(tmp_path / "work")],
+        capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(list(trace.glob("*.jsonl"))) == 3, "the bench and both daemons wrote their spans"
+    report = subprocess.run([sys.executable, str(ROOT / "bench" / "steptrace.py"), str(trace), "--steps", "2"],
+                            capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert report.returncode == 0, report.stderr[-2000:]
+    lines = report.stdout.splitlines()
+    assert sum(line.startswith("head forward ") for line in lines) == 2
+    spans = " ".join(lines)
+    for part in ("A      gpu-cpu", "B      gpu-cpu", "run SplitRunner.forward.<locals>.head_compute",
+                 "run StageService.forward.<locals>.compute", "send forward", "recv forward", "bench  MainThread"):
+        assert part in spans, part
+    assert any(line.startswith("GPU-free time over 2 step(s)") for line in lines)
+    assert any(line.startswith("last split generation, client's request to its reply") for line in lines)

@@ -59,6 +59,9 @@ def test_split_bench_gives_its_daemons_the_hooks_it_was_asked_for():
         import split_bench
     finally:
         sys.path.remove(str(BENCH))
-    assert split_bench.daemon_env(Namespace(unsealed=False, hevc_ahead=False)) == {}
-    paths = split_bench.daemon_env(Namespace(unsealed=True, hevc_ahead=True))["PYTHONPATH"].split(os.pathsep)
+    assert split_bench.daemon_env(Namespace(unsealed=False, hevc_ahead=False, trace=None)) == {}
+    paths = split_bench.daemon_env(Namespace(unsealed=True, hevc_ahead=True, trace=None))["PYTHONPATH"].split(os.pathsep)
     assert paths[:2] == [str(BENCH / "unsealed"), str(BENCH / "hevc_ahead")]
+    traced = split_bench.daemon_env(Namespace(unsealed=False, hevc_ahead=False, trace=Path("spans")))
+    assert traced["PYTHONPATH"].split(os.pathsep)[0] == str(BENCH / "trace")
+    assert traced["FLUX_MESH_TRACE_DIR"] == str(Path("spans").resolve())
