@@ -28,7 +28,8 @@ from PIL import Image
 from codec import CodecSpec, TokenLayout
 from meshd import auth, limits
 from meshd.errors import MeshError
-from meshd.pipeline.streaming import LinkPlan, receive_activation, send_activation
+from meshd.pipeline.streaming import (LinkPlan, SharedRun, pack_raw, raw_header, receive_activation, receive_input,
+                                     send_activation, unpack_raw)
 from meshd.wire import shm
 from meshd.wire.channel import Channel, ServerSession
 from meshd.wire.staging import PAGE_BYTES
@@ -64,10 +65,36 @@ class Receiver:
         return {}, []
 
 
-async def shm_link(device=torch.device("cpu"), shape=SHAPE):
+class LastStage(Receiver):
+    """The receiving end as the last stage has it (StageService.forward): the input taken by the compute,
+    and its prediction (here the input's first rows, doubled) given back in the run the stream came in
+    when the sender asks for it, else sent over TCP. ``answer`` may rewrite the reply (a lying peer)."""
+
+    def __init__(self, served, device: torch.device, shape=SHAPE, dtype=torch.bfloat16) -> None:
+        super().__init__(served, device, shape, dtype)
+        self.answer = lambda fields, segments: (fields, segments)
+        self.hold: asyncio.Event | None = None  # set: each forward waits for it before it answers
+
+    async def handle(self, request):
+        if request.op == "shm-offer":
+            return await super().handle(request)
+        inp, rx = await receive_input(request, self.device, self.shape, self.dtype,
+                                      shm=self.server.region(request.session))
+        tensor = inp.take(self.device)
+        self.received.append((tensor, rx))
+        if self.hold is not None:
+            await self.hold.wait()
+        prediction = tensor[:, :4] * 2
+        if inp.give_back(prediction):
+            return self.answer(*inp.reply({"prediction": raw_header(prediction)}, []))
+        headers, buffers = pack_raw([prediction])
+        return self.answer(*inp.reply({"prediction": headers[0]}, buffers))
+
+
+async def shm_link(device=torch.device("cpu"), shape=SHAPE, receiver_type=None):
     """A sealed loopback connection whose receiver gives regions, and a host-shm link over it."""
     client, served = await sealed_pair()
-    receiver = Receiver(served, device, shape)
+    receiver = (receiver_type or Receiver)(served, device, shape)
     serving = asyncio.ensure_future(receiver.session.run())
     sender = shm.ShmSender("test-peer", device)
     link = LinkPlan("host-shm", CodecSpec("raw", layout=TokenLayout(TEXT, SIDE, SIDE)), {}, shm=sender)
@@ -360,6 +387,91 @@ async def test_a_refused_offer_is_one_line_and_the_link_stays_on_tcp(caplog):
         await close_link(channel, receiver, serving, link)
 
 
+def prediction_of(reply) -> torch.Tensor:
+    (prediction,) = unpack_raw([reply.header["prediction"]], reply.segments, torch.device("cpu"))
+    return prediction
+
+
+async def test_the_prediction_comes_back_in_the_run_and_the_run_goes_back_after():
+    channel, receiver, serving, link = await shm_link(receiver_type=LastStage)
+    try:
+        for step in range(6):
+            tensor = activation(step)
+            reply, _ = await send_activation(channel, {}, [], tensor, link)
+            assert reply.header["prediction_shm"] == {"nbytes": 4 * HIDDEN * 2}, "not over TCP"
+            assert torch.equal(prediction_of(reply), tensor[:, :4] * 2)
+            assert torch.equal(receiver.received.pop()[0], tensor)
+        assert receiver.server.region(receiver.session).id == 1
+        assert await eventually(lambda: link.shm._region[1].live_runs == 0)
+    finally:
+        await close_link(channel, receiver, serving, link)
+
+
+async def test_a_sender_that_does_not_take_the_prediction_back_gets_it_over_tcp(monkeypatch):
+    channel, receiver, serving, link = await shm_link(receiver_type=LastStage)
+    described = SharedRun.descriptor
+    monkeypatch.setattr(SharedRun, "descriptor", lambda self: {**described(self), "return": False})
+    try:
+        tensor = activation(0)
+        reply, _ = await send_activation(channel, {}, [], tensor, link)
+        assert "prediction_shm" not in reply.header and torch.equal(prediction_of(reply), tensor[:, :4] * 2)
+        monkeypatch.setattr(SharedRun, "descriptor", lambda self: {**described(self), "return": "yes"})
+        with pytest.raises(MeshError, match="shm return='yes' must be true or false") as refused:
+            await send_activation(channel, {}, [], tensor, link)
+        assert refused.value.code == "bad-request"
+    finally:
+        await close_link(channel, receiver, serving, link)
+
+
+@pytest.mark.parametrize("lie", [{"nbytes": 1 << 40}, {"nbytes": 0}, {"nbytes": "8"}, "8", None], ids=str)
+async def test_a_prediction_placed_outside_the_run_is_a_protocol_error_naming_the_field(lie):
+    channel, receiver, serving, link = await shm_link(receiver_type=LastStage)
+    receiver.answer = lambda fields, segments: ({**fields, "prediction_shm": lie}, segments)
+    try:
+        with pytest.raises(MeshError, match=f"prediction_shm=.* is not a place in the {24 * HIDDEN * 2}-byte run") as refused:
+            await send_activation(channel, {}, [], activation(0), link)
+        assert refused.value.code == "protocol"
+    finally:
+        await close_link(channel, receiver, serving, link)
+
+
+async def test_a_prediction_both_in_the_run_and_over_tcp_is_refused():
+    channel, receiver, serving, link = await shm_link(receiver_type=LastStage)
+    receiver.answer = lambda fields, segments: (fields, [b"\0" * 64])
+    try:
+        with pytest.raises(MeshError, match="or the prediction came twice"):
+            await send_activation(channel, {}, [], activation(0), link)
+    finally:
+        await close_link(channel, receiver, serving, link)
+
+
+async def test_a_forward_given_up_retires_its_region_and_the_next_stream_gets_a_new_one():
+    """The receiver may still read the run of a forward the sender stopped waiting for, or write a
+    prediction into it: none of that region's runs is handed out again, and the next stream asks for
+    a new region (once no forward through the old one is in flight) and arrives exact."""
+    channel, receiver, serving, link = await shm_link(receiver_type=LastStage)
+    try:
+        await send_activation(channel, {}, [], activation(0), link)
+        old = link.shm._region[1]
+        receiver.hold = asyncio.Event()
+        waiting = asyncio.ensure_future(send_activation(channel, {}, [], activation(1), link))
+        assert await eventually(lambda: len(receiver.received) == 2)  # the receiver has it, and holds on
+        waiting.cancel()
+        await asyncio.gather(waiting, return_exceptions=True)
+        assert waiting.cancelled() and old.closed, "the region the given-up forward went through hands out no run"
+        del waiting  # (its exception's frames hold the given-up run: the link uses TCP while they live)
+        gc.collect()
+        assert await eventually(lambda: old.live_runs == 0)
+        receiver.hold = None
+        tensor = activation(2)
+        reply, _ = await send_activation(channel, {}, [], tensor, link)
+        assert torch.equal(receiver.received.pop()[0], tensor) and receiver.received.pop()[1].transport == "host-shm"
+        assert torch.equal(prediction_of(reply), tensor[:, :4] * 2)
+        assert receiver.server.region(receiver.session).id == 2 and link.shm._region[1] is not old
+    finally:
+        await close_link(channel, receiver, serving, link)
+
+
 # --- split generations between daemons of this host -------------------------------------------------
 
 
@@ -405,6 +517,9 @@ async def test_a_split_between_daemons_of_this_host_uses_shared_memory_unless_sw
             hops = [hop for step in outcome.summary["steps"] for p in step["passes"] for hop in p["hops"]]
             assert all(hop["d2h_ms"] is not None and hop["h2d_ms"] is not None and hop["chunks"] == 0 for hop in hops)
             assert len(b.shm._regions) == 1 and next(iter(b.shm._regions.values())).id == 1
+        # The prediction came back in the run its stream went out in, never over TCP, where it could.
+        returns = [p["return_via"] for step in outcome.summary["steps"] for p in step["passes"]]
+        assert returns == ["host-shm" if expected == "host-shm" else "tcp"] * PARAMS["steps"]
     gc.collect()
 
 

@@ -33,11 +33,17 @@ async def head_and_stage(tmp_path):
 
 
 def alter_forward_replies(stage, alter) -> None:
-    """Make ``stage`` pass each forward reply through ``alter(fields, segments)`` before it is sent."""
+    """Make ``stage`` pass each forward reply through ``alter(fields, segments)`` before it is sent. A
+    prediction given back in the shared run its stream came in (host-shm, these daemons' link) is read
+    out of the run first and sent over TCP, so that ``alter`` sees its bytes wherever they travel."""
     original = stage.ops["forward"]
 
     async def forward(request):
         fields, segments = await original(request)
+        back = fields.pop("prediction_shm", None)
+        if back is not None:
+            arena = stage.shm.region(request.session).arena
+            segments = [arena.span(request.header["shm"]["offset"], back["nbytes"]).copy()]
         return alter(fields, segments)
 
     stage.extra_ops["forward"] = forward

@@ -26,7 +26,7 @@ from ..wire.channel import Request
 from .generation import GenerationParams, LocalRunner, Sampler, run_generation, uses_cfg
 from .plan import PlanError, SplitPlan, Stage
 from .relay import Geometry, downstream_needs, quality_floor, request_flag
-from .streaming import LinkPlan, pack_raw, unpack_raw
+from .streaming import LinkPlan, pack_raw, reserve_shared, unpack_raw
 
 
 class HeadService:
@@ -198,17 +198,24 @@ class SplitRunner:
         span = d.model.span
 
         names = sorted(self.downstream)
+        # Same host without CUDA IPC: the stream goes into the next stage's region from the compute itself.
+        placed = await reserve_shared(self.channel, self.link, self.geometry.stream_bytes(d.model.preset.hidden, d.model.dtype))
 
         def head_compute() -> tuple[torch.Tensor, list[torch.Tensor]]:
             d.model.use_loras(self.params.loras)  # jobs with other LoRAs may have run in between
             joint = span.run(0, self.head.end, sampler.embed(pass_index), cond, sampler.rotary).as_joint()
+            if placed is not None:
+                placed.place(joint)  # queued behind the blocks; complete when the worker has synchronised
             # The vectors the stages need, on the host: copied here, where the worker waits for the
             # GPU anyway, not on the event loop.
             return joint, [v.cpu() for v in d.relay.vectors(cond, names)]
 
         (joint, vectors), seconds = await d.worker.run(head_compute)
+        if placed is not None:
+            seconds -= placed.copy_ms / 1e3  # the copy into the region is the hop's (its encode_ms), not the blocks'
         reply, hops, self.link = await d.relay.send_step(
-            self.channel, self.link, self.job_id, step, names, vectors, joint, measure_error=self.measure_error)
+            self.channel, self.link, self.job_id, step, names, vectors, joint, measure_error=self.measure_error,
+            placed=placed)
         # On the host; the scheduler step moves it to the device on the GPU worker.
         (prediction,) = unpack_raw([reply.header.get("prediction")], reply.segments, torch.device("cpu"),
                                    [(1, sampler.image_tokens, self.out_channels)])
@@ -223,8 +230,10 @@ class SplitRunner:
         # hops[0]["bytes"]: what this head put on the wire (the send figures folded in by the relay)
         if "wire_ms" in hops[0]:  # (a time, now)
             d.links.get(self.channel.name).hop(hops[0]["bytes"], hops[0]["wire_ms"])
+        # return_via: how the prediction came back (host-shm: in the run the stream went out in).
         return prediction, {"compute_ms": seconds * 1e3, "hops": hops,
-                            "return_bytes": sum(memoryview(b).nbytes for b in reply.segments)}
+                            "return_bytes": sum(memoryview(b).nbytes for b in reply.segments),
+                            "return_via": "host-shm" if "prediction_shm" in reply.header else "tcp"}
 
     async def release(self) -> None:
         """Release the job on every stage; also after a failed or cancelled prepare (the stages may have

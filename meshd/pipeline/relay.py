@@ -27,7 +27,7 @@ from ..model.span import Conditioning
 from ..wire import ipc
 from ..wire.shm import ShmSender
 from .plan import Stage
-from .streaming import LinkPlan, SendStats, link_after, pack_raw, send_activation
+from .streaming import LinkPlan, SendStats, SharedRun, link_after, pack_raw, send_activation
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,10 @@ class Geometry:
     @property
     def tokens(self) -> int:
         return self.txt_len + self.img_h * self.img_w
+
+    def stream_bytes(self, hidden: int, dtype: torch.dtype) -> int:
+        """The size of one step's stream between stages (batch x tokens x hidden)."""
+        return self.batch * self.tokens * hidden * dtype.itemsize
 
     @property
     def layout(self) -> TokenLayout:
@@ -147,12 +151,14 @@ class Relay:
         return channel, infos
 
     async def send_step(self, channel, link: LinkPlan, job: str, step: object, names: list[str],
-                        vectors: list[torch.Tensor], stream: torch.Tensor, *, measure_error: bool):
+                        vectors: list[torch.Tensor], stream: torch.Tensor, *, measure_error: bool,
+                        placed: SharedRun | None = None):
         """Send one step's ``stream`` (and the per-step ``vectors`` named ``names``) over ``link``; returns
-        (reply, hop records with this hop's send figures folded into the first, the link for the next step)."""
+        (reply, hop records with this hop's send figures folded into the first, the link for the next step).
+        ``placed``: the run of the next stage's region the compute already wrote ``stream`` into."""
         headers, buffers = pack_raw(vectors)
         reply, sent = await send_activation(channel, {"job": job, "step": step, "cond": headers, "cond_names": names},
-                                            buffers, stream, link, measure_error=measure_error)
+                                            buffers, stream, link, measure_error=measure_error, placed=placed)
         link = await link_after(link, sent)
         hops = reply.header.get("hops")
         if not isinstance(hops, list) or not hops or not isinstance(hops[0], dict):
@@ -176,7 +182,7 @@ class Relay:
         if forced in ("auto", "raw") and await self._ipc_works(nxt, next_info):  # a forced codec needs no probe
             return LinkPlan("cuda-ipc", None, {"to": str(nxt.peer), "transport": "cuda-ipc", "codec": "cuda-ipc",
                                               "why": "same host: the stream moves GPU to GPU, no TCP"})
-        stream_bytes = geometry.batch * geometry.tokens * d.model.preset.hidden * d.model.dtype.itemsize
+        stream_bytes = geometry.stream_bytes(d.model.preset.hidden, d.model.dtype)
         if forced in ("auto", "raw") and (sender := await self._shm_works(nxt, next_info, stream_bytes)):
             raw = CodecSpec("raw", layout=geometry.layout)
             return LinkPlan("host-shm", raw, {"to": str(nxt.peer), "transport": "host-shm", "codec": "raw",

@@ -28,7 +28,7 @@ from ..wire import ipc, shm
 from ..wire.channel import Request, ServerSession
 from .plan import PlanError, SplitPlan, Stage
 from .relay import Geometry, cond_needs, downstream_needs, quality_floor, request_flag
-from .streaming import LinkPlan, pack_raw, receive_activation, unpack_raw
+from .streaming import LinkPlan, pack_raw, raw_header, receive_input, reserve_shared, unpack_raw
 
 
 @dataclass
@@ -152,39 +152,61 @@ class StageService:
         if "ipc" in h and not request.session.ipc_ok:
             raise MeshError("bad-request", f"{d.name} takes no CUDA IPC input on this connection (a GPU daemon "
                                            "takes it from daemons of its own host, unless same_host_ipc = false)")
-        stream, rx = await receive_activation(request, d.device, (g.batch, g.tokens, preset.hidden), d.model.dtype,
-                                              shm=d.shm.region(request.session))
+        inp, rx = await receive_input(request, d.device, (g.batch, g.tokens, preset.hidden), d.model.dtype,
+                                      shm=d.shm.region(request.session))
         if not d.model.holds(job.start, job.end):
             raise MeshError("mismatch", f"{d.name} no longer holds blocks {job.start}-{job.end - 1}")
         span = d.model.span
+        channel = placed = None
+        if not job.tail:
+            channel = await d.pool.get(job.next_peer.peer)
+            # Same host without CUDA IPC: the stream goes into the next stage's region from the compute.
+            placed = await reserve_shared(channel, job.next_link, g.stream_bytes(preset.hidden, d.model.dtype))
 
-        def compute() -> torch.Tensor:
+        def compute() -> tuple[torch.Tensor | None, dict | None]:
+            # This closure holds ``inp`` and ``placed`` (their region memory) until the GPU worker has
+            # synchronised its stream after it, even if this request is cancelled meanwhile.
             d.model.use_loras(job.loras)  # jobs with other LoRAs may have run in between
             c = Conditioning(**{n: cond[n].to(d.device) if n in cond else None for n in Conditioning.NAMES})
-            s = span.run(job.start, job.end, Stream(g.txt_len, joint=stream), c, job.rotary)
-            # The prediction goes back to the head: copied to the host here, where the worker waits
-            # for the GPU anyway, not on the event loop.
-            return span.final(s, c.temb).cpu() if job.tail else s.as_joint()
+            s = span.run(job.start, job.end, Stream(g.txt_len, joint=inp.take(d.device)), c, job.rotary)
+            if not job.tail:
+                out = s.as_joint()
+                if placed is not None:
+                    placed.place(out)  # queued behind the blocks
+                return out, None
+            prediction = span.final(s, c.temb)
+            # The prediction goes back to the head: into the run its stream came in (host-shm), or copied
+            # to the host here, where the worker waits for the GPU anyway, not on the event loop.
+            if inp.give_back(prediction):
+                return None, raw_header(prediction)
+            return prediction.cpu(), None
 
         try:
-            out, seconds = await d.worker.run(compute)
+            (out, given_back), seconds = await d.worker.run(compute)
         except ModelError as exc:  # a LoraError too: a job's LoRA file gone or changed since its prepare, say
             raise file_refusal(d.name, exc) from None
-        del stream
+        if inp.shared:  # the copy out of the region ran in the compute's call: the hop's, not the blocks'
+            rx.decode_ms = rx.h2d_ms = inp.copy_ms
+            seconds -= inp.copy_ms / 1e3
+        if placed is not None:
+            seconds -= placed.copy_ms / 1e3  # the next hop's (its encode_ms)
         record = {"node": d.name, "blocks": [job.start, job.end - 1], "codec": rx.codec, "bytes": rx.bytes,
                   "wire_ms": round(rx.wire_ms, 3), "decode_ms": round(rx.decode_ms, 3),
                   "compute_ms": round(seconds * 1e3, 3), **rx.breakdown()}
         if request.session.conn.stats is not None:  # this peer's link, keyed once at the handshake
             request.session.conn.stats.hop(rx.bytes, rx.wire_ms + rx.decode_ms)
         if job.tail:
+            if given_back is not None:
+                return inp.reply({"prediction": given_back, "hops": [record]}, [])
             headers, buffers = pack_raw([out])
             return {"prediction": headers[0], "hops": [record]}, buffers
         names = sorted(job.downstream_needs)
-        channel = await d.pool.get(job.next_peer.peer)
         reply, hops, job.next_link = await d.relay.send_step(
             channel, job.next_link, job.id, h.get("step"), names, d.relay.vectors(cond, names), out,
-            measure_error=job.measure_error)
-        return {"prediction": reply.header.get("prediction"), "hops": [record, *hops]}, reply.segments
+            measure_error=job.measure_error, placed=placed)
+        del out
+        # The prediction from further down goes on up: into the run this stage's input came in, if it can.
+        return inp.reply({"prediction": reply.header.get("prediction"), "hops": [record, *hops]}, reply.segments)
 
     def _unpack_cond(self, h: dict, segments: list, needs: set[str], batch: int) -> dict[str, torch.Tensor]:
         model = self.daemon.model

@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 import codec
@@ -27,6 +28,7 @@ from codec.core import host_bytes
 from codec.header import dtype_name
 
 from ..errors import MeshError
+from ..fields import wire_int
 from ..wire.bulk import SendTiming
 from ..wire.channel import Channel, Request
 from ..wire.staging import PinnedArena
@@ -53,6 +55,13 @@ def pack_raw(tensors: Sequence[torch.Tensor]) -> tuple[list[dict], list]:
         headers.append(enc.header.to_dict())
         buffers.extend(enc.buffers)
     return headers, buffers
+
+
+def raw_header(tensor: torch.Tensor) -> dict:
+    """The header :func:`pack_raw` gives ``tensor``, without copying its bytes anywhere (a prediction
+    that goes back through a shared region)."""
+    header, _ = codec.encode_chunks(tensor, CodecSpec("raw", chunk_tokens=0))
+    return header.to_dict()
 
 
 def unpack_raw(headers: object, buffers: Sequence, device: torch.device, shapes: Sequence | None = None) -> list[torch.Tensor]:
@@ -267,10 +276,11 @@ async def link_after(link: LinkPlan, sent: SendStats) -> LinkPlan:
 
 
 async def send_activation(channel: Channel, fields: dict, segments: list, tensor: torch.Tensor, link: LinkPlan,
-                          *, measure_error: bool = False):
-    """Send a stage's output to the next stage the way ``link`` says; returns (reply, SendStats)."""
+                          *, measure_error: bool = False, placed: SharedRun | None = None):
+    """Send a stage's output to the next stage the way ``link`` says; returns (reply, SendStats).
+    ``placed``: host-shm only, the run the compute already wrote ``tensor`` into."""
     if link.transport == "host-shm":
-        return await send_shared(channel, fields, segments, tensor, link, measure_error=measure_error)
+        return await send_shared(channel, fields, segments, tensor, link, measure_error=measure_error, placed=placed)
     if link.transport != "cuda-ipc":
         return await send_stream(channel, "forward", fields, segments, tensor, link.spec,
                                  measure_error=measure_error, timeout=None)
@@ -288,55 +298,228 @@ async def send_activation(channel: Channel, fields: dict, segments: list, tensor
     return reply, stats
 
 
-async def send_shared(channel: Channel, fields: dict, segments: list, tensor: torch.Tensor, link: LinkPlan,
-                      *, measure_error: bool = False):
-    """Send ``tensor`` through the shared region the next stage gave this connection: copied into a run
-    of it, then only its place and shape over TCP. Where the region cannot be had now (a reconnect
-    that was refused, a bigger stream while the old region is in use, every run taken) this step goes
-    as a raw TCP stream: the same bytes, slower."""
-    loop = asyncio.get_running_loop()
-    nbytes = tensor.numel() * tensor.element_size()
+class SharedRun:
+    """A run of the next stage's shared region, taken for one step's stream (:func:`reserve_shared`).
+
+    Taken before the stream is computed, so that the compute writes its output straight in
+    (:meth:`place`, on the GPU worker in the same call as the kernels that make it: the copy queues
+    behind them on the worker's stream, whose synchronisation at the end of the call completes it). The
+    stream then reaches host memory with no hand-off to another thread and no wait of its own. The run
+    stays ours until the reply, which may bring the prediction back in it (:func:`send_shared`)."""
+
+    def __init__(self, region: int, arena: PinnedArena, run) -> None:
+        self.region = region
+        self.arena = arena
+        self.run = run  # the run's numpy array: the pages are ours while it lives
+        self.shape: tuple[int, ...] | None = None
+        self.dtype: torch.dtype | None = None
+        self._events: tuple | None = None
+        self._copy_s = 0.0
+
+    @property
+    def nbytes(self) -> int:
+        return self.run.nbytes
+
+    def place(self, tensor: torch.Tensor) -> None:
+        """Copy ``tensor``'s bytes into the run: on a GPU queued on the calling thread's current stream
+        (the caller waits for that stream before the run is read or sent), on the CPU now."""
+        source = _byte_view(tensor)
+        if source.numel() != self.nbytes:
+            raise ValueError(f"a {source.numel()}-byte tensor does not fill a {self.nbytes}-byte run")
+        target = torch.from_numpy(self.run)
+        t0 = time.perf_counter()
+        if source.is_cuda:
+            stream = torch.cuda.current_stream(source.device)
+            before = _recorded(stream)
+            target.copy_(source, non_blocking=True)
+            self._events = (before, _recorded(stream))
+        else:
+            target.copy_(source)
+        self._copy_s = time.perf_counter() - t0
+        self.shape, self.dtype = tuple(tensor.shape), tensor.dtype
+
+    @property
+    def copy_ms(self) -> float:
+        """The copy's time: on the GPU as its events timed it (ask once its stream is synchronised)."""
+        if self._events is not None:
+            return self._events[0].elapsed_time(self._events[1])
+        return self._copy_s * 1e3
+
+    def descriptor(self) -> dict:
+        """The forward's ``shm`` field: where the stream lies, and that the prediction may come back
+        in the same run (``return``)."""
+        return {"region": self.region, "offset": self.arena.offset_of(self.run), "nbytes": self.nbytes,
+                "shape": list(self.shape), "dtype": dtype_name(self.dtype), "return": True}
+
+    def returned(self, reply, peer: str) -> None:
+        """A reply whose prediction came back in this run (``prediction_shm``): its bytes are copied
+        out into the reply's segments, as if they had come over TCP, before the run is let go."""
+        if "prediction_shm" not in reply.header:
+            return
+        back = reply.header["prediction_shm"]
+        nbytes = wire_int(back.get("nbytes")) if isinstance(back, dict) else None
+        if nbytes is None or not 0 < nbytes <= self.nbytes or reply.segments:
+            raise MeshError("protocol", f"prediction_shm={back!r:.40} is not a place in the {self.nbytes}-byte run "
+                                        "this forward sent (or the prediction came twice)", peer=peer)
+        reply.segments = [self.run[:nbytes].copy()]
+
+
+async def reserve_shared(channel: Channel, link: LinkPlan, nbytes: int) -> SharedRun | None:
+    """A run of ``nbytes`` in the region the next stage gave this link, or None: not a host-shm link,
+    or no room now (the region cannot be had, or every run is taken): that step goes over TCP."""
+    if link.transport != "host-shm":
+        return None
     given = await link.shm.arena(channel, nbytes)
     run = given[1].allocate(nbytes) if given is not None else None
-    if run is None:
-        return await send_stream(channel, "forward", fields, segments, tensor, link.spec,
-                                 measure_error=measure_error, timeout=None)
-    region, arena = given
-    stream = side_stream(tensor.device)
+    return SharedRun(given[0], given[1], run) if run is not None else None
 
-    def copy() -> float:
-        # On the arena's owner thread, like every CUDA call on its (registered) memory.
-        t0 = time.perf_counter()
-        with on_stream(stream):
-            source = _byte_view(tensor)
-            torch.from_numpy(run).copy_(source, non_blocking=stream is not None)
-        if stream is not None:
-            stream.synchronize()  # the bytes are in the region before the peer is told where
-        return time.perf_counter() - t0
 
-    seconds = await loop.run_in_executor(arena.owner, copy)
-    desc = {"region": region, "offset": arena.offset_of(run), "nbytes": nbytes, "shape": list(tensor.shape),
-            "dtype": dtype_name(tensor.dtype)}
+async def send_shared(channel: Channel, fields: dict, segments: list, tensor: torch.Tensor, link: LinkPlan,
+                      *, measure_error: bool = False, placed: SharedRun | None = None):
+    """Send a stream through the shared region the next stage gave this connection: in a run of it,
+    then only its place and shape over TCP. ``placed``: the run the compute already wrote ``tensor``
+    into (:meth:`SharedRun.place`); without it the tensor is copied in here. Where no run can be had now
+    (a reconnect that was refused, a bigger stream while the old region is in use, every run taken) this
+    step goes as a raw TCP stream: the same bytes, slower."""
+    nbytes = tensor.numel() * tensor.element_size()
+    if placed is None:
+        placed = await reserve_shared(channel, link, nbytes)
+        if placed is None:
+            return await send_stream(channel, "forward", fields, segments, tensor, link.spec,
+                                     measure_error=measure_error, timeout=None)
+        # A tensor computed elsewhere (complete: the GPU worker synchronises every call), copied on the
+        # arena's owner thread on a side stream of its own.
+        await asyncio.get_running_loop().run_in_executor(placed.arena.owner, _place_now, placed, tensor)
+    copy_ms = placed.copy_ms
     # wire_bytes: what crossed from this stage to the next, here through the region instead of TCP.
-    stats = SendStats(codec="raw", raw_bytes=nbytes, wire_bytes=nbytes, encode_ms=seconds * 1e3, d2h_ms=seconds * 1e3,
-                      staged=arena.pinned)
+    stats = SendStats(codec="raw", raw_bytes=nbytes, wire_bytes=nbytes, encode_ms=copy_ms, d2h_ms=copy_ms,
+                      staged=placed.arena.pinned)
     try:
-        # The run stays ours until the reply: the receiver copies out of it before it answers, so the
-        # next step (or another generation on this link) can never write over bytes still being read.
-        reply = await channel.request("forward", {**fields, "shm": desc}, segments, timeout=None)
-    finally:
-        del run
+        # The run stays ours until the reply: the receiver copies out of it (and may write the
+        # prediction into it) before it answers, so the next step or another generation on this link
+        # can never write over bytes still being read.
+        reply = await channel.request("forward", {**fields, "shm": placed.descriptor()}, segments, timeout=None)
+    except BaseException:
+        # Given up (cancelled, timed out, refused, the link failed): the receiver may still read this
+        # run, or write a prediction into it, after we stop waiting. No run of this region is handed
+        # out again; the link's next stream sets up a new region once the forwards still in flight
+        # through this one are answered.
+        placed.arena.close()
+        raise
+    placed.returned(reply, channel.name)
     return reply, stats
 
 
-async def receive_activation(request: Request, device: torch.device, expect_shape: Sequence[int],
-                             expect_dtype: torch.dtype, *, shm=None) -> tuple[torch.Tensor, ReceiveStats]:
-    """The stage input that came with ``request``: mapped over CUDA IPC, copied out of this connection's
-    shared region ``shm`` (a :class:`meshd.wire.shm.Inbound`, or None) or decoded from its stream."""
+def _place_now(placed: SharedRun, tensor: torch.Tensor) -> None:
+    stream = side_stream(tensor.device)
+    with on_stream(stream):
+        placed.place(tensor)
+    if stream is not None:
+        stream.synchronize()  # the bytes are in the region before the peer is told where
+
+
+class StageInput:
+    """A forward's input as :func:`receive_input` gives it: a tensor already on the device (a chunk
+    stream, CUDA IPC), or (host-shm) its place in this connection's shared region.
+
+    The latter is copied to the device by :meth:`take`, called inside the compute that uses it: the copy
+    queues ahead of the compute's kernels on the GPU worker's stream, with no hand-off to another thread
+    and no wait of its own. Its bytes stay mapped and registered while this object lives (keep it until
+    the compute's stream is synchronised), and the prediction may go back in the same run
+    (:meth:`give_back`), read by the sender once the reply arrives."""
+
+    def __init__(self, tensor: torch.Tensor | None = None, *, source=None, arena: PinnedArena | None = None,
+                 shape: Sequence[int] = (), dtype: torch.dtype | None = None, may_return: bool = False) -> None:
+        self._tensor = tensor
+        self.source = source  # the region's bytes (a span of ``arena``), for host-shm
+        self.arena = arena
+        self.shape, self.dtype = tuple(shape), dtype
+        self.may_return = may_return  # the sender takes the prediction back in its run
+        self._events: tuple | None = None
+        self._copy_s = 0.0
+        self.returned: int | None = None  # bytes of prediction given back in the run
+
+    @property
+    def shared(self) -> bool:
+        return self.source is not None
+
+    def take(self, device: torch.device) -> torch.Tensor:
+        """The input on ``device`` (for host-shm, copied there on the calling thread's current stream;
+        a CPU stage gets its own copy: the region is the sender's to reuse after the reply)."""
+        if self._tensor is not None:
+            tensor, self._tensor = self._tensor, None  # the caller's from here: freed when it lets go
+            return tensor
+        view = torch.from_numpy(self.source).view(self.dtype).reshape(self.shape)
+        t0 = time.perf_counter()
+        if device.type != "cuda":
+            out = view.clone()
+        else:
+            stream = torch.cuda.current_stream(device)
+            out = torch.empty(self.shape, dtype=self.dtype, device=device)
+            before = _recorded(stream)
+            out.copy_(view, non_blocking=True)
+            self._events = (before, _recorded(stream))
+        self._copy_s = time.perf_counter() - t0
+        return out
+
+    @property
+    def copy_ms(self) -> float:
+        """The host-to-device copy's time, on the GPU as its events timed it (ask once its stream is
+        synchronised)."""
+        if self._events is not None:
+            return self._events[0].elapsed_time(self._events[1])
+        return self._copy_s * 1e3
+
+    def give_back(self, prediction: torch.Tensor) -> bool:
+        """Put the prediction at the start of the input's run, for the sender to read when the reply
+        arrives (a GPU tensor: queued on the calling thread's current stream, which must be synchronised
+        before the reply). False, and nothing written, where the sender did not ask for it or the
+        prediction does not fit; it then goes back over TCP."""
+        source = _byte_view(prediction)
+        if not self.shared or not self.may_return or source.numel() > self.source.nbytes:
+            return False
+        torch.from_numpy(self.source[: source.numel()]).copy_(source, non_blocking=source.is_cuda)
+        self.returned = source.numel()
+        return True
+
+    def reply(self, fields: dict, segments: list) -> tuple[dict, list]:
+        """A forward's reply ``fields`` with its prediction: in the run where :meth:`give_back` put it
+        there, or where it came from further down as one host buffer (``segments``) that fits there
+        (copied in now); else ``segments`` over TCP."""
+        if self.returned is None and self.shared and self.may_return and len(segments) == 1:
+            data = np.frombuffer(memoryview(segments[0]).cast("B"), dtype=np.uint8)
+            if 0 < data.nbytes <= self.source.nbytes:
+                self.source[: data.nbytes] = data
+                self.returned = data.nbytes
+        if self.returned is None:
+            return fields, segments
+        return {**fields, "prediction_shm": {"nbytes": self.returned}}, []
+
+
+async def receive_input(request: Request, device: torch.device, expect_shape: Sequence[int],
+                        expect_dtype: torch.dtype, *, shm=None) -> tuple[StageInput, ReceiveStats]:
+    """The stage input that came with ``request``: mapped over CUDA IPC or decoded from its stream onto
+    ``device``, or checked against this connection's shared region ``shm`` (a
+    :class:`meshd.wire.shm.Inbound`, or None) and left there for the compute to take. A host-shm hop's
+    ``decode_ms`` and ``h2d_ms`` are the copy's, filled in by the caller once it is done."""
     if "shm" in request.header:
-        return await receive_shared(request, device, expect_shape, expect_dtype, shm)
+        from ..wire import shm as shared  # noqa: PLC0415
+
+        if request.announced_chunks or "ipc" in request.header:
+            raise MeshError("bad-request", "a forward carries its input one way: shared memory, CUDA IPC or a chunk stream")
+        desc = request.header["shm"]
+        offset, nbytes = shared.check_descriptor(desc, shm, expect_shape, expect_dtype)
+        may_return = desc.get("return", False)
+        if not isinstance(may_return, bool):
+            raise MeshError("bad-request", f"shm return={may_return!r:.20} must be true or false")
+        # The span keeps the region mapped and registered while the input lives, even if the connection
+        # (and its region) is dropped meanwhile.
+        inp = StageInput(source=shm.arena.span(offset, nbytes), arena=shm.arena, shape=expect_shape,
+                         dtype=expect_dtype, may_return=may_return)
+        return inp, ReceiveStats(bytes=nbytes, codec="raw", transport="host-shm", staged=shm.arena.pinned)
     if "ipc" not in request.header:
-        return await receive_stream(request, device, expect_shape, expect_dtype)
+        tensor, rx = await receive_stream(request, device, expect_shape, expect_dtype)
+        return StageInput(tensor), rx
     if request.announced_chunks:
         raise MeshError("bad-request", "a forward carries its input either over CUDA IPC or as a chunk stream, not both")
     if device.type != "cuda":
@@ -347,40 +530,30 @@ async def receive_activation(request: Request, device: torch.device, expect_shap
     t0 = time.perf_counter()
     tensor = await loop.run_in_executor(CODEC_THREADS, ipc.import_copy, request.header["ipc"], device,
                                         expect_shape, expect_dtype)
-    return tensor, ReceiveStats(wire_ms=(time.perf_counter() - t0) * 1e3, codec="cuda-ipc")
+    return StageInput(tensor), ReceiveStats(wire_ms=(time.perf_counter() - t0) * 1e3, codec="cuda-ipc")
 
 
-async def receive_shared(request: Request, device: torch.device, expect_shape: Sequence[int],
-                         expect_dtype: torch.dtype, region) -> tuple[torch.Tensor, ReceiveStats]:
-    """Copy a forward's input out of the shared region, after checking its place against the region."""
-    from ..wire import shm  # noqa: PLC0415
+async def receive_activation(request: Request, device: torch.device, expect_shape: Sequence[int],
+                             expect_dtype: torch.dtype, *, shm=None) -> tuple[torch.Tensor, ReceiveStats]:
+    """:func:`receive_input`, with a host-shm input copied to ``device`` now (on the region's owner
+    thread, on a side stream it waits for): for a receiver that does not compute on the input at once."""
+    inp, rx = await receive_input(request, device, expect_shape, expect_dtype, shm=shm)
+    if not inp.shared:
+        return inp.take(device), rx
 
-    if request.announced_chunks or "ipc" in request.header:
-        raise MeshError("bad-request", "a forward carries its input one way: shared memory, CUDA IPC or a chunk stream")
-    offset, nbytes = shm.check_descriptor(request.header["shm"], region, expect_shape, expect_dtype)
-    arena = region.arena
-    stream = side_stream(device)
-    loop = asyncio.get_running_loop()
-
-    def land() -> tuple[torch.Tensor, float | None]:
-        # The span keeps the region mapped and registered until this copy is done, even if the
-        # connection (and its region) is dropped meanwhile.
-        source = torch.from_numpy(arena.span(offset, nbytes)).view(expect_dtype).reshape(tuple(expect_shape))
-        if stream is None:
-            return source.clone(), None  # a CPU stage: its own copy, the region is the sender's to reuse
-        out = torch.empty(source.shape, dtype=expect_dtype, device=device)
+    def land() -> torch.Tensor:
+        stream = side_stream(device)
         with on_stream(stream):
-            before = _recorded(stream)
-            out.copy_(source, non_blocking=True)
-            after = _recorded(stream)
-        stream.synchronize()  # complete for the compute queue, and the region's bytes are read
-        return out, before.elapsed_time(after)
+            out = inp.take(device)
+        if stream is not None:
+            stream.synchronize()  # complete for the compute queue, and the region's bytes are read
+        return out
 
     t0 = time.perf_counter()
-    tensor, h2d_ms = await loop.run_in_executor(arena.owner, land)
-    elapsed = (time.perf_counter() - t0) * 1e3
-    return tensor, ReceiveStats(wire_ms=0.0, decode_ms=elapsed, bytes=nbytes, codec="raw", transport="host-shm",
-                                h2d_ms=elapsed if h2d_ms is None else h2d_ms, staged=arena.pinned)
+    tensor = await asyncio.get_running_loop().run_in_executor(inp.arena.owner, land)
+    rx.decode_ms = (time.perf_counter() - t0) * 1e3
+    rx.h2d_ms = inp.copy_ms if device.type == "cuda" else rx.decode_ms
+    return tensor, rx
 
 
 def _measure(tensor: torch.Tensor, header: codec.Header, chunks: list, stream) -> dict:

@@ -18,12 +18,15 @@ Setup, once per inbound connection that asks (the receiver owns the region):
    key on this host (in this network namespace: abstract sockets are per namespace) gets the region.
 3. The sender checks the descriptor's size and seals, maps and pins it.
 
-Per step the sender copies the activation into a run of the region and sends ``forward`` with
-``shm`` {region, offset, nbytes, shape, dtype} instead of a chunk stream; the receiver checks the
-bounds against its own region and copies the bytes out before it computes. A run is reused only
-after the reply: the receiver answers a forward only after its copy, so request/response order on
-the one connection rules out a write over bytes still being read. Any failure in the setup is logged
-in one line and the link uses TCP; a failed transport degrades the link, never a generation.
+Per step the sender's compute copies the activation into a run of the region and it sends ``forward``
+with ``shm`` {region, offset, nbytes, shape, dtype, return} instead of a chunk stream; the receiver
+checks the bounds against its own region and its compute copies the bytes out ahead of its blocks.
+With ``return`` the prediction comes back in the same run (``prediction_shm``), not over TCP. A run
+is reused only after the reply: the receiver answers a forward only after it is done with the run,
+so request/response order on the one connection rules out a write over bytes still in use; a
+forward the sender gave up on retires the region (:meth:`ShmSender.arena`). Any failure in the
+setup is logged in one line and the link uses TCP; a failed transport degrades the link, never a
+generation. (The copies: :mod:`meshd.pipeline.streaming`.)
 """
 
 from __future__ import annotations
@@ -362,6 +365,14 @@ class ShmSender:
             if self._conn is not channel.conn or channel.conn.closed:
                 self._retire()  # the receiver dropped the region with the old connection
             current = self._region
+            if current is not None and current[1].closed:
+                # A forward through it was given up (send_shared): its runs are never handed out again,
+                # and a new region is asked for once the forwards still in flight through it are answered
+                # (the receiver refuses the old region's id from then on). TCP meanwhile.
+                if current[1].live_runs:
+                    return None
+                self._retire()
+                current = None
             if current is not None and current[1].nbytes >= stream_bytes:
                 return current
             if current is not None and current[1].live_runs:

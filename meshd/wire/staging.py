@@ -11,9 +11,12 @@ when a connection first needs it, and unregistered only when the connection is g
 points into it. Pinned blocks from torch's caching host allocator were tried before and crashed the
 daemons on the GPU machine (cudaErrorInvalidResourceHandle once blocks freed on I/O threads were
 recycled): here nothing is ever returned to an allocator that records CUDA events. A :class:`PinnedArena`
-has one owner thread, and every CUDA call that touches its memory (registering it, issuing copies into
-or out of it, waiting for them, unregistering it) runs there; the I/O threads only read and write
-bytes that the owner has declared complete.
+has one owner thread, which registers and unregisters its memory and issues the TCP path's copies
+into and out of it; the I/O threads only read and write bytes that the owner has declared complete.
+A shared region's runs (:mod:`meshd.wire.shm`) are also copied into and out of by the GPU worker,
+inside the compute that makes or uses the stream (``SharedRun.place``, ``StageInput.take`` in
+:mod:`meshd.pipeline.streaming`): registration is the context's, not a thread's, and the compute's
+closure keeps the run referenced (so registered) until the worker has synchronised its stream.
 
 An arena hands out page runs as numpy arrays; a run returns to the arena when the last reference to
 its array (a memoryview, a tensor over it, a received frame) is gone, so a buffer cannot be reused
@@ -235,6 +238,12 @@ class PinnedArena:
     def free_bytes(self) -> int:
         with self._lock:
             return (self.pages - sum(self._used)) * PAGE_BYTES
+
+    @property
+    def closed(self) -> bool:
+        """No new runs are handed out (:meth:`close`); the memory may still be in use by live ones."""
+        with self._lock:
+            return self._closed
 
     @property
     def live_runs(self) -> int:
