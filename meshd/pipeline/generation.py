@@ -262,9 +262,13 @@ async def compile_blocks(model: HostedModel, worker: GpuWorker, txt_len: int, im
 
 async def run_generation(model: HostedModel, worker: GpuWorker, params: GenerationParams, runner: StepRunner,
                          *, metadata: dict | None = None, progress: ProgressFn | None = None,
-                         embeds: dict[str, torch.Tensor] | None = None) -> GenerationResult:
+                         embeds: dict[str, torch.Tensor] | None = None,
+                         before_steps: Callable[[], Awaitable[None]] | None = None) -> GenerationResult:
     """Prompt -> PNG. ``progress`` receives one event per step (and one when decoding starts).
-    ``embeds``: prompt embeddings already computed (by the peer holding the text encoder)."""
+    ``embeds``: prompt embeddings already computed (by the peer holding the text encoder).
+    ``before_steps``: awaited once the sampler is prepared and the blocks compiled, before the first
+    step (a split head waits there for the stages' prepare, which ran meanwhile). ``metadata`` is read
+    at the end, into the summary and the PNG."""
     start = time.perf_counter()
     # The VAE decodes only after the last step: a file closed since the blocks were loaded is reported now.
     model.source.check_head_files(text_encoder=False)
@@ -274,6 +278,8 @@ async def run_generation(model: HostedModel, worker: GpuWorker, params: Generati
                                      size=f"{params.width}x{params.height}",
                                      node=str((metadata or {}).get("head", "")), progress=progress,
                                      decode_hw=sampler.latent_hw)
+    if before_steps is not None:
+        await before_steps()
     steps = []
     for step in range(params.steps):
         step_start = time.perf_counter()

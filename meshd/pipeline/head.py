@@ -112,33 +112,33 @@ class HeadService:
     async def _run(self, request: Request, params: GenerationParams, plan: SplitPlan, floor: float,
                    measure_error: bool, return_latents: bool, embeds: dict[str, torch.Tensor] | None = None):
         d = self.daemon
+        metadata = {"plan": plan.describe(), "stages": [], "head": d.name}
         if len(plan.stages) == 1:
-            runner = LocalRunner(d.worker)
-            stages_info = [{"node": d.name, "blocks": [0, d.model.preset.num_blocks]}]
+            runner, staging = LocalRunner(d.worker), None
+            metadata["stages"] = [{"node": d.name, "blocks": [0, d.model.preset.num_blocks]}]
         else:
             runner = SplitRunner(d, plan, params, floor, measure_error, events=request.event)
-        try:
-            if isinstance(runner, SplitRunner):
-                # The head compiles its own blocks while the stages compile theirs during prepare.
-                head_compile = asyncio.ensure_future(d.compile_for(runner.geometry, params.loras, request.event))
-                head_compile.add_done_callback(lambda f: f.cancelled() or f.exception())
-                try:
-                    stages_info = await runner.prepare()
-                except BaseException:
-                    head_compile.cancel()  # the generation is over: nobody waits for these graphs
-                    raise
-                await head_compile
-            await request.event({"kind": "prepared", "plan": plan.describe(), "stages": stages_info,
+            # The stages prepare the job (and compile their blocks) while this head prepares its sampler
+            # (the prompt, the latents) and compiles its own blocks: both are done before the first step.
+            staging = asyncio.ensure_future(runner.prepare())
+
+        async def before_steps() -> None:
+            if staging is not None:
+                metadata["stages"] = await staging
+            await request.event({"kind": "prepared", "plan": plan.describe(), "stages": metadata["stages"],
                                  "distilled": d.model.source.distilled(), "cfg": uses_cfg(d.model, params)})
-            result = await run_generation(
-                d.model, d.worker, params, runner,
-                metadata={"plan": plan.describe(), "stages": stages_info, "head": d.name},
-                progress=lambda event: request.event(event), embeds=embeds,
-            )
+
+        try:
+            result = await run_generation(d.model, d.worker, params, runner, metadata=metadata,
+                                          progress=lambda event: request.event(event), embeds=embeds,
+                                          before_steps=before_steps)
         except ModelError as exc:  # no text encoder here and none placed on a peer, a damaged VAE, say
             raise file_refusal(d.name, exc) from None
         finally:
-            if isinstance(runner, SplitRunner):
+            if staging is not None:
+                if not staging.done():
+                    staging.cancel()  # the generation failed first: nobody waits for the stages now
+                await asyncio.gather(staging, return_exceptions=True)
                 d.spawn(runner.release())
         if return_latents:
             headers, buffers = pack_raw([result.latents])
