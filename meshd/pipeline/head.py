@@ -138,12 +138,18 @@ class HeadService:
             if staging is not None:
                 if not staging.done():
                     staging.cancel()  # the generation failed first: nobody waits for the stages now
-                await asyncio.gather(staging, return_exceptions=True)
-                d.spawn(runner.release())
+                # Released once the prepare is over (nothing awaited here: this task may be cancelled again).
+                d.spawn(self._release(runner, staging))
         if return_latents:
             headers, buffers = pack_raw([result.latents])
             return {"summary": result.summary, "latents": headers[0]}, [result.png, *buffers]
         return {"summary": result.summary}, [result.png]
+
+
+    @staticmethod
+    async def _release(runner: SplitRunner, staging: asyncio.Future) -> None:
+        await asyncio.gather(staging, return_exceptions=True)  # its failure, if any, was the generation's
+        await runner.release()
 
 
 def _time_ms(value: object) -> float | None:
