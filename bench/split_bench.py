@@ -310,6 +310,8 @@ async def run_split(args, cluster, params, local, emulation, kept: KeptLocal | N
                 "codec": codec_name,
                 "chosen": [h["codec"] for h in hops],
                 "transports": transports(outcome.summary),
+                # how the predictions came back (host-shm: in the run the stream went out in)
+                "returns": sorted({str(p.get("return_via")) for step in outcome.summary["steps"] for p in step["passes"]}),
                 "split_seconds": times,
                 "split_median_s": split_s,
                 "local_median_s": local["median_s"],

@@ -535,6 +535,7 @@ def test_the_split_bench_forces_shared_memory_and_stays_exact(tmp_path):
     result = json.loads(done.stdout)
     (run,) = result["runs"]
     assert run["transports"] == ["host-shm"] and run["bit_identical_latents"] and run["chosen"] == ["raw"]
+    assert run["returns"] == ["host-shm"], "the predictions came back in the region"
     assert result["config"]["link"] == "same host, shared host memory (CUDA IPC off)"
     assert [part["link"] for part in run["hop_breakdown_ms"]] and run["hop_breakdown_ms"][0]["h2d_ms"] is not None
     # --interleave: one all-local generation after each timed split one, its ratio beside the plain one
