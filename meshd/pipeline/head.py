@@ -145,7 +145,6 @@ class HeadService:
             return {"summary": result.summary, "latents": headers[0]}, [result.png, *buffers]
         return {"summary": result.summary}, [result.png]
 
-
     @staticmethod
     async def _release(runner: SplitRunner, staging: asyncio.Future) -> None:
         await asyncio.gather(staging, return_exceptions=True)  # its failure, if any, was the generation's
@@ -205,7 +204,8 @@ class SplitRunner:
 
         names = sorted(self.downstream)
         # Same host without CUDA IPC: the stream goes into the next stage's region from the compute itself.
-        placed = await reserve_shared(self.channel, self.link, self.geometry.stream_bytes(d.model.preset.hidden, d.model.dtype))
+        nbytes = self.geometry.stream_bytes(d.model.preset.hidden, d.model.dtype)
+        placed = await reserve_shared(self.channel, self.link, nbytes)
 
         def head_compute() -> tuple[torch.Tensor, list[torch.Tensor]]:
             d.model.use_loras(self.params.loras)  # jobs with other LoRAs may have run in between
