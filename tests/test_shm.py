@@ -363,9 +363,11 @@ async def test_an_out_of_bounds_offset_is_refused_and_the_connection_serves_on(m
             await send_activation(channel, {}, [], activation(1), link)
         assert refused.value.code == "bad-request"
         monkeypatch.undo()
+        assert not arena.closed, "an answered refusal leaves the region in use (the receiver is done with the run)"
         tensor = activation(2)
         await send_activation(channel, {}, [], tensor, link)
         assert torch.equal(receiver.received.pop()[0], tensor)
+        assert receiver.server.region(receiver.session).id == 1
     finally:
         await close_link(channel, receiver, serving, link)
 
@@ -385,6 +387,18 @@ async def test_a_refused_offer_is_one_line_and_the_link_stays_on_tcp(caplog):
         assert "shutting down" in lines[0] and lines[0].endswith("the link uses TCP")
     finally:
         await close_link(channel, receiver, serving, link)
+
+
+def test_a_stream_that_does_not_fill_its_run_is_a_mismatch_not_an_internal_error():
+    fd, memory = shm.make_region(2 * PAGE_BYTES)
+    os.close(fd)
+    arena = shm.region_arena(memory, "t", torch.device("cpu"))
+    placed = SharedRun(1, arena, arena.allocate(24 * 64 * 2))
+    with pytest.raises(MeshError, match="a stream of 1536 bytes does not fill the 3072-byte run") as refused:
+        placed.place(torch.zeros(1, 12, 64, dtype=torch.bfloat16))
+    assert refused.value.code == "mismatch"
+    placed.place(activation(0))
+    assert placed.shape == SHAPE and placed.descriptor()["return"] is True
 
 
 def prediction_of(reply) -> torch.Tensor:

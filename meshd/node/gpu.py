@@ -40,7 +40,15 @@ class GpuWorker:
         try:
             with torch.inference_mode(), (torch.cuda.device(self.device) if self.device.type == "cuda"
                                           else contextlib.nullcontext()):
-                result = fn(*args)
+                try:
+                    result = fn(*args)
+                except BaseException:
+                    # Copies the call queued into shared host memory finish before the caller lets their
+                    # runs go (a second failure here changes nothing: the first is the one raised).
+                    if self.device.type == "cuda":
+                        with contextlib.suppress(Exception):
+                            torch.cuda.current_stream(self.device).synchronize()
+                    raise
                 if self.device.type == "cuda":
                     torch.cuda.current_stream(self.device).synchronize()
         except torch.OutOfMemoryError as exc:

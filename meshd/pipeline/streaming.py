@@ -325,7 +325,8 @@ class SharedRun:
         (the caller waits for that stream before the run is read or sent), on the CPU now."""
         source = _byte_view(tensor)
         if source.numel() != self.nbytes:
-            raise ValueError(f"a {source.numel()}-byte tensor does not fill a {self.nbytes}-byte run")
+            raise MeshError("mismatch", f"a stream of {source.numel()} bytes does not fill the {self.nbytes}-byte run "
+                                        "reserved for this job's geometry")
         target = torch.from_numpy(self.run)
         t0 = time.perf_counter()
         if source.is_cuda:
@@ -399,11 +400,12 @@ async def send_shared(channel: Channel, fields: dict, segments: list, tensor: to
         # prediction into it) before it answers, so the next step or another generation on this link
         # can never write over bytes still being read.
         reply = await channel.request("forward", {**fields, "shm": placed.descriptor()}, segments, timeout=None)
+    except MeshError:
+        raise  # answered (an error reply: the receiver is done with the run), or the link is gone with its region
     except BaseException:
-        # Given up (cancelled, timed out, refused, the link failed): the receiver may still read this
-        # run, or write a prediction into it, after we stop waiting. No run of this region is handed
-        # out again; the link's next stream sets up a new region once the forwards still in flight
-        # through this one are answered.
+        # Given up (cancelled): the receiver may still read this run, or write a prediction into it,
+        # after we stop waiting. No run of this region is handed out again; the link's next stream sets
+        # up a new region once the forwards still in flight through this one are answered.
         placed.arena.close()
         raise
     placed.returned(reply, channel.name)
