@@ -207,9 +207,11 @@ def test_a_compiled_split_equals_the_compiled_all_local_run(models, tmp_path):
         async with running_daemon(tmp_path / "a", None, models_dir=models, compile_backend="aot_eager") as a, \
                 running_daemon(tmp_path / "b", None, models_dir=models, compile_backend="aot_eager") as b:
             # Both daemons share this one process (one Dynamo cache, one global torch state): the head
-            # loading its text encoder while the stage compiles would make the stage's graphs miss, which
-            # daemons in processes of their own never see. So the head's prompt is embedded up front.
+            # loading its text encoder or its VAE (its sampler's prepare) while the stage compiles would
+            # make the stage's graphs miss, which daemons in processes of their own never see. So the
+            # head's prompt is embedded and its VAE read up front.
             await a.worker.run(a.model.encode_prompts, [PARAMS["prompt"]])
+            await a.worker.run(a.model.vae)
 
             def on_event(event):
                 if isinstance(event, Prepared):

@@ -269,3 +269,28 @@ async def test_a_split_of_a_wide_image_equals_the_all_local_one(tmp_path):
     local, _ = await run_local(args)
     split_pixels, local_pixels = (np.asarray(Image.open(io.BytesIO(png))) for png in (outcome.png, local))
     assert split_pixels.shape == (32, 64, 3) and np.array_equal(split_pixels, local_pixels)
+
+
+async def test_a_stage_that_refuses_the_job_ends_the_generation_before_the_heads_sampler_is_ready(tmp_path, monkeypatch):
+    """The stages prepare while the head prepares its sampler: a refusal is the generation's answer as
+    soon as it comes, not once the head's prompt and latents (seconds with a real text encoder) are done."""
+    import time
+
+    from meshd.pipeline import generation
+
+    prepare = generation.Sampler.prepare
+
+    def slow_prepare(self):
+        time.sleep(3)  # on the head's GPU worker, as a text encoder's first load would
+        return prepare(self)
+
+    monkeypatch.setattr(generation.Sampler, "prepare", slow_prepare)
+    async with head_and_stage(tmp_path) as (a, b):
+        async def refuse(request):
+            raise MeshError("busy", "stage-b holds too many jobs")
+
+        b.extra_ops["prepare"] = refuse
+        started = time.monotonic()
+        with pytest.raises(MeshError, match="stage-b holds too many jobs") as raised:
+            await split(a, b)
+        assert raised.value.code == "busy" and time.monotonic() - started < 2.5

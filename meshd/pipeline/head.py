@@ -128,13 +128,23 @@ class HeadService:
             await request.event({"kind": "prepared", "plan": plan.describe(), "stages": metadata["stages"],
                                  "distilled": d.model.source.distilled(), "cfg": uses_cfg(d.model, params)})
 
+        generation = asyncio.ensure_future(run_generation(d.model, d.worker, params, runner, metadata=metadata,
+                                                          progress=lambda event: request.event(event), embeds=embeds,
+                                                          before_steps=before_steps))
+        generation.add_done_callback(lambda f: f.cancelled() or f.exception())
         try:
-            result = await run_generation(d.model, d.worker, params, runner, metadata=metadata,
-                                          progress=lambda event: request.event(event), embeds=embeds,
-                                          before_steps=before_steps)
+            if staging is not None:
+                # A stage that refuses the job ends the generation now, not after this head's sampler
+                # prepare and compile (GPU work already running finishes; what is queued is dropped).
+                await asyncio.wait({generation, staging}, return_when=asyncio.FIRST_EXCEPTION)
+                if not generation.done():
+                    raise staging.exception()
+            result = await generation
         except ModelError as exc:  # no text encoder here and none placed on a peer, a damaged VAE, say
             raise file_refusal(d.name, exc) from None
         finally:
+            if not generation.done():
+                generation.cancel()
             if staging is not None:
                 if not staging.done():
                     staging.cancel()  # the generation failed first: nobody waits for the stages now
@@ -194,6 +204,9 @@ class SplitRunner:
             "ids": headers,
             "loras": loras_to_wire(self.params.loras),
         }
+        # Known before the prepare goes out: a prepare cancelled half-way (the stage may have made the
+        # job) is released on this channel too.
+        self.channel = await d.pool.get(self.plan.stages[1].peer)
         self.channel, infos = await d.relay.prepare_next(fields, buffers, list(self.plan.stages[1:]), self.events)
         self.link = await d.relay.choose_link(self.plan.stages[1], infos[0], g, self.head.codec, self.floor)
         return [d.relay.stage_info(self.head, self.link), *infos]
@@ -216,6 +229,7 @@ class SplitRunner:
             # GPU anyway, not on the event loop.
             return joint, [v.cpu() for v in d.relay.vectors(cond, names)]
 
+        shared = self.link.transport == "host-shm"  # (send_shared checks a prediction given back in the run)
         (joint, vectors), seconds = await d.worker.run(head_compute)
         if placed is not None:
             seconds -= placed.copy_ms / 1e3  # the copy into the region is the hop's (its encode_ms), not the blocks'
@@ -239,7 +253,7 @@ class SplitRunner:
         # return_via: how the prediction came back (host-shm: in the run the stream went out in).
         return prediction, {"compute_ms": seconds * 1e3, "hops": hops,
                             "return_bytes": sum(memoryview(b).nbytes for b in reply.segments),
-                            "return_via": "host-shm" if "prediction_shm" in reply.header else "tcp"}
+                            "return_via": "host-shm" if shared and "prediction_shm" in reply.header else "tcp"}
 
     async def release(self) -> None:
         """Release the job on every stage; also after a failed or cancelled prepare (the stages may have
