@@ -281,3 +281,30 @@ def test_an_unindexed_cuda_device_becomes_the_creating_threads_gpu(monkeypatch):
     assert staging._indexed(torch.device("cuda", 1)) == torch.device("cuda", 1)
     assert staging._indexed(torch.device("cpu")) == torch.device("cpu")
     assert staging._indexed(None) is None
+
+
+def test_a_run_let_go_inside_another_executors_submit_neither_deadlocks_nor_stays_registered():
+    """A run returns to its arena from a finaliser, which the garbage collector may run anywhere: once it
+    ran inside a GPU worker's submit (holding concurrent.futures' global lock) and the closed arena's
+    retirement submitted to its owner thread there, so the event loop waited on itself (test_shm hung
+    for 300 s). Retiring only queues the arena now; the retirer thread unregisters it on the owner."""
+    import threading
+    from concurrent.futures import thread as futures_thread
+
+    arena = staging.PinnedArena(staging.PAGE_BYTES, pin=False)
+    unregistered = threading.Event()
+    arena._unregister = unregistered.set  # (a pinned arena unregisters its memory here, on the owner thread)
+    held = [arena.allocate(64)]
+    arena.close()  # the run still lives: retired when it goes
+    done = threading.Event()
+
+    def let_go() -> None:
+        with futures_thread._global_shutdown_lock:  # where a collection inside any submit runs finalisers
+            held.clear()
+        done.set()
+
+    worker = threading.Thread(target=let_go, daemon=True)
+    worker.start()
+    worker.join(5)
+    assert done.is_set(), "letting a run go under the executors' lock deadlocked"
+    assert unregistered.wait(5) and arena.live_runs == 0

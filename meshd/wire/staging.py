@@ -32,6 +32,7 @@ import functools
 import logging
 import math
 import mmap
+import queue
 import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -116,6 +117,33 @@ def _current_context(device):
         raise PinningUnavailable(f"the CUDA driver library cannot register memory: {exc}") from None
 
 
+#: Arenas whose memory is to be unregistered (put from finalisers: SimpleQueue.put is reentrant).
+_retiring: queue.SimpleQueue = queue.SimpleQueue()
+_retirer: threading.Thread | None = None
+_retirer_lock = threading.Lock()
+
+
+def _start_retirer() -> None:
+    """The thread that passes retired arenas to their owner threads (started with the first arena,
+    never from a finaliser)."""
+    global _retirer
+    with _retirer_lock:
+        if _retirer is None:
+            _retirer = threading.Thread(target=_retire_arenas, name="staging-retirer", daemon=True)
+            _retirer.start()
+
+
+def _retire_arenas() -> None:
+    while True:
+        arena = _retiring.get()
+        # The owner thread stays usable (a stream that raced the close may still submit to it; it then
+        # finds no free run and copies through pageable memory). It ends with the arena: an executor's
+        # idle thread exits once the executor is garbage.
+        future = arena.owner.submit(arena._unregister)
+        future.add_done_callback(lambda f: f.exception())  # logged there
+        del arena, future
+
+
 class PinnedArena:
     """``nbytes`` of host memory, page-locked unless ``pin`` is False, handed out in page runs.
 
@@ -133,6 +161,7 @@ class PinnedArena:
             # A shared region is sized in whole pages by its maker (meshd.wire.shm) and sealed there.
             raise PinningUnavailable(f"a mapping of {len(memory)} bytes is not {self.nbytes} bytes of whole pages")
         self.name = name
+        _start_retirer()
         self.owner = ThreadPoolExecutor(1, thread_name_prefix=name)
         # Page-aligned and never resized: ours (zero-filled), or a sealed shared region given to us.
         self._memory = memory if memory is not None else mmap.mmap(-1, self.nbytes)
@@ -261,11 +290,11 @@ class PinnedArena:
             self._retire()
 
     def _retire(self) -> None:
-        # The owner thread stays usable (a stream that raced the close may still submit to it; it then
-        # finds no free run and copies through pageable memory). It ends with the arena: an executor's
-        # idle thread exits once the executor is garbage.
-        future = self.owner.submit(self._unregister)
-        future.add_done_callback(lambda f: f.exception())  # logged there; never raised into a finaliser
+        # Often called from a run's finaliser, which the garbage collector may run anywhere, inside
+        # another executor's submit too (holding concurrent.futures' global lock, which our own submit
+        # would then wait for: a deadlock of that thread). So only a put on a queue happens here; the
+        # retirer thread hands the unregistration to the owner thread.
+        _retiring.put(self)
 
 
 class LinkStaging:
