@@ -28,8 +28,9 @@ from PIL import Image
 from codec import CodecSpec, TokenLayout
 from meshd import auth, limits
 from meshd.errors import MeshError
-from meshd.pipeline.streaming import (LinkPlan, SharedRun, pack_raw, raw_header, receive_activation, receive_input,
-                                     send_activation, unpack_raw)
+from meshd.node.gpu import GpuWorker
+from meshd.pipeline.streaming import (LinkPlan, SharedRun, pack_raw, raw_header, receive_input, send_activation,
+                                      unpack_raw)
 from meshd.wire import shm
 from meshd.wire.channel import Channel, ServerSession
 from meshd.wire.staging import PAGE_BYTES
@@ -47,11 +48,13 @@ PARAMS = {"prompt": "a lighthouse at dawn", "seed": 5, "width": 64, "height": 64
 
 class Receiver:
     """The receiving end of one connection as a stage has it: ``shm-offer`` answered from a real
-    :class:`ShmServer`, every ``forward`` received through :func:`receive_activation`."""
+    :class:`ShmServer`, every ``forward`` received through :func:`receive_input` and taken to the device
+    on a GPU worker, as StageService.forward does."""
 
     def __init__(self, served, device: torch.device, shape=SHAPE, dtype=torch.bfloat16) -> None:
         self.server = shm.ShmServer("test-node", device)
         self.device, self.shape, self.dtype = device, shape, dtype
+        self.worker = GpuWorker(device)
         self.received: list = []
         self.session = ServerSession(served, self.handle, {})
 
@@ -59,10 +62,16 @@ class Receiver:
         if request.op == "shm-offer":
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(None, self.server.offer, request.session, request.header["nbytes"]), []
-        tensor, rx = await receive_activation(request, self.device, self.shape, self.dtype,
-                                              shm=self.server.region(request.session))
-        self.received.append((tensor, rx))
+        await self.take(request)
         return {}, []
+
+    async def take(self, request):
+        inp, rx = await receive_input(request, self.device, self.shape, self.dtype,
+                                      shm=self.server.region(request.session))
+        tensor, _ = await self.worker.run(inp.take, self.device)
+        inp.count_copy(rx)
+        self.received.append((tensor, rx))
+        return inp, tensor
 
 
 class LastStage(Receiver):
@@ -78,10 +87,7 @@ class LastStage(Receiver):
     async def handle(self, request):
         if request.op == "shm-offer":
             return await super().handle(request)
-        inp, rx = await receive_input(request, self.device, self.shape, self.dtype,
-                                      shm=self.server.region(request.session))
-        tensor = inp.take(self.device)
-        self.received.append((tensor, rx))
+        inp, tensor = await self.take(request)
         if self.hold is not None:
             await self.hold.wait()
         prediction = tensor[:, :4] * 2
@@ -107,6 +113,7 @@ async def close_link(channel, receiver, serving, link) -> None:
     await asyncio.gather(serving, return_exceptions=True)
     link.shm.close()
     receiver.server.close()
+    receiver.worker.shutdown()
 
 
 def activation(step: int, shape=SHAPE) -> torch.Tensor:

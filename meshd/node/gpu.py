@@ -45,12 +45,10 @@ class GpuWorker:
                 except BaseException:
                     # Copies the call queued into shared host memory finish before the caller lets their
                     # runs go (a second failure here changes nothing: the first is the one raised).
-                    if self.device.type == "cuda":
-                        with contextlib.suppress(Exception):
-                            torch.cuda.current_stream(self.device).synchronize()
+                    with contextlib.suppress(Exception):
+                        self._wait_for_stream()
                     raise
-                if self.device.type == "cuda":
-                    torch.cuda.current_stream(self.device).synchronize()
+                self._wait_for_stream()
         except torch.OutOfMemoryError as exc:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -59,6 +57,10 @@ class GpuWorker:
         with self._lock:
             self.busy_seconds += elapsed
         return result, elapsed
+
+    def _wait_for_stream(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
 
     async def run(self, fn: Callable[..., T], *args: Any) -> tuple[T, float]:
         """Run ``fn(*args)`` on the GPU thread; returns (result, seconds it ran)."""

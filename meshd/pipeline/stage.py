@@ -185,9 +185,7 @@ class StageService:
             (out, given_back), seconds = await d.worker.run(compute)
         except ModelError as exc:  # a LoraError too: a job's LoRA file gone or changed since its prepare, say
             raise file_refusal(d.name, exc) from None
-        if inp.shared:  # the copy out of the region ran in the compute's call: the hop's, not the blocks'
-            rx.decode_ms = rx.h2d_ms = inp.copy_ms
-            seconds -= inp.copy_ms / 1e3
+        seconds -= inp.count_copy(rx) / 1e3  # a copy out of the region ran in the compute's call
         if placed is not None:
             seconds -= placed.copy_ms / 1e3  # the next hop's (its encode_ms)
         record = {"node": d.name, "blocks": [job.start, job.end - 1], "codec": rx.codec, "bytes": rx.bytes,

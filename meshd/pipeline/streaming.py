@@ -298,6 +298,34 @@ async def send_activation(channel: Channel, fields: dict, segments: list, tensor
     return reply, stats
 
 
+class _TimedCopy:
+    """One copy into or out of a shared region, on a GPU queued on the calling thread's current stream
+    and timed by CUDA events around it (read :attr:`ms` once that stream is synchronised), on the CPU
+    done now and timed by the clock."""
+
+    def __init__(self) -> None:
+        self._events: tuple | None = None
+        self._seconds = 0.0
+
+    def copy(self, target: torch.Tensor, source: torch.Tensor) -> None:
+        t0 = time.perf_counter()
+        gpu = target.is_cuda or source.is_cuda
+        if gpu:
+            stream = torch.cuda.current_stream(target.device if target.is_cuda else source.device)
+            before = _recorded(stream)
+            target.copy_(source, non_blocking=True)
+            self._events = (before, _recorded(stream))
+        else:
+            target.copy_(source)
+        self._seconds = time.perf_counter() - t0
+
+    @property
+    def ms(self) -> float:
+        if self._events is not None:
+            return self._events[0].elapsed_time(self._events[1])
+        return self._seconds * 1e3
+
+
 class SharedRun:
     """A run of the next stage's shared region, taken for one step's stream (:func:`reserve_shared`).
 
@@ -313,8 +341,7 @@ class SharedRun:
         self.run = run  # the run's numpy array: the pages are ours while it lives
         self.shape: tuple[int, ...] | None = None
         self.dtype: torch.dtype | None = None
-        self._events: tuple | None = None
-        self._copy_s = 0.0
+        self._copy = _TimedCopy()
 
     @property
     def nbytes(self) -> int:
@@ -327,24 +354,13 @@ class SharedRun:
         if source.numel() != self.nbytes:
             raise MeshError("mismatch", f"a stream of {source.numel()} bytes does not fill the {self.nbytes}-byte run "
                                         "reserved for this job's geometry")
-        target = torch.from_numpy(self.run)
-        t0 = time.perf_counter()
-        if source.is_cuda:
-            stream = torch.cuda.current_stream(source.device)
-            before = _recorded(stream)
-            target.copy_(source, non_blocking=True)
-            self._events = (before, _recorded(stream))
-        else:
-            target.copy_(source)
-        self._copy_s = time.perf_counter() - t0
+        self._copy.copy(torch.from_numpy(self.run), source)
         self.shape, self.dtype = tuple(tensor.shape), tensor.dtype
 
     @property
     def copy_ms(self) -> float:
         """The copy's time: on the GPU as its events timed it (ask once its stream is synchronised)."""
-        if self._events is not None:
-            return self._events[0].elapsed_time(self._events[1])
-        return self._copy_s * 1e3
+        return self._copy.ms
 
     def descriptor(self) -> dict:
         """The forward's ``shm`` field: where the stream lies, and that the prediction may come back
@@ -430,15 +446,13 @@ class StageInput:
     the compute's stream is synchronised), and the prediction may go back in the same run
     (:meth:`give_back`), read by the sender once the reply arrives."""
 
-    def __init__(self, tensor: torch.Tensor | None = None, *, source=None, arena: PinnedArena | None = None,
-                 shape: Sequence[int] = (), dtype: torch.dtype | None = None, may_return: bool = False) -> None:
+    def __init__(self, tensor: torch.Tensor | None = None, *, source=None, shape: Sequence[int] = (),
+                 dtype: torch.dtype | None = None, may_return: bool = False) -> None:
         self._tensor = tensor
-        self.source = source  # the region's bytes (a span of ``arena``), for host-shm
-        self.arena = arena
+        self.source = source  # the region's bytes (a span of its arena), for host-shm
         self.shape, self.dtype = tuple(shape), dtype
         self.may_return = may_return  # the sender takes the prediction back in its run
-        self._events: tuple | None = None
-        self._copy_s = 0.0
+        self._copy = _TimedCopy()
         self.returned: int | None = None  # bytes of prediction given back in the run
 
     @property
@@ -451,26 +465,17 @@ class StageInput:
         if self._tensor is not None:
             tensor, self._tensor = self._tensor, None  # the caller's from here: freed when it lets go
             return tensor
-        view = torch.from_numpy(self.source).view(self.dtype).reshape(self.shape)
-        t0 = time.perf_counter()
-        if device.type != "cuda":
-            out = view.clone()
-        else:
-            stream = torch.cuda.current_stream(device)
-            out = torch.empty(self.shape, dtype=self.dtype, device=device)
-            before = _recorded(stream)
-            out.copy_(view, non_blocking=True)
-            self._events = (before, _recorded(stream))
-        self._copy_s = time.perf_counter() - t0
+        out = torch.empty(self.shape, dtype=self.dtype, device=device)
+        self._copy.copy(out, torch.from_numpy(self.source).view(self.dtype).reshape(self.shape))
         return out
 
-    @property
-    def copy_ms(self) -> float:
-        """The host-to-device copy's time, on the GPU as its events timed it (ask once its stream is
-        synchronised)."""
-        if self._events is not None:
-            return self._events[0].elapsed_time(self._events[1])
-        return self._copy_s * 1e3
+    def count_copy(self, rx: ReceiveStats) -> float:
+        """Once the compute that took the input has synchronised: a host-shm hop's receiving figures are
+        its copy to the device (the hop's, not the blocks'); returns that copy's ms (0 otherwise)."""
+        if not self.shared:
+            return 0.0
+        rx.decode_ms = rx.h2d_ms = self._copy.ms
+        return rx.h2d_ms
 
     def give_back(self, prediction: torch.Tensor) -> bool:
         """Put the prediction at the start of the input's run, for the sender to read when the reply
@@ -502,8 +507,8 @@ async def receive_input(request: Request, device: torch.device, expect_shape: Se
                         expect_dtype: torch.dtype, *, shm=None) -> tuple[StageInput, ReceiveStats]:
     """The stage input that came with ``request``: mapped over CUDA IPC or decoded from its stream onto
     ``device``, or checked against this connection's shared region ``shm`` (a
-    :class:`meshd.wire.shm.Inbound`, or None) and left there for the compute to take. A host-shm hop's
-    ``decode_ms`` and ``h2d_ms`` are the copy's, filled in by the caller once it is done."""
+    :class:`meshd.wire.shm.Inbound`, or None) and left there for the compute to take
+    (:meth:`StageInput.take`; its figures: :meth:`StageInput.count_copy`)."""
     if "shm" in request.header:
         from ..wire import shm as shared  # noqa: PLC0415
 
@@ -516,8 +521,8 @@ async def receive_input(request: Request, device: torch.device, expect_shape: Se
             raise MeshError("bad-request", f"shm return={may_return!r:.20} must be true or false")
         # The span keeps the region mapped and registered while the input lives, even if the connection
         # (and its region) is dropped meanwhile.
-        inp = StageInput(source=shm.arena.span(offset, nbytes), arena=shm.arena, shape=expect_shape,
-                         dtype=expect_dtype, may_return=may_return)
+        inp = StageInput(source=shm.arena.span(offset, nbytes), shape=expect_shape, dtype=expect_dtype,
+                         may_return=may_return)
         return inp, ReceiveStats(bytes=nbytes, codec="raw", transport="host-shm", staged=shm.arena.pinned)
     if "ipc" not in request.header:
         tensor, rx = await receive_stream(request, device, expect_shape, expect_dtype)
@@ -533,29 +538,6 @@ async def receive_input(request: Request, device: torch.device, expect_shape: Se
     tensor = await loop.run_in_executor(CODEC_THREADS, ipc.import_copy, request.header["ipc"], device,
                                         expect_shape, expect_dtype)
     return StageInput(tensor), ReceiveStats(wire_ms=(time.perf_counter() - t0) * 1e3, codec="cuda-ipc")
-
-
-async def receive_activation(request: Request, device: torch.device, expect_shape: Sequence[int],
-                             expect_dtype: torch.dtype, *, shm=None) -> tuple[torch.Tensor, ReceiveStats]:
-    """:func:`receive_input`, with a host-shm input copied to ``device`` now (on the region's owner
-    thread, on a side stream it waits for): for a receiver that does not compute on the input at once."""
-    inp, rx = await receive_input(request, device, expect_shape, expect_dtype, shm=shm)
-    if not inp.shared:
-        return inp.take(device), rx
-
-    def land() -> torch.Tensor:
-        stream = side_stream(device)
-        with on_stream(stream):
-            out = inp.take(device)
-        if stream is not None:
-            stream.synchronize()  # complete for the compute queue, and the region's bytes are read
-        return out
-
-    t0 = time.perf_counter()
-    tensor = await asyncio.get_running_loop().run_in_executor(inp.arena.owner, land)
-    rx.decode_ms = (time.perf_counter() - t0) * 1e3
-    rx.h2d_ms = inp.copy_ms if device.type == "cuda" else rx.decode_ms
-    return tensor, rx
 
 
 def _measure(tensor: torch.Tensor, header: codec.Header, chunks: list, stream) -> dict:
