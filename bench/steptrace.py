@@ -47,7 +47,8 @@ def flush() -> None:
     if _out is None:
         return
     with _lock:
-        taken, _records[:] = list(_records), []
+        taken = _records[:]
+        del _records[: len(taken)]  # spans other threads appended meanwhile stay for the next flush
         with open(_out, "a", encoding="utf-8") as f:
             for name, thread, t0, t1, extra in taken:
                 f.write(json.dumps({"p": _label, "n": name, "th": thread, "t0": t0, "t1": t1, "x": extra}) + "\n")
