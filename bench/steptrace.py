@@ -157,6 +157,7 @@ def install(folder: str, label: str) -> None:
                                (streaming, "receive_input", "receive_input"),
                                (streaming, "receive_stream", "receive_stream"),
                                (streaming, "reserve_shared", "reserve_shared"),
+                               (getattr(streaming, "StageInput", None), "ready", "stage waits for its doorbell"),
                                (generation.LocalRunner, "forward", "local forward")):
         if hasattr(owner, attr):  # (older trees name some of them otherwise)
             original = getattr(owner, attr)

@@ -172,3 +172,8 @@ SHM_SOCKET_TIMEOUT_S = 2.0
 SHM_SETUP_TIMEOUT_S = 10.0
 #: A shared activation starts at a multiple of this many bytes (senders use whole staging pages).
 SHM_ALIGN = 64
+#: A forward sent ahead of its stream (``shm`` ``ring``) waits at most this long for its doorbell: the
+#: sender's blocks may take that long on a slow card; a sender that gives up cancels it sooner.
+SHM_READY_TIMEOUT_S = 600.0
+#: How often a region's doorbell thread looks whether the region was dropped meanwhile.
+SHM_DOORBELL_POLL_S = 1.0

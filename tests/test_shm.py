@@ -13,6 +13,7 @@ import gc
 import io
 import logging
 import json
+import math
 import os
 import socket
 import subprocess
@@ -29,8 +30,8 @@ from codec import CodecSpec, TokenLayout
 from meshd import auth, limits
 from meshd.errors import MeshError
 from meshd.node.gpu import GpuWorker
-from meshd.pipeline.streaming import (LinkPlan, SharedRun, pack_raw, raw_header, receive_input, send_activation,
-                                      unpack_raw)
+from meshd.pipeline.streaming import (LinkPlan, SharedRun, pack_raw, raw_header, receive_input, reserve_shared,
+                                      send_activation, send_shared, unpack_raw)
 from meshd.wire import shm
 from meshd.wire.channel import Channel, ServerSession
 from meshd.wire.staging import PAGE_BYTES
@@ -68,6 +69,7 @@ class Receiver:
     async def take(self, request):
         inp, rx = await receive_input(request, self.device, self.shape, self.dtype,
                                       shm=self.server.region(request.session))
+        await inp.ready()
         tensor, _ = await self.worker.run(inp.take, self.device)
         inp.count_copy(rx)
         self.received.append((tensor, rx))
@@ -191,7 +193,8 @@ def test_only_the_offered_token_gets_the_region_once_and_every_refusal_is_one_li
                 assert fds == [] and message.startswith(b"refused: ") and message.endswith(f"{why}\n".encode())
             refusals = [r.getMessage() for r in caplog.records]
             assert len(refusals) == 4 and all(m.startswith("shared memory: refused a claim") for m in refusals)
-            memory = shm.claim(offer["socket"], offer["token"], offer["nbytes"])  # still served, and right
+            memory, bell = shm.claim(offer["socket"], offer["token"], offer["nbytes"])  # still served, and right
+            assert isinstance(bell, shm.Bell)  # and the region's doorbell with it
             memory[:2] = b"ok"
             assert server.region(session).arena.span(0, 2).tobytes() == b"ok"
             with pytest.raises(shm.ShmUnavailable, match="refused the claim: refused: unknown, used or expired"):
@@ -493,6 +496,191 @@ async def test_a_forward_given_up_retires_its_region_and_the_next_stream_gets_a_
         await close_link(channel, receiver, serving, link)
 
 
+# --- forwards ahead of their stream: the doorbell --------------------------------------------------
+
+
+async def announced(channel, link, shape=SHAPE) -> SharedRun:
+    """A run reserved and announced as the head does it, before its stream is computed."""
+    placed = await reserve_shared(channel, link, math.prod(shape) * 2)
+    assert placed is not None and placed.announce(shape, torch.bfloat16)
+    return placed
+
+
+async def test_a_forward_sent_ahead_waits_for_its_doorbell_and_its_stream_arrives_exact():
+    channel, receiver, serving, link = await shm_link(receiver_type=LastStage)
+    try:
+        await send_activation(channel, {}, [], activation(0), link)  # the region is set up
+        receiver.received.clear()
+        for step in range(1, 5):
+            placed = await announced(channel, link)
+            tensor = activation(step)
+            sending = asyncio.ensure_future(send_shared(channel, {}, [], None, link, placed=placed))
+            await asyncio.sleep(0.2)
+            assert not receiver.received and not sending.done(), "nothing is taken before the doorbell rings"
+            placed.place(tensor)
+            placed.ring()
+            reply, sent = await sending
+            got, rx = receiver.received.pop()
+            assert torch.equal(got, tensor) and rx.ahead and rx.breakdown()["ahead"] is True
+            assert torch.equal(prediction_of(reply), tensor[:, :4] * 2) and sent.raw_bytes == tensor.numel() * 2
+        # Rung before its forward arrives (a compute faster than the frame): kept, and taken at once.
+        placed = await announced(channel, link)
+        tensor = activation(9)
+        placed.place(tensor)
+        placed.ring()
+        await asyncio.sleep(0.1)
+        reply, _ = await send_shared(channel, {}, [], None, link, placed=placed)
+        assert torch.equal(receiver.received.pop()[0], tensor) and torch.equal(prediction_of(reply), tensor[:, :4] * 2)
+        assert receiver.server.region(receiver.session).id == 1, "one region throughout"
+    finally:
+        await close_link(channel, receiver, serving, link)
+
+
+async def test_a_forward_given_up_before_it_rang_stops_the_wait_and_retires_the_region():
+    """A head whose compute fails (or whose generation is cancelled) after its forward went: the
+    stage stops waiting for a stream that never comes, and the next stream arrives through a new region."""
+    channel, receiver, serving, link = await shm_link(receiver_type=LastStage)
+    try:
+        await send_activation(channel, {}, [], activation(0), link)
+        receiver.received.clear()
+        old = link.shm._region[1]
+        doorbell = receiver.server.region(receiver.session).doorbell
+        placed = await announced(channel, link)
+        sending = asyncio.ensure_future(send_shared(channel, {}, [], None, link, placed=placed))
+        assert await eventually(lambda: len(doorbell._waiting) == 1), "the stage waits for the doorbell"
+        sending.cancel()
+        await asyncio.gather(sending, return_exceptions=True)
+        assert await eventually(lambda: not doorbell._waiting), "the cancel stopped the stage's wait"
+        assert old.closed and not receiver.received
+        del sending, placed
+        gc.collect()
+        assert await eventually(lambda: old.live_runs == 0)
+        tensor = activation(1)
+        reply, _ = await send_activation(channel, {}, [], tensor, link)
+        assert torch.equal(receiver.received.pop()[0], tensor) and torch.equal(prediction_of(reply), tensor[:, :4] * 2)
+        assert receiver.server.region(receiver.session).id == 2
+        assert await eventually(lambda: doorbell._thread is not None and not doorbell._thread.is_alive(), 3.0), \
+            "the replaced region's doorbell thread ended"
+    finally:
+        await close_link(channel, receiver, serving, link)
+
+
+@pytest.mark.parametrize("ring, message", [
+    (0, "shm ring=0 must be a doorbell token in 1..2\\*\\*64-1"),
+    ("1", "shm ring='1' must be a doorbell token"),
+    (True, "shm ring=True must be a doorbell token"),
+    (-5, "shm ring=-5 must be a doorbell token"),
+])
+async def test_a_ring_that_is_no_token_is_refused_naming_the_field(ring, message, monkeypatch):
+    channel, receiver, serving, link = await shm_link()
+    described = SharedRun.descriptor
+    monkeypatch.setattr(SharedRun, "descriptor", lambda self: {**described(self), "ring": ring})
+    try:
+        with pytest.raises(MeshError, match=message) as refused:
+            await send_activation(channel, {}, [], activation(0), link)
+        assert refused.value.code == "bad-request"
+    finally:
+        await close_link(channel, receiver, serving, link)
+
+
+async def test_a_stream_never_rung_for_is_an_error_within_the_bound_and_the_link_serves_on(monkeypatch):
+    channel, receiver, serving, link = await shm_link()
+    monkeypatch.setattr(limits, "SHM_READY_TIMEOUT_S", 0.3)
+    try:
+        await send_activation(channel, {}, [], activation(0), link)
+        placed = await announced(channel, link)
+        with pytest.raises(MeshError, match="the stream of this forward was not rung within 0 s") as lost:
+            await send_shared(channel, {}, [], None, link, placed=placed)
+        assert lost.value.code == "peer-lost" and not link.shm._region[1].closed, "answered: the region stays"
+        tensor = activation(1)
+        await send_activation(channel, {}, [], tensor, link)
+        assert torch.equal(receiver.received.pop()[0], tensor)
+    finally:
+        await close_link(channel, receiver, serving, link)
+
+
+async def test_a_stage_that_answers_before_it_was_rung_is_a_protocol_error():
+    channel, receiver, serving, link = await shm_link()
+    receiver.take = lambda request: asyncio.sleep(0)  # a lying stage: answers without waiting or reading
+    try:
+        await send_activation(channel, {}, [], activation(0), link)
+        placed = await announced(channel, link)
+        with pytest.raises(MeshError, match="answered a forward before its stream was in the shared run") as lied:
+            await send_shared(channel, {}, [], None, link, placed=placed)
+        assert lied.value.code == "protocol"
+    finally:
+        await close_link(channel, receiver, serving, link)
+
+
+async def test_a_doorbell_wakes_each_forward_by_its_token_and_fails_them_when_it_ends():
+    server = shm.ShmServer("node", torch.device("cpu"))
+    session = object()
+    try:
+        offer = server.offer(session, PAGE_BYTES)
+        _, bell = await asyncio.get_running_loop().run_in_executor(
+            None, shm.claim, offer["socket"], offer["token"], offer["nbytes"])
+        doorbell = server.region(session).doorbell
+        first, second = bell.token(), bell.token()
+        assert (first, second) == (1, 2)
+        waits = [doorbell.wait(second), doorbell.wait(first)]
+        with pytest.raises(MeshError, match="shm ring=2 is awaited by another forward"):
+            await doorbell.wait(second)
+        bell.ring(first)
+        await asyncio.wait_for(waits[1], 2)
+        assert not waits[0].done(), "a token wakes only its own forward"
+        for token in range(100, 100 + shm.RUNG_KEPT + 1):  # rung for forwards that never came: the oldest go
+            bell.ring(token)
+        bell.ring(second)
+        await asyncio.wait_for(waits[0], 2)
+        assert await eventually(lambda: 100 not in doorbell._rung and len(doorbell._rung) == shm.RUNG_KEPT)
+        kept = doorbell.wait(100 + shm.RUNG_KEPT)
+        assert kept.done() and kept.result() is None, "a token rung before its forward is kept"
+        late = doorbell.wait(7)
+        del bell  # the sender lets the region go: the pipe's end closes
+        gc.collect()
+        with pytest.raises(MeshError, match="the sender closed the shared region's doorbell") as ended:
+            await asyncio.wait_for(late, 3)
+        assert ended.value.code == "peer-lost"
+        with pytest.raises(MeshError, match="closed the shared region's doorbell"):
+            await doorbell.wait(8)
+    finally:
+        server.close()
+
+
+async def test_a_dropped_region_fails_the_forwards_waiting_on_its_doorbell():
+    server = shm.ShmServer("node", torch.device("cpu"))
+    session = object()
+    try:
+        offer = server.offer(session, PAGE_BYTES)
+        _, bell = await asyncio.get_running_loop().run_in_executor(
+            None, shm.claim, offer["socket"], offer["token"], offer["nbytes"])
+        doorbell = server.region(session).doorbell
+        waiting = doorbell.wait(bell.token())
+        server.drop(session)  # its connection ended
+        with pytest.raises(MeshError, match="the shared region this forward's stream was in is gone"):
+            await asyncio.wait_for(waiting, 2)
+        assert await eventually(lambda: not doorbell._thread.is_alive(), 3.0)
+        with pytest.raises(OSError):
+            bell.ring(1)  # the receiver's end is closed: the sender hears it (its forward fails anyway)
+    finally:
+        server.close()
+
+
+def test_a_doorbell_descriptor_that_is_no_pipe_we_can_only_write_is_refused(tmp_path):
+    read_end, write_end = os.pipe()
+    path = tmp_path / "f"
+    path.write_bytes(b"")
+    regular = os.open(path, os.O_WRONLY)
+    try:
+        for fd in (read_end, regular):
+            with pytest.raises(shm.ShmUnavailable, match="the received doorbell is not the write end of a pipe"):
+                shm.bell_from(fd)
+        assert isinstance(shm.bell_from(write_end), shm.Bell)
+    finally:
+        for fd in (read_end, write_end, regular):
+            os.close(fd)
+
+
 # --- split generations between daemons of this host -------------------------------------------------
 
 
@@ -537,10 +725,41 @@ async def test_a_split_between_daemons_of_this_host_uses_shared_memory_unless_sw
         if expected == "host-shm":
             hops = [hop for step in outcome.summary["steps"] for p in step["passes"] for hop in p["hops"]]
             assert all(hop["d2h_ms"] is not None and hop["h2d_ms"] is not None and hop["chunks"] == 0 for hop in hops)
+            assert all(hop["ahead"] is True for hop in hops), "the head's forwards went ahead of their streams"
             assert len(b.shm._regions) == 1 and next(iter(b.shm._regions.values())).id == 1
         # The prediction came back in the run its stream went out in, never over TCP, where it could.
         returns = [p["return_via"] for step in outcome.summary["steps"] for p in step["passes"]]
         assert returns == ["host-shm" if expected == "host-shm" else "tcp"] * PARAMS["steps"]
+    gc.collect()
+
+
+async def test_a_head_whose_compute_fails_after_its_forward_went_ends_the_generation_and_the_stage_serves_on(
+        tmp_path, reference, monkeypatch):
+    """The forward goes while the head's blocks run; the head's compute then fails (out of memory, say,
+    after its blocks): the generation ends with that error at once, the stage stops waiting, and the
+    next one is exact."""
+    local, models = reference
+    config = {"same_host_ipc": False}
+    async with running_daemon(tmp_path / "a", KEY, blocks=range(0, 3), models_dir=models, **config) as a, \
+            running_daemon(tmp_path / "b", KEY, blocks=range(3, 6), models_dir=models, **config) as b:
+        rang = SharedRun.ring
+        calls = []
+
+        def failing(self):
+            calls.append(self.token)
+            if len(calls) == 2:  # the second step's
+                raise MeshError("oom", "GPU cpu ran out of memory (test)")
+            rang(self)
+
+        monkeypatch.setattr(SharedRun, "ring", failing)
+        with pytest.raises(MeshError, match="ran out of memory \\(test\\)") as failed:
+            await asyncio.wait_for(split_generation(KEY, [a.bound, b.bound], "A:0-2,B:3-5", PARAMS, codec="raw"), 20)
+        assert failed.value.code == "oom"
+        monkeypatch.undo()
+        assert await eventually(lambda: not b.stage.jobs, 5.0), "the stage dropped the failed generation's job"
+        outcome = await split_generation(KEY, [a.bound, b.bound], "A:0-2,B:3-5", PARAMS, codec="raw")
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(outcome.png))), local)
+        assert transports(outcome)[1] == ["host-shm"] * PARAMS["steps"]
     gc.collect()
 
 
@@ -557,6 +776,7 @@ def test_the_split_bench_forces_shared_memory_and_stays_exact(tmp_path):
     (run,) = result["runs"]
     assert run["transports"] == ["host-shm"] and run["bit_identical_latents"] and run["chosen"] == ["raw"]
     assert run["returns"] == ["host-shm"], "the predictions came back in the region"
+    assert run["ahead"] == [True], "every forward went ahead of its stream"
     assert result["config"]["link"] == "same host, shared host memory (CUDA IPC off)"
     assert [part["link"] for part in run["hop_breakdown_ms"]] and run["hop_breakdown_ms"][0]["h2d_ms"] is not None
     # --interleave: one all-local generation after each timed split one, its ratio beside the plain one

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
+import math
 import statistics
 import time
 
@@ -19,7 +20,8 @@ import pytest
 import torch
 from PIL import Image
 
-from meshd.pipeline.streaming import send_activation
+from meshd.node.gpu import GpuWorker
+from meshd.pipeline.streaming import reserve_shared, send_activation, send_shared
 from meshtui.cli import run_local
 from tests.daemons import running_daemon, split_generation
 from tests.test_shm import KEY, PARAMS, close_link, shm_link, transports
@@ -61,6 +63,40 @@ async def test_klein_sized_streams_through_a_pinned_region_stay_bit_exact_over_m
         await close_link(channel, receiver, serving, link)
 
 
+async def test_klein_sized_streams_sent_ahead_are_rung_from_the_gpu_worker_and_stay_bit_exact():
+    """As the head does it: the forward goes first, the GPU worker's call computes the stream, copies it
+    into the announced run on its own stream and rings once that copy is done."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    channel, receiver, serving, link = await shm_link(device, KLEIN)
+    worker = GpuWorker(device)
+    try:
+        await send_activation(channel, {}, [], torch.zeros(KLEIN, dtype=torch.bfloat16, device=device), link)
+        receiver.received.clear()
+        for step in range(20):
+            placed = await reserve_shared(channel, link, math.prod(KLEIN) * 2)
+            assert placed is not None and placed.announce(KLEIN, torch.bfloat16)
+            sending = asyncio.ensure_future(send_shared(channel, {}, [], None, link, placed=placed))
+
+            def compute(step=step, placed=placed):
+                g = torch.Generator(device=device).manual_seed(step)
+                tensor = torch.randn(KLEIN, generator=g, device=device).to(torch.bfloat16)
+                placed.place(tensor)  # queued behind the kernels that made it
+                placed.ring()
+                return tensor
+
+            tensor, _ = await worker.run(compute)
+            _, sent = await sending
+            got, rx = receiver.received.pop()
+            assert rx.ahead and rx.transport == "host-shm" and got.device == device
+            assert torch.equal(got, tensor), f"step {step}: the activation changed on the way"
+            assert sent.d2h_ms > 0
+            del got, placed
+        assert receiver.server.region(receiver.session).id == 1
+    finally:
+        worker.shutdown()
+        await close_link(channel, receiver, serving, link)
+
+
 async def test_a_split_on_one_gpu_without_cuda_ipc_goes_through_shared_memory_and_equals_all_local(tmp_path):
     models = tmp_path / "models"
     args = argparse.Namespace(device="cuda", models_dir=[models], model="tiny", random_weights=False, size=(64, 64),
@@ -75,5 +111,7 @@ async def test_a_split_on_one_gpu_without_cuda_ipc_goes_through_shared_memory_an
             outcome = await split_generation(KEY, [a.bound, b.bound], "A:0-2,B:3-5", PARAMS, codec="raw")
             assert np.array_equal(np.asarray(Image.open(io.BytesIO(outcome.png))), local)
             assert transports(outcome) == ("host-shm", ["host-shm"] * PARAMS["steps"])
+            assert all(hop["ahead"] is True for step in outcome.summary["steps"] for p in step["passes"]
+                       for hop in p["hops"]), "the head's forwards went ahead of their streams"
         region = next(iter(b.shm._regions.values()))
         assert region.arena.pinned

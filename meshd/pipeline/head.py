@@ -161,6 +161,11 @@ class HeadService:
         await runner.release()
 
 
+def _settle(future: asyncio.Future, value) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
 def _time_ms(value: object) -> float | None:
     """A duration in ms a peer reported: a finite number >= 0, or None."""
     ms = wire_number(value)
@@ -216,26 +221,40 @@ class SplitRunner:
         span = d.model.span
 
         names = sorted(self.downstream)
-        # Same host without CUDA IPC: the stream goes into the next stage's region from the compute itself.
+        # Same host without CUDA IPC: the stream goes into the next stage's region from the compute itself,
+        # and the forward goes ahead of it: the stage starts when the compute rings the region's doorbell.
+        shape = (self.geometry.batch, self.geometry.tokens, d.model.preset.hidden)
         nbytes = self.geometry.stream_bytes(d.model.preset.hidden, d.model.dtype)
         placed = await reserve_shared(self.channel, self.link, nbytes)
+        ahead = placed is not None and placed.announce(shape, d.model.dtype)
+        loop = asyncio.get_running_loop()
+        vectors_known = loop.create_future()
 
         def head_compute() -> tuple[torch.Tensor, list[torch.Tensor]]:
             d.model.use_loras(self.params.loras)  # jobs with other LoRAs may have run in between
+            # The vectors the stages need, on the host: copied here, where the worker waits for the GPU
+            # anyway, not on the event loop. A forward sent ahead carries them, so they come first.
+            vectors = [v.cpu() for v in d.relay.vectors(cond, names)] if ahead else None
+            if ahead:
+                loop.call_soon_threadsafe(_settle, vectors_known, vectors)
             joint = span.run(0, self.head.end, sampler.embed(pass_index), cond, sampler.rotary).as_joint()
             if placed is not None:
                 placed.place(joint)  # queued behind the blocks; complete when the worker has synchronised
-            # The vectors the stages need, on the host: copied here, where the worker waits for the
-            # GPU anyway, not on the event loop.
-            return joint, [v.cpu() for v in d.relay.vectors(cond, names)]
+                if ahead:
+                    placed.ring()  # once the copy is done: the stage's compute starts
+            return joint, vectors or [v.cpu() for v in d.relay.vectors(cond, names)]
 
         shared = self.link.transport == "host-shm"  # (send_shared checks a prediction given back in the run)
-        (joint, vectors), seconds = await d.worker.run(head_compute)
+        if ahead:
+            (joint, _), seconds, (reply, hops, self.link) = await self._ahead(head_compute, vectors_known, step,
+                                                                             names, placed)
+        else:
+            (joint, vectors), seconds = await d.worker.run(head_compute)
+            reply, hops, self.link = await d.relay.send_step(
+                self.channel, self.link, self.job_id, step, names, vectors, joint, measure_error=self.measure_error,
+                placed=placed)
         if placed is not None:
             seconds -= placed.copy_ms / 1e3  # the copy into the region is the hop's (its encode_ms), not the blocks'
-        reply, hops, self.link = await d.relay.send_step(
-            self.channel, self.link, self.job_id, step, names, vectors, joint, measure_error=self.measure_error,
-            placed=placed)
         # On the host; the scheduler step moves it to the device on the GPU worker.
         (prediction,) = unpack_raw([reply.header.get("prediction")], reply.segments, torch.device("cpu"),
                                    [(1, sampler.image_tokens, self.out_channels)])
@@ -254,6 +273,37 @@ class SplitRunner:
         return prediction, {"compute_ms": seconds * 1e3, "hops": hops,
                             "return_bytes": sum(memoryview(b).nbytes for b in reply.segments),
                             "return_via": "host-shm" if shared and "prediction_shm" in reply.header else "tcp"}
+
+    async def _ahead(self, compute, vectors_known: asyncio.Future, step: int, names: list[str], placed):
+        """Run ``compute`` and send its step's forward while it runs (as soon as it has the vectors); the
+        stream follows in ``placed``'s run. Returns (compute's result, its seconds, send_step's result).
+        A compute that fails takes the forward with it (cancelled: the stage stops waiting); a forward
+        that fails is raised once the compute is done with the run."""
+        d = self.daemon
+        computing = asyncio.ensure_future(d.worker.run(compute))
+        sending = None
+        try:
+            await asyncio.wait({computing, vectors_known}, return_when=asyncio.FIRST_COMPLETED)
+            if not vectors_known.done():
+                await computing  # it failed before it had the vectors: raised here
+                raise MeshError("internal", "the head's compute gave no vectors for its forward")
+            sending = asyncio.ensure_future(d.relay.send_step(
+                self.channel, self.link, self.job_id, step, names, vectors_known.result(), None,
+                measure_error=self.measure_error, placed=placed))
+            await asyncio.wait({computing, sending}, return_when=asyncio.FIRST_EXCEPTION)
+            if computing.done() and computing.exception() is not None:
+                raise computing.exception()
+            result, seconds = await computing
+            return result, seconds, await sending
+        finally:
+            for task in (computing, sending):
+                if task is not None and not task.done():
+                    task.cancel()  # (a GPU call already running finishes; its closure holds the run)
+            if sending is not None and not sending.done():
+                await asyncio.gather(sending, return_exceptions=True)  # (a cancelled forward retires its region)
+            elif sending is not None and not sending.cancelled():
+                sending.exception()  # retrieved: the compute's failure is the one raised
+            vectors_known.cancel()
 
     async def release(self) -> None:
         """Release the job on every stage; also after a failed or cancelled prepare (the stages may have

@@ -57,6 +57,7 @@ class HopRecord:
     h2d_ms: float | None = None
     staged_send: bool | None = None  # the stream went through pinned staging at that end
     staged_recv: bool | None = None
+    ahead: bool | None = None  # host-shm: the forward went ahead of its stream (rung for when it was there)
 
     @property
     def link(self) -> str:
@@ -94,6 +95,7 @@ def hops_from_wire(hops: object) -> tuple[HopRecord, ...]:
             max_abs=wire_number(error.get("max_abs")), encoder_note=wire_text(hop.get("encoder_note")),
             transport=_transport(hop), **{name: wire_number(hop.get(name)) for name in BREAKDOWN},
             staged_send=_flag(hop.get("staged_send")), staged_recv=_flag(hop.get("staged_recv")),
+            ahead=_flag(hop.get("ahead")),
         ))
         sender = receiver
     return tuple(out)

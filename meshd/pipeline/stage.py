@@ -181,6 +181,7 @@ class StageService:
                 return None, raw_header(prediction)
             return prediction.cpu(), None
 
+        await inp.ready()  # a stream sent ahead: everything above was done while the sender still computed
         try:
             (out, given_back), seconds = await d.worker.run(compute)
         except ModelError as exc:  # a LoraError too: a job's LoRA file gone or changed since its prepare, say

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -27,11 +29,14 @@ from codec import CodecError, CodecSpec
 from codec.core import host_bytes
 from codec.header import dtype_name
 
+from .. import limits
 from ..errors import MeshError
 from ..fields import wire_int
 from ..wire.bulk import SendTiming
 from ..wire.channel import Channel, Request
 from ..wire.staging import PinnedArena
+
+log = logging.getLogger(__name__)
 
 #: Codec work (quantise, D2H/H2D copies, HEVC) runs here, off the event loop and off the GPU queue.
 CODEC_THREADS = ThreadPoolExecutor(4, thread_name_prefix="codec")
@@ -129,11 +134,13 @@ class ReceiveStats:
     h2d_ms: float | None = None
     staged: bool = False  # the chunks landed in the link's pinned staging (host-shm: the region is pinned)
     transport: str = "tcp"  # or "cuda-ipc", "host-shm"
+    ahead: bool = False  # host-shm: the forward came before its stream, which its sender rang for
 
     def breakdown(self) -> dict:
         """The receiving half of a hop's time breakdown, for its hop record (empty on CUDA IPC)."""
         if self.transport == "host-shm":
-            return {"transport": "host-shm", "h2d_ms": _ms(self.h2d_ms), "staged_recv": self.staged}
+            return {"transport": "host-shm", "h2d_ms": _ms(self.h2d_ms), "staged_recv": self.staged,
+                    "ahead": self.ahead}
         if self.recv_ms is None:
             return {}
         return {"recv_ms": _ms(self.recv_ms), "open_ms": _ms(self.open_ms), "h2d_ms": _ms(self.h2d_ms),
@@ -306,6 +313,7 @@ class _TimedCopy:
     def __init__(self) -> None:
         self._events: tuple | None = None
         self._seconds = 0.0
+        self.made = False  # copy() was called (on a GPU: queued)
 
     def copy(self, target: torch.Tensor, source: torch.Tensor) -> None:
         t0 = time.perf_counter()
@@ -318,12 +326,23 @@ class _TimedCopy:
         else:
             target.copy_(source)
         self._seconds = time.perf_counter() - t0
+        self.made = True
 
     @property
     def ms(self) -> float:
         if self._events is not None:
             return self._events[0].elapsed_time(self._events[1])
         return self._seconds * 1e3
+
+    def wait(self) -> None:
+        """Until the copy has finished (on a GPU: its end event, and what was queued before it)."""
+        if self._events is not None:
+            self._events[1].synchronize()
+
+    @property
+    def done(self) -> bool:
+        """Whether the copy was made and has finished (on a GPU: its end event has fired)."""
+        return self.made and (self._events is None or self._events[1].query())
 
 
 class SharedRun:
@@ -333,14 +352,19 @@ class SharedRun:
     (:meth:`place`, on the GPU worker in the same call as the kernels that make it: the copy queues
     behind them on the worker's stream, whose synchronisation at the end of the call completes it). The
     stream then reaches host memory with no hand-off to another thread and no wait of its own. The run
-    stays ours until the reply, which may bring the prediction back in it (:func:`send_shared`)."""
+    stays ours until the reply, which may bring the prediction back in it (:func:`send_shared`).
 
-    def __init__(self, region: int, arena: PinnedArena, run) -> None:
+    :meth:`announce` lets the ``forward`` go before the stream exists: it names the doorbell token the
+    compute rings (:meth:`ring`) once the stream is in the run, and the receiver starts then."""
+
+    def __init__(self, region: int, arena: PinnedArena, run, bell=None) -> None:
         self.region = region
         self.arena = arena
         self.run = run  # the run's numpy array: the pages are ours while it lives
+        self.bell = bell  # the region's doorbell (a meshd.wire.shm.Bell), None where the region has none
         self.shape: tuple[int, ...] | None = None
         self.dtype: torch.dtype | None = None
+        self.token: int | None = None  # announced: the doorbell token the compute rings
         self._copy = _TimedCopy()
 
     @property
@@ -354,19 +378,52 @@ class SharedRun:
         if source.numel() != self.nbytes:
             raise MeshError("mismatch", f"a stream of {source.numel()} bytes does not fill the {self.nbytes}-byte run "
                                         "reserved for this job's geometry")
+        if self.token is not None and (tuple(tensor.shape), tensor.dtype) != (self.shape, self.dtype):
+            raise MeshError("mismatch", f"a {tuple(tensor.shape)} {tensor.dtype} stream is not the "
+                                        f"{self.shape} {self.dtype} one its forward announced")
         self._copy.copy(torch.from_numpy(self.run), source)
         self.shape, self.dtype = tuple(tensor.shape), tensor.dtype
+
+    def announce(self, shape: Sequence[int], dtype: torch.dtype) -> bool:
+        """Let the forward go before the stream is computed (it says the ``shape`` and ``dtype`` to
+        come, and the doorbell token :meth:`ring` will give); False, and nothing changed, where the
+        region has no doorbell."""
+        if self.bell is None:
+            return False
+        self.shape, self.dtype, self.token = tuple(shape), dtype, self.bell.token()
+        return True
+
+    def ring(self) -> None:
+        """Once the stream is in the run (:meth:`place`; on a GPU, once its copy has finished), ring the
+        doorbell: the receiver's compute starts. Call it at the end of the compute that placed it."""
+        if not self._copy.made:
+            raise MeshError("internal", "a shared run was rung for before its stream was placed in it")
+        self._copy.wait()  # (the GPU worker's own wait after the call is then free)
+        try:
+            self.bell.ring(self.token)
+        except OSError as exc:
+            # The receiver is gone (its end closed with its process or connection) or stopped reading: the
+            # forward's own wait says so, naming that peer (its connection lost, or its stage's timeout).
+            log.info("the shared region's doorbell did not take token %d: %s", self.token, exc.strerror or exc)
 
     @property
     def copy_ms(self) -> float:
         """The copy's time: on the GPU as its events timed it (ask once its stream is synchronised)."""
         return self._copy.ms
 
+    @property
+    def placed(self) -> bool:
+        """Whether the stream is in the run: :meth:`place` ran and (on a GPU) its copy has finished."""
+        return self._copy.done
+
     def descriptor(self) -> dict:
         """The forward's ``shm`` field: where the stream lies, and that the prediction may come back
         in the same run (``return``)."""
-        return {"region": self.region, "offset": self.arena.offset_of(self.run), "nbytes": self.nbytes,
+        desc = {"region": self.region, "offset": self.arena.offset_of(self.run), "nbytes": self.nbytes,
                 "shape": list(self.shape), "dtype": dtype_name(self.dtype), "return": True}
+        if self.token is not None:
+            desc["ring"] = self.token  # the stream is there once this token rings
+        return desc
 
     def returned(self, reply, peer: str) -> None:
         """A reply whose prediction came back in this run (``prediction_shm``): its bytes are copied
@@ -388,7 +445,7 @@ async def reserve_shared(channel: Channel, link: LinkPlan, nbytes: int) -> Share
         return None
     given = await link.shm.arena(channel, nbytes)
     run = given[1].allocate(nbytes) if given is not None else None
-    return SharedRun(given[0], given[1], run) if run is not None else None
+    return SharedRun(given[0], given[1], run, bell=given[2]) if run is not None else None
 
 
 async def send_shared(channel: Channel, fields: dict, segments: list, tensor: torch.Tensor, link: LinkPlan,
@@ -397,8 +454,9 @@ async def send_shared(channel: Channel, fields: dict, segments: list, tensor: to
     then only its place and shape over TCP. ``placed``: the run the compute already wrote ``tensor``
     into (:meth:`SharedRun.place`); without it the tensor is copied in here. Where no run can be had now
     (a reconnect that was refused, a bigger stream while the old region is in use, every run taken) this
-    step goes as a raw TCP stream: the same bytes, slower."""
-    nbytes = tensor.numel() * tensor.element_size()
+    step goes as a raw TCP stream: the same bytes, slower. ``tensor`` is None for a ``placed`` run that
+    was announced (:meth:`SharedRun.announce`): the forward goes now, and the stream follows in the run."""
+    nbytes = placed.nbytes if tensor is None else tensor.numel() * tensor.element_size()
     if placed is None:
         placed = await reserve_shared(channel, link, nbytes)
         if placed is None:
@@ -407,10 +465,6 @@ async def send_shared(channel: Channel, fields: dict, segments: list, tensor: to
         # A tensor computed elsewhere (complete: the GPU worker synchronises every call), copied on the
         # arena's owner thread on a side stream of its own.
         await asyncio.get_running_loop().run_in_executor(placed.arena.owner, _place_now, placed, tensor)
-    copy_ms = placed.copy_ms
-    # wire_bytes: what crossed from this stage to the next, here through the region instead of TCP.
-    stats = SendStats(codec="raw", raw_bytes=nbytes, wire_bytes=nbytes, encode_ms=copy_ms, d2h_ms=copy_ms,
-                      staged=placed.arena.pinned)
     try:
         # The run stays ours until the reply: the receiver copies out of it (and may write the
         # prediction into it) before it answers, so the next step or another generation on this link
@@ -424,7 +478,15 @@ async def send_shared(channel: Channel, fields: dict, segments: list, tensor: to
         # up a new region once the forwards still in flight through this one are answered.
         placed.arena.close()
         raise
+    if not placed.placed:
+        # Only a peer that lies answers a forward before it was rung: what it says of the run is not read.
+        raise MeshError("protocol", "answered a forward before its stream was in the shared run", peer=channel.name)
     placed.returned(reply, channel.name)
+    # wire_bytes: what crossed from this stage to the next, here through the region instead of TCP. (The
+    # copy is complete: the receiver answers only after it was rung, or after the copy was sent.)
+    copy_ms = placed.copy_ms
+    stats = SendStats(codec="raw", raw_bytes=nbytes, wire_bytes=nbytes, encode_ms=copy_ms, d2h_ms=copy_ms,
+                      staged=placed.arena.pinned)
     return reply, stats
 
 
@@ -447,13 +509,29 @@ class StageInput:
     (:meth:`give_back`), read by the sender once the reply arrives."""
 
     def __init__(self, tensor: torch.Tensor | None = None, *, source=None, shape: Sequence[int] = (),
-                 dtype: torch.dtype | None = None, may_return: bool = False) -> None:
+                 dtype: torch.dtype | None = None, may_return: bool = False,
+                 rung: Callable[[], Awaitable[None]] | None = None) -> None:
         self._tensor = tensor
         self.source = source  # the region's bytes (a span of its arena), for host-shm
         self.shape, self.dtype = tuple(shape), dtype
         self.may_return = may_return  # the sender takes the prediction back in its run
+        self._rung = rung  # (host-shm, a forward sent ahead of its stream) the wait for its doorbell
         self._copy = _TimedCopy()
         self.returned: int | None = None  # bytes of prediction given back in the run
+
+    async def ready(self) -> None:
+        """Wait until the input is there to be taken: at once, except for a forward the sender sent
+        ahead of its stream (``shm`` ``ring``), whose sender rings when the stream is in the run.
+        Everything else about the step can be checked and prepared before; this is the last wait
+        before the compute."""
+        if self._rung is None:
+            return
+        rung, self._rung = self._rung, None
+        try:
+            await asyncio.wait_for(rung(), limits.SHM_READY_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise MeshError("peer-lost", f"the stream of this forward was not rung within "
+                                         f"{limits.SHM_READY_TIMEOUT_S:.0f} s") from None
 
     @property
     def shared(self) -> bool:
@@ -519,11 +597,20 @@ async def receive_input(request: Request, device: torch.device, expect_shape: Se
         may_return = desc.get("return", False)
         if not isinstance(may_return, bool):
             raise MeshError("bad-request", f"shm return={may_return!r:.20} must be true or false")
+        rung = None
+        if "ring" in desc:  # sent ahead of its stream: it is there once this token rings
+            token = wire_int(desc["ring"])
+            if token is None or not 0 < token < 1 << 64:
+                raise MeshError("bad-request", f"shm ring={desc['ring']!r:.20} must be a doorbell token in 1..2**64-1")
+            if shm.doorbell is None:
+                raise MeshError("bad-request", "shm ring names a doorbell this connection's region does not have")
+            rung = functools.partial(shm.doorbell.wait, token)  # waited for by StageInput.ready
         # The span keeps the region mapped and registered while the input lives, even if the connection
         # (and its region) is dropped meanwhile.
         inp = StageInput(source=shm.arena.span(offset, nbytes), shape=expect_shape, dtype=expect_dtype,
-                         may_return=may_return)
-        return inp, ReceiveStats(bytes=nbytes, codec="raw", transport="host-shm", staged=shm.arena.pinned)
+                         may_return=may_return, rung=rung)
+        return inp, ReceiveStats(bytes=nbytes, codec="raw", transport="host-shm", staged=shm.arena.pinned,
+                                 ahead=rung is not None)
     if "ipc" not in request.header:
         tensor, rx = await receive_stream(request, device, expect_shape, expect_dtype)
         return StageInput(tensor), rx

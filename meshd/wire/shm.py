@@ -21,6 +21,13 @@ Setup, once per inbound connection that asks (the receiver owns the region):
 Per step the sender's compute copies the activation into a run of the region and it sends ``forward``
 with ``shm`` {region, offset, nbytes, shape, dtype, return} instead of a chunk stream; the receiver
 checks the bounds against its own region and its compute copies the bytes out ahead of its blocks.
+
+The region comes with a doorbell: the write end of a pipe, passed with the memfd (:class:`Bell`; the
+receiver keeps the read end, :class:`Doorbell`). A head sends its ``forward`` while its blocks still
+run, with ``ring`` N in ``shm``; the stage checks and prepares everything for that step at once, and
+starts its compute when token N arrives on the pipe, which the head's GPU worker writes as soon as
+the stream is in the run (its copy synchronised). So neither event loop, nor the sealed frame, nor
+the stage's request handling stands between the head's last kernel and the stage's first.
 With ``return`` the prediction comes back in the same run (``prediction_shm``), not over TCP. A run
 is reused only after the reply: the receiver answers a forward only after it is done with the run,
 so request/response order on the one connection rules out a write over bytes still in use; a
@@ -42,9 +49,14 @@ import math
 import mmap
 import os
 import secrets
+import select
 import socket
+import stat
+import struct
 import threading
 import time
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -96,6 +108,155 @@ def make_region(nbytes: int) -> tuple[int, mmap.mmap]:
         raise ShmUnavailable(f"cannot size, seal or map a {nbytes >> 20} MiB region: {exc.strerror}") from None
 
 
+#: A doorbell token: the number the sender gave the stream it rang for, 8 bytes little-endian (a write
+#: of PIPE_BUF bytes or fewer to a pipe is atomic, so tokens never interleave).
+_TOKEN = struct.Struct("<Q")
+#: Tokens rung before their forward arrived that the receiver keeps (a sender's own frames are late,
+#: not lost; a sender ringing for nothing only pushes out its own oldest tokens).
+RUNG_KEPT = 64
+
+
+class Bell:
+    """The sending end of a region's doorbell: the pipe's write end, non-blocking.
+
+    The descriptor is closed only when nothing can ring any more (this object is garbage: the sender
+    let the region go and no run of it is left), never while a run's compute may still ring: a
+    number closed and reused meanwhile would take the 8 bytes into another file."""
+
+    def __init__(self, fd: int) -> None:
+        os.set_blocking(fd, False)
+        self._fd = fd
+        self._tokens = itertools.count(1)
+        self._lock = threading.Lock()
+        weakref.finalize(self, os.close, fd)
+
+    def token(self) -> int:
+        with self._lock:
+            return next(self._tokens)
+
+    def ring(self, token: int) -> None:
+        """Tell the receiver that the stream of ``token`` is in its run (from any thread). A pipe the
+        receiver closed (its region dropped) or stopped reading raises OSError: its forward is then
+        answered with an error, or not at all, and the sender's own wait decides."""
+        with self._lock:
+            os.write(self._fd, _TOKEN.pack(token))
+
+
+def make_bell_pipe() -> tuple[int, int]:
+    """(read end, write end) of a doorbell pipe, close-on-exec."""
+    try:
+        return os.pipe2(os.O_CLOEXEC)
+    except OSError as exc:
+        raise ShmUnavailable(f"cannot make a doorbell pipe: {exc.strerror}") from None
+
+
+def bell_from(fd: int) -> Bell:
+    """A descriptor a peer handed us as its region's doorbell, after checking it is a pipe we can only
+    write to."""
+    try:
+        mode, flags = os.fstat(fd).st_mode, fcntl.fcntl(fd, fcntl.F_GETFL)
+    except OSError as exc:
+        raise ShmUnavailable(f"the received doorbell is not a descriptor: {exc.strerror}") from None
+    if not stat.S_ISFIFO(mode) or flags & os.O_ACCMODE != os.O_WRONLY:
+        raise ShmUnavailable("the received doorbell is not the write end of a pipe")
+    return Bell(os.dup(fd))
+
+
+class Doorbell:
+    """The receiving end of a region's doorbell: a thread reads the pipe and wakes the forward waiting
+    for each token (:meth:`wait`); a token that arrives first is kept for its forward (the last
+    :data:`RUNG_KEPT`). Reads are bounded; the pipe carries nothing but tokens, and a token only wakes
+    the forward of the same connection that names it. Ends with :meth:`close` (the region is dropped
+    or replaced) or when the sender closes its end; either fails the forwards still waiting."""
+
+    def __init__(self, fd: int, name: str) -> None:
+        self._fd = fd
+        self._lock = threading.Lock()
+        self._rung: OrderedDict[int, None] = OrderedDict()
+        self._waiting: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
+        self._ended: str | None = None
+        self._thread = threading.Thread(target=self._serve, name=f"doorbell {name}", daemon=True)
+        self._thread.start()
+
+    def wait(self, token: int) -> asyncio.Future:
+        """A future (of the running loop) done when ``token`` has rung, failing with a ``peer-lost``
+        MeshError once the doorbell has ended; cancelling it stops the wait."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        with self._lock:
+            if token in self._rung:
+                del self._rung[token]
+                future.set_result(None)
+            elif self._ended is not None:
+                future.set_exception(MeshError("peer-lost", self._ended))
+            elif token in self._waiting:
+                future.set_exception(MeshError("bad-request", f"shm ring={token} is awaited by another forward"))
+            else:
+                self._waiting[token] = (loop, future)
+                future.add_done_callback(lambda f: self._forget(token, f))
+        return future
+
+    def _forget(self, token: int, future: asyncio.Future) -> None:
+        with self._lock:
+            if self._waiting.get(token, (None, None))[1] is future:
+                del self._waiting[token]
+
+    def close(self) -> None:
+        """The region is gone: no forward waits on this doorbell any more (the thread ends within its
+        poll interval and closes the pipe)."""
+        self._end("the shared region this forward's stream was in is gone")
+
+    def _end(self, why: str) -> None:
+        with self._lock:
+            if self._ended is None:
+                self._ended = why
+            waiting, self._waiting = list(self._waiting.values()), {}
+        for loop, future in waiting:
+            loop.call_soon_threadsafe(_fail, future, MeshError("peer-lost", why))
+
+    def _serve(self) -> None:
+        poller = select.poll()
+        poller.register(self._fd, select.POLLIN)
+        pending = b""
+        try:
+            while self._ended is None:
+                if not poller.poll(limits.SHM_DOORBELL_POLL_S * 1000):
+                    continue
+                data = os.read(self._fd, 512 * _TOKEN.size)
+                if not data:
+                    self._end("the sender closed the shared region's doorbell")
+                    return
+                pending += data
+                whole = len(pending) - len(pending) % _TOKEN.size
+                for (token,) in _TOKEN.iter_unpack(pending[:whole]):
+                    self._rang(token)
+                pending = pending[whole:]
+        except OSError as exc:
+            self._end(f"the shared region's doorbell failed: {exc.strerror or exc}")
+        finally:
+            os.close(self._fd)
+
+    def _rang(self, token: int) -> None:
+        with self._lock:
+            loop, future = self._waiting.pop(token, (None, None))
+            if future is None:
+                self._rung[token] = None
+                while len(self._rung) > RUNG_KEPT:
+                    self._rung.popitem(last=False)
+        if future is not None:
+            loop.call_soon_threadsafe(_settle, future)
+
+
+def _settle(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _fail(future: asyncio.Future, exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)
+
+
 def map_region(fd: int, nbytes: int) -> mmap.mmap:
     """Map a region a peer handed us, after checking that it is what was announced and that it can no
     longer shrink (or grow) under our mapping. The mapping holds its own reference to the memory."""
@@ -128,14 +289,25 @@ class Inbound:
 
     id: int
     arena: staging.PinnedArena
+    doorbell: Doorbell | None = None  # (every region an offer makes has one)
+
+    def close(self) -> None:
+        if self.doorbell is not None:
+            self.doorbell.close()
+        self.arena.close()  # unregistered once the last receive that reads it lets go
 
 
 @dataclass
 class _Offer:
     token: bytes
     fd: int
+    bell: int  # the doorbell pipe's write end, passed with the region
     session: object
     expires: float
+
+    def close(self) -> None:
+        os.close(self.fd)
+        os.close(self.bell)
 
 
 class ShmServer:
@@ -187,23 +359,32 @@ class ShmServer:
             except BaseException:
                 os.close(fd)
                 raise
+            try:
+                bell_in, bell_out = make_bell_pipe()
+            except BaseException:
+                os.close(fd)
+                arena.close()
+                raise
             token = secrets.token_bytes(limits.SHM_TOKEN_BYTES)
+            offer = _Offer(token, fd, bell_out, session, time.monotonic() + limits.SHM_TOKEN_TTL_S)
             with self._lock:
                 if self._closed:
-                    os.close(fd)
+                    offer.close()
+                    os.close(bell_in)
                     arena.close()
                     raise ShmUnavailable("the daemon is shutting down")
-                region = Inbound(next(self._ids), arena)
+                ident = next(self._ids)
+                region = Inbound(ident, arena, Doorbell(bell_in, f"shm-in {ident}"))
                 old = self._regions.get(session)
                 self._regions[session] = region
                 self._withdraw(session)  # an older unclaimed offer of this session's is void now
-                self._offers.append(_Offer(token, fd, session, time.monotonic() + limits.SHM_TOKEN_TTL_S))
+                self._offers.append(offer)
                 del self._reserved[claim]  # counted as the region and the offer from here on
         finally:
             with self._lock:
                 self._reserved.pop(claim, None)
         if old is not None:
-            old.arena.close()  # unregistered once the last receive that reads it lets go
+            old.close()
         return {"token": token, "socket": self.name, "region": region.id, "nbytes": nbytes}
 
     def region(self, session) -> Inbound | None:
@@ -216,18 +397,18 @@ class ShmServer:
             region = self._regions.pop(session, None)
             self._withdraw(session)
         if region is not None:
-            region.arena.close()
+            region.close()
 
     def close(self) -> None:
         with self._lock:
             self._closed = True
             regions, self._regions = list(self._regions.values()), {}
             for offer in self._offers:
-                os.close(offer.fd)
+                offer.close()
             self._offers.clear()
             listener, self._listener = self._listener, None
         for region in regions:
-            region.arena.close()
+            region.close()
         if listener is not None:
             with contextlib.suppress(OSError):
                 listener.shutdown(socket.SHUT_RDWR)  # wakes the thread's accept
@@ -238,12 +419,12 @@ class ShmServer:
     def _withdraw(self, session) -> None:  # with _lock held
         for offer in [o for o in self._offers if o.session is session]:
             self._offers.remove(offer)
-            os.close(offer.fd)
+            offer.close()
 
     def _expire(self, now: float) -> None:  # with _lock held
         for offer in [o for o in self._offers if o.expires <= now]:
             self._offers.remove(offer)
-            os.close(offer.fd)
+            offer.close()
 
     def _listen(self) -> None:
         """Bind the abstract socket and start its thread, on the first offer."""
@@ -303,9 +484,9 @@ class ShmServer:
             conn.sendall(f"refused: {why}\n".encode())
             return
         try:
-            socket.send_fds(conn, [_OK], [offer.fd])
+            socket.send_fds(conn, [_OK], [offer.fd, offer.bell])
         finally:
-            os.close(offer.fd)  # one use: from now on only the two mappings reach the region
+            offer.close()  # one use: from now on only the two mappings reach the region
 
     def _claim(self, token: bytes) -> _Offer | None:
         with self._lock:
@@ -319,8 +500,9 @@ class ShmServer:
             return found
 
 
-def claim(name: str, token: bytes, nbytes: int) -> mmap.mmap:
-    """The sender's side of step 2: fetch the offered region's descriptor and map it (blocking)."""
+def claim(name: str, token: bytes, nbytes: int) -> tuple[mmap.mmap, Bell]:
+    """The sender's side of step 2: fetch the offered region's descriptor and map it, and take its
+    doorbell (blocking)."""
     if not (isinstance(name, str) and name.startswith(SOCKET_PREFIX) and len(name) < 100 and "\0" not in name):
         raise ShmUnavailable(f"the offer names no meshd socket ({name!r:.60})")
     if not isinstance(token, bytes) or len(token) != limits.SHM_TOKEN_BYTES:
@@ -330,14 +512,18 @@ def claim(name: str, token: bytes, nbytes: int) -> mmap.mmap:
         try:
             sock.connect("\0" + name)
             sock.sendall(token)
-            message, fds, _, _ = socket.recv_fds(sock, 256, 1)
+            message, fds, _, _ = socket.recv_fds(sock, 256, 2)
         except OSError as exc:  # another network namespace has no such socket: ECONNREFUSED
             raise ShmUnavailable(f"cannot reach the peer's socket: {exc.strerror or exc}") from None
         try:
-            if message != _OK or len(fds) != 1:
+            if message == _OK and len(fds) != 2:
+                raise ShmUnavailable(f"the peer sent {len(fds)} descriptor(s), not a region and its doorbell "
+                                     "(a meshd of another version?)")
+            if message != _OK:
                 said = message.decode(errors="replace").strip()[:200] or "no descriptor"
                 raise ShmUnavailable(f"the peer refused the claim: {said}")
-            return map_region(fds[0], nbytes)
+            bell = bell_from(fds[1])
+            return map_region(fds[0], nbytes), bell
         finally:
             for fd in fds:
                 os.close(fd)
@@ -355,10 +541,10 @@ class ShmSender:
         self.device = device
         self.failed: str | None = None
         self._conn = None
-        self._region: tuple[int, staging.PinnedArena] | None = None
+        self._region: tuple[int, staging.PinnedArena, Bell] | None = None  # (its id, its runs, its doorbell)
         self._lock = asyncio.Lock()
 
-    async def arena(self, channel, stream_bytes: int) -> tuple[int, staging.PinnedArena] | None:
+    async def arena(self, channel, stream_bytes: int) -> tuple[int, staging.PinnedArena, Bell] | None:
         async with self._lock:
             if self.failed is not None:
                 return None
@@ -387,7 +573,7 @@ class ShmSender:
             self._conn = channel.conn
             return self._region
 
-    async def _setup(self, channel, stream_bytes: int) -> tuple[int, staging.PinnedArena]:
+    async def _setup(self, channel, stream_bytes: int) -> tuple[int, staging.PinnedArena, Bell]:
         reply = await channel.request("shm-offer", {"nbytes": stream_bytes}, timeout=limits.SHM_SETUP_TIMEOUT_S)
         h = reply.header
         region, nbytes = h.get("region"), h.get("nbytes")
@@ -395,9 +581,9 @@ class ShmSender:
                 or not stream_bytes <= nbytes <= limits.MAX_SHM_REGION_BYTES or nbytes % staging.PAGE_BYTES):
             raise ShmUnavailable(f"the peer's offer is malformed (region {region!r:.20}, {nbytes!r:.20} bytes)")
         loop = asyncio.get_running_loop()
-        memory = await loop.run_in_executor(None, claim, h.get("socket"), h.get("token"), nbytes)
+        memory, bell = await loop.run_in_executor(None, claim, h.get("socket"), h.get("token"), nbytes)
         arena = await loop.run_in_executor(None, region_arena, memory, f"shm-out {self.peer}", self.device)
-        return region, arena
+        return region, arena, bell
 
     def _retire(self) -> None:
         if self._region is not None:
