@@ -612,14 +612,20 @@ async def test_a_stage_that_answers_before_it_was_rung_is_a_protocol_error():
         await close_link(channel, receiver, serving, link)
 
 
-async def test_a_doorbell_wakes_each_forward_by_its_token_and_fails_them_when_it_ends():
+async def claimed_doorbell():
+    """A region offered and claimed over the real socket: (server, session, the sender's Bell, the
+    receiver's Doorbell)."""
     server = shm.ShmServer("node", torch.device("cpu"))
     session = object()
+    offer = server.offer(session, PAGE_BYTES)
+    _, bell = await asyncio.get_running_loop().run_in_executor(
+        None, shm.claim, offer["socket"], offer["token"], offer["nbytes"])
+    return server, session, bell, server.region(session).doorbell
+
+
+async def test_a_doorbell_wakes_each_forward_by_its_token_and_fails_them_when_it_ends():
+    server, session, bell, doorbell = await claimed_doorbell()
     try:
-        offer = server.offer(session, PAGE_BYTES)
-        _, bell = await asyncio.get_running_loop().run_in_executor(
-            None, shm.claim, offer["socket"], offer["token"], offer["nbytes"])
-        doorbell = server.region(session).doorbell
         first, second = bell.token(), bell.token()
         assert (first, second) == (1, 2)
         waits = [doorbell.wait(second), doorbell.wait(first)]
@@ -648,13 +654,8 @@ async def test_a_doorbell_wakes_each_forward_by_its_token_and_fails_them_when_it
 
 
 async def test_a_dropped_region_fails_the_forwards_waiting_on_its_doorbell():
-    server = shm.ShmServer("node", torch.device("cpu"))
-    session = object()
+    server, session, bell, doorbell = await claimed_doorbell()
     try:
-        offer = server.offer(session, PAGE_BYTES)
-        _, bell = await asyncio.get_running_loop().run_in_executor(
-            None, shm.claim, offer["socket"], offer["token"], offer["nbytes"])
-        doorbell = server.region(session).doorbell
         waiting = doorbell.wait(bell.token())
         server.drop(session)  # its connection ended
         with pytest.raises(MeshError, match="the shared region this forward's stream was in is gone"):
