@@ -313,8 +313,8 @@ async def run_split(args, cluster, params, local, emulation, kept: KeptLocal | N
                 # how the predictions came back (host-shm: in the run the stream went out in)
                 "returns": sorted({str(p.get("return_via")) for step in outcome.summary["steps"] for p in step["passes"]}),
                 # host-shm: whether every forward went ahead of its stream (the stage started on the doorbell)
-                "ahead": sorted({h.get("ahead") is True for step in outcome.summary["steps"] for p in step["passes"]
-                                 for h in p["hops"] if h.get("transport") == "host-shm"}),
+                "ahead": sorted({hop.ahead is True for step in outcome.summary["steps"] for p in passes_from_wire(step)
+                                 for hop in p.hops if hop.transport == "host-shm"}),
                 "split_seconds": times,
                 "split_median_s": split_s,
                 "local_median_s": local["median_s"],

@@ -233,8 +233,9 @@ class SplitRunner:
         def head_compute() -> tuple[torch.Tensor, list[torch.Tensor]]:
             d.model.use_loras(self.params.loras)  # jobs with other LoRAs may have run in between
             # The vectors the stages need, on the host: copied here, where the worker waits for the GPU
-            # anyway, not on the event loop. A forward sent ahead carries them, so they come first.
-            vectors = [v.cpu() for v in d.relay.vectors(cond, names)] if ahead else None
+            # anyway, not on the event loop. First: a forward sent ahead carries them while the blocks run
+            # (the GPU is idle during these small copies before the blocks as it would be after them).
+            vectors = [v.cpu() for v in d.relay.vectors(cond, names)]
             if ahead:
                 loop.call_soon_threadsafe(_settle, vectors_known, vectors)
             joint = span.run(0, self.head.end, sampler.embed(pass_index), cond, sampler.rotary).as_joint()
@@ -242,7 +243,7 @@ class SplitRunner:
                 placed.place(joint)  # queued behind the blocks; complete when the worker has synchronised
                 if ahead:
                     placed.ring()  # once the copy is done: the stage's compute starts
-            return joint, vectors or [v.cpu() for v in d.relay.vectors(cond, names)]
+            return joint, vectors
 
         shared = self.link.transport == "host-shm"  # (send_shared checks a prediction given back in the run)
         if ahead:
@@ -290,6 +291,7 @@ class SplitRunner:
             sending = asyncio.ensure_future(d.relay.send_step(
                 self.channel, self.link, self.job_id, step, names, vectors_known.result(), None,
                 measure_error=self.measure_error, placed=placed))
+            sending.add_done_callback(lambda f: f.cancelled() or f.exception())  # raised below, or the compute's is
             await asyncio.wait({computing, sending}, return_when=asyncio.FIRST_EXCEPTION)
             if computing.done() and computing.exception() is not None:
                 raise computing.exception()
@@ -301,8 +303,6 @@ class SplitRunner:
                     task.cancel()  # (a GPU call already running finishes; its closure holds the run)
             if sending is not None and not sending.done():
                 await asyncio.gather(sending, return_exceptions=True)  # (a cancelled forward retires its region)
-            elif sending is not None and not sending.cancelled():
-                sending.exception()  # retrieved: the compute's failure is the one raised
             vectors_known.cancel()
 
     async def release(self) -> None:

@@ -444,8 +444,8 @@ async def reserve_shared(channel: Channel, link: LinkPlan, nbytes: int) -> Share
     if link.transport != "host-shm":
         return None
     given = await link.shm.arena(channel, nbytes)
-    run = given[1].allocate(nbytes) if given is not None else None
-    return SharedRun(given[0], given[1], run, bell=given[2]) if run is not None else None
+    run = given.arena.allocate(nbytes) if given is not None else None
+    return SharedRun(given.id, given.arena, run, bell=given.bell) if run is not None else None
 
 
 async def send_shared(channel: Channel, fields: dict, segments: list, tensor: torch.Tensor, link: LinkPlan,

@@ -58,6 +58,7 @@ import time
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -529,6 +530,14 @@ def claim(name: str, token: bytes, nbytes: int) -> tuple[mmap.mmap, Bell]:
                 os.close(fd)
 
 
+class SharedRegion(NamedTuple):
+    """A region a next stage gave the sender: its id on that connection, its runs, its doorbell."""
+
+    id: int
+    arena: staging.PinnedArena
+    bell: Bell
+
+
 class ShmSender:
     """The sending daemon's side for one next peer: the region it was given on the current connection.
 
@@ -541,27 +550,27 @@ class ShmSender:
         self.device = device
         self.failed: str | None = None
         self._conn = None
-        self._region: tuple[int, staging.PinnedArena, Bell] | None = None  # (its id, its runs, its doorbell)
+        self._region: SharedRegion | None = None
         self._lock = asyncio.Lock()
 
-    async def arena(self, channel, stream_bytes: int) -> tuple[int, staging.PinnedArena, Bell] | None:
+    async def arena(self, channel, stream_bytes: int) -> SharedRegion | None:
         async with self._lock:
             if self.failed is not None:
                 return None
             if self._conn is not channel.conn or channel.conn.closed:
                 self._retire()  # the receiver dropped the region with the old connection
             current = self._region
-            if current is not None and current[1].closed:
+            if current is not None and current.arena.closed:
                 # A forward through it was given up (send_shared): its runs are never handed out again,
                 # and a new region is asked for once the forwards still in flight through it are answered
                 # (the receiver refuses the old region's id from then on). TCP meanwhile.
-                if current[1].live_runs:
+                if current.arena.live_runs:
                     return None
                 self._retire()
                 current = None
-            if current is not None and current[1].nbytes >= stream_bytes:
+            if current is not None and current.arena.nbytes >= stream_bytes:
                 return current
-            if current is not None and current[1].live_runs:
+            if current is not None and current.arena.live_runs:
                 return None  # a forward through the old region is unanswered: grow after it, TCP now
             try:
                 self._region = await self._setup(channel, stream_bytes)
@@ -573,7 +582,7 @@ class ShmSender:
             self._conn = channel.conn
             return self._region
 
-    async def _setup(self, channel, stream_bytes: int) -> tuple[int, staging.PinnedArena, Bell]:
+    async def _setup(self, channel, stream_bytes: int) -> SharedRegion:
         reply = await channel.request("shm-offer", {"nbytes": stream_bytes}, timeout=limits.SHM_SETUP_TIMEOUT_S)
         h = reply.header
         region, nbytes = h.get("region"), h.get("nbytes")
@@ -583,11 +592,11 @@ class ShmSender:
         loop = asyncio.get_running_loop()
         memory, bell = await loop.run_in_executor(None, claim, h.get("socket"), h.get("token"), nbytes)
         arena = await loop.run_in_executor(None, region_arena, memory, f"shm-out {self.peer}", self.device)
-        return region, arena, bell
+        return SharedRegion(region, arena, bell)
 
     def _retire(self) -> None:
         if self._region is not None:
-            self._region[1].close()  # unregistered once the runs still in flight are back
+            self._region.arena.close()  # unregistered once the runs still in flight are back
         self._region, self._conn = None, None
 
     def close(self) -> None:
