@@ -315,6 +315,9 @@ async def run_split(args, cluster, params, local, emulation, kept: KeptLocal | N
                 # host-shm: whether every forward went ahead of its stream (the stage started on the doorbell)
                 "ahead": sorted({hop.ahead is True for step in outcome.summary["steps"] for p in passes_from_wire(step)
                                  for hop in p.hops if hop.transport == "host-shm"}),
+                # host-shm: how many forwards' predictions the head took on the stage's answer bell, before the reply
+                "answered": sum(p.get("answered") is True for step in outcome.summary["steps"] for p in step["passes"]),
+                "forwards": sum(len(step["passes"]) for step in outcome.summary["steps"]),
                 "split_seconds": times,
                 "split_median_s": split_s,
                 "local_median_s": local["median_s"],

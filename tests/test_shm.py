@@ -30,7 +30,8 @@ from codec import CodecSpec, TokenLayout
 from meshd import auth, limits
 from meshd.errors import MeshError
 from meshd.node.gpu import GpuWorker
-from meshd.pipeline.streaming import (LinkPlan, SharedRun, pack_raw, raw_header, receive_input, reserve_shared,
+from meshd.pipeline.progress import StepRecord
+from meshd.pipeline.streaming import (LinkPlan, SharedRun, StageInput, pack_raw, raw_header, receive_input, reserve_shared,
                                       send_activation, send_shared, unpack_raw)
 from meshd.wire import shm
 from meshd.wire.channel import Channel, ServerSession
@@ -85,6 +86,7 @@ class LastStage(Receiver):
         super().__init__(served, device, shape, dtype)
         self.answer = lambda fields, segments: (fields, segments)
         self.hold: asyncio.Event | None = None  # set: each forward waits for it before it answers
+        self.hold_reply: asyncio.Event | None = None  # the same, after its prediction is in the run
 
     async def handle(self, request):
         if request.op == "shm-offer":
@@ -94,6 +96,8 @@ class LastStage(Receiver):
             await self.hold.wait()
         prediction = tensor[:, :4] * 2
         if inp.give_back(prediction):
+            if self.hold_reply is not None:
+                await self.hold_reply.wait()
             return self.answer(*inp.reply({"prediction": raw_header(prediction)}, []))
         headers, buffers = pack_raw([prediction])
         return self.answer(*inp.reply({"prediction": headers[0]}, buffers))
@@ -193,8 +197,9 @@ def test_only_the_offered_token_gets_the_region_once_and_every_refusal_is_one_li
                 assert fds == [] and message.startswith(b"refused: ") and message.endswith(f"{why}\n".encode())
             refusals = [r.getMessage() for r in caplog.records]
             assert len(refusals) == 4 and all(m.startswith("shared memory: refused a claim") for m in refusals)
-            memory, bell = shm.claim(offer["socket"], offer["token"], offer["nbytes"])  # still served, and right
-            assert isinstance(bell, shm.Bell)  # and the region's doorbell with it
+            memory, bell, answers = shm.claim(offer["socket"], offer["token"], offer["nbytes"])  # still served, right
+            assert isinstance(bell, shm.Bell) and isinstance(answers, shm.Doorbell)  # and its two doorbells
+            answers.close()
             memory[:2] = b"ok"
             assert server.region(session).arena.span(0, 2).tobytes() == b"ok"
             with pytest.raises(shm.ShmUnavailable, match="refused the claim: refused: unknown, used or expired"):
@@ -536,6 +541,88 @@ async def test_a_forward_sent_ahead_waits_for_its_doorbell_and_its_stream_arrive
         await close_link(channel, receiver, serving, link)
 
 
+PREDICTION = (1, 4, HIDDEN)  # what LastStage gives back
+
+
+async def test_the_prediction_of_a_forward_sent_ahead_is_taken_when_it_rings_back_before_the_reply():
+    channel, receiver, serving, link = await shm_link(receiver_type=LastStage)
+    try:
+        await send_activation(channel, {}, [], activation(0), link)  # the region is set up
+        receiver.hold_reply = asyncio.Event()
+        for step in range(1, 4):
+            placed = await announced(channel, link)
+            tensor = activation(step)
+            sending = asyncio.ensure_future(send_shared(channel, {}, [], None, link, placed=placed))
+            placed.place(tensor)
+            placed.ring()
+            early = await asyncio.wait_for(placed.answered(sending, PREDICTION, torch.bfloat16, "B"), 5)
+            assert not sending.done() and torch.equal(early, tensor[:, :4] * 2), "taken before the reply"
+            receiver.hold_reply.set()
+            reply, _ = await sending
+            receiver.hold_reply.clear()
+            assert torch.equal(prediction_of(reply), early) and placed.answered_bytes == early.numel() * 2
+            assert np.shares_memory(reply.segments[0], placed.run), "not copied again: the reply's view of the run"
+        # The reply first (a stage that rang back late, or not at all): the prediction comes with it.
+        receiver.hold_reply = None
+        placed = await announced(channel, link)
+        tensor = activation(9)
+        placed.place(tensor)
+        reply = asyncio.get_running_loop().create_future()
+        reply.set_result(None)
+        assert await placed.answered(reply, PREDICTION, torch.bfloat16, "B") is None
+        placed.ring()
+        reply, _ = await send_shared(channel, {}, [], None, link, placed=placed)
+        assert torch.equal(prediction_of(reply), tensor[:, :4] * 2)
+        assert receiver.server.region(receiver.session).id == 1, "one region throughout"
+    finally:
+        await close_link(channel, receiver, serving, link)
+
+
+@pytest.mark.parametrize("lie, message", [
+    (lambda fields, segments: ({**fields, "prediction_shm": {"nbytes": 64}}, segments),
+     "prediction_shm=.* is not the 512-byte prediction it rang back"),
+    (lambda fields, segments: ({k: v for k, v in fields.items() if k != "prediction_shm"}, [b"\0" * 512]),
+     "rang back a prediction in the shared run, then sent one over TCP"),
+], ids=["other-place", "over-tcp"])
+async def test_a_reply_unlike_the_prediction_rung_back_is_a_protocol_error(lie, message):
+    channel, receiver, serving, link = await shm_link(receiver_type=LastStage)
+    try:
+        await send_activation(channel, {}, [], activation(0), link)
+        receiver.answer, receiver.hold_reply = lie, asyncio.Event()
+        placed = await announced(channel, link)
+        sending = asyncio.ensure_future(send_shared(channel, {}, [], None, link, placed=placed))
+        placed.place(activation(1))
+        placed.ring()
+        assert await asyncio.wait_for(placed.answered(sending, PREDICTION, torch.bfloat16, "B"), 5) is not None
+        receiver.hold_reply.set()
+        with pytest.raises(MeshError, match=message) as lied:
+            await sending
+        assert lied.value.code == "protocol"
+    finally:
+        await close_link(channel, receiver, serving, link)
+
+
+async def test_a_stage_that_rings_back_before_it_was_rung_is_a_protocol_error():
+    channel, receiver, serving, link = await shm_link()
+
+    async def lying(request):  # rings the prediction back at once, without waiting or reading
+        receiver.server.region(request.session).answer.notify(request.header["shm"]["ring"])
+        await asyncio.Event().wait()
+
+    try:
+        await send_activation(channel, {}, [], activation(0), link)
+        receiver.take = lying
+        placed = await announced(channel, link)
+        sending = asyncio.ensure_future(send_shared(channel, {}, [], None, link, placed=placed))
+        with pytest.raises(MeshError, match="rang back a prediction before its stream was in the shared run") as lied:
+            await asyncio.wait_for(placed.answered(sending, PREDICTION, torch.bfloat16, "B"), 5)
+        assert lied.value.code == "protocol" and lied.value.peer == "B"
+        sending.cancel()
+        await asyncio.gather(sending, return_exceptions=True)
+    finally:
+        await close_link(channel, receiver, serving, link)
+
+
 async def test_a_forward_given_up_before_it_rang_stops_the_wait_and_retires_the_region():
     """A head whose compute fails (or whose generation is cancelled) after its forward went: the
     stage stops waiting for a stream that never comes, and the next stream arrives through a new region."""
@@ -614,17 +701,17 @@ async def test_a_stage_that_answers_before_it_was_rung_is_a_protocol_error():
 
 async def claimed_doorbell():
     """A region offered and claimed over the real socket: (server, session, the sender's Bell, the
-    receiver's Doorbell)."""
+    receiver's Doorbell, the sender's answer bell). Close the last and the first."""
     server = shm.ShmServer("node", torch.device("cpu"))
     session = object()
     offer = server.offer(session, PAGE_BYTES)
-    _, bell = await asyncio.get_running_loop().run_in_executor(
+    _, bell, answers = await asyncio.get_running_loop().run_in_executor(
         None, shm.claim, offer["socket"], offer["token"], offer["nbytes"])
-    return server, session, bell, server.region(session).doorbell
+    return server, session, bell, server.region(session).doorbell, answers
 
 
 async def test_a_doorbell_wakes_each_forward_by_its_token_and_fails_them_when_it_ends():
-    server, session, bell, doorbell = await claimed_doorbell()
+    server, session, bell, doorbell, answers = await claimed_doorbell()
     try:
         first, second = bell.token(), bell.token()
         assert (first, second) == (1, 2)
@@ -650,11 +737,12 @@ async def test_a_doorbell_wakes_each_forward_by_its_token_and_fails_them_when_it
         with pytest.raises(MeshError, match="closed the shared region's doorbell"):
             await doorbell.wait(8)
     finally:
+        answers.close()
         server.close()
 
 
 async def test_a_dropped_region_fails_the_forwards_waiting_on_its_doorbell():
-    server, session, bell, doorbell = await claimed_doorbell()
+    server, session, bell, doorbell, answers = await claimed_doorbell()
     try:
         waiting = doorbell.wait(bell.token())
         server.drop(session)  # its connection ended
@@ -664,6 +752,26 @@ async def test_a_dropped_region_fails_the_forwards_waiting_on_its_doorbell():
         with pytest.raises(OSError):
             bell.ring(1)  # the receiver's end is closed: the sender hears it (its forward fails anyway)
     finally:
+        answers.close()
+        server.close()
+
+
+async def test_the_answer_bell_rings_the_sender_back_and_ends_when_the_receiver_lets_the_region_go():
+    server, session, bell, doorbell, answers = await claimed_doorbell()
+    try:
+        token = bell.token()
+        back = answers.wait(token)
+        server.region(session).answer.notify(token)  # the receiver: the prediction is in the run
+        await asyncio.wait_for(back, 2)
+        waiting = answers.wait(bell.token())
+        server.drop(session)  # its connection ended: the receiver's end goes with the region
+        gc.collect()
+        with pytest.raises(MeshError, match="the receiver closed the shared region's doorbell") as ended:
+            await asyncio.wait_for(waiting, 3)
+        assert ended.value.code == "peer-lost"
+        assert await eventually(lambda: not answers._thread.is_alive(), 3.0)
+    finally:
+        answers.close()
         server.close()
 
 
@@ -677,6 +785,12 @@ def test_a_doorbell_descriptor_that_is_no_pipe_we_can_only_write_is_refused(tmp_
             with pytest.raises(shm.ShmUnavailable, match="the received doorbell is not the write end of a pipe"):
                 shm.bell_from(fd)
         assert isinstance(shm.bell_from(write_end), shm.Bell)
+        for fd in (write_end, regular):
+            with pytest.raises(shm.ShmUnavailable, match="the received answer bell is not the read end of a pipe"):
+                shm.answers_from(fd, "t")
+        answers = shm.answers_from(read_end, "t")
+        assert isinstance(answers, shm.Doorbell)
+        answers.close()
     finally:
         for fd in (read_end, write_end, regular):
             os.close(fd)
@@ -727,6 +841,9 @@ async def test_a_split_between_daemons_of_this_host_uses_shared_memory_unless_sw
             hops = [hop for step in outcome.summary["steps"] for p in step["passes"] for hop in p["hops"]]
             assert all(hop["d2h_ms"] is not None and hop["h2d_ms"] is not None and hop["chunks"] == 0 for hop in hops)
             assert all(hop["ahead"] is True for hop in hops), "the head's forwards went ahead of their streams"
+            # (which comes first, the answer bell or the reply, is the event loop's: the bell, as a rule)
+            answered = [p["answered"] for step in outcome.summary["steps"] for p in step["passes"]]
+            assert any(answered), "the head took predictions on the stage's answer bell, before the reply"
             assert len(b.shm._regions) == 1 and next(iter(b.shm._regions.values())).id == 1
         # The prediction came back in the run its stream went out in, never over TCP, where it could.
         returns = [p["return_via"] for step in outcome.summary["steps"] for p in step["passes"]]
@@ -758,6 +875,41 @@ async def test_a_head_whose_compute_fails_after_its_forward_went_ends_the_genera
         assert failed.value.code == "oom"
         monkeypatch.undo()
         assert await eventually(lambda: not b.stage.jobs, 5.0), "the stage dropped the failed generation's job"
+        outcome = await split_generation(KEY, [a.bound, b.bound], "A:0-2,B:3-5", PARAMS, codec="raw")
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(outcome.png))), local)
+        assert transports(outcome)[1] == ["host-shm"] * PARAMS["steps"]
+    gc.collect()
+
+
+@pytest.mark.parametrize("failing", [2, 3], ids=["a-middle-step", "the-last-step"])
+async def test_a_reply_that_fails_after_its_prediction_rang_back_ends_the_generation_with_its_error(
+        tmp_path, reference, monkeypatch, failing):
+    """The head takes a prediction on the answer bell and goes on; the reply that follows is an error
+    (the stage's last part of that forward failed): the generation ends with it, at the next forward
+    or, after the last step, before the decode, and the next generation is exact. Each step's event
+    carries its hop records, in order."""
+    local, models = reference
+    config = {"same_host_ipc": False}
+    async with running_daemon(tmp_path / "a", KEY, blocks=range(0, 3), models_dir=models, **config) as a, \
+            running_daemon(tmp_path / "b", KEY, blocks=range(3, 6), models_dir=models, **config) as b:
+        outcome = await split_generation(KEY, [a.bound, b.bound], "A:0-2,B:3-5", PARAMS, codec="raw")
+        steps = [e for e in outcome.events if isinstance(e, StepRecord)]
+        assert [e.step for e in steps] == [1, 2, 3] and all(p.hops for e in steps for p in e.passes)
+        replied = StageInput.reply
+        seen = []
+
+        def reply(self, fields, segments):
+            seen.append(self.returned)
+            if len(seen) == failing:
+                assert self.returned, "its prediction is in the run (rung back) before the reply"
+                raise MeshError("internal", "the stage's reply failed (test)")
+            return replied(self, fields, segments)
+
+        monkeypatch.setattr(StageInput, "reply", reply)
+        with pytest.raises(MeshError, match="the stage's reply failed \\(test\\)"):
+            await asyncio.wait_for(split_generation(KEY, [a.bound, b.bound], "A:0-2,B:3-5", PARAMS, codec="raw"), 20)
+        monkeypatch.undo()
+        assert await eventually(lambda: not b.stage.jobs, 5.0)
         outcome = await split_generation(KEY, [a.bound, b.bound], "A:0-2,B:3-5", PARAMS, codec="raw")
         assert np.array_equal(np.asarray(Image.open(io.BytesIO(outcome.png))), local)
         assert transports(outcome)[1] == ["host-shm"] * PARAMS["steps"]

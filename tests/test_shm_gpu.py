@@ -24,7 +24,7 @@ from meshd.node.gpu import GpuWorker
 from meshd.pipeline.streaming import reserve_shared, send_activation, send_shared
 from meshtui.cli import run_local
 from tests.daemons import running_daemon, split_generation
-from tests.test_shm import KEY, PARAMS, close_link, shm_link, transports
+from tests.test_shm import KEY, PARAMS, LastStage, close_link, shm_link, transports
 from tests.daemons import eventually
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -97,6 +97,34 @@ async def test_klein_sized_streams_sent_ahead_are_rung_from_the_gpu_worker_and_s
         await close_link(channel, receiver, serving, link)
 
 
+async def test_a_prediction_given_back_from_the_gpu_rings_back_once_its_copy_is_done_and_is_exact():
+    """The last stage's prediction, on its GPU, copied into the run and rung back once that copy has
+    finished: the sender takes it from the run before the reply, bit-exact."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    channel, receiver, serving, link = await shm_link(device, KLEIN, receiver_type=LastStage)
+    try:
+        await send_activation(channel, {}, [], torch.zeros(KLEIN, dtype=torch.bfloat16, device=device), link)
+        receiver.hold_reply = asyncio.Event()
+        for step in range(10):
+            placed = await reserve_shared(channel, link, math.prod(KLEIN) * 2)
+            assert placed is not None and placed.announce(KLEIN, torch.bfloat16)
+            sending = asyncio.ensure_future(send_shared(channel, {}, [], None, link, placed=placed))
+            g = torch.Generator(device=device).manual_seed(step)
+            tensor = torch.randn(KLEIN, generator=g, device=device).to(torch.bfloat16)
+            placed.place(tensor)
+            placed.ring()
+            early = await asyncio.wait_for(placed.answered(sending, (1, 4, KLEIN[-1]), torch.bfloat16, "B"), 10)
+            assert early is not None and not sending.done(), "taken on the answer bell, before the reply"
+            assert torch.equal(early, (tensor[:, :4] * 2).cpu()), f"step {step}: the prediction changed on the way"
+            receiver.hold_reply.set()
+            await sending
+            receiver.hold_reply.clear()
+            receiver.received.clear()
+            del early, placed
+    finally:
+        await close_link(channel, receiver, serving, link)
+
+
 async def test_a_split_on_one_gpu_without_cuda_ipc_goes_through_shared_memory_and_equals_all_local(tmp_path):
     models = tmp_path / "models"
     args = argparse.Namespace(device="cuda", models_dir=[models], model="tiny", random_weights=False, size=(64, 64),
@@ -113,5 +141,7 @@ async def test_a_split_on_one_gpu_without_cuda_ipc_goes_through_shared_memory_an
             assert transports(outcome) == ("host-shm", ["host-shm"] * PARAMS["steps"])
             assert all(hop["ahead"] is True for step in outcome.summary["steps"] for p in step["passes"]
                        for hop in p["hops"]), "the head's forwards went ahead of their streams"
+            assert any(p["answered"] for step in outcome.summary["steps"] for p in step["passes"]), \
+                "the head took predictions on the stage's answer bell"
         region = next(iter(b.shm._regions.values()))
         assert region.arena.pinned

@@ -24,24 +24,27 @@ PARAMS = {"prompt": "a lighthouse at dawn", "seed": 7, "width": 64, "height": 64
 
 
 @contextlib.asynccontextmanager
-async def head_and_stage(tmp_path):
+async def head_and_stage(tmp_path, **stage_config):
     """A head holding blocks 0-2 and the stage holding 3-5 (the tail), one model folder."""
     models = tmp_path / "models"
     async with running_daemon(tmp_path / "a", KEY, range(0, 3), models, node_name="head-a") as a, \
-            running_daemon(tmp_path / "b", KEY, range(3, 6), models, node_name="stage-b") as b:
+            running_daemon(tmp_path / "b", KEY, range(3, 6), models, node_name="stage-b", **stage_config) as b:
         yield a, b
 
 
 def alter_forward_replies(stage, alter) -> None:
     """Make ``stage`` pass each forward reply through ``alter(fields, segments)`` before it is sent. A
     prediction given back in the shared run its stream came in (host-shm, these daemons' link) is read
-    out of the run first and sent over TCP, so that ``alter`` sees its bytes wherever they travel."""
+    out of the run first and sent over TCP, so that ``alter`` sees its bytes wherever they travel;
+    except where the forward went ahead of its stream (``ring``): the stage has rung that prediction
+    back already, and its reply must say the same place (a stage that did not is tested in test_shm)."""
     original = stage.ops["forward"]
 
     async def forward(request):
         fields, segments = await original(request)
-        back = fields.pop("prediction_shm", None)
-        if back is not None:
+        back = fields.get("prediction_shm")
+        if back is not None and "ring" not in request.header["shm"]:
+            del fields["prediction_shm"]
             arena = stage.shm.region(request.session).arena
             segments = [arena.span(request.header["shm"]["offset"], back["nbytes"]).copy()]
         return alter(fields, segments)
@@ -228,7 +231,7 @@ async def test_a_prediction_of_another_dtype_is_a_mismatch_naming_both(tmp_path,
     latents' dtype and the image silently, or fail later in the scheduler."""
     from meshd.pipeline.streaming import pack_raw, unpack_raw
 
-    async with head_and_stage(tmp_path) as (a, b):
+    async with head_and_stage(tmp_path, same_host_shm=False) as (a, b):  # the prediction over TCP, to recast
         def recast(fields, segments):
             (prediction,) = unpack_raw([fields["prediction"]], segments, torch.device("cpu"))
             headers, buffers = pack_raw([prediction.to(dtype)])
@@ -239,6 +242,21 @@ async def test_a_prediction_of_another_dtype_is_a_mismatch_naming_both(tmp_path,
             await split(a, b)
     assert raised.value.code == "mismatch", raised.value
     assert str(dtype) in raised.value.message and "bfloat16" in raised.value.message
+
+
+async def test_a_prediction_rung_back_whose_reply_says_another_dtype_is_a_mismatch_naming_both(tmp_path):
+    """Over host-shm the head takes the prediction from the run, as it computes, when the stage rings it
+    back; the reply's header says what it was: another dtype of the same size ends the generation."""
+    async with head_and_stage(tmp_path) as (a, b):
+        def recast(fields, segments):
+            assert "prediction_shm" in fields  # (the forward went ahead: its prediction was rung back)
+            return {**fields, "prediction": {**fields["prediction"], "dtype": "float16"}}, segments
+
+        alter_forward_replies(b, recast)
+        with pytest.raises(MeshError) as raised:
+            await split(a, b)
+    assert raised.value.code == "mismatch", raised.value
+    assert "torch.float16" in raised.value.message and "bfloat16" in raised.value.message
 
 
 def test_the_latent_grid_is_rows_by_columns_of_packed_tokens():

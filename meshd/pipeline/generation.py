@@ -189,8 +189,11 @@ def to_pixels(images: torch.Tensor) -> np.ndarray:
 class StepRunner(Protocol):
     """Runs one transformer forward of a step (all blocks, wherever they are)."""
 
-    async def forward(self, sampler: Sampler, step: int, pass_index: int, cond: Conditioning) -> tuple[torch.Tensor, dict]:
-        """Return the noise prediction and this forward's timing record."""
+    async def forward(self, sampler: Sampler, step: int, pass_index: int,
+                      cond: Conditioning) -> tuple[torch.Tensor, dict | Awaitable[dict]]:
+        """Return the noise prediction and this forward's timing record, or an awaitable of the record
+        where it is complete only later (a split head takes the prediction before the reply with the
+        hop records arrives). The runner raises a failure of that later part at its next forward."""
 
 
 class LocalRunner:
@@ -281,23 +284,38 @@ async def run_generation(model: HostedModel, worker: GpuWorker, params: Generati
     if before_steps is not None:
         await before_steps()
     steps = []
-    for step in range(params.steps):
-        step_start = time.perf_counter()
-        cond, cond_s = await worker.run(sampler.conditioning, step)
-        predictions, records = [], []
-        for pass_index in range(sampler.passes):
-            prediction, record = await runner.forward(sampler, step, pass_index, cond)
-            predictions.append(prediction)
-            records.append(record)
-        _, apply_s = await worker.run(sampler.apply, step, predictions)
-        record = {
-            "step": step,
-            "ms": (time.perf_counter() - step_start) * 1e3,
-            "head_ms": (cond_s + apply_s) * 1e3,
-            "passes": records,
-        }
-        steps.append(record)
-        await _emit(progress, {**record, "kind": "step", "step": step + 1, "steps": params.steps})
+    told: asyncio.Future | None = None  # the step events still waiting for a pass's record, in order
+    try:
+        for step in range(params.steps):
+            step_start = time.perf_counter()
+            cond, cond_s = await worker.run(sampler.conditioning, step)
+            predictions, records = [], []
+            for pass_index in range(sampler.passes):
+                prediction, record = await runner.forward(sampler, step, pass_index, cond)
+                predictions.append(prediction)
+                records.append(record)
+            _, apply_s = await worker.run(sampler.apply, step, predictions)
+            del predictions, prediction  # (a split's may hold runs of a shared region: they go back now)
+            record = {
+                "step": step,
+                "ms": (time.perf_counter() - step_start) * 1e3,
+                "head_ms": (cond_s + apply_s) * 1e3,
+                "passes": records,
+            }
+            steps.append(record)
+            if told is not None and told.done():
+                told.result()  # (a late record's failure ends the generation here, if the runner has not)
+                told = None
+            if told is None and all(isinstance(r, dict) for r in records):
+                await _emit(progress, _step_event(record, params.steps))
+            else:  # told once the records are complete, after the steps before it
+                told = asyncio.ensure_future(_tell(told, record, progress, params.steps))
+                told.add_done_callback(lambda f: f.cancelled() or f.exception())
+        if told is not None:
+            await told
+    finally:
+        if told is not None and not told.done():
+            told.cancel()
     await _emit(progress, {"kind": "decode"})
     (latents, pixels, vae_s), decode_s = await worker.run(sampler.decode)
     total = time.perf_counter() - start
@@ -324,6 +342,20 @@ async def run_generation(model: HostedModel, worker: GpuWorker, params: Generati
     png, image, png_s = await asyncio.to_thread(_image_files, pixels, info)
     summary["png_ms"] = png_s * 1e3
     return GenerationResult(png=png, image=image, latents=latents.float().cpu(), summary=summary)
+
+
+def _step_event(record: dict, steps: int) -> dict:
+    return {**record, "kind": "step", "step": record["step"] + 1, "steps": steps}
+
+
+async def _tell(before: asyncio.Future | None, record: dict, progress: ProgressFn | None, steps: int) -> None:
+    """Emit a step's event once the step before was told and each pass's record is complete (a
+    runner's record may come after its prediction: :class:`StepRunner`); the records replace their
+    awaitables in ``record``, the step's entry in the summary."""
+    if before is not None:
+        await before
+    record["passes"] = [r if isinstance(r, dict) else await r for r in record["passes"]]
+    await _emit(progress, _step_event(record, steps))
 
 
 def _image_files(pixels: np.ndarray, info: dict) -> tuple[bytes, Image.Image, float]:

@@ -166,6 +166,13 @@ def _settle(future: asyncio.Future, value) -> None:
         future.set_result(value)
 
 
+async def _give_up(task: asyncio.Future) -> None:
+    """Cancel ``task`` unless it is done, and wait until it is (its failure, if any, is not this caller's)."""
+    if not task.done():
+        task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
 def _time_ms(value: object) -> float | None:
     """A duration in ms a peer reported: a finite number >= 0, or None."""
     ms = wire_number(value)
@@ -191,6 +198,7 @@ class SplitRunner:
         self.out_channels = preset.out_channels  # the prediction's width, read each step
         self.channel = None
         self.link: LinkPlan | None = None
+        self._pending: asyncio.Future | None = None  # the last forward's record, its prediction already taken
 
     async def prepare(self) -> list[dict]:
         d = self.daemon
@@ -219,6 +227,9 @@ class SplitRunner:
     async def forward(self, sampler: Sampler, step: int, pass_index: int, cond: Conditioning):
         d = self.daemon
         span = d.model.span
+        # The last forward's reply, where its prediction came first (on the answer bell): its hop records
+        # and the link it leaves, or its error, before this forward takes a run and goes on that link.
+        await self._settle()
 
         names = sorted(self.downstream)
         # Same host without CUDA IPC: the stream goes into the next stage's region from the compute itself,
@@ -247,18 +258,36 @@ class SplitRunner:
 
         shared = self.link.transport == "host-shm"  # (send_shared checks a prediction given back in the run)
         if ahead:
-            (joint, _), seconds, (reply, hops, self.link) = await self._ahead(head_compute, vectors_known, step,
-                                                                             names, placed)
+            (joint, _), seconds, sending = await self._ahead(head_compute, vectors_known, step, names, placed)
         else:
             (joint, vectors), seconds = await d.worker.run(head_compute)
-            reply, hops, self.link = await d.relay.send_step(
+            sending = asyncio.ensure_future(d.relay.send_step(
                 self.channel, self.link, self.job_id, step, names, vectors, joint, measure_error=self.measure_error,
-                placed=placed)
+                placed=placed))
+        del joint
         if placed is not None:
             seconds -= placed.copy_ms / 1e3  # the copy into the region is the hop's (its encode_ms), not the blocks'
+        expected = (1, sampler.image_tokens, self.out_channels)
+        try:
+            early = await placed.answered(sending, expected, d.model.dtype, self.channel.name) if ahead else None
+            if early is None:
+                return await self._reply(sending, seconds, shared, expected, answered=False)
+        except BaseException:
+            await _give_up(sending)
+            raise
+        # The stage rang the prediction back in the run: the sampler goes on with it (its scheduler step,
+        # the next step's head blocks) while the reply, with the hop records, is still on its way.
+        self._pending = asyncio.ensure_future(self._record(sending, seconds, shared, expected))
+        self._pending.add_done_callback(lambda f: f.cancelled() or f.exception())  # (raised by _settle, or the generation)
+        return early, self._pending
+
+    async def _reply(self, sending: asyncio.Future, seconds: float, shared: bool, expected: tuple,
+                     *, answered: bool) -> tuple[torch.Tensor, dict]:
+        """The forward's reply (``sending``: the send_step task): (the prediction it brought, the pass's record)."""
+        d = self.daemon
+        reply, hops, self.link = await sending
         # On the host; the scheduler step moves it to the device on the GPU worker.
-        (prediction,) = unpack_raw([reply.header.get("prediction")], reply.segments, torch.device("cpu"),
-                                   [(1, sampler.image_tokens, self.out_channels)])
+        (prediction,) = unpack_raw([reply.header.get("prediction")], reply.segments, torch.device("cpu"), [expected])
         if prediction.dtype != d.model.dtype:  # the sampler would fail on it, or change the latents' dtype
             raise MeshError("mismatch", f"the prediction from {self.channel.name} is {prediction.dtype}; "
                                         f"{d.name} computes in {d.model.dtype}")
@@ -270,16 +299,29 @@ class SplitRunner:
         # hops[0]["bytes"]: what this head put on the wire (the send figures folded in by the relay)
         if "wire_ms" in hops[0]:  # (a time, now)
             d.links.get(self.channel.name).hop(hops[0]["bytes"], hops[0]["wire_ms"])
-        # return_via: how the prediction came back (host-shm: in the run the stream went out in).
+        # return_via: how the prediction came back (host-shm: in the run the stream went out in);
+        # answered: taken from there when the stage rang it back, before this reply arrived.
         return prediction, {"compute_ms": seconds * 1e3, "hops": hops,
                             "return_bytes": sum(memoryview(b).nbytes for b in reply.segments),
-                            "return_via": "host-shm" if shared and "prediction_shm" in reply.header else "tcp"}
+                            "return_via": "host-shm" if shared and "prediction_shm" in reply.header else "tcp",
+                            "answered": answered}
+
+    async def _record(self, sending: asyncio.Future, seconds: float, shared: bool, expected: tuple) -> dict:
+        """The record of a forward whose prediction was rung back: its reply must say the same place
+        (SharedRun.returned) and the prediction's header what was taken from the run."""
+        _, record = await self._reply(sending, seconds, shared, expected, answered=True)
+        return record
+
+    async def _settle(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            await pending
 
     async def _ahead(self, compute, vectors_known: asyncio.Future, step: int, names: list[str], placed):
         """Run ``compute`` and send its step's forward while it runs (as soon as it has the vectors); the
-        stream follows in ``placed``'s run. Returns (compute's result, its seconds, send_step's result).
-        A compute that fails takes the forward with it (cancelled: the stage stops waiting); a forward
-        that fails is raised once the compute is done with the run."""
+        stream follows in ``placed``'s run. Returns (compute's result, its seconds, the forward: its
+        send_step task, answered or not). A compute that fails takes the forward with it (cancelled: the
+        stage stops waiting); a forward that fails is raised once the compute is done with the run."""
         d = self.daemon
         computing = asyncio.ensure_future(d.worker.run(compute))
         sending = None
@@ -291,23 +333,23 @@ class SplitRunner:
             sending = asyncio.ensure_future(d.relay.send_step(
                 self.channel, self.link, self.job_id, step, names, vectors_known.result(), None,
                 measure_error=self.measure_error, placed=placed))
-            sending.add_done_callback(lambda f: f.cancelled() or f.exception())  # raised below, or the compute's is
-            await asyncio.wait({computing, sending}, return_when=asyncio.FIRST_EXCEPTION)
-            if computing.done() and computing.exception() is not None:
-                raise computing.exception()
+            sending.add_done_callback(lambda f: f.cancelled() or f.exception())  # raised by _reply, or the compute's is
             result, seconds = await computing
-            return result, seconds, await sending
+            return result, seconds, sending
+        except BaseException:
+            computing.cancel()  # (a GPU call already running finishes; its closure holds the run)
+            if sending is not None:
+                await _give_up(sending)  # (a cancelled forward retires its region)
+            raise
         finally:
-            for task in (computing, sending):
-                if task is not None and not task.done():
-                    task.cancel()  # (a GPU call already running finishes; its closure holds the run)
-            if sending is not None and not sending.done():
-                await asyncio.gather(sending, return_exceptions=True)  # (a cancelled forward retires its region)
             vectors_known.cancel()
 
     async def release(self) -> None:
         """Release the job on every stage; also after a failed or cancelled prepare (the stages may have
-        prepared it anyway; releasing an unknown job is harmless)."""
+        prepared it anyway; releasing an unknown job is harmless). A reply still awaited (the generation
+        ended before it came) is given up first."""
+        if self._pending is not None:
+            await _give_up(self._pending)
         if self.channel is not None and self.channel.alive:
             with contextlib.suppress(Exception):
                 await self.channel.request("release", {"job": self.job_id}, timeout=10)

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -355,16 +356,21 @@ class SharedRun:
     stays ours until the reply, which may bring the prediction back in it (:func:`send_shared`).
 
     :meth:`announce` lets the ``forward`` go before the stream exists: it names the doorbell token the
-    compute rings (:meth:`ring`) once the stream is in the run, and the receiver starts then."""
+    compute rings (:meth:`ring`) once the stream is in the run, and the receiver starts then. The
+    receiver rings the same token back on the region's answer bell once the prediction is in the run
+    (:meth:`answered`): the sender takes it from there before the reply, which follows with the hop
+    records."""
 
-    def __init__(self, region: int, arena: PinnedArena, run, bell=None) -> None:
+    def __init__(self, region: int, arena: PinnedArena, run, bell=None, answers=None) -> None:
         self.region = region
         self.arena = arena
         self.run = run  # the run's numpy array: the pages are ours while it lives
         self.bell = bell  # the region's doorbell (a meshd.wire.shm.Bell), None where the region has none
+        self.answers = answers  # the region's answer bell (a meshd.wire.shm.Doorbell), or None
         self.shape: tuple[int, ...] | None = None
         self.dtype: torch.dtype | None = None
         self.token: int | None = None  # announced: the doorbell token the compute rings
+        self.answered_bytes: int | None = None  # the prediction taken from the run when it rang back
         self._copy = _TimedCopy()
 
     @property
@@ -399,12 +405,31 @@ class SharedRun:
         if not self._copy.made:
             raise MeshError("internal", "a shared run was rung for before its stream was placed in it")
         self._copy.wait()  # (the GPU worker's own wait after the call is then free)
+        self.bell.notify(self.token)  # a receiver gone is only logged: the forward's own wait names it
+
+    async def answered(self, reply: asyncio.Future, shape: Sequence[int], dtype: torch.dtype,
+                       peer: str) -> torch.Tensor | None:
+        """For a forward sent ahead (:meth:`announce`): wait until the receiver rings its token back
+        (the prediction of ``shape`` and ``dtype`` is at the start of the run) or ``reply`` (the
+        forward's request) is done, whichever comes first. Returns the prediction, a view of the run
+        (which stays ours while the view lives), or None: the reply came first, the region has no
+        answer bell, or that bell ended (the reply then says why)."""
+        if self.token is None or self.answers is None:
+            return None
+        back = self.answers.wait(self.token)
         try:
-            self.bell.ring(self.token)
-        except OSError as exc:
-            # The receiver is gone (its end closed with its process or connection) or stopped reading: the
-            # forward's own wait says so, naming that peer (its connection lost, or its stage's timeout).
-            log.info("the shared region's doorbell did not take token %d: %s", self.token, exc.strerror or exc)
+            await asyncio.wait({back, reply}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            back.cancel()  # (the reply came first: the token, if it rings later, is one the bell keeps)
+        if reply.done() or back.cancelled() or back.exception() is not None:
+            return None
+        nbytes = math.prod(shape) * dtype.itemsize
+        if not self.placed or nbytes > self.nbytes:
+            # Only a peer that lies rings back before it was rung for (or for more than the run holds).
+            raise MeshError("protocol", "rang back a prediction before its stream was in the shared run",
+                            peer=peer)
+        self.answered_bytes = nbytes
+        return torch.from_numpy(self.run[:nbytes]).view(dtype).reshape(tuple(shape))
 
     @property
     def copy_ms(self) -> float:
@@ -427,15 +452,26 @@ class SharedRun:
 
     def returned(self, reply, peer: str) -> None:
         """A reply whose prediction came back in this run (``prediction_shm``): its bytes are copied
-        out into the reply's segments, as if they had come over TCP, before the run is let go."""
+        out into the reply's segments, as if they had come over TCP, before the run is let go. (A
+        prediction already taken on the answer bell is not copied again: the reply must say the same
+        place, and its segments view the run.)"""
         if "prediction_shm" not in reply.header:
+            if self.answered_bytes is not None:
+                raise MeshError("protocol", "rang back a prediction in the shared run, then sent one over TCP",
+                                peer=peer)
             return
         back = reply.header["prediction_shm"]
         nbytes = wire_int(back.get("nbytes")) if isinstance(back, dict) else None
         if nbytes is None or not 0 < nbytes <= self.nbytes or reply.segments:
             raise MeshError("protocol", f"prediction_shm={back!r:.40} is not a place in the {self.nbytes}-byte run "
                                         "this forward sent (or the prediction came twice)", peer=peer)
-        reply.segments = [self.run[:nbytes].copy()]
+        if self.answered_bytes is None:
+            reply.segments = [self.run[:nbytes].copy()]
+        elif nbytes == self.answered_bytes:
+            reply.segments = [self.run[:nbytes]]
+        else:
+            raise MeshError("protocol", f"prediction_shm={back!r:.40} is not the {self.answered_bytes}-byte "
+                                        "prediction it rang back", peer=peer)
 
 
 async def reserve_shared(channel: Channel, link: LinkPlan, nbytes: int) -> SharedRun | None:
@@ -445,7 +481,7 @@ async def reserve_shared(channel: Channel, link: LinkPlan, nbytes: int) -> Share
         return None
     given = await link.shm.arena(channel, nbytes)
     run = given.arena.allocate(nbytes) if given is not None else None
-    return SharedRun(given.id, given.arena, run, bell=given.bell) if run is not None else None
+    return SharedRun(given.id, given.arena, run, bell=given.bell, answers=given.answers) if run is not None else None
 
 
 async def send_shared(channel: Channel, fields: dict, segments: list, tensor: torch.Tensor, link: LinkPlan,
@@ -510,12 +546,14 @@ class StageInput:
 
     def __init__(self, tensor: torch.Tensor | None = None, *, source=None, shape: Sequence[int] = (),
                  dtype: torch.dtype | None = None, may_return: bool = False,
-                 rung: Callable[[], Awaitable[None]] | None = None) -> None:
+                 rung: Callable[[], Awaitable[None]] | None = None,
+                 answer: Callable[[], None] | None = None) -> None:
         self._tensor = tensor
         self.source = source  # the region's bytes (a span of its arena), for host-shm
         self.shape, self.dtype = tuple(shape), dtype
         self.may_return = may_return  # the sender takes the prediction back in its run
         self._rung = rung  # (host-shm, a forward sent ahead of its stream) the wait for its doorbell
+        self._answer = answer  # (the same) rings its token back once the prediction is in the run
         self._copy = _TimedCopy()
         self.returned: int | None = None  # bytes of prediction given back in the run
 
@@ -558,24 +596,37 @@ class StageInput:
     def give_back(self, prediction: torch.Tensor) -> bool:
         """Put the prediction at the start of the input's run, for the sender to read when the reply
         arrives (a GPU tensor: queued on the calling thread's current stream, which must be synchronised
-        before the reply). False, and nothing written, where the sender did not ask for it or the
+        before the reply). For a forward sent ahead of its stream, wait here for that copy and ring the
+        forward's token back on the region's answer bell: the sender takes the prediction then, without
+        waiting for the reply. False, and nothing written, where the sender did not ask for it or the
         prediction does not fit; it then goes back over TCP."""
         source = _byte_view(prediction)
         if not self.shared or not self.may_return or source.numel() > self.source.nbytes:
             return False
-        torch.from_numpy(self.source[: source.numel()]).copy_(source, non_blocking=source.is_cuda)
+        back = _TimedCopy()
+        back.copy(torch.from_numpy(self.source[: source.numel()]), source)
         self.returned = source.numel()
+        if self._answer is not None:
+            back.wait()  # (the GPU worker's own wait after the call is then free)
+            self._ring_back()
         return True
+
+    def _ring_back(self) -> None:
+        """A forward sent ahead: its sender takes the prediction from the run at once (the reply follows)."""
+        answer, self._answer = self._answer, None
+        if answer is not None:
+            answer()
 
     def reply(self, fields: dict, segments: list) -> tuple[dict, list]:
         """A forward's reply ``fields`` with its prediction: in the run where :meth:`give_back` put it
         there, or where it came from further down as one host buffer (``segments``) that fits there
-        (copied in now); else ``segments`` over TCP."""
+        (copied in now, and rung back as :meth:`give_back` does); else ``segments`` over TCP."""
         if self.returned is None and self.shared and self.may_return and len(segments) == 1:
             data = np.frombuffer(memoryview(segments[0]).cast("B"), dtype=np.uint8)
             if 0 < data.nbytes <= self.source.nbytes:
                 self.source[: data.nbytes] = data
                 self.returned = data.nbytes
+                self._ring_back()
         if self.returned is None:
             return fields, segments
         return {**fields, "prediction_shm": {"nbytes": self.returned}}, []
@@ -597,7 +648,7 @@ async def receive_input(request: Request, device: torch.device, expect_shape: Se
         may_return = desc.get("return", False)
         if not isinstance(may_return, bool):
             raise MeshError("bad-request", f"shm return={may_return!r:.20} must be true or false")
-        rung = None
+        rung = answer = None
         if "ring" in desc:  # sent ahead of its stream: it is there once this token rings
             token = wire_int(desc["ring"])
             if token is None or not 0 < token < 1 << 64:
@@ -605,10 +656,12 @@ async def receive_input(request: Request, device: torch.device, expect_shape: Se
             if shm.doorbell is None:
                 raise MeshError("bad-request", "shm ring names a doorbell this connection's region does not have")
             rung = functools.partial(shm.doorbell.wait, token)  # waited for by StageInput.ready
+            if may_return and shm.answer is not None:  # rung back once the prediction is in the run
+                answer = functools.partial(shm.answer.notify, token)
         # The span keeps the region mapped and registered while the input lives, even if the connection
         # (and its region) is dropped meanwhile.
         inp = StageInput(source=shm.arena.span(offset, nbytes), shape=expect_shape, dtype=expect_dtype,
-                         may_return=may_return, rung=rung)
+                         may_return=may_return, rung=rung, answer=answer)
         return inp, ReceiveStats(bytes=nbytes, codec="raw", transport="host-shm", staged=shm.arena.pinned,
                                  ahead=rung is not None)
     if "ipc" not in request.header:

@@ -16,7 +16,8 @@ Setup, once per inbound connection that asks (the receiver owns the region):
    receiver checks it (constant time, one use, expiring after ``SHM_TOKEN_TTL_S``) and passes the
    region's descriptor back with SCM_RIGHTS, then closes its own copy. Only a holder of the cluster
    key on this host (in this network namespace: abstract sockets are per namespace) gets the region.
-3. The sender checks the descriptor's size and seals, maps and pins it.
+3. The sender checks the descriptor's size and seals, maps and pins it, and takes the two pipe ends
+   that come with it (the doorbell's write end, the answer bell's read end).
 
 Per step the sender's compute copies the activation into a run of the region and it sends ``forward``
 with ``shm`` {region, offset, nbytes, shape, dtype, return} instead of a chunk stream; the receiver
@@ -28,7 +29,10 @@ run, with ``ring`` N in ``shm``; the stage checks and prepares everything for th
 starts its compute when token N arrives on the pipe, which the head's GPU worker writes as soon as
 the stream is in the run (its copy synchronised). So neither event loop, nor the sealed frame, nor
 the stage's request handling stands between the head's last kernel and the stage's first.
-With ``return`` the prediction comes back in the same run (``prediction_shm``), not over TCP. A run
+With ``return`` the prediction comes back in the same run (``prediction_shm``), not over TCP; for a
+forward sent ahead the stage also rings the forward's token back on the region's answer bell (a
+second pipe, whose read end goes to the sender with the memfd) once the prediction is there, and
+the head goes on with it before the reply, which follows with the hop records. A run
 is reused only after the reply: the receiver answers a forward only after it is done with the run,
 so request/response order on the one connection rules out a write over bytes still in use; a
 forward the sender gave up on retires the region (:meth:`ShmSender.arena`). Any failure in the
@@ -142,6 +146,15 @@ class Bell:
         with self._lock:
             os.write(self._fd, _TOKEN.pack(token))
 
+    def notify(self, token: int) -> None:
+        """:meth:`ring`, where a peer that cannot take it is only logged: gone (its end closed with its
+        process or connection) or no longer reading. The wait on the other side (its forward's reply, or
+        its stage's timeout) then says so, naming that peer."""
+        try:
+            self.ring(token)
+        except OSError as exc:
+            log.info("the shared region's doorbell did not take token %d: %s", token, exc.strerror or exc)
+
 
 def make_bell_pipe() -> tuple[int, int]:
     """(read end, write end) of a doorbell pipe, close-on-exec."""
@@ -151,16 +164,27 @@ def make_bell_pipe() -> tuple[int, int]:
         raise ShmUnavailable(f"cannot make a doorbell pipe: {exc.strerror}") from None
 
 
+def _pipe_end(fd: int, what: str, mode: int, end: str) -> int:
+    """A copy of a descriptor a peer handed us as ``what``, after checking it is the ``end`` of a pipe."""
+    try:
+        kind, flags = os.fstat(fd).st_mode, fcntl.fcntl(fd, fcntl.F_GETFL)
+    except OSError as exc:
+        raise ShmUnavailable(f"the received {what} is not a descriptor: {exc.strerror}") from None
+    if not stat.S_ISFIFO(kind) or flags & os.O_ACCMODE != mode:
+        raise ShmUnavailable(f"the received {what} is not the {end} of a pipe")
+    return os.dup(fd)
+
+
 def bell_from(fd: int) -> Bell:
     """A descriptor a peer handed us as its region's doorbell, after checking it is a pipe we can only
     write to."""
-    try:
-        mode, flags = os.fstat(fd).st_mode, fcntl.fcntl(fd, fcntl.F_GETFL)
-    except OSError as exc:
-        raise ShmUnavailable(f"the received doorbell is not a descriptor: {exc.strerror}") from None
-    if not stat.S_ISFIFO(mode) or flags & os.O_ACCMODE != os.O_WRONLY:
-        raise ShmUnavailable("the received doorbell is not the write end of a pipe")
-    return Bell(os.dup(fd))
+    return Bell(_pipe_end(fd, "doorbell", os.O_WRONLY, "write end"))
+
+
+def answers_from(fd: int, name: str) -> Doorbell:
+    """A descriptor a peer handed us as its region's answer bell (it rings when a prediction is back
+    in a run), after checking it is a pipe we can only read."""
+    return Doorbell(_pipe_end(fd, "answer bell", os.O_RDONLY, "read end"), name, peer="receiver")
 
 
 class Doorbell:
@@ -168,10 +192,14 @@ class Doorbell:
     for each token (:meth:`wait`); a token that arrives first is kept for its forward (the last
     :data:`RUNG_KEPT`). Reads are bounded; the pipe carries nothing but tokens, and a token only wakes
     the forward of the same connection that names it. Ends with :meth:`close` (the region is dropped
-    or replaced) or when the sender closes its end; either fails the forwards still waiting."""
+    or replaced) or when the ``peer`` that rings closes its end; either fails the forwards still waiting.
 
-    def __init__(self, fd: int, name: str) -> None:
+    A region has two: the receiver's (the sender rings when a stream is in its run) and the sender's
+    answer bell (the receiver rings the same token when the prediction is back in that run)."""
+
+    def __init__(self, fd: int, name: str, peer: str = "sender") -> None:
         self._fd = fd
+        self._peer = peer
         self._lock = threading.Lock()
         self._rung: OrderedDict[int, None] = OrderedDict()
         self._waiting: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
@@ -225,7 +253,7 @@ class Doorbell:
                     continue
                 data = os.read(self._fd, 512 * _TOKEN.size)
                 if not data:
-                    self._end("the sender closed the shared region's doorbell")
+                    self._end(f"the {self._peer} closed the shared region's doorbell")
                     return
                 pending += data
                 whole = len(pending) - len(pending) % _TOKEN.size
@@ -291,6 +319,7 @@ class Inbound:
     id: int
     arena: staging.PinnedArena
     doorbell: Doorbell | None = None  # (every region an offer makes has one)
+    answer: Bell | None = None  # rung with a forward's token once its prediction is back in its run
 
     def close(self) -> None:
         if self.doorbell is not None:
@@ -303,12 +332,13 @@ class _Offer:
     token: bytes
     fd: int
     bell: int  # the doorbell pipe's write end, passed with the region
+    answers: int  # the answer bell's read end, passed with it too
     session: object
     expires: float
 
     def close(self) -> None:
-        os.close(self.fd)
-        os.close(self.bell)
+        for fd in (self.fd, self.bell, self.answers):
+            os.close(fd)
 
 
 class ShmServer:
@@ -360,22 +390,27 @@ class ShmServer:
             except BaseException:
                 os.close(fd)
                 raise
+            ends: list[int] = []
             try:
-                bell_in, bell_out = make_bell_pipe()
+                ends += make_bell_pipe()
+                ends += make_bell_pipe()
             except BaseException:
-                os.close(fd)
+                for end in (fd, *ends):
+                    os.close(end)
                 arena.close()
                 raise
+            bell_in, bell_out, answers_in, answers_out = ends
             token = secrets.token_bytes(limits.SHM_TOKEN_BYTES)
-            offer = _Offer(token, fd, bell_out, session, time.monotonic() + limits.SHM_TOKEN_TTL_S)
+            offer = _Offer(token, fd, bell_out, answers_in, session, time.monotonic() + limits.SHM_TOKEN_TTL_S)
             with self._lock:
                 if self._closed:
                     offer.close()
                     os.close(bell_in)
+                    os.close(answers_out)
                     arena.close()
                     raise ShmUnavailable("the daemon is shutting down")
                 ident = next(self._ids)
-                region = Inbound(ident, arena, Doorbell(bell_in, f"shm-in {ident}"))
+                region = Inbound(ident, arena, Doorbell(bell_in, f"shm-in {ident}"), Bell(answers_out))
                 old = self._regions.get(session)
                 self._regions[session] = region
                 self._withdraw(session)  # an older unclaimed offer of this session's is void now
@@ -485,7 +520,7 @@ class ShmServer:
             conn.sendall(f"refused: {why}\n".encode())
             return
         try:
-            socket.send_fds(conn, [_OK], [offer.fd, offer.bell])
+            socket.send_fds(conn, [_OK], [offer.fd, offer.bell, offer.answers])
         finally:
             offer.close()  # one use: from now on only the two mappings reach the region
 
@@ -501,9 +536,9 @@ class ShmServer:
             return found
 
 
-def claim(name: str, token: bytes, nbytes: int) -> tuple[mmap.mmap, Bell]:
+def claim(name: str, token: bytes, nbytes: int) -> tuple[mmap.mmap, Bell, Doorbell]:
     """The sender's side of step 2: fetch the offered region's descriptor and map it, and take its
-    doorbell (blocking)."""
+    doorbell and its answer bell (blocking)."""
     if not (isinstance(name, str) and name.startswith(SOCKET_PREFIX) and len(name) < 100 and "\0" not in name):
         raise ShmUnavailable(f"the offer names no meshd socket ({name!r:.60})")
     if not isinstance(token, bytes) or len(token) != limits.SHM_TOKEN_BYTES:
@@ -513,29 +548,40 @@ def claim(name: str, token: bytes, nbytes: int) -> tuple[mmap.mmap, Bell]:
         try:
             sock.connect("\0" + name)
             sock.sendall(token)
-            message, fds, _, _ = socket.recv_fds(sock, 256, 2)
+            message, fds, _, _ = socket.recv_fds(sock, 256, 3)
         except OSError as exc:  # another network namespace has no such socket: ECONNREFUSED
             raise ShmUnavailable(f"cannot reach the peer's socket: {exc.strerror or exc}") from None
         try:
-            if message == _OK and len(fds) != 2:
-                raise ShmUnavailable(f"the peer sent {len(fds)} descriptor(s), not a region and its doorbell "
+            if message == _OK and len(fds) != 3:
+                raise ShmUnavailable(f"the peer sent {len(fds)} descriptor(s), not a region and its two doorbells "
                                      "(a meshd of another version?)")
             if message != _OK:
                 said = message.decode(errors="replace").strip()[:200] or "no descriptor"
                 raise ShmUnavailable(f"the peer refused the claim: {said}")
             bell = bell_from(fds[1])
-            return map_region(fds[0], nbytes), bell
+            answers = answers_from(fds[2], f"shm-out {name[len(SOCKET_PREFIX):][:12]}")
+            try:
+                return map_region(fds[0], nbytes), bell, answers
+            except BaseException:
+                answers.close()
+                raise
         finally:
             for fd in fds:
                 os.close(fd)
 
 
 class SharedRegion(NamedTuple):
-    """A region a next stage gave the sender: its id on that connection, its runs, its doorbell."""
+    """A region a next stage gave the sender: its id on that connection, its runs, its doorbell, and
+    the answer bell the next stage rings when a prediction is back in a run."""
 
     id: int
     arena: staging.PinnedArena
     bell: Bell
+    answers: Doorbell
+
+    def close(self) -> None:
+        self.answers.close()
+        self.arena.close()  # unregistered once the runs still in flight are back
 
 
 class ShmSender:
@@ -572,6 +618,7 @@ class ShmSender:
                 return current
             if current is not None and current.arena.live_runs:
                 return None  # a forward through the old region is unanswered: grow after it, TCP now
+            self._retire()  # (too small, and idle: its answer bell's thread ends too)
             try:
                 self._region = await self._setup(channel, stream_bytes)
             except (ShmUnavailable, MeshError) as exc:
@@ -590,13 +637,17 @@ class ShmSender:
                 or not stream_bytes <= nbytes <= limits.MAX_SHM_REGION_BYTES or nbytes % staging.PAGE_BYTES):
             raise ShmUnavailable(f"the peer's offer is malformed (region {region!r:.20}, {nbytes!r:.20} bytes)")
         loop = asyncio.get_running_loop()
-        memory, bell = await loop.run_in_executor(None, claim, h.get("socket"), h.get("token"), nbytes)
-        arena = await loop.run_in_executor(None, region_arena, memory, f"shm-out {self.peer}", self.device)
-        return SharedRegion(region, arena, bell)
+        memory, bell, answers = await loop.run_in_executor(None, claim, h.get("socket"), h.get("token"), nbytes)
+        try:
+            arena = await loop.run_in_executor(None, region_arena, memory, f"shm-out {self.peer}", self.device)
+        except BaseException:
+            answers.close()
+            raise
+        return SharedRegion(region, arena, bell, answers)
 
     def _retire(self) -> None:
         if self._region is not None:
-            self._region.arena.close()  # unregistered once the runs still in flight are back
+            self._region.close()
         self._region, self._conn = None, None
 
     def close(self) -> None:
