@@ -170,6 +170,10 @@ SHM_TOKEN_TTL_S = 5.0
 SHM_SOCKET_TIMEOUT_S = 2.0
 #: The whole setup (offer over TCP, claim over the Unix socket) gets this long before TCP is used.
 SHM_SETUP_TIMEOUT_S = 10.0
+#: A sender whose setup failed asks again after this long, doubling after each failure in a row up to
+#: the second figure (TCP meanwhile).
+SHM_RETRY_S = 30.0
+SHM_RETRY_MAX_S = 600.0
 #: A shared activation starts at a multiple of this many bytes (senders use whole staging pages).
 SHM_ALIGN = 64
 #: A forward sent ahead of its stream (``shm`` ``ring``) waits at most this long for its doorbell: the

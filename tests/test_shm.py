@@ -399,7 +399,48 @@ async def test_a_refused_offer_is_one_line_and_the_link_stays_on_tcp(caplog):
                 assert torch.equal(got, tensor) and rx.transport == "tcp"
         lines = [r.getMessage() for r in caplog.records if r.name == "meshd.wire.shm"]
         assert len(lines) == 1 and "shared memory to test-peer unavailable" in lines[0]
-        assert "shutting down" in lines[0] and lines[0].endswith("the link uses TCP")
+        assert "shutting down" in lines[0] and lines[0].endswith("the link uses TCP (asked again in 30 s)")
+    finally:
+        await close_link(channel, receiver, serving, link)
+
+
+async def test_a_failed_setup_is_asked_for_again_after_a_doubling_wait_and_the_link_comes_back(
+        monkeypatch, caplog):
+    """The receiver's regions are at their cap for a while (other heads'), then free: the link is on TCP
+    meanwhile, asks again after SHM_RETRY_S, then twice that, and is back on shared memory once it can
+    be; the log says it failed once and that it works again."""
+    monkeypatch.setattr(limits, "SHM_RETRY_S", 0.4)
+    channel, receiver, serving, link = await shm_link()
+    offered, full = receiver.server.offer, [True, True]
+    asked = []
+
+    def offer(session, nbytes):
+        asked.append(nbytes)
+        if full and full.pop():
+            raise shm.ShmUnavailable("4096 MiB of shared regions are held already (test)")
+        return offered(session, nbytes)
+
+    monkeypatch.setattr(receiver.server, "offer", offer)
+
+    async def step(n: int) -> str:
+        await send_activation(channel, {}, [], activation(n), link)
+        return receiver.received.pop()[1].transport
+
+    try:
+        with caplog.at_level(logging.DEBUG, logger="meshd.wire.shm"):
+            assert await step(0) == "tcp" and len(asked) == 1
+            assert await step(1) == "tcp" and len(asked) == 1, "not asked again before the wait is over"
+            await asyncio.sleep(0.5)
+            assert await step(2) == "tcp" and len(asked) == 2, "asked again, and full again"
+            await asyncio.sleep(0.5)
+            assert await step(3) == "tcp" and len(asked) == 2, "the wait doubled after the second failure"
+            await asyncio.sleep(0.4)
+            assert await step(4) == "host-shm" and len(asked) == 3
+            assert await step(5) == "host-shm" and len(asked) == 3
+        said = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "meshd.wire.shm"]
+        assert [level for level, _ in said] == [logging.INFO, logging.DEBUG, logging.INFO], said
+        assert "held already (test)); the link uses TCP (asked again in 0 s)" in said[0][1]
+        assert said[2][1] == "shared memory to test-peer works again"
     finally:
         await close_link(channel, receiver, serving, link)
 

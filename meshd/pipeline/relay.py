@@ -242,7 +242,8 @@ class Relay:
 
     async def _shm_works(self, nxt: Stage, next_info: dict, stream_bytes: int) -> ShmSender | None:
         """The same-host fallback: the next stage, on this host, gives this connection a shared region
-        (made once per connection; a setup that fails is logged once and the link uses TCP)."""
+        (made once per connection; a setup that fails is logged and the link uses TCP until it is
+        asked for again, after SHM_RETRY_S, doubling)."""
         d = self.daemon
         if d.emulation is not None or not d.config.same_host_shm:
             return None

@@ -36,7 +36,8 @@ the head goes on with it before the reply, which follows with the hop records. A
 is reused only after the reply: the receiver answers a forward only after it is done with the run,
 so request/response order on the one connection rules out a write over bytes still in use; a
 forward the sender gave up on retires the region (:meth:`ShmSender.arena`). Any failure in the
-setup is logged in one line and the link uses TCP; a failed transport degrades the link, never a
+setup is logged in one line and the link uses TCP until the setup is tried again (after
+``SHM_RETRY_S``, doubling up to ``SHM_RETRY_MAX_S``); a failed transport degrades the link, never a
 generation. (The copies: :mod:`meshd.pipeline.streaming`.)
 """
 
@@ -589,19 +590,25 @@ class ShmSender:
 
     The region belongs to one TCP connection (the receiver drops it with the session), so a reconnect
     asks again. ``arena`` returns None when the region cannot be had or grown now; that step then goes
-    over TCP. A setup that failed is not retried for this peer (one line in the log said why)."""
+    over TCP. A setup that failed is asked for again after ``SHM_RETRY_S``, doubling after each failure
+    in a row up to ``SHM_RETRY_MAX_S`` (the peer's caps may be full for a while, or it restarted with
+    shared memory switched off); TCP meanwhile. The log has one line when it fails for a new reason
+    and one when it works again."""
 
     def __init__(self, peer: str, device: torch.device) -> None:
         self.peer = peer
         self.device = device
-        self.failed: str | None = None
+        self.failed: str | None = None  # why the last setup failed (None: it did not, or none was tried)
+        self._retry_s = 0.0  # the wait before the next setup after a failure
+        self._retry_at = 0.0  # (time.monotonic) no setup before this
+        self._closed = False
         self._conn = None
         self._region: SharedRegion | None = None
         self._lock = asyncio.Lock()
 
     async def arena(self, channel, stream_bytes: int) -> SharedRegion | None:
         async with self._lock:
-            if self.failed is not None:
+            if self._closed or (self.failed is not None and time.monotonic() < self._retry_at):
                 return None
             if self._conn is not channel.conn or channel.conn.closed:
                 self._retire()  # the receiver dropped the region with the old connection
@@ -622,12 +629,23 @@ class ShmSender:
             try:
                 self._region = await self._setup(channel, stream_bytes)
             except (ShmUnavailable, MeshError) as exc:
-                self.failed = exc.message if isinstance(exc, MeshError) else str(exc)
-                log.info("shared memory to %s unavailable (%s); the link uses TCP", self.peer, self.failed)
+                self._failed(exc.message if isinstance(exc, MeshError) else str(exc))
                 self._retire()
                 return None
+            if self.failed is not None:
+                log.info("shared memory to %s works again", self.peer)
+            self.failed, self._retry_s = None, 0.0
             self._conn = channel.conn
             return self._region
+
+    def _failed(self, why: str) -> None:
+        self._retry_s = min(max(2 * self._retry_s, limits.SHM_RETRY_S), limits.SHM_RETRY_MAX_S)
+        self._retry_at = time.monotonic() + self._retry_s
+        # One line for a reason not said before; the same one again only at debug level.
+        level = logging.DEBUG if why == self.failed else logging.INFO
+        log.log(level, "shared memory to %s unavailable (%s); the link uses TCP (asked again in %.0f s)",
+                self.peer, why, self._retry_s)
+        self.failed = why
 
     async def _setup(self, channel, stream_bytes: int) -> SharedRegion:
         reply = await channel.request("shm-offer", {"nbytes": stream_bytes}, timeout=limits.SHM_SETUP_TIMEOUT_S)
@@ -651,7 +669,7 @@ class ShmSender:
         self._region, self._conn = None, None
 
     def close(self) -> None:
-        self.failed = self.failed or "closed"
+        self._closed = True
         self._retire()
 
 
