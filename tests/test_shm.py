@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -206,6 +207,62 @@ def test_only_the_offered_token_gets_the_region_once_and_every_refusal_is_one_li
                 shm.claim(offer["socket"], offer["token"], offer["nbytes"])  # replayed
     finally:
         server.close()
+
+
+def test_a_claim_answered_with_more_descriptors_than_a_region_and_its_two_bells_is_refused():
+    """A peer of another version passing a fourth descriptor: the kernel cuts it off (MSG_CTRUNC); the
+    claim is refused, not taken with parts missing, and nothing received stays open."""
+    name = f"{shm.SOCKET_PREFIX}fake-{os.getpid()}"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind("\0" + name)
+    listener.listen(1)
+    fd, _ = shm.make_region(PAGE_BYTES)
+    ends = [*os.pipe(), *os.pipe()]
+
+    def serve():
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(limits.SHM_TOKEN_BYTES)
+            socket.send_fds(conn, [b"OK"], [fd, ends[1], ends[2], ends[3]])
+
+    server = threading.Thread(target=serve)
+    server.start()
+    before = len(os.listdir("/proc/self/fd"))
+    try:
+        with pytest.raises(shm.ShmUnavailable, match="sent 3 or more descriptor\\(s\\).*another version") as refused:
+            shm.claim(name, b"t" * limits.SHM_TOKEN_BYTES, PAGE_BYTES)
+        assert refused.value.lasting
+        assert len(os.listdir("/proc/self/fd")) == before, "the descriptors received were closed"
+    finally:
+        server.join(5)
+        listener.close()
+        for end in (fd, *ends):
+            os.close(end)
+
+
+async def test_a_setup_given_up_while_its_claim_runs_lets_what_the_claim_brings_go(monkeypatch):
+    channel, receiver, serving, link = await shm_link()
+    claimed, started = [], threading.Event()
+    real = shm.claim
+
+    def slow_claim(*args):
+        started.set()
+        time.sleep(0.3)
+        claimed.append(real(*args))
+        return claimed[-1]
+
+    monkeypatch.setattr(shm, "claim", slow_claim)
+    try:
+        setting_up = asyncio.ensure_future(link.shm.arena(channel, math.prod(SHAPE) * 2, retry=True))
+        assert await eventually(started.is_set)
+        setting_up.cancel()
+        await asyncio.gather(setting_up, return_exceptions=True)
+        assert await eventually(lambda: bool(claimed))
+        answers = claimed[0][2]
+        assert await eventually(lambda: not answers._thread.is_alive(), 3.0), "the answer bell's thread ended"
+        assert link.shm._region is None
+    finally:
+        await close_link(channel, receiver, serving, link)
 
 
 def test_a_token_expires_and_an_ended_session_takes_its_offer_and_region_with_it(monkeypatch):
@@ -406,9 +463,10 @@ async def test_a_refused_offer_is_one_line_and_the_link_stays_on_tcp(caplog):
 
 async def test_a_failed_setup_is_asked_for_again_after_a_doubling_wait_and_the_link_comes_back(
         monkeypatch, caplog):
-    """The receiver's regions are at their cap for a while (other heads'), then free: the link is on TCP
-    meanwhile, asks again after SHM_RETRY_S, then twice that, and is back on shared memory once it can
-    be; the log says it failed once and that it works again."""
+    """The receiver's regions are at their cap for a while (other heads'), then free. Steps meanwhile go
+    over TCP and never ask (a setup is no step's wait); a link chosen again (a generation's prepare, as
+    the relay asks) asks after SHM_RETRY_S, then after twice that, and is back on shared memory once it
+    can be; the log says it failed once and that it works again."""
     monkeypatch.setattr(limits, "SHM_RETRY_S", 0.4)
     channel, receiver, serving, link = await shm_link()
     offered, full = receiver.server.offer, [True, True]
@@ -422,27 +480,64 @@ async def test_a_failed_setup_is_asked_for_again_after_a_doubling_wait_and_the_l
 
     monkeypatch.setattr(receiver.server, "offer", offer)
 
-    async def step(n: int) -> str:
+    async def generation(n: int) -> str:
+        """A prepare's link choice, then one step."""
+        await link.shm.arena(channel, math.prod(SHAPE) * 2, retry=True)
         await send_activation(channel, {}, [], activation(n), link)
         return receiver.received.pop()[1].transport
 
     try:
         with caplog.at_level(logging.DEBUG, logger="meshd.wire.shm"):
-            assert await step(0) == "tcp" and len(asked) == 1
-            assert await step(1) == "tcp" and len(asked) == 1, "not asked again before the wait is over"
+            assert await generation(0) == "tcp" and len(asked) == 1
+            assert await generation(1) == "tcp" and len(asked) == 1, "not asked again before the wait is over"
             await asyncio.sleep(0.5)
-            assert await step(2) == "tcp" and len(asked) == 2, "asked again, and full again"
+            await send_activation(channel, {}, [], activation(2), link)
+            assert len(asked) == 1, "a step does not ask"
+            assert await generation(2) == "tcp" and len(asked) == 2, "asked again, and full again"
             await asyncio.sleep(0.5)
-            assert await step(3) == "tcp" and len(asked) == 2, "the wait doubled after the second failure"
+            assert await generation(3) == "tcp" and len(asked) == 2, "the wait doubled after the second failure"
             await asyncio.sleep(0.4)
-            assert await step(4) == "host-shm" and len(asked) == 3
-            assert await step(5) == "host-shm" and len(asked) == 3
+            assert await generation(4) == "host-shm" and len(asked) == 3
+            assert await generation(5) == "host-shm" and len(asked) == 3
         said = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "meshd.wire.shm"]
         assert [level for level, _ in said] == [logging.INFO, logging.DEBUG, logging.INFO], said
         assert "held already (test)); the link uses TCP (asked again in 0 s)" in said[0][1]
         assert said[2][1] == "shared memory to test-peer works again"
     finally:
         await close_link(channel, receiver, serving, link)
+
+
+async def test_a_setup_that_cannot_work_soon_waits_longest_and_a_lost_connection_is_no_failure(monkeypatch):
+    monkeypatch.setattr(limits, "SHM_RETRY_S", 0.2)
+    monkeypatch.setattr(limits, "SHM_RETRY_MAX_S", 60.0)
+    channel, receiver, serving, link = await shm_link()
+    asked = []
+
+    async def refuse(request):  # a peer with shared memory switched off
+        asked.append(request.op)
+        raise MeshError("bad-request", "B takes no shared memory (same_host_shm = false)")
+
+    receiver.session.handler = refuse
+    try:
+        nbytes = math.prod(SHAPE) * 2
+        assert await link.shm.arena(channel, nbytes, retry=True) is None and len(asked) == 1
+        await asyncio.sleep(0.3)
+        assert await link.shm.arena(channel, nbytes, retry=True) is None and len(asked) == 1, \
+            "switched off at the peer: asked again only after the longest wait"
+    finally:
+        await close_link(channel, receiver, serving, link)
+    sender = shm.ShmSender("gone-peer", torch.device("cpu"))
+    client, served = await sealed_pair()
+    lost = Channel(client)
+
+    async def setup(channel, nbytes):
+        await channel.close()
+        raise MeshError("peer-lost", "connection closed")
+
+    monkeypatch.setattr(sender, "_setup", setup)
+    assert await sender.arena(lost, nbytes, retry=True) is None
+    assert sender.failed is None, "the connection ended, not shared memory: the next connection asks at once"
+    await served.close()
 
 
 def test_a_stream_that_does_not_fill_its_run_is_a_mismatch_not_an_internal_error():
@@ -644,6 +739,9 @@ async def test_a_reply_unlike_the_prediction_rung_back_is_a_protocol_error(lie, 
 
 
 async def test_a_stage_that_rings_back_before_it_was_rung_is_a_protocol_error():
+    """As the head does it: the forward goes, the compute places and rings, then the head waits for the
+    answer. A token the stage rang back before the head rang is kept by the bell, and refused: the run
+    holds the head's own stream, not a prediction."""
     channel, receiver, serving, link = await shm_link()
 
     async def lying(request):  # rings the prediction back at once, without waiting or reading
@@ -655,11 +753,42 @@ async def test_a_stage_that_rings_back_before_it_was_rung_is_a_protocol_error():
         receiver.take = lying
         placed = await announced(channel, link)
         sending = asyncio.ensure_future(send_shared(channel, {}, [], None, link, placed=placed))
+        assert await eventually(lambda: placed.token in placed.answers._rung), "rung back, before the head rang"
+        placed.place(activation(1))
+        placed.ring()
         with pytest.raises(MeshError, match="rang back a prediction before its stream was in the shared run") as lied:
             await asyncio.wait_for(placed.answered(sending, PREDICTION, torch.bfloat16, "B"), 5)
         assert lied.value.code == "protocol" and lied.value.peer == "B"
         sending.cancel()
         await asyncio.gather(sending, return_exceptions=True)
+    finally:
+        await close_link(channel, receiver, serving, link)
+
+
+async def test_a_stage_rings_back_only_for_a_sender_that_asks(monkeypatch):
+    """A sender of the version before the answer bell (it asks for no ``answer``; it got the bell's
+    descriptor cut off by the kernel) is never rung back: nothing would read the pipe."""
+    channel, receiver, serving, link = await shm_link(receiver_type=LastStage)
+    described = SharedRun.descriptor
+    try:
+        await send_activation(channel, {}, [], activation(0), link)
+        monkeypatch.setattr(SharedRun, "descriptor", lambda self: {k: v for k, v in described(self).items()
+                                                                 if k != "answer"})
+        placed = await announced(channel, link)
+        tensor = activation(1)
+        placed.place(tensor)
+        placed.ring()
+        reply, _ = await send_shared(channel, {}, [], None, link, placed=placed)
+        assert torch.equal(prediction_of(reply), tensor[:, :4] * 2)
+        await asyncio.sleep(0.1)
+        assert placed.token not in placed.answers._rung, "not rung back"
+        monkeypatch.setattr(SharedRun, "descriptor", lambda self: {**described(self), "answer": "yes"})
+        placed = await announced(channel, link)
+        placed.place(tensor)
+        placed.ring()
+        with pytest.raises(MeshError, match="shm answer='yes' must be true or false") as refused:
+            await send_shared(channel, {}, [], None, link, placed=placed)
+        assert refused.value.code == "bad-request"
     finally:
         await close_link(channel, receiver, serving, link)
 
@@ -768,7 +897,7 @@ async def test_a_doorbell_wakes_each_forward_by_its_token_and_fails_them_when_it
         await asyncio.wait_for(waits[0], 2)
         assert await eventually(lambda: 100 not in doorbell._rung and len(doorbell._rung) == shm.RUNG_KEPT)
         kept = doorbell.wait(100 + shm.RUNG_KEPT)
-        assert kept.done() and kept.result() is None, "a token rung before its forward is kept"
+        assert kept.done() and isinstance(kept.result(), float), "a token rung before its forward is kept"
         late = doorbell.wait(7)
         del bell  # the sender lets the region go: the pipe's end closes
         gc.collect()

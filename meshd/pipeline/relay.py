@@ -255,4 +255,4 @@ class Relay:
         if sender is None:
             sender = self._shm[key] = ShmSender(key, d.device)
         channel = await d.pool.get(nxt.peer)
-        return sender if await sender.arena(channel, stream_bytes) is not None else None
+        return sender if await sender.arena(channel, stream_bytes, retry=True) is not None else None

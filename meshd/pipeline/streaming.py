@@ -371,6 +371,7 @@ class SharedRun:
         self.dtype: torch.dtype | None = None
         self.token: int | None = None  # announced: the doorbell token the compute rings
         self.answered_bytes: int | None = None  # the prediction taken from the run when it rang back
+        self.rang_at: float | None = None  # (time.monotonic) when ring() rang: a ring back before is a lie
         self._copy = _TimedCopy()
 
     @property
@@ -405,6 +406,7 @@ class SharedRun:
         if not self._copy.made:
             raise MeshError("internal", "a shared run was rung for before its stream was placed in it")
         self._copy.wait()  # (the GPU worker's own wait after the call is then free)
+        self.rang_at = time.monotonic()
         self.bell.notify(self.token)  # a receiver gone is only logged: the forward's own wait names it
 
     async def answered(self, reply: asyncio.Future, shape: Sequence[int], dtype: torch.dtype,
@@ -413,7 +415,8 @@ class SharedRun:
         (the prediction of ``shape`` and ``dtype`` is at the start of the run) or ``reply`` (the
         forward's request) is done, whichever comes first. Returns the prediction, a view of the run
         (which stays ours while the view lives), or None: the reply came first, the region has no
-        answer bell, or that bell ended (the reply then says why)."""
+        answer bell, or that bell ended (the reply then says why). Called after :meth:`ring`: a ring
+        back this side read before it is a ``protocol`` error."""
         if self.token is None or self.answers is None:
             return None
         back = self.answers.wait(self.token)
@@ -421,13 +424,14 @@ class SharedRun:
             await asyncio.wait({back, reply}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             back.cancel()  # (the reply came first: the token, if it rings later, is one the bell keeps)
-        if reply.done() or back.cancelled() or back.exception() is not None:
+        ended = back.cancelled() or back.exception() is not None  # (its failure retrieved, whichever came first)
+        if ended or reply.done():
             return None
-        nbytes = math.prod(shape) * dtype.itemsize
-        if not self.placed or nbytes > self.nbytes:
-            # Only a peer that lies rings back before it was rung for (or for more than the run holds).
+        if self.rang_at is None or back.result() < self.rang_at:
+            # Only a peer that lies rings back before it was rung for: the run holds our own stream.
             raise MeshError("protocol", "rang back a prediction before its stream was in the shared run",
                             peer=peer)
+        nbytes = math.prod(shape) * dtype.itemsize
         self.answered_bytes = nbytes
         return torch.from_numpy(self.run[:nbytes]).view(dtype).reshape(tuple(shape))
 
@@ -448,6 +452,8 @@ class SharedRun:
                 "shape": list(self.shape), "dtype": dtype_name(self.dtype), "return": True}
         if self.token is not None:
             desc["ring"] = self.token  # the stream is there once this token rings
+            if self.answers is not None:
+                desc["answer"] = True  # and the prediction, given back in the run, is rung back with it
         return desc
 
     def returned(self, reply, peer: str) -> None:
@@ -656,7 +662,10 @@ async def receive_input(request: Request, device: torch.device, expect_shape: Se
             if shm.doorbell is None:
                 raise MeshError("bad-request", "shm ring names a doorbell this connection's region does not have")
             rung = functools.partial(shm.doorbell.wait, token)  # waited for by StageInput.ready
-            if may_return and shm.answer is not None:  # rung back once the prediction is in the run
+            wants = desc.get("answer", False)
+            if not isinstance(wants, bool):
+                raise MeshError("bad-request", f"shm answer={wants!r:.20} must be true or false")
+            if wants and may_return and shm.answer is not None:  # rung back once the prediction is in the run
                 answer = functools.partial(shm.answer.notify, token)
         # The span keeps the region mapped and registered while the input lives, even if the connection
         # (and its region) is dropped meanwhile.

@@ -84,7 +84,13 @@ _OK = b"OK"
 
 
 class ShmUnavailable(RuntimeError):
-    """This setup step cannot work here (no memfd, no abstract socket, a refusal, a bad descriptor)."""
+    """This setup step cannot work here (no memfd, no abstract socket, a refusal, a bad descriptor).
+    ``lasting``: asking again soon cannot help (another network namespace, another meshd version, a
+    peer that hands out what no region is), as opposed to a peer busy for now."""
+
+    def __init__(self, message: str, *, lasting: bool = False) -> None:
+        super().__init__(message)
+        self.lasting = lasting
 
 
 def region_bytes(stream_bytes: int) -> int:
@@ -170,9 +176,9 @@ def _pipe_end(fd: int, what: str, mode: int, end: str) -> int:
     try:
         kind, flags = os.fstat(fd).st_mode, fcntl.fcntl(fd, fcntl.F_GETFL)
     except OSError as exc:
-        raise ShmUnavailable(f"the received {what} is not a descriptor: {exc.strerror}") from None
+        raise ShmUnavailable(f"the received {what} is not a descriptor: {exc.strerror}", lasting=True) from None
     if not stat.S_ISFIFO(kind) or flags & os.O_ACCMODE != mode:
-        raise ShmUnavailable(f"the received {what} is not the {end} of a pipe")
+        raise ShmUnavailable(f"the received {what} is not the {end} of a pipe", lasting=True)
     return os.dup(fd)
 
 
@@ -202,21 +208,21 @@ class Doorbell:
         self._fd = fd
         self._peer = peer
         self._lock = threading.Lock()
-        self._rung: OrderedDict[int, None] = OrderedDict()
+        self._rung: OrderedDict[int, float] = OrderedDict()  # token -> when it was read (time.monotonic)
         self._waiting: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
         self._ended: str | None = None
         self._thread = threading.Thread(target=self._serve, name=f"doorbell {name}", daemon=True)
         self._thread.start()
 
     def wait(self, token: int) -> asyncio.Future:
-        """A future (of the running loop) done when ``token`` has rung, failing with a ``peer-lost``
-        MeshError once the doorbell has ended; cancelling it stops the wait."""
+        """A future (of the running loop) done when ``token`` has rung, with the time.monotonic() at
+        which this side read it; failing with a ``peer-lost`` MeshError once the doorbell has ended.
+        Cancelling it stops the wait."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         with self._lock:
             if token in self._rung:
-                del self._rung[token]
-                future.set_result(None)
+                future.set_result(self._rung.pop(token))
             elif self._ended is not None:
                 future.set_exception(MeshError("peer-lost", self._ended))
             elif token in self._waiting:
@@ -258,28 +264,29 @@ class Doorbell:
                     return
                 pending += data
                 whole = len(pending) - len(pending) % _TOKEN.size
+                read_at = time.monotonic()
                 for (token,) in _TOKEN.iter_unpack(pending[:whole]):
-                    self._rang(token)
+                    self._rang(token, read_at)
                 pending = pending[whole:]
         except OSError as exc:
             self._end(f"the shared region's doorbell failed: {exc.strerror or exc}")
         finally:
             os.close(self._fd)
 
-    def _rang(self, token: int) -> None:
+    def _rang(self, token: int, read_at: float) -> None:
         with self._lock:
             loop, future = self._waiting.pop(token, (None, None))
             if future is None:
-                self._rung[token] = None
+                self._rung[token] = read_at
                 while len(self._rung) > RUNG_KEPT:
                     self._rung.popitem(last=False)
         if future is not None:
-            loop.call_soon_threadsafe(_settle, future)
+            loop.call_soon_threadsafe(_settle, future, read_at)
 
 
-def _settle(future: asyncio.Future) -> None:
+def _settle(future: asyncio.Future, value=None) -> None:
     if not future.done():
-        future.set_result(None)
+        future.set_result(value)
 
 
 def _fail(future: asyncio.Future, exc: BaseException) -> None:
@@ -294,11 +301,11 @@ def map_region(fd: int, nbytes: int) -> mmap.mmap:
         size = os.fstat(fd).st_size
         seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
     except OSError as exc:
-        raise ShmUnavailable(f"the received descriptor is not a sealable memfd: {exc.strerror}") from None
+        raise ShmUnavailable(f"the received descriptor is not a sealable memfd: {exc.strerror}", lasting=True) from None
     if size != nbytes:
-        raise ShmUnavailable(f"the received region has {size} bytes; the offer said {nbytes}")
+        raise ShmUnavailable(f"the received region has {size} bytes; the offer said {nbytes}", lasting=True)
     if seals & _SEALS != _SEALS:
-        raise ShmUnavailable("the received region is not sealed against shrinking and growing")
+        raise ShmUnavailable("the received region is not sealed against shrinking and growing", lasting=True)
     try:
         return mmap.mmap(fd, nbytes)
     except OSError as exc:
@@ -541,21 +548,23 @@ def claim(name: str, token: bytes, nbytes: int) -> tuple[mmap.mmap, Bell, Doorbe
     """The sender's side of step 2: fetch the offered region's descriptor and map it, and take its
     doorbell and its answer bell (blocking)."""
     if not (isinstance(name, str) and name.startswith(SOCKET_PREFIX) and len(name) < 100 and "\0" not in name):
-        raise ShmUnavailable(f"the offer names no meshd socket ({name!r:.60})")
+        raise ShmUnavailable(f"the offer names no meshd socket ({name!r:.60})", lasting=True)
     if not isinstance(token, bytes) or len(token) != limits.SHM_TOKEN_BYTES:
-        raise ShmUnavailable("the offer's token is not 32 bytes")
+        raise ShmUnavailable("the offer's token is not 32 bytes", lasting=True)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(limits.SHM_SOCKET_TIMEOUT_S)
         try:
             sock.connect("\0" + name)
             sock.sendall(token)
-            message, fds, _, _ = socket.recv_fds(sock, 256, 3)
+            message, fds, flags, _ = socket.recv_fds(sock, 256, 3)
         except OSError as exc:  # another network namespace has no such socket: ECONNREFUSED
-            raise ShmUnavailable(f"cannot reach the peer's socket: {exc.strerror or exc}") from None
+            raise ShmUnavailable(f"cannot reach the peer's socket: {exc.strerror or exc}",
+                                 lasting=exc.errno in (errno.ECONNREFUSED, errno.ENOENT)) from None
         try:
-            if message == _OK and len(fds) != 3:
-                raise ShmUnavailable(f"the peer sent {len(fds)} descriptor(s), not a region and its two doorbells "
-                                     "(a meshd of another version?)")
+            if message == _OK and (len(fds) != 3 or flags & socket.MSG_CTRUNC):
+                more = " or more" if flags & socket.MSG_CTRUNC else ""
+                raise ShmUnavailable(f"the peer sent {len(fds)}{more} descriptor(s), not a region and its two "
+                                     "doorbells (a meshd of another version?)", lasting=True)
             if message != _OK:
                 said = message.decode(errors="replace").strip()[:200] or "no descriptor"
                 raise ShmUnavailable(f"the peer refused the claim: {said}")
@@ -590,10 +599,13 @@ class ShmSender:
 
     The region belongs to one TCP connection (the receiver drops it with the session), so a reconnect
     asks again. ``arena`` returns None when the region cannot be had or grown now; that step then goes
-    over TCP. A setup that failed is asked for again after ``SHM_RETRY_S``, doubling after each failure
-    in a row up to ``SHM_RETRY_MAX_S`` (the peer's caps may be full for a while, or it restarted with
-    shared memory switched off); TCP meanwhile. The log has one line when it fails for a new reason
-    and one when it works again."""
+    over TCP. A setup that failed is asked for again only when a link is chosen (a generation's
+    prepare, ``retry``), never in a step's way: after ``SHM_RETRY_S``, doubling after each failure in a
+    row up to ``SHM_RETRY_MAX_S`` (the peer's caps may be full for a while), or after that longest wait
+    at once where asking again soon cannot help (another network namespace, another meshd version, a
+    peer with shared memory switched off). A setup that failed because the connection ended is no
+    failure of shared memory: the next connection asks at once. The log has one line when it fails
+    for a new reason and one when it works again."""
 
     def __init__(self, peer: str, device: torch.device) -> None:
         self.peer = peer
@@ -606,9 +618,9 @@ class ShmSender:
         self._region: SharedRegion | None = None
         self._lock = asyncio.Lock()
 
-    async def arena(self, channel, stream_bytes: int) -> SharedRegion | None:
+    async def arena(self, channel, stream_bytes: int, *, retry: bool = False) -> SharedRegion | None:
         async with self._lock:
-            if self._closed or (self.failed is not None and time.monotonic() < self._retry_at):
+            if self._closed or (self.failed is not None and not (retry and time.monotonic() >= self._retry_at)):
                 return None
             if self._conn is not channel.conn or channel.conn.closed:
                 self._retire()  # the receiver dropped the region with the old connection
@@ -627,19 +639,24 @@ class ShmSender:
                 return None  # a forward through the old region is unanswered: grow after it, TCP now
             self._retire()  # (too small, and idle: its answer bell's thread ends too)
             try:
-                self._region = await self._setup(channel, stream_bytes)
+                region = await self._setup(channel, stream_bytes)
             except (ShmUnavailable, MeshError) as exc:
-                self._failed(exc.message if isinstance(exc, MeshError) else str(exc))
-                self._retire()
+                if not channel.conn.closed:  # (else the connection's end said it; the next one asks again)
+                    self._failed(exc.message if isinstance(exc, MeshError) else str(exc),
+                                 lasting=exc.code == "bad-request" if isinstance(exc, MeshError) else exc.lasting)
+                return None
+            if self._closed:  # (closed while it was set up: the daemon stops)
+                region.close()
                 return None
             if self.failed is not None:
                 log.info("shared memory to %s works again", self.peer)
             self.failed, self._retry_s = None, 0.0
-            self._conn = channel.conn
-            return self._region
+            self._region, self._conn = region, channel.conn
+            return region
 
-    def _failed(self, why: str) -> None:
-        self._retry_s = min(max(2 * self._retry_s, limits.SHM_RETRY_S), limits.SHM_RETRY_MAX_S)
+    def _failed(self, why: str, *, lasting: bool) -> None:
+        retry = limits.SHM_RETRY_MAX_S if lasting else 2 * self._retry_s
+        self._retry_s = min(max(retry, limits.SHM_RETRY_S), limits.SHM_RETRY_MAX_S)
         self._retry_at = time.monotonic() + self._retry_s
         # One line for a reason not said before; the same one again only at debug level.
         level = logging.DEBUG if why == self.failed else logging.INFO
@@ -653,9 +670,17 @@ class ShmSender:
         region, nbytes = h.get("region"), h.get("nbytes")
         if (wire_int(region) is None or wire_int(nbytes) is None
                 or not stream_bytes <= nbytes <= limits.MAX_SHM_REGION_BYTES or nbytes % staging.PAGE_BYTES):
-            raise ShmUnavailable(f"the peer's offer is malformed (region {region!r:.20}, {nbytes!r:.20} bytes)")
+            raise ShmUnavailable(f"the peer's offer is malformed (region {region!r:.20}, {nbytes!r:.20} bytes)",
+                                 lasting=True)
         loop = asyncio.get_running_loop()
-        memory, bell, answers = await loop.run_in_executor(None, claim, h.get("socket"), h.get("token"), nbytes)
+        claiming = loop.run_in_executor(None, claim, h.get("socket"), h.get("token"), nbytes)
+        try:
+            memory, bell, answers = await asyncio.shield(claiming)
+        except asyncio.CancelledError:
+            # Given up while the claim runs on its thread: what it brings back is let go once it is back
+            # (the answer bell's thread would otherwise live on).
+            claiming.add_done_callback(_close_claimed)
+            raise
         try:
             arena = await loop.run_in_executor(None, region_arena, memory, f"shm-out {self.peer}", self.device)
         except BaseException:
@@ -671,6 +696,11 @@ class ShmSender:
     def close(self) -> None:
         self._closed = True
         self._retire()
+
+
+def _close_claimed(claiming: asyncio.Future) -> None:
+    if not claiming.cancelled() and claiming.exception() is None:
+        claiming.result()[2].close()
 
 
 def check_descriptor(desc: object, region: Inbound | None, shape, dtype: torch.dtype) -> tuple[int, int]:
