@@ -1021,6 +1021,67 @@ async def test_a_split_between_daemons_of_this_host_uses_shared_memory_unless_sw
     gc.collect()
 
 
+async def test_a_chain_of_three_daemons_of_this_host_sends_every_hop_ahead_and_equals_all_local(tmp_path, reference):
+    """The middle stage's forward goes ahead of its stream too, and the prediction rung back by the last
+    stage is passed back up before either reply: every hop through shared memory, exact."""
+    local, models = reference
+    config = {"same_host_ipc": False}
+    async with running_daemon(tmp_path / "a", KEY, blocks=range(0, 2), models_dir=models, **config) as a, \
+            running_daemon(tmp_path / "b", KEY, blocks=range(2, 4), models_dir=models, **config) as b, \
+            running_daemon(tmp_path / "c", KEY, blocks=range(4, 6), models_dir=models, **config) as c:
+        answered = []  # (whose answer bell, whether the prediction was taken from it before the reply)
+        original = SharedRun.answered
+
+        async def recorded(self, reply, shape, dtype, peer):
+            got = await original(self, reply, shape, dtype, peer)
+            answered.append((peer, got is not None))
+            return got
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(SharedRun, "answered", recorded)
+            for _ in range(2):
+                outcome = await split_generation(KEY, [a.bound, b.bound, c.bound], "A:0-1,B:2-3,C:4-5", PARAMS,
+                                                 codec="raw")
+                assert np.array_equal(np.asarray(Image.open(io.BytesIO(outcome.png))), local)
+                passes = [p for step in outcome.summary["steps"] for p in step["passes"]]
+                assert all([hop["transport"] for hop in p["hops"]] == ["host-shm"] * 2 for p in passes)
+                assert all(hop["ahead"] is True for p in passes for hop in p["hops"]), "both hops went ahead"
+                assert [p["return_via"] for p in passes] == ["host-shm"] * PARAMS["steps"]
+        by_middle = [early for peer, early in answered if peer == f"{c.bound[0]}:{c.bound[1]}"]
+        assert len(by_middle) == 2 * PARAMS["steps"], answered
+        # (which comes first, the answer bell or the reply, is the event loop's: the bell, as a rule)
+        assert any(by_middle), "the middle took predictions on the last stage's answer bell and passed them up"
+    gc.collect()
+
+
+async def test_a_middle_stage_whose_compute_fails_after_its_forward_went_ends_the_generation_and_all_serve_on(
+        tmp_path, reference, monkeypatch):
+    local, models = reference
+    config = {"same_host_ipc": False}
+    async with running_daemon(tmp_path / "a", KEY, blocks=range(0, 2), models_dir=models, **config) as a, \
+            running_daemon(tmp_path / "b", KEY, blocks=range(2, 4), models_dir=models, **config) as b, \
+            running_daemon(tmp_path / "c", KEY, blocks=range(4, 6), models_dir=models, **config) as c:
+        rang = SharedRun.ring
+        calls = []
+
+        def failing(self):
+            calls.append(self.token)
+            if len(calls) == 4:  # the second step's ring by the middle stage (the head rings first)
+                raise MeshError("oom", "GPU cpu ran out of memory (test)")
+            rang(self)
+
+        monkeypatch.setattr(SharedRun, "ring", failing)
+        plan = "A:0-1,B:2-3,C:4-5"
+        with pytest.raises(MeshError, match="ran out of memory \\(test\\)") as failed:
+            await asyncio.wait_for(split_generation(KEY, [a.bound, b.bound, c.bound], plan, PARAMS, codec="raw"), 20)
+        assert failed.value.code == "oom"
+        monkeypatch.undo()
+        assert await eventually(lambda: not b.stage.jobs and not c.stage.jobs, 5.0), "both stages dropped the job"
+        outcome = await split_generation(KEY, [a.bound, b.bound, c.bound], plan, PARAMS, codec="raw")
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(outcome.png))), local)
+    gc.collect()
+
+
 async def test_a_head_whose_compute_fails_after_its_forward_went_ends_the_generation_and_the_stage_serves_on(
         tmp_path, reference, monkeypatch):
     """The forward goes while the head's blocks run; the head's compute then fails (out of memory, say,

@@ -26,7 +26,7 @@ from ..wire.channel import Request
 from .generation import GenerationParams, LocalRunner, Sampler, run_generation, uses_cfg
 from .plan import PlanError, SplitPlan, Stage
 from .relay import Geometry, downstream_needs, quality_floor, request_flag
-from .streaming import LinkPlan, pack_raw, reserve_shared, unpack_raw
+from .streaming import LinkPlan, give_up, pack_raw, reserve_shared, unpack_raw
 
 
 class HeadService:
@@ -166,13 +166,6 @@ def _settle(future: asyncio.Future, value) -> None:
         future.set_result(value)
 
 
-async def _give_up(task: asyncio.Future) -> None:
-    """Cancel ``task`` unless it is done, and wait until it is (its failure, if any, is not this caller's)."""
-    if not task.done():
-        task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
-
-
 def _time_ms(value: object) -> float | None:
     """A duration in ms a peer reported: a finite number >= 0, or None."""
     ms = wire_number(value)
@@ -273,7 +266,7 @@ class SplitRunner:
             if early is None:
                 return await self._reply(sending, seconds, shared, expected, answered=False)
         except BaseException:
-            await _give_up(sending)
+            await give_up(sending)
             raise
         # The stage rang the prediction back in the run: the sampler goes on with it (its scheduler step,
         # the next step's head blocks) while the reply, with the hop records, is still on its way.
@@ -339,7 +332,7 @@ class SplitRunner:
         except BaseException:
             computing.cancel()  # (a GPU call already running finishes; its closure holds the run)
             if sending is not None:
-                await _give_up(sending)  # (a cancelled forward retires its region)
+                await give_up(sending)  # (a cancelled forward retires its region)
             raise
         finally:
             vectors_known.cancel()
@@ -349,7 +342,7 @@ class SplitRunner:
         prepared it anyway; releasing an unknown job is harmless). A reply still awaited (the generation
         ended before it came) is given up first."""
         if self._pending is not None:
-            await _give_up(self._pending)
+            await give_up(self._pending)
         if self.channel is not None and self.channel.alive:
             with contextlib.suppress(Exception):
                 await self.channel.request("release", {"job": self.job_id}, timeout=10)

@@ -28,7 +28,7 @@ from ..wire import ipc, shm
 from ..wire.channel import Request, ServerSession
 from .plan import PlanError, SplitPlan, Stage
 from .relay import Geometry, cond_needs, downstream_needs, quality_floor, request_flag
-from .streaming import LinkPlan, pack_raw, raw_header, receive_input, reserve_shared, unpack_raw
+from .streaming import LinkPlan, give_up, pack_raw, raw_header, receive_input, reserve_shared, unpack_raw
 
 
 @dataclass
@@ -158,10 +158,13 @@ class StageService:
             raise MeshError("mismatch", f"{d.name} no longer holds blocks {job.start}-{job.end - 1}")
         span = d.model.span
         channel = placed = None
+        ahead = False
         if not job.tail:
             channel = await d.pool.get(job.next_peer.peer)
-            # Same host without CUDA IPC: the stream goes into the next stage's region from the compute.
+            # Same host without CUDA IPC: the stream goes into the next stage's region from the compute,
+            # and the forward goes ahead of it, as the head's does (the next stage starts on the doorbell).
             placed = await reserve_shared(channel, job.next_link, g.stream_bytes(preset.hidden, d.model.dtype))
+            ahead = placed is not None and placed.announce((g.batch, g.tokens, preset.hidden), d.model.dtype)
 
         def compute() -> tuple[torch.Tensor | None, dict | None]:
             # This closure holds ``inp`` and ``placed`` (their region memory) until the GPU worker has
@@ -173,6 +176,8 @@ class StageService:
                 out = s.as_joint()
                 if placed is not None:
                     placed.place(out)  # queued behind the blocks
+                    if ahead:
+                        placed.ring()  # once the copy is done: the next stage's compute starts
                 return out, None
             prediction = span.final(s, c.temb)
             # The prediction goes back to the head: into the run its stream came in (host-shm), or copied
@@ -182,10 +187,21 @@ class StageService:
             return prediction.cpu(), None
 
         await inp.ready()  # a stream sent ahead: everything above was done while the sender still computed
+        names = sorted(job.downstream_needs)
+        sending = None
+        if ahead:  # the vectors are this request's: the forward goes before the compute
+            sending = asyncio.ensure_future(d.relay.send_step(
+                channel, job.next_link, job.id, h.get("step"), names, d.relay.vectors(cond, names), None,
+                measure_error=job.measure_error, placed=placed))
+            sending.add_done_callback(lambda f: f.cancelled() or f.exception())  # (awaited below, or given up)
         try:
             (out, given_back), seconds = await d.worker.run(compute)
-        except ModelError as exc:  # a LoraError too: a job's LoRA file gone or changed since its prepare, say
-            raise file_refusal(d.name, exc) from None
+        except BaseException as exc:
+            if sending is not None:
+                await give_up(sending)  # the next stage stops waiting for a stream that never comes
+            if isinstance(exc, ModelError):  # a LoraError too: a job's LoRA file gone or changed since its prepare
+                raise file_refusal(d.name, exc) from None
+            raise
         seconds -= inp.count_copy(rx) / 1e3  # a copy out of the region ran in the compute's call
         if placed is not None:
             seconds -= placed.copy_ms / 1e3  # the next hop's (its encode_ms)
@@ -199,11 +215,24 @@ class StageService:
                 return inp.reply({"prediction": given_back, "hops": [record]}, [])
             headers, buffers = pack_raw([out])
             return {"prediction": headers[0], "hops": [record]}, buffers
-        names = sorted(job.downstream_needs)
-        reply, hops, job.next_link = await d.relay.send_step(
-            channel, job.next_link, job.id, h.get("step"), names, d.relay.vectors(cond, names), out,
-            measure_error=job.measure_error, placed=placed)
+        if sending is None:
+            sending = asyncio.ensure_future(d.relay.send_step(
+                channel, job.next_link, job.id, h.get("step"), names, d.relay.vectors(cond, names), out,
+                measure_error=job.measure_error, placed=placed))
         del out
+        try:
+            if ahead:
+                # Rung back from further down: passed back up at once, before that stage's reply (and so
+                # before this one's), for a sender that asked.
+                early = await placed.answered(sending, (g.batch, g.img_h * g.img_w, preset.out_channels),
+                                              d.model.dtype, channel.name)
+                if early is not None:
+                    inp.pass_back([early.view(torch.uint8).reshape(-1).numpy()])
+                    del early
+            reply, hops, job.next_link = await sending
+        except BaseException:
+            await give_up(sending)
+            raise
         # The prediction from further down goes on up: into the run this stage's input came in, if it can.
         return inp.reply({"prediction": reply.header.get("prediction"), "hops": [record, *hops]}, reply.segments)
 

@@ -623,16 +623,22 @@ class StageInput:
         if answer is not None:
             answer()
 
-    def reply(self, fields: dict, segments: list) -> tuple[dict, list]:
-        """A forward's reply ``fields`` with its prediction: in the run where :meth:`give_back` put it
-        there, or where it came from further down as one host buffer (``segments``) that fits there
-        (copied in now, and rung back as :meth:`give_back` does); else ``segments`` over TCP."""
+    def pass_back(self, segments: list) -> None:
+        """A prediction from further down, as one host buffer (``segments``): into the input's run now,
+        where the sender asked for it there and it fits, and rung back as :meth:`give_back` does (a
+        middle stage: as soon as it has it, before its own reply). Once only."""
         if self.returned is None and self.shared and self.may_return and len(segments) == 1:
             data = np.frombuffer(memoryview(segments[0]).cast("B"), dtype=np.uint8)
             if 0 < data.nbytes <= self.source.nbytes:
                 self.source[: data.nbytes] = data
                 self.returned = data.nbytes
                 self._ring_back()
+
+    def reply(self, fields: dict, segments: list) -> tuple[dict, list]:
+        """A forward's reply ``fields`` with its prediction: in the run where :meth:`give_back` or
+        :meth:`pass_back` put it, or where it came from further down as one host buffer (``segments``)
+        that fits there (passed back now); else ``segments`` over TCP."""
+        self.pass_back(segments)
         if self.returned is None:
             return fields, segments
         return {**fields, "prediction_shm": {"nbytes": self.returned}}, []
@@ -772,6 +778,14 @@ async def receive_stream(request: Request, device: torch.device, expect_shape: S
     elif decoder.header.codec == "raw":
         stats.h2d_ms = stats.decode_ms  # a CPU stage: the copy is the decode
     return tensor, stats
+
+
+async def give_up(task: asyncio.Future) -> None:
+    """Cancel ``task`` unless it is done, and wait until it is (its failure, if any, is not this caller's:
+    a forward given up this way retires its shared region, :func:`send_shared`)."""
+    if not task.done():
+        task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
 
 
 def _byte_view(tensor: torch.Tensor) -> torch.Tensor:

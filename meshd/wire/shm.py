@@ -25,10 +25,11 @@ checks the bounds against its own region and its compute copies the bytes out ah
 
 The region comes with a doorbell: the write end of a pipe, passed with the memfd (:class:`Bell`; the
 receiver keeps the read end, :class:`Doorbell`). A head sends its ``forward`` while its blocks still
-run, with ``ring`` N in ``shm``; the stage checks and prepares everything for that step at once, and
-starts its compute when token N arrives on the pipe, which the head's GPU worker writes as soon as
-the stream is in the run (its copy synchronised). So neither event loop, nor the sealed frame, nor
-the stage's request handling stands between the head's last kernel and the stage's first.
+run (a middle stage before its blocks), with ``ring`` N in ``shm``; the stage checks and prepares
+everything for that step at once, and starts its compute when token N arrives on the pipe, which
+the sender's GPU worker writes as soon as the stream is in the run (its copy synchronised). So
+neither event loop, nor the sealed frame, nor the stage's request handling stands between the
+sender's last kernel and the stage's first.
 With ``return`` the prediction comes back in the same run (``prediction_shm``), not over TCP; for a
 forward sent ahead the stage also rings the forward's token back on the region's answer bell (a
 second pipe, whose read end goes to the sender with the memfd) once the prediction is there, and
