@@ -53,7 +53,7 @@ from meshd.pipeline.plan import parse_split  # noqa: E402
 from meshd.pipeline.progress import BREAKDOWN, passes_from_wire  # noqa: E402
 from meshd.wire import seal  # noqa: E402
 from meshtui.local import LocalCluster  # noqa: E402
-from meshtui.mesh import Mesh  # noqa: E402
+from meshtui.mesh import Mesh, labels  # noqa: E402
 from meshtui.report import hop_totals  # noqa: E402
 
 
@@ -412,8 +412,8 @@ def bench_one(args, device, params, setting: str) -> dict:
             config.write_text("[meshd]\nsame_host_ipc = false\n"
                               + ("same_host_shm = false\n" if args.transport == "tcp" else ""))
             common += ["--config", str(config)]
-        cluster.add("A", "--device", devices[0], env=env)
-        cluster.add("B", "--device", devices[1], env=env)
+        for label, each in zip(labels(len(devices)), devices):  # A, B (, C, ...): one daemon per device named
+            cluster.add(label, "--device", each, env=env)
         cluster.start(timeout=300)
         try:
             split = asyncio.run(run_split(args, cluster, params, local, emulation, kept))
@@ -445,7 +445,8 @@ def main() -> int:
     parser.add_argument("--random-weights", action="store_true")
     parser.add_argument("--models-dir", type=Path, default=Path("/tmp/flux-mesh-models"))
     parser.add_argument("--device", default="cuda", help="device of the all-local reference")
-    parser.add_argument("--devices", default="", help="devices of daemons A,B (default: --device for both)")
+    parser.add_argument("--devices", default="",
+                        help="devices of daemons A,B[,C...], one daemon each (default: --device for A and B)")
     parser.add_argument("--transport", choices=["auto", "tcp", "shm"], default="auto",
                         help="auto: CUDA IPC between stages of one host when it works, else shared host memory; "
                              "tcp: always loopback TCP; shm: shared host memory (CUDA IPC off)")

@@ -1166,3 +1166,20 @@ def test_the_split_bench_forces_shared_memory_and_stays_exact(tmp_path):
     # --interleave: one all-local generation after each timed split one, its ratio beside the plain one
     assert len(run["local_interleaved_s"]) == len(run["split_seconds"]) == 1
     assert run["split_over_local_interleaved"] > 0 and run["step_split_over_local_interleaved"] > 0
+
+
+def test_the_split_bench_runs_a_chain_of_three_daemons_with_every_hop_ahead(tmp_path):
+    """``--devices cpu,cpu,cpu``: one daemon per device named, the planner's split over all three."""
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        [sys.executable, str(root / "bench" / "split_bench.py"), "--model", "tiny", "--random-weights",
+         "--device", "cpu", "--devices", "cpu,cpu,cpu", "--size", "64", "--steps", "2", "--codecs", "raw",
+         "--repeat", "1", "--transport", "shm", "--workdir", str(tmp_path)],
+        capture_output=True, text=True, timeout=240, cwd=root)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout)
+    (run,) = result["runs"]
+    assert result["plan"].count("->") == 2 and result["config"]["devices"] == ["cpu"] * 3
+    assert run["transports"] == ["host-shm"] and run["bit_identical_latents"] and run["ahead"] == [True]
+    assert [part["link"] for part in run["hop_breakdown_ms"]] == ["A -> B", "B -> C"]
+
