@@ -371,7 +371,7 @@ def test_an_offer_that_fails_gives_its_reservation_back(monkeypatch):
 def test_a_descriptor_outside_the_region_or_unlike_the_input_is_refused(change, message):
     fd, memory = shm.make_region(2 * PAGE_BYTES)
     os.close(fd)  # the mapping keeps the memory
-    region = shm.Inbound(1, shm.region_arena(memory, "t", torch.device("cpu")))
+    region = shm.Inbound(1, shm.region_arena(memory, "t", torch.device("cpu")), None, None)  # (no bells: not rung)
     good = {"region": 1, "offset": 0, "nbytes": 24 * 64 * 2, "shape": [1, 24, 64], "dtype": "bfloat16"}
     assert shm.check_descriptor(good, region, SHAPE, torch.bfloat16) == (0, 24 * 64 * 2)
     with pytest.raises(MeshError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
@@ -544,7 +544,7 @@ def test_a_stream_that_does_not_fill_its_run_is_a_mismatch_not_an_internal_error
     fd, memory = shm.make_region(2 * PAGE_BYTES)
     os.close(fd)
     arena = shm.region_arena(memory, "t", torch.device("cpu"))
-    placed = SharedRun(1, arena, arena.allocate(24 * 64 * 2))
+    placed = SharedRun(1, arena, arena.allocate(24 * 64 * 2), None, None)  # (not announced: no bells)
     with pytest.raises(MeshError, match="a stream of 1536 bytes does not fill the 3072-byte run") as refused:
         placed.place(torch.zeros(1, 12, 64, dtype=torch.bfloat16))
     assert refused.value.code == "mismatch"
@@ -643,7 +643,8 @@ async def test_a_forward_given_up_retires_its_region_and_the_next_stream_gets_a_
 async def announced(channel, link, shape=SHAPE) -> SharedRun:
     """A run reserved and announced as the head does it, before its stream is computed."""
     placed = await reserve_shared(channel, link, math.prod(shape) * 2)
-    assert placed is not None and placed.announce(shape, torch.bfloat16)
+    assert placed is not None
+    placed.announce(shape, torch.bfloat16)
     return placed
 
 

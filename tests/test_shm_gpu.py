@@ -74,7 +74,8 @@ async def test_klein_sized_streams_sent_ahead_are_rung_from_the_gpu_worker_and_s
         receiver.received.clear()
         for step in range(20):
             placed = await reserve_shared(channel, link, math.prod(KLEIN) * 2)
-            assert placed is not None and placed.announce(KLEIN, torch.bfloat16)
+            assert placed is not None
+            placed.announce(KLEIN, torch.bfloat16)
             sending = asyncio.ensure_future(send_shared(channel, {}, [], None, link, placed=placed))
 
             def compute(step=step, placed=placed):
@@ -107,7 +108,8 @@ async def test_a_prediction_given_back_from_the_gpu_rings_back_once_its_copy_is_
         receiver.hold_reply = asyncio.Event()
         for step in range(10):
             placed = await reserve_shared(channel, link, math.prod(KLEIN) * 2)
-            assert placed is not None and placed.announce(KLEIN, torch.bfloat16)
+            assert placed is not None
+            placed.announce(KLEIN, torch.bfloat16)
             sending = asyncio.ensure_future(send_shared(channel, {}, [], None, link, placed=placed))
             g = torch.Generator(device=device).manual_seed(step)
             tensor = torch.randn(KLEIN, generator=g, device=device).to(torch.bfloat16)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import uuid
 from collections.abc import Awaitable, Callable
 
@@ -222,7 +223,7 @@ class SplitRunner:
         span = d.model.span
         # The last forward's reply, where its prediction came first (on the answer bell): its hop records
         # and the link it leaves, or its error, before this forward takes a run and goes on that link.
-        await self._settle()
+        await self._previous_reply()
 
         names = sorted(self.downstream)
         # Same host without CUDA IPC: the stream goes into the next stage's region from the compute itself,
@@ -230,7 +231,10 @@ class SplitRunner:
         shape = (self.geometry.batch, self.geometry.tokens, d.model.preset.hidden)
         nbytes = self.geometry.stream_bytes(d.model.preset.hidden, d.model.dtype)
         placed = await reserve_shared(self.channel, self.link, nbytes)
-        ahead = placed is not None and placed.announce(shape, d.model.dtype)
+        if placed is not None:
+            placed.announce(shape, d.model.dtype)
+        send = functools.partial(d.relay.send_step, self.channel, self.link, self.job_id, step, names,
+                                 measure_error=self.measure_error, placed=placed)  # (vectors, stream)
         loop = asyncio.get_running_loop()
         vectors_known = loop.create_future()
 
@@ -240,29 +244,26 @@ class SplitRunner:
             # anyway, not on the event loop. First: a forward sent ahead carries them while the blocks run
             # (the GPU is idle during these small copies before the blocks as it would be after them).
             vectors = [v.cpu() for v in d.relay.vectors(cond, names)]
-            if ahead:
+            if placed is not None:
                 loop.call_soon_threadsafe(_settle, vectors_known, vectors)
             joint = span.run(0, self.head.end, sampler.embed(pass_index), cond, sampler.rotary).as_joint()
             if placed is not None:
-                placed.place(joint)  # queued behind the blocks; complete when the worker has synchronised
-                if ahead:
-                    placed.ring()  # once the copy is done: the stage's compute starts
+                placed.place(joint)  # queued behind the blocks
+                placed.ring()  # once the copy is done: the stage's compute starts
             return joint, vectors
 
         shared = self.link.transport == "host-shm"  # (send_shared checks a prediction given back in the run)
-        if ahead:
-            (joint, _), seconds, sending = await self._ahead(head_compute, vectors_known, step, names, placed)
+        if placed is not None:
+            (joint, _), seconds, sending = await self._ahead(head_compute, vectors_known, send)
+            seconds -= placed.copy_ms / 1e3  # the copy into the region is the hop's (its encode_ms), not the blocks'
         else:
             (joint, vectors), seconds = await d.worker.run(head_compute)
-            sending = asyncio.ensure_future(d.relay.send_step(
-                self.channel, self.link, self.job_id, step, names, vectors, joint, measure_error=self.measure_error,
-                placed=placed))
+            sending = asyncio.ensure_future(send(vectors, joint))
         del joint
-        if placed is not None:
-            seconds -= placed.copy_ms / 1e3  # the copy into the region is the hop's (its encode_ms), not the blocks'
         expected = (1, sampler.image_tokens, self.out_channels)
         try:
-            early = await placed.answered(sending, expected, d.model.dtype, self.channel.name) if ahead else None
+            early = None if placed is None else await placed.answered(sending, expected, d.model.dtype,
+                                                                      self.channel.name)
             if early is None:
                 return await self._reply(sending, seconds, shared, expected, answered=False)
         except BaseException:
@@ -271,7 +272,7 @@ class SplitRunner:
         # The stage rang the prediction back in the run: the sampler goes on with it (its scheduler step,
         # the next step's head blocks) while the reply, with the hop records, is still on its way.
         self._pending = asyncio.ensure_future(self._record(sending, seconds, shared, expected))
-        self._pending.add_done_callback(lambda f: f.cancelled() or f.exception())  # (raised by _settle, or the generation)
+        self._pending.add_done_callback(lambda f: f.cancelled() or f.exception())  # (raised at the next forward)
         return early, self._pending
 
     async def _reply(self, sending: asyncio.Future, seconds: float, shared: bool, expected: tuple,
@@ -305,15 +306,15 @@ class SplitRunner:
         _, record = await self._reply(sending, seconds, shared, expected, answered=True)
         return record
 
-    async def _settle(self) -> None:
+    async def _previous_reply(self) -> None:
         pending, self._pending = self._pending, None
         if pending is not None:
             await pending
 
-    async def _ahead(self, compute, vectors_known: asyncio.Future, step: int, names: list[str], placed):
-        """Run ``compute`` and send its step's forward while it runs (as soon as it has the vectors); the
-        stream follows in ``placed``'s run. Returns (compute's result, its seconds, the forward: its
-        send_step task, answered or not). A compute that fails takes the forward with it (cancelled: the
+    async def _ahead(self, compute, vectors_known: asyncio.Future, send):
+        """Run ``compute`` and ``send`` its step's forward while it runs (as soon as it has the vectors);
+        the stream follows in the run the forward names. Returns (compute's result, its seconds, the
+        forward: its send_step task, answered or not). A compute that fails takes the forward with it (cancelled: the
         stage stops waiting); a forward that fails is raised once the compute is done with the run."""
         d = self.daemon
         computing = asyncio.ensure_future(d.worker.run(compute))
@@ -323,9 +324,7 @@ class SplitRunner:
             if not vectors_known.done():
                 await computing  # it failed before it had the vectors: raised here
                 raise MeshError("internal", "the head's compute gave no vectors for its forward")
-            sending = asyncio.ensure_future(d.relay.send_step(
-                self.channel, self.link, self.job_id, step, names, vectors_known.result(), None,
-                measure_error=self.measure_error, placed=placed))
+            sending = asyncio.ensure_future(send(vectors_known.result(), None))
             sending.add_done_callback(lambda f: f.cancelled() or f.exception())  # raised by _reply, or the compute's is
             result, seconds = await computing
             return result, seconds, sending

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from dataclasses import dataclass, field
 
@@ -157,14 +158,18 @@ class StageService:
         if not d.model.holds(job.start, job.end):
             raise MeshError("mismatch", f"{d.name} no longer holds blocks {job.start}-{job.end - 1}")
         span = d.model.span
-        channel = placed = None
-        ahead = False
+        channel = placed = send = None
+        names = sorted(job.downstream_needs)
         if not job.tail:
             channel = await d.pool.get(job.next_peer.peer)
             # Same host without CUDA IPC: the stream goes into the next stage's region from the compute,
             # and the forward goes ahead of it, as the head's does (the next stage starts on the doorbell).
             placed = await reserve_shared(channel, job.next_link, g.stream_bytes(preset.hidden, d.model.dtype))
-            ahead = placed is not None and placed.announce((g.batch, g.tokens, preset.hidden), d.model.dtype)
+            if placed is not None:
+                placed.announce((g.batch, g.tokens, preset.hidden), d.model.dtype)
+            send = functools.partial(d.relay.send_step, channel, job.next_link, job.id, h.get("step"), names,
+                                     d.relay.vectors(cond, names), measure_error=job.measure_error,
+                                     placed=placed)  # (stream)
 
         def compute() -> tuple[torch.Tensor | None, dict | None]:
             # This closure holds ``inp`` and ``placed`` (their region memory) until the GPU worker has
@@ -176,8 +181,7 @@ class StageService:
                 out = s.as_joint()
                 if placed is not None:
                     placed.place(out)  # queued behind the blocks
-                    if ahead:
-                        placed.ring()  # once the copy is done: the next stage's compute starts
+                    placed.ring()  # once the copy is done: the next stage's compute starts
                 return out, None
             prediction = span.final(s, c.temb)
             # The prediction goes back to the head: into the run its stream came in (host-shm), or copied
@@ -187,12 +191,9 @@ class StageService:
             return prediction.cpu(), None
 
         await inp.ready()  # a stream sent ahead: everything above was done while the sender still computed
-        names = sorted(job.downstream_needs)
         sending = None
-        if ahead:  # the vectors are this request's: the forward goes before the compute
-            sending = asyncio.ensure_future(d.relay.send_step(
-                channel, job.next_link, job.id, h.get("step"), names, d.relay.vectors(cond, names), None,
-                measure_error=job.measure_error, placed=placed))
+        if placed is not None:  # the vectors are this request's: the forward goes before the compute
+            sending = asyncio.ensure_future(send(None))
             sending.add_done_callback(lambda f: f.cancelled() or f.exception())  # (awaited below, or given up)
         try:
             (out, given_back), seconds = await d.worker.run(compute)
@@ -216,12 +217,10 @@ class StageService:
             headers, buffers = pack_raw([out])
             return {"prediction": headers[0], "hops": [record]}, buffers
         if sending is None:
-            sending = asyncio.ensure_future(d.relay.send_step(
-                channel, job.next_link, job.id, h.get("step"), names, d.relay.vectors(cond, names), out,
-                measure_error=job.measure_error, placed=placed))
+            sending = asyncio.ensure_future(send(out))
         del out
         try:
-            if ahead:
+            if placed is not None:
                 # Rung back from further down: passed back up at once, before that stage's reply (and so
                 # before this one's), for a sender that asked.
                 early = await placed.answered(sending, (g.batch, g.img_h * g.img_w, preset.out_channels),

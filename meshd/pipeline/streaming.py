@@ -361,12 +361,12 @@ class SharedRun:
     (:meth:`answered`): the sender takes it from there before the reply, which follows with the hop
     records."""
 
-    def __init__(self, region: int, arena: PinnedArena, run, bell=None, answers=None) -> None:
+    def __init__(self, region: int, arena: PinnedArena, run, bell, answers) -> None:
         self.region = region
         self.arena = arena
         self.run = run  # the run's numpy array: the pages are ours while it lives
-        self.bell = bell  # the region's doorbell (a meshd.wire.shm.Bell), None where the region has none
-        self.answers = answers  # the region's answer bell (a meshd.wire.shm.Doorbell), or None
+        self.bell = bell  # the region's doorbell (a meshd.wire.shm.Bell)
+        self.answers = answers  # the region's answer bell (a meshd.wire.shm.Doorbell)
         self.shape: tuple[int, ...] | None = None
         self.dtype: torch.dtype | None = None
         self.token: int | None = None  # announced: the doorbell token the compute rings
@@ -391,14 +391,10 @@ class SharedRun:
         self._copy.copy(torch.from_numpy(self.run), source)
         self.shape, self.dtype = tuple(tensor.shape), tensor.dtype
 
-    def announce(self, shape: Sequence[int], dtype: torch.dtype) -> bool:
-        """Let the forward go before the stream is computed (it says the ``shape`` and ``dtype`` to
-        come, and the doorbell token :meth:`ring` will give); False, and nothing changed, where the
-        region has no doorbell."""
-        if self.bell is None:
-            return False
+    def announce(self, shape: Sequence[int], dtype: torch.dtype) -> None:
+        """Let the forward go before the stream is computed: it says the ``shape`` and ``dtype`` to
+        come, and the doorbell token :meth:`ring` will give."""
         self.shape, self.dtype, self.token = tuple(shape), dtype, self.bell.token()
-        return True
 
     def ring(self) -> None:
         """Once the stream is in the run (:meth:`place`; on a GPU, once its copy has finished), ring the
@@ -414,11 +410,9 @@ class SharedRun:
         """For a forward sent ahead (:meth:`announce`): wait until the receiver rings its token back
         (the prediction of ``shape`` and ``dtype`` is at the start of the run) or ``reply`` (the
         forward's request) is done, whichever comes first. Returns the prediction, a view of the run
-        (which stays ours while the view lives), or None: the reply came first, the region has no
-        answer bell, or that bell ended (the reply then says why). Called after :meth:`ring`: a ring
+        (which stays ours while the view lives), or None: the reply came first, or the answer bell
+        ended (the reply then says why). Called after :meth:`ring`: a ring
         back this side read before it is a ``protocol`` error."""
-        if self.token is None or self.answers is None:
-            return None
         back = self.answers.wait(self.token)
         try:
             await asyncio.wait({back, reply}, return_when=asyncio.FIRST_COMPLETED)
@@ -452,8 +446,7 @@ class SharedRun:
                 "shape": list(self.shape), "dtype": dtype_name(self.dtype), "return": True}
         if self.token is not None:
             desc["ring"] = self.token  # the stream is there once this token rings
-            if self.answers is not None:
-                desc["answer"] = True  # and the prediction, given back in the run, is rung back with it
+            desc["answer"] = True  # and the prediction, given back in the run, is rung back with it
         return desc
 
     def returned(self, reply, peer: str) -> None:
@@ -665,13 +658,11 @@ async def receive_input(request: Request, device: torch.device, expect_shape: Se
             token = wire_int(desc["ring"])
             if token is None or not 0 < token < 1 << 64:
                 raise MeshError("bad-request", f"shm ring={desc['ring']!r:.20} must be a doorbell token in 1..2**64-1")
-            if shm.doorbell is None:
-                raise MeshError("bad-request", "shm ring names a doorbell this connection's region does not have")
             rung = functools.partial(shm.doorbell.wait, token)  # waited for by StageInput.ready
             wants = desc.get("answer", False)
             if not isinstance(wants, bool):
                 raise MeshError("bad-request", f"shm answer={wants!r:.20} must be true or false")
-            if wants and may_return and shm.answer is not None:  # rung back once the prediction is in the run
+            if wants and may_return:  # rung back once the prediction is in the run
                 answer = functools.partial(shm.answer.notify, token)
         # The span keeps the region mapped and registered while the input lives, even if the connection
         # (and its region) is dropped meanwhile.

@@ -327,12 +327,11 @@ class Inbound:
 
     id: int
     arena: staging.PinnedArena
-    doorbell: Doorbell | None = None  # (every region an offer makes has one)
-    answer: Bell | None = None  # rung with a forward's token once its prediction is back in its run
+    doorbell: Doorbell  # the sender rings a forward's token here once its stream is in the run
+    answer: Bell  # rung with a forward's token once its prediction is back in its run
 
     def close(self) -> None:
-        if self.doorbell is not None:
-            self.doorbell.close()
+        self.doorbell.close()
         self.arena.close()  # unregistered once the last receive that reads it lets go
 
 
@@ -393,44 +392,42 @@ class ShmServer:
             self._reserved[claim] = nbytes
         try:
             self._listen()
-            fd, memory = make_region(nbytes)
-            try:
+            with contextlib.ExitStack() as undo:  # what is made here goes again if a later step fails
+                fd, memory = make_region(nbytes)
+                undo.callback(os.close, fd)
                 arena = region_arena(memory, f"shm-in {self.node_id[:8]}", self.device)
-            except BaseException:
-                os.close(fd)
-                raise
-            ends: list[int] = []
-            try:
-                ends += make_bell_pipe()
-                ends += make_bell_pipe()
-            except BaseException:
-                for end in (fd, *ends):
-                    os.close(end)
-                arena.close()
-                raise
-            bell_in, bell_out, answers_in, answers_out = ends
-            token = secrets.token_bytes(limits.SHM_TOKEN_BYTES)
-            offer = _Offer(token, fd, bell_out, answers_in, session, time.monotonic() + limits.SHM_TOKEN_TTL_S)
-            with self._lock:
-                if self._closed:
-                    offer.close()
-                    os.close(bell_in)
-                    os.close(answers_out)
-                    arena.close()
-                    raise ShmUnavailable("the daemon is shutting down")
-                ident = next(self._ids)
-                region = Inbound(ident, arena, Doorbell(bell_in, f"shm-in {ident}"), Bell(answers_out))
-                old = self._regions.get(session)
-                self._regions[session] = region
-                self._withdraw(session)  # an older unclaimed offer of this session's is void now
-                self._offers.append(offer)
-                del self._reserved[claim]  # counted as the region and the offer from here on
+                undo.callback(arena.close)
+                bell_in, bell_out, answers_in, answers_out = self._pipes(undo)
+                token = secrets.token_bytes(limits.SHM_TOKEN_BYTES)
+                offer = _Offer(token, fd, bell_out, answers_in, session, time.monotonic() + limits.SHM_TOKEN_TTL_S)
+                with self._lock:
+                    if self._closed:
+                        raise ShmUnavailable("the daemon is shutting down")
+                    undo.pop_all()  # the offer and the region own them from here
+                    ident = next(self._ids)
+                    region = Inbound(ident, arena, Doorbell(bell_in, f"shm-in {ident}"), Bell(answers_out))
+                    old = self._regions.get(session)
+                    self._regions[session] = region
+                    self._withdraw(session)  # an older unclaimed offer of this session's is void now
+                    self._offers.append(offer)
+                    del self._reserved[claim]  # counted as the region and the offer from here on
         finally:
             with self._lock:
                 self._reserved.pop(claim, None)
         if old is not None:
             old.close()
         return {"token": token, "socket": self.name, "region": region.id, "nbytes": nbytes}
+
+    @staticmethod
+    def _pipes(undo: contextlib.ExitStack) -> tuple[int, int, int, int]:
+        """The doorbell's and the answer bell's pipes: (bell read, bell write, answers read, answers
+        write), each end closed by ``undo`` unless it is popped."""
+        ends = []
+        for _ in range(2):
+            for end in make_bell_pipe():
+                undo.callback(os.close, end)
+                ends.append(end)
+        return tuple(ends)
 
     def region(self, session) -> Inbound | None:
         with self._lock:
